@@ -1,0 +1,318 @@
+/*
+ * culoss-bench: times the fused cross-entropy forward+backward on the GPU and
+ * reports achieved bandwidth against the device's copy bandwidth measured in
+ * the same run.
+ *
+ * Method (per case): validate a subsample of rows against the CPU reference
+ * first (a benchmark of a wrong kernel is worthless), warm up, then time each
+ * repeat with CUDA events, flushing L2 (a write over a buffer twice its size)
+ * between repeats; report the median and the spread (min..max).
+ *
+ * Bytes counted are the minimum any implementation must move: one read of the
+ * logits and one write of the gradient (n*v*sizeof(T) each), plus the
+ * targets and the loss. Copy bandwidth is a device-to-device cudaMemcpy of
+ * 1 GiB counted the same way (bytes read + bytes written).
+ *
+ * Without a GPU it says so and runs the CPU reference at small sizes, labelled
+ * as CPU timings.
+ */
+#define _POSIX_C_SOURCE 200809L
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#include "culoss.h"
+#include "loss_math.h"
+
+#ifdef CULOSS_HAVE_CUDA
+#include <cuda_runtime_api.h>
+#endif
+
+typedef struct {
+  int quick, csv, repeats;
+} bench_opts;
+
+static int cmp_float(const void *a, const void *b) {
+  float x = *(const float *)a, y = *(const float *)b;
+  return (x > y) - (x < y);
+}
+
+static uint64_t rng_state = 0x1234567ull;
+static double urand(void) {
+  rng_state ^= rng_state << 13, rng_state ^= rng_state >> 7, rng_state ^= rng_state << 17;
+  return (double)(rng_state >> 11) * 0x1.0p-53;
+}
+static double nrand(void) {
+  double u = urand(), v = urand();
+  return sqrt(-2.0 * log(u + 1e-300)) * cos(6.283185307179586 * v);
+}
+
+static const char *dtype_name(culoss_dtype d) {
+  return d == CULOSS_F32 ? "f32" : (d == CULOSS_F16 ? "f16" : "bf16");
+}
+
+/* Random logits of dtype d for an [n, v] block, with a few -inf (masked)
+   entries and large values, as the tests use. */
+static void *make_logits(int64_t n, int64_t v, culoss_dtype d) {
+  size_t es = d == CULOSS_F32 ? 4 : 2;
+  unsigned char *h = malloc((size_t)(n * v) * es);
+  if (!h) return NULL;
+  for (int64_t i = 0; i < n * v; i++) {
+    float x = (float)(2.0 * nrand());
+    if (urand() < 1e-3) x = -INFINITY;
+    if (d == CULOSS_F32)
+      ((float *)h)[i] = x;
+    else if (d == CULOSS_F16)
+      ((uint16_t *)h)[i] = culoss__f32_to_f16(x);
+    else
+      ((uint16_t *)h)[i] = culoss__f32_to_bf16(x);
+  }
+  return h;
+}
+
+static int run_cpu(const bench_opts *bo) {
+  printf("culoss-bench: no CUDA device (%s).\n", culoss_last_error());
+  printf("Running the CPU reference backend at small sizes instead. These are CPU timings of\n"
+         "the reference loops, not GPU figures.\n\n");
+  culoss_context *ctx;
+  if (culoss_create(&ctx, CULOSS_BACKEND_CPU, 0) != CULOSS_OK) return 1;
+  const int64_t n = 64, vs[] = {32000, 128256};
+  printf("%-8s %6s %8s %5s %12s %10s\n", "backend", "n", "v", "dtype", "time_ms", "GB/s");
+  for (int vi = 0; vi < 2; vi++)
+    for (int di = 0; di < 2; di++) {
+      culoss_dtype d = di ? CULOSS_BF16 : CULOSS_F32;
+      int64_t v = vs[vi];
+      size_t es = d == CULOSS_F32 ? 4 : 2;
+      void *x = make_logits(n, v, d), *g = malloc((size_t)(n * v) * es);
+      int64_t *t = malloc((size_t)n * 8);
+      float loss;
+      for (int64_t i = 0; i < n; i++) t[i] = (int64_t)(urand() * (double)v);
+      int reps = bo->quick ? 2 : 5;
+      float ms[8];
+      for (int r = 0; r < reps; r++) {
+        struct timespec a, b;
+        clock_gettime(CLOCK_MONOTONIC, &a);
+        culoss_cross_entropy(ctx, NULL, n, v, d, x, v, CULOSS_I64, t, &loss, g, NULL);
+        clock_gettime(CLOCK_MONOTONIC, &b);
+        ms[r] = (float)((b.tv_sec - a.tv_sec) * 1e3 + (b.tv_nsec - a.tv_nsec) * 1e-6);
+      }
+      qsort(ms, (size_t)reps, sizeof *ms, cmp_float);
+      double bytes = 2.0 * (double)(n * v) * (double)es;
+      printf("%-8s %6lld %8lld %5s %12.3f %10.2f   (loss %.4f)\n", "cpu", (long long)n,
+             (long long)v, dtype_name(d), ms[reps / 2], bytes / (ms[reps / 2] * 1e-3) / 1e9,
+             (double)loss);
+      free(x), free(g), free(t);
+    }
+  culoss_destroy(ctx);
+  return 0;
+}
+
+#ifdef CULOSS_HAVE_CUDA
+#define CK(call)                                                                   \
+  do {                                                                             \
+    cudaError_t e_ = (call);                                                       \
+    if (e_ != cudaSuccess) {                                                       \
+      fprintf(stderr, "%s:%d %s: %s\n", __FILE__, __LINE__, #call, cudaGetErrorString(e_)); \
+      return -1;                                                                   \
+    }                                                                              \
+  } while (0)
+#define CL(call)                                                                   \
+  do {                                                                             \
+    culoss_status s_ = (call);                                                     \
+    if (s_ != CULOSS_OK) {                                                         \
+      fprintf(stderr, "%s:%d %s: %s: %s\n", __FILE__, __LINE__, #call,            \
+              culoss_status_string(s_), culoss_last_error());                      \
+      return -1;                                                                   \
+    }                                                                              \
+  } while (0)
+
+static void *flush_buf;
+static size_t flush_bytes;
+
+static int flush_l2(void) {
+  CK(cudaMemsetAsync(flush_buf, (int)(urand() * 255), flush_bytes, 0));
+  return 0;
+}
+
+/* Device copy bandwidth: GB/s counting bytes read + bytes written. */
+static double copy_bandwidth(int repeats) {
+  const size_t bytes = (size_t)1 << 30;
+  void *a, *b;
+  cudaEvent_t e0, e1;
+  float ms[64];
+  if (cudaMalloc(&a, bytes) != cudaSuccess) return -1;
+  if (cudaMalloc(&b, bytes) != cudaSuccess) return -1;
+  cudaMemset(a, 1, bytes);
+  cudaEventCreate(&e0), cudaEventCreate(&e1);
+  cudaMemcpy(b, a, bytes, cudaMemcpyDeviceToDevice); /* warm-up */
+  for (int r = 0; r < repeats; r++) {
+    cudaEventRecord(e0, 0);
+    cudaMemcpyAsync(b, a, bytes, cudaMemcpyDeviceToDevice, 0);
+    cudaEventRecord(e1, 0);
+    cudaEventSynchronize(e1);
+    cudaEventElapsedTime(&ms[r], e0, e1);
+  }
+  qsort(ms, (size_t)repeats, sizeof *ms, cmp_float);
+  cudaFree(a), cudaFree(b), cudaEventDestroy(e0), cudaEventDestroy(e1);
+  return 2.0 * (double)bytes / (ms[repeats / 2] * 1e-3) / 1e9;
+}
+
+/* Checks `rows` rows of the GPU result against the CPU reference. */
+static int validate(int64_t n, int64_t v, culoss_dtype d, const void *hx,
+                    const int64_t *ht, const void *d_g, double *max_err) {
+  culoss_context *cpu;
+  const size_t es = d == CULOSS_F32 ? 4 : 2;
+  const int64_t rows[3] = {0, n / 2, n - 1};
+  CL(culoss_create(&cpu, CULOSS_BACKEND_CPU, 0));
+  void *ref = malloc((size_t)v * es), *got = malloc((size_t)v * es);
+  *max_err = 0;
+  culoss_cross_entropy_options o;
+  culoss_cross_entropy_options_init(&o);
+  o.reduction = CULOSS_REDUCTION_SUM; /* gradient of row loss, unscaled */
+  for (int k = 0; k < 3; k++) {
+    const int64_t i = rows[k];
+    float l;
+    CL(culoss_cross_entropy(cpu, &o, 1, v, d, (const char *)hx + (size_t)(i * v) * es, v,
+                            CULOSS_I64, ht + i, &l, ref, NULL));
+    CK(cudaMemcpy(got, (const char *)d_g + (size_t)(i * v) * es, (size_t)v * es,
+                  cudaMemcpyDeviceToHost));
+    for (int64_t j = 0; j < v; j++) {
+      float a, b;
+      if (d == CULOSS_F32)
+        a = ((float *)got)[j], b = ((float *)ref)[j];
+      else if (d == CULOSS_BF16)
+        a = culoss__bf16_to_f32(((uint16_t *)got)[j]), b = culoss__bf16_to_f32(((uint16_t *)ref)[j]);
+      else
+        a = culoss__f16_to_f32(((uint16_t *)got)[j]), b = culoss__f16_to_f32(((uint16_t *)ref)[j]);
+      /* The benchmarked call is MEAN over n rows: scale the reference. */
+      double e = fabs((double)a * (double)n - (double)b) / (fabs((double)b) + 1e-6);
+      if (e > *max_err) *max_err = e;
+    }
+  }
+  free(ref), free(got);
+  culoss_destroy(cpu);
+  return 0;
+}
+
+static int bench_ce(culoss_context *ctx, const bench_opts *bo, int64_t n, int64_t v,
+                    culoss_dtype d, double copy_bw) {
+  const size_t es = d == CULOSS_F32 ? 4 : 2, xbytes = (size_t)(n * v) * es;
+  void *hx = make_logits(n, v, d);
+  int64_t *ht = malloc((size_t)n * 8);
+  if (!hx || !ht) return -1;
+  for (int64_t i = 0; i < n; i++) ht[i] = (int64_t)(urand() * (double)v);
+  void *d_x, *d_g, *d_t;
+  float *d_loss;
+  CL(culoss_malloc(ctx, &d_x, xbytes));
+  CL(culoss_malloc(ctx, &d_g, xbytes));
+  CL(culoss_malloc(ctx, &d_t, (size_t)n * 8));
+  CL(culoss_malloc(ctx, (void **)&d_loss, sizeof(float)));
+  CL(culoss_upload(ctx, d_x, hx, xbytes));
+  CL(culoss_upload(ctx, d_t, ht, (size_t)n * 8));
+  CL(culoss_cross_entropy(ctx, NULL, n, v, d, d_x, v, CULOSS_I64, d_t, d_loss, d_g, NULL));
+  CL(culoss_synchronize(ctx));
+  double err;
+  if (validate(n, v, d, hx, ht, d_g, &err)) return -1;
+  const double tol = d == CULOSS_F32 ? 1e-3 : 2e-2;
+  cudaEvent_t e0, e1;
+  CK(cudaEventCreate(&e0));
+  CK(cudaEventCreate(&e1));
+  float ms[256];
+  const int reps = bo->repeats;
+  for (int r = 0; r < 3; r++) /* warm-up */
+    CL(culoss_cross_entropy(ctx, NULL, n, v, d, d_x, v, CULOSS_I64, d_t, d_loss, d_g, NULL));
+  for (int r = 0; r < reps; r++) {
+    if (flush_l2()) return -1;
+    CK(cudaEventRecord(e0, 0));
+    CL(culoss_cross_entropy(ctx, NULL, n, v, d, d_x, v, CULOSS_I64, d_t, d_loss, d_g, NULL));
+    CK(cudaEventRecord(e1, 0));
+    CK(cudaEventSynchronize(e1));
+    CK(cudaEventElapsedTime(&ms[r], e0, e1));
+  }
+  CL(culoss_synchronize(ctx));
+  qsort(ms, (size_t)reps, sizeof *ms, cmp_float);
+  const double med = ms[reps / 2];
+  const double bytes = 2.0 * (double)xbytes + (double)n * 8 + 4;
+  const double gbs = bytes / (med * 1e-3) / 1e9;
+  if (bo->csv)
+    printf("cross_entropy_fwd_bwd,%lld,%lld,%s,%.4f,%.4f,%.4f,%.1f,%.1f,%.2e,%s\n", (long long)n,
+           (long long)v, dtype_name(d), med, (double)ms[0], (double)ms[reps - 1], gbs,
+           100.0 * gbs / copy_bw, err, err <= tol ? "ok" : "MISMATCH");
+  else
+    printf("%-22s %6lld %7lld %5s %9.4f %9.4f %9.4f %9.1f %7.1f%% %9.1e %s\n",
+           "cross_entropy fwd+bwd", (long long)n, (long long)v, dtype_name(d), med,
+           (double)ms[0], (double)ms[reps - 1], gbs, 100.0 * gbs / copy_bw, err,
+           err <= tol ? "ok" : "MISMATCH");
+  fflush(stdout);
+  culoss_free(ctx, d_x), culoss_free(ctx, d_g), culoss_free(ctx, d_t), culoss_free(ctx, d_loss);
+  cudaEventDestroy(e0), cudaEventDestroy(e1);
+  free(hx), free(ht);
+  return err <= tol ? 0 : 1;
+}
+
+static int run_gpu(culoss_context *ctx, const bench_opts *bo) {
+  struct cudaDeviceProp prop;
+  CK(cudaGetDeviceProperties(&prop, 0));
+  flush_bytes = (size_t)prop.l2CacheSize * 2;
+  CK(cudaMalloc(&flush_buf, flush_bytes));
+  const double bw = copy_bandwidth(bo->quick ? 10 : 30);
+  if (bo->csv)
+    printf("# device,%s,copy_GBps,%.1f\ncase,n,v,dtype,median_ms,min_ms,max_ms,GBps,pct_copy,"
+           "max_rel_err,check\n", prop.name, bw);
+  else {
+    printf("device: %s, %d SMs, L2 %d MiB; measured copy bandwidth %.1f GB/s (read+write)\n",
+           prop.name, prop.multiProcessorCount, prop.l2CacheSize >> 20, bw);
+    printf("bytes counted: one read of the logits + one write of the gradient (+ targets)\n");
+    printf("%-22s %6s %7s %5s %9s %9s %9s %9s %8s %9s %s\n", "case", "n", "v", "dtype", "med_ms",
+           "min_ms", "max_ms", "GB/s", "%copy", "max_err", "check");
+  }
+  const int64_t vs_full[] = {32000, 128256, 256000}, vs_quick[] = {32000, 128256};
+  const int64_t *vs = bo->quick ? vs_quick : vs_full;
+  const int nv = bo->quick ? 2 : 3;
+  int bad = 0;
+  for (int vi = 0; vi < nv; vi++)
+    for (int di = 0; di < 2; di++) {
+      int rc = bench_ce(ctx, bo, bo->quick ? 4096 : 8192, vs[vi], di ? CULOSS_BF16 : CULOSS_F32, bw);
+      if (rc < 0) return 1;
+      bad |= rc;
+    }
+  cudaFree(flush_buf);
+  if (bad) fprintf(stderr, "culoss-bench: a GPU result did not match the CPU reference\n");
+  return bad;
+}
+#endif
+
+int main(int argc, char **argv) {
+  bench_opts bo = {0, 0, 50};
+  for (int i = 1; i < argc; i++) {
+    if (!strcmp(argv[i], "--quick"))
+      bo.quick = 1, bo.repeats = 15;
+    else if (!strcmp(argv[i], "--csv"))
+      bo.csv = 1;
+    else if (!strcmp(argv[i], "--cpu"))
+      bo.repeats = -1;
+    else {
+      fprintf(stderr, "usage: %s [--quick] [--csv] [--cpu]\n", argv[0]);
+      return 2;
+    }
+  }
+  culoss_context *ctx = NULL;
+  culoss_status st = bo.repeats < 0 ? CULOSS_ERROR_NO_DEVICE
+                                    : culoss_create(&ctx, CULOSS_BACKEND_CUDA, 0);
+  if (bo.repeats < 0) bo.repeats = 5;
+  if (st == CULOSS_ERROR_NO_DEVICE) return run_cpu(&bo);
+  if (st != CULOSS_OK) {
+    fprintf(stderr, "culoss_create: %s: %s\n", culoss_status_string(st), culoss_last_error());
+    return 1;
+  }
+#ifdef CULOSS_HAVE_CUDA
+  int rc = run_gpu(ctx, &bo);
+  culoss_destroy(ctx);
+  return rc;
+#else
+  culoss_destroy(ctx);
+  return 1;
+#endif
+}

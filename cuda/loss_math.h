@@ -1,0 +1,193 @@
+/*
+ * loss_math.h: the scalar math shared by the CUDA kernels and the host code.
+ *
+ * Everything here is a __host__ __device__ function when compiled by nvcc and
+ * a plain static inline function when compiled as C11, so the CPU unit tests
+ * (tests/test_math.c) exercise exactly the code the kernels run: dtype
+ * conversions, the online log-sum-exp state and its merge rule (including the
+ * -inf cases that produce NaN when written naively), the logit soft-cap and
+ * the per-element cross-entropy gradient.
+ *
+ * Internal header: not installed, names use the culoss__ prefix.
+ */
+#ifndef CULOSS_LOSS_MATH_H
+#define CULOSS_LOSS_MATH_H
+
+#include <math.h>
+#include <stdint.h>
+#include <string.h>
+
+#if defined(__CUDACC__)
+#define CULOSS_HD __host__ __device__ __forceinline__
+#else
+#define CULOSS_HD static inline
+#endif
+
+/* log2(e): exp(x) == exp2(x * LOG2E); kernels use exp2f so the exponent is
+   one FMA plus one MUFU.EX2 instruction. */
+#define CULOSS_LOG2E 1.4426950408889634f
+#define CULOSS_LN2 0.6931471805599453f
+
+/* ---------------------------------------------------------------------- */
+/* bit casts and 16-bit float conversions                                  */
+/* ---------------------------------------------------------------------- */
+
+CULOSS_HD uint32_t culoss__f32_bits(float f) {
+  uint32_t u;
+  memcpy(&u, &f, sizeof u);
+  return u;
+}
+
+CULOSS_HD float culoss__f32_from_bits(uint32_t u) {
+  float f;
+  memcpy(&f, &u, sizeof f);
+  return f;
+}
+
+/* bfloat16 is the upper half of an IEEE binary32. */
+CULOSS_HD float culoss__bf16_to_f32(uint16_t h) { return culoss__f32_from_bits((uint32_t)h << 16); }
+
+/* Round to nearest even; NaN stays a (quiet) NaN, +-inf stays +-inf. */
+CULOSS_HD uint16_t culoss__f32_to_bf16(float f) {
+  uint32_t u = culoss__f32_bits(f);
+  if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x0040u); /* NaN */
+  u += 0x7fffu + ((u >> 16) & 1u);
+  return (uint16_t)(u >> 16);
+}
+
+/* IEEE binary16 -> binary32, exact (subnormals included). */
+CULOSS_HD float culoss__f16_to_f32(uint16_t h) {
+  uint32_t sign = (uint32_t)(h & 0x8000u) << 16;
+  uint32_t exp = (h >> 10) & 0x1fu;
+  uint32_t man = h & 0x3ffu;
+  uint32_t u;
+  if (exp == 0x1fu) {
+    u = sign | 0x7f800000u | (man << 13); /* inf or NaN (payload kept) */
+  } else if (exp != 0) {
+    u = sign | ((exp + 112u) << 23) | (man << 13); /* normal: rebias 15 -> 127 */
+  } else if (man == 0) {
+    u = sign; /* +-0 */
+  } else {
+    /* subnormal: man * 2^-24, exactly representable in binary32 */
+    float f = (float)man * 5.9604644775390625e-8f;
+    u = sign | culoss__f32_bits(f);
+  }
+  return culoss__f32_from_bits(u);
+}
+
+/* binary32 -> binary16, round to nearest even, overflow to inf, NaN kept. */
+CULOSS_HD uint16_t culoss__f32_to_f16(float f) {
+  uint32_t u = culoss__f32_bits(f);
+  uint16_t sign = (uint16_t)((u >> 16) & 0x8000u);
+  uint32_t a = u & 0x7fffffffu;
+  if (a > 0x7f800000u) return (uint16_t)(sign | 0x7e00u); /* NaN */
+  if (a >= 0x477ff000u) return (uint16_t)(sign | 0x7c00u); /* rounds to >= 65520: inf */
+  if (a >= 0x38800000u) {
+    /* normal half: rebias and round the 13 dropped bits to nearest even */
+    uint32_t r = a - 0x38000000u;
+    r += 0xfffu + ((r >> 13) & 1u);
+    return (uint16_t)(sign | (r >> 13));
+  }
+  if (a < 0x33000000u) return sign; /* below half the smallest subnormal: 0 */
+  {
+    /* subnormal half: value = m * 2^-24 with m = round(|f| * 2^24) (even ties) */
+    uint32_t e = a >> 23;                     /* 102..112 */
+    uint32_t m = (a & 0x7fffffu) | 0x800000u; /* 24-bit significand */
+    uint32_t shift = 126u - e;                /* 14..24 */
+    uint32_t q = m >> shift;
+    uint32_t rem = m & ((1u << shift) - 1u);
+    uint32_t half = 1u << (shift - 1u);
+    if (rem > half || (rem == half && (q & 1u))) q++;
+    return (uint16_t)(sign | q);
+  }
+}
+
+/* ---------------------------------------------------------------------- */
+/* online log-sum-exp                                                      */
+/* ---------------------------------------------------------------------- */
+
+/* State of a running log-sum-exp over some values: m = their maximum, s = sum
+   of exp(v - m). The empty set (or only -inf values) is {-inf, 0}. */
+typedef struct {
+  float m;
+  float s;
+} culoss__lse_state;
+
+CULOSS_HD culoss__lse_state culoss__lse_empty(void) {
+  culoss__lse_state e;
+  e.m = -INFINITY;
+  e.s = 0.0f;
+  return e;
+}
+
+/* exp(a - b) where b >= a, written so that a == b == -inf gives 0 instead of
+   exp(NaN): a tile or lane that saw only -inf (masked classes, padding)
+   contributes nothing rather than poisoning the row. */
+CULOSS_HD float culoss__exp_diff(float a, float b) {
+  return (a == -INFINITY) ? 0.0f : exp2f((a - b) * CULOSS_LOG2E);
+}
+
+/* Merge two states; associative and commutative up to rounding, and the
+   kernels always merge in a fixed order so results are deterministic.
+   NaN propagates through s. +inf gives NaN (inf - inf), as PyTorch does. */
+CULOSS_HD culoss__lse_state culoss__lse_merge(culoss__lse_state a, culoss__lse_state b) {
+  culoss__lse_state r;
+  r.m = fmaxf(a.m, b.m);
+  if (r.m == -INFINITY) {
+    r.s = a.s + b.s; /* both empty; keeps a NaN if one was already there */
+    return r;
+  }
+  r.s = a.s * culoss__exp_diff(a.m, r.m) + b.s * culoss__exp_diff(b.m, r.m);
+  return r;
+}
+
+/* Add one value to a state. */
+CULOSS_HD culoss__lse_state culoss__lse_add(culoss__lse_state a, float v) {
+  culoss__lse_state b;
+  b.m = v;
+  b.s = (v == v) ? 1.0f : v; /* a NaN value makes s NaN */
+  if (v == -INFINITY) b.s = 0.0f;
+  return culoss__lse_merge(a, b);
+}
+
+/* log-sum-exp of the state's values: -inf for the empty set. */
+CULOSS_HD float culoss__lse_value(culoss__lse_state a) {
+  if (a.m == -INFINITY) return (a.s == a.s) ? -INFINITY : a.s;
+  return a.m + logf(a.s);
+}
+
+/* ---------------------------------------------------------------------- */
+/* soft-capping and the cross-entropy gradient                             */
+/* ---------------------------------------------------------------------- */
+
+/* x -> cap * tanh(x / cap); cap <= 0 means off. */
+CULOSS_HD float culoss__softcap(float x, float cap) {
+  return cap > 0.0f ? cap * tanhf(x / cap) : x;
+}
+
+/* d/dx of the soft-cap, given the capped value y = cap * tanh(x / cap):
+   1 - tanh^2 = 1 - (y / cap)^2. */
+CULOSS_HD float culoss__softcap_grad(float y, float cap) {
+  float t;
+  if (cap <= 0.0f) return 1.0f;
+  t = y / cap;
+  return 1.0f - t * t;
+}
+
+/* Gradient of one logit of a cross-entropy row, in fp32:
+ *   g = scale * (p * a - b) * capgrad,   p = exp(x - lse)
+ * where the per-row constants are
+ *   a = (1-eps) w_y + (eps/c) W + 2 z lse      (index targets)
+ *   a = sum_c w_c y'_c + 2 z lse               (soft targets)
+ * and the per-element one is
+ *   b = (1-eps) w_y [j == y] + (eps/c) w_j     (index targets)
+ *   b = w_j y'_j                               (soft targets).
+ * The target column's p*a - b is formed in fp32 before any rounding to the
+ * output dtype, so bf16/fp16 gradients do not lose it to cancellation.
+ * p of a -inf logit is exactly 0. */
+CULOSS_HD float culoss__ce_grad(float x, float lse, float a, float b, float scale, float capgrad) {
+  float p = (x == -INFINITY) ? 0.0f : exp2f((x - lse) * CULOSS_LOG2E);
+  return scale * (p * a - b) * capgrad;
+}
+
+#endif /* CULOSS_LOSS_MATH_H */

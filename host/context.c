@@ -1,0 +1,272 @@
+/*
+ * context.c: contexts and buffers for both backends.
+ *
+ * The CUDA backend talks to the CUDA runtime through its C API only
+ * (cuda_runtime_api.h), so this file stays C11. Every runtime call is checked
+ * and a failure becomes a status with the call's name in culoss_last_error().
+ */
+#include <stdlib.h>
+#include <string.h>
+
+#include "internal.h"
+
+#ifdef CULOSS_HAVE_CUDA
+#include <cuda_runtime_api.h>
+#endif
+
+#define CHECK_CTX(ctx)                                                                     \
+  do {                                                                                     \
+    if ((ctx) == NULL) return culoss__error(CULOSS_ERROR_INVALID_VALUE, "%s: ctx is NULL", \
+                                            __func__);                                     \
+  } while (0)
+
+#ifdef CULOSS_HAVE_CUDA
+culoss_status culoss__cuda_status(int err, const char *what) {
+  cudaError_t e = (cudaError_t)err;
+  if (e == cudaSuccess) return CULOSS_OK;
+  return culoss__error(e == cudaErrorMemoryAllocation ? CULOSS_ERROR_OUT_OF_MEMORY
+                                                      : CULOSS_ERROR_CUDA,
+                       "%s failed: %s (%s)", what, cudaGetErrorName(e), cudaGetErrorString(e));
+}
+
+culoss_status culoss__device_enter(const culoss_context *ctx, int *prev) {
+  cudaError_t e = cudaGetDevice(prev);
+  if (e != cudaSuccess) return culoss__cuda_status(e, "cudaGetDevice");
+  if (*prev != ctx->device) {
+    e = cudaSetDevice(ctx->device);
+    if (e != cudaSuccess) return culoss__cuda_status(e, "cudaSetDevice");
+  }
+  return CULOSS_OK;
+}
+
+void culoss__device_leave(const culoss_context *ctx, int prev) {
+  if (prev != ctx->device) (void)cudaSetDevice(prev);
+}
+
+#define CUDA_TRY(call)                                               \
+  do {                                                               \
+    cudaError_t e_ = (call);                                         \
+    if (e_ != cudaSuccess) {                                         \
+      st = culoss__cuda_status(e_, #call);                           \
+      goto done;                                                     \
+    }                                                                \
+  } while (0)
+
+static culoss_status create_cuda(culoss_context *c, int device) {
+  culoss_status st = CULOSS_OK;
+  int count = 0, prev = 0;
+  cudaError_t e = cudaGetDeviceCount(&count);
+  if (e != cudaSuccess || count == 0) {
+    (void)cudaGetLastError(); /* clear the sticky-free error so later calls start clean */
+    return culoss__error(CULOSS_ERROR_NO_DEVICE, "culoss_create: no usable CUDA device (%s)",
+                         e != cudaSuccess ? cudaGetErrorString(e) : "device count is 0");
+  }
+  if (device < 0 || device >= count)
+    return culoss__error(CULOSS_ERROR_INVALID_VALUE,
+                         "culoss_create: device %d out of range [0, %d)", device, count);
+  c->device = device;
+  st = culoss__device_enter(c, &prev);
+  if (st != CULOSS_OK) return st;
+  {
+    int smem = 0;
+    CUDA_TRY(cudaDeviceGetAttribute(&c->sm_count, cudaDevAttrMultiProcessorCount, device));
+    CUDA_TRY(cudaDeviceGetAttribute(&smem, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
+    c->smem_optin = (size_t)smem;
+  }
+  CUDA_TRY(cudaMalloc((void **)&c->scratch, sizeof(culoss__scratch)));
+  CUDA_TRY(cudaMemset(c->scratch, 0, sizeof(culoss__scratch)));
+  CUDA_TRY(cudaMallocHost((void **)&c->host_flag, sizeof(int)));
+  CUDA_TRY(cudaDeviceSynchronize());
+  st = culoss__cuda_kernels_init(c);
+done:
+  culoss__device_leave(c, prev);
+  return st;
+}
+#endif
+
+culoss_status culoss_create(culoss_context **ctx, culoss_backend backend, int device) {
+  culoss_context *c;
+  culoss_status st = CULOSS_OK;
+  if (ctx == NULL) return culoss__error(CULOSS_ERROR_INVALID_VALUE, "culoss_create: ctx is NULL");
+  *ctx = NULL;
+  if (backend != CULOSS_BACKEND_CPU && backend != CULOSS_BACKEND_CUDA)
+    return culoss__error(CULOSS_ERROR_INVALID_VALUE, "culoss_create: unknown backend %d",
+                         (int)backend);
+#ifndef CULOSS_HAVE_CUDA
+  if (backend == CULOSS_BACKEND_CUDA)
+    return culoss__error(CULOSS_ERROR_NO_DEVICE,
+                         "culoss_create: this build of culoss has no CUDA backend "
+                         "(configured with CULOSS_ENABLE_CUDA=OFF)");
+#endif
+  c = (culoss_context *)calloc(1, sizeof *c);
+  if (c == NULL) return culoss__error(CULOSS_ERROR_OUT_OF_MEMORY, "culoss_create: out of host memory");
+  c->backend = backend;
+  c->device = backend == CULOSS_BACKEND_CPU ? -1 : device;
+#ifdef CULOSS_HAVE_CUDA
+  if (backend == CULOSS_BACKEND_CUDA) st = create_cuda(c, device);
+#else
+  (void)device;
+#endif
+  if (st != CULOSS_OK) {
+    culoss_status keep = st;
+    char msg[512];
+    strncpy(msg, culoss_last_error(), sizeof msg - 1);
+    msg[sizeof msg - 1] = '\0';
+    culoss_destroy(c);
+    return culoss__error(keep, "%s", msg); /* destroy must not hide the cause */
+  }
+  *ctx = c;
+  return CULOSS_OK;
+}
+
+culoss_status culoss_destroy(culoss_context *ctx) {
+  culoss_status st = CULOSS_OK;
+  if (ctx == NULL) return CULOSS_OK;
+#ifdef CULOSS_HAVE_CUDA
+  if (ctx->backend == CULOSS_BACKEND_CUDA && ctx->device >= 0) {
+    int prev = 0;
+    if (culoss__device_enter(ctx, &prev) == CULOSS_OK) {
+      cudaError_t e = cudaStreamSynchronize((cudaStream_t)ctx->stream);
+      if (e != cudaSuccess) st = culoss__cuda_status(e, "culoss_destroy: cudaStreamSynchronize");
+      if (ctx->scratch) (void)cudaFree(ctx->scratch);
+      if (ctx->host_flag) (void)cudaFreeHost(ctx->host_flag);
+      culoss__device_leave(ctx, prev);
+    }
+  }
+#endif
+  free(ctx);
+  return st;
+}
+
+culoss_status culoss_set_stream(culoss_context *ctx, void *cuda_stream) {
+  CHECK_CTX(ctx);
+  if (ctx->backend == CULOSS_BACKEND_CPU) {
+    if (cuda_stream != NULL)
+      return culoss__error(CULOSS_ERROR_NOT_SUPPORTED,
+                           "culoss_set_stream: the CPU backend has no streams");
+    return CULOSS_OK;
+  }
+  ctx->stream = cuda_stream;
+  return CULOSS_OK;
+}
+
+culoss_status culoss_synchronize(culoss_context *ctx) {
+  CHECK_CTX(ctx);
+  if (ctx->backend == CULOSS_BACKEND_CPU) return CULOSS_OK;
+#ifdef CULOSS_HAVE_CUDA
+  {
+    culoss_status st = CULOSS_OK;
+    int prev = 0;
+    cudaStream_t s = (cudaStream_t)ctx->stream;
+    st = culoss__device_enter(ctx, &prev);
+    if (st != CULOSS_OK) return st;
+    CUDA_TRY(cudaStreamSynchronize(s));
+    /* Read and clear the deferred-error flag in stream order. */
+    CUDA_TRY(cudaMemcpyAsync(ctx->host_flag, &ctx->scratch->error_flag, sizeof(int),
+                             cudaMemcpyDeviceToHost, s));
+    CUDA_TRY(cudaMemsetAsync(&ctx->scratch->error_flag, 0, sizeof(int), s));
+    CUDA_TRY(cudaStreamSynchronize(s));
+    if (*ctx->host_flag)
+      st = culoss__error(CULOSS_ERROR_TARGET_OUT_OF_RANGE,
+                         "culoss_synchronize: a kernel met a non-ignored target outside [0, c) "
+                         "(its rows got NaN loss and zero gradient)");
+  done:
+    culoss__device_leave(ctx, prev);
+    return st;
+  }
+#else
+  return culoss__error(CULOSS_ERROR_INTERNAL, "culoss_synchronize: CUDA context in a CPU build");
+#endif
+}
+
+culoss_status culoss_malloc(culoss_context *ctx, void **ptr, size_t bytes) {
+  CHECK_CTX(ctx);
+  if (ptr == NULL) return culoss__error(CULOSS_ERROR_INVALID_VALUE, "culoss_malloc: ptr is NULL");
+  *ptr = NULL;
+  if (bytes == 0) return CULOSS_OK;
+  if (ctx->backend == CULOSS_BACKEND_CPU) {
+    void *p = NULL;
+    size_t rounded = (bytes + 63u) & ~(size_t)63u;
+    if (rounded < bytes || (p = aligned_alloc(64, rounded)) == NULL)
+      return culoss__error(CULOSS_ERROR_OUT_OF_MEMORY, "culoss_malloc: %zu bytes of host memory",
+                           bytes);
+    *ptr = p;
+    return CULOSS_OK;
+  }
+#ifdef CULOSS_HAVE_CUDA
+  {
+    culoss_status st = CULOSS_OK;
+    int prev = 0;
+    st = culoss__device_enter(ctx, &prev);
+    if (st != CULOSS_OK) return st;
+    CUDA_TRY(cudaMalloc(ptr, bytes));
+  done:
+    culoss__device_leave(ctx, prev);
+    if (st != CULOSS_OK) *ptr = NULL;
+    return st;
+  }
+#else
+  return CULOSS_ERROR_INTERNAL;
+#endif
+}
+
+culoss_status culoss_free(culoss_context *ctx, void *ptr) {
+  CHECK_CTX(ctx);
+  if (ptr == NULL) return CULOSS_OK;
+  if (ctx->backend == CULOSS_BACKEND_CPU) {
+    free(ptr);
+    return CULOSS_OK;
+  }
+#ifdef CULOSS_HAVE_CUDA
+  {
+    culoss_status st = CULOSS_OK;
+    int prev = 0;
+    st = culoss__device_enter(ctx, &prev);
+    if (st != CULOSS_OK) return st;
+    CUDA_TRY(cudaFree(ptr));
+  done:
+    culoss__device_leave(ctx, prev);
+    return st;
+  }
+#else
+  return CULOSS_ERROR_INTERNAL;
+#endif
+}
+
+static culoss_status copy(culoss_context *ctx, void *dst, const void *src, size_t bytes, int up) {
+  const char *fn = up ? "culoss_upload" : "culoss_download";
+  CHECK_CTX(ctx);
+  if (bytes == 0) return CULOSS_OK;
+  if (dst == NULL || src == NULL)
+    return culoss__error(CULOSS_ERROR_INVALID_VALUE, "%s: %s is NULL", fn,
+                         dst == NULL ? (up ? "dst" : "host_dst") : (up ? "host_src" : "src"));
+  if (ctx->backend == CULOSS_BACKEND_CPU) {
+    memmove(dst, src, bytes);
+    return CULOSS_OK;
+  }
+#ifdef CULOSS_HAVE_CUDA
+  {
+    culoss_status st = CULOSS_OK;
+    int prev = 0;
+    cudaStream_t s = (cudaStream_t)ctx->stream;
+    st = culoss__device_enter(ctx, &prev);
+    if (st != CULOSS_OK) return st;
+    CUDA_TRY(cudaMemcpyAsync(dst, src, bytes, up ? cudaMemcpyHostToDevice : cudaMemcpyDeviceToHost,
+                             s));
+    CUDA_TRY(cudaStreamSynchronize(s));
+  done:
+    culoss__device_leave(ctx, prev);
+    return st;
+  }
+#else
+  return CULOSS_ERROR_INTERNAL;
+#endif
+}
+
+culoss_status culoss_upload(culoss_context *ctx, void *dst, const void *host_src, size_t bytes) {
+  return copy(ctx, dst, host_src, bytes, 1);
+}
+
+culoss_status culoss_download(culoss_context *ctx, void *host_dst, const void *src, size_t bytes) {
+  return copy(ctx, host_dst, src, bytes, 0);
+}

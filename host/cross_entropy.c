@@ -1,0 +1,146 @@
+/*
+ * cross_entropy.c: the public entry points of the cross-entropy family.
+ *
+ * Validates every argument (nothing is written on an argument error), then
+ * dispatches to the CPU reference or to the CUDA launcher. Validation is the
+ * same for both backends, so the two cannot disagree about what is legal.
+ */
+#include <math.h>
+
+#include "internal.h"
+
+void culoss_cross_entropy_options_init(culoss_cross_entropy_options *o) {
+  if (o == NULL) return;
+  o->reduction = CULOSS_REDUCTION_MEAN;
+  o->ignore_index = -100;
+  o->label_smoothing = 0.0f;
+  o->class_weight = NULL;
+  o->z_loss = 0.0f;
+  o->logit_softcap = 0.0f;
+  o->normalizer = NULL;
+}
+
+#define BAD(...) culoss__error(CULOSS_ERROR_INVALID_VALUE, __VA_ARGS__)
+
+static culoss_status validate(const culoss_context *ctx, const char *fn, culoss__ce_args *a,
+                              const char *xname, const char *gname) {
+  const culoss_cross_entropy_options *o = &a->o;
+  if (ctx == NULL) return BAD("%s: ctx is NULL", fn);
+  if (a->n < 0) return BAD("%s: n = %lld is negative", fn, (long long)a->n);
+  if (a->c < 1) return BAD("%s: c = %lld must be >= 1", fn, (long long)a->c);
+  if (a->ld < a->c)
+    return BAD("%s: ld = %lld is less than c = %lld", fn, (long long)a->ld, (long long)a->c);
+  if (a->dtype != CULOSS_F32 && a->dtype != CULOSS_F16 && a->dtype != CULOSS_BF16)
+    return BAD("%s: unknown dtype %d", fn, (int)a->dtype);
+  if (a->mode != CULOSS__CE_SOFT && a->ttype != CULOSS_I32 && a->ttype != CULOSS_I64)
+    return BAD("%s: unknown target index type %d", fn, (int)a->ttype);
+  /* n * ld elements, in bytes, must be addressable with 64-bit offsets. */
+  if (a->n > 0 && a->ld > INT64_MAX / 4 / a->n)
+    return BAD("%s: n * ld = %lld * %lld overflows 64-bit byte offsets", fn, (long long)a->n,
+               (long long)a->ld);
+  if (o->reduction != CULOSS_REDUCTION_NONE && o->reduction != CULOSS_REDUCTION_SUM &&
+      o->reduction != CULOSS_REDUCTION_MEAN)
+    return BAD("%s: reduction %d is not NONE, SUM or MEAN", fn, (int)o->reduction);
+  if (!(o->label_smoothing >= 0.0f && o->label_smoothing <= 1.0f))
+    return BAD("%s: label_smoothing = %g must be in [0, 1]", fn, (double)o->label_smoothing);
+  if (!(o->z_loss >= 0.0f && isfinite(o->z_loss)))
+    return BAD("%s: z_loss = %g must be finite and >= 0", fn, (double)o->z_loss);
+  if (!(o->logit_softcap >= 0.0f && isfinite(o->logit_softcap)))
+    return BAD("%s: logit_softcap = %g must be finite and >= 0 (0 = off)", fn,
+               (double)o->logit_softcap);
+  if (a->mode == CULOSS__NLL &&
+      (o->label_smoothing != 0.0f || o->z_loss != 0.0f || o->logit_softcap != 0.0f))
+    return BAD("%s: label_smoothing, z_loss and logit_softcap do not apply to NLL; they must be 0",
+               fn);
+  if (a->loss == NULL) return BAD("%s: loss is NULL", fn);
+  if (a->n > 0) {
+    if (a->x == NULL) return BAD("%s: %s is NULL", fn, xname);
+    if (a->mode == CULOSS__CE_SOFT && a->probs == NULL) return BAD("%s: target_probs is NULL", fn);
+    if (a->mode != CULOSS__CE_SOFT && a->targets == NULL) return BAD("%s: targets is NULL", fn);
+  }
+  (void)gname;
+  return CULOSS_OK;
+}
+
+/* CPU backend: a non-ignored target outside [0, c) is an error returned by
+   the call itself, found before anything is written. */
+static culoss_status check_targets_cpu(const char *fn, const culoss__ce_args *a) {
+  int64_t i;
+  for (i = 0; i < a->n; i++) {
+    int64_t t = a->ttype == CULOSS_I32 ? (int64_t)((const int32_t *)a->targets)[i]
+                                       : ((const int64_t *)a->targets)[i];
+    if (t != a->o.ignore_index && (t < 0 || t >= a->c))
+      return culoss__error(CULOSS_ERROR_TARGET_OUT_OF_RANGE,
+                           "%s: targets[%lld] = %lld is outside [0, %lld) and is not "
+                           "ignore_index (%lld)",
+                           fn, (long long)i, (long long)t, (long long)a->c,
+                           (long long)a->o.ignore_index);
+  }
+  return CULOSS_OK;
+}
+
+static culoss_status run(culoss_context *ctx, const char *fn, culoss__ce_args *a,
+                         const culoss_cross_entropy_options *o, const char *xname,
+                         const char *gname) {
+  culoss_status st;
+  if (o != NULL)
+    a->o = *o;
+  else
+    culoss_cross_entropy_options_init(&a->o);
+  st = validate(ctx, fn, a, xname, gname);
+  if (st != CULOSS_OK) return st;
+  if (ctx->backend == CULOSS_BACKEND_CPU) {
+    if (a->mode != CULOSS__CE_SOFT) {
+      st = check_targets_cpu(fn, a);
+      if (st != CULOSS_OK) return st;
+    }
+    return culoss__cpu_cross_entropy(a);
+  }
+#ifdef CULOSS_HAVE_CUDA
+  {
+    int prev = 0;
+    st = culoss__device_enter(ctx, &prev);
+    if (st != CULOSS_OK) return st;
+    st = culoss__cuda_cross_entropy(ctx, a);
+    culoss__device_leave(ctx, prev);
+    return st;
+  }
+#else
+  return culoss__error(CULOSS_ERROR_INTERNAL, "%s: CUDA context in a CPU-only build", fn);
+#endif
+}
+
+culoss_status culoss_cross_entropy(culoss_context *ctx, const culoss_cross_entropy_options *o,
+                                   int64_t n, int64_t c, culoss_dtype dtype, const void *logits,
+                                   int64_t ld, culoss_index_type ttype, const void *targets,
+                                   float *loss, void *grad_logits, const float *grad_loss) {
+  culoss__ce_args a = {0};
+  a.mode = CULOSS__CE_INDEX;
+  a.n = n, a.c = c, a.ld = ld, a.dtype = dtype, a.ttype = ttype;
+  a.x = logits, a.targets = targets, a.loss = loss, a.grad = grad_logits, a.grad_loss = grad_loss;
+  return run(ctx, "culoss_cross_entropy", &a, o, "logits", "grad_logits");
+}
+
+culoss_status culoss_cross_entropy_soft(culoss_context *ctx, const culoss_cross_entropy_options *o,
+                                        int64_t n, int64_t c, culoss_dtype dtype,
+                                        const void *logits, int64_t ld, const void *target_probs,
+                                        float *loss, void *grad_logits, const float *grad_loss) {
+  culoss__ce_args a = {0};
+  a.mode = CULOSS__CE_SOFT;
+  a.n = n, a.c = c, a.ld = ld, a.dtype = dtype, a.ttype = CULOSS_I64;
+  a.x = logits, a.probs = target_probs, a.loss = loss, a.grad = grad_logits;
+  a.grad_loss = grad_loss;
+  return run(ctx, "culoss_cross_entropy_soft", &a, o, "logits", "grad_logits");
+}
+
+culoss_status culoss_nll(culoss_context *ctx, const culoss_cross_entropy_options *o, int64_t n,
+                         int64_t c, culoss_dtype dtype, const void *logprobs, int64_t ld,
+                         culoss_index_type ttype, const void *targets, float *loss,
+                         void *grad_logprobs, const float *grad_loss) {
+  culoss__ce_args a = {0};
+  a.mode = CULOSS__NLL;
+  a.n = n, a.c = c, a.ld = ld, a.dtype = dtype, a.ttype = ttype;
+  a.x = logprobs, a.targets = targets, a.loss = loss, a.grad = grad_logprobs;
+  a.grad_loss = grad_loss;
+  return run(ctx, "culoss_nll", &a, o, "logprobs", "grad_logprobs");
+}

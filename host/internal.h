@@ -1,0 +1,100 @@
+/*
+ * internal.h: the library's private declarations, shared by host/ (C11) and
+ * cuda/ (CUDA C++). Nothing here is installed or exported: every symbol uses
+ * the culoss__ prefix and hidden visibility.
+ */
+#ifndef CULOSS_INTERNAL_H
+#define CULOSS_INTERNAL_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include "culoss.h"
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+#if defined(__GNUC__) || defined(__clang__)
+#define CULOSS_PRINTF(a, b) __attribute__((format(printf, a, b)))
+#else
+#define CULOSS_PRINTF(a, b)
+#endif
+
+/* Records the thread-local detail text and returns `status`. */
+culoss_status culoss__error(culoss_status status, const char *fmt, ...) CULOSS_PRINTF(2, 3);
+
+/* Number of per-block partial sums the CUDA scratch holds: the grid of a
+   reducing kernel is capped at this many blocks (rows are then strided), so
+   the scratch has a fixed size allocated once per context. */
+#define CULOSS_MAX_PARTIALS 4096
+/* Blocks of the kernel that sums the weights of the targets (MEAN's D). */
+#define CULOSS_MAX_PREP_BLOCKS 256
+
+/* Device-side scratch of a CUDA context (cudaMalloc'd at create). */
+typedef struct {
+  int error_flag;                               /* deferred TARGET_OUT_OF_RANGE */
+  int pad_;
+  double prep_denom[CULOSS_MAX_PREP_BLOCKS];    /* partial sums of w_y (MEAN's D) */
+  double prep_wsum[CULOSS_MAX_PREP_BLOCKS];     /* partial sums of class_weight (W) */
+  double partial_loss[CULOSS_MAX_PARTIALS];     /* per-block loss sums */
+} culoss__scratch;
+
+struct culoss_context {
+  culoss_backend backend;
+  int device;
+  void *stream;              /* cudaStream_t */
+  culoss__scratch *scratch;  /* device memory (CUDA backend) */
+  int *host_flag;            /* pinned host word for reading the flag */
+  int sm_count;
+  size_t smem_optin;         /* max dynamic shared memory per block */
+};
+
+/* Arguments of the cross-entropy family, validated by host/cross_entropy.c
+   and passed to a backend. */
+typedef enum { CULOSS__CE_INDEX = 0, CULOSS__CE_SOFT = 1, CULOSS__NLL = 2 } culoss__ce_mode;
+
+typedef struct {
+  culoss__ce_mode mode;
+  culoss_cross_entropy_options o;
+  int64_t n, c, ld;
+  culoss_dtype dtype;
+  culoss_index_type ttype;
+  const void *x;       /* logits / logprobs */
+  const void *targets; /* class indices (INDEX, NLL) */
+  const void *probs;   /* soft targets (SOFT) */
+  float *loss;
+  void *grad;
+  const float *grad_loss;
+} culoss__ce_args;
+
+/* CPU reference (host/cpu_reference.c). Arguments already validated;
+   targets already checked to be in range. */
+culoss_status culoss__cpu_cross_entropy(const culoss__ce_args *a);
+
+/* Element size of a dtype in bytes. */
+size_t culoss__dtype_size(culoss_dtype dtype);
+
+/* Reads element i of a dtype array as float (host). */
+float culoss__load_f32(const void *p, culoss_dtype dtype, int64_t i);
+/* Writes a float as element i of a dtype array (host, round to nearest even). */
+void culoss__store_f32(void *p, culoss_dtype dtype, int64_t i, float v);
+
+#ifdef CULOSS_HAVE_CUDA
+/* CUDA backend (cuda/ sources): enqueue on ctx->stream, no synchronisation. */
+culoss_status culoss__cuda_cross_entropy(culoss_context *ctx, const culoss__ce_args *a);
+/* Makes ctx->device current on this thread for the duration of a call;
+   *prev receives the device to restore with culoss__device_leave. */
+culoss_status culoss__device_enter(const culoss_context *ctx, int *prev);
+void culoss__device_leave(const culoss_context *ctx, int prev);
+/* Maps a cudaError_t (as int) to a status and records "what: cuda text". */
+culoss_status culoss__cuda_status(int err, const char *what);
+/* One-time per-context setup of kernel attributes (dynamic shared memory). */
+culoss_status culoss__cuda_kernels_init(culoss_context *ctx);
+#endif
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif /* CULOSS_INTERNAL_H */

@@ -1,0 +1,254 @@
+/*
+ * culoss: loss functions for deep-learning training, with CUDA kernels and a
+ * CPU reference path.
+ *
+ * One public header, pure C11, usable from C and C++. It does not include
+ * cuda_runtime.h: streams are passed as `void *` (a cudaStream_t).
+ *
+ * ABI promise: status numbers, enum values and the field order of the option
+ * structs are never changed; new fields are only appended to option structs,
+ * so always initialise an options struct with its `*_options_init` function.
+ *
+ * Conventions (every function):
+ *   - returns a culoss_status; CULOSS_OK (0) is success. On failure,
+ *     culoss_last_error() gives a thread-local, human-readable detail naming
+ *     the bad argument or the failing CUDA call.
+ *   - never prints, never calls exit/abort, never asserts on user input. On an
+ *     argument error nothing is written to any output.
+ *   - sizes and indices are int64_t; every pointer is in the context's memory
+ *     space (device memory for the CUDA backend, host memory for the CPU
+ *     backend) unless its comment says "host".
+ *
+ * Stream semantics (CUDA backend): every loss call is enqueued on the
+ * context's stream (culoss_set_stream; default: the legacy default stream)
+ * and returns without waiting. Loss calls never synchronise, never allocate
+ * and never copy to the host, so they are safe to record inside CUDA-graph
+ * stream capture. Calls on one context use a small per-context scratch
+ * buffer, in stream order: do not run two loss calls of the same context on
+ * two streams at once (use one context per concurrent stream).
+ *
+ * Determinism: the same inputs give bitwise the same outputs, run after run
+ * (reductions use fixed-order block reductions; no floating-point atomics).
+ */
+#ifndef CULOSS_H
+#define CULOSS_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#define CULOSS_VERSION_MAJOR 0
+#define CULOSS_VERSION_MINOR 1
+#define CULOSS_VERSION_PATCH 0
+
+#if defined(_WIN32)
+#define CULOSS_API
+#elif defined(__GNUC__) || defined(__clang__)
+#define CULOSS_API __attribute__((visibility("default")))
+#else
+#define CULOSS_API
+#endif
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+/* ------------------------------------------------------------------------ */
+/* Status, errors, version                                                  */
+/* ------------------------------------------------------------------------ */
+
+typedef enum {
+  CULOSS_OK = 0,
+  CULOSS_ERROR_INVALID_VALUE = 1,     /* NULL pointer, negative size, bad enum, bad option */
+  CULOSS_ERROR_TARGET_OUT_OF_RANGE = 2, /* a non-ignored class target outside [0, c) */
+  CULOSS_ERROR_NOT_SUPPORTED = 3,     /* valid request this backend/build cannot do */
+  CULOSS_ERROR_NO_DEVICE = 4,         /* no usable CUDA device (or built without CUDA) */
+  CULOSS_ERROR_OUT_OF_MEMORY = 5,
+  CULOSS_ERROR_CUDA = 6,              /* a CUDA runtime call failed; see culoss_last_error() */
+  CULOSS_ERROR_CUBLAS = 7,
+  CULOSS_ERROR_INTERNAL = 8
+} culoss_status;
+
+/* Static string naming a status ("CULOSS_OK", ...); unknown values give
+   "CULOSS_ERROR_UNKNOWN". Never NULL. */
+CULOSS_API const char *culoss_status_string(culoss_status status);
+
+/* Detail of the last failure on the calling thread (thread-local storage,
+   valid until the next failing culoss call on this thread). "" if no call on
+   this thread has failed. Never NULL. */
+CULOSS_API const char *culoss_last_error(void);
+
+/* MAJOR*10000 + MINOR*100 + PATCH of the library actually linked. */
+CULOSS_API int culoss_version(void);
+
+/* ------------------------------------------------------------------------ */
+/* Context and buffers                                                      */
+/* ------------------------------------------------------------------------ */
+
+typedef struct culoss_context culoss_context; /* opaque */
+
+typedef enum { CULOSS_BACKEND_CPU = 0, CULOSS_BACKEND_CUDA = 1 } culoss_backend;
+
+/* Creates a context. `ctx` (host) receives it; on failure *ctx is set to NULL.
+   CPU backend: `device` is ignored. CUDA backend: `device` is the CUDA
+   device ordinal; allocates a small scratch buffer on that device and uses
+   the legacy default stream until culoss_set_stream.
+   Returns CULOSS_ERROR_NO_DEVICE when no usable GPU exists (or the library was
+   built without CUDA), CULOSS_ERROR_INVALID_VALUE for a bad backend or a
+   device ordinal out of range. */
+CULOSS_API culoss_status culoss_create(culoss_context **ctx, culoss_backend backend, int device);
+
+/* Destroys a context and its scratch memory (not buffers from culoss_malloc:
+   free those first). Waits for the context's stream. NULL is fine. */
+CULOSS_API culoss_status culoss_destroy(culoss_context *ctx);
+
+/* CUDA backend: subsequent calls are enqueued on `cuda_stream` (a
+   cudaStream_t; NULL = legacy default stream). The caller keeps ownership of
+   the stream. CPU backend: NULL is accepted (no-op); anything else returns
+   CULOSS_ERROR_NOT_SUPPORTED. */
+CULOSS_API culoss_status culoss_set_stream(culoss_context *ctx, void *cuda_stream);
+
+/* Waits for all work enqueued on the context's stream, then reports deferred
+   errors: CULOSS_ERROR_TARGET_OUT_OF_RANGE if a kernel met a non-ignored
+   target outside [0, c) since the last synchronize (the flag is cleared), or
+   CULOSS_ERROR_CUDA for an asynchronous CUDA failure. CPU backend: CULOSS_OK. */
+CULOSS_API culoss_status culoss_synchronize(culoss_context *ctx);
+
+/* Allocates `bytes` in the context's memory space (cudaMalloc on the CUDA
+   backend; 64-byte aligned host memory on the CPU backend). `ptr` is host.
+   bytes == 0 gives *ptr = NULL and CULOSS_OK. */
+CULOSS_API culoss_status culoss_malloc(culoss_context *ctx, void **ptr, size_t bytes);
+
+/* Frees memory from culoss_malloc. NULL is fine. */
+CULOSS_API culoss_status culoss_free(culoss_context *ctx, void *ptr);
+
+/* Copies `bytes` from host memory `host_src` to `dst` (context memory).
+   Ordered on the context's stream and complete when the call returns. */
+CULOSS_API culoss_status culoss_upload(culoss_context *ctx, void *dst, const void *host_src,
+                                       size_t bytes);
+
+/* Copies `bytes` from `src` (context memory) to host memory `host_dst`, after
+   all work enqueued on the context's stream; complete when the call returns. */
+CULOSS_API culoss_status culoss_download(culoss_context *ctx, void *host_dst, const void *src,
+                                         size_t bytes);
+
+/* ------------------------------------------------------------------------ */
+/* Types                                                                    */
+/* ------------------------------------------------------------------------ */
+
+/* Element type of inputs and gradients. F16 is IEEE binary16, BF16 bfloat16,
+   both passed as 16-bit storage (e.g. uint16_t arrays on the CPU backend). */
+typedef enum { CULOSS_F32 = 0, CULOSS_F16 = 1, CULOSS_BF16 = 2 } culoss_dtype;
+
+/* Element type of class-index targets. */
+typedef enum { CULOSS_I32 = 0, CULOSS_I64 = 1 } culoss_index_type;
+
+typedef enum {
+  CULOSS_REDUCTION_NONE = 0,     /* loss[i] per row (or element) */
+  CULOSS_REDUCTION_SUM = 1,      /* loss[0] = sum */
+  CULOSS_REDUCTION_MEAN = 2,     /* loss[0] = sum / denominator (per loss, below) */
+  CULOSS_REDUCTION_BATCHMEAN = 3 /* KL divergence only */
+} culoss_reduction;
+
+/* ------------------------------------------------------------------------ */
+/* Common shape of loss calls                                               */
+/* ------------------------------------------------------------------------ */
+/*
+ * Inputs, then outputs:
+ *   loss       float, required: [n] for REDUCTION_NONE, [1] otherwise. Losses
+ *              are fp32 whatever the input dtype; math accumulates in fp32 or
+ *              better.
+ *   grad_*     optional (NULL = do not compute), in the input's dtype. When
+ *              requested, forward and backward run in one fused pass. It may
+ *              alias its input exactly (in-place gradient); partial overlap is
+ *              undefined.
+ *   grad_loss  optional upstream gradient, float: [n] for NONE, [1]
+ *              otherwise, in context memory (device memory on CUDA, so the
+ *              call stays capture-safe). NULL means 1.
+ */
+
+/* ------------------------------------------------------------------------ */
+/* Cross-entropy family                                                     */
+/* ------------------------------------------------------------------------ */
+
+typedef struct {
+  culoss_reduction reduction; /* default MEAN; NONE, SUM or MEAN */
+  int64_t ignore_index;       /* default -100; rows with this target have loss
+                                 0, gradient 0 and no weight in MEAN. May be
+                                 any value, including a valid class. */
+  float label_smoothing;      /* default 0; must be in [0, 1] (NaN and values
+                                 outside give CULOSS_ERROR_INVALID_VALUE) */
+  const float *class_weight;  /* default NULL; [c] in context memory */
+  float z_loss;               /* default 0; >= 0, finite: adds z_loss * lse^2
+                                 per non-ignored row (unweighted by
+                                 class_weight; divided by the same MEAN
+                                 denominator as the rest of the row's loss) */
+  float logit_softcap;        /* default 0 = off; > 0, finite: x -> cap *
+                                 tanh(x / cap) before the softmax; the
+                                 gradient includes the tanh derivative */
+  const float *normalizer;    /* default NULL; [1] in context memory: if set,
+                                 MEAN divides by *normalizer instead of the
+                                 weight sum (e.g. the global token count for
+                                 gradient accumulation / data parallel) */
+} culoss_cross_entropy_options;
+
+/* Sets PyTorch's defaults (listed above). `o` is host memory. */
+CULOSS_API void culoss_cross_entropy_options_init(culoss_cross_entropy_options *o);
+
+/* Softmax cross-entropy with class-index targets (torch.nn.functional.cross_entropy).
+ *
+ *   logits   [n, c] row-major, row stride ld >= c elements, dtype `dtype`
+ *   targets  [n] class indices of type `ttype`
+ *   loss     [n] (NONE) or [1]
+ *   grad_logits  NULL or [n, c] with the same row stride ld (elements in
+ *                [c, ld) of each row are not touched); may alias logits.
+ *
+ * Per row, with p = softmax(x), lse = logsumexp(x), eps = label_smoothing,
+ * w = class_weight (all ones when NULL), W = sum_c w_c, y = target:
+ *   l = (1-eps) w_y (lse - x_y) + (eps/c) (W lse - sum_c w_c x_c) + z_loss lse^2
+ * MEAN divides by D = sum of w_y over non-ignored rows (or *normalizer).
+ * An all-ignored batch gives NaN for MEAN (0/0), 0 for SUM, and a zero
+ * gradient. n == 0: MEAN gives NaN, SUM 0.
+ *
+ * A non-ignored target outside [0, c): the CPU backend returns
+ * CULOSS_ERROR_TARGET_OUT_OF_RANGE and writes nothing; the CUDA backend writes
+ * NaN for that row's loss (so a reduced loss is NaN), a zero gradient row, and
+ * the next culoss_synchronize returns CULOSS_ERROR_TARGET_OUT_OF_RANGE.
+ * Differences from PyTorch, deliberate: ignored rows get a zero gradient even
+ * if their logits hold NaN (PyTorch propagates the NaN into that row's
+ * gradient); label_smoothing < 0 is an error (PyTorch treats it as 0). */
+CULOSS_API culoss_status culoss_cross_entropy(culoss_context *ctx,
+                                              const culoss_cross_entropy_options *o, int64_t n,
+                                              int64_t c, culoss_dtype dtype, const void *logits,
+                                              int64_t ld, culoss_index_type ttype,
+                                              const void *targets, float *loss, void *grad_logits,
+                                              const float *grad_loss);
+
+/* Softmax cross-entropy with probability targets.
+ *   target_probs  [n, c] of dtype `dtype`, same row stride ld as logits.
+ * With y' = (1-eps) y + eps/c:  l = sum_c w_c y'_c (lse - x_c) + z_loss lse^2.
+ * A term with y'_c == 0 contributes 0 even when x_c = -inf (PyTorch gives NaN
+ * there: 0 * -inf). MEAN divides by n (not by a weight sum), as PyTorch does;
+ * *normalizer replaces n when set. ignore_index is not used. */
+CULOSS_API culoss_status culoss_cross_entropy_soft(culoss_context *ctx,
+                                                   const culoss_cross_entropy_options *o,
+                                                   int64_t n, int64_t c, culoss_dtype dtype,
+                                                   const void *logits, int64_t ld,
+                                                   const void *target_probs, float *loss,
+                                                   void *grad_logits, const float *grad_loss);
+
+/* Negative log-likelihood over log-probabilities (torch.nn.functional.nll_loss):
+ *   l = -w_y * logprobs[y]; the gradient is zero except -w_y * g / D at the
+ *   target column. Same options, targets, reductions and errors as
+ *   culoss_cross_entropy, except label_smoothing, z_loss and logit_softcap,
+ *   which must be 0 (else CULOSS_ERROR_INVALID_VALUE). */
+CULOSS_API culoss_status culoss_nll(culoss_context *ctx, const culoss_cross_entropy_options *o,
+                                    int64_t n, int64_t c, culoss_dtype dtype,
+                                    const void *logprobs, int64_t ld, culoss_index_type ttype,
+                                    const void *targets, float *loss, void *grad_logprobs,
+                                    const float *grad_loss);
+
+#ifdef __cplusplus
+} /* extern "C" */
+#endif
+
+#endif /* CULOSS_H */

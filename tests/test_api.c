@@ -1,0 +1,162 @@
+/* test_api.c: status strings, version, contexts, buffers and argument
+   validation (every bad argument is an error with a message, and nothing is
+   written to the outputs). */
+#include <criterion/criterion.h>
+#include <math.h>
+#include <string.h>
+
+#include "helpers.h"
+
+Test(api, version) {
+  cr_assert_eq(culoss_version(),
+               CULOSS_VERSION_MAJOR * 10000 + CULOSS_VERSION_MINOR * 100 + CULOSS_VERSION_PATCH);
+}
+
+Test(api, status_numbers_and_strings) {
+  /* fixed numbers: part of the ABI */
+  cr_assert_eq(CULOSS_OK, 0);
+  cr_assert_eq(CULOSS_ERROR_INVALID_VALUE, 1);
+  cr_assert_eq(CULOSS_ERROR_TARGET_OUT_OF_RANGE, 2);
+  cr_assert_eq(CULOSS_ERROR_NOT_SUPPORTED, 3);
+  cr_assert_eq(CULOSS_ERROR_NO_DEVICE, 4);
+  cr_assert_eq(CULOSS_ERROR_OUT_OF_MEMORY, 5);
+  cr_assert_eq(CULOSS_ERROR_CUDA, 6);
+  cr_assert_eq(CULOSS_ERROR_CUBLAS, 7);
+  cr_assert_eq(CULOSS_ERROR_INTERNAL, 8);
+  cr_assert_str_eq(culoss_status_string(CULOSS_OK), "CULOSS_OK");
+  cr_assert_str_eq(culoss_status_string(CULOSS_ERROR_TARGET_OUT_OF_RANGE),
+                   "CULOSS_ERROR_TARGET_OUT_OF_RANGE");
+  cr_assert_str_eq(culoss_status_string((culoss_status)99), "CULOSS_ERROR_UNKNOWN");
+  cr_assert_not_null(culoss_last_error());
+}
+
+Test(api, create_bad_arguments) {
+  culoss_context *ctx = (culoss_context *)1;
+  cr_assert_eq(culoss_create(NULL, CULOSS_BACKEND_CPU, 0), CULOSS_ERROR_INVALID_VALUE);
+  cr_assert_eq(culoss_create(&ctx, (culoss_backend)7, 0), CULOSS_ERROR_INVALID_VALUE);
+  cr_assert_null(ctx, "failed create sets *ctx = NULL");
+  cr_assert(strstr(culoss_last_error(), "backend") != NULL);
+  cr_assert_eq(culoss_destroy(NULL), CULOSS_OK);
+}
+
+Test(api, cuda_create_without_device_is_no_device) {
+  culoss_context *ctx = NULL;
+  culoss_status st = culoss_create(&ctx, CULOSS_BACKEND_CUDA, 0);
+  if (st == CULOSS_OK) {
+    culoss_destroy(ctx);
+    cr_skip_test("skipped: a CUDA device is present (this test covers machines without one)");
+  }
+  cr_assert_eq(st, CULOSS_ERROR_NO_DEVICE, "%s", culoss_status_string(st));
+  cr_assert_null(ctx);
+  cr_assert_gt(strlen(culoss_last_error()), 10, "a clear message: %s", culoss_last_error());
+}
+
+Test(api, cpu_buffers) {
+  culoss_context *ctx;
+  cr_assert_eq(culoss_create(&ctx, CULOSS_BACKEND_CPU, 0), CULOSS_OK);
+  void *p = (void *)1;
+  cr_assert_eq(culoss_malloc(ctx, &p, 0), CULOSS_OK);
+  cr_assert_null(p);
+  cr_assert_eq(culoss_malloc(ctx, &p, 1000), CULOSS_OK);
+  cr_assert_eq((uintptr_t)p % 64, 0, "64-byte aligned");
+  const char src[5] = "abcd";
+  char dst[5] = {0};
+  cr_assert_eq(culoss_upload(ctx, p, src, 5), CULOSS_OK);
+  cr_assert_eq(culoss_download(ctx, dst, p, 5), CULOSS_OK);
+  cr_assert_str_eq(dst, "abcd");
+  cr_assert_eq(culoss_upload(ctx, NULL, src, 5), CULOSS_ERROR_INVALID_VALUE);
+  cr_assert_eq(culoss_download(ctx, NULL, p, 5), CULOSS_ERROR_INVALID_VALUE);
+  cr_assert_eq(culoss_malloc(ctx, NULL, 5), CULOSS_ERROR_INVALID_VALUE);
+  cr_assert_eq(culoss_malloc(NULL, &p, 5), CULOSS_ERROR_INVALID_VALUE);
+  cr_assert_eq(culoss_free(ctx, p), CULOSS_OK);
+  cr_assert_eq(culoss_free(ctx, NULL), CULOSS_OK);
+  cr_assert_eq(culoss_set_stream(ctx, NULL), CULOSS_OK);
+  cr_assert_eq(culoss_set_stream(ctx, (void *)16), CULOSS_ERROR_NOT_SUPPORTED);
+  cr_assert_eq(culoss_synchronize(ctx), CULOSS_OK);
+  cr_assert_eq(culoss_synchronize(NULL), CULOSS_ERROR_INVALID_VALUE);
+  culoss_destroy(ctx);
+}
+
+/* Every bad argument: INVALID_VALUE, a message naming the argument, and the
+   outputs untouched. */
+typedef struct {
+  const char *what;   /* substring the message must contain */
+  int64_t n, c, ld;
+  int dtype, ttype;
+  int null_ctx, null_logits, null_targets, null_loss;
+  culoss_cross_entropy_options o;
+  int fn; /* 0 ce, 1 soft, 2 nll */
+} bad_case;
+
+static culoss_cross_entropy_options defaults(void) {
+  culoss_cross_entropy_options o;
+  culoss_cross_entropy_options_init(&o);
+  return o;
+}
+
+Test(api, bad_arguments_are_invalid_value_and_write_nothing) {
+  culoss_context *ctx;
+  cr_assert_eq(culoss_create(&ctx, CULOSS_BACKEND_CPU, 0), CULOSS_OK);
+  bad_case cases[32];
+  int k = 0;
+  const bad_case base = {"", 2, 3, 3, CULOSS_F32, CULOSS_I64, 0, 0, 0, 0, defaults(), 0};
+#define ADD(field_assign, msg)     \
+  do {                             \
+    cases[k] = base;               \
+    cases[k].what = msg;           \
+    { bad_case *b = &cases[k]; field_assign; } \
+    k++;                           \
+  } while (0)
+  ADD(b->null_ctx = 1, "ctx");
+  ADD(b->n = -1, "n = -1");
+  ADD(b->c = 0, "c = 0");
+  ADD(b->c = -5, "c = -5");
+  ADD(b->ld = 2, "ld = 2");
+  ADD(b->dtype = 9, "dtype");
+  ADD(b->ttype = 5, "index type");
+  ADD(b->null_logits = 1, "logits");
+  ADD(b->null_targets = 1, "targets");
+  ADD(b->null_loss = 1, "loss");
+  ADD(b->o.reduction = CULOSS_REDUCTION_BATCHMEAN, "reduction");
+  ADD(b->o.reduction = (culoss_reduction)42, "reduction");
+  ADD(b->o.label_smoothing = 1.5f, "label_smoothing");
+  ADD(b->o.label_smoothing = -0.1f, "label_smoothing");
+  ADD(b->o.label_smoothing = NAN, "label_smoothing");
+  ADD(b->o.z_loss = -1.0f, "z_loss");
+  ADD(b->o.z_loss = INFINITY, "z_loss");
+  ADD(b->o.logit_softcap = -3.0f, "logit_softcap");
+  ADD(b->o.logit_softcap = NAN, "logit_softcap");
+  ADD((b->fn = 2, b->o.label_smoothing = 0.1f), "NLL");
+  ADD((b->fn = 2, b->o.z_loss = 0.1f), "NLL");
+  ADD((b->fn = 1, b->null_logits = 1), "logits");
+  ADD((b->fn = 1, b->null_targets = 1), "target_probs");
+  ADD((b->n = (int64_t)1 << 40, b->c = (int64_t)1 << 30, b->ld = (int64_t)1 << 30), "overflow");
+#undef ADD
+  const float x[6] = {1, 2, 3, 4, 5, 6};
+  const int64_t t[2] = {0, 1};
+  for (int i = 0; i < k; i++) {
+    bad_case *b = &cases[i];
+    float loss[2] = {-9.0f, -9.0f}, g[6] = {-9, -9, -9, -9, -9, -9};
+    culoss_context *cx = b->null_ctx ? NULL : ctx;
+    const void *xp = b->null_logits ? NULL : x;
+    const void *tp = b->null_targets ? NULL : (const void *)t;
+    float *lp = b->null_loss ? NULL : loss;
+    culoss_status st;
+    if (b->fn == 0)
+      st = culoss_cross_entropy(cx, &b->o, b->n, b->c, (culoss_dtype)b->dtype, xp, b->ld,
+                                (culoss_index_type)b->ttype, tp, lp, g, NULL);
+    else if (b->fn == 1)
+      st = culoss_cross_entropy_soft(cx, &b->o, b->n, b->c, (culoss_dtype)b->dtype, xp, b->ld,
+                                     b->null_targets ? NULL : x, lp, g, NULL);
+    else
+      st = culoss_nll(cx, &b->o, b->n, b->c, (culoss_dtype)b->dtype, xp, b->ld,
+                      (culoss_index_type)b->ttype, tp, lp, g, NULL);
+    cr_assert_eq(st, CULOSS_ERROR_INVALID_VALUE, "case %d (%s): got %s", i, b->what,
+                 culoss_status_string(st));
+    cr_assert(strstr(culoss_last_error(), b->what) != NULL, "case %d: message '%s' lacks '%s'", i,
+              culoss_last_error(), b->what);
+    cr_assert(loss[0] == -9.0f && loss[1] == -9.0f, "case %d wrote the loss", i);
+    for (int j = 0; j < 6; j++) cr_assert_eq(g[j], -9.0f, "case %d wrote the gradient", i);
+  }
+  culoss_destroy(ctx);
+}

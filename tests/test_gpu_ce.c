@@ -1,0 +1,504 @@
+/* test_gpu_ce.c: the CUDA backend against the CPU reference on fresh random
+   inputs (large-magnitude and -inf logits included), every dtype, sizes from
+   c = 2 to c = 256K, strided rows, in-place gradients, poisoned outputs,
+   determinism, deferred out-of-range errors and a case with n * c past 2^31.
+   Every test skips visibly ("skipped: no CUDA device") without a GPU. */
+#include <criterion/criterion.h>
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "helpers.h"
+
+static culoss_context *gpu, *cpu;
+
+static void gpu_setup(void) {
+  culoss_status st = culoss_create(&gpu, CULOSS_BACKEND_CUDA, 0);
+  if (st == CULOSS_ERROR_NO_DEVICE) {
+    gpu = NULL;
+    return;
+  }
+  cr_assert_eq(st, CULOSS_OK, "culoss_create(CUDA): %s", culoss_last_error());
+  cr_assert_eq(culoss_create(&cpu, CULOSS_BACKEND_CPU, 0), CULOSS_OK);
+}
+static void gpu_teardown(void) {
+  if (gpu) cr_expect_eq(culoss_synchronize(gpu), CULOSS_OK, "%s", culoss_last_error());
+  culoss_destroy(gpu);
+  culoss_destroy(cpu);
+}
+TestSuite(gpu_ce, .init = gpu_setup, .fini = gpu_teardown, .timeout = 600);
+
+#define REQUIRE_GPU()                                                                 \
+  do {                                                                                \
+    if (gpu == NULL) cr_skip_test("skipped: no CUDA device (%s)", culoss_last_error()); \
+  } while (0)
+
+/* Device buffer helpers; any failure fails the test with the library text. */
+static void *dev_alloc(size_t bytes) {
+  void *p = NULL;
+  culoss_status st = culoss_malloc(gpu, &p, bytes);
+  cr_assert_eq(st, CULOSS_OK, "culoss_malloc(%zu): %s", bytes, culoss_last_error());
+  return p;
+}
+static void *dev_from(const void *host, size_t bytes) {
+  void *p = dev_alloc(bytes);
+  cr_assert_eq(culoss_upload(gpu, p, host, bytes), CULOSS_OK, "%s", culoss_last_error());
+  return p;
+}
+static void dev_poison(void *d, size_t bytes) {
+  void *h = malloc(bytes);
+  poison(h, bytes);
+  cr_assert_eq(culoss_upload(gpu, d, h, bytes), CULOSS_OK);
+  free(h);
+}
+static void to_host(void *h, const void *d, size_t bytes) {
+  cr_assert_eq(culoss_download(gpu, h, d, bytes), CULOSS_OK, "%s", culoss_last_error());
+}
+
+typedef struct {
+  int mode; /* 0 index, 1 soft, 2 nll */
+  int64_t n, c, ld;
+  culoss_dtype dt;
+  culoss_index_type tt;
+  culoss_reduction red;
+  float eps, z, cap;
+  int weights, ignore, neg_inf, grad, grad_loss, in_place, normalizer;
+  double scale;
+  uint64_t seed;
+} gcase;
+
+static void describe(const gcase *k, char *buf, size_t len) {
+  snprintf(buf, len,
+           "mode=%d n=%lld c=%lld ld=%lld dt=%d tt=%d red=%d eps=%g z=%g cap=%g w=%d ign=%d "
+           "inf=%d grad=%d gl=%d inplace=%d norm=%d seed=%llu",
+           k->mode, (long long)k->n, (long long)k->c, (long long)k->ld, k->dt, k->tt, k->red,
+           (double)k->eps, (double)k->z, (double)k->cap, k->weights, k->ignore, k->neg_inf,
+           k->grad, k->grad_loss, k->in_place, k->normalizer, (unsigned long long)k->seed);
+}
+
+/* Runs one case on both backends and compares. Returns nothing: asserts. */
+static void run_case(const gcase *k) {
+  char what[400];
+  describe(k, what, sizeof what);
+  rng_t r = rng_seeded(k->seed);
+  const int64_t elems = k->n * k->ld;
+  const size_t es = dtype_bytes(k->dt), xbytes = (size_t)elems * es;
+  float *xf = malloc((size_t)elems * sizeof(float));
+  float *yf = k->mode == 1 ? malloc((size_t)elems * sizeof(float)) : NULL;
+  void *xh = malloc(xbytes), *yh = k->mode == 1 ? malloc(xbytes) : NULL;
+  int64_t *t = malloc((size_t)(k->n ? k->n : 1) * sizeof(int64_t));
+  int32_t *t32 = malloc((size_t)(k->n ? k->n : 1) * sizeof(int32_t));
+  float *w = malloc((size_t)k->c * sizeof(float));
+  const int64_t nloss = k->red == CULOSS_REDUCTION_NONE ? k->n : 1;
+  float *gl = malloc((size_t)(nloss ? nloss : 1) * sizeof(float));
+  cr_assert(xf && xh && t && t32 && w && gl);
+
+  for (int64_t i = 0; i < k->n; i++) {
+    t[i] = rng_int(&r, 0, k->c);
+    if (k->ignore && rng_uniform(&r) < 0.2) t[i] = -100;
+    t32[i] = (int32_t)t[i];
+  }
+  if (k->mode == 2) { /* log-probabilities: log_softmax of random rows */
+    fill_logits(&r, xf, k->n, k->c, k->ld, k->scale, 0, NULL);
+    for (int64_t i = 0; i < k->n; i++) {
+      double m = -INFINITY, s = 0;
+      for (int64_t j = 0; j < k->c; j++) m = fmax(m, xf[i * k->ld + j]);
+      for (int64_t j = 0; j < k->c; j++) s += exp(xf[i * k->ld + j] - m);
+      for (int64_t j = 0; j < k->c; j++) xf[i * k->ld + j] -= (float)(m + log(s));
+    }
+  } else {
+    fill_logits(&r, xf, k->n, k->c, k->ld, k->scale, k->neg_inf, t);
+  }
+  pack_dtype(xh, xf, elems, k->dt);
+  if (yf) {
+    fill_probs(&r, yf, k->n, k->c, k->ld);
+    pack_dtype(yh, yf, elems, k->dt);
+  }
+  for (int64_t j = 0; j < k->c; j++) w[j] = (float)(0.25 + 2.0 * rng_uniform(&r));
+  for (int64_t i = 0; i < nloss; i++) gl[i] = (float)(0.5 + rng_normal(&r));
+  const float norm = (float)(k->n + 3);
+
+  culoss_cross_entropy_options o;
+  culoss_cross_entropy_options_init(&o);
+  o.reduction = k->red;
+  o.label_smoothing = k->eps;
+  o.z_loss = k->z;
+  o.logit_softcap = k->cap;
+  const void *targets_h = k->tt == CULOSS_I32 ? (const void *)t32 : (const void *)t;
+  const size_t tbytes = (size_t)(k->n ? k->n : 1) * (k->tt == CULOSS_I32 ? 4u : 8u);
+
+  /* --- CPU reference on exactly the same (rounded) inputs --- */
+  float *ref_loss = malloc((size_t)(nloss ? nloss : 1) * sizeof(float));
+  void *ref_grad = k->grad ? malloc(xbytes) : NULL;
+  if (ref_grad) memcpy(ref_grad, xh, xbytes); /* padding keeps the logits' values */
+  culoss_cross_entropy_options oc = o;
+  oc.class_weight = k->weights ? w : NULL;
+  oc.normalizer = k->normalizer ? &norm : NULL;
+  culoss_status st;
+  if (k->mode == 0)
+    st = culoss_cross_entropy(cpu, &oc, k->n, k->c, k->dt, xh, k->ld, k->tt, targets_h, ref_loss,
+                              ref_grad, k->grad_loss ? gl : NULL);
+  else if (k->mode == 1)
+    st = culoss_cross_entropy_soft(cpu, &oc, k->n, k->c, k->dt, xh, k->ld, yh, ref_loss, ref_grad,
+                                   k->grad_loss ? gl : NULL);
+  else
+    st = culoss_nll(cpu, &oc, k->n, k->c, k->dt, xh, k->ld, k->tt, targets_h, ref_loss, ref_grad,
+                    k->grad_loss ? gl : NULL);
+  cr_assert_eq(st, CULOSS_OK, "%s: cpu %s", what, culoss_last_error());
+
+  /* --- GPU --- */
+  void *d_x = dev_from(xh, xbytes);
+  void *d_y = yh ? dev_from(yh, xbytes) : NULL;
+  void *d_t = dev_from(targets_h, tbytes);
+  float *d_w = dev_from(w, (size_t)k->c * sizeof(float));
+  float *d_gl = dev_from(gl, (size_t)(nloss ? nloss : 1) * sizeof(float));
+  float *d_norm = dev_from(&norm, sizeof norm);
+  float *d_loss = dev_alloc((size_t)(nloss ? nloss : 1) * sizeof(float));
+  void *d_g = NULL;
+  dev_poison(d_loss, (size_t)(nloss ? nloss : 1) * sizeof(float));
+  if (k->grad) {
+    if (k->in_place)
+      d_g = d_x;
+    else {
+      d_g = dev_from(xh, xbytes); /* padding = logits' padding, rows poisoned below */
+      void *pg = malloc(xbytes);
+      memcpy(pg, xh, xbytes);
+      for (int64_t i = 0; i < k->n; i++) poison((char *)pg + (size_t)(i * k->ld) * es, (size_t)k->c * es);
+      cr_assert_eq(culoss_upload(gpu, d_g, pg, xbytes), CULOSS_OK);
+      free(pg);
+    }
+  }
+  o.class_weight = k->weights ? d_w : NULL;
+  o.normalizer = k->normalizer ? d_norm : NULL;
+  if (k->mode == 0)
+    st = culoss_cross_entropy(gpu, &o, k->n, k->c, k->dt, d_x, k->ld, k->tt, d_t, d_loss, d_g,
+                              k->grad_loss ? d_gl : NULL);
+  else if (k->mode == 1)
+    st = culoss_cross_entropy_soft(gpu, &o, k->n, k->c, k->dt, d_x, k->ld, d_y, d_loss, d_g,
+                                   k->grad_loss ? d_gl : NULL);
+  else
+    st = culoss_nll(gpu, &o, k->n, k->c, k->dt, d_x, k->ld, k->tt, d_t, d_loss, d_g,
+                    k->grad_loss ? d_gl : NULL);
+  cr_assert_eq(st, CULOSS_OK, "%s: gpu %s", what, culoss_last_error());
+  cr_assert_eq(culoss_synchronize(gpu), CULOSS_OK, "%s: %s", what, culoss_last_error());
+
+  float *loss = malloc((size_t)(nloss ? nloss : 1) * sizeof(float));
+  to_host(loss, d_loss, (size_t)(nloss ? nloss : 1) * sizeof(float));
+  int64_t where;
+  /* Losses are fp32 from identical inputs on both sides: fp32 tolerance for
+     every dtype. */
+  double wr = worst_ratio(loss, ref_loss, nloss, 2e-5, 5e-5, &where);
+  cr_assert(wr <= 1.0, "%s: loss[%lld] gpu %.9g cpu %.9g", what, (long long)where,
+            (double)loss[where], (double)ref_loss[where]);
+
+  if (k->grad) {
+    void *g = malloc(xbytes);
+    to_host(g, d_g, xbytes);
+    float *gf = malloc((size_t)elems * sizeof(float)), *rf = malloc((size_t)elems * sizeof(float));
+    unpack_dtype(gf, g, elems, k->dt);
+    unpack_dtype(rf, ref_grad, elems, k->dt);
+    double gmax = 0;
+    for (int64_t i = 0; i < elems; i++)
+      if (isfinite(rf[i])) gmax = fmax(gmax, fabs(rf[i]));
+    /* Both sides round to the dtype once: allow about one ulp of it. */
+    double rtol = k->dt == CULOSS_F32 ? 2e-4 : (k->dt == CULOSS_F16 ? 2.0 / 1024 : 2.0 / 128);
+    double atol = 1e-6 * gmax + 1e-12;
+    if (k->dt == CULOSS_F16) atol += 1e-7; /* fp16 subnormals */
+    for (int64_t i = 0; i < k->n; i++) {
+      for (int64_t j = k->c; j < k->ld; j++)
+        cr_assert(memcmp((char *)g + (size_t)(i * k->ld + j) * es,
+                         (char *)xh + (size_t)(i * k->ld + j) * es, es) == 0,
+                  "%s: padding (%lld,%lld) written", what, (long long)i, (long long)j);
+    }
+    wr = worst_ratio(gf, rf, elems, atol, rtol, &where);
+    cr_assert(wr <= 1.0, "%s: grad[%lld] (row %lld col %lld) gpu %.9g cpu %.9g", what,
+              (long long)where, (long long)(where / k->ld), (long long)(where % k->ld),
+              (double)gf[where], (double)rf[where]);
+    free(g);
+    free(gf);
+    free(rf);
+  }
+  culoss_free(gpu, d_x);
+  culoss_free(gpu, d_y);
+  culoss_free(gpu, d_t);
+  culoss_free(gpu, d_w);
+  culoss_free(gpu, d_gl);
+  culoss_free(gpu, d_norm);
+  culoss_free(gpu, d_loss);
+  if (k->grad && !k->in_place) culoss_free(gpu, d_g);
+  free(xf), free(yf), free(xh), free(yh), free(t), free(t32), free(w), free(gl);
+  free(ref_loss), free(ref_grad), free(loss);
+}
+
+static gcase base_case(int64_t n, int64_t c, culoss_dtype dt, uint64_t seed) {
+  gcase k;
+  memset(&k, 0, sizeof k);
+  k.n = n;
+  k.c = c;
+  k.ld = c;
+  k.dt = dt;
+  k.tt = CULOSS_I64;
+  k.red = CULOSS_REDUCTION_MEAN;
+  k.grad = 1;
+  k.scale = 2.0;
+  k.neg_inf = 1;
+  k.ignore = 1;
+  k.seed = seed;
+  return k;
+}
+
+static const int64_t sizes[] = {2, 3, 33, 1000, 1024, 1025, 4099, 16384, 16385,
+                                32000, 50257, 128256, 262147};
+
+static int64_t rows_for(int64_t c) {
+  int64_t n = (int64_t)4000000 / c;
+  return n < 3 ? 3 : (n > 97 ? 97 : n);
+}
+
+Test(gpu_ce, index_targets_all_sizes_all_dtypes) {
+  REQUIRE_GPU();
+  for (int d = 0; d < 3; d++)
+    for (size_t s = 0; s < sizeof sizes / sizeof *sizes; s++) {
+      gcase k = base_case(rows_for(sizes[s]), sizes[s], (culoss_dtype)d, 100 + s * 3 + d);
+      run_case(&k);
+    }
+}
+
+Test(gpu_ce, soft_targets_all_sizes_all_dtypes) {
+  REQUIRE_GPU();
+  for (int d = 0; d < 3; d++)
+    for (size_t s = 0; s < sizeof sizes / sizeof *sizes; s++) {
+      gcase k = base_case(rows_for(sizes[s]), sizes[s], (culoss_dtype)d, 200 + s * 3 + d);
+      k.mode = 1;
+      k.eps = 0.1f;
+      run_case(&k);
+    }
+}
+
+Test(gpu_ce, nll_all_sizes_all_dtypes) {
+  REQUIRE_GPU();
+  for (int d = 0; d < 3; d++)
+    for (size_t s = 0; s < sizeof sizes / sizeof *sizes; s++) {
+      gcase k = base_case(rows_for(sizes[s]), sizes[s], (culoss_dtype)d, 300 + s * 3 + d);
+      k.mode = 2;
+      k.weights = 1;
+      run_case(&k);
+    }
+}
+
+/* Every option and reduction, at a warp-per-row size and a block-per-row size. */
+Test(gpu_ce, options_grid) {
+  REQUIRE_GPU();
+  const int64_t cs[] = {1000, 50257};
+  uint64_t seed = 400;
+  for (int ci = 0; ci < 2; ci++)
+    for (int mode = 0; mode < 3; mode++)
+      for (int red = 0; red < 3; red++)
+        for (int variant = 0; variant < 6; variant++) {
+          gcase k = base_case(ci ? 9 : 77, cs[ci], variant % 2 ? CULOSS_BF16 : CULOSS_F32, seed++);
+          k.mode = mode;
+          k.red = (culoss_reduction)red;
+          k.weights = variant >= 1;
+          k.grad_loss = variant >= 1;
+          k.tt = variant % 3 == 2 ? CULOSS_I32 : CULOSS_I64;
+          if (mode != 2) {
+            k.eps = variant >= 2 ? 0.2f : 0.0f;
+            k.z = variant >= 3 ? 1e-3f : 0.0f;
+            k.cap = variant >= 4 ? 15.0f : 0.0f;
+          }
+          k.normalizer = variant == 5 && red == CULOSS_REDUCTION_MEAN;
+          k.grad = variant != 3 || red != CULOSS_REDUCTION_SUM; /* forward-only too */
+          run_case(&k);
+        }
+}
+
+Test(gpu_ce, strided_and_in_place) {
+  REQUIRE_GPU();
+  const int64_t cs[] = {7, 1000, 5000, 32000};
+  uint64_t seed = 600;
+  for (int ci = 0; ci < 4; ci++)
+    for (int d = 0; d < 3; d++)
+      for (int pad = 0; pad < 3; pad++) {
+        gcase k = base_case(13, cs[ci], (culoss_dtype)d, seed++);
+        /* pad 0: in place; 1: ld breaks 16-byte alignment; 2: aligned ld */
+        k.ld = cs[ci] + (pad == 1 ? 3 : (pad == 2 ? 64 : 0));
+        k.in_place = pad != 1;
+        k.eps = 0.05f;
+        k.weights = 1;
+        run_case(&k);
+        k.mode = 1;
+        run_case(&k);
+      }
+}
+
+Test(gpu_ce, large_magnitude_logits) {
+  REQUIRE_GPU();
+  for (int d = 0; d < 3; d++) {
+    gcase k = base_case(31, 4099, (culoss_dtype)d, 700 + d);
+    k.scale = d == CULOSS_F16 ? 50.0 : 500.0; /* fp16 tops out at 65504 */
+    run_case(&k);
+    k.cap = 30.0f;
+    run_case(&k);
+  }
+}
+
+Test(gpu_ce, empty_and_all_ignored) {
+  REQUIRE_GPU();
+  float *d_loss = dev_alloc(sizeof(float)), loss;
+  culoss_cross_entropy_options o;
+  culoss_cross_entropy_options_init(&o);
+  dev_poison(d_loss, sizeof(float));
+  cr_assert_eq(culoss_cross_entropy(gpu, &o, 0, 10, CULOSS_F32, NULL, 10, CULOSS_I64, NULL, d_loss,
+                                    NULL, NULL), CULOSS_OK);
+  to_host(&loss, d_loss, sizeof loss);
+  cr_assert(isnan(loss) && !is_poison_f32(loss), "n = 0 mean is NaN (written)");
+  o.reduction = CULOSS_REDUCTION_SUM;
+  culoss_cross_entropy(gpu, &o, 0, 10, CULOSS_F32, NULL, 10, CULOSS_I64, NULL, d_loss, NULL, NULL);
+  to_host(&loss, d_loss, sizeof loss);
+  cr_assert_eq(loss, 0.0f);
+  /* all ignored, with smoothing: NaN mean, zero gradient */
+  enum { N = 40, C = 300 };
+  float *x = malloc(N * C * sizeof(float)), *g = malloc(N * C * sizeof(float));
+  int64_t t[N];
+  rng_t r = rng_seeded(800);
+  fill_logits(&r, x, N, C, C, 1.0, 0, NULL);
+  for (int i = 0; i < N; i++) t[i] = -100;
+  void *d_x = dev_from(x, N * C * sizeof(float)), *d_t = dev_from(t, sizeof t);
+  o.reduction = CULOSS_REDUCTION_MEAN;
+  o.label_smoothing = 0.1f;
+  cr_assert_eq(culoss_cross_entropy(gpu, &o, N, C, CULOSS_F32, d_x, C, CULOSS_I64, d_t, d_loss,
+                                    d_x, NULL), CULOSS_OK);
+  to_host(&loss, d_loss, sizeof loss);
+  to_host(g, d_x, N * C * sizeof(float));
+  cr_assert(isnan(loss) && !is_poison_f32(loss));
+  for (int j = 0; j < N * C; j++) cr_assert_eq(g[j], 0.0f);
+  culoss_free(gpu, d_x), culoss_free(gpu, d_t), culoss_free(gpu, d_loss);
+  free(x), free(g);
+}
+
+Test(gpu_ce, out_of_range_target_is_deferred_error) {
+  REQUIRE_GPU();
+  enum { N = 8, C = 2000 };
+  float *x = malloc(N * C * sizeof(float)), *g = malloc(N * C * sizeof(float)), loss[N];
+  int64_t t[N] = {1, 5, C, 7, -100, 3, -4, 0};
+  rng_t r = rng_seeded(900);
+  fill_logits(&r, x, N, C, C, 1.0, 0, NULL);
+  void *d_x = dev_from(x, N * C * sizeof(float)), *d_t = dev_from(t, sizeof t);
+  float *d_loss = dev_alloc(sizeof loss), *d_g = dev_alloc(N * C * sizeof(float));
+  culoss_cross_entropy_options o;
+  culoss_cross_entropy_options_init(&o);
+  o.reduction = CULOSS_REDUCTION_NONE;
+  cr_assert_eq(culoss_cross_entropy(gpu, &o, N, C, CULOSS_F32, d_x, C, CULOSS_I64, d_t, d_loss,
+                                    d_g, NULL), CULOSS_OK, "the launch itself succeeds");
+  cr_assert_eq(culoss_synchronize(gpu), CULOSS_ERROR_TARGET_OUT_OF_RANGE);
+  cr_assert_eq(culoss_synchronize(gpu), CULOSS_OK, "the flag is cleared");
+  to_host(loss, d_loss, sizeof loss);
+  to_host(g, d_g, N * C * sizeof(float));
+  cr_assert(isnan(loss[2]) && isnan(loss[6]), "bad rows have NaN loss");
+  cr_assert(isfinite(loss[0]) && loss[4] == 0.0f);
+  for (int j = 0; j < C; j++) cr_assert(g[2 * C + j] == 0.0f && g[6 * C + j] == 0.0f);
+  /* the context stays usable: a good call afterwards works and reports OK */
+  t[2] = 2, t[6] = 6;
+  cr_assert_eq(culoss_upload(gpu, d_t, t, sizeof t), CULOSS_OK);
+  o.reduction = CULOSS_REDUCTION_SUM;
+  cr_assert_eq(culoss_nll(gpu, &o, N, C, CULOSS_F32, d_x, C, CULOSS_I64, d_t, d_loss, NULL, NULL),
+               CULOSS_OK);
+  cr_assert_eq(culoss_synchronize(gpu), CULOSS_OK);
+  culoss_free(gpu, d_x), culoss_free(gpu, d_t), culoss_free(gpu, d_loss), culoss_free(gpu, d_g);
+  free(x), free(g);
+}
+
+Test(gpu_ce, deterministic_bitwise) {
+  REQUIRE_GPU();
+  const int64_t cs[] = {100, 8000, 128256};
+  for (int ci = 0; ci < 3; ci++) {
+    const int64_t n = ci == 2 ? 33 : 1500, c = cs[ci];
+    float *x = malloc((size_t)(n * c) * sizeof(float));
+    int64_t *t = malloc((size_t)n * sizeof(int64_t));
+    rng_t r = rng_seeded(1000 + ci);
+    for (int64_t i = 0; i < n; i++) t[i] = rng_int(&r, 0, c);
+    fill_logits(&r, x, n, c, c, 3.0, 1, t);
+    uint16_t *xb = malloc((size_t)(n * c) * 2);
+    pack_dtype(xb, x, n * c, CULOSS_BF16);
+    void *d_x = dev_from(xb, (size_t)(n * c) * 2), *d_t = dev_from(t, (size_t)n * 8);
+    void *d_g = dev_alloc((size_t)(n * c) * 2);
+    float *d_loss = dev_alloc(sizeof(float));
+    culoss_cross_entropy_options o;
+    culoss_cross_entropy_options_init(&o);
+    o.label_smoothing = 0.1f;
+    o.z_loss = 1e-4f;
+    uint16_t *g[2];
+    float loss[2];
+    for (int rep = 0; rep < 2; rep++) {
+      dev_poison(d_g, (size_t)(n * c) * 2);
+      cr_assert_eq(culoss_cross_entropy(gpu, &o, n, c, CULOSS_BF16, d_x, c, CULOSS_I64, d_t, d_loss,
+                                        d_g, NULL), CULOSS_OK);
+      g[rep] = malloc((size_t)(n * c) * 2);
+      to_host(g[rep], d_g, (size_t)(n * c) * 2);
+      to_host(&loss[rep], d_loss, sizeof(float));
+    }
+    cr_assert(memcmp(&loss[0], &loss[1], sizeof(float)) == 0, "c=%lld: loss differs run to run",
+              (long long)c);
+    cr_assert(memcmp(g[0], g[1], (size_t)(n * c) * 2) == 0, "c=%lld: grad differs", (long long)c);
+    culoss_free(gpu, d_x), culoss_free(gpu, d_t), culoss_free(gpu, d_g), culoss_free(gpu, d_loss);
+    free(x), free(t), free(xb), free(g[0]), free(g[1]);
+  }
+}
+
+/* n * c just past 2^31 elements: 64-bit offsets on the GPU path. The last
+   rows (all of them beyond element 2^31) are checked against the CPU. */
+Test(gpu_ce, offsets_past_2_pow_31) {
+  REQUIRE_GPU();
+  const int64_t c = 131072, n = 16385; /* n * c = 2^31 + 2^17 */
+  const size_t bytes = (size_t)(n * c) * 2;
+  void *d_x = NULL;
+  if (culoss_malloc(gpu, &d_x, bytes) != CULOSS_OK)
+    cr_skip_test("skipped: %zu bytes of device memory not available (%s)", bytes,
+                 culoss_last_error());
+  const int64_t check = 3, first = n - check;
+  uint16_t *row = malloc((size_t)c * 2);
+  /* fill the device tensor row block by row block from one random block */
+  rng_t r = rng_seeded(1100);
+  const int64_t blk_rows = 256;
+  float *xf = malloc((size_t)(blk_rows * c) * sizeof(float));
+  uint16_t *xb = malloc((size_t)(blk_rows * c) * 2);
+  fill_logits(&r, xf, blk_rows, c, c, 2.0, 1, NULL);
+  pack_dtype(xb, xf, blk_rows * c, CULOSS_BF16);
+  for (int64_t i = 0; i < n; i += blk_rows) {
+    int64_t rows = n - i < blk_rows ? n - i : blk_rows;
+    cr_assert_eq(culoss_upload(gpu, (char *)d_x + (size_t)(i * c) * 2, xb, (size_t)(rows * c) * 2),
+                 CULOSS_OK);
+  }
+  int64_t *t = malloc((size_t)n * 8);
+  for (int64_t i = 0; i < n; i++) t[i] = rng_int(&r, 0, c);
+  void *d_t = dev_from(t, (size_t)n * 8);
+  float *d_loss = dev_alloc((size_t)n * sizeof(float));
+  culoss_cross_entropy_options o;
+  culoss_cross_entropy_options_init(&o);
+  o.reduction = CULOSS_REDUCTION_NONE;
+  cr_assert_eq(culoss_cross_entropy(gpu, &o, n, c, CULOSS_BF16, d_x, c, CULOSS_I64, d_t, d_loss,
+                                    d_x, NULL), CULOSS_OK, "%s", culoss_last_error());
+  cr_assert_eq(culoss_synchronize(gpu), CULOSS_OK, "%s", culoss_last_error());
+  float *loss = malloc((size_t)n * sizeof(float));
+  to_host(loss, d_loss, (size_t)n * sizeof(float));
+  for (int64_t i = first; i < n; i++) {
+    const uint16_t *src = xb + ((i % blk_rows) * c);
+    float ref_loss;
+    uint16_t *ref_g = malloc((size_t)c * 2);
+    cr_assert_eq(culoss_cross_entropy(cpu, &o, 1, c, CULOSS_BF16, src, c, CULOSS_I64, &t[i],
+                                      &ref_loss, ref_g, NULL), CULOSS_OK);
+    cr_assert(close_enough(loss[i], ref_loss, 2e-5, 5e-5), "row %lld: %g vs %g", (long long)i,
+              (double)loss[i], (double)ref_loss);
+    to_host(row, (char *)d_x + (size_t)(i * c) * 2, (size_t)c * 2);
+    float *gf = malloc((size_t)c * 4), *rf = malloc((size_t)c * 4);
+    unpack_dtype(gf, row, c, CULOSS_BF16);
+    unpack_dtype(rf, ref_g, c, CULOSS_BF16);
+    int64_t where;
+    cr_assert(worst_ratio(gf, rf, c, 1e-9, 2.0 / 128, &where) <= 1.0, "row %lld col %lld",
+              (long long)i, (long long)where);
+    free(gf), free(rf), free(ref_g);
+  }
+  culoss_free(gpu, d_x), culoss_free(gpu, d_t), culoss_free(gpu, d_loss);
+  free(row), free(xf), free(xb), free(t), free(loss);
+}

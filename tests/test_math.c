@@ -1,0 +1,163 @@
+/* test_math.c: the __host__ __device__ math of cuda/loss_math.h, on the CPU.
+   These are the exact functions the kernels call. */
+#include <criterion/criterion.h>
+#include <math.h>
+
+#include "helpers.h"
+#include "loss_math.h"
+
+Test(math, bf16_roundtrip_all_values) {
+  for (uint32_t h = 0; h < 65536; h++) {
+    float f = culoss__bf16_to_f32((uint16_t)h);
+    uint16_t back = culoss__f32_to_bf16(f);
+    if (isnan(f))
+      cr_assert(isnan(culoss__bf16_to_f32(back)), "bf16 NaN 0x%04x lost", h);
+    else
+      cr_assert_eq(back, h, "bf16 0x%04x -> %g -> 0x%04x", h, (double)f, back);
+  }
+}
+
+Test(math, bf16_round_to_nearest_even) {
+  /* 1 + 2^-8 is exactly halfway between bf16 1.0 and 1 + 2^-7: ties to even (1.0). */
+  cr_assert_eq(culoss__f32_to_bf16(1.0f + 0x1p-8f), 0x3f80);
+  /* 1 + 3*2^-8 is halfway between 1+2^-7 (odd) and 1+2^-6: ties to even (up). */
+  cr_assert_eq(culoss__f32_to_bf16(1.0f + 3 * 0x1p-8f), 0x3f82);
+  cr_assert_eq(culoss__f32_to_bf16(1.0f + 0x1p-8f + 0x1p-20f), 0x3f81); /* above half: up */
+  cr_assert_eq(culoss__f32_to_bf16(INFINITY), 0x7f80);
+  cr_assert_eq(culoss__f32_to_bf16(-INFINITY), 0xff80);
+  cr_assert_eq(culoss__f32_to_bf16(3.4e38f), 0x7f80); /* rounds up past the largest finite */
+}
+
+Test(math, f16_roundtrip_all_values) {
+  for (uint32_t h = 0; h < 65536; h++) {
+    float f = culoss__f16_to_f32((uint16_t)h);
+    uint16_t back = culoss__f32_to_f16(f);
+    if (isnan(f))
+      cr_assert(isnan(culoss__f16_to_f32(back)), "f16 NaN 0x%04x lost", h);
+    else
+      cr_assert_eq(back, h, "f16 0x%04x -> %g -> 0x%04x", h, (double)f, back);
+  }
+}
+
+Test(math, f16_known_values) {
+  cr_assert_eq(culoss__f16_to_f32(0x3c00), 1.0f);
+  cr_assert_eq(culoss__f16_to_f32(0x7bff), 65504.0f);
+  cr_assert_eq(culoss__f16_to_f32(0x0001), 0x1p-24f);
+  cr_assert_eq(culoss__f16_to_f32(0x8400), -0x1p-14f);
+  cr_assert_eq(culoss__f32_to_f16(65519.0f), 0x7bff);     /* below the inf threshold */
+  cr_assert_eq(culoss__f32_to_f16(65520.0f), 0x7c00);     /* ties away to inf */
+  cr_assert_eq(culoss__f32_to_f16(0x1p-25f), 0x0000);     /* tie: even is 0 */
+  cr_assert_eq(culoss__f32_to_f16(3 * 0x1p-26f), 0x0001); /* above half of 2^-24 */
+  cr_assert_eq(culoss__f32_to_f16(3 * 0x1p-25f), 0x0002); /* tie 1.5 ulp: to even 2 */
+  cr_assert_eq(culoss__f32_to_f16(1.0f + 0x1p-11f), 0x3c00); /* tie to even */
+  cr_assert_eq(culoss__f32_to_f16(1.0f + 3 * 0x1p-11f), 0x3c02);
+  cr_assert_eq(culoss__f32_to_f16(-0.0f), 0x8000);
+}
+
+/* Property: the conversion returns the nearest fp16 value (ties to even). */
+Test(math, f16_is_nearest_on_random_floats) {
+  rng_t r = rng_seeded(7);
+  for (int i = 0; i < 200000; i++) {
+    float f = (float)(rng_normal(&r) * pow(2.0, rng_int(&r, -26, 17)));
+    uint16_t h = culoss__f32_to_f16(f);
+    double v = culoss__f16_to_f32(h);
+    double err = fabs((double)f - v);
+    uint16_t mag = h & 0x7fff;
+    if (mag == 0x7c00) { /* inf: only past the overflow threshold */
+      cr_assert(fabs((double)f) >= 65520.0, "%g overflowed", (double)f);
+      continue;
+    }
+    uint16_t up = (uint16_t)(h + 1), dn = (uint16_t)(h - 1);
+    if ((up & 0x7fff) < 0x7c00)
+      cr_assert(err <= fabs((double)f - culoss__f16_to_f32(up)), "%g -> 0x%04x not nearest",
+                (double)f, h);
+    if (mag != 0)
+      cr_assert(err <= fabs((double)f - culoss__f16_to_f32(dn)), "%g -> 0x%04x not nearest",
+                (double)f, h);
+  }
+}
+
+static double lse_ref(const float *v, int k) {
+  double m = -INFINITY, s = 0.0;
+  for (int i = 0; i < k; i++)
+    if (v[i] > m) m = v[i];
+  if (m == -INFINITY) return -INFINITY;
+  for (int i = 0; i < k; i++) s += exp((double)v[i] - m);
+  return m + log(s);
+}
+
+Test(math, lse_online_matches_double) {
+  rng_t r = rng_seeded(11);
+  for (int trial = 0; trial < 1000; trial++) {
+    float v[64];
+    int k = (int)rng_int(&r, 1, 64);
+    for (int i = 0; i < k; i++) v[i] = (float)(rng_normal(&r) * (trial % 2 ? 30.0 : 1.0));
+    if (k > 2) v[rng_int(&r, 0, k)] = -INFINITY;
+    /* sequential adds */
+    culoss__lse_state s = culoss__lse_empty();
+    for (int i = 0; i < k; i++) s = culoss__lse_add(s, v[i]);
+    /* and a split-merge, as threads of a block do */
+    int cut = (int)rng_int(&r, 0, k);
+    culoss__lse_state a = culoss__lse_empty(), b = culoss__lse_empty();
+    for (int i = 0; i < cut; i++) a = culoss__lse_add(a, v[i]);
+    for (int i = cut; i < k; i++) b = culoss__lse_add(b, v[i]);
+    double ref = lse_ref(v, k);
+    cr_assert(close_enough(culoss__lse_value(s), ref, 1e-5, 1e-6), "seq %g vs %g",
+              (double)culoss__lse_value(s), ref);
+    cr_assert(close_enough(culoss__lse_value(culoss__lse_merge(a, b)), ref, 1e-5, 1e-6));
+  }
+}
+
+Test(math, lse_neg_inf_lanes_do_not_make_nan) {
+  culoss__lse_state e = culoss__lse_empty();
+  culoss__lse_state only_inf = culoss__lse_add(culoss__lse_add(e, -INFINITY), -INFINITY);
+  cr_assert(!isnan(only_inf.s), "an all -inf lane must stay empty, not NaN");
+  cr_assert_eq(culoss__lse_value(only_inf), -INFINITY);
+  /* Merging an empty lane into a real one changes nothing. */
+  culoss__lse_state one = culoss__lse_add(e, 2.0f);
+  culoss__lse_state m1 = culoss__lse_merge(only_inf, one);
+  culoss__lse_state m2 = culoss__lse_merge(one, only_inf);
+  cr_assert_float_eq(culoss__lse_value(m1), 2.0f, 1e-6);
+  cr_assert_float_eq(culoss__lse_value(m2), 2.0f, 1e-6);
+  cr_assert(!isnan(culoss__lse_merge(e, e).s));
+}
+
+Test(math, lse_nan_and_pos_inf_propagate) {
+  culoss__lse_state s = culoss__lse_add(culoss__lse_add(culoss__lse_empty(), 1.0f), NAN);
+  s = culoss__lse_add(s, 3.0f);
+  cr_assert(isnan(culoss__lse_value(s)), "NaN in a row makes the row NaN");
+  s = culoss__lse_add(culoss__lse_empty(), NAN);
+  s = culoss__lse_merge(s, culoss__lse_add(culoss__lse_empty(), -INFINITY));
+  cr_assert(isnan(culoss__lse_value(s)), "NaN survives a merge with an empty lane");
+  s = culoss__lse_add(culoss__lse_add(culoss__lse_empty(), 1.0f), INFINITY);
+  cr_assert(isnan(culoss__lse_value(s)), "+inf gives NaN (inf - inf), as PyTorch");
+}
+
+Test(math, softcap_and_its_derivative) {
+  const float cap = 30.0f;
+  cr_assert_eq(culoss__softcap(1.5f, 0.0f), 1.5f, "cap 0 is off");
+  cr_assert_float_eq(culoss__softcap(1000.0f, cap), cap, 1e-4);
+  cr_assert_float_eq(culoss__softcap(-1000.0f, cap), -cap, 1e-4);
+  cr_assert_float_eq(culoss__softcap(-INFINITY, cap), -cap, 1e-4);
+  for (float x = -80.0f; x <= 80.0f; x += 3.7f) {
+    double h = 1e-3;
+    double fd = (cap * tanh((x + h) / cap) - cap * tanh((x - h) / cap)) / (2 * h);
+    float d = culoss__softcap_grad(culoss__softcap(x, cap), cap);
+    cr_assert(close_enough(d, fd, 1e-5, 1e-4), "x=%g: %g vs %g", (double)x, (double)d, fd);
+  }
+  cr_assert_eq(culoss__softcap_grad(5.0f, 0.0f), 1.0f);
+}
+
+Test(math, ce_grad_closed_form) {
+  /* logits {1, 2, 3}, target 2: lse = log(e + e^2 + e^3). */
+  const double lse = log(exp(1.0) + exp(2.0) + exp(3.0));
+  const float x[3] = {1.0f, 2.0f, 3.0f};
+  for (int j = 0; j < 3; j++) {
+    double p = exp(x[j] - lse);
+    float g = culoss__ce_grad(x[j], (float)lse, 1.0f, j == 2 ? 1.0f : 0.0f, 0.5f, 1.0f);
+    cr_assert(close_enough(g, 0.5 * (p - (j == 2)), 1e-7, 1e-5), "j=%d %g", j, (double)g);
+  }
+  /* a -inf logit has p = 0 exactly, whatever lse is */
+  cr_assert_eq(culoss__ce_grad(-INFINITY, 3.0f, 1.0f, 0.0f, 1.0f, 1.0f), 0.0f);
+  cr_assert_eq(culoss__ce_grad(-INFINITY, -INFINITY, 1.0f, 0.25f, 2.0f, 1.0f), -0.5f);
+}
