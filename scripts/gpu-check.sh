@@ -1,0 +1,79 @@
+#!/usr/bin/env bash
+# gpu-check.sh: the whole GPU verification in one call.
+#
+#   scripts/gpu-check.sh bundle   # on the development machine (no GPU needed):
+#                                 # builds build-gpu/ for sm_90 and gathers the test
+#                                 # and bench binaries, libculoss and the test
+#                                 # runtime's shared libraries (Criterion and its
+#                                 # dependencies) into gpu-bundle/ (about 20 MB)
+#   scripts/gpu-check.sh run      # on the GPU machine (carry gpu-bundle/): the GPU
+#                                 # tests, compute-sanitizer memcheck, racecheck,
+#                                 # initcheck and synccheck over them, then the
+#                                 # benchmark; logs and a summary go to $OUT (or
+#                                 # ./gpu-check-out)
+#   scripts/gpu-check.sh all      # both, on a GPU machine that has the tools
+#
+# The GPU machines of this project have nvcc and compute-sanitizer but no
+# Criterion and no network, hence the bundle. Criterion forks a process per
+# test: the sanitizer follows children (--target-processes all) and tests run
+# with one job.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+mode=${1:-all}
+arch=${CULOSS_GPU_ARCH:-90}
+bdir=build-gpu
+bun=gpu-bundle
+
+bundle() {
+  set -e
+  if [ -d /usr/local/cuda/bin ]; then export PATH="/usr/local/cuda/bin:$PATH"; fi
+  cmake -S . -B "$bdir" -DCMAKE_BUILD_TYPE=Release -DCMAKE_CUDA_ARCHITECTURES="$arch" >/dev/null
+  cmake --build "$bdir" -j "$(nproc)"
+  rm -rf "$bun" && mkdir -p "$bun/lib" "$bun/bin"
+  cp "$bdir"/tests/test_* "$bdir"/bench/culoss-bench "$bun/bin/"
+  cp -L "$bdir/libculoss.so.0" "$bun/lib/"   # a real file: links travel badly
+  # every shared library the test binaries need, except glibc's own and the
+  # CUDA runtime (the GPU machine has its own, matching its driver)
+  ldd "$bdir"/tests/test_gpu_ce | awk '/=> \//{print $3}' |
+    grep -v -E '/(libc|libm|libdl|libpthread|librt|libresolv|libgcc_s|libstdc\+\+)\.so|libcudart|libculoss' |
+    while read -r lib; do cp -L "$lib" "$bun/lib/"; done
+  git rev-parse --short HEAD >"$bun/COMMIT" 2>/dev/null || true
+  du -sh "$bun" | awk '{print "bundle size: " $1}'
+  set +e
+}
+
+run() {
+  local out=${OUT:-gpu-check-out}
+  mkdir -p "$out"
+  export LD_LIBRARY_PATH="$PWD/$bun/lib:${LD_LIBRARY_PATH:-}"
+  local summary="$out/summary.txt"
+  : >"$summary"
+  note() { echo "$*" | tee -a "$summary"; }
+  note "date: $(date -u +%Y-%m-%dT%H:%MZ)  bundle built at commit: $(cat "$bun/COMMIT" 2>/dev/null || echo unknown)"
+  note "device: $(nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>&1 | head -1)"
+  local t rc
+  for t in test_math test_api test_cpu_ce test_gpu_ce; do
+    "$bun/bin/$t" --jobs 1 >"$out/$t.log" 2>&1
+    rc=$?
+    note "$t: rc=$rc $(grep -a 'Synthesis' "$out/$t.log" | tail -1)"
+  done
+  local tool
+  for tool in memcheck racecheck initcheck synccheck; do
+    CULOSS_TEST_QUICK=1 timeout 900 compute-sanitizer --tool "$tool" --target-processes all \
+      --error-exitcode 99 "$bun/bin/test_gpu_ce" --jobs 1 >"$out/sanitizer-$tool.log" 2>&1
+    rc=$?
+    note "compute-sanitizer $tool: rc=$rc $(grep -a -E 'ERROR SUMMARY' "$out/sanitizer-$tool.log" | sort | uniq -c | tr '\n' ' ')"
+  done
+  "$bun/bin/culoss-bench" >"$out/bench.txt" 2>&1
+  note "culoss-bench: rc=$?"
+  cat "$out/bench.txt"
+  echo "---- summary"
+  cat "$summary"
+}
+
+case "$mode" in
+bundle) bundle ;;
+run) run ;;
+all) bundle && run ;;
+*) echo "usage: $0 bundle|run|all" >&2; exit 2 ;;
+esac
