@@ -38,12 +38,12 @@
 #include "../host/internal.h"
 #include "dtype.cuh"
 #include "loss_math.h"
+#include "reduce.cuh"
 
 namespace culoss_dev {
 namespace {
 
 constexpr int PREP_THREADS = 256;
-constexpr int FINAL_THREADS = 1024;
 /* Shared memory kept free for the kernels' static shared memory (CUB temp
    storage, broadcasts); checked against the real figure at init. */
 constexpr size_t STATIC_SMEM_RESERVE = 4096;
@@ -64,6 +64,7 @@ struct ce_params {
   int ttype;
   int prep_blocks; /* partials of D / W in the scratch (0: none) */
   int need_wsum;   /* W = sum of class weights comes from the prep partials */
+  divisor_src div; /* MEAN's denominator */
   int64_t cache_vecs; /* packs of each row kept in shared memory */
   culoss__scratch *scratch;
 };
@@ -105,30 +106,11 @@ __device__ __forceinline__ float index_b(const ce_params &p, int64_t j, int64_t 
   return b;
 }
 
-/* Fixed-order sum of a few partials by one thread: every block that calls it
-   gets bitwise the same value, so the loss and the gradient use the same
-   denominator. */
-__device__ double sum_in_order(const double *v, int count) {
-  double s = 0.0;
-  for (int i = 0; i < count; i++) s += v[i];
-  return s;
-}
-
-/* MEAN's denominator D: *normalizer, else n (soft), else the sum of target
-   weights computed by ce_prep_kernel. */
-__device__ double mean_denominator(const ce_params &p, int mode) {
-  if (p.normalizer) return (double)*p.normalizer;
-  if (mode == CULOSS__CE_SOFT) return (double)p.n;
-  return sum_in_order(p.scratch->prep_denom, p.prep_blocks);
-}
-
 /* --------------------------------------------------------------------- */
 /* ce_prep_kernel: partial sums of the target weights (D) and class weights */
 /* (W), one per block, in a fixed order.                                  */
 /* --------------------------------------------------------------------- */
 __global__ void __launch_bounds__(PREP_THREADS) ce_prep_kernel(ce_params p, int mode) {
-  typedef cub::BlockReduce<double, PREP_THREADS> reduce_t;
-  __shared__ typename reduce_t::TempStorage tmp;
   const int64_t stride = (int64_t)gridDim.x * PREP_THREADS;
   double d = 0.0, w = 0.0;
   if (mode != CULOSS__CE_SOFT) {
@@ -141,30 +123,8 @@ __global__ void __launch_bounds__(PREP_THREADS) ce_prep_kernel(ce_params p, int 
   if (p.need_wsum)
     for (int64_t j = (int64_t)blockIdx.x * PREP_THREADS + threadIdx.x; j < p.c; j += stride)
       w += p.class_weight[j];
-  d = reduce_t(tmp).Sum(d);
-  __syncthreads(); /* TempStorage is reused */
-  w = reduce_t(tmp).Sum(w);
-  if (threadIdx.x == 0) {
-    p.scratch->prep_denom[blockIdx.x] = d;
-    p.scratch->prep_wsum[blockIdx.x] = w;
-  }
-}
-
-/* --------------------------------------------------------------------- */
-/* ce_final_kernel: loss[0] = fixed-order sum of the per-block partials,  */
-/* divided by D for MEAN (0/0 = NaN for an empty or all-ignored batch).   */
-/* --------------------------------------------------------------------- */
-__global__ void __launch_bounds__(FINAL_THREADS) ce_final_kernel(ce_params p, int mode,
-                                                                 int partials) {
-  typedef cub::BlockReduce<double, FINAL_THREADS> reduce_t;
-  __shared__ typename reduce_t::TempStorage tmp;
-  double s = 0.0;
-  for (int i = threadIdx.x; i < partials; i += FINAL_THREADS) s += p.scratch->partial_loss[i];
-  s = reduce_t(tmp).Sum(s);
-  if (threadIdx.x == 0) {
-    if (p.reduction == CULOSS_REDUCTION_MEAN) s /= mean_denominator(p, mode);
-    p.loss[0] = (float)s;
-  }
+  store_block_sum<PREP_THREADS>(d, &p.scratch->prep_denom[blockIdx.x]);
+  store_block_sum<PREP_THREADS>(w, &p.scratch->prep_wsum[blockIdx.x]);
 }
 
 /* Reduces a row_acc over the TPR threads of a group; every thread of the
@@ -227,9 +187,8 @@ __global__ void __launch_bounds__(BLOCK) ce_kernel(ce_params p) {
   typedef pack<T, VEC> pack_t;
   typedef group_reduce<BLOCK, TPR> greduce;
   __shared__ typename greduce::storage gstore;
-  __shared__ double row_partial[ROWS];
   __shared__ float block_scale[2]; /* gradient scale (SUM/MEAN), W */
-  extern __shared__ unsigned char smem_raw[];
+  extern __shared__ __align__(16) unsigned char smem_raw[];
 
   const int grp = threadIdx.x / TPR;
   const int lane = threadIdx.x % TPR;
@@ -245,14 +204,9 @@ __global__ void __launch_bounds__(BLOCK) ce_kernel(ce_params p) {
 
   /* Per-call constants, computed by one thread in a fixed order. */
   if (threadIdx.x == 0) {
-    float g = p.grad_loss ? p.grad_loss[0] : 1.0f;
-    float scale = g;
-    if (p.reduction == CULOSS_REDUCTION_MEAN) {
-      double d = mean_denominator(p, MODE);
-      /* D == 0 (all ignored, or zero weights): PyTorch's gradient is 0 */
-      scale = d == 0.0 ? 0.0f : (float)((double)g / d);
-    }
-    block_scale[0] = scale;
+    block_scale[0] = p.reduction == CULOSS_REDUCTION_NONE
+                         ? 1.0f
+                         : reduced_grad_scale(p.reduction, p.grad_loss, p.div);
     block_scale[1] = p.need_wsum ? (float)sum_in_order(p.scratch->prep_wsum, p.prep_blocks)
                                  : (float)c;
   }
@@ -442,12 +396,9 @@ __global__ void __launch_bounds__(BLOCK) ce_kernel(ce_params p) {
     }
   }
 
-  if (p.reduction != CULOSS_REDUCTION_NONE) {
-    if (lane == 0) row_partial[grp] = my_loss;
-    __syncthreads();
-    if (threadIdx.x == 0)
-      p.scratch->partial_loss[blockIdx.x] = sum_in_order(row_partial, ROWS);
-  }
+  /* Lane 0 of each group holds its rows' sum; the block sums the groups. */
+  if (p.reduction != CULOSS_REDUCTION_NONE)
+    store_block_sum<BLOCK>(lane == 0 ? my_loss : 0.0, &p.scratch->partial_loss[blockIdx.x]);
 }
 
 /* ---------------------------------------------------------------------- */
@@ -593,6 +544,10 @@ extern "C" culoss_status culoss__cuda_cross_entropy(culoss_context *ctx, const c
   p.prep_blocks = 0;
   p.cache_vecs = 0;
   p.scratch = ctx->scratch;
+  p.div.count = a->mode == CULOSS__CE_SOFT ? (double)a->n : 0.0;
+  p.div.normalizer = p.normalizer;
+  p.div.prep = nullptr;
+  p.div.prep_count = 0;
 
   /* 1. MEAN's denominator and W, when they depend on data. */
   const bool need_denom = a->o.reduction == CULOSS_REDUCTION_MEAN && !p.normalizer &&
@@ -604,6 +559,10 @@ extern "C" culoss_status culoss__cuda_cross_entropy(culoss_context *ctx, const c
     if (blocks < 1) blocks = 1;
     if (blocks > CULOSS_MAX_PREP_BLOCKS) blocks = CULOSS_MAX_PREP_BLOCKS;
     p.prep_blocks = (int)blocks;
+    if (need_denom) {
+      p.div.prep = ctx->scratch->prep_denom;
+      p.div.prep_count = (int)blocks;
+    }
     ce_prep_kernel<<<(unsigned)blocks, PREP_THREADS, 0, stream>>>(p, mode);
     e = cudaGetLastError();
     if (e != cudaSuccess) return culoss__cuda_status(e, "launch of ce_prep_kernel");
@@ -628,8 +587,7 @@ extern "C" culoss_status culoss__cuda_cross_entropy(culoss_context *ctx, const c
       const int64_t nvec = p.c / vec;
       p.cache_vecs = nvec < fit ? nvec : fit;
     }
-    grid = (p.n + rows - 1) / rows;
-    if (grid > CULOSS_MAX_PARTIALS) grid = CULOSS_MAX_PARTIALS;
+    grid = capped_grid((p.n + rows - 1) / rows);
     launch_visitor lv{mode, (int)s, vec, (int)a->dtype, p, grid,
                       (size_t)p.cache_vecs * rows * pack_bytes, stream, 0};
     for_each_kernel(lv);
@@ -642,9 +600,13 @@ extern "C" culoss_status culoss__cuda_cross_entropy(culoss_context *ctx, const c
 
   /* 3. The reduced loss. */
   if (reduced) {
-    ce_final_kernel<<<1, FINAL_THREADS, 0, stream>>>(p, mode, (int)grid);
-    e = cudaGetLastError();
-    if (e != cudaSuccess) return culoss__cuda_status(e, "launch of ce_final_kernel");
+    final_params f;
+    f.partials = ctx->scratch->partial_loss;
+    f.count = (int)grid;
+    f.loss = p.loss;
+    f.reduction = p.reduction;
+    f.divisor = p.div;
+    return culoss__launch_reduce_final(ctx->stream, f);
   }
   return CULOSS_OK;
 }

@@ -1,0 +1,34 @@
+/*
+ * reduce.cu: the final step of every reduced loss: loss[0] = the fixed-order
+ * sum of the per-block partials, divided by the mean's divisor. One block;
+ * 0/0 gives NaN, as PyTorch's mean of an empty or all-ignored batch.
+ */
+#include <cuda_runtime.h>
+
+#include "reduce.cuh"
+
+namespace culoss_dev {
+namespace {
+
+constexpr int FINAL_THREADS = 1024;
+
+__global__ void __launch_bounds__(FINAL_THREADS) reduce_final_kernel(final_params f) {
+  typedef cub::BlockReduce<double, FINAL_THREADS> reduce_t;
+  __shared__ typename reduce_t::TempStorage tmp;
+  double s = 0.0;
+  for (int i = threadIdx.x; i < f.count; i += FINAL_THREADS) s += f.partials[i];
+  s = reduce_t(tmp).Sum(s);
+  if (threadIdx.x == 0) {
+    if (f.reduction != CULOSS_REDUCTION_SUM) s /= resolve_divisor(f.divisor);
+    f.loss[0] = (float)s;
+  }
+}
+
+} // namespace
+} // namespace culoss_dev
+
+culoss_status culoss__launch_reduce_final(void *stream, const culoss_dev::final_params &f) {
+  culoss_dev::reduce_final_kernel<<<1, culoss_dev::FINAL_THREADS, 0, (cudaStream_t)stream>>>(f);
+  const cudaError_t e = cudaGetLastError();
+  return e == cudaSuccess ? CULOSS_OK : culoss__cuda_status(e, "launch of reduce_final_kernel");
+}

@@ -1,0 +1,91 @@
+/*
+ * reduce.cuh: the one deterministic reduction mechanism every loss kernel
+ * uses for SUM, MEAN and BATCHMEAN.
+ *
+ * A reducing kernel runs on a grid whose size depends only on the problem
+ * size (never on the device), each block sums its own values in a fixed order
+ * (CUB BlockReduce, then one store by thread 0) into the context scratch, and
+ * a one-block kernel (reduce_final_kernel, cuda/reduce.cu) sums the partials
+ * in a fixed order and divides by the mean's divisor. No atomics: the same
+ * inputs give bitwise the same loss, run after run and device after device.
+ *
+ * The divisor of a mean is resolved on the device, in one place, so a fused
+ * kernel scaling its gradient and the final kernel dividing the loss use
+ * bitwise the same value: *normalizer if given, else the fixed-order sum of
+ * `prep` partials if any (cross-entropy's sum of target weights), else the
+ * host-known count.
+ */
+#ifndef CULOSS_REDUCE_CUH
+#define CULOSS_REDUCE_CUH
+
+#include <cub/block/block_reduce.cuh>
+
+#include "../host/internal.h"
+
+namespace culoss_dev {
+
+/* Where a mean's divisor comes from (see above). */
+struct divisor_src {
+  double count;            /* host-known divisor: elements, rows, ... */
+  const float *normalizer; /* device [1] or NULL */
+  const double *prep;      /* device partials or NULL */
+  int prep_count;
+};
+
+/* Fixed-order sum by one thread: every caller gets bitwise the same value. */
+__device__ __forceinline__ double sum_in_order(const double *v, int count) {
+  double s = 0.0;
+  for (int i = 0; i < count; i++) s += v[i];
+  return s;
+}
+
+__device__ __forceinline__ double resolve_divisor(const divisor_src &d) {
+  if (d.normalizer) return (double)*d.normalizer;
+  if (d.prep) return sum_in_order(d.prep, d.prep_count);
+  return d.count;
+}
+
+/* Gradient scale of a reduced loss: g for SUM, g / D for MEAN/BATCHMEAN,
+   0 when D == 0 (PyTorch's all-ignored gradient is zero, not NaN). */
+__device__ __forceinline__ float reduced_grad_scale(int reduction, const float *grad_loss,
+                                                    const divisor_src &d) {
+  const float g = grad_loss ? grad_loss[0] : 1.0f;
+  if (reduction == CULOSS_REDUCTION_SUM) return g;
+  const double dv = resolve_divisor(d);
+  return dv == 0.0 ? 0.0f : (float)((double)g / dv);
+}
+
+/* Block-wide fixed-order sum of one value per thread, stored by thread 0.
+   Every thread of the block must call it. The TempStorage is one static
+   shared variable per instantiation, so the trailing barrier makes a second
+   call safe. */
+template <int BLOCK>
+__device__ __forceinline__ void store_block_sum(double v, double *dst) {
+  typedef cub::BlockReduce<double, BLOCK> reduce_t;
+  __shared__ typename reduce_t::TempStorage tmp;
+  const double s = reduce_t(tmp).Sum(v);
+  if (threadIdx.x == 0) *dst = s;
+  __syncthreads();
+}
+
+/* Parameters of the final one-block sum. */
+struct final_params {
+  const double *partials;
+  int count;
+  float *loss;   /* loss[0] */
+  int reduction; /* SUM: the sum; MEAN/BATCHMEAN: sum / divisor */
+  divisor_src divisor;
+};
+
+/* Caps a reducing kernel's grid: one partial per block in the scratch. */
+inline int64_t capped_grid(int64_t blocks) {
+  if (blocks < 1) return 1;
+  return blocks > CULOSS_MAX_PARTIALS ? CULOSS_MAX_PARTIALS : blocks;
+}
+
+} // namespace culoss_dev
+
+/* Enqueues the final sum on `stream` (cuda/reduce.cu). */
+culoss_status culoss__launch_reduce_final(void *stream, const culoss_dev::final_params &f);
+
+#endif /* CULOSS_REDUCE_CUH */
