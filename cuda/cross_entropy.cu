@@ -235,7 +235,7 @@ __global__ void __launch_bounds__(BLOCK) ce_kernel(ce_params p) {
            zero gradient, deferred error flag. */
         if (lane == 0) {
           const float l = bad ? __int_as_float(0x7fc00000) : 0.0f;
-          if (bad) *(volatile int *)&p.scratch->error_flag = 1;
+          if (bad) atomicOr(&p.scratch->error_flag, CULOSS__FLAG_TARGET);
           if (p.reduction == CULOSS_REDUCTION_NONE)
             p.loss[row] = l;
           else
@@ -515,7 +515,8 @@ extern "C" culoss_status culoss__cuda_kernels_init(culoss_context *ctx) {
   return v.st;
 }
 
-extern "C" culoss_status culoss__cuda_cross_entropy(culoss_context *ctx, const culoss__ce_args *a) {
+extern "C" culoss_status culoss__cuda_cross_entropy(culoss_context *ctx, const void *args) {
+  const culoss__ce_args *a = static_cast<const culoss__ce_args *>(args);
   const cudaStream_t stream = (cudaStream_t)ctx->stream;
   const int mode = (int)a->mode;
   const bool reduced = a->o.reduction != CULOSS_REDUCTION_NONE;

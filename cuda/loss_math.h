@@ -190,4 +190,101 @@ CULOSS_HD float culoss__ce_grad(float x, float lse, float a, float b, float scal
   return scale * (p * a - b) * capgrad;
 }
 
+/* ---------------------------------------------------------------------- */
+/* elementwise losses: value and derivative with respect to the input      */
+/* ---------------------------------------------------------------------- */
+/* Each returns the loss of one element and stores d(loss)/d(input) in *d,
+   both before any reduction scaling. SEMANTICS.md sections 4-7. */
+
+/* log(sigmoid(x)) = min(x, 0) - log1p(exp(-|x|)): no overflow for any x. */
+CULOSS_HD float culoss__log_sigmoid(float x) { return fminf(x, 0.0f) - log1pf(expf(-fabsf(x))); }
+
+/* sigmoid(x) without overflow: exp of a non-positive number only. */
+CULOSS_HD float culoss__sigmoid(float x) {
+  float e = expf(-fabsf(x));
+  return x >= 0.0f ? 1.0f / (1.0f + e) : e / (1.0f + e);
+}
+
+/* BCE with logits, PyTorch's form: w [(1-y) x - (1 + (pw-1) y) logsig(x)].
+   An infinite logit gives a NaN loss (0 * inf) but a finite gradient, as in
+   PyTorch; |x| = 1000 is finite. */
+CULOSS_HD float culoss__bce_logits(float x, float y, float w, float pw, float *d) {
+  const float lw = 1.0f + (pw - 1.0f) * y;
+  *d = w * (lw * culoss__sigmoid(x) - pw * y);
+  return w * ((1.0f - y) * x - lw * culoss__log_sigmoid(x));
+}
+
+/* BCE on probabilities: logs clamped at -100, gradient denominator at 1e-12. */
+CULOSS_HD float culoss__bce_prob(float x, float y, float w, float *d) {
+  const float lx = fmaxf(logf(x), -100.0f);
+  const float l1x = fmaxf(log1pf(-x), -100.0f);
+  *d = w * (x - y) / fmaxf(x * (1.0f - x), 1e-12f);
+  return -w * (y * lx + (1.0f - y) * l1x);
+}
+
+/* Binary hinge max(0, margin - y f) (or its square). At the kink the
+   gradient is -y (PyTorch's clamp_min passes the gradient at equality); the
+   squared form's gradient -2 y max(0, z) is continuous. */
+CULOSS_HD float culoss__hinge(float f, float y, float margin, int squared, float *d) {
+  const float z = margin - y * f;
+  if (squared) {
+    const float zp = z > 0.0f ? z : 0.0f;
+    *d = -2.0f * y * zp;
+    return zp * zp;
+  }
+  *d = z >= 0.0f ? -y : 0.0f;
+  return z > 0.0f ? z : 0.0f;
+}
+
+CULOSS_HD float culoss__mse(float x, float y, float *d) {
+  const float r = x - y;
+  *d = 2.0f * r;
+  return r * r;
+}
+
+/* sign with sign(0) = 0 (PyTorch's L1 subgradient); NaN stays NaN. */
+CULOSS_HD float culoss__sign0(float r) { return r > 0.0f ? 1.0f : (r < 0.0f ? -1.0f : r * 0.0f); }
+
+CULOSS_HD float culoss__l1(float x, float y, float *d) {
+  const float r = x - y;
+  *d = culoss__sign0(r);
+  return fabsf(r);
+}
+
+/* Huber(delta > 0): 0.5 r^2 if |r| < delta else delta (|r| - delta/2);
+   gradient clamp(r, -delta, delta). */
+CULOSS_HD float culoss__huber(float x, float y, float delta, float *d) {
+  const float r = x - y, a = fabsf(r);
+  *d = fminf(fmaxf(r, -delta), delta);
+  if (r != r) *d = r;
+  return a < delta ? 0.5f * r * r : delta * (a - 0.5f * delta);
+}
+
+/* Smooth L1(beta >= 0): 0.5 r^2 / beta if |r| < beta else |r| - beta/2;
+   beta == 0 is exactly L1, gradient 0 at r == 0 included. */
+CULOSS_HD float culoss__smooth_l1(float x, float y, float beta, float *d) {
+  const float r = x - y, a = fabsf(r);
+  if (beta == 0.0f) return culoss__l1(x, y, d);
+  if (a < beta) {
+    *d = r / beta;
+    return 0.5f * r * r / beta;
+  }
+  *d = culoss__sign0(r);
+  return a - 0.5f * beta;
+}
+
+/* KL divergence pointwise, input x = log q:
+   log_target == 0: xlogy(t, t) - t x, with 0 log 0 = 0 (t < 0 gives NaN);
+   log_target != 0: exp(t) (t - x) (t = -inf gives NaN: 0 * -inf).
+   Gradient with respect to x: -t or -exp(t). */
+CULOSS_HD float culoss__kl_div(float x, float t, int log_target, float *d) {
+  if (log_target) {
+    const float e = expf(t);
+    *d = -e;
+    return e * (t - x);
+  }
+  *d = -t;
+  return (t == 0.0f ? 0.0f : t * logf(t)) - t * x;
+}
+
 #endif /* CULOSS_LOSS_MATH_H */

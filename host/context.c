@@ -166,10 +166,18 @@ culoss_status culoss_synchronize(culoss_context *ctx) {
                              cudaMemcpyDeviceToHost, s));
     CUDA_TRY(cudaMemsetAsync(&ctx->scratch->error_flag, 0, sizeof(int), s));
     CUDA_TRY(cudaStreamSynchronize(s));
-    if (*ctx->host_flag)
+    if (*ctx->host_flag & CULOSS__FLAG_TARGET)
       st = culoss__error(CULOSS_ERROR_TARGET_OUT_OF_RANGE,
-                         "culoss_synchronize: a kernel met a non-ignored target outside [0, c) "
-                         "(its rows got NaN loss and zero gradient)");
+                         "culoss_synchronize: a kernel met a class target outside [0, c) that was "
+                         "not ignore_index (its rows got NaN loss and zero gradient)%s",
+                         *ctx->host_flag & CULOSS__FLAG_DOMAIN
+                             ? "; also an input outside its domain"
+                             : "");
+    else if (*ctx->host_flag & CULOSS__FLAG_DOMAIN)
+      st = culoss__error(CULOSS_ERROR_INVALID_VALUE,
+                         "culoss_synchronize: a kernel met an input outside its domain (a BCE "
+                         "probability outside [0, 1] or a hinge target other than +-1); those "
+                         "elements got NaN loss and zero gradient");
   done:
     culoss__device_leave(ctx, prev);
     return st;

@@ -13,11 +13,6 @@
 
 #include "internal.h"
 
-static int64_t target_at(const culoss__ce_args *a, int64_t i) {
-  return a->ttype == CULOSS_I32 ? (int64_t)((const int32_t *)a->targets)[i]
-                                : ((const int64_t *)a->targets)[i];
-}
-
 static double class_w(const culoss__ce_args *a, int64_t j) {
   return a->o.class_weight ? (double)a->o.class_weight[j] : 1.0;
 }
@@ -30,7 +25,7 @@ static double mean_denominator(const culoss__ce_args *a) {
   if (a->o.normalizer) return (double)*a->o.normalizer;
   if (a->mode == CULOSS__CE_SOFT) return (double)a->n;
   for (i = 0; i < a->n; i++) {
-    int64_t t = target_at(a, i);
+    int64_t t = culoss__target_at(a->targets, a->ttype, i);
     if (t != a->o.ignore_index) d += class_w(a, t);
   }
   return d;
@@ -64,7 +59,7 @@ culoss_status culoss__cpu_cross_entropy(const culoss__ce_args *a) {
     int ignored = 0;
 
     if (a->mode != CULOSS__CE_SOFT) {
-      t = target_at(a, i);
+      t = culoss__target_at(a->targets, a->ttype, i);
       ignored = (t == o->ignore_index);
     }
     if (o->reduction == CULOSS_REDUCTION_NONE)

@@ -23,24 +23,22 @@ void culoss_cross_entropy_options_init(culoss_cross_entropy_options *o) {
 #define BAD(...) culoss__error(CULOSS_ERROR_INVALID_VALUE, __VA_ARGS__)
 
 static culoss_status validate(const culoss_context *ctx, const char *fn, culoss__ce_args *a,
-                              const char *xname, const char *gname) {
+                              const char *xname) {
   const culoss_cross_entropy_options *o = &a->o;
+  culoss_status st;
   if (ctx == NULL) return BAD("%s: ctx is NULL", fn);
   if (a->n < 0) return BAD("%s: n = %lld is negative", fn, (long long)a->n);
   if (a->c < 1) return BAD("%s: c = %lld must be >= 1", fn, (long long)a->c);
   if (a->ld < a->c)
     return BAD("%s: ld = %lld is less than c = %lld", fn, (long long)a->ld, (long long)a->c);
-  if (a->dtype != CULOSS_F32 && a->dtype != CULOSS_F16 && a->dtype != CULOSS_BF16)
-    return BAD("%s: unknown dtype %d", fn, (int)a->dtype);
-  if (a->mode != CULOSS__CE_SOFT && a->ttype != CULOSS_I32 && a->ttype != CULOSS_I64)
-    return BAD("%s: unknown target index type %d", fn, (int)a->ttype);
+  if ((st = culoss__check_dtype(fn, a->dtype)) != CULOSS_OK) return st;
+  if (a->mode != CULOSS__CE_SOFT && (st = culoss__check_index_type(fn, a->ttype)) != CULOSS_OK)
+    return st;
   /* n * ld elements, in bytes, must be addressable with 64-bit offsets. */
   if (a->n > 0 && a->ld > INT64_MAX / 4 / a->n)
     return BAD("%s: n * ld = %lld * %lld overflows 64-bit byte offsets", fn, (long long)a->n,
                (long long)a->ld);
-  if (o->reduction != CULOSS_REDUCTION_NONE && o->reduction != CULOSS_REDUCTION_SUM &&
-      o->reduction != CULOSS_REDUCTION_MEAN)
-    return BAD("%s: reduction %d is not NONE, SUM or MEAN", fn, (int)o->reduction);
+  if ((st = culoss__check_reduction(fn, o->reduction, 0)) != CULOSS_OK) return st;
   if (!(o->label_smoothing >= 0.0f && o->label_smoothing <= 1.0f))
     return BAD("%s: label_smoothing = %g must be in [0, 1]", fn, (double)o->label_smoothing);
   if (!(o->z_loss >= 0.0f && isfinite(o->z_loss)))
@@ -58,55 +56,31 @@ static culoss_status validate(const culoss_context *ctx, const char *fn, culoss_
     if (a->mode == CULOSS__CE_SOFT && a->probs == NULL) return BAD("%s: target_probs is NULL", fn);
     if (a->mode != CULOSS__CE_SOFT && a->targets == NULL) return BAD("%s: targets is NULL", fn);
   }
-  (void)gname;
-  return CULOSS_OK;
-}
-
-/* CPU backend: a non-ignored target outside [0, c) is an error returned by
-   the call itself, found before anything is written. */
-static culoss_status check_targets_cpu(const char *fn, const culoss__ce_args *a) {
-  int64_t i;
-  for (i = 0; i < a->n; i++) {
-    int64_t t = a->ttype == CULOSS_I32 ? (int64_t)((const int32_t *)a->targets)[i]
-                                       : ((const int64_t *)a->targets)[i];
-    if (t != a->o.ignore_index && (t < 0 || t >= a->c))
-      return culoss__error(CULOSS_ERROR_TARGET_OUT_OF_RANGE,
-                           "%s: targets[%lld] = %lld is outside [0, %lld) and is not "
-                           "ignore_index (%lld)",
-                           fn, (long long)i, (long long)t, (long long)a->c,
-                           (long long)a->o.ignore_index);
-  }
   return CULOSS_OK;
 }
 
 static culoss_status run(culoss_context *ctx, const char *fn, culoss__ce_args *a,
-                         const culoss_cross_entropy_options *o, const char *xname,
-                         const char *gname) {
+                         const culoss_cross_entropy_options *o, const char *xname) {
   culoss_status st;
   if (o != NULL)
     a->o = *o;
   else
     culoss_cross_entropy_options_init(&a->o);
-  st = validate(ctx, fn, a, xname, gname);
+  st = validate(ctx, fn, a, xname);
   if (st != CULOSS_OK) return st;
   if (ctx->backend == CULOSS_BACKEND_CPU) {
+    /* a non-ignored target outside [0, c) is returned by the call itself,
+       found before anything is written */
     if (a->mode != CULOSS__CE_SOFT) {
-      st = check_targets_cpu(fn, a);
+      st = culoss__check_targets_cpu(fn, a->targets, a->ttype, a->n, a->c, 1, a->o.ignore_index);
       if (st != CULOSS_OK) return st;
     }
     return culoss__cpu_cross_entropy(a);
   }
 #ifdef CULOSS_HAVE_CUDA
-  {
-    int prev = 0;
-    st = culoss__device_enter(ctx, &prev);
-    if (st != CULOSS_OK) return st;
-    st = culoss__cuda_cross_entropy(ctx, a);
-    culoss__device_leave(ctx, prev);
-    return st;
-  }
+  return culoss__dispatch_cuda(ctx, fn, culoss__cuda_cross_entropy, a);
 #else
-  return culoss__error(CULOSS_ERROR_INTERNAL, "%s: CUDA context in a CPU-only build", fn);
+  return culoss__dispatch_cuda(ctx, fn, NULL, a);
 #endif
 }
 
@@ -118,7 +92,7 @@ culoss_status culoss_cross_entropy(culoss_context *ctx, const culoss_cross_entro
   a.mode = CULOSS__CE_INDEX;
   a.n = n, a.c = c, a.ld = ld, a.dtype = dtype, a.ttype = ttype;
   a.x = logits, a.targets = targets, a.loss = loss, a.grad = grad_logits, a.grad_loss = grad_loss;
-  return run(ctx, "culoss_cross_entropy", &a, o, "logits", "grad_logits");
+  return run(ctx, "culoss_cross_entropy", &a, o, "logits");
 }
 
 culoss_status culoss_cross_entropy_soft(culoss_context *ctx, const culoss_cross_entropy_options *o,
@@ -130,7 +104,7 @@ culoss_status culoss_cross_entropy_soft(culoss_context *ctx, const culoss_cross_
   a.n = n, a.c = c, a.ld = ld, a.dtype = dtype, a.ttype = CULOSS_I64;
   a.x = logits, a.probs = target_probs, a.loss = loss, a.grad = grad_logits;
   a.grad_loss = grad_loss;
-  return run(ctx, "culoss_cross_entropy_soft", &a, o, "logits", "grad_logits");
+  return run(ctx, "culoss_cross_entropy_soft", &a, o, "logits");
 }
 
 culoss_status culoss_nll(culoss_context *ctx, const culoss_cross_entropy_options *o, int64_t n,
@@ -142,5 +116,5 @@ culoss_status culoss_nll(culoss_context *ctx, const culoss_cross_entropy_options
   a.n = n, a.c = c, a.ld = ld, a.dtype = dtype, a.ttype = ttype;
   a.x = logprobs, a.targets = targets, a.loss = loss, a.grad = grad_logprobs;
   a.grad_loss = grad_loss;
-  return run(ctx, "culoss_nll", &a, o, "logprobs", "grad_logprobs");
+  return run(ctx, "culoss_nll", &a, o, "logprobs");
 }

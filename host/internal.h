@@ -68,9 +68,75 @@ typedef struct {
   const float *grad_loss;
 } culoss__ce_args;
 
-/* CPU reference (host/cpu_reference.c). Arguments already validated;
-   targets already checked to be in range. */
+/* Elementwise losses: one argument block for all of them. */
+typedef enum {
+  CULOSS__EW_BCE_LOGITS = 0,
+  CULOSS__EW_BCE = 1,
+  CULOSS__EW_HINGE = 2,
+  CULOSS__EW_MSE = 3,
+  CULOSS__EW_L1 = 4,
+  CULOSS__EW_HUBER = 5,
+  CULOSS__EW_SMOOTH_L1 = 6,
+  CULOSS__EW_KL = 7
+} culoss__ew_op;
+
+typedef struct {
+  culoss__ew_op op;
+  culoss_reduction reduction;
+  int64_t m;          /* elements */
+  int64_t c;          /* row length: pos_weight index is i % c (1 if unused) */
+  double divisor;     /* MEAN: m; BATCHMEAN: rows */
+  culoss_dtype dtype;
+  const void *x;      /* input */
+  const void *y;      /* target, same dtype */
+  const float *weight;     /* [m] or NULL (BCE) */
+  const float *pos_weight; /* [c] or NULL (BCE with logits) */
+  float a;            /* margin (hinge), delta (huber), beta (smooth_l1) */
+  int flag;           /* squared (hinge), log_target (kl) */
+  float *loss;
+  void *grad;
+  const float *grad_loss;
+} culoss__ew_args;
+
+/* Multi-class hinge: rows with class targets. */
+typedef struct {
+  culoss_multi_margin_options o;
+  int64_t n, c, ld;
+  culoss_dtype dtype;
+  culoss_index_type ttype;
+  const void *x;
+  const void *targets;
+  float *loss;
+  void *grad;
+  const float *grad_loss;
+} culoss__mm_args;
+
+/* Bits of culoss__scratch.error_flag, raised by kernels (atomicOr) and
+   turned into a status by culoss_synchronize. */
+#define CULOSS__FLAG_TARGET 1 /* a class target outside [0, c) */
+#define CULOSS__FLAG_DOMAIN 2 /* an input outside its domain (BCE prob, hinge target) */
+
+/* Shared validation (host/validate.c); each records a message naming `fn`
+   and the argument. */
+culoss_status culoss__check_dtype(const char *fn, culoss_dtype dtype);
+culoss_status culoss__check_index_type(const char *fn, culoss_index_type t);
+culoss_status culoss__check_reduction(const char *fn, culoss_reduction r, int allow_batchmean);
+/* Class targets in [0, c) unless equal to ignore_index (when has_ignore). */
+culoss_status culoss__check_targets_cpu(const char *fn, const void *targets, culoss_index_type t,
+                                        int64_t n, int64_t c, int has_ignore,
+                                        int64_t ignore_index);
+/* Runs a CUDA launcher with ctx->device current. */
+culoss_status culoss__dispatch_cuda(culoss_context *ctx, const char *fn,
+                                    culoss_status (*launch)(culoss_context *, const void *),
+                                    const void *args);
+/* Reads element i of a class-target array. */
+int64_t culoss__target_at(const void *targets, culoss_index_type t, int64_t i);
+
+/* CPU reference (host/cpu_reference.c, host/cpu_elementwise.c). Arguments
+   already validated; targets and domains already checked. */
 culoss_status culoss__cpu_cross_entropy(const culoss__ce_args *a);
+culoss_status culoss__cpu_elementwise(const culoss__ew_args *a);
+culoss_status culoss__cpu_multi_margin(const culoss__mm_args *a);
 
 /* Element size of a dtype in bytes. */
 size_t culoss__dtype_size(culoss_dtype dtype);
@@ -82,7 +148,9 @@ void culoss__store_f32(void *p, culoss_dtype dtype, int64_t i, float v);
 
 #ifdef CULOSS_HAVE_CUDA
 /* CUDA backend (cuda/ sources): enqueue on ctx->stream, no synchronisation. */
-culoss_status culoss__cuda_cross_entropy(culoss_context *ctx, const culoss__ce_args *a);
+culoss_status culoss__cuda_cross_entropy(culoss_context *ctx, const void *ce_args);
+culoss_status culoss__cuda_elementwise(culoss_context *ctx, const void *ew_args);
+culoss_status culoss__cuda_multi_margin(culoss_context *ctx, const void *mm_args);
 /* Makes ctx->device current on this thread for the duration of a call;
    *prev receives the device to restore with culoss__device_leave. */
 culoss_status culoss__device_enter(const culoss_context *ctx, int *prev);

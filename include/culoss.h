@@ -247,6 +247,144 @@ CULOSS_API culoss_status culoss_nll(culoss_context *ctx, const culoss_cross_entr
                                     const void *targets, float *loss, void *grad_logprobs,
                                     const float *grad_loss);
 
+/* ------------------------------------------------------------------------ */
+/* Elementwise and margin losses                                            */
+/* ------------------------------------------------------------------------ */
+/*
+ * Shared rules: inputs and targets of one dtype, contiguous; loss is fp32 [m]
+ * for REDUCTION_NONE (m = number of elements) or [1]; SUM sums, MEAN divides
+ * by m (0/0 = NaN for m == 0, SUM gives 0); BATCHMEAN is only for KL
+ * divergence. grad_* may alias its input. Every option struct is set to
+ * PyTorch's defaults by its *_options_init; a NULL options pointer means
+ * those defaults.
+ *
+ * Domain errors found in the data (a BCE probability outside [0, 1], a hinge
+ * target other than +-1, a multi-margin target outside [0, c)) are returned
+ * by the CPU backend from the call, before anything is written; the CUDA
+ * backend writes NaN loss and zero gradient for those elements and reports
+ * the error at the next culoss_synchronize (CULOSS_ERROR_INVALID_VALUE for a
+ * domain error, CULOSS_ERROR_TARGET_OUT_OF_RANGE for a class target).
+ */
+
+typedef struct {
+  culoss_reduction reduction; /* default MEAN */
+  const float *weight;        /* default NULL; [n*c] elementwise weight, context memory */
+  const float *pos_weight;    /* default NULL; [c], broadcast over rows; must be
+                                 NULL for culoss_bce */
+} culoss_bce_options;
+CULOSS_API void culoss_bce_options_init(culoss_bce_options *o);
+
+/* Binary cross-entropy on logits, [n, c] contiguous (m = n*c elements):
+ *   l = w [(1 - y) x - (1 + (pw - 1) y) log sigmoid(x)]
+ * computed in the overflow-free form (finite for |x| = 1000; an infinite
+ * logit gives a NaN loss and a finite gradient, as in PyTorch). Targets are
+ * any floats (soft labels in [0, 1] intended).
+ *   grad = g w [(1 + (pw - 1) y) sigmoid(x) - pw y]  (/ m for MEAN) */
+CULOSS_API culoss_status culoss_bce_with_logits(culoss_context *ctx, const culoss_bce_options *o,
+                                                int64_t n, int64_t c, culoss_dtype dtype,
+                                                const void *logits, const void *targets,
+                                                float *loss, void *grad_logits,
+                                                const float *grad_loss);
+
+/* Binary cross-entropy on probabilities x in [0, 1]:
+ *   l = -w [y max(log x, -100) + (1 - y) max(log(1 - x), -100)]
+ *   grad = g w (x - y) / max(x (1 - x), 1e-12)
+ * x outside [0, 1] (or NaN) is a domain error (see above). */
+CULOSS_API culoss_status culoss_bce(culoss_context *ctx, const culoss_bce_options *o, int64_t n,
+                                    int64_t c, culoss_dtype dtype, const void *probs,
+                                    const void *targets, float *loss, void *grad_probs,
+                                    const float *grad_loss);
+
+typedef struct {
+  culoss_reduction reduction; /* default MEAN */
+  float margin;               /* default 1; finite */
+  int squared;                /* default 0; 1 = squared hinge */
+} culoss_hinge_options;
+CULOSS_API void culoss_hinge_options_init(culoss_hinge_options *o);
+
+/* Binary hinge over n scores with targets y in {-1, +1} (same dtype):
+ *   l = max(0, margin - y f)          grad = -y where margin - y f >= 0, else 0
+ *   squared: l = max(0, margin - y f)^2, grad = -2 y max(0, margin - y f)
+ * The subgradient at the kink is -y: PyTorch's clamp_min convention (what
+ * F.margin_ranking_loss(f, 0, y) gives). Any other target is a domain error. */
+CULOSS_API culoss_status culoss_hinge(culoss_context *ctx, const culoss_hinge_options *o,
+                                      int64_t n, culoss_dtype dtype, const void *scores,
+                                      const void *targets, float *loss, void *grad_scores,
+                                      const float *grad_loss);
+
+typedef struct {
+  culoss_reduction reduction; /* default MEAN */
+  int p;                      /* default 1; 1 or 2 */
+  float margin;               /* default 1; finite */
+  const float *class_weight;  /* default NULL; [c], context memory */
+} culoss_multi_margin_options;
+CULOSS_API void culoss_multi_margin_options_init(culoss_multi_margin_options *o);
+
+/* Multi-class hinge (torch.nn.functional.multi_margin_loss) over rows of
+ * scores [n, c] with row stride ld >= c and class targets [n]:
+ *   l_i = (1/c) sum_{j != y, z_j > 0} w_y z_j^p,  z_j = margin - x_y + x_j
+ * (w_y: the target class's weight). MEAN divides by n. The gradient (same
+ * row stride, may alias scores) is h_j = g w_y (p == 1 ? 1 : 2 z_j) / c at
+ * each j with z_j > 0 and -sum_j h_j at the target. Targets outside [0, c)
+ * behave as in culoss_cross_entropy (no ignore_index here). */
+CULOSS_API culoss_status culoss_multi_margin(culoss_context *ctx,
+                                             const culoss_multi_margin_options *o, int64_t n,
+                                             int64_t c, culoss_dtype dtype, const void *scores,
+                                             int64_t ld, culoss_index_type ttype,
+                                             const void *targets, float *loss, void *grad_scores,
+                                             const float *grad_loss);
+
+typedef struct {
+  culoss_reduction reduction; /* default MEAN */
+  float delta;                /* huber only, default 1; > 0 and finite */
+  float beta;                 /* smooth_l1 only, default 1; >= 0 and finite */
+} culoss_regression_options;
+CULOSS_API void culoss_regression_options_init(culoss_regression_options *o);
+
+/* Regression losses over n elements, r = input - target:
+ *   mse:       r^2                                  grad 2 r
+ *   l1:        |r|                                  grad sign(r), 0 at r == 0
+ *   huber:     r^2/2 if |r| < delta else delta (|r| - delta/2)
+ *                                                   grad clamp(r, -delta, delta)
+ *   smooth_l1: r^2/(2 beta) if |r| < beta else |r| - beta/2
+ *                                                   grad r/beta or sign(r);
+ *              beta == 0 is exactly l1 (gradient 0 at r == 0 included).
+ * Gradients are times g (and / n for MEAN). */
+CULOSS_API culoss_status culoss_mse(culoss_context *ctx, const culoss_regression_options *o,
+                                    int64_t n, culoss_dtype dtype, const void *input,
+                                    const void *target, float *loss, void *grad_input,
+                                    const float *grad_loss);
+CULOSS_API culoss_status culoss_l1(culoss_context *ctx, const culoss_regression_options *o,
+                                   int64_t n, culoss_dtype dtype, const void *input,
+                                   const void *target, float *loss, void *grad_input,
+                                   const float *grad_loss);
+CULOSS_API culoss_status culoss_huber(culoss_context *ctx, const culoss_regression_options *o,
+                                      int64_t n, culoss_dtype dtype, const void *input,
+                                      const void *target, float *loss, void *grad_input,
+                                      const float *grad_loss);
+CULOSS_API culoss_status culoss_smooth_l1(culoss_context *ctx, const culoss_regression_options *o,
+                                          int64_t n, culoss_dtype dtype, const void *input,
+                                          const void *target, float *loss, void *grad_input,
+                                          const float *grad_loss);
+
+typedef struct {
+  culoss_reduction reduction; /* default MEAN (over n*c; PyTorch warns it is not
+                                 the true KL divergence: BATCHMEAN divides by n) */
+  int log_target;             /* default 0; 1 = target given as log-probabilities */
+} culoss_kl_div_options;
+CULOSS_API void culoss_kl_div_options_init(culoss_kl_div_options *o);
+
+/* KL divergence with input log-probabilities x [n, c] (contiguous) and
+ * target t of the same shape:
+ *   log_target 0: l = t log t - t x  (0 log 0 = 0; t < 0 gives NaN)
+ *   log_target 1: l = exp(t) (t - x) (t = -inf gives NaN, as PyTorch)
+ * Gradient with respect to x: -g t (or -g exp(t)), / (n*c) for MEAN, / n for
+ * BATCHMEAN. NONE gives [n*c] losses. */
+CULOSS_API culoss_status culoss_kl_div(culoss_context *ctx, const culoss_kl_div_options *o,
+                                       int64_t n, int64_t c, culoss_dtype dtype,
+                                       const void *input_logprobs, const void *target,
+                                       float *loss, void *grad_input, const float *grad_loss);
+
 #ifdef __cplusplus
 } /* extern "C" */
 #endif

@@ -47,4 +47,22 @@ double worst_ratio(const float *a, const float *b, int64_t count, double atol, d
 void poison(void *p, size_t bytes);
 int is_poison_f32(float v);
 
+/* GPU test plumbing (tests/gpu_helpers.c): contexts for a suite, device
+   buffers whose failures fail the test with the library's text, and the
+   visible skip when no device is usable. */
+void gpu_open(culoss_context **gpu, culoss_context **cpu); /* *gpu = NULL: no device */
+void gpu_close(culoss_context *gpu, culoss_context *cpu);
+#define REQUIRE_GPU()                                                                 \
+  do {                                                                                \
+    if (gpu == NULL) cr_skip_test("skipped: no CUDA device (%s)", culoss_last_error()); \
+  } while (0)
+void *dev_alloc_(culoss_context *gpu, size_t bytes);
+void *dev_from_(culoss_context *gpu, const void *host, size_t bytes);
+void dev_poison_(culoss_context *gpu, void *d, size_t bytes);
+void to_host_(culoss_context *gpu, void *h, const void *d, size_t bytes);
+/* CULOSS_TEST_QUICK=1 (set by scripts/gpu-check.sh under compute-sanitizer,
+   which slows kernels by orders of magnitude) keeps every code path but
+   shrinks the sizes. */
+int test_quick(void);
+
 #endif

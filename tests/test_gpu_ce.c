@@ -13,48 +13,14 @@
 
 static culoss_context *gpu, *cpu;
 
-static void gpu_setup(void) {
-  culoss_status st = culoss_create(&gpu, CULOSS_BACKEND_CUDA, 0);
-  if (st == CULOSS_ERROR_NO_DEVICE) {
-    gpu = NULL;
-    return;
-  }
-  cr_assert_eq(st, CULOSS_OK, "culoss_create(CUDA): %s", culoss_last_error());
-  cr_assert_eq(culoss_create(&cpu, CULOSS_BACKEND_CPU, 0), CULOSS_OK);
-}
-static void gpu_teardown(void) {
-  if (gpu) cr_expect_eq(culoss_synchronize(gpu), CULOSS_OK, "%s", culoss_last_error());
-  culoss_destroy(gpu);
-  culoss_destroy(cpu);
-}
+static void gpu_setup(void) { gpu_open(&gpu, &cpu); }
+static void gpu_teardown(void) { gpu_close(gpu, cpu); }
 TestSuite(gpu_ce, .init = gpu_setup, .fini = gpu_teardown, .timeout = 600);
 
-#define REQUIRE_GPU()                                                                 \
-  do {                                                                                \
-    if (gpu == NULL) cr_skip_test("skipped: no CUDA device (%s)", culoss_last_error()); \
-  } while (0)
-
-/* Device buffer helpers; any failure fails the test with the library text. */
-static void *dev_alloc(size_t bytes) {
-  void *p = NULL;
-  culoss_status st = culoss_malloc(gpu, &p, bytes);
-  cr_assert_eq(st, CULOSS_OK, "culoss_malloc(%zu): %s", bytes, culoss_last_error());
-  return p;
-}
-static void *dev_from(const void *host, size_t bytes) {
-  void *p = dev_alloc(bytes);
-  cr_assert_eq(culoss_upload(gpu, p, host, bytes), CULOSS_OK, "%s", culoss_last_error());
-  return p;
-}
-static void dev_poison(void *d, size_t bytes) {
-  void *h = malloc(bytes);
-  poison(h, bytes);
-  cr_assert_eq(culoss_upload(gpu, d, h, bytes), CULOSS_OK);
-  free(h);
-}
-static void to_host(void *h, const void *d, size_t bytes) {
-  cr_assert_eq(culoss_download(gpu, h, d, bytes), CULOSS_OK, "%s", culoss_last_error());
-}
+#define dev_alloc(bytes) dev_alloc_(gpu, bytes)
+#define dev_from(host, bytes) dev_from_(gpu, host, bytes)
+#define dev_poison(d, bytes) dev_poison_(gpu, d, bytes)
+#define to_host(h, d, bytes) to_host_(gpu, h, d, bytes)
 
 typedef struct {
   int mode; /* 0 index, 1 soft, 2 nll */
@@ -251,13 +217,8 @@ static gcase base_case(int64_t n, int64_t c, culoss_dtype dt, uint64_t seed) {
 static const int64_t sizes[] = {2, 3, 33, 1000, 1024, 1025, 4099, 16384, 16385,
                                 32000, 50257, 128256, 262147};
 
-/* CULOSS_TEST_QUICK=1 (set by scripts/gpu-check.sh under compute-sanitizer,
-   which slows kernels by orders of magnitude) keeps every code path but
-   shrinks the rows per case. */
-static int quick(void) { return getenv("CULOSS_TEST_QUICK") != NULL; }
-
 static int64_t rows_for(int64_t c) {
-  int64_t n = (int64_t)(quick() ? 200000 : 4000000) / c;
+  int64_t n = (int64_t)(test_quick() ? 200000 : 4000000) / c;
   return n < 3 ? 3 : (n > 97 ? 97 : n);
 }
 
@@ -456,7 +417,7 @@ Test(gpu_ce, deterministic_bitwise) {
 Test(gpu_ce, offsets_past_2_pow_31) {
   REQUIRE_GPU();
   const int64_t c = 131072, n = 16385; /* n * c = 2^31 + 2^17 */
-  if (quick()) cr_skip_test("skipped: CULOSS_TEST_QUICK is set (4 GiB case)");
+  if (test_quick()) cr_skip_test("skipped: CULOSS_TEST_QUICK is set (4 GiB case)");
   const size_t bytes = (size_t)(n * c) * 2;
   void *d_x = NULL;
   if (culoss_malloc(gpu, &d_x, bytes) != CULOSS_OK)

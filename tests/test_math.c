@@ -161,3 +161,47 @@ Test(math, ce_grad_closed_form) {
   cr_assert_eq(culoss__ce_grad(-INFINITY, 3.0f, 1.0f, 0.0f, 1.0f, 1.0f), 0.0f);
   cr_assert_eq(culoss__ce_grad(-INFINITY, -INFINITY, 1.0f, 0.25f, 2.0f, 1.0f), -0.5f);
 }
+
+/* The fp32 elementwise helpers the kernels call, against the CPU backend's
+   independent double-precision reference, on random valid inputs. */
+#include "ew_call.h"
+
+static float hd_eval(t_op op, float x, float y, float w, float pw, float param, float *d) {
+  switch (op) {
+  case T_BCE_LOGITS: return culoss__bce_logits(x, y, w, pw, d);
+  case T_BCE: return culoss__bce_prob(x, y, w, d);
+  case T_HINGE: return culoss__hinge(x, y, 1.0f, 0, d);
+  case T_SQ_HINGE: return culoss__hinge(x, y, 1.0f, 1, d);
+  case T_MSE: return culoss__mse(x, y, d);
+  case T_L1: return culoss__l1(x, y, d);
+  case T_HUBER: return culoss__huber(x, y, param, d);
+  case T_SMOOTH_L1: return culoss__smooth_l1(x, y, param, d);
+  case T_KL: return culoss__kl_div(x, y, 0, d);
+  default: return culoss__kl_div(x, y, 1, d);
+  }
+}
+
+Test(math, elementwise_helpers_match_cpu_reference) {
+  culoss_context *ctx;
+  cr_assert_eq(culoss_create(&ctx, CULOSS_BACKEND_CPU, 0), CULOSS_OK);
+  rng_t r = rng_seeded(23);
+  enum { M = 2000 };
+  static float x[M], y[M], w[M], pw[1], loss[M], g[M];
+  for (int op = 0; op < T_NUM_OPS; op++) {
+    ew_fill(&r, (t_op)op, x, y, M, 0.0);
+    for (int i = 0; i < M; i++) w[i] = (float)(0.5 + rng_uniform(&r));
+    pw[0] = 2.5f;
+    const float param = op == T_HUBER ? 0.8f : (op == T_SMOOTH_L1 ? 1.2f : 0.0f);
+    t_opts t = {CULOSS_REDUCTION_NONE, op <= T_BCE ? w : NULL, op == T_BCE_LOGITS ? pw : NULL, param};
+    cr_assert_eq(ew_call(ctx, (t_op)op, &t, M, 1, CULOSS_F32, x, y, loss, g, NULL), CULOSS_OK);
+    for (int i = 0; i < M; i++) {
+      float d;
+      float l = hd_eval((t_op)op, x[i], y[i], op <= T_BCE ? w[i] : 1.0f, pw[0], param, &d);
+      cr_assert(close_enough(l, loss[i], 1e-6, 1e-5), "%s: x=%g y=%g loss %.9g vs %.9g",
+                t_op_name[op], (double)x[i], (double)y[i], (double)l, (double)loss[i]);
+      cr_assert(close_enough(d, g[i], 1e-6, 1e-5), "%s: x=%g y=%g grad %.9g vs %.9g",
+                t_op_name[op], (double)x[i], (double)y[i], (double)d, (double)g[i]);
+    }
+  }
+  culoss_destroy(ctx);
+}

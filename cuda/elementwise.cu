@@ -1,0 +1,198 @@
+/*
+ * elementwise.cu: BCE (logits and probabilities), binary hinge, MSE, L1,
+ * Huber, smooth-L1 and KL divergence: loss and gradient in one streaming
+ * pass.
+ *
+ * Each thread walks 16-byte packs of input and target (grid-stride), evaluates
+ * the loss and its derivative per element with the fp32 helpers of
+ * loss_math.h, writes the gradient pack once and, for NONE, the per-element
+ * loss; for SUM/MEAN/BATCHMEAN it accumulates its losses in double, in a
+ * fixed order, and the block's sum goes to the shared deterministic
+ * reduction (reduce.cuh). Traffic: one read of input and target (and of the
+ * weights when given), one write of the gradient.
+ *
+ * The gradient scale of a reduced loss (g / m or g / n) is known before the
+ * pass, so nothing needs a second pass. Domain errors (a BCE probability
+ * outside [0, 1], a hinge target other than +-1) give NaN loss and zero
+ * gradient for that element and raise the context's deferred-error flag.
+ */
+#include <cuda_runtime.h>
+
+#include "../host/internal.h"
+#include "dtype.cuh"
+#include "loss_math.h"
+#include "reduce.cuh"
+
+namespace culoss_dev {
+namespace {
+
+constexpr int EW_THREADS = 256;
+
+struct ew_params {
+  int64_t m, c;
+  const void *x;
+  const void *y;
+  const float *weight;
+  const float *pos_weight;
+  float *loss;
+  void *grad;
+  const float *grad_loss;
+  int reduction;
+  float a;
+  int flag;
+  divisor_src div;
+  culoss__scratch *scratch;
+};
+
+/* One element: loss, derivative, and whether the element is outside the
+   loss's domain. */
+template <int OP>
+__device__ __forceinline__ float eval(const ew_params &p, float x, float y, int64_t i, float *d,
+                                      bool *bad) {
+  *bad = false;
+  if constexpr (OP == CULOSS__EW_BCE_LOGITS) {
+    const float w = p.weight ? p.weight[i] : 1.0f;
+    const float pw = p.pos_weight ? p.pos_weight[i % p.c] : 1.0f;
+    return culoss__bce_logits(x, y, w, pw, d);
+  } else if constexpr (OP == CULOSS__EW_BCE) {
+    *bad = !(x >= 0.0f && x <= 1.0f);
+    return culoss__bce_prob(x, y, p.weight ? p.weight[i] : 1.0f, d);
+  } else if constexpr (OP == CULOSS__EW_HINGE) {
+    *bad = y != 1.0f && y != -1.0f;
+    return culoss__hinge(x, y, p.a, p.flag, d);
+  } else if constexpr (OP == CULOSS__EW_MSE) {
+    return culoss__mse(x, y, d);
+  } else if constexpr (OP == CULOSS__EW_L1) {
+    return culoss__l1(x, y, d);
+  } else if constexpr (OP == CULOSS__EW_HUBER) {
+    return culoss__huber(x, y, p.a, d);
+  } else if constexpr (OP == CULOSS__EW_SMOOTH_L1) {
+    return culoss__smooth_l1(x, y, p.a, d);
+  } else {
+    return culoss__kl_div(x, y, p.flag, d);
+  }
+}
+
+template <typename T, int OP, int VEC>
+__global__ void __launch_bounds__(EW_THREADS) ew_kernel(ew_params p) {
+  typedef pack<T, VEC> pack_t;
+  const bool reduced = p.reduction != CULOSS_REDUCTION_NONE;
+  const float red_scale = reduced ? reduced_grad_scale(p.reduction, p.grad_loss, p.div) : 1.0f;
+  const T *x = static_cast<const T *>(p.x);
+  const T *y = static_cast<const T *>(p.y);
+  T *grad = static_cast<T *>(p.grad);
+  const int64_t tid = (int64_t)blockIdx.x * EW_THREADS + threadIdx.x;
+  const int64_t stride = (int64_t)gridDim.x * EW_THREADS;
+  const int64_t npack = p.m / VEC;
+  double acc = 0.0; /* this thread's losses, in its fixed element order */
+  bool any_bad = false;
+
+  auto one = [&](float xv, float yv, int64_t i) -> float {
+    float d;
+    bool bad;
+    float l = eval<OP>(p, xv, yv, i, &d, &bad);
+    if (bad) {
+      any_bad = true;
+      l = __int_as_float(0x7fc00000);
+      d = 0.0f;
+    }
+    if (reduced)
+      acc += (double)l;
+    else
+      p.loss[i] = l;
+    return d * (reduced ? red_scale : (p.grad_loss ? p.grad_loss[i] : 1.0f));
+  };
+
+  for (int64_t v = tid; v < npack; v += stride) {
+    const pack_t xp = load_pack<T, VEC>(x + v * VEC);
+    const pack_t yp = load_pack<T, VEC>(y + v * VEC);
+    pack_t g;
+#pragma unroll
+    for (int k = 0; k < VEC; k++)
+      g.v[k] = from_f32<T>(one(to_f32(xp.v[k]), to_f32(yp.v[k]), v * VEC + k));
+    if (grad) store_pack<T, VEC>(grad + v * VEC, g);
+  }
+  for (int64_t i = npack * VEC + tid; i < p.m; i += stride) { /* the partial pack */
+    const float gi = one(to_f32(x[i]), to_f32(y[i]), i);
+    if (grad) grad[i] = from_f32<T>(gi);
+  }
+  if (any_bad) atomicOr(&p.scratch->error_flag, CULOSS__FLAG_DOMAIN);
+  if (reduced) store_block_sum<EW_THREADS>(acc, &p.scratch->partial_loss[blockIdx.x]);
+}
+
+template <typename T, int OP>
+cudaError_t launch_vec(const ew_params &p, bool vec, unsigned grid, cudaStream_t s) {
+  if (vec)
+    ew_kernel<T, OP, vec16<T>::value><<<grid, EW_THREADS, 0, s>>>(p);
+  else
+    ew_kernel<T, OP, 1><<<grid, EW_THREADS, 0, s>>>(p);
+  return cudaGetLastError();
+}
+
+template <typename T>
+cudaError_t launch_op(int op, const ew_params &p, bool vec, unsigned grid, cudaStream_t s) {
+  switch (op) {
+  case CULOSS__EW_BCE_LOGITS: return launch_vec<T, CULOSS__EW_BCE_LOGITS>(p, vec, grid, s);
+  case CULOSS__EW_BCE: return launch_vec<T, CULOSS__EW_BCE>(p, vec, grid, s);
+  case CULOSS__EW_HINGE: return launch_vec<T, CULOSS__EW_HINGE>(p, vec, grid, s);
+  case CULOSS__EW_MSE: return launch_vec<T, CULOSS__EW_MSE>(p, vec, grid, s);
+  case CULOSS__EW_L1: return launch_vec<T, CULOSS__EW_L1>(p, vec, grid, s);
+  case CULOSS__EW_HUBER: return launch_vec<T, CULOSS__EW_HUBER>(p, vec, grid, s);
+  case CULOSS__EW_SMOOTH_L1: return launch_vec<T, CULOSS__EW_SMOOTH_L1>(p, vec, grid, s);
+  default: return launch_vec<T, CULOSS__EW_KL>(p, vec, grid, s);
+  }
+}
+
+inline bool aligned16(const void *ptr) { return ((uintptr_t)ptr & 15u) == 0; }
+
+} // namespace
+} // namespace culoss_dev
+
+using namespace culoss_dev;
+
+extern "C" culoss_status culoss__cuda_elementwise(culoss_context *ctx, const void *args) {
+  const culoss__ew_args *a = static_cast<const culoss__ew_args *>(args);
+  const cudaStream_t stream = (cudaStream_t)ctx->stream;
+  const bool reduced = a->reduction != CULOSS_REDUCTION_NONE;
+  const int64_t vec_elems = 16 / (int64_t)culoss__dtype_size(a->dtype);
+  ew_params p;
+  p.m = a->m;
+  p.c = a->c;
+  p.x = a->x;
+  p.y = a->y;
+  p.weight = a->weight;
+  p.pos_weight = a->pos_weight;
+  p.loss = a->loss;
+  p.grad = a->grad;
+  p.grad_loss = a->grad_loss;
+  p.reduction = (int)a->reduction;
+  p.a = a->a;
+  p.flag = a->flag;
+  p.div.count = a->divisor;
+  p.div.normalizer = nullptr;
+  p.div.prep = nullptr;
+  p.div.prep_count = 0;
+  p.scratch = ctx->scratch;
+
+  int64_t grid = 0;
+  if (p.m > 0) {
+    const bool vec = aligned16(p.x) && aligned16(p.y) && (p.grad == nullptr || aligned16(p.grad));
+    const int64_t packs = vec ? p.m / vec_elems : p.m;
+    grid = capped_grid((packs + EW_THREADS - 1) / EW_THREADS);
+    cudaError_t e;
+    switch (a->dtype) {
+    case CULOSS_F16: e = launch_op<__half>(a->op, p, vec, (unsigned)grid, stream); break;
+    case CULOSS_BF16: e = launch_op<__nv_bfloat16>(a->op, p, vec, (unsigned)grid, stream); break;
+    default: e = launch_op<float>(a->op, p, vec, (unsigned)grid, stream); break;
+    }
+    if (e != cudaSuccess) return culoss__cuda_status(e, "launch of ew_kernel");
+  }
+  if (!reduced) return CULOSS_OK;
+  final_params f;
+  f.partials = ctx->scratch->partial_loss;
+  f.count = (int)grid;
+  f.loss = p.loss;
+  f.reduction = p.reduction;
+  f.divisor = p.div;
+  return culoss__launch_reduce_final(ctx->stream, f);
+}

@@ -1,0 +1,181 @@
+/*
+ * multi_margin.cu: multi-class hinge (PyTorch's multi_margin_loss), loss and
+ * gradient in one pass over each row.
+ *
+ * A warp owns a row. Every lane first reads the target score x_y; after a
+ * __syncwarp (the gradient may overwrite the row in place) each lane streams
+ * its 16-byte packs once, writing h_j = g w_y (p == 1 ? 1 : 2 z_j) / c for
+ * every violated margin z_j = margin - x_y + x_j > 0 (0 elsewhere) while
+ * summing the loss terms and the h_j. A fixed-order warp reduction gives the
+ * row's loss and -sum h_j, which lane 0 writes at the target column last.
+ * Reduced losses go through the shared deterministic reduction.
+ */
+#include <cuda_runtime.h>
+
+#include "../host/internal.h"
+#include "dtype.cuh"
+#include "loss_math.h"
+#include "reduce.cuh"
+
+namespace culoss_dev {
+namespace {
+
+constexpr int MM_THREADS = 256;
+constexpr int MM_ROWS = MM_THREADS / 32;
+
+struct mm_params {
+  int64_t n, c, ld;
+  const void *x;
+  const void *targets;
+  int ttype;
+  float *loss;
+  void *grad;
+  const float *grad_loss;
+  const float *class_weight;
+  float margin;
+  int power;
+  int reduction;
+  divisor_src div;
+  culoss__scratch *scratch;
+};
+
+/* Sum over the warp into lane 0, in a fixed order. */
+__device__ __forceinline__ float warp_sum(float v) {
+#pragma unroll
+  for (int off = 16; off > 0; off >>= 1) v += __shfl_down_sync(0xffffffffu, v, off);
+  return v;
+}
+
+template <typename T, int VEC>
+__global__ void __launch_bounds__(MM_THREADS) mm_kernel(mm_params p) {
+  typedef pack<T, VEC> pack_t;
+  const int grp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const bool reduced = p.reduction != CULOSS_REDUCTION_NONE;
+  const float red_scale = reduced ? reduced_grad_scale(p.reduction, p.grad_loss, p.div) : 1.0f;
+  const int64_t c = p.c, nvec = c / VEC, tail0 = nvec * VEC;
+  const float inv_c = 1.0f / (float)c;
+  const T *x = static_cast<const T *>(p.x);
+  T *grad = static_cast<T *>(p.grad);
+  double my_loss = 0.0;
+
+  for (int64_t row = (int64_t)blockIdx.x * MM_ROWS + grp; row < p.n;
+       row += (int64_t)gridDim.x * MM_ROWS) {
+    const T *xr = x + row * p.ld; /* 64-bit row offsets */
+    T *gr = grad ? grad + row * p.ld : nullptr;
+    const int64_t t = p.ttype == CULOSS_I32
+                          ? (int64_t) static_cast<const int32_t *>(p.targets)[row]
+                          : static_cast<const int64_t *>(p.targets)[row];
+    if (t < 0 || t >= c) {
+      if (lane == 0) {
+        atomicOr(&p.scratch->error_flag, CULOSS__FLAG_TARGET);
+        const float nan = __int_as_float(0x7fc00000);
+        if (reduced)
+          my_loss += nan;
+        else
+          p.loss[row] = nan;
+      }
+      if (gr)
+        for (int64_t j = lane; j < c; j += 32) gr[j] = from_f32<T>(0.0f);
+      continue;
+    }
+    const float wy = p.class_weight ? p.class_weight[t] : 1.0f;
+    const float xy = to_f32(xr[t]);
+    __syncwarp(); /* every lane holds x_y before any lane writes the row */
+    const float s = reduced ? red_scale : (p.grad_loss ? p.grad_loss[row] : 1.0f);
+    const float hw = s * wy * inv_c;
+    float l = 0.0f, hsum = 0.0f;
+    auto term = [&](float xj, int64_t j) -> float {
+      if (j == t) return 0.0f; /* written by lane 0 at the end */
+      const float z = p.margin - xy + xj;
+      if (!(z > 0.0f)) return 0.0f;
+      l += p.power == 1 ? z : z * z;
+      const float h = hw * (p.power == 1 ? 1.0f : 2.0f * z);
+      hsum += h;
+      return h;
+    };
+    for (int64_t v = lane; v < nvec; v += 32) {
+      const pack_t xp = load_pack<T, VEC>(xr + v * VEC);
+      pack_t g;
+#pragma unroll
+      for (int k = 0; k < VEC; k++) g.v[k] = from_f32<T>(term(to_f32(xp.v[k]), v * VEC + k));
+      if (gr) store_pack<T, VEC>(gr + v * VEC, g);
+    }
+    for (int64_t j = tail0 + lane; j < c; j += 32) {
+      const float h = term(to_f32(xr[j]), j);
+      if (gr) gr[j] = from_f32<T>(h);
+    }
+    l = warp_sum(l);
+    hsum = warp_sum(hsum);
+    __syncwarp(); /* the placeholder at the target column is written */
+    if (lane == 0) {
+      if (gr) gr[t] = from_f32<T>(-hsum);
+      const float row_loss = wy * l * inv_c;
+      if (reduced)
+        my_loss += row_loss;
+      else
+        p.loss[row] = row_loss;
+    }
+  }
+  if (reduced) store_block_sum<MM_THREADS>(lane == 0 ? my_loss : 0.0, &p.scratch->partial_loss[blockIdx.x]);
+}
+
+inline bool aligned16(const void *ptr) { return ptr == nullptr || ((uintptr_t)ptr & 15u) == 0; }
+
+template <typename T>
+cudaError_t launch(const mm_params &p, bool vec, unsigned grid, cudaStream_t s) {
+  if (vec)
+    mm_kernel<T, vec16<T>::value><<<grid, MM_THREADS, 0, s>>>(p);
+  else
+    mm_kernel<T, 1><<<grid, MM_THREADS, 0, s>>>(p);
+  return cudaGetLastError();
+}
+
+} // namespace
+} // namespace culoss_dev
+
+using namespace culoss_dev;
+
+extern "C" culoss_status culoss__cuda_multi_margin(culoss_context *ctx, const void *args) {
+  const culoss__mm_args *a = static_cast<const culoss__mm_args *>(args);
+  const cudaStream_t stream = (cudaStream_t)ctx->stream;
+  const size_t es = culoss__dtype_size(a->dtype);
+  mm_params p;
+  p.n = a->n;
+  p.c = a->c;
+  p.ld = a->ld;
+  p.x = a->x;
+  p.targets = a->targets;
+  p.ttype = (int)a->ttype;
+  p.loss = a->loss;
+  p.grad = a->grad;
+  p.grad_loss = a->grad_loss;
+  p.class_weight = a->o.class_weight;
+  p.margin = a->o.margin;
+  p.power = a->o.p;
+  p.reduction = (int)a->o.reduction;
+  p.div.count = (double)a->n;
+  p.div.normalizer = nullptr;
+  p.div.prep = nullptr;
+  p.div.prep_count = 0;
+  p.scratch = ctx->scratch;
+  int64_t grid = 0;
+  if (p.n > 0) {
+    const bool vec = aligned16(p.x) && aligned16(p.grad) && ((p.ld * (int64_t)es) % 16) == 0;
+    grid = capped_grid((p.n + MM_ROWS - 1) / MM_ROWS);
+    cudaError_t e;
+    switch (a->dtype) {
+    case CULOSS_F16: e = launch<__half>(p, vec, (unsigned)grid, stream); break;
+    case CULOSS_BF16: e = launch<__nv_bfloat16>(p, vec, (unsigned)grid, stream); break;
+    default: e = launch<float>(p, vec, (unsigned)grid, stream); break;
+    }
+    if (e != cudaSuccess) return culoss__cuda_status(e, "launch of mm_kernel");
+  }
+  if (p.reduction == CULOSS_REDUCTION_NONE) return CULOSS_OK;
+  final_params f;
+  f.partials = ctx->scratch->partial_loss;
+  f.count = (int)grid;
+  f.loss = p.loss;
+  f.reduction = p.reduction;
+  f.divisor = p.div;
+  return culoss__launch_reduce_final(ctx->stream, f);
+}

@@ -1,0 +1,141 @@
+/*
+ * cpu_elementwise.c: CPU reference of the elementwise losses and of the
+ * multi-class hinge, in double precision, written from SEMANTICS.md sections
+ * 4-7 independently of the kernels' fp32 helpers in cuda/loss_math.h (the
+ * tests hold the two against each other).
+ */
+#include <math.h>
+
+#include "internal.h"
+
+/* log(sigmoid(x)) and sigmoid(x) in double, overflow-free. */
+static double log_sigmoid(double x) { return fmin(x, 0.0) - log1p(exp(-fabs(x))); }
+static double sigmoid(double x) {
+  double e = exp(-fabs(x));
+  return x >= 0 ? 1.0 / (1.0 + e) : e / (1.0 + e);
+}
+static double sign0(double r) { return r > 0 ? 1.0 : (r < 0 ? -1.0 : r * 0.0); }
+
+/* Loss of element i and its derivative with respect to the input. */
+static double element(const culoss__ew_args *a, int64_t i, double *d) {
+  const double x = culoss__load_f32(a->x, a->dtype, i);
+  const double y = culoss__load_f32(a->y, a->dtype, i);
+  const double w = a->weight ? (double)a->weight[i] : 1.0;
+  const double p = (double)a->a;
+  double r = x - y, l;
+  switch (a->op) {
+  case CULOSS__EW_BCE_LOGITS: {
+    const double pw = a->pos_weight ? (double)a->pos_weight[i % a->c] : 1.0;
+    const double lw = 1.0 + (pw - 1.0) * y;
+    *d = w * (lw * sigmoid(x) - pw * y);
+    return w * ((1.0 - y) * x - lw * log_sigmoid(x));
+  }
+  case CULOSS__EW_BCE:
+    *d = w * (x - y) / fmax(x * (1.0 - x), 1e-12);
+    return -w * (y * fmax(log(x), -100.0) + (1.0 - y) * fmax(log1p(-x), -100.0));
+  case CULOSS__EW_HINGE: {
+    const double z = p - y * x;
+    if (a->flag) {
+      *d = z > 0 ? -2.0 * y * z : 0.0;
+      return z > 0 ? z * z : 0.0;
+    }
+    *d = z >= 0 ? -y : 0.0; /* clamp_min passes the gradient at the kink */
+    return z > 0 ? z : 0.0;
+  }
+  case CULOSS__EW_MSE:
+    *d = 2.0 * r;
+    return r * r;
+  case CULOSS__EW_L1:
+    *d = sign0(r);
+    return fabs(r);
+  case CULOSS__EW_HUBER:
+    *d = isnan(r) ? r : fmin(fmax(r, -p), p);
+    return fabs(r) < p ? 0.5 * r * r : p * (fabs(r) - 0.5 * p);
+  case CULOSS__EW_SMOOTH_L1:
+    if (p == 0.0 || fabs(r) >= p) {
+      *d = sign0(r);
+      return fabs(r) - 0.5 * p;
+    }
+    *d = r / p;
+    return 0.5 * r * r / p;
+  case CULOSS__EW_KL:
+    if (a->flag) {
+      const double e = exp(y);
+      *d = -e;
+      return e * (y - x);
+    }
+    *d = -y;
+    l = (y == 0.0 ? 0.0 : y * log(y)) - y * x;
+    return l;
+  }
+  *d = 0.0;
+  return 0.0;
+}
+
+culoss_status culoss__cpu_elementwise(const culoss__ew_args *a) {
+  const int reduced = a->reduction != CULOSS_REDUCTION_NONE;
+  double total = 0.0, scale = 1.0;
+  int64_t i;
+  if (reduced) {
+    const double g = a->grad_loss ? (double)a->grad_loss[0] : 1.0;
+    scale = a->reduction == CULOSS_REDUCTION_SUM ? g : (a->divisor == 0 ? 0.0 : g / a->divisor);
+  }
+  for (i = 0; i < a->m; i++) {
+    double d;
+    const double l = element(a, i, &d); /* reads x[i] before grad[i] is written */
+    if (reduced)
+      total += l;
+    else
+      a->loss[i] = (float)l;
+    if (a->grad) {
+      const double s = reduced ? scale : (a->grad_loss ? (double)a->grad_loss[i] : 1.0);
+      culoss__store_f32(a->grad, a->dtype, i, (float)(d * s));
+    }
+  }
+  if (a->reduction == CULOSS_REDUCTION_SUM)
+    a->loss[0] = (float)total;
+  else if (reduced)
+    a->loss[0] = (float)(total / a->divisor); /* m == 0: 0/0 = NaN */
+  return CULOSS_OK;
+}
+
+culoss_status culoss__cpu_multi_margin(const culoss__mm_args *a) {
+  const int reduced = a->o.reduction != CULOSS_REDUCTION_NONE;
+  const double margin = a->o.margin, c = (double)a->c;
+  double total = 0.0, scale = 1.0;
+  int64_t i, j;
+  if (reduced) {
+    const double g = a->grad_loss ? (double)a->grad_loss[0] : 1.0;
+    scale = a->o.reduction == CULOSS_REDUCTION_SUM ? g : (a->n == 0 ? 0.0 : g / (double)a->n);
+  }
+  for (i = 0; i < a->n; i++) {
+    const int64_t off = i * a->ld, y = culoss__target_at(a->targets, a->ttype, i);
+    const double wy = a->o.class_weight ? (double)a->o.class_weight[y] : 1.0;
+    const double xy = culoss__load_f32(a->x, a->dtype, off + y);
+    const double s = reduced ? scale : (a->grad_loss ? (double)a->grad_loss[i] : 1.0);
+    double l = 0.0, hsum = 0.0;
+    for (j = 0; j < a->c; j++) {
+      double z, h = 0.0;
+      if (j == y) continue;
+      z = margin - xy + (double)culoss__load_f32(a->x, a->dtype, off + j);
+      if (z > 0) {
+        l += a->o.p == 1 ? z : z * z;
+        h = s * wy * (a->o.p == 1 ? 1.0 : 2.0 * z) / c;
+        hsum += h;
+      }
+      /* x_y was read above, so writing over an aliased row is safe */
+      if (a->grad) culoss__store_f32(a->grad, a->dtype, off + j, (float)h);
+    }
+    if (a->grad) culoss__store_f32(a->grad, a->dtype, off + y, (float)-hsum);
+    l *= wy / c;
+    if (reduced)
+      total += l;
+    else
+      a->loss[i] = (float)l;
+  }
+  if (a->o.reduction == CULOSS_REDUCTION_SUM)
+    a->loss[0] = (float)total;
+  else if (reduced)
+    a->loss[0] = (float)(total / (double)a->n);
+  return CULOSS_OK;
+}
