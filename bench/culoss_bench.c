@@ -24,6 +24,8 @@
 #include <time.h>
 
 #include "culoss.h"
+#include "helpers.h"
+#include "ew_call.h"
 #include "loss_math.h"
 
 #ifdef CULOSS_HAVE_CUDA
@@ -196,6 +198,59 @@ static int validate(int64_t n, int64_t v, culoss_dtype d, const void *hx,
   return 0;
 }
 
+/* Times `launch(state)` with CUDA events: 3 warm-ups, then `reps` repeats
+   each after an L2 flush; ms[] receives the sorted times. */
+static int time_it(int (*launch)(void *), void *state, int reps, float *ms) {
+  cudaEvent_t e0, e1;
+  CK(cudaEventCreate(&e0));
+  CK(cudaEventCreate(&e1));
+  for (int r = 0; r < 3; r++)
+    if (launch(state)) return -1;
+  for (int r = 0; r < reps; r++) {
+    if (flush_l2()) return -1;
+    CK(cudaEventRecord(e0, 0));
+    if (launch(state)) return -1;
+    CK(cudaEventRecord(e1, 0));
+    CK(cudaEventSynchronize(e1));
+    CK(cudaEventElapsedTime(&ms[r], e0, e1));
+  }
+  cudaEventDestroy(e0), cudaEventDestroy(e1);
+  qsort(ms, (size_t)reps, sizeof *ms, cmp_float);
+  return 0;
+}
+
+/* One result line; returns 1 when the validation failed. */
+static int report(const bench_opts *bo, const char *name, int64_t n, int64_t v, culoss_dtype d,
+                  const float *ms, double bytes, double copy_bw, double err, double tol) {
+  const int reps = bo->repeats;
+  const double med = ms[reps / 2], gbs = bytes / (med * 1e-3) / 1e9;
+  if (bo->csv)
+    printf("%s,%lld,%lld,%s,%.4f,%.4f,%.4f,%.1f,%.1f,%.2e,%s\n", name, (long long)n, (long long)v,
+           dtype_name(d), med, (double)ms[0], (double)ms[reps - 1], gbs, 100.0 * gbs / copy_bw,
+           err, err <= tol ? "ok" : "MISMATCH");
+  else
+    printf("%-22s %10lld %7lld %5s %9.4f %9.4f %9.4f %9.1f %7.1f%% %9.1e %s\n", name, (long long)n,
+           (long long)v, dtype_name(d), med, (double)ms[0], (double)ms[reps - 1], gbs,
+           100.0 * gbs / copy_bw, err, err <= tol ? "ok" : "MISMATCH");
+  fflush(stdout);
+  return err <= tol ? 0 : 1;
+}
+
+typedef struct {
+  culoss_context *ctx;
+  int64_t n, v;
+  culoss_dtype d;
+  void *x, *g, *t;
+  float *loss;
+} ce_state;
+
+static int ce_launch(void *p) {
+  ce_state *s = p;
+  CL(culoss_cross_entropy(s->ctx, NULL, s->n, s->v, s->d, s->x, s->v, CULOSS_I64, s->t, s->loss,
+                          s->g, NULL));
+  return 0;
+}
+
 static int bench_ce(culoss_context *ctx, const bench_opts *bo, int64_t n, int64_t v,
                     culoss_dtype d, double copy_bw) {
   const size_t es = d == CULOSS_F32 ? 4 : 2, xbytes = (size_t)(n * v) * es;
@@ -216,40 +271,94 @@ static int bench_ce(culoss_context *ctx, const bench_opts *bo, int64_t n, int64_
   double err;
   if (validate(n, v, d, hx, ht, d_g, &err)) return -1;
   const double tol = d == CULOSS_F32 ? 1e-3 : 2e-2;
-  cudaEvent_t e0, e1;
-  CK(cudaEventCreate(&e0));
-  CK(cudaEventCreate(&e1));
   float ms[256];
-  const int reps = bo->repeats;
-  for (int r = 0; r < 3; r++) /* warm-up */
-    CL(culoss_cross_entropy(ctx, NULL, n, v, d, d_x, v, CULOSS_I64, d_t, d_loss, d_g, NULL));
-  for (int r = 0; r < reps; r++) {
-    if (flush_l2()) return -1;
-    CK(cudaEventRecord(e0, 0));
-    CL(culoss_cross_entropy(ctx, NULL, n, v, d, d_x, v, CULOSS_I64, d_t, d_loss, d_g, NULL));
-    CK(cudaEventRecord(e1, 0));
-    CK(cudaEventSynchronize(e1));
-    CK(cudaEventElapsedTime(&ms[r], e0, e1));
-  }
+  ce_state st = {ctx, n, v, d, d_x, d_g, d_t, d_loss};
+  if (time_it(ce_launch, &st, bo->repeats, ms)) return -1;
   CL(culoss_synchronize(ctx));
-  qsort(ms, (size_t)reps, sizeof *ms, cmp_float);
-  const double med = ms[reps / 2];
+  /* minimum traffic: one read of the logits, one write of the gradient, the targets */
   const double bytes = 2.0 * (double)xbytes + (double)n * 8 + 4;
-  const double gbs = bytes / (med * 1e-3) / 1e9;
-  if (bo->csv)
-    printf("cross_entropy_fwd_bwd,%lld,%lld,%s,%.4f,%.4f,%.4f,%.1f,%.1f,%.2e,%s\n", (long long)n,
-           (long long)v, dtype_name(d), med, (double)ms[0], (double)ms[reps - 1], gbs,
-           100.0 * gbs / copy_bw, err, err <= tol ? "ok" : "MISMATCH");
-  else
-    printf("%-22s %6lld %7lld %5s %9.4f %9.4f %9.4f %9.1f %7.1f%% %9.1e %s\n",
-           "cross_entropy fwd+bwd", (long long)n, (long long)v, dtype_name(d), med,
-           (double)ms[0], (double)ms[reps - 1], gbs, 100.0 * gbs / copy_bw, err,
-           err <= tol ? "ok" : "MISMATCH");
-  fflush(stdout);
+  const int bad = report(bo, "cross_entropy fwd+bwd", n, v, d, ms, bytes, copy_bw, err, tol);
   culoss_free(ctx, d_x), culoss_free(ctx, d_g), culoss_free(ctx, d_t), culoss_free(ctx, d_loss);
-  cudaEventDestroy(e0), cudaEventDestroy(e1);
   free(hx), free(ht);
-  return err <= tol ? 0 : 1;
+  return bad;
+}
+
+typedef struct {
+  culoss_context *ctx;
+  t_op op;
+  t_opts o;
+  int64_t m;
+  culoss_dtype d;
+  void *x, *y, *g;
+  float *loss;
+} ew_state;
+
+static int ew_launch(void *p) {
+  ew_state *s = p;
+  CL(ew_call(s->ctx, s->op, &s->o, s->m, 1, s->d, s->x, s->y, s->loss, s->g, NULL));
+  return 0;
+}
+
+/* Elementwise loss, MEAN with gradient, over m elements. Validation: the
+   reduced loss against the CPU reference over all m elements, and the
+   gradient at the start and the end of the array. */
+static int bench_ew(culoss_context *ctx, const bench_opts *bo, t_op op, int64_t m, culoss_dtype d,
+                    double copy_bw) {
+  const size_t es = d == CULOSS_F32 ? 4 : 2, bytes = (size_t)m * es;
+  rng_t r = rng_seeded(99 + (uint64_t)op);
+  const int64_t blk = (int64_t)1 << 20;
+  float *xf = malloc((size_t)blk * 4), *yf = malloc((size_t)blk * 4);
+  void *xh = malloc(bytes), *yh = malloc(bytes), *gh = malloc((size_t)blk * es);
+  void *rg = malloc((size_t)blk * es);
+  if (!xf || !yf || !xh || !yh || !gh || !rg) return -1;
+  for (int64_t i = 0; i < m; i += blk) { /* fresh random blocks */
+    const int64_t k = m - i < blk ? m - i : blk;
+    ew_fill(&r, op, xf, yf, k, 0.0);
+    pack_dtype((char *)xh + (size_t)i * es, xf, k, d);
+    pack_dtype((char *)yh + (size_t)i * es, yf, k, d);
+  }
+  void *d_x, *d_y, *d_g;
+  float *d_loss, loss, ref_loss;
+  CL(culoss_malloc(ctx, &d_x, bytes));
+  CL(culoss_malloc(ctx, &d_y, bytes));
+  CL(culoss_malloc(ctx, &d_g, bytes));
+  CL(culoss_malloc(ctx, (void **)&d_loss, sizeof(float)));
+  CL(culoss_upload(ctx, d_x, xh, bytes));
+  CL(culoss_upload(ctx, d_y, yh, bytes));
+  ew_state st = {ctx, (t_op)op, {CULOSS_REDUCTION_MEAN, NULL, NULL, 0}, m, d, d_x, d_y, d_g, d_loss};
+  if (ew_launch(&st)) return -1;
+  CL(culoss_download(ctx, &loss, d_loss, sizeof loss));
+  CL(culoss_synchronize(ctx));
+  culoss_context *cpu;
+  CL(culoss_create(&cpu, CULOSS_BACKEND_CPU, 0));
+  CL(ew_call(cpu, op, &st.o, m, 1, d, xh, yh, &ref_loss, NULL, NULL));
+  double err = fabs((double)loss - (double)ref_loss) / (fabs((double)ref_loss) + 1e-30);
+  const float inv_m = (float)(1.0 / (double)m);
+  t_opts sum = {CULOSS_REDUCTION_SUM, NULL, NULL, 0};
+  for (int part = 0; part < 2; part++) {
+    const int64_t k = m < blk ? m : blk, at = part ? m - k : 0;
+    CL(ew_call(cpu, op, &sum, k, 1, d, (char *)xh + (size_t)at * es, (char *)yh + (size_t)at * es,
+               &ref_loss, rg, &inv_m));
+    CL(culoss_download(ctx, gh, (char *)d_g + (size_t)at * es, (size_t)k * es));
+    float *a = malloc((size_t)k * 4), *b = malloc((size_t)k * 4);
+    unpack_dtype(a, gh, k, d);
+    unpack_dtype(b, rg, k, d);
+    for (int64_t i = 0; i < k; i++) {
+      const double e = fabs((double)a[i] - (double)b[i]) / (fabs((double)b[i]) + 1e-6 * inv_m);
+      if (e > err) err = e;
+    }
+    free(a), free(b);
+  }
+  culoss_destroy(cpu);
+  float ms[256];
+  if (time_it(ew_launch, &st, bo->repeats, ms)) return -1;
+  CL(culoss_synchronize(ctx));
+  /* minimum traffic: one read of input and target, one write of the gradient */
+  const int bad = report(bo, t_op_name[op], m, 1, d, ms, 3.0 * (double)bytes, copy_bw, err,
+                         d == CULOSS_F32 ? 1e-4 : 2e-2);
+  culoss_free(ctx, d_x), culoss_free(ctx, d_y), culoss_free(ctx, d_g), culoss_free(ctx, d_loss);
+  free(xf), free(yf), free(xh), free(yh), free(gh), free(rg);
+  return bad;
 }
 
 static int run_gpu(culoss_context *ctx, const bench_opts *bo) {
@@ -264,8 +373,10 @@ static int run_gpu(culoss_context *ctx, const bench_opts *bo) {
   else {
     printf("device: %s, %d SMs, L2 %d MiB; measured copy bandwidth %.1f GB/s (read+write)\n",
            prop.name, prop.multiProcessorCount, prop.l2CacheSize >> 20, bw);
-    printf("bytes counted: one read of the logits + one write of the gradient (+ targets)\n");
-    printf("%-22s %6s %7s %5s %9s %9s %9s %9s %8s %9s %s\n", "case", "n", "v", "dtype", "med_ms",
+    printf("bytes counted: cross-entropy: one read of the logits + one write of the gradient "
+           "(+ targets); elementwise: one read of input and target + one write of the "
+           "gradient\n");
+    printf("%-22s %10s %7s %5s %9s %9s %9s %9s %8s %9s %s\n", "case", "n", "v", "dtype", "med_ms",
            "min_ms", "max_ms", "GB/s", "%copy", "max_err", "check");
   }
   const int64_t vs_full[] = {32000, 128256, 256000}, vs_quick[] = {32000, 128256};
@@ -275,6 +386,13 @@ static int run_gpu(culoss_context *ctx, const bench_opts *bo) {
   for (int vi = 0; vi < nv; vi++)
     for (int di = 0; di < 2; di++) {
       int rc = bench_ce(ctx, bo, bo->quick ? 4096 : 8192, vs[vi], di ? CULOSS_BF16 : CULOSS_F32, bw);
+      if (rc < 0) return 1;
+      bad |= rc;
+    }
+  const int64_t m = bo->quick ? (int64_t)1 << 24 : (int64_t)1 << 26;
+  for (int op = 0; op < T_NUM_OPS; op++)
+    for (int di = 0; di < 2; di++) {
+      int rc = bench_ew(ctx, bo, (t_op)op, m, di ? CULOSS_BF16 : CULOSS_F32, bw);
       if (rc < 0) return 1;
       bad |= rc;
     }
