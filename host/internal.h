@@ -138,6 +138,21 @@ culoss_status culoss__cpu_cross_entropy(const culoss__ce_args *a);
 culoss_status culoss__cpu_elementwise(const culoss__ew_args *a);
 culoss_status culoss__cpu_multi_margin(const culoss__mm_args *a);
 
+/* Pieces of the CPU cross-entropy reference shared with linear CE. */
+/* One row in double: x the (soft-capped) logits, t the class (y == NULL) or
+   y the raw probability targets; writes scale * dloss/dx (soft-cap chain
+   included) to g and returns the row loss. */
+double culoss__cpu_ce_row(const culoss_cross_entropy_options *o, int64_t c, const double *x,
+                          int64_t t, const double *y, double wsum, double scale, double *g);
+/* MEAN's denominator: *normalizer, n (soft), or the sum of target weights. */
+double culoss__cpu_ce_denominator(const culoss_cross_entropy_options *o, int soft, int64_t n,
+                                  const void *targets, culoss_index_type ttype);
+/* Gradient scale of row `row` for the options' reduction. */
+double culoss__cpu_ce_scale(const culoss_cross_entropy_options *o, const float *grad_loss,
+                            int64_t row, double denom);
+/* W = sum of class weights (c without weights). */
+double culoss__cpu_ce_wsum(const culoss_cross_entropy_options *o, int64_t c);
+
 /* Element size of a dtype in bytes. */
 size_t culoss__dtype_size(culoss_dtype dtype);
 
