@@ -36,6 +36,7 @@
 #include <cub/block/block_reduce.cuh>
 
 #include "../host/internal.h"
+#include "cross_entropy.cuh"
 #include "dtype.cuh"
 #include "loss_math.h"
 #include "reduce.cuh"
@@ -47,27 +48,6 @@ constexpr int PREP_THREADS = 256;
 /* Shared memory kept free for the kernels' static shared memory (CUB temp
    storage, broadcasts); checked against the real figure at init. */
 constexpr size_t STATIC_SMEM_RESERVE = 4096;
-
-struct ce_params {
-  int64_t n, c, ld;
-  const void *x;
-  const void *targets;
-  const void *probs;
-  float *loss;
-  void *grad;
-  const float *grad_loss;
-  const float *class_weight;
-  const float *normalizer;
-  int64_t ignore_index;
-  float eps, z, cap;
-  int reduction;
-  int ttype;
-  int prep_blocks; /* partials of D / W in the scratch (0: none) */
-  int need_wsum;   /* W = sum of class weights comes from the prep partials */
-  divisor_src div; /* MEAN's denominator */
-  int64_t cache_vecs; /* packs of each row kept in shared memory */
-  culoss__scratch *scratch;
-};
 
 /* What a row's threads accumulate in pass 1. */
 struct row_acc {
@@ -213,6 +193,7 @@ __global__ void __launch_bounds__(BLOCK) ce_kernel(ce_params p) {
   __syncthreads();
   const float red_scale = block_scale[0];
   const float wsum = block_scale[1];
+  const bool per_row = p.reduction == CULOSS_REDUCTION_NONE || p.rows_out;
 
   double my_loss = 0.0; /* lane 0 of each group: sum of its rows, in row order */
   for (int64_t row = (int64_t)blockIdx.x * ROWS + grp; row < p.n;
@@ -236,10 +217,11 @@ __global__ void __launch_bounds__(BLOCK) ce_kernel(ce_params p) {
         if (lane == 0) {
           const float l = bad ? __int_as_float(0x7fc00000) : 0.0f;
           if (bad) atomicOr(&p.scratch->error_flag, CULOSS__FLAG_TARGET);
-          if (p.reduction == CULOSS_REDUCTION_NONE)
+          if (per_row)
             p.loss[row] = l;
           else
             my_loss += l;
+          if (p.row_stats) p.row_stats[row] = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
         }
         if (gr) {
           pack_t zero;
@@ -261,7 +243,7 @@ __global__ void __launch_bounds__(BLOCK) ce_kernel(ce_params p) {
       greduce::sync();
       if (lane == 0) {
         const float l = -wt * xt;
-        if (p.reduction == CULOSS_REDUCTION_NONE)
+        if (per_row)
           p.loss[row] = l;
         else
           my_loss += l;
@@ -351,10 +333,12 @@ __global__ void __launch_bounds__(BLOCK) ce_kernel(ce_params p) {
           l = r.sy * lse - r.sx;
         }
         l += p.z * lse * lse;
-        if (p.reduction == CULOSS_REDUCTION_NONE)
+        if (per_row)
           p.loss[row] = l;
         else
           my_loss += l;
+        /* what fused linear + CE needs to rebuild this row's gradient later */
+        if (p.row_stats) p.row_stats[row] = make_float4(lse, coef_a, (1.0f - eps) * wt, scale);
       }
 
       /* ---- pass 2: the gradient, written once ---- */
@@ -397,7 +381,7 @@ __global__ void __launch_bounds__(BLOCK) ce_kernel(ce_params p) {
   }
 
   /* Lane 0 of each group holds its rows' sum; the block sums the groups. */
-  if (p.reduction != CULOSS_REDUCTION_NONE)
+  if (!per_row)
     store_block_sum<BLOCK>(lane == 0 ? my_loss : 0.0, &p.scratch->partial_loss[blockIdx.x]);
 }
 
@@ -515,99 +499,114 @@ extern "C" culoss_status culoss__cuda_kernels_init(culoss_context *ctx) {
   return v.st;
 }
 
+namespace culoss_dev {
+
+void ce_fill_params(culoss_context *ctx, const culoss__ce_args *a, ce_params *p) {
+  p->n = a->n;
+  p->c = a->c;
+  p->ld = a->ld;
+  p->x = a->x;
+  p->targets = a->targets;
+  p->probs = a->probs;
+  p->loss = a->loss;
+  p->grad = a->grad;
+  p->grad_loss = a->grad_loss;
+  p->class_weight = a->o.class_weight;
+  p->normalizer = a->o.normalizer;
+  p->ignore_index = a->o.ignore_index;
+  p->eps = a->o.label_smoothing;
+  p->z = a->o.z_loss;
+  p->cap = a->o.logit_softcap;
+  p->reduction = (int)a->o.reduction;
+  p->ttype = (int)a->ttype;
+  p->need_wsum = a->mode == CULOSS__CE_INDEX && p->eps > 0.0f && p->class_weight != nullptr;
+  p->prep_blocks = 0;
+  p->cache_vecs = 0;
+  p->rows_out = 0;
+  p->row_stats = nullptr;
+  p->scratch = ctx->scratch;
+  p->div.count = a->mode == CULOSS__CE_SOFT ? (double)a->n : 0.0;
+  p->div.normalizer = p->normalizer;
+  p->div.prep = nullptr;
+  p->div.prep_count = 0;
+}
+
+culoss_status ce_launch_prep(const ce_params *p_in, ce_params *p, int mode, cudaStream_t stream) {
+  *p = *p_in;
+  const bool need_denom =
+      p->reduction == CULOSS_REDUCTION_MEAN && !p->normalizer && mode != CULOSS__CE_SOFT;
+  if (!need_denom && !p->need_wsum) return CULOSS_OK;
+  int64_t work = need_denom ? p->n : 0;
+  if (p->need_wsum && p->c > work) work = p->c;
+  int64_t blocks = (work + PREP_THREADS - 1) / PREP_THREADS;
+  if (blocks < 1) blocks = 1;
+  if (blocks > CULOSS_MAX_PREP_BLOCKS) blocks = CULOSS_MAX_PREP_BLOCKS;
+  p->prep_blocks = (int)blocks;
+  if (need_denom) {
+    p->div.prep = p->scratch->prep_denom;
+    p->div.prep_count = (int)blocks;
+  }
+  ce_prep_kernel<<<(unsigned)blocks, PREP_THREADS, 0, stream>>>(*p, mode);
+  const cudaError_t e = cudaGetLastError();
+  return e == cudaSuccess ? CULOSS_OK : culoss__cuda_status(e, "launch of ce_prep_kernel");
+}
+
+culoss_status ce_launch_main(culoss_context *ctx, ce_params &p, int mode, int dtype,
+                             int64_t *grid_out, cudaStream_t stream) {
+  const size_t esize = culoss__dtype_size((culoss_dtype)dtype);
+  const shape s = pick_shape(p.c);
+  const int vec16n = (int)(16 / esize);
+  const bool vec_ok = aligned16(p.x) && aligned16(p.grad) &&
+                      (mode != CULOSS__CE_SOFT || aligned16(p.probs)) &&
+                      ((p.ld * (int64_t)esize) % 16) == 0;
+  const int vec = vec_ok ? vec16n : 1;
+  const int rows = rows_of(s);
+  const size_t pack_bytes = (size_t)vec * esize;
+  /* Rows of the soft and index modes are kept in shared memory for pass 2
+     when a gradient is wanted; as much of each row as fits. */
+  p.cache_vecs = 0;
+  if (p.grad && mode != CULOSS__NLL) {
+    const size_t budget = ctx->smem_optin - STATIC_SMEM_RESERVE;
+    const int64_t fit = (int64_t)(budget / ((size_t)rows * pack_bytes));
+    const int64_t nvec = p.c / vec;
+    p.cache_vecs = nvec < fit ? nvec : fit;
+  }
+  const int64_t grid = capped_grid((p.n + rows - 1) / rows);
+  *grid_out = grid;
+  launch_visitor lv{mode, (int)s, vec, dtype, p, grid,
+                    (size_t)p.cache_vecs * rows * pack_bytes, stream, 0};
+  for_each_kernel(lv);
+  if (!lv.launched)
+    return culoss__error(CULOSS_ERROR_INTERNAL, "no ce_kernel for mode %d shape %d vec %d", mode,
+                         (int)s, vec);
+  const cudaError_t e = cudaGetLastError();
+  return e == cudaSuccess ? CULOSS_OK : culoss__cuda_status(e, "launch of ce_kernel");
+}
+
+} // namespace culoss_dev
+
 extern "C" culoss_status culoss__cuda_cross_entropy(culoss_context *ctx, const void *args) {
   const culoss__ce_args *a = static_cast<const culoss__ce_args *>(args);
   const cudaStream_t stream = (cudaStream_t)ctx->stream;
   const int mode = (int)a->mode;
-  const bool reduced = a->o.reduction != CULOSS_REDUCTION_NONE;
-  const size_t esize = culoss__dtype_size(a->dtype);
-  cudaError_t e;
-
-  ce_params p;
-  p.n = a->n;
-  p.c = a->c;
-  p.ld = a->ld;
-  p.x = a->x;
-  p.targets = a->targets;
-  p.probs = a->probs;
-  p.loss = a->loss;
-  p.grad = a->grad;
-  p.grad_loss = a->grad_loss;
-  p.class_weight = a->o.class_weight;
-  p.normalizer = a->o.normalizer;
-  p.ignore_index = a->o.ignore_index;
-  p.eps = a->o.label_smoothing;
-  p.z = a->o.z_loss;
-  p.cap = a->o.logit_softcap;
-  p.reduction = (int)a->o.reduction;
-  p.ttype = (int)a->ttype;
-  p.need_wsum = a->mode == CULOSS__CE_INDEX && p.eps > 0.0f && p.class_weight != nullptr;
-  p.prep_blocks = 0;
-  p.cache_vecs = 0;
-  p.scratch = ctx->scratch;
-  p.div.count = a->mode == CULOSS__CE_SOFT ? (double)a->n : 0.0;
-  p.div.normalizer = p.normalizer;
-  p.div.prep = nullptr;
-  p.div.prep_count = 0;
-
+  ce_params p0, p;
+  ce_fill_params(ctx, a, &p0);
   /* 1. MEAN's denominator and W, when they depend on data. */
-  const bool need_denom = a->o.reduction == CULOSS_REDUCTION_MEAN && !p.normalizer &&
-                          a->mode != CULOSS__CE_SOFT;
-  if (need_denom || p.need_wsum) {
-    int64_t work = need_denom ? p.n : 0;
-    if (p.need_wsum && p.c > work) work = p.c;
-    int64_t blocks = (work + PREP_THREADS - 1) / PREP_THREADS;
-    if (blocks < 1) blocks = 1;
-    if (blocks > CULOSS_MAX_PREP_BLOCKS) blocks = CULOSS_MAX_PREP_BLOCKS;
-    p.prep_blocks = (int)blocks;
-    if (need_denom) {
-      p.div.prep = ctx->scratch->prep_denom;
-      p.div.prep_count = (int)blocks;
-    }
-    ce_prep_kernel<<<(unsigned)blocks, PREP_THREADS, 0, stream>>>(p, mode);
-    e = cudaGetLastError();
-    if (e != cudaSuccess) return culoss__cuda_status(e, "launch of ce_prep_kernel");
-  }
-
+  culoss_status st = ce_launch_prep(&p0, &p, mode, stream);
+  if (st != CULOSS_OK) return st;
   /* 2. The fused kernel. */
   int64_t grid = 0;
   if (p.n > 0) {
-    const shape s = pick_shape(p.c);
-    const int vec16n = (int)(16 / esize);
-    const bool vec_ok = aligned16(p.x) && aligned16(p.grad) &&
-                        (a->mode != CULOSS__CE_SOFT || aligned16(p.probs)) &&
-                        ((p.ld * (int64_t)esize) % 16) == 0;
-    const int vec = vec_ok ? vec16n : 1;
-    const int rows = rows_of(s);
-    const size_t pack_bytes = (size_t)vec * esize;
-    /* Rows of the soft and index modes are kept in shared memory for pass 2
-       when a gradient is wanted; as much of each row as fits. */
-    if (p.grad && a->mode != CULOSS__NLL) {
-      const size_t budget = ctx->smem_optin - STATIC_SMEM_RESERVE;
-      const int64_t fit = (int64_t)(budget / ((size_t)rows * pack_bytes));
-      const int64_t nvec = p.c / vec;
-      p.cache_vecs = nvec < fit ? nvec : fit;
-    }
-    grid = capped_grid((p.n + rows - 1) / rows);
-    launch_visitor lv{mode, (int)s, vec, (int)a->dtype, p, grid,
-                      (size_t)p.cache_vecs * rows * pack_bytes, stream, 0};
-    for_each_kernel(lv);
-    if (!lv.launched)
-      return culoss__error(CULOSS_ERROR_INTERNAL, "no ce_kernel for mode %d shape %d vec %d", mode,
-                           (int)s, vec);
-    e = cudaGetLastError();
-    if (e != cudaSuccess) return culoss__cuda_status(e, "launch of ce_kernel");
+    st = ce_launch_main(ctx, p, mode, (int)a->dtype, &grid, stream);
+    if (st != CULOSS_OK) return st;
   }
-
   /* 3. The reduced loss. */
-  if (reduced) {
-    final_params f;
-    f.partials = ctx->scratch->partial_loss;
-    f.count = (int)grid;
-    f.loss = p.loss;
-    f.reduction = p.reduction;
-    f.divisor = p.div;
-    return culoss__launch_reduce_final(ctx->stream, f);
-  }
-  return CULOSS_OK;
+  if (a->o.reduction == CULOSS_REDUCTION_NONE) return CULOSS_OK;
+  final_params f;
+  f.partials = ctx->scratch->partial_loss;
+  f.count = (int)grid;
+  f.loss = p.loss;
+  f.reduction = p.reduction;
+  f.divisor = p.div;
+  return culoss__launch_reduce_final(ctx->stream, f);
 }

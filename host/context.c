@@ -78,6 +78,7 @@ static culoss_status create_cuda(culoss_context *c, int device) {
   CUDA_TRY(cudaMallocHost((void **)&c->host_flag, sizeof(int)));
   CUDA_TRY(cudaDeviceSynchronize());
   st = culoss__cuda_kernels_init(c);
+  if (st == CULOSS_OK) st = culoss__cublas_create(c);
 done:
   culoss__device_leave(c, prev);
   return st;
@@ -128,6 +129,7 @@ culoss_status culoss_destroy(culoss_context *ctx) {
     if (culoss__device_enter(ctx, &prev) == CULOSS_OK) {
       cudaError_t e = cudaStreamSynchronize((cudaStream_t)ctx->stream);
       if (e != cudaSuccess) st = culoss__cuda_status(e, "culoss_destroy: cudaStreamSynchronize");
+      culoss__cublas_destroy(ctx);
       if (ctx->scratch) (void)cudaFree(ctx->scratch);
       if (ctx->host_flag) (void)cudaFreeHost(ctx->host_flag);
       culoss__device_leave(ctx, prev);

@@ -22,6 +22,19 @@ void culoss_cross_entropy_options_init(culoss_cross_entropy_options *o) {
 
 #define BAD(...) culoss__error(CULOSS_ERROR_INVALID_VALUE, __VA_ARGS__)
 
+culoss_status culoss__check_ce_options(const char *fn, const culoss_cross_entropy_options *o) {
+  culoss_status st;
+  if ((st = culoss__check_reduction(fn, o->reduction, 0)) != CULOSS_OK) return st;
+  if (!(o->label_smoothing >= 0.0f && o->label_smoothing <= 1.0f))
+    return BAD("%s: label_smoothing = %g must be in [0, 1]", fn, (double)o->label_smoothing);
+  if (!(o->z_loss >= 0.0f && isfinite(o->z_loss)))
+    return BAD("%s: z_loss = %g must be finite and >= 0", fn, (double)o->z_loss);
+  if (!(o->logit_softcap >= 0.0f && isfinite(o->logit_softcap)))
+    return BAD("%s: logit_softcap = %g must be finite and >= 0 (0 = off)", fn,
+               (double)o->logit_softcap);
+  return CULOSS_OK;
+}
+
 static culoss_status validate(const culoss_context *ctx, const char *fn, culoss__ce_args *a,
                               const char *xname) {
   const culoss_cross_entropy_options *o = &a->o;
@@ -38,14 +51,7 @@ static culoss_status validate(const culoss_context *ctx, const char *fn, culoss_
   if (a->n > 0 && a->ld > INT64_MAX / 4 / a->n)
     return BAD("%s: n * ld = %lld * %lld overflows 64-bit byte offsets", fn, (long long)a->n,
                (long long)a->ld);
-  if ((st = culoss__check_reduction(fn, o->reduction, 0)) != CULOSS_OK) return st;
-  if (!(o->label_smoothing >= 0.0f && o->label_smoothing <= 1.0f))
-    return BAD("%s: label_smoothing = %g must be in [0, 1]", fn, (double)o->label_smoothing);
-  if (!(o->z_loss >= 0.0f && isfinite(o->z_loss)))
-    return BAD("%s: z_loss = %g must be finite and >= 0", fn, (double)o->z_loss);
-  if (!(o->logit_softcap >= 0.0f && isfinite(o->logit_softcap)))
-    return BAD("%s: logit_softcap = %g must be finite and >= 0 (0 = off)", fn,
-               (double)o->logit_softcap);
+  if ((st = culoss__check_ce_options(fn, o)) != CULOSS_OK) return st;
   if (a->mode == CULOSS__NLL &&
       (o->label_smoothing != 0.0f || o->z_loss != 0.0f || o->logit_softcap != 0.0f))
     return BAD("%s: label_smoothing, z_loss and logit_softcap do not apply to NLL; they must be 0",

@@ -48,6 +48,8 @@ struct culoss_context {
   int *host_flag;            /* pinned host word for reading the flag */
   int sm_count;
   size_t smem_optin;         /* max dynamic shared memory per block */
+  void *cublas;              /* cublasHandle_t, created with the context */
+  void *cublas_ws;           /* its fixed workspace: nothing allocates during capture */
 };
 
 /* Arguments of the cross-entropy family, validated by host/cross_entropy.c
@@ -111,6 +113,30 @@ typedef struct {
   const float *grad_loss;
 } culoss__mm_args;
 
+/* Fused linear + cross-entropy. */
+typedef struct {
+  culoss_cross_entropy_options o;
+  int64_t n, d, v;
+  culoss_dtype dtype;
+  culoss_index_type ttype;
+  const void *hidden, *weight, *bias, *targets;
+  float *loss;
+  void *grad_hidden, *grad_weight, *grad_bias;
+  const float *grad_loss;
+  void *workspace;
+  size_t workspace_bytes;
+} culoss__lce_args;
+
+/* The workspace layout of linear CE (host/linear_ce.c): byte offsets of each
+   region and the block sizes; the CUDA path and the size query share it. */
+typedef struct {
+  int64_t rows;       /* rows per block */
+  int64_t vslice;     /* vocabulary rows per grad_weight slice (16-bit) */
+  size_t off_logits, off_row_loss, off_row_stats, off_bias_acc, off_gw_acc, total;
+} culoss__lce_layout;
+culoss__lce_layout culoss__lce_plan(int64_t n, int64_t d, int64_t v, culoss_dtype dtype);
+culoss_status culoss__cpu_linear_cross_entropy(const culoss__lce_args *a);
+
 /* Bits of culoss__scratch.error_flag, raised by kernels (atomicOr) and
    turned into a status by culoss_synchronize. */
 #define CULOSS__FLAG_TARGET 1 /* a class target outside [0, c) */
@@ -125,6 +151,8 @@ culoss_status culoss__check_reduction(const char *fn, culoss_reduction r, int al
 culoss_status culoss__check_targets_cpu(const char *fn, const void *targets, culoss_index_type t,
                                         int64_t n, int64_t c, int has_ignore,
                                         int64_t ignore_index);
+/* reduction (NONE/SUM/MEAN), label_smoothing, z_loss, logit_softcap. */
+culoss_status culoss__check_ce_options(const char *fn, const culoss_cross_entropy_options *o);
 /* Runs a CUDA launcher with ctx->device current. */
 culoss_status culoss__dispatch_cuda(culoss_context *ctx, const char *fn,
                                     culoss_status (*launch)(culoss_context *, const void *),
@@ -166,6 +194,10 @@ void culoss__store_f32(void *p, culoss_dtype dtype, int64_t i, float v);
 culoss_status culoss__cuda_cross_entropy(culoss_context *ctx, const void *ce_args);
 culoss_status culoss__cuda_elementwise(culoss_context *ctx, const void *ew_args);
 culoss_status culoss__cuda_multi_margin(culoss_context *ctx, const void *mm_args);
+culoss_status culoss__cuda_linear_cross_entropy(culoss_context *ctx, const void *lce_args);
+/* cuBLAS handle lifetime (cuda/linear_ce.cu). */
+culoss_status culoss__cublas_create(culoss_context *ctx);
+void culoss__cublas_destroy(culoss_context *ctx);
 /* Makes ctx->device current on this thread for the duration of a call;
    *prev receives the device to restore with culoss__device_leave. */
 culoss_status culoss__device_enter(const culoss_context *ctx, int *prev);

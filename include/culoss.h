@@ -385,6 +385,62 @@ CULOSS_API culoss_status culoss_kl_div(culoss_context *ctx, const culoss_kl_div_
                                        const void *input_logprobs, const void *target,
                                        float *loss, void *grad_input, const float *grad_loss);
 
+/* ------------------------------------------------------------------------ */
+/* Large vocabulary: fused linear + cross-entropy                           */
+/* ------------------------------------------------------------------------ */
+/*
+ * logits = hidden [n, d] @ weight [v, d]^T (+ bias [v]) are never
+ * materialised whole: they are computed a block of rows at a time with cuBLAS
+ * (tensor cores for fp16/bf16, fp32 accumulation), reduced on the fly by the
+ * fused cross-entropy kernel, and the gradients formed per block with further
+ * GEMMs. All cross-entropy options apply (class targets only).
+ *
+ * All of hidden, weight, bias, grad_* are contiguous, of dtype `dtype`.
+ * bias, grad_hidden, grad_weight, grad_bias may each be NULL (grad_bias must
+ * be NULL without bias). grad_weight and grad_bias are accumulated in fp32
+ * and written once at the end (bf16 accumulation across blocks diverges).
+ *
+ * Workspace rule (what culoss_linear_cross_entropy_workspace_size returns):
+ *   rows per block  r = min(n, 32768, max(1, floor(2^28 / (v * sizeof(dtype)))))
+ *   logits block    r * v * sizeof(dtype)
+ *   per-row values  20 * n bytes (row losses, saved softmax statistics)
+ *   fp32 grad_bias  4 * v; fp32 grad_weight for fp16/bf16: one vocabulary
+ *                   slice of vs rows, vs * d * 4 <= the logits block
+ * each region rounded up to 256 bytes: O(r * v + n), never O(n * v), and
+ * with r fixed by v, bounded independently of n apart from the 20 n term.
+ * grad_hidden must not alias hidden (hidden is read again after
+ * grad_hidden is written).
+ *
+ * FLOPs: forward 2 n d v; grad_hidden 2 n d v; grad_weight 2 n d v. For fp32
+ * the whole call is one pass (6 n d v). For fp16/bf16 with grad_weight, the
+ * fp32 accumulation of grad_weight within a workspace of that size takes a
+ * second pass over vocabulary slices that recomputes their logits
+ * (8 n d v in all).
+ */
+
+/* Workspace bytes for culoss_linear_cross_entropy with these sizes and every
+   gradient requested (an upper bound for fewer). `bytes` is host memory.
+   Both backends report the rule's figure; the CPU backend ignores the
+   workspace (its reference allocates what it needs). The environment
+   variable CULOSS_LINEAR_CE_BLOCK_BYTES (>= 1024) replaces the 2^28 block
+   budget of the rule, for tuning and tests. */
+CULOSS_API culoss_status culoss_linear_cross_entropy_workspace_size(culoss_context *ctx, int64_t n,
+                                                                    int64_t d, int64_t v,
+                                                                    culoss_dtype dtype,
+                                                                    size_t *bytes);
+
+/* Fused linear + cross-entropy: loss over logits = hidden @ weight^T + bias
+ * with class targets [n] (ttype). `loss`, `grad_loss`, the options and the
+ * errors are culoss_cross_entropy's. `workspace` (context memory, at least
+ * the queried size; NULL only when the size is 0) is used as scratch; its
+ * contents need not be preserved between calls. */
+CULOSS_API culoss_status culoss_linear_cross_entropy(
+    culoss_context *ctx, const culoss_cross_entropy_options *o, int64_t n, int64_t d, int64_t v,
+    culoss_dtype dtype, const void *hidden, const void *weight, const void *bias,
+    culoss_index_type ttype, const void *targets, float *loss, void *grad_hidden,
+    void *grad_weight, void *grad_bias, const float *grad_loss, void *workspace,
+    size_t workspace_bytes);
+
 #ifdef __cplusplus
 } /* extern "C" */
 #endif

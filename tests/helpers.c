@@ -141,3 +141,5 @@ int is_poison_f32(float v) {
   memcpy(&u, &v, sizeof u);
   return u == 0x7fbf7fbfu;
 }
+
+uint16_t bf16_bits(float f) { return culoss__f32_to_bf16(f); }

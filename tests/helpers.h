@@ -30,6 +30,8 @@ size_t dtype_bytes(culoss_dtype dt);
 /* Packs float -> dtype storage (round to nearest even) and back. */
 void pack_dtype(void *dst, const float *src, int64_t count, culoss_dtype dt);
 void unpack_dtype(float *dst, const void *src, int64_t count, culoss_dtype dt);
+/* One float to bf16 storage (round to nearest even). */
+uint16_t bf16_bits(float f);
 /* Rounds a float buffer in place through dtype (so a reference sees exactly
    the values the device sees). */
 void round_through(float *x, int64_t count, culoss_dtype dt);

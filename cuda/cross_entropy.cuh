@@ -1,0 +1,52 @@
+/*
+ * cross_entropy.cuh: the fused cross-entropy kernel's launch interface,
+ * shared by the cross-entropy entry points and by fused linear + CE, which
+ * runs the same kernel on blocks of logits it computes with cuBLAS.
+ */
+#ifndef CULOSS_CROSS_ENTROPY_CUH
+#define CULOSS_CROSS_ENTROPY_CUH
+
+#include <cuda_runtime.h>
+
+#include "../host/internal.h"
+#include "reduce.cuh"
+
+namespace culoss_dev {
+
+struct ce_params {
+  int64_t n, c, ld;
+  const void *x;
+  const void *targets;
+  const void *probs;
+  float *loss;
+  void *grad;
+  const float *grad_loss;
+  const float *class_weight;
+  const float *normalizer;
+  int64_t ignore_index;
+  float eps, z, cap;
+  int reduction;
+  int ttype;
+  int prep_blocks;    /* partials of D / W in the scratch (0: none) */
+  int need_wsum;      /* W = sum of class weights comes from the prep partials */
+  divisor_src div;    /* MEAN's denominator */
+  int64_t cache_vecs; /* packs of each row kept in shared memory */
+  int rows_out;       /* 1: loss[row] per row even for SUM/MEAN (no partials) */
+  float4 *row_stats;  /* NULL, or per row {lse, coef_a, (1-eps) w_y, grad scale} */
+  culoss__scratch *scratch;
+};
+
+/* Fills p from validated arguments (no launch). */
+void ce_fill_params(culoss_context *ctx, const culoss__ce_args *a, ce_params *p);
+/* Launches the kernel that sums target weights (MEAN's D) and class weights
+   (W, for smoothing with class weights) over all p->n rows, if needed, and
+   points p->div at its result. */
+culoss_status ce_launch_prep(const ce_params *p_in, ce_params *p, int mode, cudaStream_t s);
+/* Launches the fused kernel over p.n rows; *grid receives its block count
+   (the number of per-block partials it wrote when reduced and !rows_out). */
+culoss_status ce_launch_main(culoss_context *ctx, ce_params &p, int mode, int dtype,
+                             int64_t *grid, cudaStream_t s);
+
+} // namespace culoss_dev
+
+#endif

@@ -1,0 +1,300 @@
+/*
+ * linear_ce.cu: fused linear + cross-entropy. The N x V logits are never
+ * stored whole: they exist one block of rows at a time in the workspace.
+ *
+ * Pass A, per block of r rows (r from culoss__lce_plan):
+ *   1. logits[r, v] = hidden[r, d] @ weight^T (+ bias)      cuBLAS, fp32 accumulate
+ *   2. the fused cross-entropy kernel on the block: per-row loss, softmax
+ *      statistics, and the gradient dlogits written over the logits
+ *   3. grad_hidden[r, d] = dlogits @ weight                 cuBLAS
+ *   4. fp32: grad_weight += dlogits^T @ hidden[r]          cuBLAS, fp32 C (beta 1)
+ *   5. grad_bias (fp32 accumulator) += column sums of dlogits, fixed order
+ * Pass B, only for fp16/bf16 with grad_weight: grad_weight must accumulate
+ * in fp32 (bf16 accumulation across blocks diverges) but an fp32 [v, d]
+ * accumulator would break the workspace bound, so grad_weight is built one
+ * vocabulary slice at a time: for each slice, for each row block, recompute
+ * that tile of logits, rebuild its gradient from the saved per-row
+ * statistics (the same culoss__ce_grad the fused kernel uses) and accumulate
+ * dlogits^T @ hidden into an fp32 slice, converted once at the end.
+ *
+ * The loss is reduced from per-row losses with the shared deterministic
+ * reduction, with MEAN's denominator computed once over all n targets, so
+ * the result does not depend on the block size. cuBLAS runs on the
+ * context's stream with a fixed workspace: the call stays capture-safe.
+ */
+#include <cublas_v2.h>
+#include <cuda_runtime.h>
+#include <string.h>
+
+#include "../host/internal.h"
+#include "cross_entropy.cuh"
+#include "dtype.cuh"
+#include "loss_math.h"
+#include "reduce.cuh"
+
+namespace culoss_dev {
+namespace {
+
+constexpr size_t CUBLAS_WS_BYTES = (size_t)32 << 20;
+constexpr int LT = 256; /* threads of the small kernels here */
+
+template <typename T> cudaDataType_t cuda_type();
+template <> cudaDataType_t cuda_type<float>() { return CUDA_R_32F; }
+template <> cudaDataType_t cuda_type<__half>() { return CUDA_R_16F; }
+template <> cudaDataType_t cuda_type<__nv_bfloat16>() { return CUDA_R_16BF; }
+
+culoss_status cublas_status(cublasStatus_t s, const char *what) {
+  if (s == CUBLAS_STATUS_SUCCESS) return CULOSS_OK;
+  return culoss__error(s == CUBLAS_STATUS_ALLOC_FAILED ? CULOSS_ERROR_OUT_OF_MEMORY
+                                                       : CULOSS_ERROR_CUBLAS,
+                       "%s failed: %s (%s)", what, cublasGetStatusName(s),
+                       cublasGetStatusString(s));
+}
+
+/* Column-major C[m, n] = op(A) op(B) + beta C, fp32 accumulation. */
+culoss_status gemm(cublasHandle_t h, cublasOperation_t ta, cublasOperation_t tb, int64_t m,
+                   int64_t n, int64_t k, const void *A, cudaDataType_t at, int64_t lda,
+                   const void *B, cudaDataType_t bt, int64_t ldb, float beta, void *C,
+                   cudaDataType_t ct, int64_t ldc, const char *what) {
+  const float alpha = 1.0f;
+  return cublas_status(cublasGemmEx(h, ta, tb, (int)m, (int)n, (int)k, &alpha, A, at, (int)lda, B,
+                                    bt, (int)ldb, &beta, C, ct, (int)ldc, CUBLAS_COMPUTE_32F,
+                                    CUBLAS_GEMM_DEFAULT),
+                       what);
+}
+
+template <typename T>
+__global__ void __launch_bounds__(LT) bias_fill_kernel(T *tile, const T *bias, int64_t cols,
+                                                       int64_t ld) {
+  T *row = tile + (int64_t)blockIdx.y * ld;
+  for (int64_t j = (int64_t)blockIdx.x * LT + threadIdx.x; j < cols; j += (int64_t)gridDim.x * LT)
+    row[j] = bias[j];
+}
+
+/* acc[j] (+)= sum over rows of tile[i, j], rows in order: deterministic. */
+template <typename T>
+__global__ void __launch_bounds__(LT) colsum_kernel(const T *tile, int64_t rows, int64_t cols,
+                                                    int64_t ld, float *acc, int init) {
+  const int64_t j = (int64_t)blockIdx.x * LT + threadIdx.x;
+  if (j >= cols) return;
+  float s = 0.0f;
+  for (int64_t i = 0; i < rows; i++) s += to_f32(tile[i * ld + j]);
+  acc[j] = init ? s : acc[j] + s;
+}
+
+template <typename T>
+__global__ void __launch_bounds__(LT) convert_kernel(const float *src, T *dst, int64_t count) {
+  for (int64_t i = (int64_t)blockIdx.x * LT + threadIdx.x; i < count; i += (int64_t)gridDim.x * LT)
+    dst[i] = from_f32<T>(src[i]);
+}
+
+/* Pass B: the gradient of a tile [rows, cols] of logits (vocabulary columns
+   c0..c0+cols) from the statistics the fused kernel saved for each row. */
+template <typename T>
+__global__ void __launch_bounds__(LT)
+    grad_from_stats_kernel(T *tile, int64_t cols, int64_t ld, int64_t c0, int64_t v,
+                           const float4 *stats, const void *targets, int ttype,
+                           const float *class_weight, float eps, float cap) {
+  const int64_t i = blockIdx.y;
+  const float4 st = stats[i]; /* lse, coef_a, (1-eps) w_y, scale */
+  const int64_t t = ttype == CULOSS_I32 ? (int64_t) static_cast<const int32_t *>(targets)[i]
+                                        : static_cast<const int64_t *>(targets)[i];
+  T *row = tile + i * ld;
+  for (int64_t jj = (int64_t)blockIdx.x * LT + threadIdx.x; jj < cols;
+       jj += (int64_t)gridDim.x * LT) {
+    const int64_t j = c0 + jj;
+    float g = 0.0f;
+    if (st.w != 0.0f) { /* scale 0: ignored or out-of-range row */
+      const float xs = culoss__softcap(to_f32(row[jj]), cap);
+      float b = j == t ? st.z : 0.0f;
+      if (eps > 0.0f) b += eps / (float)v * (class_weight ? class_weight[j] : 1.0f);
+      g = culoss__ce_grad(xs, st.x, st.y, b, st.w, culoss__softcap_grad(xs, cap));
+    }
+    row[jj] = from_f32<T>(g);
+  }
+}
+
+__global__ void __launch_bounds__(LT) row_loss_sum_kernel(const float *row_loss, int64_t n,
+                                                          double *partials) {
+  double s = 0.0;
+  for (int64_t i = (int64_t)blockIdx.x * LT + threadIdx.x; i < n; i += (int64_t)gridDim.x * LT)
+    s += row_loss[i];
+  store_block_sum<LT>(s, &partials[blockIdx.x]);
+}
+
+inline unsigned blocks_for(int64_t count) {
+  int64_t b = (count + LT - 1) / LT;
+  if (b < 1) b = 1;
+  return (unsigned)(b > 65535 ? 65535 : b);
+}
+
+#define CU_TRY(expr, what)                                    \
+  do {                                                        \
+    cudaError_t e_ = (expr);                                  \
+    if (e_ != cudaSuccess) return culoss__cuda_status(e_, what); \
+  } while (0)
+#define CL_TRY(expr)                     \
+  do {                                   \
+    culoss_status s_ = (expr);           \
+    if (s_ != CULOSS_OK) return s_;      \
+  } while (0)
+
+template <typename T> culoss_status run(culoss_context *ctx, const culoss__lce_args *a) {
+  const cudaStream_t stream = (cudaStream_t)ctx->stream;
+  const cublasHandle_t h = (cublasHandle_t)ctx->cublas;
+  const cudaDataType_t ty = cuda_type<T>();
+  const int64_t n = a->n, d = a->d, v = a->v;
+  const culoss__lce_layout L = culoss__lce_plan(n, d, v, a->dtype);
+  unsigned char *ws = static_cast<unsigned char *>(a->workspace);
+  T *tile = reinterpret_cast<T *>(ws + L.off_logits);
+  float *row_loss = reinterpret_cast<float *>(ws + L.off_row_loss);
+  float4 *row_stats = reinterpret_cast<float4 *>(ws + L.off_row_stats);
+  float *bias_acc = reinterpret_cast<float *>(ws + L.off_bias_acc);
+  float *gw_acc = reinterpret_cast<float *>(ws + L.off_gw_acc);
+  const T *H = static_cast<const T *>(a->hidden);
+  const T *W = static_cast<const T *>(a->weight);
+  const T *B = static_cast<const T *>(a->bias);
+  const bool reduced = a->o.reduction != CULOSS_REDUCTION_NONE;
+  const bool f32 = a->dtype == CULOSS_F32;
+  const bool pass_b = !f32 && a->grad_weight != nullptr;
+  const bool want_grad = a->grad_hidden || a->grad_weight || a->grad_bias;
+  const size_t tsz = a->ttype == CULOSS_I32 ? 4 : 8;
+
+  CL_TRY(cublas_status(cublasSetStream(h, stream), "cublasSetStream"));
+
+  /* The cross-entropy kernel's parameters, with MEAN's D over all n rows. */
+  culoss__ce_args ca;
+  memset(&ca, 0, sizeof ca);
+  ca.mode = CULOSS__CE_INDEX;
+  ca.o = a->o;
+  ca.n = n, ca.c = v, ca.ld = v, ca.dtype = a->dtype, ca.ttype = a->ttype;
+  ca.targets = a->targets;
+  ce_params p0, p;
+  ce_fill_params(ctx, &ca, &p0);
+  CL_TRY(ce_launch_prep(&p0, &p, CULOSS__CE_INDEX, stream));
+  p.rows_out = 1;
+
+  if (n == 0) { /* nothing to accumulate: zero gradients */
+    if (a->grad_weight)
+      CU_TRY(cudaMemsetAsync(a->grad_weight, 0, (size_t)(v * d) * sizeof(T), stream), "cudaMemsetAsync");
+    if (a->grad_bias)
+      CU_TRY(cudaMemsetAsync(a->grad_bias, 0, (size_t)v * sizeof(T), stream), "cudaMemsetAsync");
+  }
+
+  /* ---- pass A: row blocks ---- */
+  for (int64_t r0 = 0; r0 < n; r0 += L.rows) {
+    const int64_t nr = n - r0 < L.rows ? n - r0 : L.rows;
+    const T *Hr = H + r0 * d;
+    if (B) {
+      bias_fill_kernel<T><<<dim3(blocks_for(v), (unsigned)nr), LT, 0, stream>>>(tile, B, v, v);
+      CU_TRY(cudaGetLastError(), "launch of bias_fill_kernel");
+    }
+    /* logits (row-major [nr, v]) = column-major [v, nr] = W (v x d) Hr^T */
+    CL_TRY(gemm(h, CUBLAS_OP_T, CUBLAS_OP_N, v, nr, d, W, ty, d, Hr, ty, d, B ? 1.0f : 0.0f, tile,
+                ty, v, "cublasGemmEx(logits)"));
+    p.n = nr;
+    p.x = tile;
+    p.grad = want_grad ? tile : nullptr;
+    p.targets = static_cast<const char *>(a->targets) + (size_t)r0 * tsz;
+    p.loss = (reduced ? row_loss : a->loss) + r0;
+    p.grad_loss = a->grad_loss && !reduced ? a->grad_loss + r0 : a->grad_loss;
+    p.row_stats = pass_b ? row_stats + r0 : nullptr;
+    int64_t grid;
+    CL_TRY(ce_launch_main(ctx, p, CULOSS__CE_INDEX, (int)a->dtype, &grid, stream));
+    if (a->grad_hidden) /* grad_hidden [nr, d] = dlogits [nr, v] @ W [v, d] */
+      CL_TRY(gemm(h, CUBLAS_OP_N, CUBLAS_OP_N, d, nr, v, W, ty, d, tile, ty, v, 0.0f,
+                  static_cast<T *>(a->grad_hidden) + r0 * d, ty, d, "cublasGemmEx(grad_hidden)"));
+    if (f32 && a->grad_weight) /* grad_weight [v, d] (+)= dlogits^T @ Hr, in fp32 */
+      CL_TRY(gemm(h, CUBLAS_OP_N, CUBLAS_OP_T, d, v, nr, Hr, ty, d, tile, ty, v,
+                  r0 == 0 ? 0.0f : 1.0f, a->grad_weight, CUDA_R_32F, d,
+                  "cublasGemmEx(grad_weight)"));
+    if (a->grad_bias) {
+      colsum_kernel<T><<<blocks_for(v), LT, 0, stream>>>(tile, nr, v, v, bias_acc, r0 == 0);
+      CU_TRY(cudaGetLastError(), "launch of colsum_kernel");
+    }
+  }
+
+  /* ---- pass B: grad_weight by vocabulary slices, fp32 accumulation ---- */
+  if (pass_b && n > 0) {
+    for (int64_t c0 = 0; c0 < v; c0 += L.vslice) {
+      const int64_t vc = v - c0 < L.vslice ? v - c0 : L.vslice;
+      /* row blocks whose tile [nr, vc] fits the logits block */
+      const int64_t rb = (int64_t)(L.off_row_loss / ((size_t)vc * sizeof(T)));
+      const int64_t rows_b = rb < 1 ? 1 : (rb > 32768 ? 32768 : rb);
+      for (int64_t r0 = 0; r0 < n; r0 += rows_b) {
+        const int64_t nr = n - r0 < rows_b ? n - r0 : rows_b;
+        const T *Hr = H + r0 * d;
+        if (B) {
+          bias_fill_kernel<T><<<dim3(blocks_for(vc), (unsigned)nr), LT, 0, stream>>>(tile, B + c0,
+                                                                                     vc, vc);
+          CU_TRY(cudaGetLastError(), "launch of bias_fill_kernel");
+        }
+        CL_TRY(gemm(h, CUBLAS_OP_T, CUBLAS_OP_N, vc, nr, d, W + c0 * d, ty, d, Hr, ty, d,
+                    B ? 1.0f : 0.0f, tile, ty, vc, "cublasGemmEx(logits slice)"));
+        grad_from_stats_kernel<T><<<dim3(blocks_for(vc), (unsigned)nr), LT, 0, stream>>>(
+            tile, vc, vc, c0, v, row_stats + r0,
+            static_cast<const char *>(a->targets) + (size_t)r0 * tsz, (int)a->ttype,
+            a->o.class_weight, a->o.label_smoothing, a->o.logit_softcap);
+        CU_TRY(cudaGetLastError(), "launch of grad_from_stats_kernel");
+        CL_TRY(gemm(h, CUBLAS_OP_N, CUBLAS_OP_T, d, vc, nr, Hr, ty, d, tile, ty, vc,
+                    r0 == 0 ? 0.0f : 1.0f, gw_acc, CUDA_R_32F, d,
+                    "cublasGemmEx(grad_weight slice)"));
+      }
+      convert_kernel<T><<<blocks_for(vc * d), LT, 0, stream>>>(
+          gw_acc, static_cast<T *>(a->grad_weight) + c0 * d, vc * d);
+      CU_TRY(cudaGetLastError(), "launch of convert_kernel");
+    }
+  }
+  if (a->grad_bias && n > 0) {
+    convert_kernel<T><<<blocks_for(v), LT, 0, stream>>>(bias_acc, static_cast<T *>(a->grad_bias), v);
+    CU_TRY(cudaGetLastError(), "launch of convert_kernel");
+  }
+
+  /* ---- the reduced loss from the per-row losses ---- */
+  if (!reduced) return CULOSS_OK;
+  const int64_t grid = capped_grid((n + LT - 1) / LT);
+  if (n > 0) {
+    row_loss_sum_kernel<<<(unsigned)grid, LT, 0, stream>>>(row_loss, n, ctx->scratch->partial_loss);
+    CU_TRY(cudaGetLastError(), "launch of row_loss_sum_kernel");
+  }
+  final_params f;
+  f.partials = ctx->scratch->partial_loss;
+  f.count = n > 0 ? (int)grid : 0;
+  f.loss = a->loss;
+  f.reduction = (int)a->o.reduction;
+  f.divisor = p.div;
+  return culoss__launch_reduce_final(ctx->stream, f);
+}
+
+} // namespace
+} // namespace culoss_dev
+
+using namespace culoss_dev;
+
+extern "C" culoss_status culoss__cuda_linear_cross_entropy(culoss_context *ctx, const void *args) {
+  const culoss__lce_args *a = static_cast<const culoss__lce_args *>(args);
+  switch (a->dtype) {
+  case CULOSS_F16: return run<__half>(ctx, a);
+  case CULOSS_BF16: return run<__nv_bfloat16>(ctx, a);
+  default: return run<float>(ctx, a);
+  }
+}
+
+extern "C" culoss_status culoss__cublas_create(culoss_context *ctx) {
+  cublasHandle_t h = nullptr;
+  culoss_status st = cublas_status(cublasCreate(&h), "cublasCreate");
+  if (st != CULOSS_OK) return st;
+  ctx->cublas = h;
+  cudaError_t e = cudaMalloc(&ctx->cublas_ws, CUBLAS_WS_BYTES);
+  if (e != cudaSuccess) return culoss__cuda_status(e, "cudaMalloc(cuBLAS workspace)");
+  st = cublas_status(cublasSetWorkspace(h, ctx->cublas_ws, CUBLAS_WS_BYTES), "cublasSetWorkspace");
+  if (st != CULOSS_OK) return st;
+  return cublas_status(cublasSetPointerMode(h, CUBLAS_POINTER_MODE_HOST), "cublasSetPointerMode");
+}
+
+extern "C" void culoss__cublas_destroy(culoss_context *ctx) {
+  if (ctx->cublas) cublasDestroy((cublasHandle_t)ctx->cublas);
+  if (ctx->cublas_ws) cudaFree(ctx->cublas_ws);
+  ctx->cublas = nullptr;
+  ctx->cublas_ws = nullptr;
+}

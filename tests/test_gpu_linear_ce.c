@@ -1,0 +1,171 @@
+/* test_gpu_linear_ce.c: the CUDA fused linear + cross-entropy (cuBLAS blocks,
+   the fused kernel, the fp32 grad_weight slices) against the CPU reference,
+   for each dtype, with one block and with many blocks and slices (a small
+   CULOSS_LINEAR_CE_BLOCK_BYTES), poisoned outputs, determinism. Skips
+   visibly without a GPU. */
+#define _POSIX_C_SOURCE 200809L
+#include <criterion/criterion.h>
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "helpers.h"
+
+static culoss_context *gpu, *cpu;
+static void gpu_setup(void) { gpu_open(&gpu, &cpu); }
+static void gpu_teardown(void) { gpu_close(gpu, cpu); }
+TestSuite(gpu_lce, .init = gpu_setup, .fini = gpu_teardown, .timeout = 900);
+
+#define dev_alloc(bytes) dev_alloc_(gpu, bytes)
+#define dev_from(host, bytes) dev_from_(gpu, host, bytes)
+#define dev_poison(d, bytes) dev_poison_(gpu, d, bytes)
+#define to_host(h, d, bytes) to_host_(gpu, h, d, bytes)
+
+static void check(const char *what, const void *got, const void *ref, int64_t count, culoss_dtype dt,
+                  double rtol) {
+  float *a = malloc((size_t)count * 4), *b = malloc((size_t)count * 4);
+  unpack_dtype(a, got, count, dt);
+  unpack_dtype(b, ref, count, dt);
+  double m = 0;
+  for (int64_t i = 0; i < count; i++) m = fmax(m, fabs(b[i]));
+  int64_t where;
+  /* GEMM sums in another order and (fp16/bf16) from rounded logits: a
+     relative bound plus a small fraction of the largest magnitude */
+  const double wr = worst_ratio(a, b, count, 1e-3 * m + 1e-9, rtol, &where);
+  cr_assert(wr <= 1.0, "%s[%lld]: gpu %.9g cpu %.9g (max |ref| %g)", what, (long long)where,
+            (double)a[where], (double)b[where], m);
+  free(a), free(b);
+}
+
+static void lce_case(int64_t n, int64_t d, int64_t v, culoss_dtype dt, culoss_reduction red,
+                     int bias, int options, uint64_t seed) {
+  rng_t r = rng_seeded(seed);
+  const size_t es = dtype_bytes(dt);
+  float *h = malloc((size_t)(n * d) * 4), *w = malloc((size_t)(v * d) * 4), *b = malloc((size_t)v * 4);
+  float *cw = malloc((size_t)v * 4), *gl = malloc((size_t)(n ? n : 1) * 4);
+  int64_t *t = malloc((size_t)(n ? n : 1) * 8);
+  for (int64_t i = 0; i < n * d; i++) h[i] = (float)rng_normal(&r);
+  for (int64_t i = 0; i < v * d; i++) w[i] = (float)(rng_normal(&r) / sqrt((double)d) * 3.0);
+  for (int64_t j = 0; j < v; j++) b[j] = (float)rng_normal(&r), cw[j] = (float)(0.5 + rng_uniform(&r));
+  for (int64_t i = 0; i < n; i++) {
+    t[i] = rng_uniform(&r) < 0.1 ? -100 : rng_int(&r, 0, v);
+    gl[i] = (float)(0.5 + rng_uniform(&r));
+  }
+  void *hh = malloc((size_t)(n * d) * es), *wh = malloc((size_t)(v * d) * es), *bh = malloc((size_t)v * es);
+  pack_dtype(hh, h, n * d, dt), pack_dtype(wh, w, v * d, dt), pack_dtype(bh, b, v, dt);
+  culoss_cross_entropy_options o;
+  culoss_cross_entropy_options_init(&o);
+  o.reduction = red;
+  if (options) o.label_smoothing = 0.1f, o.z_loss = 1e-3f, o.logit_softcap = 20.0f, o.class_weight = cw;
+  const int64_t nl = red == CULOSS_REDUCTION_NONE ? n : 1;
+  float *ref_l = malloc((size_t)(nl ? nl : 1) * 4), *l = malloc((size_t)(nl ? nl : 1) * 4);
+  void *rgh = malloc((size_t)(n * d) * es + 1), *rgw = malloc((size_t)(v * d) * es), *rgb = malloc((size_t)v * es);
+  cr_assert_eq(culoss_linear_cross_entropy(cpu, &o, n, d, v, dt, hh, wh, bias ? bh : NULL, CULOSS_I64,
+                                           t, ref_l, rgh, rgw, bias ? rgb : NULL, gl, NULL, 0),
+               CULOSS_OK, "%s", culoss_last_error());
+  size_t wsb;
+  cr_assert_eq(culoss_linear_cross_entropy_workspace_size(gpu, n, d, v, dt, &wsb), CULOSS_OK);
+  void *d_h = dev_from(hh, (size_t)(n * d) * es + 1), *d_w = dev_from(wh, (size_t)(v * d) * es);
+  void *d_b = dev_from(bh, (size_t)v * es), *d_t = dev_from(t, (size_t)(n ? n : 1) * 8);
+  float *d_cw = dev_from(cw, (size_t)v * 4), *d_gl = dev_from(gl, (size_t)(n ? n : 1) * 4);
+  void *d_gh = dev_alloc((size_t)(n * d) * es + 1), *d_gw = dev_alloc((size_t)(v * d) * es);
+  void *d_gb = dev_alloc((size_t)v * es), *d_ws = dev_alloc(wsb);
+  float *d_l = dev_alloc((size_t)(nl ? nl : 1) * 4);
+  dev_poison(d_gh, (size_t)(n * d) * es + 1), dev_poison(d_gw, (size_t)(v * d) * es);
+  dev_poison(d_gb, (size_t)v * es), dev_poison(d_l, (size_t)(nl ? nl : 1) * 4);
+  dev_poison(d_ws, wsb);
+  if (options) o.class_weight = d_cw;
+  cr_assert_eq(culoss_linear_cross_entropy(gpu, &o, n, d, v, dt, d_h, d_w, bias ? d_b : NULL,
+                                           CULOSS_I64, d_t, d_l, d_gh, d_gw, bias ? d_gb : NULL,
+                                           d_gl, d_ws, wsb),
+               CULOSS_OK, "%s", culoss_last_error());
+  cr_assert_eq(culoss_synchronize(gpu), CULOSS_OK, "%s", culoss_last_error());
+  to_host(l, d_l, (size_t)(nl ? nl : 1) * 4);
+  int64_t where;
+  const double lt = dt == CULOSS_F32 ? 1e-4 : 2e-2; /* 16-bit: logits rounded to the dtype */
+  cr_assert(worst_ratio(l, ref_l, nl, lt, lt, &where) <= 1.0, "loss[%lld] %g vs %g", (long long)where,
+            (double)l[where], (double)ref_l[where]);
+  void *g = malloc((size_t)(v * d) * es + (size_t)(n * d) * es + 1);
+  const double gt = dt == CULOSS_F32 ? 1e-3 : 5e-2;
+  to_host(g, d_gh, (size_t)(n * d) * es);
+  check("grad_hidden", g, rgh, n * d, dt, gt);
+  to_host(g, d_gw, (size_t)(v * d) * es);
+  check("grad_weight", g, rgw, v * d, dt, gt);
+  if (bias) {
+    to_host(g, d_gb, (size_t)v * es);
+    check("grad_bias", g, rgb, v, dt, gt);
+  }
+  culoss_free(gpu, d_h), culoss_free(gpu, d_w), culoss_free(gpu, d_b), culoss_free(gpu, d_t);
+  culoss_free(gpu, d_cw), culoss_free(gpu, d_gl), culoss_free(gpu, d_gh), culoss_free(gpu, d_gw);
+  culoss_free(gpu, d_gb), culoss_free(gpu, d_ws), culoss_free(gpu, d_l);
+  free(h), free(w), free(b), free(cw), free(gl), free(t), free(hh), free(wh), free(bh);
+  free(ref_l), free(l), free(rgh), free(rgw), free(rgb), free(g);
+}
+
+Test(gpu_lce, one_block_every_dtype_and_reduction) {
+  REQUIRE_GPU();
+  uint64_t seed = 1;
+  for (int dt = 0; dt < 3; dt++)
+    for (int red = 0; red < 3; red++)
+      for (int variant = 0; variant < 2; variant++)
+        lce_case(67, 48, 1000, (culoss_dtype)dt, (culoss_reduction)red, variant, variant, seed++);
+}
+
+Test(gpu_lce, many_blocks_and_vocabulary_slices) {
+  REQUIRE_GPU();
+  /* 64 KiB blocks: 32 rows of v = 1000 bf16 per block, slices of 256 vocab rows */
+  setenv("CULOSS_LINEAR_CE_BLOCK_BYTES", "65536", 1);
+  uint64_t seed = 100;
+  for (int dt = 0; dt < 3; dt++)
+    for (int red = 0; red < 3; red++)
+      lce_case(test_quick() ? 70 : 301, 64, 1000, (culoss_dtype)dt, (culoss_reduction)red, 1, red == 2,
+               seed++);
+  lce_case(5, 16, 3, CULOSS_BF16, CULOSS_REDUCTION_MEAN, 1, 1, seed++);
+  unsetenv("CULOSS_LINEAR_CE_BLOCK_BYTES");
+}
+
+Test(gpu_lce, deterministic_bitwise) {
+  REQUIRE_GPU();
+  const int64_t n = 512, d = 128, v = 5000;
+  rng_t r = rng_seeded(7);
+  uint16_t *h = malloc((size_t)(n * d) * 2), *w = malloc((size_t)(v * d) * 2);
+  int64_t *t = malloc((size_t)n * 8);
+  for (int64_t i = 0; i < n * d; i++) h[i] = bf16_bits((float)rng_normal(&r));
+  for (int64_t i = 0; i < v * d; i++) w[i] = bf16_bits((float)(0.2 * rng_normal(&r)));
+  for (int64_t i = 0; i < n; i++) t[i] = rng_int(&r, 0, v);
+  size_t wsb;
+  culoss_linear_cross_entropy_workspace_size(gpu, n, d, v, CULOSS_BF16, &wsb);
+  void *d_h = dev_from(h, (size_t)(n * d) * 2), *d_w = dev_from(w, (size_t)(v * d) * 2);
+  void *d_t = dev_from(t, (size_t)n * 8), *d_ws = dev_alloc(wsb);
+  void *d_gh = dev_alloc((size_t)(n * d) * 2), *d_gw = dev_alloc((size_t)(v * d) * 2);
+  float *d_l = dev_alloc(4), l[2];
+  uint16_t *gw[2];
+  for (int rep = 0; rep < 2; rep++) {
+    cr_assert_eq(culoss_linear_cross_entropy(gpu, NULL, n, d, v, CULOSS_BF16, d_h, d_w, NULL,
+                                             CULOSS_I64, d_t, d_l, d_gh, d_gw, NULL, NULL, d_ws, wsb),
+                 CULOSS_OK);
+    gw[rep] = malloc((size_t)(v * d) * 2);
+    to_host(gw[rep], d_gw, (size_t)(v * d) * 2);
+    to_host(&l[rep], d_l, 4);
+  }
+  cr_assert(memcmp(&l[0], &l[1], 4) == 0 && memcmp(gw[0], gw[1], (size_t)(v * d) * 2) == 0,
+            "linear CE differs run to run");
+  culoss_free(gpu, d_h), culoss_free(gpu, d_w), culoss_free(gpu, d_t), culoss_free(gpu, d_ws);
+  culoss_free(gpu, d_gh), culoss_free(gpu, d_gw), culoss_free(gpu, d_l);
+  free(h), free(w), free(t), free(gw[0]), free(gw[1]);
+}
+
+Test(gpu_lce, workspace_too_small_is_an_error) {
+  REQUIRE_GPU();
+  size_t wsb;
+  cr_assert_eq(culoss_linear_cross_entropy_workspace_size(gpu, 10, 8, 100, CULOSS_F32, &wsb), CULOSS_OK);
+  void *d_h = dev_alloc(80 * 4), *d_w = dev_alloc(800 * 4), *d_t = dev_alloc(80), *d_ws = dev_alloc(wsb);
+  float *d_l = dev_alloc(4);
+  cr_assert_eq(culoss_linear_cross_entropy(gpu, NULL, 10, 8, 100, CULOSS_F32, d_h, d_w, NULL,
+                                           CULOSS_I64, d_t, d_l, NULL, NULL, NULL, NULL, d_ws, wsb - 1),
+               CULOSS_ERROR_INVALID_VALUE);
+  cr_assert(strstr(culoss_last_error(), "workspace_bytes") != NULL);
+  culoss_free(gpu, d_h), culoss_free(gpu, d_w), culoss_free(gpu, d_t), culoss_free(gpu, d_ws);
+  culoss_free(gpu, d_l);
+}
