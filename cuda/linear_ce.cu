@@ -26,6 +26,8 @@
 #include <cuda_runtime.h>
 #include <string.h>
 
+#include <type_traits>
+
 #include "../host/internal.h"
 #include "cross_entropy.cuh"
 #include "dtype.cuh"
@@ -38,10 +40,16 @@ namespace {
 constexpr size_t CUBLAS_WS_BYTES = (size_t)32 << 20;
 constexpr int LT = 256; /* threads of the small kernels here */
 
-template <typename T> cudaDataType_t cuda_type();
-template <> cudaDataType_t cuda_type<float>() { return CUDA_R_32F; }
-template <> cudaDataType_t cuda_type<__half>() { return CUDA_R_16F; }
-template <> cudaDataType_t cuda_type<__nv_bfloat16>() { return CUDA_R_16BF; }
+/* (An explicit specialization here would be exported from the shared
+   library despite -fvisibility=hidden: nvcc names the anonymous namespace.) */
+template <typename T> inline cudaDataType_t cuda_type() {
+  if constexpr (std::is_same<T, float>::value)
+    return CUDA_R_32F;
+  else if constexpr (std::is_same<T, __half>::value)
+    return CUDA_R_16F;
+  else
+    return CUDA_R_16BF;
+}
 
 culoss_status cublas_status(cublasStatus_t s, const char *what) {
   if (s == CUBLAS_STATUS_SUCCESS) return CULOSS_OK;
