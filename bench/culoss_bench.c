@@ -29,6 +29,7 @@
 #include "loss_math.h"
 
 #ifdef CULOSS_HAVE_CUDA
+#include <cublas_v2.h>
 #include <cuda_runtime_api.h>
 #endif
 
@@ -361,6 +362,113 @@ static int bench_ew(culoss_context *ctx, const bench_opts *bo, t_op op, int64_t 
   return bad;
 }
 
+/* ---------------------------------------------------------------- linear CE */
+typedef struct {
+  culoss_context *ctx;
+  cublasHandle_t h;
+  int64_t n, d, v;
+  culoss_dtype dt;
+  void *hid, *w, *t, *gh, *gw, *ws, *logits;
+  size_t ws_bytes;
+  float *loss;
+} lce_state;
+
+static int lce_fused(void *p) {
+  lce_state *s = p;
+  CL(culoss_linear_cross_entropy(s->ctx, NULL, s->n, s->d, s->v, s->dt, s->hid, s->w, NULL,
+                                 CULOSS_I64, s->t, s->loss, s->gh, s->gw, NULL, NULL, s->ws,
+                                 s->ws_bytes));
+  return 0;
+}
+
+/* The unfused baseline: full logits from one GEMM, culoss_cross_entropy in
+   place, then the two backward GEMMs (fp32 accumulation inside cuBLAS). */
+static int lce_unfused(void *p) {
+  lce_state *s = p;
+  const float one = 1.0f, zero = 0.0f;
+  const cudaDataType_t ty = s->dt == CULOSS_BF16 ? CUDA_R_16BF : (s->dt == CULOSS_F16 ? CUDA_R_16F : CUDA_R_32F);
+  if (cublasGemmEx(s->h, CUBLAS_OP_T, CUBLAS_OP_N, (int)s->v, (int)s->n, (int)s->d, &one, s->w, ty,
+                   (int)s->d, s->hid, ty, (int)s->d, &zero, s->logits, ty, (int)s->v,
+                   CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT) != CUBLAS_STATUS_SUCCESS)
+    return -1;
+  CL(culoss_cross_entropy(s->ctx, NULL, s->n, s->v, s->dt, s->logits, s->v, CULOSS_I64, s->t,
+                          s->loss, s->logits, NULL));
+  if (cublasGemmEx(s->h, CUBLAS_OP_N, CUBLAS_OP_N, (int)s->d, (int)s->n, (int)s->v, &one, s->w, ty,
+                   (int)s->d, s->logits, ty, (int)s->v, &zero, s->gh, ty, (int)s->d,
+                   CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT) != CUBLAS_STATUS_SUCCESS)
+    return -1;
+  if (cublasGemmEx(s->h, CUBLAS_OP_N, CUBLAS_OP_T, (int)s->d, (int)s->v, (int)s->n, &one, s->hid,
+                   ty, (int)s->d, s->logits, ty, (int)s->v, &zero, s->gw, ty, (int)s->d,
+                   CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT) != CUBLAS_STATUS_SUCCESS)
+    return -1;
+  return 0;
+}
+
+/* Fused linear + CE against the unfused baseline, side by side: time,
+   TFLOP/s against the 6 n d v floor, extra device memory (workspace vs the
+   n x v logits), and the two results compared. */
+static int bench_lce(culoss_context *ctx, const bench_opts *bo, int64_t n, int64_t d, int64_t v,
+                     culoss_dtype dt) {
+  const size_t es = dt == CULOSS_F32 ? 4 : 2;
+  lce_state s = {ctx, NULL, n, d, v, dt, NULL, NULL, NULL, NULL, NULL, NULL, NULL, 0, NULL};
+  if (cublasCreate(&s.h) != CUBLAS_STATUS_SUCCESS) return -1;
+  CL(culoss_linear_cross_entropy_workspace_size(ctx, n, d, v, dt, &s.ws_bytes));
+  rng_t r = rng_seeded(5);
+  const int64_t blk = (int64_t)1 << 20;
+  float *f = malloc((size_t)blk * 4);
+  void *hb = malloc((size_t)blk * es);
+  int64_t *t = malloc((size_t)n * 8);
+  for (int64_t i = 0; i < n; i++) t[i] = rng_int(&r, 0, v);
+  CL(culoss_malloc(ctx, &s.hid, (size_t)(n * d) * es));
+  CL(culoss_malloc(ctx, &s.w, (size_t)(v * d) * es));
+  CL(culoss_malloc(ctx, &s.gh, (size_t)(n * d) * es));
+  CL(culoss_malloc(ctx, &s.gw, (size_t)(v * d) * es));
+  CL(culoss_malloc(ctx, &s.t, (size_t)n * 8));
+  CL(culoss_malloc(ctx, (void **)&s.loss, 4));
+  CL(culoss_upload(ctx, s.t, t, (size_t)n * 8));
+  void *bufs[2] = {s.hid, s.w};
+  const int64_t counts[2] = {n * d, v * d};
+  const double scales[2] = {1.0, 1.0 / sqrt((double)d)};
+  for (int q = 0; q < 2; q++)
+    for (int64_t i = 0; i < counts[q]; i += blk) {
+      const int64_t k = counts[q] - i < blk ? counts[q] - i : blk;
+      for (int64_t j = 0; j < k; j++) f[j] = (float)(scales[q] * 2.0 * rng_normal(&r));
+      pack_dtype(hb, f, k, dt);
+      CL(culoss_upload(ctx, (char *)bufs[q] + (size_t)i * es, hb, (size_t)k * es));
+    }
+  float lf, lu, ms_f[256], ms_u[256];
+  /* fused */
+  CL(culoss_malloc(ctx, &s.ws, s.ws_bytes));
+  if (lce_fused(&s)) return -1;
+  CL(culoss_download(ctx, &lf, s.loss, 4));
+  if (time_it(lce_fused, &s, bo->repeats, ms_f)) return -1;
+  CL(culoss_free(ctx, s.ws));
+  /* unfused baseline */
+  const size_t logits_bytes = (size_t)(n * v) * es;
+  CL(culoss_malloc(ctx, &s.logits, logits_bytes));
+  CK(cudaDeviceSynchronize());
+  if (lce_unfused(&s)) return -1;
+  CL(culoss_download(ctx, &lu, s.loss, 4));
+  if (time_it(lce_unfused, &s, bo->repeats, ms_u)) return -1;
+  CL(culoss_free(ctx, s.logits));
+  CL(culoss_synchronize(ctx));
+  const double flops = 6.0 * (double)n * (double)d * (double)v;
+  const double tf = ms_f[bo->repeats / 2], tu = ms_u[bo->repeats / 2];
+  const double err = fabs((double)lf - (double)lu) / fabs((double)lu);
+  const int ok = err <= (dt == CULOSS_F32 ? 1e-4 : 2e-2);
+  printf("%-8s %6lld %6lld %7lld %5s %9.3f %9.3f %7.1f %7.1f %6.2fx %10.1f %10.1f %6.1f%% %9.1e %s\n",
+         "lin+ce", (long long)n, (long long)d, (long long)v, dtype_name(dt), tf, tu,
+         flops / (tf * 1e-3) / 1e12, flops / (tu * 1e-3) / 1e12, tf / tu,
+         (double)s.ws_bytes / (1 << 20), (double)logits_bytes / (1 << 20),
+         100.0 * (double)s.ws_bytes / (double)logits_bytes, err, ok ? "ok" : "MISMATCH");
+  fflush(stdout);
+  culoss_free(ctx, s.hid), culoss_free(ctx, s.w), culoss_free(ctx, s.gh), culoss_free(ctx, s.gw);
+  culoss_free(ctx, s.t), culoss_free(ctx, s.loss);
+  cublasDestroy(s.h);
+  free(f), free(hb), free(t);
+  return ok ? 0 : 1;
+}
+
 static int run_gpu(culoss_context *ctx, const bench_opts *bo) {
   struct cudaDeviceProp prop;
   CK(cudaGetDeviceProperties(&prop, 0));
@@ -396,6 +504,19 @@ static int run_gpu(culoss_context *ctx, const bench_opts *bo) {
       if (rc < 0) return 1;
       bad |= rc;
     }
+  if (!bo->csv)
+    printf("\nfused linear + cross-entropy vs unfused (GEMM to full logits, culoss_cross_entropy, "
+           "2 GEMMs); TFLOP/s against 6 n d v; extra memory: workspace vs n x v logits\n"
+           "%-8s %6s %6s %7s %5s %9s %9s %7s %7s %7s %10s %10s %7s %9s %s\n", "case", "n", "d", "v",
+           "dtype", "fused_ms", "unfus_ms", "TF/s_f", "TF/s_u", "ratio", "ws_MiB", "logit_MiB",
+           "mem%", "loss_err", "check");
+  const int64_t lv_full[] = {32000, 128256, 256000};
+  for (int vi = 0; vi < (bo->quick ? 1 : 3); vi++) {
+    int rc = bench_lce(ctx, bo, bo->quick ? 4096 : 8192, bo->quick ? 2048 : 4096, lv_full[vi],
+                       CULOSS_BF16);
+    if (rc < 0) return 1;
+    bad |= rc;
+  }
   cudaFree(flush_buf);
   if (bad) fprintf(stderr, "culoss-bench: a GPU result did not match the CPU reference\n");
   return bad;
