@@ -276,6 +276,7 @@ int main(int argc, char **argv) {
   } else {
     if (graph) { /* exit code 77: ctest reports the graph test as skipped, not passed */
       printf("skipped: no CUDA device (%s); --graph needs the CUDA backend\n", culoss_last_error());
+      free(centres), free(xtr), free(xte), free(ytr), free(yte);
       return 77;
     }
     if (!cpu) printf("no usable GPU (%s): using the CPU backend\n", culoss_last_error());
