@@ -484,8 +484,6 @@ inline int rows_of(shape s) {
   }
 }
 
-inline bool aligned16(const void *ptr) { return ptr == nullptr || ((uintptr_t)ptr & 15u) == 0; }
-
 } // namespace
 } // namespace culoss_dev
 
@@ -601,12 +599,5 @@ extern "C" culoss_status culoss__cuda_cross_entropy(culoss_context *ctx, const v
     if (st != CULOSS_OK) return st;
   }
   /* 3. The reduced loss. */
-  if (a->o.reduction == CULOSS_REDUCTION_NONE) return CULOSS_OK;
-  final_params f;
-  f.partials = ctx->scratch->partial_loss;
-  f.count = (int)grid;
-  f.loss = p.loss;
-  f.reduction = p.reduction;
-  f.divisor = p.div;
-  return culoss__launch_reduce_final(ctx->stream, f);
+  return culoss__finish_reduction(ctx, (int)grid, p.loss, p.reduction, p.div);
 }

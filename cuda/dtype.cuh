@@ -38,6 +38,9 @@ template <typename T> struct vec16 {
   static constexpr int value = 16 / (int)sizeof(T);
 };
 
+/* NULL or 16-byte aligned: can take the pack path. */
+inline bool aligned16(const void *ptr) { return ptr == nullptr || ((uintptr_t)ptr & 15u) == 0; }
+
 /* Plain (coherent) loads, not ld.global.nc: with an in-place gradient the
    logits are overwritten during the kernel, so they are not read-only. */
 template <typename T, int VEC>

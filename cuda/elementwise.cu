@@ -143,8 +143,6 @@ cudaError_t launch_op(int op, const ew_params &p, bool vec, unsigned grid, cudaS
   }
 }
 
-inline bool aligned16(const void *ptr) { return ((uintptr_t)ptr & 15u) == 0; }
-
 } // namespace
 } // namespace culoss_dev
 
@@ -153,7 +151,6 @@ using namespace culoss_dev;
 extern "C" culoss_status culoss__cuda_elementwise(culoss_context *ctx, const void *args) {
   const culoss__ew_args *a = static_cast<const culoss__ew_args *>(args);
   const cudaStream_t stream = (cudaStream_t)ctx->stream;
-  const bool reduced = a->reduction != CULOSS_REDUCTION_NONE;
   const int64_t vec_elems = 16 / (int64_t)culoss__dtype_size(a->dtype);
   ew_params p;
   p.m = a->m;
@@ -168,15 +165,12 @@ extern "C" culoss_status culoss__cuda_elementwise(culoss_context *ctx, const voi
   p.reduction = (int)a->reduction;
   p.a = a->a;
   p.flag = a->flag;
-  p.div.count = a->divisor;
-  p.div.normalizer = nullptr;
-  p.div.prep = nullptr;
-  p.div.prep_count = 0;
+  p.div = count_divisor(a->divisor);
   p.scratch = ctx->scratch;
 
   int64_t grid = 0;
   if (p.m > 0) {
-    const bool vec = aligned16(p.x) && aligned16(p.y) && (p.grad == nullptr || aligned16(p.grad));
+    const bool vec = aligned16(p.x) && aligned16(p.y) && aligned16(p.grad);
     const int64_t packs = vec ? p.m / vec_elems : p.m;
     grid = capped_grid((packs + EW_THREADS - 1) / EW_THREADS);
     cudaError_t e;
@@ -187,12 +181,5 @@ extern "C" culoss_status culoss__cuda_elementwise(culoss_context *ctx, const voi
     }
     if (e != cudaSuccess) return culoss__cuda_status(e, "launch of ew_kernel");
   }
-  if (!reduced) return CULOSS_OK;
-  final_params f;
-  f.partials = ctx->scratch->partial_loss;
-  f.count = (int)grid;
-  f.loss = p.loss;
-  f.reduction = p.reduction;
-  f.divisor = p.div;
-  return culoss__launch_reduce_final(ctx->stream, f);
+  return culoss__finish_reduction(ctx, (int)grid, p.loss, p.reduction, p.div);
 }

@@ -265,13 +265,8 @@ template <typename T> culoss_status run(culoss_context *ctx, const culoss__lce_a
     row_loss_sum_kernel<<<(unsigned)grid, LT, 0, stream>>>(row_loss, n, ctx->scratch->partial_loss);
     CU_TRY(cudaGetLastError(), "launch of row_loss_sum_kernel");
   }
-  final_params f;
-  f.partials = ctx->scratch->partial_loss;
-  f.count = n > 0 ? (int)grid : 0;
-  f.loss = a->loss;
-  f.reduction = (int)a->o.reduction;
-  f.divisor = p.div;
-  return culoss__launch_reduce_final(ctx->stream, f);
+  return culoss__finish_reduction(ctx, n > 0 ? (int)grid : 0, a->loss, (int)a->o.reduction,
+                                  p.div);
 }
 
 } // namespace

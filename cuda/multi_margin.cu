@@ -119,8 +119,6 @@ __global__ void __launch_bounds__(MM_THREADS) mm_kernel(mm_params p) {
   if (reduced) store_block_sum<MM_THREADS>(lane == 0 ? my_loss : 0.0, &p.scratch->partial_loss[blockIdx.x]);
 }
 
-inline bool aligned16(const void *ptr) { return ptr == nullptr || ((uintptr_t)ptr & 15u) == 0; }
-
 template <typename T>
 cudaError_t launch(const mm_params &p, bool vec, unsigned grid, cudaStream_t s) {
   if (vec)
@@ -153,10 +151,7 @@ extern "C" culoss_status culoss__cuda_multi_margin(culoss_context *ctx, const vo
   p.margin = a->o.margin;
   p.power = a->o.p;
   p.reduction = (int)a->o.reduction;
-  p.div.count = (double)a->n;
-  p.div.normalizer = nullptr;
-  p.div.prep = nullptr;
-  p.div.prep_count = 0;
+  p.div = count_divisor((double)a->n);
   p.scratch = ctx->scratch;
   int64_t grid = 0;
   if (p.n > 0) {
@@ -170,12 +165,5 @@ extern "C" culoss_status culoss__cuda_multi_margin(culoss_context *ctx, const vo
     }
     if (e != cudaSuccess) return culoss__cuda_status(e, "launch of mm_kernel");
   }
-  if (p.reduction == CULOSS_REDUCTION_NONE) return CULOSS_OK;
-  final_params f;
-  f.partials = ctx->scratch->partial_loss;
-  f.count = (int)grid;
-  f.loss = p.loss;
-  f.reduction = p.reduction;
-  f.divisor = p.div;
-  return culoss__launch_reduce_final(ctx->stream, f);
+  return culoss__finish_reduction(ctx, (int)grid, p.loss, p.reduction, p.div);
 }

@@ -12,23 +12,28 @@ namespace {
 
 constexpr int FINAL_THREADS = 1024;
 
-__global__ void __launch_bounds__(FINAL_THREADS) reduce_final_kernel(final_params f) {
+__global__ void __launch_bounds__(FINAL_THREADS)
+    reduce_final_kernel(const double *partials, int count, float *loss, int reduction,
+                        divisor_src div) {
   typedef cub::BlockReduce<double, FINAL_THREADS> reduce_t;
   __shared__ typename reduce_t::TempStorage tmp;
   double s = 0.0;
-  for (int i = threadIdx.x; i < f.count; i += FINAL_THREADS) s += f.partials[i];
+  for (int i = threadIdx.x; i < count; i += FINAL_THREADS) s += partials[i];
   s = reduce_t(tmp).Sum(s);
   if (threadIdx.x == 0) {
-    if (f.reduction != CULOSS_REDUCTION_SUM) s /= resolve_divisor(f.divisor);
-    f.loss[0] = (float)s;
+    if (reduction != CULOSS_REDUCTION_SUM) s /= resolve_divisor(div);
+    loss[0] = (float)s;
   }
 }
 
 } // namespace
 } // namespace culoss_dev
 
-culoss_status culoss__launch_reduce_final(void *stream, const culoss_dev::final_params &f) {
-  culoss_dev::reduce_final_kernel<<<1, culoss_dev::FINAL_THREADS, 0, (cudaStream_t)stream>>>(f);
+culoss_status culoss__finish_reduction(culoss_context *ctx, int partials, float *loss,
+                                       int reduction, const culoss_dev::divisor_src &div) {
+  if (reduction == CULOSS_REDUCTION_NONE) return CULOSS_OK;
+  culoss_dev::reduce_final_kernel<<<1, culoss_dev::FINAL_THREADS, 0, (cudaStream_t)ctx->stream>>>(
+      ctx->scratch->partial_loss, partials, loss, reduction, div);
   const cudaError_t e = cudaGetLastError();
   return e == cudaSuccess ? CULOSS_OK : culoss__cuda_status(e, "launch of reduce_final_kernel");
 }

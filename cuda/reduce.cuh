@@ -68,14 +68,15 @@ __device__ __forceinline__ void store_block_sum(double v, double *dst) {
   __syncthreads();
 }
 
-/* Parameters of the final one-block sum. */
-struct final_params {
-  const double *partials;
-  int count;
-  float *loss;   /* loss[0] */
-  int reduction; /* SUM: the sum; MEAN/BATCHMEAN: sum / divisor */
-  divisor_src divisor;
-};
+/* A divisor known on the host (elements, rows). */
+inline divisor_src count_divisor(double count) {
+  divisor_src d;
+  d.count = count;
+  d.normalizer = nullptr;
+  d.prep = nullptr;
+  d.prep_count = 0;
+  return d;
+}
 
 /* Caps a reducing kernel's grid: one partial per block in the scratch. */
 inline int64_t capped_grid(int64_t blocks) {
@@ -85,7 +86,11 @@ inline int64_t capped_grid(int64_t blocks) {
 
 } // namespace culoss_dev
 
-/* Enqueues the final sum on `stream` (cuda/reduce.cu). */
-culoss_status culoss__launch_reduce_final(void *stream, const culoss_dev::final_params &f);
+/* The last step of every reduced loss (cuda/reduce.cu): for SUM, MEAN or
+   BATCHMEAN, enqueues on ctx's stream the one-block kernel that writes
+   loss[0] from the first `partials` per-block partials in ctx's scratch
+   (divided by `div` for the means); nothing for NONE. */
+culoss_status culoss__finish_reduction(culoss_context *ctx, int partials, float *loss,
+                                       int reduction, const culoss_dev::divisor_src &div);
 
 #endif /* CULOSS_REDUCE_CUH */
