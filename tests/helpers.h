@@ -62,6 +62,11 @@ void *dev_alloc_(culoss_context *gpu, size_t bytes);
 void *dev_from_(culoss_context *gpu, const void *host, size_t bytes);
 void dev_poison_(culoss_context *gpu, void *d, size_t bytes);
 void to_host_(culoss_context *gpu, void *h, const void *d, size_t bytes);
+/* The same on a suite's own `gpu` context. */
+#define dev_alloc(bytes) dev_alloc_(gpu, bytes)
+#define dev_from(host, bytes) dev_from_(gpu, host, bytes)
+#define dev_poison(d, bytes) dev_poison_(gpu, d, bytes)
+#define to_host(h, d, bytes) to_host_(gpu, h, d, bytes)
 /* CULOSS_TEST_QUICK=1 (set by scripts/gpu-check.sh under compute-sanitizer,
    which slows kernels by orders of magnitude) keeps every code path but
    shrinks the sizes. */

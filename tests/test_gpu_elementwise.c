@@ -17,11 +17,6 @@ static void gpu_setup(void) { gpu_open(&gpu, &cpu); }
 static void gpu_teardown(void) { gpu_close(gpu, cpu); }
 TestSuite(gpu_ew, .init = gpu_setup, .fini = gpu_teardown, .timeout = 600);
 
-#define dev_alloc(bytes) dev_alloc_(gpu, bytes)
-#define dev_from(host, bytes) dev_from_(gpu, host, bytes)
-#define dev_poison(d, bytes) dev_poison_(gpu, d, bytes)
-#define to_host(h, d, bytes) to_host_(gpu, h, d, bytes)
-
 /* One op on both backends; `offset` elements shift every device pointer to
    break 16-byte alignment (the scalar fallback). */
 static void ew_case(t_op op, int64_t n, int64_t c, culoss_dtype dt, culoss_reduction red,

@@ -17,11 +17,6 @@ static void gpu_setup(void) { gpu_open(&gpu, &cpu); }
 static void gpu_teardown(void) { gpu_close(gpu, cpu); }
 TestSuite(gpu_lce, .init = gpu_setup, .fini = gpu_teardown, .timeout = 900);
 
-#define dev_alloc(bytes) dev_alloc_(gpu, bytes)
-#define dev_from(host, bytes) dev_from_(gpu, host, bytes)
-#define dev_poison(d, bytes) dev_poison_(gpu, d, bytes)
-#define to_host(h, d, bytes) to_host_(gpu, h, d, bytes)
-
 static void check(const char *what, const void *got, const void *ref, int64_t count, culoss_dtype dt,
                   double rtol) {
   float *a = malloc((size_t)count * 4), *b = malloc((size_t)count * 4);
