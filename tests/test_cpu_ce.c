@@ -1,3 +1,4 @@
+#define _DEFAULT_SOURCE
 /* test_cpu_ce.c: the CPU reference of cross-entropy, soft cross-entropy and
    NLL against hand-computed values, identities and finite differences. */
 #include <criterion/criterion.h>
@@ -420,4 +421,34 @@ Test(cpu_ce, half_precision_inputs) {
       cr_assert(close_enough(g16f[j], g32[j], 1e-7, rt), "dtype %d grad %d: %g vs %g", d, j,
                 (double)g16f[j], (double)g32[j]);
   }
+}
+
+/* 64-bit offsets in the CPU reference: two rows 2^31 + 16 elements apart
+   (a strided view), in a sparse mapping so only the two rows' pages are
+   ever touched. */
+#include <sys/mman.h>
+Test(cpu_ce, row_offsets_past_2_pow_31) {
+  const int64_t c = 40, ld = ((int64_t)1 << 31) + 16;
+  const size_t bytes = (size_t)(ld + c) * 2; /* bf16: just over 4 GiB of address space */
+  uint16_t *x = mmap(NULL, bytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE,
+                     -1, 0);
+  if (x == MAP_FAILED) cr_skip_test("skipped: cannot map %zu bytes of address space", bytes);
+  rng_t r = rng_seeded(61);
+  float rows[2 * c], loss[2], ref[2];
+  const int64_t t[2] = {3, 37};
+  fill_logits(&r, rows, 2, c, c, 2.0, 0, NULL);
+  pack_dtype(x, rows, c, CULOSS_BF16);
+  pack_dtype(x + ld, rows + c, c, CULOSS_BF16);
+  uint16_t packed[2 * c];
+  pack_dtype(packed, rows, 2 * c, CULOSS_BF16);
+  culoss_cross_entropy_options o = opts(CULOSS_REDUCTION_NONE);
+  cr_assert_eq(culoss_cross_entropy(ctx, &o, 2, c, CULOSS_BF16, x, ld, CULOSS_I64, t, loss, x, NULL),
+               CULOSS_OK);
+  uint16_t g[2 * c];
+  cr_assert_eq(culoss_cross_entropy(ctx, &o, 2, c, CULOSS_BF16, packed, c, CULOSS_I64, t, ref, g,
+                                    NULL), CULOSS_OK);
+  cr_assert(loss[0] == ref[0] && loss[1] == ref[1], "row past 2^31: %g vs %g", (double)loss[1],
+            (double)ref[1]);
+  cr_assert(memcmp(x + ld, g + c, c * 2) == 0, "in-place gradient of the far row differs");
+  munmap(x, bytes);
 }
