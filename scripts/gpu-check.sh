@@ -11,6 +11,8 @@
 #                                 # initcheck and synccheck over them, then the
 #                                 # benchmark; logs and a summary go to $OUT (or
 #                                 # ./gpu-check-out)
+#   scripts/gpu-check.sh run tests     # only some steps (tests, sanitize, bench),
+#                                      # to fit the device tool's 10-minute calls
 #   scripts/gpu-check.sh all      # both, on a GPU machine that has the tools
 #
 # The GPU machines of this project have nvcc and compute-sanitizer but no
@@ -30,12 +32,12 @@ bundle() {
   cmake -S . -B "$bdir" -DCMAKE_BUILD_TYPE=Release -DCMAKE_CUDA_ARCHITECTURES="$arch" >/dev/null
   cmake --build "$bdir" -j "$(nproc)"
   rm -rf "$bun" && mkdir -p "$bun/lib" "$bun/bin"
-  cp "$bdir"/tests/test_* "$bdir"/bench/culoss-bench "$bun/bin/"
+  cp "$bdir"/tests/test_* "$bdir"/bench/culoss-bench "$bdir"/examples/train_softmax "$bun/bin/"
   cp -L "$bdir/libculoss.so.0" "$bun/lib/"   # a real file: links travel badly
   # every shared library the test binaries need, except glibc's own and the
   # CUDA runtime (the GPU machine has its own, matching its driver)
-  ldd "$bdir"/tests/test_gpu_ce | awk '/=> \//{print $3}' |
-    grep -v -E '/(libc|libm|libdl|libpthread|librt|libresolv|libgcc_s|libstdc\+\+)\.so|libcudart|libculoss' |
+  ldd "$bdir"/tests/test_gpu_ce "$bdir"/examples/train_softmax | awk '/=> \//{print $3}' |
+    grep -v -E '/(libc|libm|libdl|libpthread|librt|libresolv|libgcc_s|libstdc\+\+)\.so|libcudart|libcublas|libculoss' | sort -u |
     while read -r lib; do cp -L "$lib" "$bun/lib/"; done
   git rev-parse --short HEAD >"$bun/COMMIT" 2>/dev/null || true
   du -sh "$bun" | awk '{print "bundle size: " $1}'
@@ -45,35 +47,55 @@ bundle() {
 run() {
   local out=${OUT:-gpu-check-out}
   mkdir -p "$out"
-  export LD_LIBRARY_PATH="$PWD/$bun/lib:${LD_LIBRARY_PATH:-}"
+  export LD_LIBRARY_PATH="$PWD/$bun/lib:/usr/local/cuda/lib64:${LD_LIBRARY_PATH:-}"
+  local steps=${1:-tests,sanitize,bench}
   local summary="$out/summary.txt"
   : >"$summary"
   note() { echo "$*" | tee -a "$summary"; }
   note "date: $(date -u +%Y-%m-%dT%H:%MZ)  bundle built at commit: $(cat "$bun/COMMIT" 2>/dev/null || echo unknown)"
   note "device: $(nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>&1 | head -1)"
   local t rc
-  for t in test_math test_api test_cpu_ce test_gpu_ce; do
+  if [[ $steps == *tests* ]]; then
+  for t in test_math test_api test_cpu_ce test_cpu_elementwise test_cpu_linear_ce \
+           test_gpu_ce test_gpu_elementwise test_gpu_linear_ce; do
     "$bun/bin/$t" --jobs 1 >"$out/$t.log" 2>&1
     rc=$?
     note "$t: rc=$rc $(grep -a 'Synthesis' "$out/$t.log" | tail -1)"
   done
+  fi
   local tool
+  if [[ $steps == *sanitize* ]]; then
   for tool in memcheck racecheck initcheck synccheck; do
-    CULOSS_TEST_QUICK=1 timeout 900 compute-sanitizer --tool "$tool" --target-processes all \
-      --error-exitcode 99 "$bun/bin/test_gpu_ce" --jobs 1 >"$out/sanitizer-$tool.log" 2>&1
-    rc=$?
-    note "compute-sanitizer $tool: rc=$rc $(grep -a -E 'ERROR SUMMARY' "$out/sanitizer-$tool.log" | sort | uniq -c | tr '\n' ' ')"
+    for t in test_gpu_ce test_gpu_elementwise test_gpu_linear_ce; do
+      CULOSS_TEST_QUICK=1 timeout 600 compute-sanitizer --tool "$tool" --target-processes all \
+        --error-exitcode 99 "$bun/bin/$t" --jobs 1 >"$out/sanitizer-$tool-$t.log" 2>&1
+      rc=$?
+      note "compute-sanitizer $tool $t: rc=$rc $(grep -a -E 'ERROR SUMMARY' "$out/sanitizer-$tool-$t.log" | sort | uniq -c | tr '\n' ' ')"
+    done
   done
+  fi
+  if [[ $steps == *tests* ]]; then
+  "$bun/bin/train_softmax" --graph --epochs 6 --expect 0.80 >"$out/example-graph.log" 2>&1
+  note "example train_softmax --graph (CUDA graph replay): rc=$? $(tail -1 "$out/example-graph.log")"
+  CULOSS_LIBRARY="$PWD/$bun/lib/libculoss.so.0" python3 -m pytest -q -rs -p no:cacheprovider \
+    python/tests >"$out/python.log" 2>&1
+  note "python binding (numpy + torch CUDA): rc=$? $(tail -1 "$out/python.log")"
+  fi
+  if [[ $steps == *bench* ]]; then
   "$bun/bin/culoss-bench" >"$out/bench.txt" 2>&1
   note "culoss-bench: rc=$?"
-  cat "$out/bench.txt"
+  CULOSS_LIBRARY="$PWD/$bun/lib/libculoss.so.0" python3 bench/compare_torch.py \
+    >"$out/compare_torch.txt" 2>&1
+  note "compare_torch.py: rc=$?"
+  cat "$out/bench.txt" "$out/compare_torch.txt"
+  fi
   echo "---- summary"
   cat "$summary"
 }
 
 case "$mode" in
 bundle) bundle ;;
-run) run ;;
+run) run "${2:-}" ;;
 all) bundle && run ;;
-*) echo "usage: $0 bundle|run|all" >&2; exit 2 ;;
+*) echo "usage: $0 bundle | run [tests,sanitize,bench] | all" >&2; exit 2 ;;
 esac
