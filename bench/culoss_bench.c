@@ -3,20 +3,34 @@
  * reports achieved bandwidth against the device's copy bandwidth measured in
  * the same run.
  *
- * Method (per case): validate a subsample of rows against the CPU reference
- * first (a benchmark of a wrong kernel is worthless), warm up, then time each
- * repeat with CUDA events, flushing L2 (a write over a buffer twice its size)
- * between repeats; report the median and the spread (min..max).
+ * Cases: fused cross-entropy forward+backward (N in {4096, 16384}, V in
+ * {32000, 50257, 128256, 152064, 256000}), every elementwise loss at 10^6 ..
+ * 10^9 elements, each in fp32 and bf16, and fused linear + cross-entropy
+ * against the unfused baseline (N = 8192, D = 4096, bf16).
  *
- * Bytes counted are the minimum any implementation must move: one read of the
- * logits and one write of the gradient (n*v*sizeof(T) each), plus the
- * targets and the loss. Copy bandwidth is a device-to-device cudaMemcpy of
- * 1 GiB counted the same way (bytes read + bytes written).
+ * Method (per case): inputs generated on the device (fresh random values,
+ * about 0.1% masked -inf logits), the GPU result validated against the CPU
+ * reference on a subsample first (a benchmark of a wrong kernel is
+ * worthless), warm-up, then each repeat timed with CUDA events with L2
+ * flushed before it (a write over twice its size); median and spread.
+ *
+ * Bytes counted are the minimum any implementation must move:
+ *   cross-entropy: n*v*sizeof(T) read + n*v*sizeof(T) written + 8n (targets)
+ *   elementwise:   2*m*sizeof(T) read (input, target) + m*sizeof(T) written
+ * GB/s = bytes / median time; %copy = GB/s over the device-to-device copy
+ * bandwidth measured in the same run (1 GiB cudaMemcpy, read + write).
+ * FLOPs (linear + CE): 6 n d v (forward, grad_hidden, grad_weight GEMMs).
+ *
+ * Baselines, in the same run: an unfused cross-entropy (log_softmax to fp32
+ * log-probabilities, NLL, softmax backward: three kernels) and a naive
+ * one-thread-per-element kernel for each elementwise loss (bench/baselines.cu);
+ * cuBLAS + culoss_cross_entropy for linear + CE.
  *
  * Without a GPU it says so and runs the CPU reference at small sizes, labelled
  * as CPU timings.
  */
 #define _POSIX_C_SOURCE 200809L
+#include <unistd.h>
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -34,7 +48,7 @@
 #endif
 
 typedef struct {
-  int quick, csv, repeats;
+  int quick, csv, json, repeats;
 } bench_opts;
 
 static int cmp_float(const void *a, const void *b) {
@@ -134,6 +148,14 @@ static int run_cpu(const bench_opts *bo) {
 static void *flush_buf;
 static size_t flush_bytes;
 
+/* baselines.cu */
+int bench_fill(void *x, void *y, int dtype, int64_t count, uint64_t seed, int op);
+int bench_fill_targets(int64_t *t, int64_t n, int64_t c, uint64_t seed);
+int bench_ce_unfused(const void *x, int dtype, int64_t n, int64_t v, const int64_t *t, float *lp,
+                     float *loss, void *g);
+int bench_ew_naive(int op, const void *x, const void *y, int dtype, int64_t m, void *g,
+                   float *loss);
+
 static int flush_l2(void) {
   CK(cudaMemsetAsync(flush_buf, (int)(urand() * 255), flush_bytes, 0));
   return 0;
@@ -162,43 +184,6 @@ static double copy_bandwidth(int repeats) {
   return 2.0 * (double)bytes / (ms[repeats / 2] * 1e-3) / 1e9;
 }
 
-/* Checks `rows` rows of the GPU result against the CPU reference. */
-static int validate(int64_t n, int64_t v, culoss_dtype d, const void *hx,
-                    const int64_t *ht, const void *d_g, double *max_err) {
-  culoss_context *cpu;
-  const size_t es = d == CULOSS_F32 ? 4 : 2;
-  const int64_t rows[3] = {0, n / 2, n - 1};
-  CL(culoss_create(&cpu, CULOSS_BACKEND_CPU, 0));
-  void *ref = malloc((size_t)v * es), *got = malloc((size_t)v * es);
-  *max_err = 0;
-  culoss_cross_entropy_options o;
-  culoss_cross_entropy_options_init(&o);
-  o.reduction = CULOSS_REDUCTION_SUM; /* gradient of row loss, unscaled */
-  for (int k = 0; k < 3; k++) {
-    const int64_t i = rows[k];
-    float l;
-    CL(culoss_cross_entropy(cpu, &o, 1, v, d, (const char *)hx + (size_t)(i * v) * es, v,
-                            CULOSS_I64, ht + i, &l, ref, NULL));
-    CK(cudaMemcpy(got, (const char *)d_g + (size_t)(i * v) * es, (size_t)v * es,
-                  cudaMemcpyDeviceToHost));
-    for (int64_t j = 0; j < v; j++) {
-      float a, b;
-      if (d == CULOSS_F32)
-        a = ((float *)got)[j], b = ((float *)ref)[j];
-      else if (d == CULOSS_BF16)
-        a = culoss__bf16_to_f32(((uint16_t *)got)[j]), b = culoss__bf16_to_f32(((uint16_t *)ref)[j]);
-      else
-        a = culoss__f16_to_f32(((uint16_t *)got)[j]), b = culoss__f16_to_f32(((uint16_t *)ref)[j]);
-      /* The benchmarked call is MEAN over n rows: scale the reference. */
-      double e = fabs((double)a * (double)n - (double)b) / (fabs((double)b) + 1e-6);
-      if (e > *max_err) *max_err = e;
-    }
-  }
-  free(ref), free(got);
-  culoss_destroy(cpu);
-  return 0;
-}
-
 /* Times `launch(state)` with CUDA events: 3 warm-ups, then `reps` repeats
    each after an L2 flush; ms[] receives the sorted times. */
 static int time_it(int (*launch)(void *), void *state, int reps, float *ms) {
@@ -220,29 +205,73 @@ static int time_it(int (*launch)(void *), void *state, int reps, float *ms) {
   return 0;
 }
 
-/* One result line; returns 1 when the validation failed. */
-static int report(const bench_opts *bo, const char *name, int64_t n, int64_t v, culoss_dtype d,
-                  const float *ms, double bytes, double copy_bw, double err, double tol) {
-  const int reps = bo->repeats;
-  const double med = ms[reps / 2], gbs = bytes / (med * 1e-3) / 1e9;
-  if (bo->csv)
-    printf("%s,%lld,%lld,%s,%.4f,%.4f,%.4f,%.1f,%.1f,%.2e,%s\n", name, (long long)n, (long long)v,
-           dtype_name(d), med, (double)ms[0], (double)ms[reps - 1], gbs, 100.0 * gbs / copy_bw,
-           err, err <= tol ? "ok" : "MISMATCH");
-  else
-    printf("%-22s %10lld %7lld %5s %9.4f %9.4f %9.4f %9.1f %7.1f%% %9.1e %s\n", name, (long long)n,
-           (long long)v, dtype_name(d), med, (double)ms[0], (double)ms[reps - 1], gbs,
-           100.0 * gbs / copy_bw, err, err <= tol ? "ok" : "MISMATCH");
-  fflush(stdout);
-  return err <= tol ? 0 : 1;
+/* ---------------------------------------------------------------- results */
+typedef struct {
+  char name[48];
+  int64_t n, v;
+  culoss_dtype d;
+  float med, min, max, base_med;
+  double bytes, gbs, pct, err;
+  int ok;
+} result_t;
+
+static result_t results[256];
+static int nresults, total_cases, case_no;
+static double copy_bw;
+
+static void progress(const char *what, int64_t n, int64_t v, culoss_dtype d) {
+  case_no++;
+  if (isatty(2))
+    fprintf(stderr, "\r[%d/%d] %-22s n=%lld v=%lld %s ...        ", case_no, total_cases, what,
+            (long long)n, (long long)v, dtype_name(d));
 }
 
+static int record(const bench_opts *bo, const char *name, int64_t n, int64_t v, culoss_dtype d,
+                  const float *ms, const float *base, double bytes, double err, double tol) {
+  result_t *r = &results[nresults < 255 ? nresults++ : 255];
+  const int reps = bo->repeats;
+  snprintf(r->name, sizeof r->name, "%s", name);
+  r->n = n, r->v = v, r->d = d;
+  r->med = ms[reps / 2], r->min = ms[0], r->max = ms[reps - 1];
+  r->base_med = base ? base[reps / 2] : NAN;
+  r->bytes = bytes;
+  r->gbs = bytes / (r->med * 1e-3) / 1e9;
+  r->pct = 100.0 * r->gbs / copy_bw;
+  r->err = err;
+  r->ok = err <= tol;
+  if (isatty(2)) fprintf(stderr, "\r%80s\r", "");
+  if (bo->csv)
+    printf("%s,%lld,%lld,%s,%.4f,%.4f,%.4f,%.4f,%.1f,%.1f,%.2e,%s\n", r->name, (long long)n,
+           (long long)v, dtype_name(d), r->med, r->min, r->max, r->base_med, r->gbs, r->pct,
+           err, r->ok ? "ok" : "MISMATCH");
+  else if (!bo->json)
+    printf("%-22s %10lld %7lld %5s %8.4f %8.4f %8.4f %8.1f %6.1f%% %9.4f %6.2fx %8.1e %s\n",
+           r->name, (long long)n, (long long)v, dtype_name(d), r->med, r->min, r->max, r->gbs,
+           r->pct, r->base_med, r->base_med / r->med, err, r->ok ? "ok" : "MISMATCH");
+  fflush(stdout);
+  return r->ok ? 0 : 1;
+}
+
+static float to_f(const void *p, culoss_dtype d, int64_t i) {
+  if (d == CULOSS_F32) return ((const float *)p)[i];
+  if (d == CULOSS_BF16) return culoss__bf16_to_f32(((const uint16_t *)p)[i]);
+  return culoss__f16_to_f32(((const uint16_t *)p)[i]);
+}
+
+/* Enough free device memory for `bytes` (with a margin)? */
+static int fits(size_t bytes) {
+  size_t free_b = 0, total_b = 0;
+  if (cudaMemGetInfo(&free_b, &total_b) != cudaSuccess) return 0;
+  return bytes < free_b / 10 * 9;
+}
+
+/* ---------------------------------------------------------------- cross-entropy */
 typedef struct {
   culoss_context *ctx;
   int64_t n, v;
   culoss_dtype d;
   void *x, *g, *t;
-  float *loss;
+  float *loss, *lp;
 } ce_state;
 
 static int ce_launch(void *p) {
@@ -252,38 +281,76 @@ static int ce_launch(void *p) {
   return 0;
 }
 
+static int ce_baseline(void *p) {
+  ce_state *s = p;
+  CK((cudaError_t)bench_ce_unfused(s->x, (int)s->d, s->n, s->v, s->t, s->lp, s->loss, s->g));
+  return 0;
+}
+
+/* Three rows of the MEAN gradient against the CPU reference (row SUM
+   gradient / n); returns the largest relative error. */
+static double ce_check(const ce_state *s) {
+  culoss_context *cpu;
+  const size_t es = s->d == CULOSS_F32 ? 4 : 2, rb = (size_t)s->v * es;
+  const int64_t rows[3] = {0, s->n / 2, s->n - 1};
+  void *x = malloc(rb), *g = malloc(rb), *ref = malloc(rb);
+  double worst = 0;
+  culoss_cross_entropy_options o;
+  culoss_cross_entropy_options_init(&o);
+  o.reduction = CULOSS_REDUCTION_SUM;
+  if (culoss_create(&cpu, CULOSS_BACKEND_CPU, 0) != CULOSS_OK) return INFINITY;
+  for (int k = 0; k < 3; k++) {
+    const int64_t i = rows[k];
+    int64_t t;
+    float l;
+    if (cudaMemcpy(x, (const char *)s->x + (size_t)i * rb, rb, cudaMemcpyDeviceToHost) ||
+        cudaMemcpy(g, (const char *)s->g + (size_t)i * rb, rb, cudaMemcpyDeviceToHost) ||
+        cudaMemcpy(&t, (const int64_t *)s->t + i, 8, cudaMemcpyDeviceToHost) ||
+        culoss_cross_entropy(cpu, &o, 1, s->v, s->d, x, s->v, CULOSS_I64, &t, &l, ref, NULL))
+      return INFINITY;
+    for (int64_t j = 0; j < s->v; j++) {
+      const double a = (double)to_f(g, s->d, j) * (double)s->n, b = to_f(ref, s->d, j);
+      const double e = fabs(a - b) / (fabs(b) + 1e-6);
+      if (!(e <= worst)) worst = e; /* NaN counts as the worst */
+    }
+  }
+  culoss_destroy(cpu);
+  free(x), free(g), free(ref);
+  return worst;
+}
+
 static int bench_ce(culoss_context *ctx, const bench_opts *bo, int64_t n, int64_t v,
-                    culoss_dtype d, double copy_bw) {
+                    culoss_dtype d) {
   const size_t es = d == CULOSS_F32 ? 4 : 2, xbytes = (size_t)(n * v) * es;
-  void *hx = make_logits(n, v, d);
-  int64_t *ht = malloc((size_t)n * 8);
-  if (!hx || !ht) return -1;
-  for (int64_t i = 0; i < n; i++) ht[i] = (int64_t)(urand() * (double)v);
-  void *d_x, *d_g, *d_t;
-  float *d_loss;
-  CL(culoss_malloc(ctx, &d_x, xbytes));
-  CL(culoss_malloc(ctx, &d_g, xbytes));
-  CL(culoss_malloc(ctx, &d_t, (size_t)n * 8));
-  CL(culoss_malloc(ctx, (void **)&d_loss, sizeof(float)));
-  CL(culoss_upload(ctx, d_x, hx, xbytes));
-  CL(culoss_upload(ctx, d_t, ht, (size_t)n * 8));
-  CL(culoss_cross_entropy(ctx, NULL, n, v, d, d_x, v, CULOSS_I64, d_t, d_loss, d_g, NULL));
+  progress("cross_entropy fwd+bwd", n, v, d);
+  if (!fits(2 * xbytes + (size_t)(n * v) * 4 + (size_t)n * 8)) {
+    if (!bo->json) printf("%-22s %10lld %7lld %5s skipped: not enough device memory\n",
+                          "cross_entropy fwd+bwd", (long long)n, (long long)v, dtype_name(d));
+    return 0;
+  }
+  ce_state s = {ctx, n, v, d, NULL, NULL, NULL, NULL, NULL};
+  CL(culoss_malloc(ctx, &s.x, xbytes));
+  CL(culoss_malloc(ctx, &s.g, xbytes));
+  CL(culoss_malloc(ctx, &s.t, (size_t)n * 8));
+  CL(culoss_malloc(ctx, (void **)&s.loss, sizeof(float)));
+  CL(culoss_malloc(ctx, (void **)&s.lp, (size_t)(n * v) * 4));
+  CK((cudaError_t)bench_fill(s.x, NULL, (int)d, n * v, 1000 + (uint64_t)v, -1));
+  CK((cudaError_t)bench_fill_targets(s.t, n, v, 77));
+  if (ce_launch(&s)) return -1;
   CL(culoss_synchronize(ctx));
-  double err;
-  if (validate(n, v, d, hx, ht, d_g, &err)) return -1;
-  const double tol = d == CULOSS_F32 ? 1e-3 : 2e-2;
-  float ms[256];
-  ce_state st = {ctx, n, v, d, d_x, d_g, d_t, d_loss};
-  if (time_it(ce_launch, &st, bo->repeats, ms)) return -1;
+  const double err = ce_check(&s);
+  float ms[256], base[256];
+  if (time_it(ce_launch, &s, bo->repeats, ms)) return -1;
+  if (time_it(ce_baseline, &s, bo->repeats, base)) return -1;
   CL(culoss_synchronize(ctx));
-  /* minimum traffic: one read of the logits, one write of the gradient, the targets */
-  const double bytes = 2.0 * (double)xbytes + (double)n * 8 + 4;
-  const int bad = report(bo, "cross_entropy fwd+bwd", n, v, d, ms, bytes, copy_bw, err, tol);
-  culoss_free(ctx, d_x), culoss_free(ctx, d_g), culoss_free(ctx, d_t), culoss_free(ctx, d_loss);
-  free(hx), free(ht);
+  const int bad = record(bo, "cross_entropy fwd+bwd", n, v, d, ms, base,
+                         2.0 * (double)xbytes + (double)n * 8, err, d == CULOSS_F32 ? 1e-3 : 2e-2);
+  culoss_free(ctx, s.x), culoss_free(ctx, s.g), culoss_free(ctx, s.t), culoss_free(ctx, s.loss);
+  culoss_free(ctx, s.lp);
   return bad;
 }
 
+/* ---------------------------------------------------------------- elementwise */
 typedef struct {
   culoss_context *ctx;
   t_op op;
@@ -300,68 +367,80 @@ static int ew_launch(void *p) {
   return 0;
 }
 
-/* Elementwise loss, MEAN with gradient, over m elements. Validation: the
-   reduced loss against the CPU reference over all m elements, and the
-   gradient at the start and the end of the array. */
-static int bench_ew(culoss_context *ctx, const bench_opts *bo, t_op op, int64_t m, culoss_dtype d,
-                    double copy_bw) {
-  const size_t es = d == CULOSS_F32 ? 4 : 2, bytes = (size_t)m * es;
-  rng_t r = rng_seeded(99 + (uint64_t)op);
-  const int64_t blk = (int64_t)1 << 20;
-  float *xf = malloc((size_t)blk * 4), *yf = malloc((size_t)blk * 4);
-  void *xh = malloc(bytes), *yh = malloc(bytes), *gh = malloc((size_t)blk * es);
-  void *rg = malloc((size_t)blk * es);
-  if (!xf || !yf || !xh || !yh || !gh || !rg) return -1;
-  for (int64_t i = 0; i < m; i += blk) { /* fresh random blocks */
-    const int64_t k = m - i < blk ? m - i : blk;
-    ew_fill(&r, op, xf, yf, k, 0.0);
-    pack_dtype((char *)xh + (size_t)i * es, xf, k, d);
-    pack_dtype((char *)yh + (size_t)i * es, yf, k, d);
-  }
-  void *d_x, *d_y, *d_g;
-  float *d_loss, loss, ref_loss;
-  CL(culoss_malloc(ctx, &d_x, bytes));
-  CL(culoss_malloc(ctx, &d_y, bytes));
-  CL(culoss_malloc(ctx, &d_g, bytes));
-  CL(culoss_malloc(ctx, (void **)&d_loss, sizeof(float)));
-  CL(culoss_upload(ctx, d_x, xh, bytes));
-  CL(culoss_upload(ctx, d_y, yh, bytes));
-  ew_state st = {ctx, (t_op)op, {CULOSS_REDUCTION_MEAN, NULL, NULL, 0}, m, d, d_x, d_y, d_g, d_loss};
-  if (ew_launch(&st)) return -1;
-  CL(culoss_download(ctx, &loss, d_loss, sizeof loss));
-  CL(culoss_synchronize(ctx));
-  culoss_context *cpu;
-  CL(culoss_create(&cpu, CULOSS_BACKEND_CPU, 0));
-  CL(ew_call(cpu, op, &st.o, m, 1, d, xh, yh, &ref_loss, NULL, NULL));
-  double err = fabs((double)loss - (double)ref_loss) / (fabs((double)ref_loss) + 1e-30);
-  const float inv_m = (float)(1.0 / (double)m);
-  t_opts sum = {CULOSS_REDUCTION_SUM, NULL, NULL, 0};
-  for (int part = 0; part < 2; part++) {
-    const int64_t k = m < blk ? m : blk, at = part ? m - k : 0;
-    CL(ew_call(cpu, op, &sum, k, 1, d, (char *)xh + (size_t)at * es, (char *)yh + (size_t)at * es,
-               &ref_loss, rg, &inv_m));
-    CL(culoss_download(ctx, gh, (char *)d_g + (size_t)at * es, (size_t)k * es));
-    float *a = malloc((size_t)k * 4), *b = malloc((size_t)k * 4);
-    unpack_dtype(a, gh, k, d);
-    unpack_dtype(b, rg, k, d);
-    for (int64_t i = 0; i < k; i++) {
-      const double e = fabs((double)a[i] - (double)b[i]) / (fabs((double)b[i]) + 1e-6 * inv_m);
-      if (e > err) err = e;
-    }
-    free(a), free(b);
-  }
-  culoss_destroy(cpu);
-  float ms[256];
-  if (time_it(ew_launch, &st, bo->repeats, ms)) return -1;
-  CL(culoss_synchronize(ctx));
-  /* minimum traffic: one read of input and target, one write of the gradient */
-  const int bad = report(bo, t_op_name[op], m, 1, d, ms, 3.0 * (double)bytes, copy_bw, err,
-                         d == CULOSS_F32 ? 1e-4 : 2e-2);
-  culoss_free(ctx, d_x), culoss_free(ctx, d_y), culoss_free(ctx, d_g), culoss_free(ctx, d_loss);
-  free(xf), free(yf), free(xh), free(yh), free(gh), free(rg);
-  return bad;
+static int ew_baseline(void *p) {
+  ew_state *s = p;
+  CK((cudaError_t)bench_ew_naive((int)s->op, s->x, s->y, (int)s->d, s->m, s->g, s->loss));
+  return 0;
 }
 
+/* The gradient over the first and last 2^20 elements against the CPU
+   reference, and (up to 10^8 elements) the mean over all of them. */
+static double ew_check(const ew_state *s) {
+  culoss_context *cpu;
+  const size_t es = s->d == CULOSS_F32 ? 4 : 2;
+  const int64_t k = s->m < ((int64_t)1 << 20) ? s->m : ((int64_t)1 << 20);
+  const float inv_m = (float)(1.0 / (double)s->m);
+  t_opts sum = {CULOSS_REDUCTION_SUM, NULL, NULL, 0};
+  double worst = 0;
+  float loss, ref_loss;
+  void *x = malloc((size_t)k * es), *y = malloc((size_t)k * es), *g = malloc((size_t)k * es);
+  void *ref = malloc((size_t)k * es);
+  if (culoss_create(&cpu, CULOSS_BACKEND_CPU, 0) != CULOSS_OK) return INFINITY;
+  for (int part = 0; part < 2; part++) {
+    const size_t at = (size_t)(part ? s->m - k : 0) * es;
+    if (cudaMemcpy(x, (const char *)s->x + at, (size_t)k * es, cudaMemcpyDeviceToHost) ||
+        cudaMemcpy(y, (const char *)s->y + at, (size_t)k * es, cudaMemcpyDeviceToHost) ||
+        cudaMemcpy(g, (const char *)s->g + at, (size_t)k * es, cudaMemcpyDeviceToHost) ||
+        ew_call(cpu, s->op, &sum, k, 1, s->d, x, y, &ref_loss, ref, &inv_m))
+      return INFINITY;
+    for (int64_t i = 0; i < k; i++) {
+      const double a = to_f(g, s->d, i), b = to_f(ref, s->d, i);
+      const double e = fabs(a - b) / (fabs(b) + 1e-6 * inv_m);
+      if (!(e <= worst)) worst = e;
+    }
+  }
+  if (s->m <= 100000000) {
+    void *fx = malloc((size_t)s->m * es), *fy = malloc((size_t)s->m * es);
+    if (!fx || !fy || cudaMemcpy(fx, s->x, (size_t)s->m * es, cudaMemcpyDeviceToHost) ||
+        cudaMemcpy(fy, s->y, (size_t)s->m * es, cudaMemcpyDeviceToHost) ||
+        cudaMemcpy(&loss, s->loss, 4, cudaMemcpyDeviceToHost) ||
+        ew_call(cpu, s->op, &s->o, s->m, 1, s->d, fx, fy, &ref_loss, NULL, NULL))
+      return INFINITY;
+    const double e = fabs((double)loss - ref_loss) / (fabs((double)ref_loss) + 1e-30);
+    if (!(e <= worst)) worst = e;
+    free(fx), free(fy);
+  }
+  culoss_destroy(cpu);
+  free(x), free(y), free(g), free(ref);
+  return worst;
+}
+
+static int bench_ew(culoss_context *ctx, const bench_opts *bo, t_op op, int64_t m, culoss_dtype d) {
+  const size_t es = d == CULOSS_F32 ? 4 : 2, bytes = (size_t)m * es;
+  progress(t_op_name[op], m, 1, d);
+  if (!fits(3 * bytes)) {
+    if (!bo->json) printf("%-22s %10lld %7d %5s skipped: not enough device memory\n", t_op_name[op],
+                          (long long)m, 1, dtype_name(d));
+    return 0;
+  }
+  ew_state s = {ctx, op, {CULOSS_REDUCTION_MEAN, NULL, NULL, 0}, m, d, NULL, NULL, NULL, NULL};
+  CL(culoss_malloc(ctx, &s.x, bytes));
+  CL(culoss_malloc(ctx, &s.y, bytes));
+  CL(culoss_malloc(ctx, &s.g, bytes));
+  CL(culoss_malloc(ctx, (void **)&s.loss, sizeof(float)));
+  CK((cudaError_t)bench_fill(s.x, s.y, (int)d, m, 99 + (uint64_t)op, (int)op));
+  if (ew_launch(&s)) return -1;
+  CL(culoss_synchronize(ctx));
+  const double err = ew_check(&s);
+  float ms[256], base[256];
+  if (time_it(ew_launch, &s, bo->repeats, ms)) return -1;
+  if (time_it(ew_baseline, &s, bo->repeats, base)) return -1;
+  CL(culoss_synchronize(ctx));
+  const int bad = record(bo, t_op_name[op], m, 1, d, ms, base, 3.0 * (double)bytes, err,
+                         d == CULOSS_F32 ? 1e-4 : 2e-2);
+  culoss_free(ctx, s.x), culoss_free(ctx, s.y), culoss_free(ctx, s.g), culoss_free(ctx, s.loss);
+  return bad;
+}
 /* ---------------------------------------------------------------- linear CE */
 typedef struct {
   culoss_context *ctx;
@@ -411,31 +490,23 @@ static int bench_lce(culoss_context *ctx, const bench_opts *bo, int64_t n, int64
                      culoss_dtype dt) {
   const size_t es = dt == CULOSS_F32 ? 4 : 2;
   lce_state s = {ctx, NULL, n, d, v, dt, NULL, NULL, NULL, NULL, NULL, NULL, NULL, 0, NULL};
+  progress("linear+cross_entropy", n, v, dt);
+  if (!fits((size_t)(n * v) * es + (size_t)(2 * v * d + 2 * n * d) * es + ((size_t)1 << 30))) {
+    if (!bo->json) printf("lin+ce %lld x %lld x %lld: skipped, not enough device memory\n",
+                          (long long)n, (long long)d, (long long)v);
+    return 0;
+  }
   if (cublasCreate(&s.h) != CUBLAS_STATUS_SUCCESS) return -1;
   CL(culoss_linear_cross_entropy_workspace_size(ctx, n, d, v, dt, &s.ws_bytes));
-  rng_t r = rng_seeded(5);
-  const int64_t blk = (int64_t)1 << 20;
-  float *f = malloc((size_t)blk * 4);
-  void *hb = malloc((size_t)blk * es);
-  int64_t *t = malloc((size_t)n * 8);
-  for (int64_t i = 0; i < n; i++) t[i] = rng_int(&r, 0, v);
   CL(culoss_malloc(ctx, &s.hid, (size_t)(n * d) * es));
   CL(culoss_malloc(ctx, &s.w, (size_t)(v * d) * es));
   CL(culoss_malloc(ctx, &s.gh, (size_t)(n * d) * es));
   CL(culoss_malloc(ctx, &s.gw, (size_t)(v * d) * es));
   CL(culoss_malloc(ctx, &s.t, (size_t)n * 8));
   CL(culoss_malloc(ctx, (void **)&s.loss, 4));
-  CL(culoss_upload(ctx, s.t, t, (size_t)n * 8));
-  void *bufs[2] = {s.hid, s.w};
-  const int64_t counts[2] = {n * d, v * d};
-  const double scales[2] = {1.0, 1.0 / sqrt((double)d)};
-  for (int q = 0; q < 2; q++)
-    for (int64_t i = 0; i < counts[q]; i += blk) {
-      const int64_t k = counts[q] - i < blk ? counts[q] - i : blk;
-      for (int64_t j = 0; j < k; j++) f[j] = (float)(scales[q] * 2.0 * rng_normal(&r));
-      pack_dtype(hb, f, k, dt);
-      CL(culoss_upload(ctx, (char *)bufs[q] + (size_t)i * es, hb, (size_t)k * es));
-    }
+  CK((cudaError_t)bench_fill(s.hid, NULL, (int)dt, n * d, 11, -3));
+  CK((cudaError_t)bench_fill(s.w, NULL, (int)dt, v * d, 12, -2));
+  CK((cudaError_t)bench_fill_targets(s.t, n, v, 13));
   float lf, lu, ms_f[256], ms_u[256];
   /* fused */
   CL(culoss_malloc(ctx, &s.ws, s.ws_bytes));
@@ -456,6 +527,8 @@ static int bench_lce(culoss_context *ctx, const bench_opts *bo, int64_t n, int64
   const double tf = ms_f[bo->repeats / 2], tu = ms_u[bo->repeats / 2];
   const double err = fabs((double)lf - (double)lu) / fabs((double)lu);
   const int ok = err <= (dt == CULOSS_F32 ? 1e-4 : 2e-2);
+  if (isatty(2)) fprintf(stderr, "\r%80s\r", "");
+  if (!bo->json)
   printf("%-8s %6lld %6lld %7lld %5s %9.3f %9.3f %7.1f %7.1f %6.2fx %10.1f %10.1f %6.1f%% %9.1e %s\n",
          "lin+ce", (long long)n, (long long)d, (long long)v, dtype_name(dt), tf, tu,
          flops / (tf * 1e-3) / 1e12, flops / (tu * 1e-3) / 1e12, tf / tu,
@@ -465,7 +538,6 @@ static int bench_lce(culoss_context *ctx, const bench_opts *bo, int64_t n, int64
   culoss_free(ctx, s.hid), culoss_free(ctx, s.w), culoss_free(ctx, s.gh), culoss_free(ctx, s.gw);
   culoss_free(ctx, s.t), culoss_free(ctx, s.loss);
   cublasDestroy(s.h);
-  free(f), free(hb), free(t);
   return ok ? 0 : 1;
 }
 
@@ -474,48 +546,65 @@ static int run_gpu(culoss_context *ctx, const bench_opts *bo) {
   CK(cudaGetDeviceProperties(&prop, 0));
   flush_bytes = (size_t)prop.l2CacheSize * 2;
   CK(cudaMalloc(&flush_buf, flush_bytes));
-  const double bw = copy_bandwidth(bo->quick ? 10 : 30);
+  copy_bw = copy_bandwidth(bo->quick ? 10 : 30);
+  const int64_t ns_full[] = {4096, 16384}, ns_quick[] = {4096};
+  const int64_t vs_full[] = {32000, 50257, 128256, 152064, 256000}, vs_quick[] = {32000, 128256};
+  const int64_t ms_full[] = {1000000, 10000000, 100000000, 1000000000}, ms_quick[] = {1000000, 100000000};
+  const int64_t *ns = bo->quick ? ns_quick : ns_full, *vs = bo->quick ? vs_quick : vs_full;
+  const int64_t *ms = bo->quick ? ms_quick : ms_full;
+  const int nn = bo->quick ? 1 : 2, nv = bo->quick ? 2 : 5, nm = bo->quick ? 2 : 4;
+  const int nl = bo->quick ? 1 : 3;
+  total_cases = nn * nv * 2 + nm * T_NUM_OPS * 2 + nl;
   if (bo->csv)
-    printf("# device,%s,copy_GBps,%.1f\ncase,n,v,dtype,median_ms,min_ms,max_ms,GBps,pct_copy,"
-           "max_rel_err,check\n", prop.name, bw);
-  else {
+    printf("# device,%s,copy_GBps,%.1f\ncase,n,v,dtype,median_ms,min_ms,max_ms,baseline_ms,GBps,"
+           "pct_copy,max_rel_err,check\n", prop.name, copy_bw);
+  else if (!bo->json) {
     printf("device: %s, %d SMs, L2 %d MiB; measured copy bandwidth %.1f GB/s (read+write)\n",
-           prop.name, prop.multiProcessorCount, prop.l2CacheSize >> 20, bw);
+           prop.name, prop.multiProcessorCount, prop.l2CacheSize >> 20, copy_bw);
     printf("bytes counted: cross-entropy: one read of the logits + one write of the gradient "
            "(+ targets); elementwise: one read of input and target + one write of the "
-           "gradient\n");
-    printf("%-22s %10s %7s %5s %9s %9s %9s %9s %8s %9s %s\n", "case", "n", "v", "dtype", "med_ms",
-           "min_ms", "max_ms", "GB/s", "%copy", "max_err", "check");
+           "gradient. baseline: unfused CE (3 kernels) / naive one-thread-per-element kernel\n");
+    printf("%-22s %10s %7s %5s %8s %8s %8s %8s %7s %9s %7s %8s %s\n", "case", "n", "v", "dtype",
+           "med_ms", "min_ms", "max_ms", "GB/s", "%copy", "base_ms", "speedup", "max_err", "check");
   }
-  const int64_t vs_full[] = {32000, 128256, 256000}, vs_quick[] = {32000, 128256};
-  const int64_t *vs = bo->quick ? vs_quick : vs_full;
-  const int nv = bo->quick ? 2 : 3;
-  int bad = 0;
-  for (int vi = 0; vi < nv; vi++)
-    for (int di = 0; di < 2; di++) {
-      int rc = bench_ce(ctx, bo, bo->quick ? 4096 : 8192, vs[vi], di ? CULOSS_BF16 : CULOSS_F32, bw);
-      if (rc < 0) return 1;
-      bad |= rc;
-    }
-  const int64_t m = bo->quick ? (int64_t)1 << 24 : (int64_t)1 << 26;
+  int bad = 0, rc;
+  for (int ni = 0; ni < nn; ni++)
+    for (int vi = 0; vi < nv; vi++)
+      for (int di = 0; di < 2; di++) {
+        if ((rc = bench_ce(ctx, bo, ns[ni], vs[vi], di ? CULOSS_BF16 : CULOSS_F32)) < 0) return 1;
+        bad |= rc;
+      }
   for (int op = 0; op < T_NUM_OPS; op++)
-    for (int di = 0; di < 2; di++) {
-      int rc = bench_ew(ctx, bo, (t_op)op, m, di ? CULOSS_BF16 : CULOSS_F32, bw);
-      if (rc < 0) return 1;
-      bad |= rc;
-    }
-  if (!bo->csv)
+    for (int mi = 0; mi < nm; mi++)
+      for (int di = 0; di < 2; di++) {
+        if ((rc = bench_ew(ctx, bo, (t_op)op, ms[mi], di ? CULOSS_BF16 : CULOSS_F32)) < 0) return 1;
+        bad |= rc;
+      }
+  if (!bo->csv && !bo->json)
     printf("\nfused linear + cross-entropy vs unfused (GEMM to full logits, culoss_cross_entropy, "
            "2 GEMMs); TFLOP/s against 6 n d v; extra memory: workspace vs n x v logits\n"
            "%-8s %6s %6s %7s %5s %9s %9s %7s %7s %7s %10s %10s %7s %9s %s\n", "case", "n", "d", "v",
            "dtype", "fused_ms", "unfus_ms", "TF/s_f", "TF/s_u", "ratio", "ws_MiB", "logit_MiB",
            "mem%", "loss_err", "check");
-  const int64_t lv_full[] = {32000, 128256, 256000};
-  for (int vi = 0; vi < (bo->quick ? 1 : 3); vi++) {
-    int rc = bench_lce(ctx, bo, bo->quick ? 4096 : 8192, bo->quick ? 2048 : 4096, lv_full[vi],
-                       CULOSS_BF16);
-    if (rc < 0) return 1;
+  const int64_t lv[] = {32000, 128256, 256000};
+  for (int vi = 0; vi < nl; vi++) {
+    if ((rc = bench_lce(ctx, bo, bo->quick ? 4096 : 8192, bo->quick ? 2048 : 4096, lv[vi],
+                        CULOSS_BF16)) < 0)
+      return 1;
     bad |= rc;
+  }
+  if (bo->json) {
+    printf("{\"device\": \"%s\", \"copy_GBps\": %.1f, \"results\": [\n", prop.name, copy_bw);
+    for (int i = 0; i < nresults; i++) {
+      const result_t *r = &results[i];
+      printf("  {\"case\": \"%s\", \"n\": %lld, \"v\": %lld, \"dtype\": \"%s\", \"median_ms\": %.5f, "
+             "\"min_ms\": %.5f, \"max_ms\": %.5f, \"baseline_ms\": %.5f, \"bytes\": %.0f, "
+             "\"GBps\": %.2f, \"pct_copy\": %.2f, \"max_rel_err\": %.3e, \"ok\": %s}%s\n",
+             r->name, (long long)r->n, (long long)r->v, dtype_name(r->d), r->med, r->min, r->max,
+             r->base_med, r->bytes, r->gbs, r->pct, r->err, r->ok ? "true" : "false",
+             i + 1 < nresults ? "," : "");
+    }
+    printf("]}\n");
   }
   cudaFree(flush_buf);
   if (bad) fprintf(stderr, "culoss-bench: a GPU result did not match the CPU reference\n");
@@ -524,16 +613,18 @@ static int run_gpu(culoss_context *ctx, const bench_opts *bo) {
 #endif
 
 int main(int argc, char **argv) {
-  bench_opts bo = {0, 0, 50};
+  bench_opts bo = {0, 0, 0, 50};
   for (int i = 1; i < argc; i++) {
     if (!strcmp(argv[i], "--quick"))
       bo.quick = 1, bo.repeats = 15;
     else if (!strcmp(argv[i], "--csv"))
       bo.csv = 1;
+    else if (!strcmp(argv[i], "--json"))
+      bo.json = 1;
     else if (!strcmp(argv[i], "--cpu"))
       bo.repeats = -1;
     else {
-      fprintf(stderr, "usage: %s [--quick] [--csv] [--cpu]\n", argv[0]);
+      fprintf(stderr, "usage: %s [--quick] [--csv | --json] [--cpu]\n", argv[0]);
       return 2;
     }
   }

@@ -11,7 +11,7 @@
 #                                 # initcheck and synccheck over them, then the
 #                                 # benchmark; logs and a summary go to $OUT (or
 #                                 # ./gpu-check-out)
-#   scripts/gpu-check.sh run tests     # only some steps (tests, sanitize, bench),
+#   scripts/gpu-check.sh run tests     # only some steps (tests, sanitize, bench, torch),
 #                                      # to fit the device tool's 10-minute calls
 #   scripts/gpu-check.sh all      # both, on a GPU machine that has the tools
 #
@@ -48,7 +48,7 @@ run() {
   local out=${OUT:-gpu-check-out}
   mkdir -p "$out"
   export LD_LIBRARY_PATH="$PWD/$bun/lib:/usr/local/cuda/lib64:${LD_LIBRARY_PATH:-}"
-  local steps=${1:-tests,sanitize,bench}
+  local steps=${1:-tests,sanitize,bench,torch}
   local summary="$out/summary.txt"
   : >"$summary"
   note() { echo "$*" | tee -a "$summary"; }
@@ -84,10 +84,13 @@ run() {
   if [[ $steps == *bench* ]]; then
   "$bun/bin/culoss-bench" >"$out/bench.txt" 2>&1
   note "culoss-bench: rc=$?"
+  cat "$out/bench.txt"
+  fi
+  if [[ $steps == *torch* ]]; then
   CULOSS_LIBRARY="$PWD/$bun/lib/libculoss.so.0" python3 bench/compare_torch.py \
     >"$out/compare_torch.txt" 2>&1
   note "compare_torch.py: rc=$?"
-  cat "$out/bench.txt" "$out/compare_torch.txt"
+  cat "$out/compare_torch.txt"
   fi
   echo "---- summary"
   cat "$summary"
@@ -97,5 +100,5 @@ case "$mode" in
 bundle) bundle ;;
 run) run "${2:-}" ;;
 all) bundle && run ;;
-*) echo "usage: $0 bundle | run [tests,sanitize,bench] | all" >&2; exit 2 ;;
+*) echo "usage: $0 bundle | run [tests,sanitize,bench,torch] | all" >&2; exit 2 ;;
 esac

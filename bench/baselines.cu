@@ -1,0 +1,196 @@
+/*
+ * baselines.cu: what culoss-bench measures culoss against, in the same run,
+ * plus on-device input generation (host generation of 10^9 random values
+ * would dominate the run).
+ *
+ *   - cross-entropy, unfused: three kernels as a framework without fusion
+ *     runs them: log_softmax (writes fp32 log-probabilities, n x v), NLL
+ *     (mean of the target log-probabilities) and the softmax backward (reads
+ *     the log-probabilities again, writes the gradient).
+ *   - elementwise losses, naive: one thread per element, no vector loads,
+ *     the loss summed with a float atomicAdd.
+ */
+#include <cuda_runtime.h>
+#include <stdint.h>
+
+#include "dtype.cuh"
+#include "loss_math.h"
+
+using namespace culoss_dev;
+
+namespace {
+
+constexpr int BT = 256;
+
+__device__ __forceinline__ uint64_t mix(uint64_t z) {
+  z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
+  z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
+  return z ^ (z >> 31);
+}
+__device__ __forceinline__ float unit(uint64_t h) { return (float)(h >> 40) * 0x1.0p-24f; }
+__device__ __forceinline__ float normal(uint64_t seed, int64_t i) {
+  const float u1 = fmaxf(unit(mix(seed ^ (uint64_t)(2 * i))), 1e-7f);
+  const float u2 = unit(mix(seed ^ (uint64_t)(2 * i + 1)));
+  return sqrtf(-2.0f * logf(u1)) * cospif(2.0f * u2);
+}
+
+template <typename T>
+__global__ void fill_kernel(T *x, T *y, int64_t count, uint64_t seed, int op) {
+  for (int64_t i = (int64_t)blockIdx.x * BT + threadIdx.x; i < count; i += (int64_t)gridDim.x * BT) {
+    const float a = normal(seed, i), b = normal(seed + 7919, i);
+    const float u = unit(mix(seed * 31 + (uint64_t)i));
+    float xv, yv = 0.0f;
+    switch (op) {
+    case -1: /* logits: N(0, 2^2), about one in a thousand masked (-inf) */
+      xv = u < 1e-3f ? -INFINITY : 2.0f * a;
+      break;
+    case -2: xv = 0.02f * a; break; /* linear-layer weights */
+    case -3: xv = a; break;         /* hidden states */
+    case 0: xv = 3.0f * a, yv = u; break;                                 /* bce with logits */
+    case 1: xv = 0.02f + 0.96f * u, yv = unit(mix(seed + (uint64_t)i)); break; /* bce */
+    case 2: case 3: yv = u < 0.5f ? -1.0f : 1.0f, xv = 2.0f * a; break;   /* hinge */
+    case 8: xv = -3.0f * u - 0.01f, yv = b < -0.8f ? 0.0f : fabsf(b) * 0.3f; break; /* kl */
+    case 9: xv = -3.0f * u - 0.01f, yv = -4.0f * fabsf(b); break;          /* kl, log target */
+    default: yv = b, xv = b + 2.0f * a; break;                             /* regression */
+    }
+    x[i] = from_f32<T>(xv);
+    if (y) y[i] = from_f32<T>(yv);
+  }
+}
+
+__global__ void targets_kernel(int64_t *t, int64_t n, int64_t c, uint64_t seed) {
+  for (int64_t i = (int64_t)blockIdx.x * BT + threadIdx.x; i < n; i += (int64_t)gridDim.x * BT)
+    t[i] = (int64_t)(mix(seed ^ (uint64_t)i) % (uint64_t)c);
+}
+
+/* ---- unfused cross-entropy ---- */
+__device__ float block_max(float v, float *sh) {
+  for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+  if ((threadIdx.x & 31) == 0) sh[threadIdx.x / 32] = v;
+  __syncthreads();
+  v = threadIdx.x < BT / 32 ? sh[threadIdx.x] : -INFINITY;
+  for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+  __syncthreads();
+  return v;
+}
+__device__ float block_sum(float v, float *sh) {
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  if ((threadIdx.x & 31) == 0) sh[threadIdx.x / 32] = v;
+  __syncthreads();
+  v = threadIdx.x < BT / 32 ? sh[threadIdx.x] : 0.0f;
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  __syncthreads();
+  return v;
+}
+
+template <typename T>
+__global__ void log_softmax_kernel(const T *x, float *lp, int64_t v) {
+  __shared__ float sh[BT / 32];
+  const T *row = x + (int64_t)blockIdx.x * v;
+  float m = -INFINITY, s = 0.0f;
+  for (int64_t j = threadIdx.x; j < v; j += BT) m = fmaxf(m, to_f32(row[j]));
+  m = block_max(m, sh);
+  for (int64_t j = threadIdx.x; j < v; j += BT) s += expf(to_f32(row[j]) - m);
+  const float lse = m + logf(block_sum(s, sh));
+  for (int64_t j = threadIdx.x; j < v; j += BT) lp[(int64_t)blockIdx.x * v + j] = to_f32(row[j]) - lse;
+}
+
+__global__ void nll_mean_kernel(const float *lp, const int64_t *t, int64_t n, int64_t v, float *loss) {
+  __shared__ float sh[BT / 32];
+  float s = 0.0f;
+  for (int64_t i = threadIdx.x; i < n; i += BT) s -= lp[i * v + t[i]];
+  s = block_sum(s, sh);
+  if (threadIdx.x == 0) *loss = s / (float)n;
+}
+
+template <typename T>
+__global__ void softmax_backward_kernel(const float *lp, const int64_t *t, int64_t v, float inv_n,
+                                        T *g) {
+  const int64_t i = blockIdx.x;
+  for (int64_t j = threadIdx.x; j < v; j += BT)
+    g[i * v + j] = from_f32<T>((expf(lp[i * v + j]) - (j == t[i] ? 1.0f : 0.0f)) * inv_n);
+}
+
+/* ---- naive elementwise ---- */
+template <typename T>
+__global__ void naive_kernel(const T *x, const T *y, int64_t m, int op, float inv_m, T *g,
+                             float *loss) {
+  const int64_t i = (int64_t)blockIdx.x * BT + threadIdx.x;
+  if (i >= m) return;
+  const float a = to_f32(x[i]), b = to_f32(y[i]);
+  float d, l;
+  switch (op) {
+  case 0: l = culoss__bce_logits(a, b, 1.0f, 1.0f, &d); break;
+  case 1: l = culoss__bce_prob(a, b, 1.0f, &d); break;
+  case 2: l = culoss__hinge(a, b, 1.0f, 0, &d); break;
+  case 3: l = culoss__hinge(a, b, 1.0f, 1, &d); break;
+  case 4: l = culoss__mse(a, b, &d); break;
+  case 5: l = culoss__l1(a, b, &d); break;
+  case 6: l = culoss__huber(a, b, 1.0f, &d); break;
+  case 7: l = culoss__smooth_l1(a, b, 1.0f, &d); break;
+  case 8: l = culoss__kl_div(a, b, 0, &d); break;
+  default: l = culoss__kl_div(a, b, 1, &d); break;
+  }
+  g[i] = from_f32<T>(d * inv_m);
+  atomicAdd(loss, l * inv_m);
+}
+
+unsigned grid_for(int64_t count) {
+  const int64_t b = (count + BT - 1) / BT;
+  return (unsigned)(b > 65535 * 16 ? 65535 * 16 : (b < 1 ? 1 : b));
+}
+
+} // namespace
+
+/* dtype: 0 f32, 1 f16, 2 bf16 (culoss_dtype). Return cudaError_t as int. */
+extern "C" int bench_fill(void *x, void *y, int dtype, int64_t count, uint64_t seed, int op) {
+  const unsigned g = grid_for(count);
+  if (dtype == 0)
+    fill_kernel<float><<<g, BT>>>((float *)x, (float *)y, count, seed, op);
+  else if (dtype == 1)
+    fill_kernel<__half><<<g, BT>>>((__half *)x, (__half *)y, count, seed, op);
+  else
+    fill_kernel<__nv_bfloat16><<<g, BT>>>((__nv_bfloat16 *)x, (__nv_bfloat16 *)y, count, seed, op);
+  return (int)cudaGetLastError();
+}
+
+extern "C" int bench_fill_targets(int64_t *t, int64_t n, int64_t c, uint64_t seed) {
+  targets_kernel<<<grid_for(n), BT>>>(t, n, c, seed);
+  return (int)cudaGetLastError();
+}
+
+extern "C" int bench_ce_unfused(const void *x, int dtype, int64_t n, int64_t v, const int64_t *t,
+                                float *lp, float *loss, void *g) {
+  if (dtype == 0) {
+    log_softmax_kernel<float><<<(unsigned)n, BT>>>((const float *)x, lp, v);
+    nll_mean_kernel<<<1, BT>>>(lp, t, n, v, loss);
+    softmax_backward_kernel<float><<<(unsigned)n, BT>>>(lp, t, v, 1.0f / (float)n, (float *)g);
+  } else if (dtype == 1) {
+    log_softmax_kernel<__half><<<(unsigned)n, BT>>>((const __half *)x, lp, v);
+    nll_mean_kernel<<<1, BT>>>(lp, t, n, v, loss);
+    softmax_backward_kernel<__half><<<(unsigned)n, BT>>>(lp, t, v, 1.0f / (float)n, (__half *)g);
+  } else {
+    log_softmax_kernel<__nv_bfloat16><<<(unsigned)n, BT>>>((const __nv_bfloat16 *)x, lp, v);
+    nll_mean_kernel<<<1, BT>>>(lp, t, n, v, loss);
+    softmax_backward_kernel<__nv_bfloat16><<<(unsigned)n, BT>>>(lp, t, v, 1.0f / (float)n,
+                                                               (__nv_bfloat16 *)g);
+  }
+  return (int)cudaGetLastError();
+}
+
+extern "C" int bench_ew_naive(int op, const void *x, const void *y, int dtype, int64_t m, void *g,
+                              float *loss) {
+  const int64_t blocks = (m + BT - 1) / BT;
+  cudaMemsetAsync(loss, 0, sizeof(float));
+  if (dtype == 0)
+    naive_kernel<float><<<(unsigned)blocks, BT>>>((const float *)x, (const float *)y, m, op,
+                                                  1.0f / (float)m, (float *)g, loss);
+  else if (dtype == 1)
+    naive_kernel<__half><<<(unsigned)blocks, BT>>>((const __half *)x, (const __half *)y, m, op,
+                                                   1.0f / (float)m, (__half *)g, loss);
+  else
+    naive_kernel<__nv_bfloat16><<<(unsigned)blocks, BT>>>(
+        (const __nv_bfloat16 *)x, (const __nv_bfloat16 *)y, m, op, 1.0f / (float)m,
+        (__nv_bfloat16 *)g, loss);
+  return (int)cudaGetLastError();
+}
