@@ -160,3 +160,74 @@ Test(api, bad_arguments_are_invalid_value_and_write_nothing) {
   }
   culoss_destroy(ctx);
 }
+
+/* Every entry point that takes a context: NULL is INVALID_VALUE with a
+   message naming ctx, and a CPU context stays usable after each error. */
+Test(api, every_entry_point_rejects_null_ctx) {
+  const float x[4] = {0.5f, 0.5f, 0.5f, 0.5f};
+  const int64_t t[2] = {0, 1};
+  float loss[4] = {-9, -9, -9, -9};
+  void *p = NULL;
+  size_t ws = 0;
+  culoss_status st[24];
+  int k = 0;
+  st[k++] = culoss_set_stream(NULL, NULL);
+  st[k++] = culoss_synchronize(NULL);
+  st[k++] = culoss_malloc(NULL, &p, 4);
+  st[k++] = culoss_free(NULL, loss);
+  st[k++] = culoss_upload(NULL, loss, x, 4);
+  st[k++] = culoss_download(NULL, loss, x, 4);
+  st[k++] = culoss_cross_entropy(NULL, NULL, 2, 2, CULOSS_F32, x, 2, CULOSS_I64, t, loss, NULL, NULL);
+  st[k++] = culoss_cross_entropy_soft(NULL, NULL, 2, 2, CULOSS_F32, x, 2, x, loss, NULL, NULL);
+  st[k++] = culoss_nll(NULL, NULL, 2, 2, CULOSS_F32, x, 2, CULOSS_I64, t, loss, NULL, NULL);
+  st[k++] = culoss_bce_with_logits(NULL, NULL, 2, 2, CULOSS_F32, x, x, loss, NULL, NULL);
+  st[k++] = culoss_bce(NULL, NULL, 2, 2, CULOSS_F32, x, x, loss, NULL, NULL);
+  st[k++] = culoss_hinge(NULL, NULL, 4, CULOSS_F32, x, x, loss, NULL, NULL);
+  st[k++] = culoss_multi_margin(NULL, NULL, 2, 2, CULOSS_F32, x, 2, CULOSS_I64, t, loss, NULL, NULL);
+  st[k++] = culoss_mse(NULL, NULL, 4, CULOSS_F32, x, x, loss, NULL, NULL);
+  st[k++] = culoss_l1(NULL, NULL, 4, CULOSS_F32, x, x, loss, NULL, NULL);
+  st[k++] = culoss_huber(NULL, NULL, 4, CULOSS_F32, x, x, loss, NULL, NULL);
+  st[k++] = culoss_smooth_l1(NULL, NULL, 4, CULOSS_F32, x, x, loss, NULL, NULL);
+  st[k++] = culoss_kl_div(NULL, NULL, 2, 2, CULOSS_F32, x, x, loss, NULL, NULL);
+  st[k++] = culoss_linear_cross_entropy_workspace_size(NULL, 2, 2, 2, CULOSS_F32, &ws);
+  st[k++] = culoss_linear_cross_entropy(NULL, NULL, 2, 2, 2, CULOSS_F32, x, x, NULL, CULOSS_I64, t,
+                                        loss, NULL, NULL, NULL, NULL, NULL, 0);
+  for (int i = 0; i < k; i++) cr_assert_eq(st[i], CULOSS_ERROR_INVALID_VALUE, "entry %d", i);
+  cr_assert(strstr(culoss_last_error(), "ctx is NULL") != NULL, "%s", culoss_last_error());
+  for (int i = 0; i < 4; i++) cr_assert_eq(loss[i], -9.0f, "a NULL-ctx call wrote the loss");
+  /* NULL option pointers mean the defaults (and the options_init functions accept NULL) */
+  culoss_cross_entropy_options_init(NULL);
+  culoss_bce_options_init(NULL);
+  culoss_hinge_options_init(NULL);
+  culoss_multi_margin_options_init(NULL);
+  culoss_regression_options_init(NULL);
+  culoss_kl_div_options_init(NULL);
+}
+
+/* Extreme class targets, both index types; the context stays usable. */
+Test(api, extreme_targets_and_context_reuse) {
+  culoss_context *ctx;
+  cr_assert_eq(culoss_create(&ctx, CULOSS_BACKEND_CPU, 0), CULOSS_OK);
+  const float x[6] = {1, 2, 3, 4, 5, 6};
+  float loss[2] = {-9, -9};
+  const int64_t t64[][2] = {{0, INT64_MIN}, {INT64_MAX, 0}, {0, 3}, {-1, 0}};
+  const int32_t t32[][2] = {{0, INT32_MIN}, {INT32_MAX, 0}, {0, 3}, {-1, 0}};
+  culoss_cross_entropy_options o;
+  culoss_cross_entropy_options_init(&o);
+  o.reduction = CULOSS_REDUCTION_NONE;
+  for (int k = 0; k < 4; k++) {
+    cr_assert_eq(culoss_cross_entropy(ctx, &o, 2, 3, CULOSS_F32, x, 3, CULOSS_I64, t64[k], loss,
+                                      NULL, NULL), CULOSS_ERROR_TARGET_OUT_OF_RANGE, "i64 case %d", k);
+    cr_assert_eq(culoss_cross_entropy(ctx, &o, 2, 3, CULOSS_F32, x, 3, CULOSS_I32, t32[k], loss,
+                                      NULL, NULL), CULOSS_ERROR_TARGET_OUT_OF_RANGE, "i32 case %d", k);
+    cr_assert_eq(culoss_multi_margin(ctx, NULL, 2, 3, CULOSS_F32, x, 3, CULOSS_I32, t32[k], loss,
+                                     NULL, NULL), CULOSS_ERROR_TARGET_OUT_OF_RANGE, "mm case %d", k);
+    cr_assert(loss[0] == -9.0f && loss[1] == -9.0f, "case %d wrote the loss", k);
+  }
+  /* ignore_index = INT64_MIN ignores that row instead */
+  o.ignore_index = INT64_MIN;
+  cr_assert_eq(culoss_cross_entropy(ctx, &o, 2, 3, CULOSS_F32, x, 3, CULOSS_I64, t64[0], loss, NULL,
+                                    NULL), CULOSS_OK);
+  cr_assert_eq(loss[1], 0.0f);
+  culoss_destroy(ctx);
+}
