@@ -57,7 +57,7 @@ run() {
   local t rc
   if [[ $steps == *tests* ]]; then
   for t in test_math test_api test_cpu_ce test_cpu_elementwise test_cpu_linear_ce \
-           test_gpu_ce test_gpu_elementwise test_gpu_linear_ce; do
+           test_gpu_ce test_gpu_elementwise test_gpu_linear_ce test_gpu_graph; do
     "$bun/bin/$t" --jobs 1 >"$out/$t.log" 2>&1
     rc=$?
     note "$t: rc=$rc $(grep -a 'Synthesis' "$out/$t.log" | tail -1)"
@@ -66,7 +66,7 @@ run() {
   local tool
   if [[ $steps == *sanitize* ]]; then
   for tool in memcheck racecheck initcheck synccheck; do
-    for t in test_gpu_ce test_gpu_elementwise test_gpu_linear_ce; do
+    for t in test_gpu_ce test_gpu_elementwise test_gpu_linear_ce test_gpu_graph; do
       CULOSS_TEST_QUICK=1 timeout 600 compute-sanitizer --tool "$tool" --target-processes all \
         --error-exitcode 99 "$bun/bin/$t" --jobs 1 >"$out/sanitizer-$tool-$t.log" 2>&1
       rc=$?
