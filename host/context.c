@@ -5,19 +5,64 @@
  * (cuda_runtime_api.h), so this file stays C11. Every runtime call is checked
  * and a failure becomes a status with the call's name in culoss_last_error().
  */
+#include <pthread.h>
 #include <stdlib.h>
 #include <string.h>
 
 #include "internal.h"
 
+/* The live contexts. Every entry point checks its ctx against this list by
+   pointer value only (never dereferencing an unknown pointer), so a context
+   used after culoss_destroy, or destroyed twice, is an INVALID_VALUE error
+   instead of undefined behaviour. (A new context that malloc places at a
+   destroyed one's address is indistinguishable from it.) A handful of
+   contexts per process is the norm: a list and one mutex suffice. */
+static pthread_mutex_t culoss__live_lock = PTHREAD_MUTEX_INITIALIZER;
+static culoss_context *culoss__live;
+
+static void live_add(culoss_context *c) {
+  pthread_mutex_lock(&culoss__live_lock);
+  c->next_live = culoss__live;
+  culoss__live = c;
+  pthread_mutex_unlock(&culoss__live_lock);
+}
+
+/* Removes c; returns 0 if it was not live. */
+static int live_remove(culoss_context *c) {
+  culoss_context **pp;
+  int found = 0;
+  pthread_mutex_lock(&culoss__live_lock);
+  for (pp = &culoss__live; *pp != NULL; pp = &(*pp)->next_live)
+    if (*pp == c) {
+      *pp = c->next_live;
+      found = 1;
+      break;
+    }
+  pthread_mutex_unlock(&culoss__live_lock);
+  return found;
+}
+
+culoss_status culoss__check_ctx(const culoss_context *ctx, const char *fn) {
+  const culoss_context *c;
+  int found = 0;
+  if (ctx == NULL) return culoss__error(CULOSS_ERROR_INVALID_VALUE, "%s: ctx is NULL", fn);
+  pthread_mutex_lock(&culoss__live_lock);
+  for (c = culoss__live; c != NULL && !found; c = c->next_live) found = c == ctx;
+  pthread_mutex_unlock(&culoss__live_lock);
+  if (!found)
+    return culoss__error(CULOSS_ERROR_INVALID_VALUE,
+                         "%s: ctx is not a live culoss context (destroyed already?)", fn);
+  return CULOSS_OK;
+}
+
 #ifdef CULOSS_HAVE_CUDA
 #include <cuda_runtime_api.h>
 #endif
 
-#define CHECK_CTX(ctx)                                                                     \
-  do {                                                                                     \
-    if ((ctx) == NULL) return culoss__error(CULOSS_ERROR_INVALID_VALUE, "%s: ctx is NULL", \
-                                            __func__);                                     \
+#define CHECK_CTX(ctx)                                         \
+  do {                                                         \
+    culoss_status check_ = culoss__check_ctx((ctx), __func__); \
+    if (check_ != CULOSS_OK) return check_;                    \
   } while (0)
 
 #ifdef CULOSS_HAVE_CUDA
@@ -113,9 +158,11 @@ culoss_status culoss_create(culoss_context **ctx, culoss_backend backend, int de
     char msg[512];
     strncpy(msg, culoss_last_error(), sizeof msg - 1);
     msg[sizeof msg - 1] = '\0';
+    live_add(c); /* so that culoss_destroy releases what was set up */
     culoss_destroy(c);
     return culoss__error(keep, "%s", msg); /* destroy must not hide the cause */
   }
+  live_add(c);
   *ctx = c;
   return CULOSS_OK;
 }
@@ -123,6 +170,9 @@ culoss_status culoss_create(culoss_context **ctx, culoss_backend backend, int de
 culoss_status culoss_destroy(culoss_context *ctx) {
   culoss_status st = CULOSS_OK;
   if (ctx == NULL) return CULOSS_OK;
+  if (!live_remove(ctx))
+    return culoss__error(CULOSS_ERROR_INVALID_VALUE,
+                         "culoss_destroy: ctx is not a live culoss context (destroyed twice?)");
 #ifdef CULOSS_HAVE_CUDA
   if (ctx->backend == CULOSS_BACKEND_CUDA && ctx->device >= 0) {
     int prev = 0;

@@ -39,7 +39,7 @@ static culoss_status validate(const culoss_context *ctx, const char *fn, culoss_
                               const char *xname) {
   const culoss_cross_entropy_options *o = &a->o;
   culoss_status st;
-  if (ctx == NULL) return BAD("%s: ctx is NULL", fn);
+  if ((st = culoss__check_ctx(ctx, fn)) != CULOSS_OK) return st;
   if (a->n < 0) return BAD("%s: n = %lld is negative", fn, (long long)a->n);
   if (a->c < 1) return BAD("%s: c = %lld must be >= 1", fn, (long long)a->c);
   if (a->ld < a->c)

@@ -69,7 +69,7 @@ static culoss_status check_domain_cpu(const char *fn, const culoss__ew_args *a) 
 static culoss_status run_ew(culoss_context *ctx, const char *fn, culoss__ew_args *a, int64_t rows,
                             int64_t cols, const char *xname, const char *yname) {
   culoss_status st;
-  if (ctx == NULL) return BAD("%s: ctx is NULL", fn);
+  if ((st = culoss__check_ctx(ctx, fn)) != CULOSS_OK) return st;
   if (rows < 0) return BAD("%s: n = %lld is negative", fn, (long long)rows);
   if (cols < 1) return BAD("%s: c = %lld must be >= 1", fn, (long long)cols);
   if (rows > 0 && cols > INT64_MAX / 4 / rows)
@@ -215,7 +215,7 @@ culoss_status culoss_multi_margin(culoss_context *ctx, const culoss_multi_margin
     culoss_multi_margin_options_init(&a.o);
   else
     a.o = *o;
-  if (ctx == NULL) return BAD("%s: ctx is NULL", fn);
+  if ((st = culoss__check_ctx(ctx, fn)) != CULOSS_OK) return st;
   if (n < 0) return BAD("%s: n = %lld is negative", fn, (long long)n);
   if (c < 1) return BAD("%s: c = %lld must be >= 1", fn, (long long)c);
   if (ld < c) return BAD("%s: ld = %lld is less than c = %lld", fn, (long long)ld, (long long)c);

@@ -50,6 +50,7 @@ struct culoss_context {
   size_t smem_optin;         /* max dynamic shared memory per block */
   void *cublas;              /* cublasHandle_t, created with the context */
   void *cublas_ws;           /* its fixed workspace: nothing allocates during capture */
+  struct culoss_context *next_live; /* the live-context list (host/context.c) */
 };
 
 /* Arguments of the cross-entropy family, validated by host/cross_entropy.c
@@ -142,6 +143,9 @@ culoss_status culoss__cpu_linear_cross_entropy(const culoss__lce_args *a);
 #define CULOSS__FLAG_TARGET 1 /* a class target outside [0, c) */
 #define CULOSS__FLAG_DOMAIN 2 /* an input outside its domain (BCE prob, hinge target) */
 
+/* NULL, or not a live context (destroyed, never created): INVALID_VALUE
+   naming `fn` (host/context.c). */
+culoss_status culoss__check_ctx(const culoss_context *ctx, const char *fn);
 /* Shared validation (host/validate.c); each records a message naming `fn`
    and the argument. */
 culoss_status culoss__check_dtype(const char *fn, culoss_dtype dtype);

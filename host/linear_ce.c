@@ -65,7 +65,7 @@ culoss_status culoss_linear_cross_entropy_workspace_size(culoss_context *ctx, in
                                                          size_t *bytes) {
   const char *fn = "culoss_linear_cross_entropy_workspace_size";
   culoss_status st;
-  if (ctx == NULL) return BAD("%s: ctx is NULL", fn);
+  if ((st = culoss__check_ctx(ctx, fn)) != CULOSS_OK) return st;
   if (bytes == NULL) return BAD("%s: bytes is NULL", fn);
   if ((st = check_sizes(fn, n, d, v)) != CULOSS_OK) return st;
   if ((st = culoss__check_dtype(fn, dtype)) != CULOSS_OK) return st;
@@ -148,7 +148,7 @@ culoss_status culoss_linear_cross_entropy(culoss_context *ctx,
     a.o = *o;
   else
     culoss_cross_entropy_options_init(&a.o);
-  if (ctx == NULL) return BAD("%s: ctx is NULL", fn);
+  if ((st = culoss__check_ctx(ctx, fn)) != CULOSS_OK) return st;
   if ((st = check_sizes(fn, n, d, v)) != CULOSS_OK) return st;
   if ((st = culoss__check_dtype(fn, dtype)) != CULOSS_OK) return st;
   if ((st = culoss__check_index_type(fn, ttype)) != CULOSS_OK) return st;

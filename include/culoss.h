@@ -98,7 +98,9 @@ typedef enum { CULOSS_BACKEND_CPU = 0, CULOSS_BACKEND_CUDA = 1 } culoss_backend;
 CULOSS_API culoss_status culoss_create(culoss_context **ctx, culoss_backend backend, int device);
 
 /* Destroys a context and its scratch memory (not buffers from culoss_malloc:
-   free those first). Waits for the context's stream. NULL is fine. */
+   free those first). Waits for the context's stream. NULL is fine. Every
+   call checks its context against the live ones, so using a destroyed
+   context (or destroying it twice) returns CULOSS_ERROR_INVALID_VALUE. */
 CULOSS_API culoss_status culoss_destroy(culoss_context *ctx);
 
 /* CUDA backend: subsequent calls are enqueued on `cuda_stream` (a

@@ -231,3 +231,29 @@ Test(api, extreme_targets_and_context_reuse) {
   cr_assert_eq(loss[1], 0.0f);
   culoss_destroy(ctx);
 }
+
+/* A destroyed context is rejected by pointer value (never dereferenced):
+   every call, and a second destroy, give INVALID_VALUE. */
+Test(api, destroyed_context_is_rejected) {
+  culoss_context *ctx, *other;
+  cr_assert_eq(culoss_create(&ctx, CULOSS_BACKEND_CPU, 0), CULOSS_OK);
+  cr_assert_eq(culoss_create(&other, CULOSS_BACKEND_CPU, 0), CULOSS_OK);
+  cr_assert_eq(culoss_destroy(ctx), CULOSS_OK);
+  const float x[3] = {1, 2, 3};
+  const int64_t t[1] = {0};
+  float loss = -9.0f;
+  void *p;
+  cr_assert_eq(culoss_cross_entropy(ctx, NULL, 1, 3, CULOSS_F32, x, 3, CULOSS_I64, t, &loss, NULL,
+                                    NULL), CULOSS_ERROR_INVALID_VALUE);
+  cr_assert(strstr(culoss_last_error(), "not a live culoss context") != NULL, "%s",
+            culoss_last_error());
+  cr_assert_eq(loss, -9.0f);
+  cr_assert_eq(culoss_malloc(ctx, &p, 16), CULOSS_ERROR_INVALID_VALUE);
+  cr_assert_eq(culoss_mse(ctx, NULL, 3, CULOSS_F32, x, x, &loss, NULL, NULL),
+               CULOSS_ERROR_INVALID_VALUE);
+  cr_assert_eq(culoss_destroy(ctx), CULOSS_ERROR_INVALID_VALUE, "double destroy is detected");
+  /* the other context is unaffected */
+  cr_assert_eq(culoss_cross_entropy(other, NULL, 1, 3, CULOSS_F32, x, 3, CULOSS_I64, t, &loss,
+                                    NULL, NULL), CULOSS_OK);
+  cr_assert_eq(culoss_destroy(other), CULOSS_OK);
+}
