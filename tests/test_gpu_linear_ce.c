@@ -17,19 +17,23 @@ static void gpu_setup(void) { gpu_open(&gpu, &cpu); }
 static void gpu_teardown(void) { gpu_close(gpu, cpu); }
 TestSuite(gpu_lce, .init = gpu_setup, .fini = gpu_teardown, .timeout = 900);
 
+/* ||got - ref|| / ||ref|| (NaN anywhere fails): GEMMs sum in another order,
+   and for fp16/bf16 the logits are rounded to the dtype before the softmax,
+   so elementwise bounds would be brittle where sums cancel. */
 static void check(const char *what, const void *got, const void *ref, int64_t count, culoss_dtype dt,
-                  double rtol) {
+                  double tol) {
   float *a = malloc((size_t)count * 4), *b = malloc((size_t)count * 4);
   unpack_dtype(a, got, count, dt);
   unpack_dtype(b, ref, count, dt);
-  double m = 0;
-  for (int64_t i = 0; i < count; i++) m = fmax(m, fabs(b[i]));
-  int64_t where;
-  /* GEMM sums in another order and (fp16/bf16) from rounded logits: a
-     relative bound plus a small fraction of the largest magnitude */
-  const double wr = worst_ratio(a, b, count, 1e-3 * m + 1e-9, rtol, &where);
-  cr_assert(wr <= 1.0, "%s[%lld]: gpu %.9g cpu %.9g (max |ref| %g)", what, (long long)where,
-            (double)a[where], (double)b[where], m);
+  double num = 0, den = 0;
+  for (int64_t i = 0; i < count; i++) {
+    cr_assert(!isnan(a[i]) && !isnan(b[i]), "%s[%lld] is NaN (gpu %g, cpu %g)", what, (long long)i,
+              (double)a[i], (double)b[i]);
+    num += ((double)a[i] - b[i]) * ((double)a[i] - b[i]);
+    den += (double)b[i] * b[i];
+  }
+  const double rel = sqrt(num) / (sqrt(den) + 1e-30);
+  cr_assert(rel <= tol, "%s: relative error %.3g > %.3g (dtype %d)", what, rel, tol, dt);
   free(a), free(b);
 }
 
@@ -82,7 +86,7 @@ static void lce_case(int64_t n, int64_t d, int64_t v, culoss_dtype dt, culoss_re
   cr_assert(worst_ratio(l, ref_l, nl, lt, lt, &where) <= 1.0, "loss[%lld] %g vs %g", (long long)where,
             (double)l[where], (double)ref_l[where]);
   void *g = malloc((size_t)(v * d) * es + (size_t)(n * d) * es + 1);
-  const double gt = dt == CULOSS_F32 ? 1e-3 : 5e-2;
+  const double gt = dt == CULOSS_F32 ? 1e-4 : 2e-2;
   to_host(g, d_gh, (size_t)(n * d) * es);
   check("grad_hidden", g, rgh, n * d, dt, gt);
   to_host(g, d_gw, (size_t)(v * d) * es);
