@@ -221,7 +221,10 @@ __global__ void __launch_bounds__(BLOCK) ce_kernel(ce_params p) {
             p.loss[row] = l;
           else
             my_loss += l;
-          if (p.row_stats) p.row_stats[row] = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+          if (p.row_stats) {
+            p.row_stats[2 * row] = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+            p.row_stats[2 * row + 1] = make_float4(0.0f, 0.0f, 0.0f, 0.0f); /* scale 0 */
+          }
         }
         if (gr) {
           pack_t zero;
@@ -318,6 +321,8 @@ __global__ void __launch_bounds__(BLOCK) ce_kernel(ce_params p) {
 
       const row_acc r = greduce::run(acc, gstore);
       const float lse = culoss__lse_value(r.lse);
+      /* lse = m + log_s, kept apart for accuracy with large logits */
+      const float lse_m = r.lse.m, log_s = logf(r.lse.s);
       float coef_a;
       if constexpr (MODE == CULOSS__CE_INDEX)
         coef_a = (1.0f - eps) * wt + eps / (float)c * wsum + 2.0f * p.z * lse;
@@ -327,7 +332,7 @@ __global__ void __launch_bounds__(BLOCK) ce_kernel(ce_params p) {
       if (lane == 0) {
         float l;
         if constexpr (MODE == CULOSS__CE_INDEX) {
-          l = (1.0f - eps) * wt * (lse - r.xt);
+          l = (1.0f - eps) * wt * (lse_m == -INFINITY ? lse - r.xt : (lse_m - r.xt) + log_s);
           if (eps > 0.0f) l += eps / (float)c * (wsum * lse - r.sx);
         } else {
           l = r.sy * lse - r.sx;
@@ -338,7 +343,10 @@ __global__ void __launch_bounds__(BLOCK) ce_kernel(ce_params p) {
         else
           my_loss += l;
         /* what fused linear + CE needs to rebuild this row's gradient later */
-        if (p.row_stats) p.row_stats[row] = make_float4(lse, coef_a, (1.0f - eps) * wt, scale);
+        if (p.row_stats) {
+          p.row_stats[2 * row] = make_float4(lse_m, log_s, coef_a, (1.0f - eps) * wt);
+          p.row_stats[2 * row + 1] = make_float4(scale, 0.0f, 0.0f, 0.0f);
+        }
       }
 
       /* ---- pass 2: the gradient, written once ---- */
@@ -360,7 +368,7 @@ __global__ void __launch_bounds__(BLOCK) ce_kernel(ce_params p) {
             else
               b = index_b(p, j, t, tw, c);
             o.v[k] = from_f32<T>(
-                culoss__ce_grad(xs, lse, coef_a, b, scale, culoss__softcap_grad(xs, cap)));
+                culoss__ce_grad(xs, lse_m, log_s, coef_a, b, scale, culoss__softcap_grad(xs, cap)));
           }
           store_pack<T, VEC>(gr + v * VEC, o);
         }
@@ -372,7 +380,7 @@ __global__ void __launch_bounds__(BLOCK) ce_kernel(ce_params p) {
           else
             b = index_b(p, j, t, tw, c);
           gr[j] = from_f32<T>(
-              culoss__ce_grad(xs, lse, coef_a, b, scale, culoss__softcap_grad(xs, cap)));
+              culoss__ce_grad(xs, lse_m, log_s, coef_a, b, scale, culoss__softcap_grad(xs, cap)));
         }
       }
       /* The broadcast slot and TempStorage are reused by the next row. */

@@ -104,7 +104,8 @@ __global__ void __launch_bounds__(LT)
                            const float4 *stats, const void *targets, int ttype,
                            const float *class_weight, float eps, float cap) {
   const int64_t i = blockIdx.y;
-  const float4 st = stats[i]; /* lse, coef_a, (1-eps) w_y, scale */
+  const float4 st = stats[2 * i];  /* m, log_s, coef_a, (1-eps) w_y */
+  const float scale = stats[2 * i + 1].x;
   const int64_t t = ttype == CULOSS_I32 ? (int64_t) static_cast<const int32_t *>(targets)[i]
                                         : static_cast<const int64_t *>(targets)[i];
   T *row = tile + i * ld;
@@ -112,11 +113,11 @@ __global__ void __launch_bounds__(LT)
        jj += (int64_t)gridDim.x * LT) {
     const int64_t j = c0 + jj;
     float g = 0.0f;
-    if (st.w != 0.0f) { /* scale 0: ignored or out-of-range row */
+    if (scale != 0.0f) { /* scale 0: ignored or out-of-range row */
       const float xs = culoss__softcap(to_f32(row[jj]), cap);
-      float b = j == t ? st.z : 0.0f;
+      float b = j == t ? st.w : 0.0f;
       if (eps > 0.0f) b += eps / (float)v * (class_weight ? class_weight[j] : 1.0f);
-      g = culoss__ce_grad(xs, st.x, st.y, b, st.w, culoss__softcap_grad(xs, cap));
+      g = culoss__ce_grad(xs, st.x, st.y, st.z, b, scale, culoss__softcap_grad(xs, cap));
     }
     row[jj] = from_f32<T>(g);
   }
@@ -206,7 +207,7 @@ template <typename T> culoss_status run(culoss_context *ctx, const culoss__lce_a
     p.targets = static_cast<const char *>(a->targets) + (size_t)r0 * tsz;
     p.loss = (reduced ? row_loss : a->loss) + r0;
     p.grad_loss = a->grad_loss && !reduced ? a->grad_loss + r0 : a->grad_loss;
-    p.row_stats = pass_b ? row_stats + r0 : nullptr;
+    p.row_stats = pass_b ? row_stats + 2 * r0 : nullptr;
     int64_t grid;
     CL_TRY(ce_launch_main(ctx, p, CULOSS__CE_INDEX, (int)a->dtype, &grid, stream));
     if (a->grad_hidden) /* grad_hidden [nr, d] = dlogits [nr, v] @ W [v, d] */
@@ -240,7 +241,7 @@ template <typename T> culoss_status run(culoss_context *ctx, const culoss__lce_a
         CL_TRY(gemm(h, CUBLAS_OP_T, CUBLAS_OP_N, vc, nr, d, W + c0 * d, ty, d, Hr, ty, d,
                     B ? 1.0f : 0.0f, tile, ty, vc, "cublasGemmEx(logits slice)"));
         grad_from_stats_kernel<T><<<dim3(blocks_for(vc), (unsigned)nr), LT, 0, stream>>>(
-            tile, vc, vc, c0, v, row_stats + r0,
+            tile, vc, vc, c0, v, row_stats + 2 * r0,
             static_cast<const char *>(a->targets) + (size_t)r0 * tsz, (int)a->ttype,
             a->o.class_weight, a->o.label_smoothing, a->o.logit_softcap);
         CU_TRY(cudaGetLastError(), "launch of grad_from_stats_kernel");

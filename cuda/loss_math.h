@@ -175,7 +175,11 @@ CULOSS_HD float culoss__softcap_grad(float y, float cap) {
 }
 
 /* Gradient of one logit of a cross-entropy row, in fp32:
- *   g = scale * (p * a - b) * capgrad,   p = exp(x - lse)
+ *   g = scale * (p * a - b) * capgrad,   p = exp((x - m) - log_s)
+ * with lse = m + log_s split into the row maximum m and log of the rescaled
+ * sum: x - m is exact for the large logits that matter, so p keeps fp32
+ * accuracy even when the logits are in the thousands (x - lse would lose
+ * the ulp of lse, 1e-3 at 1e4).
  * where the per-row constants are
  *   a = (1-eps) w_y + (eps/c) W + 2 z lse      (index targets)
  *   a = sum_c w_c y'_c + 2 z lse               (soft targets)
@@ -185,8 +189,9 @@ CULOSS_HD float culoss__softcap_grad(float y, float cap) {
  * The target column's p*a - b is formed in fp32 before any rounding to the
  * output dtype, so bf16/fp16 gradients do not lose it to cancellation.
  * p of a -inf logit is exactly 0. */
-CULOSS_HD float culoss__ce_grad(float x, float lse, float a, float b, float scale, float capgrad) {
-  float p = (x == -INFINITY) ? 0.0f : exp2f((x - lse) * CULOSS_LOG2E);
+CULOSS_HD float culoss__ce_grad(float x, float m, float log_s, float a, float b, float scale,
+                                float capgrad) {
+  float p = (x == -INFINITY) ? 0.0f : exp2f(((x - m) - log_s) * CULOSS_LOG2E);
   return scale * (p * a - b) * capgrad;
 }
 

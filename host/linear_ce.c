@@ -33,7 +33,7 @@ culoss__lce_layout culoss__lce_plan(int64_t n, int64_t d, int64_t v, culoss_dtyp
   L.off_logits = 0;
   L.off_row_loss = round256((size_t)rows * (size_t)v * es);
   L.off_row_stats = L.off_row_loss + round256((size_t)n * 4u);
-  L.off_bias_acc = L.off_row_stats + round256((size_t)n * 16u);
+  L.off_bias_acc = L.off_row_stats + round256((size_t)n * 32u);
   L.off_gw_acc = L.off_bias_acc + round256((size_t)v * 4u);
   L.total = L.off_gw_acc;
   if (dtype != CULOSS_F32) {

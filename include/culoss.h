@@ -405,11 +405,11 @@ CULOSS_API culoss_status culoss_kl_div(culoss_context *ctx, const culoss_kl_div_
  * Workspace rule (what culoss_linear_cross_entropy_workspace_size returns):
  *   rows per block  r = min(n, 32768, max(1, floor(2^28 / (v * sizeof(dtype)))))
  *   logits block    r * v * sizeof(dtype)
- *   per-row values  20 * n bytes (row losses, saved softmax statistics)
+ *   per-row values  36 * n bytes (row losses, saved softmax statistics)
  *   fp32 grad_bias  4 * v; fp32 grad_weight for fp16/bf16: one vocabulary
  *                   slice of vs rows, vs * d * 4 <= the logits block
  * each region rounded up to 256 bytes: O(r * v + n), never O(n * v), and
- * with r fixed by v, bounded independently of n apart from the 20 n term.
+ * with r fixed by v, bounded independently of n apart from the 36 n term.
  * grad_hidden must not alias hidden (hidden is read again after
  * grad_hidden is written).
  *

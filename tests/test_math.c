@@ -149,17 +149,25 @@ Test(math, softcap_and_its_derivative) {
 }
 
 Test(math, ce_grad_closed_form) {
-  /* logits {1, 2, 3}, target 2: lse = log(e + e^2 + e^3). */
-  const double lse = log(exp(1.0) + exp(2.0) + exp(3.0));
+  /* logits {1, 2, 3}, target 2: lse = 3 + log(e^-2 + e^-1 + 1). */
+  const double log_s = log(exp(-2.0) + exp(-1.0) + 1.0), lse = 3.0 + log_s;
   const float x[3] = {1.0f, 2.0f, 3.0f};
   for (int j = 0; j < 3; j++) {
     double p = exp(x[j] - lse);
-    float g = culoss__ce_grad(x[j], (float)lse, 1.0f, j == 2 ? 1.0f : 0.0f, 0.5f, 1.0f);
+    float g = culoss__ce_grad(x[j], 3.0f, (float)log_s, 1.0f, j == 2 ? 1.0f : 0.0f, 0.5f, 1.0f);
     cr_assert(close_enough(g, 0.5 * (p - (j == 2)), 1e-7, 1e-5), "j=%d %g", j, (double)g);
   }
   /* a -inf logit has p = 0 exactly, whatever lse is */
-  cr_assert_eq(culoss__ce_grad(-INFINITY, 3.0f, 1.0f, 0.0f, 1.0f, 1.0f), 0.0f);
-  cr_assert_eq(culoss__ce_grad(-INFINITY, -INFINITY, 1.0f, 0.25f, 2.0f, 1.0f), -0.5f);
+  cr_assert_eq(culoss__ce_grad(-INFINITY, 3.0f, 0.5f, 1.0f, 0.0f, 1.0f, 1.0f), 0.0f);
+  cr_assert_eq(culoss__ce_grad(-INFINITY, -INFINITY, 0.0f, 1.0f, 0.25f, 2.0f, 1.0f), -0.5f);
+  /* large logits: with lse split as m + log_s, p keeps fp32 accuracy at 1e4 */
+  const float big[3] = {20000.0f, 19999.0f, 19990.0f};
+  const double bls = log(1.0 + exp(-1.0) + exp(-10.0));
+  for (int j = 0; j < 3; j++) {
+    const double p = exp((double)big[j] - 20000.0 - bls);
+    const float g = culoss__ce_grad(big[j], 20000.0f, (float)bls, 1.0f, 0.0f, 1.0f, 1.0f);
+    cr_assert(close_enough(g, p, 1e-9, 2e-6), "j=%d: %.9g vs %.9g", j, (double)g, p);
+  }
 }
 
 /* The fp32 elementwise helpers the kernels call, against the CPU backend's
