@@ -31,6 +31,9 @@
  */
 #include <cuda_runtime.h>
 
+#include <stdlib.h>
+#include <string.h>
+
 #include <type_traits>
 
 #include <cub/block/block_reduce.cuh>
@@ -557,10 +560,28 @@ culoss_status ce_launch_prep(const ce_params *p_in, ce_params *p, int mode, cuda
   return e == cudaSuccess ? CULOSS_OK : culoss__cuda_status(e, "launch of ce_prep_kernel");
 }
 
+/* Tuning and testing knobs (documented in culoss.h): CULOSS_CE_SHAPE forces
+   the launch shape (warp, 256 or 1024 threads per row), CULOSS_CE_CACHE_BYTES
+   caps the shared memory that keeps rows for pass 2 (0: re-read them). */
+static shape shape_for(int64_t c) {
+  const char *e = getenv("CULOSS_CE_SHAPE");
+  if (e && !strcmp(e, "warp")) return SHAPE_WARP;
+  if (e && !strcmp(e, "256")) return SHAPE_BLOCK256;
+  if (e && !strcmp(e, "1024")) return SHAPE_BLOCK1024;
+  return pick_shape(c);
+}
+
+static size_t cache_budget(size_t available) {
+  const char *e = getenv("CULOSS_CE_CACHE_BYTES");
+  if (e == nullptr || *e == '\0') return available;
+  const unsigned long long b = strtoull(e, nullptr, 10);
+  return b < available ? (size_t)b : available;
+}
+
 culoss_status ce_launch_main(culoss_context *ctx, ce_params &p, int mode, int dtype,
                              int64_t *grid_out, cudaStream_t stream) {
   const size_t esize = culoss__dtype_size((culoss_dtype)dtype);
-  const shape s = pick_shape(p.c);
+  const shape s = shape_for(p.c);
   const int vec16n = (int)(16 / esize);
   const bool vec_ok = aligned16(p.x) && aligned16(p.grad) &&
                       (mode != CULOSS__CE_SOFT || aligned16(p.probs)) &&
@@ -572,7 +593,7 @@ culoss_status ce_launch_main(culoss_context *ctx, ce_params &p, int mode, int dt
      when a gradient is wanted; as much of each row as fits. */
   p.cache_vecs = 0;
   if (p.grad && mode != CULOSS__NLL) {
-    const size_t budget = ctx->smem_optin - STATIC_SMEM_RESERVE;
+    const size_t budget = cache_budget(ctx->smem_optin - STATIC_SMEM_RESERVE);
     const int64_t fit = (int64_t)(budget / ((size_t)rows * pack_bytes));
     const int64_t nvec = p.c / vec;
     p.cache_vecs = nvec < fit ? nvec : fit;

@@ -225,6 +225,16 @@ CULOSS_API culoss_status culoss_cross_entropy(culoss_context *ctx,
                                               const void *targets, float *loss, void *grad_logits,
                                               const float *grad_loss);
 
+/* Tuning and testing knobs, read from the environment at each call (the CUDA
+ * kernels' numerics do not depend on them, only their launch):
+ *   CULOSS_CE_SHAPE        warp | 256 | 1024: threads per row of the fused
+ *                          kernel (default: a warp for c <= 1024, 256
+ *                          threads up to 16384, else 1024)
+ *   CULOSS_CE_CACHE_BYTES  cap on the shared memory that keeps each row for
+ *                          the gradient pass (0: re-read the row)
+ * Results are bitwise identical run to run for a fixed setting; a different
+ * shape sums in a different order (differences at fp32 rounding level). */
+
 /* Softmax cross-entropy with probability targets.
  *   target_probs  [n, c] of dtype `dtype`, same row stride ld as logits.
  * With y' = (1-eps) y + eps/c:  l = sum_c w_c y'_c (lse - x_c) + z_loss lse^2.

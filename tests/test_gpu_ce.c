@@ -1,3 +1,4 @@
+#define _POSIX_C_SOURCE 200809L
 /* test_gpu_ce.c: the CUDA backend against the CPU reference on fresh random
    inputs (large-magnitude and -inf logits included), every dtype, sizes from
    c = 2 to c = 256K, strided rows, in-place gradients, poisoned outputs,
@@ -291,6 +292,32 @@ Test(gpu_ce, strided_and_in_place) {
         k.mode = 1;
         run_case(&k);
       }
+}
+
+/* Every launch shape on sizes its heuristic would not pick, with the row
+   cache full, partial and off: each instantiation against the CPU. */
+Test(gpu_ce, every_shape_and_cache_budget) {
+  REQUIRE_GPU();
+  const char *shapes[] = {"warp", "256", "1024"}, *caches[] = {"", "0", "3000"};
+  const int64_t cs[] = {7, 1000, 5003};
+  uint64_t seed = 1200;
+  for (int si = 0; si < 3; si++)
+    for (int ci = 0; ci < 3; ci++) {
+      setenv("CULOSS_CE_SHAPE", shapes[si], 1);
+      setenv("CULOSS_CE_CACHE_BYTES", caches[ci], 1);
+      for (int mode = 0; mode < 3; mode++)
+        for (int d = 0; d < 3; d++) {
+          gcase k = base_case(37, cs[(si + ci + mode + d) % 3], (culoss_dtype)d, seed++);
+          k.mode = mode;
+          k.eps = mode == 2 ? 0.0f : 0.1f;
+          k.weights = 1;
+          k.in_place = d == 1;
+          k.red = (culoss_reduction)((mode + d) % 3);
+          run_case(&k);
+        }
+    }
+  unsetenv("CULOSS_CE_SHAPE");
+  unsetenv("CULOSS_CE_CACHE_BYTES");
 }
 
 Test(gpu_ce, large_magnitude_logits) {
