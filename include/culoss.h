@@ -225,8 +225,8 @@ CULOSS_API culoss_status culoss_cross_entropy(culoss_context *ctx,
                                               const void *targets, float *loss, void *grad_logits,
                                               const float *grad_loss);
 
-/* Tuning and testing knobs, read from the environment at each call (the CUDA
- * kernels' numerics do not depend on them, only their launch):
+/* Tuning and testing knobs, read from the environment at each CUDA call; they
+ * change how the fused kernel is launched, not what it computes:
  *   CULOSS_CE_SHAPE        warp | 256 | 1024: threads per row of the fused
  *                          kernel (default: a warp for c <= 1024, 256
  *                          threads up to 16384, else 1024)
