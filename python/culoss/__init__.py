@@ -19,7 +19,7 @@ import threading
 __all__ = [
     "CulossError", "Context", "version", "cross_entropy", "cross_entropy_soft", "nll",
     "bce_with_logits", "bce", "hinge", "multi_margin", "mse", "l1", "huber", "smooth_l1",
-    "kl_div", "CrossEntropyFunction",
+    "kl_div", "linear_cross_entropy", "CrossEntropyFunction",
 ]
 
 # --------------------------------------------------------------------------- loading
@@ -122,6 +122,10 @@ _sigs = {
     "culoss_hinge": [_P, _P, _i64, _int, _P, _P, _P, _P, _P],
     "culoss_multi_margin": [_P, _P, _i64, _i64, _int, _P, _i64, _int, _P, _P, _P, _P],
     "culoss_kl_div": [_P, _P, _i64, _i64, _int, _P, _P, _P, _P, _P],
+    "culoss_linear_cross_entropy": [_P, _P, _i64, _i64, _i64, _int, _P, _P, _P, _int, _P, _P, _P,
+                                    _P, _P, _P, _P, ctypes.c_size_t],
+    "culoss_linear_cross_entropy_workspace_size": [_P, _i64, _i64, _i64, _int,
+                                                   ctypes.POINTER(ctypes.c_size_t)],
 }
 for _f in ("mse", "l1", "huber", "smooth_l1"):
     _sigs[f"culoss_{_f}"] = [_P, _P, _i64, _int, _P, _P, _P, _P, _P]
@@ -492,6 +496,51 @@ def multi_margin(scores, targets, *, reduction="mean", p=1, margin=1.0, class_we
     if not call.torch:
         call.ctx.synchronize()
     return call.finish(loss, reduction), g
+
+def linear_cross_entropy(hidden, weight, targets, bias=None, *, reduction="mean",
+                         ignore_index=-100, label_smoothing=0.0, class_weight=None, z_loss=0.0,
+                         logit_softcap=0.0, normalizer=None, grad=True, grad_loss=None, ctx=None):
+    """Fused linear + cross-entropy over logits = hidden @ weight.T (+ bias),
+    never materialised whole. Returns (loss, grad_hidden, grad_weight,
+    grad_bias) (gradients None with grad=False; grad_bias None without bias).
+    The workspace is allocated here (a torch uint8 tensor on the GPU)."""
+    call = _Call(hidden, ctx)
+    if hidden.ndim != 2 or weight.ndim != 2 or hidden.shape[1] != weight.shape[1]:
+        raise CulossError(1, f"expected hidden [n, d] and weight [v, d], got {tuple(hidden.shape)} "
+                             f"and {tuple(weight.shape)}")
+    n, d = int(hidden.shape[0]), int(hidden.shape[1])
+    v = int(weight.shape[0])
+    dt = call.dtype(hidden)
+    hp = call.ptr(hidden)
+    hidden = call.keep[-1]
+    wp = call.ptr(weight, hidden.dtype)
+    weight = call.keep[-1]
+    bp = call.ptr(bias, hidden.dtype) if bias is not None else None
+    o = _ce_opts(call, reduction, ignore_index, label_smoothing, class_weight, z_loss,
+                 logit_softcap, normalizer)
+    tp, tk = call.targets(targets)
+    loss = call.empty_f32(n if reduction == "none" else 1)
+    gh = call.empty_like(hidden) if grad else None
+    gw = call.empty_like(weight) if grad else None
+    gb = None
+    if grad and bias is not None:
+        gb = call.empty_like(bias if call.torch else call.np.asarray(bias, dtype=hidden.dtype))
+    size = ctypes.c_size_t()
+    _check(_lib.culoss_linear_cross_entropy_workspace_size(call.ctx._h, n, d, v, dt, ctypes.byref(size)))
+    ws, wsp = None, None
+    if call.torch and size.value:
+        ws = call.T.empty(size.value, dtype=call.T.uint8, device=call.device)
+        wsp = ctypes.c_void_p(ws.data_ptr())
+    _check(_lib.culoss_linear_cross_entropy(
+        call.ctx._h, ctypes.byref(o), n, d, v, dt, hp, wp, bp, tk, tp,
+        call.ptr(loss, contiguous=False),
+        _strided_ptr(call, gh) if gh is not None else None,
+        _strided_ptr(call, gw) if gw is not None else None,
+        _strided_ptr(call, gb) if gb is not None else None,
+        call.f32(grad_loss), wsp, size.value if ws is not None else 0))
+    if not call.torch:
+        call.ctx.synchronize()
+    return call.finish(loss, reduction), gh, gw, gb
 
 # --------------------------------------------------------------------------- torch autograd
 

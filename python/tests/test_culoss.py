@@ -129,6 +129,21 @@ def test_elementwise_losses():
         culoss.bce(np.array([1.5], np.float32), np.array([1.0], np.float32))
 
 
+def test_linear_cross_entropy_matches_explicit():
+    h = rng.standard_normal((9, 6)).astype(np.float32)
+    w = (0.5 * rng.standard_normal((13, 6))).astype(np.float32)
+    b = rng.standard_normal(13).astype(np.float32)
+    t = rng.integers(0, 13, 9)
+    t[4] = -100
+    loss, gh, gw, gb = culoss.linear_cross_entropy(h, w, t, b, label_smoothing=0.1)
+    z = h.astype(np.float64) @ w.T.astype(np.float64) + b
+    want_l, want_g = ce_ref(z, t, 0.1)
+    np.testing.assert_allclose(loss, want_l, rtol=1e-5)
+    np.testing.assert_allclose(gh, want_g @ w, rtol=1e-4, atol=1e-7)
+    np.testing.assert_allclose(gw, want_g.T @ h, rtol=1e-4, atol=1e-7)
+    np.testing.assert_allclose(gb, want_g.sum(axis=0), rtol=1e-4, atol=1e-7)
+
+
 def _torch_cuda():
     try:
         import torch
@@ -152,6 +167,20 @@ def test_torch_cuda_matches_torch_functional():
         ref.backward()
         assert abs(loss.item() - ref.item()) <= tol * abs(ref.item())
         torch.testing.assert_close(g.float(), xr.grad, rtol=tol * 10, atol=1e-6)
+
+
+def test_torch_linear_cross_entropy():
+    torch = _torch_cuda()
+    h = torch.randn(256, 128, device="cuda", dtype=torch.bfloat16)
+    w = (0.05 * torch.randn(3000, 128, device="cuda")).to(torch.bfloat16)
+    t = torch.randint(0, 3000, (256,), device="cuda")
+    loss, gh, gw, _ = culoss.linear_cross_entropy(h, w, t)
+    hr, wr = h.float().requires_grad_(), w.float().requires_grad_()
+    ref = torch.nn.functional.cross_entropy(hr @ wr.T, t)
+    ref.backward()
+    assert abs(loss.item() - ref.item()) <= 2e-2 * abs(ref.item())
+    assert ((gw.float() - wr.grad).norm() / wr.grad.norm()).item() < 3e-2
+    assert ((gh.float() - hr.grad).norm() / hr.grad.norm()).item() < 3e-2
 
 
 def test_torch_autograd_function():
