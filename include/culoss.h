@@ -27,6 +27,10 @@
  * buffer, in stream order: do not run two loss calls of the same context on
  * two streams at once (use one context per concurrent stream).
  *
+ * Threads: culoss_last_error() is per thread; a context may be used by one
+ * thread at a time (different contexts are independent). The CPU backend
+ * computes synchronously inside each call.
+ *
  * Determinism: the same inputs give bitwise the same outputs, run after run
  * (reductions use fixed-order block reductions; no floating-point atomics).
  */

@@ -17,4 +17,11 @@ flags=$(PKG_CONFIG_PATH="$pc_dir" pkg-config --cflags --libs culoss)
 cc -std=c11 -o "$tmp/consumer_pc" "$src/tests/consumer/main.c" $flags -lm \
    -Wl,-rpath,"$(PKG_CONFIG_PATH="$pc_dir" pkg-config --variable=libdir culoss)"
 "$tmp/consumer_pc"
-echo "install consumer: find_package (shared, static) and pkg-config all ok"
+# the header from C++ (extern "C", no cuda_runtime.h needed)
+if command -v c++ >/dev/null; then
+  printf '#include <culoss.h>\n#include <cstdio>\nint main() { std::printf("c++ ok: %%d\\n", culoss_version()); return culoss_version() > 0 ? 0 : 1; }\n' >"$tmp/cxx.cpp"
+  c++ -std=c++11 -Wall -Wextra -Werror -pedantic -o "$tmp/consumer_cxx" "$tmp/cxx.cpp" $flags \
+     -Wl,-rpath,"$(PKG_CONFIG_PATH="$pc_dir" pkg-config --variable=libdir culoss)"
+  "$tmp/consumer_cxx"
+fi
+echo "install consumer: find_package (shared, static), pkg-config and C++ all ok"
