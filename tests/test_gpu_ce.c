@@ -227,6 +227,23 @@ Test(gpu_ce, index_targets_all_sizes_all_dtypes) {
     }
 }
 
+/* More rows than the capped grid has row slots: each group strides over
+   several rows (and reduced losses still sum every row once). */
+Test(gpu_ce, grid_stride_over_many_rows) {
+  REQUIRE_GPU();
+  const int64_t shapes[][2] = {{70001, 3}, {40000, 700}, {5000, 20000}};
+  uint64_t seed = 1500;
+  for (int i = 0; i < 3; i++)
+    for (int mode = 0; mode < 3; mode++) {
+      if (test_quick() && i > 0) continue;
+      gcase k = base_case(shapes[i][0], shapes[i][1], (culoss_dtype)(mode % 3), seed++);
+      k.mode = mode;
+      k.red = (culoss_reduction)((i + mode) % 3);
+      k.neg_inf = 0;
+      run_case(&k);
+    }
+}
+
 Test(gpu_ce, soft_targets_all_sizes_all_dtypes) {
   REQUIRE_GPU();
   for (int d = 0; d < 3; d++)
@@ -234,6 +251,9 @@ Test(gpu_ce, soft_targets_all_sizes_all_dtypes) {
       gcase k = base_case(rows_for(sizes[s]), sizes[s], (culoss_dtype)d, 200 + s * 3 + d);
       k.mode = 1;
       k.eps = 0.1f;
+      /* with smoothing every class has y' > 0, so a -inf logit makes the
+         row's loss +inf: alternate so finite soft losses are compared too */
+      k.neg_inf = (int)((s + d) % 2);
       run_case(&k);
     }
 }
@@ -270,6 +290,7 @@ Test(gpu_ce, options_grid) {
             k.cap = variant >= 4 ? 15.0f : 0.0f;
           }
           k.normalizer = variant == 5 && red == CULOSS_REDUCTION_MEAN;
+          k.neg_inf = variant % 2 == 0; /* -inf with smoothing gives +inf losses */
           k.grad = variant != 3 || red != CULOSS_REDUCTION_SUM; /* forward-only too */
           run_case(&k);
         }
