@@ -54,6 +54,9 @@ run() {
   note() { echo "$*" | tee -a "$summary"; }
   note "date: $(date -u +%Y-%m-%dT%H:%MZ)  bundle built at commit: $(cat "$bun/COMMIT" 2>/dev/null || echo unknown)"
   note "device: $(nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>&1 | head -1)"
+  local missing
+  missing=$(for b in "$bun"/bin/*; do ldd "$b" | grep "not found"; done | sort -u)
+  [ -z "$missing" ] || note "WARNING: unresolved libraries (extend LD_LIBRARY_PATH): $missing"
   local t rc
   if [[ $steps == *tests* ]]; then
   for t in test_math test_api test_cpu_ce test_cpu_elementwise test_cpu_linear_ce \
