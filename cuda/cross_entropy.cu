@@ -2,8 +2,8 @@
  * cross_entropy.cu: fused softmax cross-entropy (class-index and soft
  * targets) and NLL, forward and backward in one kernel.
  *
- * A group of TPR threads owns one row at a time (a warp for small c, the
- * whole block for large c). Pass 1 streams the row once with 16-byte loads,
+ * A group of TPR threads owns one row at a time (one thread for tiny c, a
+ * warp for small c, the whole block for large c). Pass 1 streams the row once with 16-byte loads,
  * keeping an online log-sum-exp (max and rescaled sum) plus the sums that
  * label smoothing and soft targets need, and parks the raw row in shared
  * memory when it fits. One fixed-order reduction per row gives lse. Pass 2
@@ -119,7 +119,10 @@ template <int BLOCK, int TPR> struct group_reduce {
     row_acc result;
   };
   __device__ __forceinline__ static row_acc run(row_acc v, storage &st) {
-    if constexpr (TPR == 32) {
+    if constexpr (TPR == 1) {
+      (void)st; /* one thread owns the row: nothing to combine or order */
+      return v;
+    } else if constexpr (TPR == 32) {
       /* Butterfly over the warp, then lane 0's value to all lanes: every
          lane then uses one bitwise-identical lse (an FMA contraction can
          make a + b and b + a round differently across lanes). */
@@ -156,7 +159,7 @@ template <int BLOCK, int TPR> struct group_reduce {
   __device__ __forceinline__ static void sync() {
     if constexpr (TPR == 32)
       __syncwarp();
-    else
+    else if constexpr (TPR > 32)
       __syncthreads();
   }
 };
@@ -400,18 +403,21 @@ __global__ void __launch_bounds__(BLOCK) ce_kernel(ce_params p) {
 /* dispatch                                                               */
 /* ---------------------------------------------------------------------- */
 
-/* The three launch shapes: a warp per row for short rows, a 256-thread
-   block per row for medium rows, a 1024-thread block per row for large
-   vocabularies. */
-enum shape { SHAPE_WARP = 0, SHAPE_BLOCK256 = 1, SHAPE_BLOCK1024 = 2 };
+/* The launch shapes: a thread per row for tiny rows (a warp would leave
+   most lanes idle and keep too few bytes in flight), a warp per row for short
+   rows, a 256-thread block per row for medium rows, a 1024-thread block per
+   row for large vocabularies. */
+enum shape { SHAPE_WARP = 0, SHAPE_BLOCK256 = 1, SHAPE_BLOCK1024 = 2, SHAPE_THREAD = 3 };
 
 inline shape pick_shape(int64_t c) {
+  if (c <= 16) return SHAPE_THREAD;
   if (c <= 1024) return SHAPE_WARP;
   if (c <= 16384) return SHAPE_BLOCK256;
   return SHAPE_BLOCK1024;
 }
 
 template <int S> struct shape_dims;
+template <> struct shape_dims<SHAPE_THREAD> { static constexpr int block = 256, tpr = 1; };
 template <> struct shape_dims<SHAPE_WARP> { static constexpr int block = 256, tpr = 32; };
 template <> struct shape_dims<SHAPE_BLOCK256> { static constexpr int block = 256, tpr = 256; };
 template <> struct shape_dims<SHAPE_BLOCK1024> { static constexpr int block = 1024, tpr = 1024; };
@@ -428,6 +434,7 @@ template <typename T, int MODE, int S, typename F> void for_vec(F &f) {
   f.template operator()<T, MODE, S, 1>();
 }
 template <typename T, int MODE, typename F> void for_shape(F &f) {
+  for_vec<T, MODE, SHAPE_THREAD>(f);
   for_vec<T, MODE, SHAPE_WARP>(f);
   for_vec<T, MODE, SHAPE_BLOCK256>(f);
   for_vec<T, MODE, SHAPE_BLOCK1024>(f);
@@ -489,6 +496,7 @@ struct launch_visitor {
 
 inline int rows_of(shape s) {
   switch (s) {
+  case SHAPE_THREAD: return shape_dims<SHAPE_THREAD>::block / shape_dims<SHAPE_THREAD>::tpr;
   case SHAPE_WARP: return shape_dims<SHAPE_WARP>::block / shape_dims<SHAPE_WARP>::tpr;
   case SHAPE_BLOCK256: return shape_dims<SHAPE_BLOCK256>::block / shape_dims<SHAPE_BLOCK256>::tpr;
   default: return shape_dims<SHAPE_BLOCK1024>::block / shape_dims<SHAPE_BLOCK1024>::tpr;
@@ -565,6 +573,7 @@ culoss_status ce_launch_prep(const ce_params *p_in, ce_params *p, int mode, cuda
    caps the shared memory that keeps rows for pass 2 (0: re-read them). */
 static shape shape_for(int64_t c) {
   const char *e = getenv("CULOSS_CE_SHAPE");
+  if (e && !strcmp(e, "thread")) return SHAPE_THREAD;
   if (e && !strcmp(e, "warp")) return SHAPE_WARP;
   if (e && !strcmp(e, "256")) return SHAPE_BLOCK256;
   if (e && !strcmp(e, "1024")) return SHAPE_BLOCK1024;

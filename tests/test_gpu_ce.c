@@ -319,10 +319,10 @@ Test(gpu_ce, strided_and_in_place) {
    cache full, partial and off: each instantiation against the CPU. */
 Test(gpu_ce, every_shape_and_cache_budget) {
   REQUIRE_GPU();
-  const char *shapes[] = {"warp", "256", "1024"}, *caches[] = {"", "0", "3000"};
+  const char *shapes[] = {"thread", "warp", "256", "1024"}, *caches[] = {"", "0", "3000"};
   const int64_t cs[] = {7, 1000, 5003};
   uint64_t seed = 1200;
-  for (int si = 0; si < 3; si++)
+  for (int si = 0; si < 4; si++)
     for (int ci = 0; ci < 3; ci++) {
       setenv("CULOSS_CE_SHAPE", shapes[si], 1);
       setenv("CULOSS_CE_CACHE_BYTES", caches[ci], 1);
