@@ -44,15 +44,15 @@ struct ew_params {
   culoss__scratch *scratch;
 };
 
-/* One element: loss, derivative, and whether the element is outside the
-   loss's domain. */
+/* One element (index i, column j = i % c): loss, derivative, and whether
+   the element is outside the loss's domain. */
 template <int OP>
-__device__ __forceinline__ float eval(const ew_params &p, float x, float y, int64_t i, float *d,
-                                      bool *bad) {
+__device__ __forceinline__ float eval(const ew_params &p, float x, float y, int64_t i, int64_t j,
+                                      float *d, bool *bad) {
   *bad = false;
   if constexpr (OP == CULOSS__EW_BCE_LOGITS) {
     const float w = p.weight ? p.weight[i] : 1.0f;
-    const float pw = p.pos_weight ? p.pos_weight[i % p.c] : 1.0f;
+    const float pw = p.pos_weight ? p.pos_weight[j] : 1.0f;
     return culoss__bce_logits(x, y, w, pw, d);
   } else if constexpr (OP == CULOSS__EW_BCE) {
     *bad = !(x >= 0.0f && x <= 1.0f);
@@ -87,10 +87,12 @@ __global__ void __launch_bounds__(EW_THREADS) ew_kernel(ew_params p) {
   double acc = 0.0; /* this thread's losses, in its fixed element order */
   bool any_bad = false;
 
-  auto one = [&](float xv, float yv, int64_t i) -> float {
+  /* pos_weight's column: one 64-bit modulo per pack, not per element */
+  const bool cols = OP == CULOSS__EW_BCE_LOGITS && p.pos_weight != nullptr;
+  auto one = [&](float xv, float yv, int64_t i, int64_t j) -> float {
     float d;
     bool bad;
-    float l = eval<OP>(p, xv, yv, i, &d, &bad);
+    float l = eval<OP>(p, xv, yv, i, j, &d, &bad);
     if (bad) {
       any_bad = true;
       l = __int_as_float(0x7fc00000);
@@ -107,13 +109,16 @@ __global__ void __launch_bounds__(EW_THREADS) ew_kernel(ew_params p) {
     const pack_t xp = load_pack<T, VEC>(x + v * VEC);
     const pack_t yp = load_pack<T, VEC>(y + v * VEC);
     pack_t g;
+    int64_t j = cols ? (v * VEC) % p.c : 0;
 #pragma unroll
-    for (int k = 0; k < VEC; k++)
-      g.v[k] = from_f32<T>(one(to_f32(xp.v[k]), to_f32(yp.v[k]), v * VEC + k));
+    for (int k = 0; k < VEC; k++) {
+      g.v[k] = from_f32<T>(one(to_f32(xp.v[k]), to_f32(yp.v[k]), v * VEC + k, j));
+      if (cols && ++j == p.c) j = 0;
+    }
     if (grad) store_pack<T, VEC>(grad + v * VEC, g);
   }
   for (int64_t i = npack * VEC + tid; i < p.m; i += stride) { /* the partial pack */
-    const float gi = one(to_f32(x[i]), to_f32(y[i]), i);
+    const float gi = one(to_f32(x[i]), to_f32(y[i]), i, cols ? i % p.c : 0);
     if (grad) grad[i] = from_f32<T>(gi);
   }
   if (any_bad) atomicOr(&p.scratch->error_flag, CULOSS__FLAG_DOMAIN);
