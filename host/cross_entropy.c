@@ -83,11 +83,7 @@ static culoss_status run(culoss_context *ctx, const char *fn, culoss__ce_args *a
     }
     return culoss__cpu_cross_entropy(a);
   }
-#ifdef CULOSS_HAVE_CUDA
   return culoss__dispatch_cuda(ctx, fn, culoss__cuda_cross_entropy, a);
-#else
-  return culoss__dispatch_cuda(ctx, fn, NULL, a);
-#endif
 }
 
 culoss_status culoss_cross_entropy(culoss_context *ctx, const culoss_cross_entropy_options *o,

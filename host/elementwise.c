@@ -90,11 +90,7 @@ static culoss_status run_ew(culoss_context *ctx, const char *fn, culoss__ew_args
     if ((st = check_domain_cpu(fn, a)) != CULOSS_OK) return st;
     return culoss__cpu_elementwise(a);
   }
-#ifdef CULOSS_HAVE_CUDA
   return culoss__dispatch_cuda(ctx, fn, culoss__cuda_elementwise, a);
-#else
-  return culoss__dispatch_cuda(ctx, fn, NULL, a);
-#endif
 }
 
 static culoss_status bce_common(culoss_context *ctx, const char *fn, culoss__ew_op op,
@@ -236,9 +232,5 @@ culoss_status culoss_multi_margin(culoss_context *ctx, const culoss_multi_margin
     if ((st = culoss__check_targets_cpu(fn, targets, ttype, n, c, 0, 0)) != CULOSS_OK) return st;
     return culoss__cpu_multi_margin(&a);
   }
-#ifdef CULOSS_HAVE_CUDA
   return culoss__dispatch_cuda(ctx, fn, culoss__cuda_multi_margin, &a);
-#else
-  return culoss__dispatch_cuda(ctx, fn, NULL, &a);
-#endif
 }

@@ -157,7 +157,8 @@ culoss_status culoss__check_targets_cpu(const char *fn, const void *targets, cul
                                         int64_t ignore_index);
 /* reduction (NONE/SUM/MEAN), label_smoothing, z_loss, logit_softcap. */
 culoss_status culoss__check_ce_options(const char *fn, const culoss_cross_entropy_options *o);
-/* Runs a CUDA launcher with ctx->device current. */
+/* Runs a CUDA launcher with ctx->device current (in a CPU-only build the
+   launchers below are NULL and this reports an internal error). */
 culoss_status culoss__dispatch_cuda(culoss_context *ctx, const char *fn,
                                     culoss_status (*launch)(culoss_context *, const void *),
                                     const void *args);
@@ -210,6 +211,15 @@ void culoss__device_leave(const culoss_context *ctx, int prev);
 culoss_status culoss__cuda_status(int err, const char *what);
 /* One-time per-context setup of kernel attributes (dynamic shared memory). */
 culoss_status culoss__cuda_kernels_init(culoss_context *ctx);
+#endif
+
+#ifndef CULOSS_HAVE_CUDA
+/* CPU-only build: no launchers; the entry points call culoss__dispatch_cuda
+   with these and it reports the (unreachable) CUDA context as an error. */
+#define culoss__cuda_cross_entropy NULL
+#define culoss__cuda_elementwise NULL
+#define culoss__cuda_multi_margin NULL
+#define culoss__cuda_linear_cross_entropy NULL
 #endif
 
 #ifdef __cplusplus

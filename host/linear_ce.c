@@ -178,9 +178,5 @@ culoss_status culoss_linear_cross_entropy(culoss_context *ctx,
                  fn, workspace_bytes, need);
     if (workspace == NULL) return BAD("%s: workspace is NULL", fn);
   }
-#ifdef CULOSS_HAVE_CUDA
   return culoss__dispatch_cuda(ctx, fn, culoss__cuda_linear_cross_entropy, &a);
-#else
-  return culoss__dispatch_cuda(ctx, fn, NULL, &a);
-#endif
 }
