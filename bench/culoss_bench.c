@@ -49,7 +49,12 @@
 
 typedef struct {
   int quick, csv, json, repeats;
+  const char *only; /* NULL, "ce", "ew" or "lce": one family of cases */
 } bench_opts;
+
+static int wanted(const bench_opts *bo, const char *family) {
+  return bo->only == NULL || strcmp(bo->only, family) == 0;
+}
 
 static int cmp_float(const void *a, const void *b) {
   float x = *(const float *)a, y = *(const float *)b;
@@ -554,7 +559,8 @@ static int run_gpu(culoss_context *ctx, const bench_opts *bo) {
   const int64_t *ms = bo->quick ? ms_quick : ms_full;
   const int nn = bo->quick ? 1 : 2, nv = bo->quick ? 2 : 5, nm = bo->quick ? 2 : 4;
   const int nl = bo->quick ? 1 : 3;
-  total_cases = nn * nv * 2 + nm * T_NUM_OPS * 2 + nl;
+  total_cases = (wanted(bo, "ce") ? nn * nv * 2 : 0) + (wanted(bo, "ew") ? nm * T_NUM_OPS * 2 : 0) +
+                (wanted(bo, "lce") ? nl : 0);
   if (bo->csv)
     printf("# device,%s,copy_GBps,%.1f\ncase,n,v,dtype,median_ms,min_ms,max_ms,baseline_ms,GBps,"
            "pct_copy,max_rel_err,check\n", prop.name, copy_bw);
@@ -568,26 +574,26 @@ static int run_gpu(culoss_context *ctx, const bench_opts *bo) {
            "med_ms", "min_ms", "max_ms", "GB/s", "%copy", "base_ms", "speedup", "max_err", "check");
   }
   int bad = 0, rc;
-  for (int ni = 0; ni < nn; ni++)
+  for (int ni = 0; ni < (wanted(bo, "ce") ? nn : 0); ni++)
     for (int vi = 0; vi < nv; vi++)
       for (int di = 0; di < 2; di++) {
         if ((rc = bench_ce(ctx, bo, ns[ni], vs[vi], di ? CULOSS_BF16 : CULOSS_F32)) < 0) return 1;
         bad |= rc;
       }
-  for (int op = 0; op < T_NUM_OPS; op++)
+  for (int op = 0; op < (wanted(bo, "ew") ? (int)T_NUM_OPS : 0); op++)
     for (int mi = 0; mi < nm; mi++)
       for (int di = 0; di < 2; di++) {
         if ((rc = bench_ew(ctx, bo, (t_op)op, ms[mi], di ? CULOSS_BF16 : CULOSS_F32)) < 0) return 1;
         bad |= rc;
       }
-  if (!bo->csv && !bo->json)
+  if (!bo->csv && !bo->json && wanted(bo, "lce"))
     printf("\nfused linear + cross-entropy vs unfused (GEMM to full logits, culoss_cross_entropy, "
            "2 GEMMs); TFLOP/s against 6 n d v; extra memory: workspace vs n x v logits\n"
            "%-8s %6s %6s %7s %5s %9s %9s %7s %7s %7s %10s %10s %7s %9s %s\n", "case", "n", "d", "v",
            "dtype", "fused_ms", "unfus_ms", "TF/s_f", "TF/s_u", "ratio", "ws_MiB", "logit_MiB",
            "mem%", "loss_err", "check");
   const int64_t lv[] = {32000, 128256, 256000};
-  for (int vi = 0; vi < nl; vi++) {
+  for (int vi = 0; vi < (wanted(bo, "lce") ? nl : 0); vi++) {
     if ((rc = bench_lce(ctx, bo, bo->quick ? 4096 : 8192, bo->quick ? 2048 : 4096, lv[vi],
                         CULOSS_BF16)) < 0)
       return 1;
@@ -613,7 +619,7 @@ static int run_gpu(culoss_context *ctx, const bench_opts *bo) {
 #endif
 
 int main(int argc, char **argv) {
-  bench_opts bo = {0, 0, 0, 50};
+  bench_opts bo = {0, 0, 0, 50, NULL};
   for (int i = 1; i < argc; i++) {
     if (!strcmp(argv[i], "--quick"))
       bo.quick = 1, bo.repeats = 15;
@@ -621,10 +627,13 @@ int main(int argc, char **argv) {
       bo.csv = 1;
     else if (!strcmp(argv[i], "--json"))
       bo.json = 1;
+    else if (!strcmp(argv[i], "--only") && i + 1 < argc &&
+             (!strcmp(argv[i + 1], "ce") || !strcmp(argv[i + 1], "ew") || !strcmp(argv[i + 1], "lce")))
+      bo.only = argv[++i];
     else if (!strcmp(argv[i], "--cpu"))
       bo.repeats = -1;
     else {
-      fprintf(stderr, "usage: %s [--quick] [--csv | --json] [--cpu]\n", argv[0]);
+      fprintf(stderr, "usage: %s [--quick] [--csv | --json] [--only ce|ew|lce] [--cpu]\n", argv[0]);
       return 2;
     }
   }

@@ -13,6 +13,7 @@
 #                                 # ./gpu-check-out)
 #   scripts/gpu-check.sh run tests     # only some steps (tests, sanitize, bench, torch),
 #                                      # to fit the device tool's 10-minute calls
+#   BENCH_ARGS="--only ce" scripts/gpu-check.sh run bench   # one family (ce, ew, lce)
 #   scripts/gpu-check.sh all      # both, on a GPU machine that has the tools
 #
 # The GPU machines of this project have nvcc and compute-sanitizer but no
@@ -85,7 +86,8 @@ run() {
   note "python binding (numpy + torch CUDA): rc=$? $(tail -1 "$out/python.log")"
   fi
   if [[ $steps == *bench* ]]; then
-  "$bun/bin/culoss-bench" >"$out/bench.txt" 2>&1
+  # shellcheck disable=SC2086  # BENCH_ARGS, e.g. "--only ce", is a word list
+  "$bun/bin/culoss-bench" ${BENCH_ARGS:-} >"$out/bench.txt" 2>&1
   note "culoss-bench: rc=$?"
   cat "$out/bench.txt"
   fi
