@@ -61,9 +61,9 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
   const int64_t rows = n > 0 ? n : 0, cc = c > 0 ? c : 1;
   const size_t elems = (size_t)(rows * (ld > 0 ? ld : 1)) + 1;
   float *x = malloc(elems * 4), *y = malloc(elems * 4), *w = malloc((size_t)cc * 4 + 4);
-  float *loss = malloc(elems * 4), *grad = malloc(elems * 4), *gl = malloc(elems * 4);
+  float *loss = malloc(elems * 4), *grad = malloc(elems * 4);
   int64_t *t = malloc((size_t)(rows + 1) * 8);
-  for (size_t i = 0; i < elems; i++) x[i] = f32(&r), y[i] = f32(&r), gl[i] = 1.0f;
+  for (size_t i = 0; i < elems; i++) x[i] = f32(&r), y[i] = f32(&r);
   for (int64_t j = 0; j < cc; j++) w[j] = fabsf(f32(&r));
   for (int64_t i = 0; i <= rows; i++) t[i] = (int64_t)(int8_t)u8(&r) % (cc + 2);
   memset(loss, POISON, elems * 4);
@@ -166,6 +166,6 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
       }
     }
   }
-  free(x), free(y), free(w), free(loss), free(grad), free(gl), free(t);
+  free(x), free(y), free(w), free(loss), free(grad), free(t);
   return 0;
 }
