@@ -41,6 +41,7 @@
 #include "../host/internal.h"
 #include "cross_entropy.cuh"
 #include "dtype.cuh"
+#include "launch.cuh"
 #include "loss_math.h"
 #include "reduce.cuh"
 
@@ -174,7 +175,7 @@ __global__ void __launch_bounds__(BLOCK) ce_kernel(ce_params p) {
   typedef group_reduce<BLOCK, TPR> greduce;
   __shared__ typename greduce::storage gstore;
   __shared__ float block_scale[2]; /* gradient scale (SUM/MEAN), W */
-  extern __shared__ __align__(16) unsigned char smem_raw[];
+  CULOSS_DYNAMIC_SMEM(smem_raw);
 
   const int grp = threadIdx.x / TPR;
   const int lane = threadIdx.x % TPR;
@@ -455,7 +456,8 @@ struct init_visitor {
   culoss_status st;
   template <typename T, int MODE, int S, int VEC> void operator()() {
     if (st != CULOSS_OK) return;
-    void (*k)(ce_params) = kernel_ptr<T, MODE, S, VEC>();
+    /* the C API, which takes the kernel's address as const void * */
+    const void *k = reinterpret_cast<const void *>(kernel_ptr<T, MODE, S, VEC>());
     cudaFuncAttributes attr;
     cudaError_t e = cudaFuncGetAttributes(&attr, k);
     if (e != cudaSuccess) {
@@ -484,12 +486,14 @@ struct launch_visitor {
   cudaStream_t stream;
   /* output */
   int launched;
+  cudaError_t err;
   template <typename T, int MODE, int S, int VEC> void operator()() {
     if (launched || MODE != want_mode || S != want_shape || VEC != want_vec) return;
     const int dt = sizeof(T) == 4 ? CULOSS_F32
                    : (std::is_same<T, __half>::value ? CULOSS_F16 : CULOSS_BF16);
     if (dt != dtype) return;
-    kernel_ptr<T, MODE, S, VEC>()<<<(unsigned)grid, shape_dims<S>::block, smem, stream>>>(p);
+    err = launch(kernel_ptr<T, MODE, S, VEC>(), dim3((unsigned)grid), dim3(shape_dims<S>::block),
+                 smem, stream, p);
     launched = 1;
   }
 };
@@ -563,8 +567,8 @@ culoss_status ce_launch_prep(const ce_params *p_in, ce_params *p, int mode, cuda
     p->div.prep = p->scratch->prep_denom;
     p->div.prep_count = (int)blocks;
   }
-  ce_prep_kernel<<<(unsigned)blocks, PREP_THREADS, 0, stream>>>(*p, mode);
-  const cudaError_t e = cudaGetLastError();
+  const cudaError_t e = launch(ce_prep_kernel, dim3((unsigned)blocks), dim3(PREP_THREADS), 0,
+                               stream, *p, mode);
   return e == cudaSuccess ? CULOSS_OK : culoss__cuda_status(e, "launch of ce_prep_kernel");
 }
 
@@ -610,13 +614,12 @@ culoss_status ce_launch_main(culoss_context *ctx, ce_params &p, int mode, int dt
   const int64_t grid = capped_grid((p.n + rows - 1) / rows);
   *grid_out = grid;
   launch_visitor lv{mode, (int)s, vec, dtype, p, grid,
-                    (size_t)p.cache_vecs * rows * pack_bytes, stream, 0};
+                    (size_t)p.cache_vecs * rows * pack_bytes, stream, 0, cudaSuccess};
   for_each_kernel(lv);
   if (!lv.launched)
     return culoss__error(CULOSS_ERROR_INTERNAL, "no ce_kernel for mode %d shape %d vec %d", mode,
                          (int)s, vec);
-  const cudaError_t e = cudaGetLastError();
-  return e == cudaSuccess ? CULOSS_OK : culoss__cuda_status(e, "launch of ce_kernel");
+  return lv.err == cudaSuccess ? CULOSS_OK : culoss__cuda_status(lv.err, "launch of ce_kernel");
 }
 
 } // namespace culoss_dev

@@ -20,6 +20,7 @@
 
 #include "../host/internal.h"
 #include "dtype.cuh"
+#include "launch.cuh"
 #include "loss_math.h"
 #include "reduce.cuh"
 
@@ -127,11 +128,8 @@ __global__ void __launch_bounds__(EW_THREADS) ew_kernel(ew_params p) {
 
 template <typename T, int OP>
 cudaError_t launch_vec(const ew_params &p, bool vec, unsigned grid, cudaStream_t s) {
-  if (vec)
-    ew_kernel<T, OP, vec16<T>::value><<<grid, EW_THREADS, 0, s>>>(p);
-  else
-    ew_kernel<T, OP, 1><<<grid, EW_THREADS, 0, s>>>(p);
-  return cudaGetLastError();
+  if (vec) return launch(ew_kernel<T, OP, vec16<T>::value>, dim3(grid), dim3(EW_THREADS), 0, s, p);
+  return launch(ew_kernel<T, OP, 1>, dim3(grid), dim3(EW_THREADS), 0, s, p);
 }
 
 template <typename T>

@@ -31,6 +31,7 @@
 #include "../host/internal.h"
 #include "cross_entropy.cuh"
 #include "dtype.cuh"
+#include "launch.cuh"
 #include "loss_math.h"
 #include "reduce.cuh"
 
@@ -195,8 +196,9 @@ template <typename T> culoss_status run(culoss_context *ctx, const culoss__lce_a
     const int64_t nr = n - r0 < L.rows ? n - r0 : L.rows;
     const T *Hr = H + r0 * d;
     if (B) {
-      bias_fill_kernel<T><<<dim3(blocks_for(v), (unsigned)nr), LT, 0, stream>>>(tile, B, v, v);
-      CU_TRY(cudaGetLastError(), "launch of bias_fill_kernel");
+      CU_TRY(launch(bias_fill_kernel<T>, dim3(blocks_for(v), (unsigned)nr), dim3(LT), 0, stream,
+                    tile, B, v, v),
+             "launch of bias_fill_kernel");
     }
     /* logits (row-major [nr, v]) = column-major [v, nr] = W (v x d) Hr^T */
     CL_TRY(gemm(h, CUBLAS_OP_T, CUBLAS_OP_N, v, nr, d, W, ty, d, Hr, ty, d, B ? 1.0f : 0.0f, tile,
@@ -218,8 +220,9 @@ template <typename T> culoss_status run(culoss_context *ctx, const culoss__lce_a
                   r0 == 0 ? 0.0f : 1.0f, a->grad_weight, CUDA_R_32F, d,
                   "cublasGemmEx(grad_weight)"));
     if (a->grad_bias) {
-      colsum_kernel<T><<<blocks_for(v), LT, 0, stream>>>(tile, nr, v, v, bias_acc, r0 == 0);
-      CU_TRY(cudaGetLastError(), "launch of colsum_kernel");
+      CU_TRY(launch(colsum_kernel<T>, dim3(blocks_for(v)), dim3(LT), 0, stream, tile, nr, v, v,
+                    bias_acc, (int)(r0 == 0)),
+             "launch of colsum_kernel");
     }
   }
 
@@ -234,37 +237,40 @@ template <typename T> culoss_status run(culoss_context *ctx, const culoss__lce_a
         const int64_t nr = n - r0 < rows_b ? n - r0 : rows_b;
         const T *Hr = H + r0 * d;
         if (B) {
-          bias_fill_kernel<T><<<dim3(blocks_for(vc), (unsigned)nr), LT, 0, stream>>>(tile, B + c0,
-                                                                                     vc, vc);
-          CU_TRY(cudaGetLastError(), "launch of bias_fill_kernel");
+          CU_TRY(launch(bias_fill_kernel<T>, dim3(blocks_for(vc), (unsigned)nr), dim3(LT), 0,
+                        stream, tile, B + c0, vc, vc),
+                 "launch of bias_fill_kernel");
         }
         CL_TRY(gemm(h, CUBLAS_OP_T, CUBLAS_OP_N, vc, nr, d, W + c0 * d, ty, d, Hr, ty, d,
                     B ? 1.0f : 0.0f, tile, ty, vc, "cublasGemmEx(logits slice)"));
-        grad_from_stats_kernel<T><<<dim3(blocks_for(vc), (unsigned)nr), LT, 0, stream>>>(
-            tile, vc, vc, c0, v, row_stats + 2 * r0,
-            static_cast<const char *>(a->targets) + (size_t)r0 * tsz, (int)a->ttype,
-            a->o.class_weight, a->o.label_smoothing, a->o.logit_softcap);
-        CU_TRY(cudaGetLastError(), "launch of grad_from_stats_kernel");
+        CU_TRY(launch(grad_from_stats_kernel<T>, dim3(blocks_for(vc), (unsigned)nr), dim3(LT), 0,
+                      stream, tile, vc, vc, c0, v, (const float4 *)(row_stats + 2 * r0),
+                      (const void *)(static_cast<const char *>(a->targets) + (size_t)r0 * tsz),
+                      (int)a->ttype, a->o.class_weight, a->o.label_smoothing,
+                      a->o.logit_softcap),
+               "launch of grad_from_stats_kernel");
         CL_TRY(gemm(h, CUBLAS_OP_N, CUBLAS_OP_T, d, vc, nr, Hr, ty, d, tile, ty, vc,
                     r0 == 0 ? 0.0f : 1.0f, gw_acc, CUDA_R_32F, d,
                     "cublasGemmEx(grad_weight slice)"));
       }
-      convert_kernel<T><<<blocks_for(vc * d), LT, 0, stream>>>(
-          gw_acc, static_cast<T *>(a->grad_weight) + c0 * d, vc * d);
-      CU_TRY(cudaGetLastError(), "launch of convert_kernel");
+      CU_TRY(launch(convert_kernel<T>, dim3(blocks_for(vc * d)), dim3(LT), 0, stream,
+                    (const float *)gw_acc, static_cast<T *>(a->grad_weight) + c0 * d, vc * d),
+             "launch of convert_kernel");
     }
   }
   if (a->grad_bias && n > 0) {
-    convert_kernel<T><<<blocks_for(v), LT, 0, stream>>>(bias_acc, static_cast<T *>(a->grad_bias), v);
-    CU_TRY(cudaGetLastError(), "launch of convert_kernel");
+    CU_TRY(launch(convert_kernel<T>, dim3(blocks_for(v)), dim3(LT), 0, stream,
+                  (const float *)bias_acc, static_cast<T *>(a->grad_bias), v),
+           "launch of convert_kernel");
   }
 
   /* ---- the reduced loss from the per-row losses ---- */
   if (!reduced) return CULOSS_OK;
   const int64_t grid = capped_grid((n + LT - 1) / LT);
   if (n > 0) {
-    row_loss_sum_kernel<<<(unsigned)grid, LT, 0, stream>>>(row_loss, n, ctx->scratch->partial_loss);
-    CU_TRY(cudaGetLastError(), "launch of row_loss_sum_kernel");
+    CU_TRY(launch(row_loss_sum_kernel, dim3((unsigned)grid), dim3(LT), 0, stream,
+                  (const float *)row_loss, n, ctx->scratch->partial_loss),
+           "launch of row_loss_sum_kernel");
   }
   return culoss__finish_reduction(ctx, n > 0 ? (int)grid : 0, a->loss, (int)a->o.reduction,
                                   p.div);

@@ -14,6 +14,7 @@
 
 #include "../host/internal.h"
 #include "dtype.cuh"
+#include "launch.cuh"
 #include "loss_math.h"
 #include "reduce.cuh"
 
@@ -120,12 +121,9 @@ __global__ void __launch_bounds__(MM_THREADS) mm_kernel(mm_params p) {
 }
 
 template <typename T>
-cudaError_t launch(const mm_params &p, bool vec, unsigned grid, cudaStream_t s) {
-  if (vec)
-    mm_kernel<T, vec16<T>::value><<<grid, MM_THREADS, 0, s>>>(p);
-  else
-    mm_kernel<T, 1><<<grid, MM_THREADS, 0, s>>>(p);
-  return cudaGetLastError();
+cudaError_t launch_mm(const mm_params &p, bool vec, unsigned grid, cudaStream_t s) {
+  if (vec) return launch(mm_kernel<T, vec16<T>::value>, dim3(grid), dim3(MM_THREADS), 0, s, p);
+  return launch(mm_kernel<T, 1>, dim3(grid), dim3(MM_THREADS), 0, s, p);
 }
 
 } // namespace
@@ -159,9 +157,9 @@ extern "C" culoss_status culoss__cuda_multi_margin(culoss_context *ctx, const vo
     grid = capped_grid((p.n + MM_ROWS - 1) / MM_ROWS);
     cudaError_t e;
     switch (a->dtype) {
-    case CULOSS_F16: e = launch<__half>(p, vec, (unsigned)grid, stream); break;
-    case CULOSS_BF16: e = launch<__nv_bfloat16>(p, vec, (unsigned)grid, stream); break;
-    default: e = launch<float>(p, vec, (unsigned)grid, stream); break;
+    case CULOSS_F16: e = launch_mm<__half>(p, vec, (unsigned)grid, stream); break;
+    case CULOSS_BF16: e = launch_mm<__nv_bfloat16>(p, vec, (unsigned)grid, stream); break;
+    default: e = launch_mm<float>(p, vec, (unsigned)grid, stream); break;
     }
     if (e != cudaSuccess) return culoss__cuda_status(e, "launch of mm_kernel");
   }

@@ -5,6 +5,7 @@
  */
 #include <cuda_runtime.h>
 
+#include "launch.cuh"
 #include "reduce.cuh"
 
 namespace culoss_dev {
@@ -32,8 +33,8 @@ __global__ void __launch_bounds__(FINAL_THREADS)
 culoss_status culoss__finish_reduction(culoss_context *ctx, int partials, float *loss,
                                        int reduction, const culoss_dev::divisor_src &div) {
   if (reduction == CULOSS_REDUCTION_NONE) return CULOSS_OK;
-  culoss_dev::reduce_final_kernel<<<1, culoss_dev::FINAL_THREADS, 0, (cudaStream_t)ctx->stream>>>(
-      ctx->scratch->partial_loss, partials, loss, reduction, div);
-  const cudaError_t e = cudaGetLastError();
+  const cudaError_t e = culoss_dev::launch(
+      culoss_dev::reduce_final_kernel, dim3(1), dim3(culoss_dev::FINAL_THREADS), 0,
+      (cudaStream_t)ctx->stream, ctx->scratch->partial_loss, partials, loss, reduction, div);
   return e == cudaSuccess ? CULOSS_OK : culoss__cuda_status(e, "launch of reduce_final_kernel");
 }
