@@ -45,3 +45,11 @@ void to_host_(culoss_context *gpu, void *h, const void *d, size_t bytes) {
 }
 
 int test_quick(void) { return getenv("CULOSS_TEST_QUICK") != NULL; }
+
+int test_emulated(void) {
+#ifdef CULOSS_TEST_EMULATOR
+  return 1;
+#else
+  return 0;
+#endif
+}

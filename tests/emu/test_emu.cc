@@ -1,0 +1,207 @@
+/*
+ * test_emu.cc: the CPU emulator of CUDA catches what it claims to catch
+ * (tests/emu/README.md). Each test runs in its own process (Criterion forks),
+ * so a sticky emulated fault stays inside its test.
+ */
+#include "cuda_emu.h"
+
+#include <criterion/criterion.h>
+#include <signal.h>
+#include <stdlib.h>
+
+#include <cub/block/block_reduce.cuh>
+
+#include "launch.cuh"
+
+namespace {
+
+constexpr int B = 128;
+
+/* Block sum through the CUB stand-in: right under every schedule. */
+__global__ void block_sum(const float *x, float *out) {
+  typedef cub::BlockReduce<float, B> reduce_t;
+  __shared__ typename reduce_t::TempStorage tmp;
+  const float s = reduce_t(tmp).Sum(x[blockIdx.x * B + threadIdx.x]);
+  if (threadIdx.x == 0) out[blockIdx.x] = s;
+}
+
+/* Thread 0 reads what the others wrote, with or without the barrier. */
+__global__ void neighbour_read(float *out, int with_barrier) {
+  __shared__ float buf[B];
+  buf[threadIdx.x] = (float)threadIdx.x;
+  if (with_barrier) __syncthreads();
+  if (threadIdx.x == 0) {
+    float s = 0.0f;
+    for (int i = 0; i < B; i++) s += buf[i];
+    out[0] = s;
+  }
+  if (!with_barrier) __syncthreads(); /* the next launch's writes come after */
+}
+
+/* __syncthreads reached by half of the block. */
+__global__ void divergent_barrier(float *out) {
+  if (threadIdx.x < B / 2) __syncthreads();
+  out[threadIdx.x] = 1.0f;
+}
+
+/* Warp butterfly and shift-down reductions. */
+__global__ void warp_sums(const float *x, float *xor_out, float *down_out) {
+  float a = x[threadIdx.x], b = a;
+  for (int off = 16; off > 0; off >>= 1) a += __shfl_xor_sync(0xffffffffu, a, off);
+  for (int off = 16; off > 0; off >>= 1) b += __shfl_down_sync(0xffffffffu, b, off);
+  xor_out[threadIdx.x] = a;
+  if (threadIdx.x % 32 == 0) down_out[threadIdx.x / 32] = b;
+}
+
+/* A shuffle that lane 31 skips. */
+__global__ void partial_warp_shuffle(float *out) {
+  float v = (float)threadIdx.x;
+  if (threadIdx.x % 32 != 31) v = __shfl_xor_sync(0xffffffffu, v, 1);
+  out[threadIdx.x] = v;
+}
+
+__global__ void write_at(float *p, int64_t i) { p[i] = 1.0f; }
+__global__ void nothing(float *) {}
+
+float *dmalloc(size_t count) {
+  void *p = nullptr;
+  cr_assert_eq(cudaMalloc(&p, count * sizeof(float)), cudaSuccess);
+  return static_cast<float *>(p);
+}
+
+float block_sum_once(const char *schedule) {
+  setenv("CULOSS_EMU_SCHEDULE", schedule, 1);
+  float h[4 * B];
+  for (int i = 0; i < 4 * B; i++) h[i] = (float)(i % 7) - 2.5f;
+  float *x = dmalloc(4 * B), *o = dmalloc(4);
+  cr_assert_eq(cudaMemcpy(x, h, sizeof h, cudaMemcpyHostToDevice), cudaSuccess);
+  cr_assert_eq(culoss_dev::launch(block_sum, dim3(4), dim3(B), 0, nullptr, (const float *)x, o),
+               cudaSuccess);
+  float r[4];
+  cr_assert_eq(cudaMemcpy(r, o, sizeof r, cudaMemcpyDeviceToHost), cudaSuccess);
+  for (int b = 0; b < 4; b++) {
+    float want = 0.0f;
+    for (int i = 0; i < B; i++) want += h[b * B + i];
+    cr_assert_float_eq(r[b], want, 1e-4f, "%s: block %d: %g vs %g", schedule, b, (double)r[b],
+                       (double)want);
+  }
+  return r[0];
+}
+
+float neighbour_sum(const char *schedule, int with_barrier) {
+  setenv("CULOSS_EMU_SCHEDULE", schedule, 1);
+  float *o = dmalloc(1);
+  cr_assert_eq(culoss_dev::launch(neighbour_read, dim3(1), dim3(B), 0, nullptr, o, with_barrier),
+               cudaSuccess);
+  float r;
+  cr_assert_eq(cudaMemcpy(&r, o, 4, cudaMemcpyDeviceToHost), cudaSuccess);
+  return r;
+}
+
+} // namespace
+
+Test(emu, block_reduce_forward) { block_sum_once("forward"); }
+Test(emu, block_reduce_reverse) { block_sum_once("reverse"); }
+Test(emu, block_reduce_random) { block_sum_once("random:3"); }
+
+Test(emu, barrier_makes_writes_visible_under_any_schedule) {
+  cr_assert_float_eq(neighbour_sum("forward", 1), (float)(B * (B - 1) / 2), 0.0f);
+}
+
+/* Without the barrier thread 0 runs first under the forward schedule and
+   reads the other threads' slots before they are written. */
+Test(emu, missing_barrier_is_a_wrong_answer) {
+  cr_assert_neq(neighbour_sum("forward", 0), (float)(B * (B - 1) / 2));
+}
+
+Test(emu, divergent_syncthreads_is_a_launch_failure) {
+  float *o = dmalloc(B);
+  cr_assert_eq(culoss_dev::launch(divergent_barrier, dim3(1), dim3(B), 0, nullptr, o),
+               cudaSuccess); /* the fault comes at execution, as on a GPU */
+  cr_assert_eq(cudaDeviceSynchronize(), cudaErrorLaunchFailure);
+  cr_assert_eq(cudaMemset(o, 0, 4), cudaErrorLaunchFailure, "the fault is sticky");
+}
+
+Test(emu, warp_shuffles) {
+  float h[64], *x = dmalloc(64), *a = dmalloc(64), *d = dmalloc(2);
+  for (int i = 0; i < 64; i++) h[i] = (float)(i * i % 11);
+  cr_assert_eq(cudaMemcpy(x, h, sizeof h, cudaMemcpyHostToDevice), cudaSuccess);
+  cr_assert_eq(culoss_dev::launch(warp_sums, dim3(1), dim3(64), 0, nullptr, (const float *)x, a, d),
+               cudaSuccess);
+  float ra[64], rd[2];
+  cr_assert_eq(cudaMemcpy(ra, a, sizeof ra, cudaMemcpyDeviceToHost), cudaSuccess);
+  cr_assert_eq(cudaMemcpy(rd, d, sizeof rd, cudaMemcpyDeviceToHost), cudaSuccess);
+  for (int w = 0; w < 2; w++) {
+    float want = 0.0f;
+    for (int i = 0; i < 32; i++) want += h[w * 32 + i];
+    for (int i = 0; i < 32; i++) cr_assert_float_eq(ra[w * 32 + i], want, 0.0f);
+    cr_assert_float_eq(rd[w], want, 0.0f);
+  }
+}
+
+Test(emu, lane_missing_from_a_shuffle_is_a_launch_failure) {
+  float *o = dmalloc(32);
+  cr_assert_eq(culoss_dev::launch(partial_warp_shuffle, dim3(1), dim3(32), 0, nullptr, o),
+               cudaSuccess);
+  cr_assert_eq(cudaDeviceSynchronize(), cudaErrorLaunchFailure);
+}
+
+Test(emu, write_just_past_an_allocation_is_caught) {
+  float *p = dmalloc(100); /* 400 bytes: the canary covers 400..511 */
+  cr_assert_eq(culoss_dev::launch(write_at, dim3(1), dim3(1), 0, nullptr, p, (int64_t)100),
+               cudaSuccess);
+  cr_assert_eq(cudaDeviceSynchronize(), cudaErrorIllegalAddress);
+}
+
+Test(emu, access_beyond_the_guard_faults, .signal = SIGSEGV) {
+  float *p = dmalloc(1024); /* 4096 bytes: the guard page starts right after */
+  (void)culoss_dev::launch(write_at, dim3(1), dim3(1), 0, nullptr, p, (int64_t)1024);
+}
+
+Test(emu, launch_configuration_is_validated) {
+  float *p = dmalloc(1);
+  cr_assert_eq(culoss_dev::launch(nothing, dim3(1), dim3(2048), 0, nullptr, p),
+               cudaErrorInvalidConfiguration);
+  cr_assert_eq(culoss_dev::launch(nothing, dim3(1), dim3(32), 64 << 10, nullptr, p),
+               cudaErrorInvalidValue, "over 48 KiB of dynamic shared memory needs the attribute");
+  cr_assert_eq(cudaFuncSetAttribute(reinterpret_cast<const void *>(nothing),
+                                    cudaFuncAttributeMaxDynamicSharedMemorySize, 64 << 10),
+               cudaSuccess);
+  cr_assert_eq(culoss_dev::launch(nothing, dim3(1), dim3(32), 64 << 10, nullptr, p), cudaSuccess);
+}
+
+Test(emu, global_capture_forbids_allocation_and_sync) {
+  cudaStream_t s;
+  cr_assert_eq(cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking), cudaSuccess);
+  float *p = dmalloc(B);
+  cr_assert_eq(cudaStreamBeginCapture(s, cudaStreamCaptureModeGlobal), cudaSuccess);
+  cr_assert_eq(culoss_dev::launch(write_at, dim3(1), dim3(1), 0, s, p, (int64_t)0), cudaSuccess);
+  void *q = nullptr;
+  cr_assert_eq(cudaMalloc(&q, 16), cudaErrorStreamCaptureUnsupported);
+  cudaGraph_t g = nullptr;
+  cr_assert_eq(cudaStreamEndCapture(s, &g), cudaErrorStreamCaptureInvalidated);
+  cr_assert_eq(g, nullptr);
+  cr_assert_eq(cudaStreamDestroy(s), cudaSuccess);
+}
+
+Test(emu, captured_work_runs_at_replay_not_at_capture) {
+  cudaStream_t s;
+  cr_assert_eq(cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking), cudaSuccess);
+  float *p = dmalloc(1), zero = 0.0f, r = -1.0f;
+  cr_assert_eq(cudaMemcpy(p, &zero, 4, cudaMemcpyHostToDevice), cudaSuccess);
+  cr_assert_eq(cudaStreamBeginCapture(s, cudaStreamCaptureModeGlobal), cudaSuccess);
+  cr_assert_eq(culoss_dev::launch(write_at, dim3(1), dim3(1), 0, s, p, (int64_t)0), cudaSuccess);
+  cudaGraph_t g;
+  cr_assert_eq(cudaStreamEndCapture(s, &g), cudaSuccess);
+  cr_assert_eq(cudaMemcpy(&r, p, 4, cudaMemcpyDeviceToHost), cudaSuccess);
+  cr_assert_float_eq(r, 0.0f, 0.0f, "captured, not run");
+  cudaGraphExec_t x;
+  cr_assert_eq(cudaGraphInstantiate(&x, g, 0), cudaSuccess);
+  cr_assert_eq(cudaGraphLaunch(x, s), cudaSuccess);
+  cr_assert_eq(cudaStreamSynchronize(s), cudaSuccess);
+  cr_assert_eq(cudaMemcpy(&r, p, 4, cudaMemcpyDeviceToHost), cudaSuccess);
+  cr_assert_float_eq(r, 1.0f, 0.0f, "run at replay");
+  cudaGraphExecDestroy(x);
+  cudaGraphDestroy(g);
+  cudaStreamDestroy(s);
+}
