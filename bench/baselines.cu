@@ -14,6 +14,7 @@
 #include <stdint.h>
 
 #include "dtype.cuh"
+#include "launch.cuh"
 #include "loss_math.h"
 
 using namespace culoss_dev;
@@ -144,53 +145,52 @@ unsigned grid_for(int64_t count) {
 
 /* dtype: 0 f32, 1 f16, 2 bf16 (culoss_dtype). Return cudaError_t as int. */
 extern "C" int bench_fill(void *x, void *y, int dtype, int64_t count, uint64_t seed, int op) {
-  const unsigned g = grid_for(count);
+  const dim3 g(grid_for(count)), b(BT);
   if (dtype == 0)
-    fill_kernel<float><<<g, BT>>>((float *)x, (float *)y, count, seed, op);
-  else if (dtype == 1)
-    fill_kernel<__half><<<g, BT>>>((__half *)x, (__half *)y, count, seed, op);
-  else
-    fill_kernel<__nv_bfloat16><<<g, BT>>>((__nv_bfloat16 *)x, (__nv_bfloat16 *)y, count, seed, op);
-  return (int)cudaGetLastError();
+    return (int)launch(fill_kernel<float>, g, b, 0, nullptr, (float *)x, (float *)y, count, seed, op);
+  if (dtype == 1)
+    return (int)launch(fill_kernel<__half>, g, b, 0, nullptr, (__half *)x, (__half *)y, count, seed,
+                       op);
+  return (int)launch(fill_kernel<__nv_bfloat16>, g, b, 0, nullptr, (__nv_bfloat16 *)x,
+                     (__nv_bfloat16 *)y, count, seed, op);
 }
 
 extern "C" int bench_fill_targets(int64_t *t, int64_t n, int64_t c, uint64_t seed) {
-  targets_kernel<<<grid_for(n), BT>>>(t, n, c, seed);
-  return (int)cudaGetLastError();
+  return (int)launch(targets_kernel, dim3(grid_for(n)), dim3(BT), 0, nullptr, t, n, c, seed);
+}
+
+template <typename T>
+static cudaError_t ce_unfused(const void *x, int64_t n, int64_t v, const int64_t *t, float *lp,
+                              float *loss, void *g) {
+  cudaError_t e = launch(log_softmax_kernel<T>, dim3((unsigned)n), dim3(BT), 0, nullptr,
+                         (const T *)x, lp, v);
+  if (e == cudaSuccess)
+    e = launch(nll_mean_kernel, dim3(1), dim3(BT), 0, nullptr, (const float *)lp, t, n, v, loss);
+  if (e == cudaSuccess)
+    e = launch(softmax_backward_kernel<T>, dim3((unsigned)n), dim3(BT), 0, nullptr,
+               (const float *)lp, t, v, 1.0f / (float)n, (T *)g);
+  return e;
 }
 
 extern "C" int bench_ce_unfused(const void *x, int dtype, int64_t n, int64_t v, const int64_t *t,
                                 float *lp, float *loss, void *g) {
-  if (dtype == 0) {
-    log_softmax_kernel<float><<<(unsigned)n, BT>>>((const float *)x, lp, v);
-    nll_mean_kernel<<<1, BT>>>(lp, t, n, v, loss);
-    softmax_backward_kernel<float><<<(unsigned)n, BT>>>(lp, t, v, 1.0f / (float)n, (float *)g);
-  } else if (dtype == 1) {
-    log_softmax_kernel<__half><<<(unsigned)n, BT>>>((const __half *)x, lp, v);
-    nll_mean_kernel<<<1, BT>>>(lp, t, n, v, loss);
-    softmax_backward_kernel<__half><<<(unsigned)n, BT>>>(lp, t, v, 1.0f / (float)n, (__half *)g);
-  } else {
-    log_softmax_kernel<__nv_bfloat16><<<(unsigned)n, BT>>>((const __nv_bfloat16 *)x, lp, v);
-    nll_mean_kernel<<<1, BT>>>(lp, t, n, v, loss);
-    softmax_backward_kernel<__nv_bfloat16><<<(unsigned)n, BT>>>(lp, t, v, 1.0f / (float)n,
-                                                               (__nv_bfloat16 *)g);
-  }
-  return (int)cudaGetLastError();
+  if (dtype == 0) return (int)ce_unfused<float>(x, n, v, t, lp, loss, g);
+  if (dtype == 1) return (int)ce_unfused<__half>(x, n, v, t, lp, loss, g);
+  return (int)ce_unfused<__nv_bfloat16>(x, n, v, t, lp, loss, g);
+}
+
+template <typename T>
+static cudaError_t ew_naive(int op, const void *x, const void *y, int64_t m, void *g, float *loss) {
+  const int64_t blocks = (m + BT - 1) / BT;
+  const cudaError_t e = cudaMemsetAsync(loss, 0, sizeof(float));
+  if (e != cudaSuccess) return e;
+  return launch(naive_kernel<T>, dim3((unsigned)blocks), dim3(BT), 0, nullptr, (const T *)x,
+                (const T *)y, m, op, 1.0f / (float)m, (T *)g, loss);
 }
 
 extern "C" int bench_ew_naive(int op, const void *x, const void *y, int dtype, int64_t m, void *g,
                               float *loss) {
-  const int64_t blocks = (m + BT - 1) / BT;
-  cudaMemsetAsync(loss, 0, sizeof(float));
-  if (dtype == 0)
-    naive_kernel<float><<<(unsigned)blocks, BT>>>((const float *)x, (const float *)y, m, op,
-                                                  1.0f / (float)m, (float *)g, loss);
-  else if (dtype == 1)
-    naive_kernel<__half><<<(unsigned)blocks, BT>>>((const __half *)x, (const __half *)y, m, op,
-                                                   1.0f / (float)m, (__half *)g, loss);
-  else
-    naive_kernel<__nv_bfloat16><<<(unsigned)blocks, BT>>>(
-        (const __nv_bfloat16 *)x, (const __nv_bfloat16 *)y, m, op, 1.0f / (float)m,
-        (__nv_bfloat16 *)g, loss);
-  return (int)cudaGetLastError();
+  if (dtype == 0) return (int)ew_naive<float>(op, x, y, m, g, loss);
+  if (dtype == 1) return (int)ew_naive<__half>(op, x, y, m, g, loss);
+  return (int)ew_naive<__nv_bfloat16>(op, x, y, m, g, loss);
 }

@@ -49,6 +49,7 @@
 
 typedef struct {
   int quick, csv, json, repeats;
+  int tiny; /* smallest sizes: a check of the tool's GPU path, not a measurement */
   const char *only; /* NULL, "ce", "ew" or "lce": one family of cases */
 } bench_opts;
 
@@ -167,26 +168,32 @@ static int flush_l2(void) {
 }
 
 /* Device copy bandwidth: GB/s counting bytes read + bytes written. */
-static double copy_bandwidth(int repeats) {
-  const size_t bytes = (size_t)1 << 30;
-  void *a, *b;
-  cudaEvent_t e0, e1;
+static double copy_bandwidth(int repeats, size_t bytes) {
+  void *a = NULL, *b = NULL;
+  cudaEvent_t e0 = NULL, e1 = NULL;
   float ms[64];
-  if (cudaMalloc(&a, bytes) != cudaSuccess) return -1;
-  if (cudaMalloc(&b, bytes) != cudaSuccess) return -1;
-  cudaMemset(a, 1, bytes);
-  cudaEventCreate(&e0), cudaEventCreate(&e1);
-  cudaMemcpy(b, a, bytes, cudaMemcpyDeviceToDevice); /* warm-up */
-  for (int r = 0; r < repeats; r++) {
-    cudaEventRecord(e0, 0);
-    cudaMemcpyAsync(b, a, bytes, cudaMemcpyDeviceToDevice, 0);
-    cudaEventRecord(e1, 0);
-    cudaEventSynchronize(e1);
-    cudaEventElapsedTime(&ms[r], e0, e1);
-  }
+  double gbs = -1.0;
+  if (repeats > 64) repeats = 64;
+  /* every call checked; any failure gives -1 (reported by the caller) */
+  if (cudaMalloc(&a, bytes) != cudaSuccess || cudaMalloc(&b, bytes) != cudaSuccess ||
+      cudaMemset(a, 1, bytes) != cudaSuccess || cudaEventCreate(&e0) != cudaSuccess ||
+      cudaEventCreate(&e1) != cudaSuccess ||
+      cudaMemcpy(b, a, bytes, cudaMemcpyDeviceToDevice) != cudaSuccess) /* warm-up */
+    goto done;
+  for (int r = 0; r < repeats; r++)
+    if (cudaEventRecord(e0, 0) != cudaSuccess ||
+        cudaMemcpyAsync(b, a, bytes, cudaMemcpyDeviceToDevice, 0) != cudaSuccess ||
+        cudaEventRecord(e1, 0) != cudaSuccess || cudaEventSynchronize(e1) != cudaSuccess ||
+        cudaEventElapsedTime(&ms[r], e0, e1) != cudaSuccess)
+      goto done;
   qsort(ms, (size_t)repeats, sizeof *ms, cmp_float);
-  cudaFree(a), cudaFree(b), cudaEventDestroy(e0), cudaEventDestroy(e1);
-  return 2.0 * (double)bytes / (ms[repeats / 2] * 1e-3) / 1e9;
+  gbs = 2.0 * (double)bytes / (ms[repeats / 2] * 1e-3) / 1e9;
+done:
+  if (a) (void)cudaFree(a);
+  if (b) (void)cudaFree(b);
+  if (e0) (void)cudaEventDestroy(e0);
+  if (e1) (void)cudaEventDestroy(e1);
+  return gbs;
 }
 
 /* Times `launch(state)` with CUDA events: 3 warm-ups, then `reps` repeats
@@ -400,7 +407,10 @@ static double ew_check(const ew_state *s) {
       return INFINITY;
     for (int64_t i = 0; i < k; i++) {
       const double a = to_f(g, s->d, i), b = to_f(ref, s->d, i);
-      const double e = fabs(a - b) / (fabs(b) + 1e-6 * inv_m);
+      /* relative error, floored at 1% of the gradient's scale 1/m: a gradient
+         that nearly cancels (sigmoid(x) ~ y) still carries the fp32 rounding
+         of its O(1/m) terms */
+      const double e = fabs(a - b) / (fabs(b) + 1e-2 * inv_m);
       if (!(e <= worst)) worst = e;
     }
   }
@@ -551,14 +561,23 @@ static int run_gpu(culoss_context *ctx, const bench_opts *bo) {
   CK(cudaGetDeviceProperties(&prop, 0));
   flush_bytes = (size_t)prop.l2CacheSize * 2;
   CK(cudaMalloc(&flush_buf, flush_bytes));
-  copy_bw = copy_bandwidth(bo->quick ? 10 : 30);
-  const int64_t ns_full[] = {4096, 16384}, ns_quick[] = {4096};
+  copy_bw = copy_bandwidth(bo->quick ? 10 : 30, bo->tiny ? (size_t)64 << 20 : (size_t)1 << 30);
+  if (copy_bw <= 0.0) {
+    fprintf(stderr, "culoss-bench: measuring the copy bandwidth failed: %s\n",
+            cudaGetErrorString(cudaGetLastError()));
+    return 1;
+  }
+  const int64_t ns_full[] = {4096, 16384}, ns_quick[] = {4096}, ns_tiny[] = {64};
   const int64_t vs_full[] = {32000, 50257, 128256, 152064, 256000}, vs_quick[] = {32000, 128256};
+  const int64_t vs_tiny[] = {1000, 4099};
   const int64_t ms_full[] = {1000000, 10000000, 100000000, 1000000000}, ms_quick[] = {1000000, 100000000};
-  const int64_t *ns = bo->quick ? ns_quick : ns_full, *vs = bo->quick ? vs_quick : vs_full;
-  const int64_t *ms = bo->quick ? ms_quick : ms_full;
-  const int nn = bo->quick ? 1 : 2, nv = bo->quick ? 2 : 5, nm = bo->quick ? 2 : 4;
-  const int nl = bo->quick ? 1 : 3;
+  const int64_t ms_tiny[] = {10007, 100003};
+  const int64_t *ns = bo->tiny ? ns_tiny : (bo->quick ? ns_quick : ns_full);
+  const int64_t *vs = bo->tiny ? vs_tiny : (bo->quick ? vs_quick : vs_full);
+  const int64_t *ms = bo->tiny ? ms_tiny : (bo->quick ? ms_quick : ms_full);
+  const int nn = bo->quick || bo->tiny ? 1 : 2, nv = bo->quick || bo->tiny ? 2 : 5;
+  const int nm = bo->quick || bo->tiny ? 2 : 4;
+  const int nl = bo->quick || bo->tiny ? 1 : 3;
   total_cases = (wanted(bo, "ce") ? nn * nv * 2 : 0) + (wanted(bo, "ew") ? nm * T_NUM_OPS * 2 : 0) +
                 (wanted(bo, "lce") ? nl : 0);
   if (bo->csv)
@@ -594,8 +613,9 @@ static int run_gpu(culoss_context *ctx, const bench_opts *bo) {
            "mem%", "loss_err", "check");
   const int64_t lv[] = {32000, 128256, 256000};
   for (int vi = 0; vi < (wanted(bo, "lce") ? nl : 0); vi++) {
-    if ((rc = bench_lce(ctx, bo, bo->quick ? 4096 : 8192, bo->quick ? 2048 : 4096, lv[vi],
-                        CULOSS_BF16)) < 0)
+    const int64_t ln = bo->tiny ? 128 : (bo->quick ? 4096 : 8192);
+    const int64_t ld = bo->tiny ? 32 : (bo->quick ? 2048 : 4096);
+    if ((rc = bench_lce(ctx, bo, ln, ld, bo->tiny ? 1000 : lv[vi], CULOSS_BF16)) < 0)
       return 1;
     bad |= rc;
   }
@@ -619,7 +639,7 @@ static int run_gpu(culoss_context *ctx, const bench_opts *bo) {
 #endif
 
 int main(int argc, char **argv) {
-  bench_opts bo = {0, 0, 0, 50, NULL};
+  bench_opts bo = {0, 0, 0, 50, 0, NULL};
   for (int i = 1; i < argc; i++) {
     if (!strcmp(argv[i], "--quick"))
       bo.quick = 1, bo.repeats = 15;
@@ -630,13 +650,24 @@ int main(int argc, char **argv) {
     else if (!strcmp(argv[i], "--only") && i + 1 < argc &&
              (!strcmp(argv[i + 1], "ce") || !strcmp(argv[i + 1], "ew") || !strcmp(argv[i + 1], "lce")))
       bo.only = argv[++i];
+    else if (!strcmp(argv[i], "--tiny"))
+      bo.tiny = 1, bo.repeats = 3;
     else if (!strcmp(argv[i], "--cpu"))
       bo.repeats = -1;
     else {
-      fprintf(stderr, "usage: %s [--quick] [--csv | --json] [--only ce|ew|lce] [--cpu]\n", argv[0]);
+      fprintf(stderr, "usage: %s [--quick | --tiny] [--csv | --json] [--only ce|ew|lce] [--cpu]\n",
+              argv[0]);
       return 2;
     }
   }
+#ifdef CULOSS_CUDA_EMULATOR
+  if (bo.repeats >= 0) {
+    printf("culoss-bench built against the CPU emulator of CUDA (tests/emu): it checks the\n"
+           "tool's GPU path at --tiny sizes; every time and bandwidth below is a CPU figure of\n"
+           "the emulator and says nothing about a GPU.\n\n");
+    bo.tiny = 1, bo.repeats = 3;
+  }
+#endif
   culoss_context *ctx = NULL;
   culoss_status st = bo.repeats < 0 ? CULOSS_ERROR_NO_DEVICE
                                     : culoss_create(&ctx, CULOSS_BACKEND_CUDA, 0);
