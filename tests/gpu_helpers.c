@@ -46,9 +46,9 @@ void to_host_(culoss_context *gpu, void *h, const void *d, size_t bytes) {
 
 int test_quick(void) { return getenv("CULOSS_TEST_QUICK") != NULL; }
 
-int test_emulated(void) {
+int test_emulated_small(void) {
 #ifdef CULOSS_TEST_EMULATOR
-  return 1;
+  return getenv("CULOSS_EMU_BIG") == NULL;
 #else
   return 0;
 #endif

@@ -461,7 +461,8 @@ Test(gpu_ce, offsets_past_2_pow_31) {
   REQUIRE_GPU();
   const int64_t c = 131072, n = 16385; /* n * c = 2^31 + 2^17 */
   if (test_quick()) cr_skip_test("skipped: CULOSS_TEST_QUICK is set (4 GiB case)");
-  if (test_emulated()) cr_skip_test("skipped: the CPU emulator of CUDA (4 GiB case)");
+  if (test_emulated_small())
+    cr_skip_test("skipped: the CPU emulator of CUDA (4 GiB case; CULOSS_EMU_BIG=1 runs it)");
   const size_t bytes = (size_t)(n * c) * 2;
   void *d_x = NULL;
   if (culoss_malloc(gpu, &d_x, bytes) != CULOSS_OK)
