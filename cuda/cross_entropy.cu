@@ -2,8 +2,8 @@
  * cross_entropy.cu: fused softmax cross-entropy (class-index and soft
  * targets) and NLL, forward and backward in one kernel.
  *
- * A group of TPR threads owns one row at a time (one thread for tiny c, a
- * warp for small c, the whole block for large c). Pass 1 streams the row once with 16-byte loads,
+ * A group of TPR threads owns one row at a time (one thread for tiny c, 8
+ * lanes of a warp or a whole warp for small c, the whole block for large c). Pass 1 streams the row once with 16-byte loads,
  * keeping an online log-sum-exp (max and rescaled sum) plus the sums that
  * label smoothing and soft targets need, and parks the raw row in shared
  * memory when it fits. One fixed-order reduction per row gives lse. Pass 2
@@ -112,7 +112,9 @@ __global__ void __launch_bounds__(PREP_THREADS) ce_prep_kernel(ce_params p, int 
 }
 
 /* Reduces a row_acc over the TPR threads of a group; every thread of the
-   group gets the same result. */
+   group gets the same result. For 1 < TPR <= 32 the shuffles and
+   __syncwarp are warp-wide: every group of a warp must call run() and
+   sync() the same number of times (ce_kernel's row loop guarantees it). */
 template <int BLOCK, int TPR> struct group_reduce {
   typedef cub::BlockReduce<row_acc, BLOCK> block_t;
   struct storage {
@@ -123,13 +125,15 @@ template <int BLOCK, int TPR> struct group_reduce {
     if constexpr (TPR == 1) {
       (void)st; /* one thread owns the row: nothing to combine or order */
       return v;
-    } else if constexpr (TPR == 32) {
-      /* Butterfly over the warp, then lane 0's value to all lanes: every
-         lane then uses one bitwise-identical lse (an FMA contraction can
-         make a + b and b + a round differently across lanes). */
+    } else if constexpr (TPR <= 32) {
+      static_assert((TPR & (TPR - 1)) == 0, "a sub-warp group is a power of two");
+      /* Butterfly over the group's lanes (xor offsets below TPR stay inside
+         the group), then the group's first lane's value to all its lanes:
+         every lane then uses one bitwise-identical lse (an FMA contraction
+         can make a + b and b + a round differently across lanes). */
       row_acc_merge op;
 #pragma unroll
-      for (int off = 16; off > 0; off >>= 1) {
+      for (int off = TPR / 2; off > 0; off >>= 1) {
         row_acc o;
         o.lse.m = __shfl_xor_sync(0xffffffffu, v.lse.m, off);
         o.lse.s = __shfl_xor_sync(0xffffffffu, v.lse.s, off);
@@ -138,17 +142,17 @@ template <int BLOCK, int TPR> struct group_reduce {
         o.xt = __shfl_xor_sync(0xffffffffu, v.xt, off);
         v = op(v, o);
       }
-      v.lse.m = __shfl_sync(0xffffffffu, v.lse.m, 0);
-      v.lse.s = __shfl_sync(0xffffffffu, v.lse.s, 0);
-      v.sx = __shfl_sync(0xffffffffu, v.sx, 0);
-      v.sy = __shfl_sync(0xffffffffu, v.sy, 0);
-      v.xt = __shfl_sync(0xffffffffu, v.xt, 0);
+      v.lse.m = __shfl_sync(0xffffffffu, v.lse.m, 0, TPR);
+      v.lse.s = __shfl_sync(0xffffffffu, v.lse.s, 0, TPR);
+      v.sx = __shfl_sync(0xffffffffu, v.sx, 0, TPR);
+      v.sy = __shfl_sync(0xffffffffu, v.sy, 0, TPR);
+      v.xt = __shfl_sync(0xffffffffu, v.xt, 0, TPR);
       /* Orders this row's pass-1 reads before any lane's pass-2 writes
          (in-place gradient). */
       __syncwarp();
       return v;
     } else {
-      static_assert(TPR == BLOCK, "a row is a warp or the whole block");
+      static_assert(TPR == BLOCK, "a row is at most a warp, or the whole block");
       row_acc r = block_t(st.tmp).Reduce(v, row_acc_merge());
       if (threadIdx.x == 0) st.result = r; /* valid in thread 0 only: broadcast */
       /* Also orders every thread's pass-1 reads of the row before any
@@ -158,7 +162,7 @@ template <int BLOCK, int TPR> struct group_reduce {
     }
   }
   __device__ __forceinline__ static void sync() {
-    if constexpr (TPR == 32)
+    if constexpr (TPR > 1 && TPR <= 32)
       __syncwarp();
     else if constexpr (TPR > 32)
       __syncthreads();
@@ -202,9 +206,35 @@ __global__ void __launch_bounds__(BLOCK) ce_kernel(ce_params p) {
   const float wsum = block_scale[1];
   const bool per_row = p.reduction == CULOSS_REDUCTION_NONE || p.rows_out;
 
+  /* Sub-warp groups share their warp's shuffles: the groups of a warp walk
+     their rows in lockstep (the loop runs while the warp's first row
+     exists), and a group without work (past the last row, an ignored or
+     out-of-range target) still makes the warp-wide calls a row makes. */
+  constexpr bool SUBWARP = TPR > 1 && TPR < 32;
+  constexpr int GPW = SUBWARP ? 32 / TPR : 1; /* groups per warp */
+  auto idle_row = [&]() {
+    if constexpr (SUBWARP) {
+      if constexpr (MODE == CULOSS__NLL) {
+        greduce::sync();
+        greduce::sync();
+      } else {
+        row_acc z;
+        z.lse = culoss__lse_empty();
+        z.sx = z.sy = z.xt = 0.0f;
+        (void)greduce::run(z, gstore);
+        greduce::sync();
+      }
+    }
+  };
+
   double my_loss = 0.0; /* lane 0 of each group: sum of its rows, in row order */
-  for (int64_t row = (int64_t)blockIdx.x * ROWS + grp; row < p.n;
-       row += (int64_t)gridDim.x * ROWS) {
+  for (int64_t base = (int64_t)blockIdx.x * ROWS + (grp - grp % GPW); base < p.n;
+       base += (int64_t)gridDim.x * ROWS) {
+    const int64_t row = base + grp % GPW;
+    if (row >= p.n) { /* only a sub-warp group past the last row */
+      idle_row();
+      continue;
+    }
     /* 64-bit offsets: row * ld exceeds 2^31 for large vocabularies. */
     const T *xr = x + row * p.ld;
     T *gr = grad ? grad + row * p.ld : nullptr;
@@ -240,6 +270,7 @@ __global__ void __launch_bounds__(BLOCK) ce_kernel(ce_params p) {
           for (int64_t v = lane; v < nvec; v += TPR) store_pack<T, VEC>(gr + v * VEC, zero);
           for (int64_t j = tail0 + lane; j < c; j += TPR) gr[j] = from_f32<T>(0.0f);
         }
+        idle_row();
         continue;
       }
       if (p.class_weight) wt = p.class_weight[t];
@@ -408,10 +439,22 @@ __global__ void __launch_bounds__(BLOCK) ce_kernel(ce_params p) {
    most lanes idle and keep too few bytes in flight), a warp per row for short
    rows, a 256-thread block per row for medium rows, a 1024-thread block per
    row for large vocabularies. */
-enum shape { SHAPE_WARP = 0, SHAPE_BLOCK256 = 1, SHAPE_BLOCK1024 = 2, SHAPE_THREAD = 3 };
+enum shape {
+  SHAPE_WARP = 0,
+  SHAPE_BLOCK256 = 1,
+  SHAPE_BLOCK1024 = 2,
+  SHAPE_THREAD = 3,
+  SHAPE_SUBWARP = 4
+};
 
+/* Up to 16 classes a thread per row; up to 128, 8 lanes per row (4 rows per
+   warp: a warp per row would leave most lanes without a 16-byte pack, as
+   PyTorch's persistent softmax avoids with sub-warp widths); then a warp,
+   then a block. The cuts are from lane counts, not yet measured
+   (bench/NOTES.md). */
 inline shape pick_shape(int64_t c) {
   if (c <= 16) return SHAPE_THREAD;
+  if (c <= 128) return SHAPE_SUBWARP;
   if (c <= 1024) return SHAPE_WARP;
   if (c <= 16384) return SHAPE_BLOCK256;
   return SHAPE_BLOCK1024;
@@ -419,6 +462,7 @@ inline shape pick_shape(int64_t c) {
 
 template <int S> struct shape_dims;
 template <> struct shape_dims<SHAPE_THREAD> { static constexpr int block = 256, tpr = 1; };
+template <> struct shape_dims<SHAPE_SUBWARP> { static constexpr int block = 256, tpr = 8; };
 template <> struct shape_dims<SHAPE_WARP> { static constexpr int block = 256, tpr = 32; };
 template <> struct shape_dims<SHAPE_BLOCK256> { static constexpr int block = 256, tpr = 256; };
 template <> struct shape_dims<SHAPE_BLOCK1024> { static constexpr int block = 1024, tpr = 1024; };
@@ -436,6 +480,7 @@ template <typename T, int MODE, int S, typename F> void for_vec(F &f) {
 }
 template <typename T, int MODE, typename F> void for_shape(F &f) {
   for_vec<T, MODE, SHAPE_THREAD>(f);
+  for_vec<T, MODE, SHAPE_SUBWARP>(f);
   for_vec<T, MODE, SHAPE_WARP>(f);
   for_vec<T, MODE, SHAPE_BLOCK256>(f);
   for_vec<T, MODE, SHAPE_BLOCK1024>(f);
@@ -501,6 +546,7 @@ struct launch_visitor {
 inline int rows_of(shape s) {
   switch (s) {
   case SHAPE_THREAD: return shape_dims<SHAPE_THREAD>::block / shape_dims<SHAPE_THREAD>::tpr;
+  case SHAPE_SUBWARP: return shape_dims<SHAPE_SUBWARP>::block / shape_dims<SHAPE_SUBWARP>::tpr;
   case SHAPE_WARP: return shape_dims<SHAPE_WARP>::block / shape_dims<SHAPE_WARP>::tpr;
   case SHAPE_BLOCK256: return shape_dims<SHAPE_BLOCK256>::block / shape_dims<SHAPE_BLOCK256>::tpr;
   default: return shape_dims<SHAPE_BLOCK1024>::block / shape_dims<SHAPE_BLOCK1024>::tpr;
@@ -573,11 +619,12 @@ culoss_status ce_launch_prep(const ce_params *p_in, ce_params *p, int mode, cuda
 }
 
 /* Tuning and testing knobs (documented in culoss.h): CULOSS_CE_SHAPE forces
-   the launch shape (warp, 256 or 1024 threads per row), CULOSS_CE_CACHE_BYTES
+   the launch shape (1, 8, 32, 256 or 1024 threads per row), CULOSS_CE_CACHE_BYTES
    caps the shared memory that keeps rows for pass 2 (0: re-read them). */
 static shape shape_for(int64_t c) {
   const char *e = getenv("CULOSS_CE_SHAPE");
   if (e && !strcmp(e, "thread")) return SHAPE_THREAD;
+  if (e && !strcmp(e, "8")) return SHAPE_SUBWARP;
   if (e && !strcmp(e, "warp")) return SHAPE_WARP;
   if (e && !strcmp(e, "256")) return SHAPE_BLOCK256;
   if (e && !strcmp(e, "1024")) return SHAPE_BLOCK1024;

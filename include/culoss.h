@@ -231,9 +231,10 @@ CULOSS_API culoss_status culoss_cross_entropy(culoss_context *ctx,
 
 /* Tuning and testing knobs, read from the environment at each CUDA call; they
  * change how the fused kernel is launched, not what it computes:
- *   CULOSS_CE_SHAPE        thread | warp | 256 | 1024: threads per row of the
- *                          fused kernel (default: one for c <= 16, a warp
- *                          up to 1024, 256 threads up to 16384, else 1024)
+ *   CULOSS_CE_SHAPE        thread | 8 | warp | 256 | 1024: threads per row of
+ *                          the fused kernel (default: one for c <= 16, 8
+ *                          lanes up to 128, a warp up to 1024, 256 threads
+ *                          up to 16384, else 1024)
  *   CULOSS_CE_CACHE_BYTES  cap on the shared memory that keeps each row for
  *                          the gradient pass (0: re-read the row)
  * Results are bitwise identical run to run for a fixed setting; a different

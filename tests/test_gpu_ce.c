@@ -210,8 +210,8 @@ static gcase base_case(int64_t n, int64_t c, culoss_dtype dt, uint64_t seed) {
   return k;
 }
 
-static const int64_t sizes[] = {2, 3, 33, 1000, 1024, 1025, 4099, 16384, 16385,
-                                32000, 50257, 128256, 262147};
+static const int64_t sizes[] = {2, 3, 16, 17, 33, 100, 128, 129, 1000, 1024, 1025, 4099,
+                                16384, 16385, 32000, 50257, 128256, 262147};
 
 static int64_t rows_for(int64_t c) {
   int64_t n = (int64_t)(test_quick() ? 200000 : 4000000) / c;
@@ -231,11 +231,11 @@ Test(gpu_ce, index_targets_all_sizes_all_dtypes) {
    several rows (and reduced losses still sum every row once). */
 Test(gpu_ce, grid_stride_over_many_rows) {
   REQUIRE_GPU();
-  const int64_t shapes[][2] = {{70001, 3}, {40000, 700}, {5000, 20000}};
+  const int64_t shapes[][2] = {{70001, 3}, {30011, 100}, {40000, 700}, {5000, 20000}};
   uint64_t seed = 1500;
-  for (int i = 0; i < 3; i++)
+  for (int i = 0; i < 4; i++)
     for (int mode = 0; mode < 3; mode++) {
-      if (test_quick() && i > 0) continue;
+      if (test_quick() && i > 1) continue;
       gcase k = base_case(shapes[i][0], shapes[i][1], (culoss_dtype)(mode % 3), seed++);
       k.mode = mode;
       k.red = (culoss_reduction)((i + mode) % 3);
@@ -319,10 +319,10 @@ Test(gpu_ce, strided_and_in_place) {
    cache full, partial and off: each instantiation against the CPU. */
 Test(gpu_ce, every_shape_and_cache_budget) {
   REQUIRE_GPU();
-  const char *shapes[] = {"thread", "warp", "256", "1024"}, *caches[] = {"", "0", "3000"};
+  const char *shapes[] = {"thread", "8", "warp", "256", "1024"}, *caches[] = {"", "0", "3000"};
   const int64_t cs[] = {7, 1000, 5003};
   uint64_t seed = 1200;
-  for (int si = 0; si < 4; si++)
+  for (int si = 0; si < 5; si++)
     for (int ci = 0; ci < 3; ci++) {
       setenv("CULOSS_CE_SHAPE", shapes[si], 1);
       setenv("CULOSS_CE_CACHE_BYTES", caches[ci], 1);
