@@ -7,6 +7,10 @@
  *     runs them: log_softmax (writes fp32 log-probabilities, n x v), NLL
  *     (mean of the target log-probabilities) and the softmax backward (reads
  *     the log-probabilities again, writes the gradient).
+ *   - soft-target cross-entropy, unfused: log_softmax, a per-row soft NLL,
+ *     their sum, and the backward (sum(y) softmax - y), four kernels.
+ *   - NLL and multi-margin, naive: one thread per element (multi-margin's
+ *     target column from per-row float atomics and a second kernel).
  *   - elementwise losses, naive: one thread per element, no vector loads,
  *     the loss summed with a float atomicAdd.
  */
@@ -47,6 +51,7 @@ __global__ void fill_kernel(T *x, T *y, int64_t count, uint64_t seed, int op) {
       break;
     case -2: xv = 0.02f * a; break; /* linear-layer weights */
     case -3: xv = a; break;         /* hidden states */
+    case -4: xv = 2.0f * a, yv = u; break; /* logits and soft targets (unnormalised) */
     case 0: xv = 3.0f * a, yv = u; break;                                 /* bce with logits */
     case 1: xv = 0.02f + 0.96f * u, yv = unit(mix(seed + (uint64_t)i)); break; /* bce */
     case 2: case 3: yv = u < 0.5f ? -1.0f : 1.0f, xv = 2.0f * a; break;   /* hinge */
@@ -110,6 +115,79 @@ __global__ void softmax_backward_kernel(const float *lp, const int64_t *t, int64
   const int64_t i = blockIdx.x;
   for (int64_t j = threadIdx.x; j < v; j += BT)
     g[i * v + j] = from_f32<T>((expf(lp[i * v + j]) - (j == t[i] ? 1.0f : 0.0f)) * inv_n);
+}
+
+/* ---- unfused soft-target cross-entropy ---- */
+template <typename T>
+__global__ void soft_nll_kernel(const float *lp, const T *y, int64_t v, float inv_n,
+                                float *row_loss) {
+  __shared__ float sh[BT / 32];
+  const int64_t i = blockIdx.x;
+  float s = 0.0f;
+  for (int64_t j = threadIdx.x; j < v; j += BT) {
+    const float yv = to_f32(y[i * v + j]);
+    if (yv != 0.0f) s -= yv * lp[i * v + j];
+  }
+  s = block_sum(s, sh);
+  if (threadIdx.x == 0) row_loss[i] = s * inv_n;
+}
+
+__global__ void sum_kernel(const float *v, int64_t n, float *out) {
+  __shared__ float sh[BT / 32];
+  float s = 0.0f;
+  for (int64_t i = threadIdx.x; i < n; i += BT) s += v[i];
+  s = block_sum(s, sh);
+  if (threadIdx.x == 0) *out = s;
+}
+
+template <typename T>
+__global__ void soft_backward_kernel(const float *lp, const T *y, int64_t v, float inv_n, T *g) {
+  __shared__ float sh[BT / 32];
+  const int64_t i = blockIdx.x;
+  float sy = 0.0f;
+  for (int64_t j = threadIdx.x; j < v; j += BT) sy += to_f32(y[i * v + j]);
+  sy = block_sum(sy, sh);
+  for (int64_t j = threadIdx.x; j < v; j += BT)
+    g[i * v + j] = from_f32<T>((sy * expf(lp[i * v + j]) - to_f32(y[i * v + j])) * inv_n);
+}
+
+/* ---- naive NLL and multi-margin: one thread per element ---- */
+template <typename T>
+__global__ void nll_naive_kernel(const T *x, const int64_t *t, int64_t n, int64_t v, float inv_n,
+                                 T *g, float *loss) {
+  for (int64_t e = (int64_t)blockIdx.x * BT + threadIdx.x; e < n * v;
+       e += (int64_t)gridDim.x * BT) {
+    const int64_t i = e / v, j = e % v;
+    const bool hit = j == t[i];
+    g[e] = from_f32<T>(hit ? -inv_n : 0.0f);
+    if (hit) atomicAdd(loss, -to_f32(x[e]) * inv_n);
+  }
+}
+
+/* p = 1, margin 1, no weights, mean over rows: h = 1 / (n v) per violated
+   margin; the target column gets -sum h from mm_target_kernel. */
+template <typename T>
+__global__ void mm_naive_kernel(const T *x, const int64_t *t, int64_t n, int64_t v, float inv_nv,
+                                T *g, float *row_h, float *loss) {
+  for (int64_t e = (int64_t)blockIdx.x * BT + threadIdx.x; e < n * v;
+       e += (int64_t)gridDim.x * BT) {
+    const int64_t i = e / v, j = e % v, ti = t[i];
+    if (j == ti) continue;
+    const float z = 1.0f - to_f32(x[i * v + ti]) + to_f32(x[e]);
+    const float h = z > 0.0f ? inv_nv : 0.0f;
+    g[e] = from_f32<T>(h);
+    if (z > 0.0f) {
+      atomicAdd(&row_h[i], h);
+      atomicAdd(loss, z * inv_nv);
+    }
+  }
+}
+
+template <typename T>
+__global__ void mm_target_kernel(const int64_t *t, int64_t n, int64_t v, const float *row_h,
+                                 T *g) {
+  const int64_t i = (int64_t)blockIdx.x * BT + threadIdx.x;
+  if (i < n) g[i * v + t[i]] = from_f32<T>(-row_h[i]);
 }
 
 /* ---- naive elementwise ---- */
@@ -177,6 +255,69 @@ extern "C" int bench_ce_unfused(const void *x, int dtype, int64_t n, int64_t v, 
   if (dtype == 0) return (int)ce_unfused<float>(x, n, v, t, lp, loss, g);
   if (dtype == 1) return (int)ce_unfused<__half>(x, n, v, t, lp, loss, g);
   return (int)ce_unfused<__nv_bfloat16>(x, n, v, t, lp, loss, g);
+}
+
+template <typename T>
+static cudaError_t soft_unfused(const void *x, const void *y, int64_t n, int64_t v, float *lp,
+                                float *row_loss, float *loss, void *g) {
+  const float inv_n = 1.0f / (float)n;
+  cudaError_t e = launch(log_softmax_kernel<T>, dim3((unsigned)n), dim3(BT), 0, nullptr,
+                         (const T *)x, lp, v);
+  if (e == cudaSuccess)
+    e = launch(soft_nll_kernel<T>, dim3((unsigned)n), dim3(BT), 0, nullptr, (const float *)lp,
+               (const T *)y, v, inv_n, row_loss);
+  if (e == cudaSuccess)
+    e = launch(sum_kernel, dim3(1), dim3(BT), 0, nullptr, (const float *)row_loss, n, loss);
+  if (e == cudaSuccess)
+    e = launch(soft_backward_kernel<T>, dim3((unsigned)n), dim3(BT), 0, nullptr,
+               (const float *)lp, (const T *)y, v, inv_n, (T *)g);
+  return e;
+}
+
+/* row_loss: n floats of scratch. */
+extern "C" int bench_ce_soft_unfused(const void *x, const void *y, int dtype, int64_t n, int64_t v,
+                                     float *lp, float *row_loss, float *loss, void *g) {
+  if (dtype == 0) return (int)soft_unfused<float>(x, y, n, v, lp, row_loss, loss, g);
+  if (dtype == 1) return (int)soft_unfused<__half>(x, y, n, v, lp, row_loss, loss, g);
+  return (int)soft_unfused<__nv_bfloat16>(x, y, n, v, lp, row_loss, loss, g);
+}
+
+template <typename T>
+static cudaError_t nll_naive(const void *x, const int64_t *t, int64_t n, int64_t v, void *g,
+                             float *loss) {
+  const cudaError_t e = cudaMemsetAsync(loss, 0, sizeof(float));
+  if (e != cudaSuccess) return e;
+  return launch(nll_naive_kernel<T>, dim3(grid_for(n * v)), dim3(BT), 0, nullptr, (const T *)x, t,
+                n, v, 1.0f / (float)n, (T *)g, loss);
+}
+
+extern "C" int bench_nll_naive(const void *x, int dtype, int64_t n, int64_t v, const int64_t *t,
+                               void *g, float *loss) {
+  if (dtype == 0) return (int)nll_naive<float>(x, t, n, v, g, loss);
+  if (dtype == 1) return (int)nll_naive<__half>(x, t, n, v, g, loss);
+  return (int)nll_naive<__nv_bfloat16>(x, t, n, v, g, loss);
+}
+
+template <typename T>
+static cudaError_t mm_naive(const void *x, const int64_t *t, int64_t n, int64_t v, void *g,
+                            float *row_h, float *loss) {
+  cudaError_t e = cudaMemsetAsync(loss, 0, sizeof(float));
+  if (e == cudaSuccess) e = cudaMemsetAsync(row_h, 0, (size_t)n * sizeof(float));
+  if (e == cudaSuccess)
+    e = launch(mm_naive_kernel<T>, dim3(grid_for(n * v)), dim3(BT), 0, nullptr, (const T *)x, t, n,
+               v, (float)(1.0 / ((double)n * (double)v)), (T *)g, row_h, loss);
+  if (e == cudaSuccess)
+    e = launch(mm_target_kernel<T>, dim3(grid_for(n)), dim3(BT), 0, nullptr, t, n, v,
+               (const float *)row_h, (T *)g);
+  return e;
+}
+
+/* row_h: n floats of scratch. */
+extern "C" int bench_mm_naive(const void *x, int dtype, int64_t n, int64_t v, const int64_t *t,
+                              void *g, float *row_h, float *loss) {
+  if (dtype == 0) return (int)mm_naive<float>(x, t, n, v, g, row_h, loss);
+  if (dtype == 1) return (int)mm_naive<__half>(x, t, n, v, g, row_h, loss);
+  return (int)mm_naive<__nv_bfloat16>(x, t, n, v, g, row_h, loss);
 }
 
 template <typename T>

@@ -161,6 +161,12 @@ int bench_ce_unfused(const void *x, int dtype, int64_t n, int64_t v, const int64
                      float *loss, void *g);
 int bench_ew_naive(int op, const void *x, const void *y, int dtype, int64_t m, void *g,
                    float *loss);
+int bench_ce_soft_unfused(const void *x, const void *y, int dtype, int64_t n, int64_t v, float *lp,
+                          float *row_loss, float *loss, void *g);
+int bench_nll_naive(const void *x, int dtype, int64_t n, int64_t v, const int64_t *t, void *g,
+                    float *loss);
+int bench_mm_naive(const void *x, int dtype, int64_t n, int64_t v, const int64_t *t, void *g,
+                   float *row_h, float *loss);
 
 static int flush_l2(void) {
   CK(cudaMemsetAsync(flush_buf, (int)(urand() * 255), flush_bytes, 0));
@@ -277,25 +283,60 @@ static int fits(size_t bytes) {
   return bytes < free_b / 10 * 9;
 }
 
-/* ---------------------------------------------------------------- cross-entropy */
+/* ---------------------------------------------------------------- row losses */
+/* The losses over [n, v] rows: cross-entropy with class indices (against the
+   unfused three-kernel composition), with soft targets (against the unfused
+   four-kernel one), NLL and multi-margin (against one thread per element). */
+enum { ROW_CE, ROW_SOFT, ROW_NLL, ROW_MM, ROW_KINDS };
+static const char *row_name[ROW_KINDS] = {"cross_entropy fwd+bwd", "ce_soft fwd+bwd",
+                                          "nll fwd+bwd", "multi_margin fwd+bwd"};
+
 typedef struct {
   culoss_context *ctx;
+  int kind;
   int64_t n, v;
   culoss_dtype d;
-  void *x, *g, *t;
-  float *loss, *lp;
+  void *x, *y, *g, *t;
+  float *loss, *lp, *rowbuf;
 } ce_state;
 
 static int ce_launch(void *p) {
   ce_state *s = p;
-  CL(culoss_cross_entropy(s->ctx, NULL, s->n, s->v, s->d, s->x, s->v, CULOSS_I64, s->t, s->loss,
-                          s->g, NULL));
+  switch (s->kind) {
+  case ROW_CE:
+    CL(culoss_cross_entropy(s->ctx, NULL, s->n, s->v, s->d, s->x, s->v, CULOSS_I64, s->t,
+                            s->loss, s->g, NULL));
+    break;
+  case ROW_SOFT:
+    CL(culoss_cross_entropy_soft(s->ctx, NULL, s->n, s->v, s->d, s->x, s->v, s->y, s->loss, s->g,
+                                 NULL));
+    break;
+  case ROW_NLL:
+    CL(culoss_nll(s->ctx, NULL, s->n, s->v, s->d, s->x, s->v, CULOSS_I64, s->t, s->loss, s->g,
+                  NULL));
+    break;
+  default:
+    CL(culoss_multi_margin(s->ctx, NULL, s->n, s->v, s->d, s->x, s->v, CULOSS_I64, s->t, s->loss,
+                           s->g, NULL));
+    break;
+  }
   return 0;
 }
 
 static int ce_baseline(void *p) {
   ce_state *s = p;
-  CK((cudaError_t)bench_ce_unfused(s->x, (int)s->d, s->n, s->v, s->t, s->lp, s->loss, s->g));
+  const int d = (int)s->d;
+  switch (s->kind) {
+  case ROW_CE:
+    CK((cudaError_t)bench_ce_unfused(s->x, d, s->n, s->v, s->t, s->lp, s->loss, s->g));
+    break;
+  case ROW_SOFT:
+    CK((cudaError_t)bench_ce_soft_unfused(s->x, s->y, d, s->n, s->v, s->lp, s->rowbuf, s->loss,
+                                          s->g));
+    break;
+  case ROW_NLL: CK((cudaError_t)bench_nll_naive(s->x, d, s->n, s->v, s->t, s->g, s->loss)); break;
+  default: CK((cudaError_t)bench_mm_naive(s->x, d, s->n, s->v, s->t, s->g, s->rowbuf, s->loss));
+  }
   return 0;
 }
 
@@ -305,48 +346,83 @@ static double ce_check(const ce_state *s) {
   culoss_context *cpu;
   const size_t es = s->d == CULOSS_F32 ? 4 : 2, rb = (size_t)s->v * es;
   const int64_t rows[3] = {0, s->n / 2, s->n - 1};
-  void *x = malloc(rb), *g = malloc(rb), *ref = malloc(rb);
+  void *x = malloc(rb), *y = malloc(rb), *g = malloc(rb), *ref = malloc(rb);
   double worst = 0;
   culoss_cross_entropy_options o;
   culoss_cross_entropy_options_init(&o);
   o.reduction = CULOSS_REDUCTION_SUM;
+  culoss_multi_margin_options mo;
+  culoss_multi_margin_options_init(&mo);
+  mo.reduction = CULOSS_REDUCTION_SUM;
   if (culoss_create(&cpu, CULOSS_BACKEND_CPU, 0) != CULOSS_OK) return INFINITY;
   for (int k = 0; k < 3; k++) {
     const int64_t i = rows[k];
     int64_t t;
     float l;
+    culoss_status st;
     if (cudaMemcpy(x, (const char *)s->x + (size_t)i * rb, rb, cudaMemcpyDeviceToHost) ||
         cudaMemcpy(g, (const char *)s->g + (size_t)i * rb, rb, cudaMemcpyDeviceToHost) ||
         cudaMemcpy(&t, (const int64_t *)s->t + i, 8, cudaMemcpyDeviceToHost) ||
-        culoss_cross_entropy(cpu, &o, 1, s->v, s->d, x, s->v, CULOSS_I64, &t, &l, ref, NULL))
+        (s->y && cudaMemcpy(y, (const char *)s->y + (size_t)i * rb, rb, cudaMemcpyDeviceToHost)))
       return INFINITY;
+    switch (s->kind) {
+    case ROW_CE:
+      st = culoss_cross_entropy(cpu, &o, 1, s->v, s->d, x, s->v, CULOSS_I64, &t, &l, ref, NULL);
+      break;
+    case ROW_SOFT:
+      st = culoss_cross_entropy_soft(cpu, &o, 1, s->v, s->d, x, s->v, y, &l, ref, NULL);
+      break;
+    case ROW_NLL: st = culoss_nll(cpu, &o, 1, s->v, s->d, x, s->v, CULOSS_I64, &t, &l, ref, NULL); break;
+    default:
+      st = culoss_multi_margin(cpu, &mo, 1, s->v, s->d, x, s->v, CULOSS_I64, &t, &l, ref, NULL);
+      break;
+    }
+    if (st != CULOSS_OK) return INFINITY;
+    /* absolute floors: multi-margin's target column sums the row (1e-4 of
+       the largest entry); an fp16 MEAN gradient g / n falls into fp16's
+       subnormals, whose step 2^-24 is n 2^-24 at the SUM scale: half a step
+       must stay under the 2e-2 tolerance, so the floor is 64 steps */
+    double gmax = 0.0;
+    for (int64_t j = 0; j < s->v; j++)
+      if (fabs((double)to_f(ref, s->d, j)) > gmax) gmax = fabs((double)to_f(ref, s->d, j));
+    const double floor_ =
+        1e-6 + 1e-4 * gmax + (s->d == CULOSS_F16 ? 64.0 * (double)s->n * 0x1.0p-24 : 0.0);
     for (int64_t j = 0; j < s->v; j++) {
       const double a = (double)to_f(g, s->d, j) * (double)s->n, b = to_f(ref, s->d, j);
-      const double e = fabs(a - b) / (fabs(b) + 1e-6);
+      const double e = fabs(a - b) / (fabs(b) + floor_);
       if (!(e <= worst)) worst = e; /* NaN counts as the worst */
     }
   }
   culoss_destroy(cpu);
-  free(x), free(g), free(ref);
+  free(x), free(y), free(g), free(ref);
   return worst;
 }
 
-static int bench_ce(culoss_context *ctx, const bench_opts *bo, int64_t n, int64_t v,
+static int bench_ce(culoss_context *ctx, const bench_opts *bo, int kind, int64_t n, int64_t v,
                     culoss_dtype d) {
   const size_t es = d == CULOSS_F32 ? 4 : 2, xbytes = (size_t)(n * v) * es;
-  progress("cross_entropy fwd+bwd", n, v, d);
-  if (!fits(2 * xbytes + (size_t)(n * v) * 4 + (size_t)n * 8)) {
-    if (!bo->json) printf("%-22s %10lld %7lld %5s skipped: not enough device memory\n",
-                          "cross_entropy fwd+bwd", (long long)n, (long long)v, dtype_name(d));
+  const char *name = row_name[kind];
+  progress(name, n, v, d);
+  const size_t need = (kind == ROW_SOFT ? 3 : 2) * xbytes + (size_t)(n * v) * 4 + (size_t)n * 12;
+  if (!fits(need)) {
+    if (!bo->json) printf("%-22s %10lld %7lld %5s skipped: not enough device memory\n", name,
+                          (long long)n, (long long)v, dtype_name(d));
     return 0;
   }
-  ce_state s = {ctx, n, v, d, NULL, NULL, NULL, NULL, NULL};
+  ce_state s = {ctx, kind, n, v, d, NULL, NULL, NULL, NULL, NULL, NULL, NULL};
   CL(culoss_malloc(ctx, &s.x, xbytes));
   CL(culoss_malloc(ctx, &s.g, xbytes));
   CL(culoss_malloc(ctx, &s.t, (size_t)n * 8));
   CL(culoss_malloc(ctx, (void **)&s.loss, sizeof(float)));
-  CL(culoss_malloc(ctx, (void **)&s.lp, (size_t)(n * v) * 4));
-  CK((cudaError_t)bench_fill(s.x, NULL, (int)d, n * v, 1000 + (uint64_t)v, -1));
+  CL(culoss_malloc(ctx, (void **)&s.rowbuf, (size_t)n * sizeof(float)));
+  if (kind == ROW_CE || kind == ROW_SOFT)
+    CL(culoss_malloc(ctx, (void **)&s.lp, (size_t)(n * v) * 4));
+  if (kind == ROW_SOFT) {
+    CL(culoss_malloc(ctx, &s.y, xbytes));
+    CK((cudaError_t)bench_fill(s.x, s.y, (int)d, n * v, 1000 + (uint64_t)v, -4));
+  } else {
+    CK((cudaError_t)bench_fill(s.x, NULL, (int)d, n * v, 1000 + (uint64_t)v, kind == ROW_MM ? -3 : -1));
+  }
   CK((cudaError_t)bench_fill_targets(s.t, n, v, 77));
   if (ce_launch(&s)) return -1;
   CL(culoss_synchronize(ctx));
@@ -355,10 +431,13 @@ static int bench_ce(culoss_context *ctx, const bench_opts *bo, int64_t n, int64_
   if (time_it(ce_launch, &s, bo->repeats, ms)) return -1;
   if (time_it(ce_baseline, &s, bo->repeats, base)) return -1;
   CL(culoss_synchronize(ctx));
-  const int bad = record(bo, "cross_entropy fwd+bwd", n, v, d, ms, base,
-                         2.0 * (double)xbytes + (double)n * 8, err, d == CULOSS_F32 ? 1e-3 : 2e-2);
+  /* bytes: each input read once, the gradient written once */
+  double bytes = 2.0 * (double)xbytes + (double)n * 8; /* CE, multi-margin */
+  if (kind == ROW_SOFT) bytes = 3.0 * (double)xbytes;
+  if (kind == ROW_NLL) bytes = (double)xbytes + (double)n * (8 + (double)es);
+  const int bad = record(bo, name, n, v, d, ms, base, bytes, err, d == CULOSS_F32 ? 1e-3 : 2e-2);
   culoss_free(ctx, s.x), culoss_free(ctx, s.g), culoss_free(ctx, s.t), culoss_free(ctx, s.loss);
-  culoss_free(ctx, s.lp);
+  culoss_free(ctx, s.rowbuf), culoss_free(ctx, s.lp), culoss_free(ctx, s.y);
   return bad;
 }
 
@@ -578,31 +657,47 @@ static int run_gpu(culoss_context *ctx, const bench_opts *bo) {
   const int nn = bo->quick || bo->tiny ? 1 : 2, nv = bo->quick || bo->tiny ? 2 : 5;
   const int nm = bo->quick || bo->tiny ? 2 : 4;
   const int nl = bo->quick || bo->tiny ? 1 : 3;
-  total_cases = (wanted(bo, "ce") ? nn * nv * 2 : 0) + (wanted(bo, "ew") ? nm * T_NUM_OPS * 2 : 0) +
-                (wanted(bo, "lce") ? nl : 0);
+  /* soft targets, NLL, multi-margin: the first n, these v */
+  const int64_t rv_full[] = {32000, 128256}, rv_quick[] = {32000}, rv_tiny[] = {1000};
+  const int64_t *rv = bo->tiny ? rv_tiny : (bo->quick ? rv_quick : rv_full);
+  const int nrv = bo->quick || bo->tiny ? 1 : 2;
+  /* every dtype; --quick keeps fp32 and bf16 */
+  const culoss_dtype dts_full[] = {CULOSS_F32, CULOSS_F16, CULOSS_BF16};
+  const culoss_dtype dts_quick[] = {CULOSS_F32, CULOSS_BF16};
+  const culoss_dtype *dts = bo->quick ? dts_quick : dts_full;
+  const int nd = bo->quick ? 2 : 3;
+  total_cases = (wanted(bo, "ce") ? (nn * nv + (ROW_KINDS - 1) * nrv) * nd : 0) +
+                (wanted(bo, "ew") ? nm * T_NUM_OPS * nd : 0) + (wanted(bo, "lce") ? nl : 0);
   if (bo->csv)
     printf("# device,%s,copy_GBps,%.1f\ncase,n,v,dtype,median_ms,min_ms,max_ms,baseline_ms,GBps,"
            "pct_copy,max_rel_err,check\n", prop.name, copy_bw);
   else if (!bo->json) {
     printf("device: %s, %d SMs, L2 %d MiB; measured copy bandwidth %.1f GB/s (read+write)\n",
            prop.name, prop.multiProcessorCount, prop.l2CacheSize >> 20, copy_bw);
-    printf("bytes counted: cross-entropy: one read of the logits + one write of the gradient "
-           "(+ targets); elementwise: one read of input and target + one write of the "
-           "gradient. baseline: unfused CE (3 kernels) / naive one-thread-per-element kernel\n");
+    printf("bytes counted: each input read once, each output written once (cross-entropy: "
+           "logits + gradient + targets; soft: + targets [n, v]; NLL: gradient + one logit and "
+           "target per row). baselines: unfused CE (3 kernels), unfused soft CE (4), one thread "
+           "per element (NLL, multi-margin, elementwise)\n");
     printf("%-22s %10s %7s %5s %8s %8s %8s %8s %7s %9s %7s %8s %s\n", "case", "n", "v", "dtype",
            "med_ms", "min_ms", "max_ms", "GB/s", "%copy", "base_ms", "speedup", "max_err", "check");
   }
   int bad = 0, rc;
   for (int ni = 0; ni < (wanted(bo, "ce") ? nn : 0); ni++)
     for (int vi = 0; vi < nv; vi++)
-      for (int di = 0; di < 2; di++) {
-        if ((rc = bench_ce(ctx, bo, ns[ni], vs[vi], di ? CULOSS_BF16 : CULOSS_F32)) < 0) return 1;
+      for (int di = 0; di < nd; di++) {
+        if ((rc = bench_ce(ctx, bo, ROW_CE, ns[ni], vs[vi], dts[di])) < 0) return 1;
+        bad |= rc;
+      }
+  for (int kind = ROW_SOFT; kind < (wanted(bo, "ce") ? ROW_KINDS : 0); kind++)
+    for (int vi = 0; vi < nrv; vi++)
+      for (int di = 0; di < nd; di++) {
+        if ((rc = bench_ce(ctx, bo, kind, ns[0], rv[vi], dts[di])) < 0) return 1;
         bad |= rc;
       }
   for (int op = 0; op < (wanted(bo, "ew") ? (int)T_NUM_OPS : 0); op++)
     for (int mi = 0; mi < nm; mi++)
-      for (int di = 0; di < 2; di++) {
-        if ((rc = bench_ew(ctx, bo, (t_op)op, ms[mi], di ? CULOSS_BF16 : CULOSS_F32)) < 0) return 1;
+      for (int di = 0; di < nd; di++) {
+        if ((rc = bench_ew(ctx, bo, (t_op)op, ms[mi], dts[di])) < 0) return 1;
         bad |= rc;
       }
   if (!bo->csv && !bo->json && wanted(bo, "lce"))
