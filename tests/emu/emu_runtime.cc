@@ -27,7 +27,7 @@
  *     a device fault is.
  * Everything runs synchronously on the calling thread, one kernel at a time;
  * races between streams, memory-model subtleties and timing are not
- * modelled. cuBLAS GEMMs accumulate in fp32 in k order.
+ * modelled. cuBLAS GEMMs accumulate in double and round once.
  */
 #include "cuda_emu.h"
 
@@ -576,8 +576,11 @@ cublasStatus_t gemm(cublasHandle_t h, cublasOperation_t ta, cublasOperation_t tb
     for (int j = 0; j < n; j++)
       for (int i = 0; i < m; i++) {
         const float *a = &ar[(size_t)i * k], *b = &bc[(size_t)j * k];
-        float acc = 0.0f;
-        for (int l = 0; l < k; l++) acc = fmaf(a[l], b[l], acc);
+        /* double, rounded once: cuBLAS's blocked and split-k fp32 sums are
+           far closer to that than a naive fp32 loop over a long k */
+        double acc_d = 0.0;
+        for (int l = 0; l < k; l++) acc_d += (double)a[l] * (double)b[l];
+        const float acc = (float)acc_d;
         const size_t ci = (size_t)j * ldc + i;
         /* beta == 0: C is not read (it may hold NaN), as in cuBLAS */
         const float r = b_ == 0.0f ? a_ * acc : a_ * acc + b_ * load_elem(C, ct, ci);
