@@ -84,11 +84,13 @@ __global__ void __launch_bounds__(LT) bias_fill_kernel(T *tile, const T *bias, i
 template <typename T>
 __global__ void __launch_bounds__(LT) colsum_kernel(const T *tile, int64_t rows, int64_t cols,
                                                     int64_t ld, float *acc, int init) {
-  const int64_t j = (int64_t)blockIdx.x * LT + threadIdx.x;
-  if (j >= cols) return;
-  float s = 0.0f;
-  for (int64_t i = 0; i < rows; i++) s += to_f32(tile[i * ld + j]);
-  acc[j] = init ? s : acc[j] + s;
+  /* grid-stride: blocks_for caps the grid at 65535 blocks */
+  for (int64_t j = (int64_t)blockIdx.x * LT + threadIdx.x; j < cols;
+       j += (int64_t)gridDim.x * LT) {
+    float s = 0.0f;
+    for (int64_t i = 0; i < rows; i++) s += to_f32(tile[i * ld + j]);
+    acc[j] = init ? s : acc[j] + s;
+  }
 }
 
 template <typename T>

@@ -124,6 +124,15 @@ Test(gpu_lce, many_blocks_and_vocabulary_slices) {
   unsetenv("CULOSS_LINEAR_CE_BLOCK_BYTES");
 }
 
+/* A vocabulary wider than 65535 blocks of 256 columns: the small kernels'
+   capped grids must stride (an unstrided grad_bias left its last columns
+   unwritten: poison, caught as NaN). */
+Test(gpu_lce, vocabulary_past_the_grid_cap) {
+  REQUIRE_GPU();
+  if (test_quick()) cr_skip_test("skipped: CULOSS_TEST_QUICK is set (v = 2^24 + 4099)");
+  lce_case(3, 2, ((int64_t)1 << 24) + 4099, CULOSS_F32, CULOSS_REDUCTION_SUM, 1, 0, 900);
+}
+
 Test(gpu_lce, deterministic_bitwise) {
   REQUIRE_GPU();
   const int64_t n = 512, d = 128, v = 5000;
