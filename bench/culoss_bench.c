@@ -218,7 +218,8 @@ static int time_it(int (*launch)(void *), void *state, int reps, float *ms) {
     CK(cudaEventSynchronize(e1));
     CK(cudaEventElapsedTime(&ms[r], e0, e1));
   }
-  cudaEventDestroy(e0), cudaEventDestroy(e1);
+  CK(cudaEventDestroy(e0));
+  CK(cudaEventDestroy(e1));
   qsort(ms, (size_t)reps, sizeof *ms, cmp_float);
   return 0;
 }
@@ -436,8 +437,13 @@ static int bench_ce(culoss_context *ctx, const bench_opts *bo, int kind, int64_t
   if (kind == ROW_SOFT) bytes = 3.0 * (double)xbytes;
   if (kind == ROW_NLL) bytes = (double)xbytes + (double)n * (8 + (double)es);
   const int bad = record(bo, name, n, v, d, ms, base, bytes, err, d == CULOSS_F32 ? 1e-3 : 2e-2);
-  culoss_free(ctx, s.x), culoss_free(ctx, s.g), culoss_free(ctx, s.t), culoss_free(ctx, s.loss);
-  culoss_free(ctx, s.rowbuf), culoss_free(ctx, s.lp), culoss_free(ctx, s.y);
+  CL(culoss_free(ctx, s.x));
+  CL(culoss_free(ctx, s.g));
+  CL(culoss_free(ctx, s.t));
+  CL(culoss_free(ctx, s.loss));
+  CL(culoss_free(ctx, s.rowbuf));
+  CL(culoss_free(ctx, s.lp));
+  CL(culoss_free(ctx, s.y));
   return bad;
 }
 
@@ -532,7 +538,10 @@ static int bench_ew(culoss_context *ctx, const bench_opts *bo, t_op op, int64_t 
   CL(culoss_synchronize(ctx));
   const int bad = record(bo, t_op_name[op], m, 1, d, ms, base, 3.0 * (double)bytes, err,
                          d == CULOSS_F32 ? 1e-4 : 2e-2);
-  culoss_free(ctx, s.x), culoss_free(ctx, s.y), culoss_free(ctx, s.g), culoss_free(ctx, s.loss);
+  CL(culoss_free(ctx, s.x));
+  CL(culoss_free(ctx, s.y));
+  CL(culoss_free(ctx, s.g));
+  CL(culoss_free(ctx, s.loss));
   return bad;
 }
 /* ---------------------------------------------------------------- linear CE */
@@ -629,9 +638,13 @@ static int bench_lce(culoss_context *ctx, const bench_opts *bo, int64_t n, int64
          (double)s.ws_bytes / (1 << 20), (double)logits_bytes / (1 << 20),
          100.0 * (double)s.ws_bytes / (double)logits_bytes, err, ok ? "ok" : "MISMATCH");
   fflush(stdout);
-  culoss_free(ctx, s.hid), culoss_free(ctx, s.w), culoss_free(ctx, s.gh), culoss_free(ctx, s.gw);
-  culoss_free(ctx, s.t), culoss_free(ctx, s.loss);
-  cublasDestroy(s.h);
+  CL(culoss_free(ctx, s.hid));
+  CL(culoss_free(ctx, s.w));
+  CL(culoss_free(ctx, s.gh));
+  CL(culoss_free(ctx, s.gw));
+  CL(culoss_free(ctx, s.t));
+  CL(culoss_free(ctx, s.loss));
+  if (cublasDestroy(s.h) != CUBLAS_STATUS_SUCCESS) return -1;
   return ok ? 0 : 1;
 }
 
@@ -727,7 +740,7 @@ static int run_gpu(culoss_context *ctx, const bench_opts *bo) {
     }
     printf("]}\n");
   }
-  cudaFree(flush_buf);
+  CK(cudaFree(flush_buf));
   if (bad) fprintf(stderr, "culoss-bench: a GPU result did not match the CPU reference\n");
   return bad;
 }

@@ -227,10 +227,10 @@ static double train_gpu(culoss_context *ctx, const float *xtr, const int64_t *yt
   culoss_free(ctx, d_xtr), culoss_free(ctx, d_xte), culoss_free(ctx, d_ytr);
   culoss_free(ctx, s.d_xb), culoss_free(ctx, s.d_yb), culoss_free(ctx, s.d_w);
   culoss_free(ctx, s.d_dw), culoss_free(ctx, s.d_logits), culoss_free(ctx, s.d_loss);
-  cublasDestroy(h);
-  cudaFree(cublas_ws);
+  CB(cublasDestroy(h));
+  CU(cudaFree(cublas_ws));
   CHECK(culoss_set_stream(ctx, NULL));
-  cudaStreamDestroy(stream);
+  CU(cudaStreamDestroy(stream));
   free(host_logits);
   return acc;
 }
