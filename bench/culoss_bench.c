@@ -277,6 +277,12 @@ static float to_f(const void *p, culoss_dtype d, int64_t i) {
   return culoss__f16_to_f32(((const uint16_t *)p)[i]);
 }
 
+/* Frees count buffers (NULL entries are fine); -1 on the first failure. */
+static int free_all(culoss_context *ctx, void *const *bufs, int count) {
+  for (int i = 0; i < count; i++) CL(culoss_free(ctx, bufs[i]));
+  return 0;
+}
+
 /* Enough free device memory for `bytes` (with a margin)? */
 static int fits(size_t bytes) {
   size_t free_b = 0, total_b = 0;
@@ -437,13 +443,8 @@ static int bench_ce(culoss_context *ctx, const bench_opts *bo, int kind, int64_t
   if (kind == ROW_SOFT) bytes = 3.0 * (double)xbytes;
   if (kind == ROW_NLL) bytes = (double)xbytes + (double)n * (8 + (double)es);
   const int bad = record(bo, name, n, v, d, ms, base, bytes, err, d == CULOSS_F32 ? 1e-3 : 2e-2);
-  CL(culoss_free(ctx, s.x));
-  CL(culoss_free(ctx, s.g));
-  CL(culoss_free(ctx, s.t));
-  CL(culoss_free(ctx, s.loss));
-  CL(culoss_free(ctx, s.rowbuf));
-  CL(culoss_free(ctx, s.lp));
-  CL(culoss_free(ctx, s.y));
+  void *const bufs[] = {s.x, s.g, s.t, s.loss, s.rowbuf, s.lp, s.y};
+  if (free_all(ctx, bufs, 7)) return -1;
   return bad;
 }
 
@@ -538,10 +539,8 @@ static int bench_ew(culoss_context *ctx, const bench_opts *bo, t_op op, int64_t 
   CL(culoss_synchronize(ctx));
   const int bad = record(bo, t_op_name[op], m, 1, d, ms, base, 3.0 * (double)bytes, err,
                          d == CULOSS_F32 ? 1e-4 : 2e-2);
-  CL(culoss_free(ctx, s.x));
-  CL(culoss_free(ctx, s.y));
-  CL(culoss_free(ctx, s.g));
-  CL(culoss_free(ctx, s.loss));
+  void *const bufs[] = {s.x, s.y, s.g, s.loss};
+  if (free_all(ctx, bufs, 4)) return -1;
   return bad;
 }
 /* ---------------------------------------------------------------- linear CE */
@@ -638,12 +637,8 @@ static int bench_lce(culoss_context *ctx, const bench_opts *bo, int64_t n, int64
          (double)s.ws_bytes / (1 << 20), (double)logits_bytes / (1 << 20),
          100.0 * (double)s.ws_bytes / (double)logits_bytes, err, ok ? "ok" : "MISMATCH");
   fflush(stdout);
-  CL(culoss_free(ctx, s.hid));
-  CL(culoss_free(ctx, s.w));
-  CL(culoss_free(ctx, s.gh));
-  CL(culoss_free(ctx, s.gw));
-  CL(culoss_free(ctx, s.t));
-  CL(culoss_free(ctx, s.loss));
+  void *const bufs[] = {s.hid, s.w, s.gh, s.gw, s.t, s.loss};
+  if (free_all(ctx, bufs, 6)) return -1;
   if (cublasDestroy(s.h) != CUBLAS_STATUS_SUCCESS) return -1;
   return ok ? 0 : 1;
 }
