@@ -248,6 +248,8 @@ asm(".text\n"
     ".size culoss_emu_switch, .-culoss_emu_switch\n");
 struct exec_ctx {
   void *sp;
+  const void *bottom; /* the stack, for AddressSanitizer's fiber annotations */
+  size_t size;
 };
 /* A fresh context whose first switch enters fn (which must never return). */
 void ctx_init(exec_ctx &c, unsigned char *stack, size_t bytes, void (*fn)()) {
@@ -257,11 +259,15 @@ void ctx_init(exec_ctx &c, unsigned char *stack, size_t bytes, void (*fn)()) {
   *--sp = reinterpret_cast<void *>(fn);   /* popped by ret */
   for (int i = 0; i < 6; i++) *--sp = nullptr; /* rbp rbx r12 r13 r14 r15 */
   c.sp = sp;
+  c.bottom = stack;
+  c.size = bytes;
 }
-inline void ctx_switch(exec_ctx &from, exec_ctx &to) { culoss_emu_switch(&from.sp, to.sp); }
+inline void raw_switch(exec_ctx &from, exec_ctx &to) { culoss_emu_switch(&from.sp, to.sp); }
 #else
 struct exec_ctx {
   ucontext_t uc;
+  const void *bottom;
+  size_t size;
 };
 void ctx_init(exec_ctx &c, unsigned char *stack, size_t bytes, void (*fn)()) {
   getcontext(&c.uc);
@@ -269,9 +275,52 @@ void ctx_init(exec_ctx &c, unsigned char *stack, size_t bytes, void (*fn)()) {
   c.uc.uc_stack.ss_size = bytes;
   c.uc.uc_link = nullptr;
   makecontext(&c.uc, fn, 0);
+  c.bottom = stack;
+  c.size = bytes;
 }
-inline void ctx_switch(exec_ctx &from, exec_ctx &to) { swapcontext(&from.uc, &to.uc); }
+inline void raw_switch(exec_ctx &from, exec_ctx &to) { swapcontext(&from.uc, &to.uc); }
 #endif
+
+/* Under AddressSanitizer (an emulator build with -fsanitize=address: kernels
+   then get ASan's checks on shared memory, stacks and device allocations)
+   every switch is announced, and a stack is unpoisoned before reuse. */
+#if defined(__SANITIZE_ADDRESS__)
+#define EMU_ASAN 1
+#include <sanitizer/asan_interface.h>
+#include <sanitizer/common_interface_defs.h>
+#endif
+
+exec_ctx *g_sched_ctx = nullptr; /* the scheduler's context (its stack learnt on switch) */
+
+/* Switches from `from` to `to`; `last`: `from` never runs again. */
+inline void ctx_switch(exec_ctx &from, exec_ctx &to, bool last = false) {
+#ifdef EMU_ASAN
+  void *fake = nullptr;
+  __sanitizer_start_switch_fiber(last ? nullptr : &fake, to.bottom, to.size);
+  raw_switch(from, to);
+  const void *b;
+  size_t sz;
+  __sanitizer_finish_switch_fiber(fake, &b, &sz);
+  if (&from != g_sched_ctx && g_sched_ctx) { /* resumed from the scheduler */
+    g_sched_ctx->bottom = b;
+    g_sched_ctx->size = sz;
+  }
+#else
+  (void)last;
+  raw_switch(from, to);
+#endif
+}
+
+/* The first thing a new fiber runs. */
+inline void fiber_started() {
+#ifdef EMU_ASAN
+  const void *b;
+  size_t sz;
+  __sanitizer_finish_switch_fiber(nullptr, &b, &sz);
+  g_sched_ctx->bottom = b;
+  g_sched_ctx->size = sz;
+#endif
+}
 
 enum fiber_state { RUNNABLE, AT_BLOCK_BARRIER, AT_WARP_OP, DONE, FAILED };
 enum warp_kind { WARP_SYNC = 1, WARP_SHFL = 2 };
@@ -334,16 +383,17 @@ void kernel_fail(const char *fmt, ...) {
          f->view.block_idx.z, f->tid, msg);
   g_run->failed = true;
   f->state = FAILED;
-  ctx_switch(f->ctx, g_run->sched);
+  ctx_switch(f->ctx, g_run->sched, true);
   abort(); /* never resumed */
 }
 
 [[noreturn]] void fiber_entry() {
+  fiber_started();
   fiber *f = g_run->running;
   (*g_run->body)();
   f->state = DONE;
   g_run->done++;
-  ctx_switch(f->ctx, g_run->sched); /* never resumed */
+  ctx_switch(f->ctx, g_run->sched, true); /* never resumed */
   abort();
 }
 
@@ -403,6 +453,9 @@ __attribute__((noinline)) void switch_into(block_run &r, fiber &f) {
 
 void init_fiber(fiber &f, int i) {
   f.state = RUNNABLE;
+#ifdef EMU_ASAN
+  __asan_unpoison_memory_region(stack_for(i), STACK_BYTES); /* a previous fiber's frames */
+#endif
   ctx_init(f.ctx, stack_for(i), STACK_BYTES, fiber_entry);
 }
 
@@ -475,7 +528,11 @@ void run_kernel(const char *sig, dim3 grid, dim3 block, size_t smem,
   else if (sched_cfg().kind == SCHED_RANDOM)
     std::shuffle(blocks.begin(), blocks.end(), sched_cfg().rng);
   block_run *prev = g_run;
+  exec_ctx *prev_sched = g_sched_ctx;
   g_run = &r;
+  r.sched.bottom = nullptr; /* the calling thread's stack: learnt at the first switch back */
+  r.sched.size = 0;
+  g_sched_ctx = &r.sched;
   bool ok = true;
   for (uint64_t b : blocks) {
     const uint3 bid = {(unsigned)(b % grid.x), (unsigned)((b / grid.x) % grid.y),
@@ -497,6 +554,7 @@ void run_kernel(const char *sig, dim3 grid, dim3 block, size_t smem,
     }
   }
   g_run = prev;
+  g_sched_ctx = prev_sched;
   if (!ok) {
     fault(cudaErrorLaunchFailure);
   } else {
@@ -805,8 +863,25 @@ cudaError_t cudaMalloc(void **ptr, size_t size) {
     *ptr = nullptr;
     return cudaSuccess;
   }
-  install_segv_handler();
   const size_t rounded = (size + 255) & ~(size_t)255;
+#ifdef EMU_ASAN
+  { /* AddressSanitizer's own bounds: the bytes past `size` are poisoned */
+    unsigned char *p = static_cast<unsigned char *>(aligned_alloc(256, rounded));
+    if (!p) return set_error(cudaErrorMemoryAllocation);
+    memset(p, POISON, size);
+    __asan_poison_memory_region(p + size, rounded - size);
+    allocation a;
+    a.map = nullptr; /* malloc'd */
+    a.map_len = rounded;
+    a.ptr = p;
+    a.size = size;
+    a.slack = 0;
+    g_allocs[(uintptr_t)p] = a;
+    *ptr = p;
+    return cudaSuccess;
+  }
+#endif
+  install_segv_handler();
   const size_t pages = (rounded + PAGE - 1) & ~(PAGE - 1);
   const size_t map_len = pages + 2 * PAGE;
   void *m = mmap(nullptr, map_len, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
@@ -843,7 +918,14 @@ cudaError_t cudaFree(void *ptr) {
            it->second.size, ptr);
     fault(cudaErrorIllegalAddress);
   }
-  munmap(it->second.map, it->second.map_len);
+  if (it->second.map) {
+    munmap(it->second.map, it->second.map_len);
+  } else {
+#ifdef EMU_ASAN
+    __asan_unpoison_memory_region(it->second.ptr, it->second.map_len);
+#endif
+    free(it->second.ptr);
+  }
   g_allocs.erase(it);
   return g_sticky != cudaSuccess ? set_error(g_sticky) : cudaSuccess;
 }

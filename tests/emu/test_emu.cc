@@ -61,6 +61,16 @@ __global__ void partial_warp_shuffle(float *out) {
 }
 
 __global__ void write_at(float *p, int64_t i) { p[i] = 1.0f; }
+
+/* One past the end of a __shared__ array (index from the caller so the
+   compiler cannot see it). */
+__global__ void shared_overrun(float *out, int i) {
+  __shared__ float buf[B];
+  buf[threadIdx.x] = 1.0f;
+  __syncthreads();
+  const float *q = buf; /* through a pointer: UBSan's bounds check cannot see it, ASan can */
+  if (threadIdx.x == 0) out[0] = q[i];
+}
 __global__ void nothing(float *) {}
 
 float *dmalloc(size_t count) {
@@ -85,6 +95,8 @@ float block_sum_once(const char *schedule) {
     cr_assert_float_eq(r[b], want, 1e-4f, "%s: block %d: %g vs %g", schedule, b, (double)r[b],
                        (double)want);
   }
+  cudaFree(x);
+  cudaFree(o);
   return r[0];
 }
 
@@ -95,6 +107,7 @@ float neighbour_sum(const char *schedule, int with_barrier) {
                cudaSuccess);
   float r;
   cr_assert_eq(cudaMemcpy(&r, o, 4, cudaMemcpyDeviceToHost), cudaSuccess);
+  cudaFree(o);
   return r;
 }
 
@@ -120,6 +133,7 @@ Test(emu, divergent_syncthreads_is_a_launch_failure) {
                cudaSuccess); /* the fault comes at execution, as on a GPU */
   cr_assert_eq(cudaDeviceSynchronize(), cudaErrorLaunchFailure);
   cr_assert_eq(cudaMemset(o, 0, 4), cudaErrorLaunchFailure, "the fault is sticky");
+  cudaFree(o); /* freed, though it reports the sticky fault */
 }
 
 Test(emu, warp_shuffles) {
@@ -137,6 +151,9 @@ Test(emu, warp_shuffles) {
     for (int i = 0; i < 32; i++) cr_assert_float_eq(ra[w * 32 + i], want, 0.0f);
     cr_assert_float_eq(rd[w], want, 0.0f);
   }
+  cudaFree(x);
+  cudaFree(a);
+  cudaFree(d);
 }
 
 Test(emu, lane_missing_from_a_shuffle_is_a_launch_failure) {
@@ -144,19 +161,32 @@ Test(emu, lane_missing_from_a_shuffle_is_a_launch_failure) {
   cr_assert_eq(culoss_dev::launch(partial_warp_shuffle, dim3(1), dim3(32), 0, nullptr, o),
                cudaSuccess);
   cr_assert_eq(cudaDeviceSynchronize(), cudaErrorLaunchFailure);
+  cudaFree(o);
 }
 
+/* Under AddressSanitizer the emulator's allocations are ASan's, and ASan
+   itself stops the process at these accesses. */
+#if defined(__SANITIZE_ADDRESS__)
+#define SKIP_UNDER_ASAN() cr_skip_test("skipped: AddressSanitizer reports this access itself")
+#else
+#define SKIP_UNDER_ASAN() (void)0
+#endif
+
 Test(emu, write_just_past_an_allocation_is_caught) {
+  SKIP_UNDER_ASAN();
   float *p = dmalloc(100); /* 400 bytes: the canary covers 400..511 */
   cr_assert_eq(culoss_dev::launch(write_at, dim3(1), dim3(1), 0, nullptr, p, (int64_t)100),
                cudaSuccess);
   cr_assert_eq(cudaDeviceSynchronize(), cudaErrorIllegalAddress);
+  cudaFree(p);
 }
 
+#if !defined(__SANITIZE_ADDRESS__)
 Test(emu, access_beyond_the_guard_faults, .signal = SIGSEGV) {
   float *p = dmalloc(1024); /* 4096 bytes: the guard page starts right after */
   (void)culoss_dev::launch(write_at, dim3(1), dim3(1), 0, nullptr, p, (int64_t)1024);
 }
+#endif
 
 Test(emu, launch_configuration_is_validated) {
   float *p = dmalloc(1);
@@ -168,6 +198,7 @@ Test(emu, launch_configuration_is_validated) {
                                     cudaFuncAttributeMaxDynamicSharedMemorySize, 64 << 10),
                cudaSuccess);
   cr_assert_eq(culoss_dev::launch(nothing, dim3(1), dim3(32), 64 << 10, nullptr, p), cudaSuccess);
+  cudaFree(p);
 }
 
 Test(emu, global_capture_forbids_allocation_and_sync) {
@@ -182,6 +213,7 @@ Test(emu, global_capture_forbids_allocation_and_sync) {
   cr_assert_eq(cudaStreamEndCapture(s, &g), cudaErrorStreamCaptureInvalidated);
   cr_assert_eq(g, nullptr);
   cr_assert_eq(cudaStreamDestroy(s), cudaSuccess);
+  cr_assert_eq(cudaFree(p), cudaSuccess);
 }
 
 Test(emu, captured_work_runs_at_replay_not_at_capture) {
@@ -201,7 +233,20 @@ Test(emu, captured_work_runs_at_replay_not_at_capture) {
   cr_assert_eq(cudaStreamSynchronize(s), cudaSuccess);
   cr_assert_eq(cudaMemcpy(&r, p, 4, cudaMemcpyDeviceToHost), cudaSuccess);
   cr_assert_float_eq(r, 1.0f, 0.0f, "run at replay");
-  cudaGraphExecDestroy(x);
-  cudaGraphDestroy(g);
-  cudaStreamDestroy(s);
+  cr_assert_eq(cudaGraphExecDestroy(x), cudaSuccess);
+  cr_assert_eq(cudaGraphDestroy(g), cudaSuccess);
+  cr_assert_eq(cudaStreamDestroy(s), cudaSuccess);
+  cr_assert_eq(cudaFree(p), cudaSuccess);
 }
+
+/* An AddressSanitizer build of the emulator checks the kernels' own memory
+   accesses: here a read past a __shared__ array ends the process. */
+#if defined(__SANITIZE_ADDRESS__)
+/* ASan reports by abort() in this program (CI sets the same) */
+extern "C" const char *__asan_default_options() { return "abort_on_error=1"; }
+
+Test(emu, shared_memory_overrun_is_caught_by_asan, .signal = SIGABRT) {
+  float *o = dmalloc(1);
+  (void)culoss_dev::launch(shared_overrun, dim3(1), dim3(B), 0, nullptr, o, B + 4);
+}
+#endif
