@@ -1,0 +1,305 @@
+"""culoss's CPU backend against torch.nn.functional itself, on the CPU.
+
+SEMANTICS.md says every loss has PyTorch's semantics; here PyTorch is the
+oracle: the same float32 inputs go to culoss (numpy, CPU backend, double
+accumulation) and to torch.nn.functional in float64 with autograd, over the
+options both sides have, including the awkward points (ignored rows, -inf
+logits, hinge and L1 kinks, zero KL targets, beta = 0). Needs only a CPU
+build of torch; skipped visibly without torch.
+"""
+import os
+import sys
+
+import numpy as np
+import pytest
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+import culoss  # noqa: E402
+
+torch = pytest.importorskip("torch", reason="skipped: torch is not installed")
+F = torch.nn.functional
+
+RTOL, ATOL = 2e-5, 1e-6
+RED = ["none", "sum", "mean"]
+
+
+def t64(a):
+    return torch.tensor(np.asarray(a, dtype=np.float64), dtype=torch.float64, requires_grad=True)
+
+
+def close(ours, ref, what):
+    ours = np.asarray(ours, dtype=np.float64)
+    ref = ref.detach().numpy() if torch.is_tensor(ref) else np.asarray(ref)
+    ref = np.broadcast_to(ref, ours.shape) if ours.shape != ref.shape and ref.size == 1 else ref
+    np.testing.assert_allclose(ours, ref.reshape(ours.shape), rtol=RTOL, atol=ATOL, equal_nan=True,
+                               err_msg=what)
+
+
+def torch_grad(loss, x, reduction, gl):
+    """d(loss)/dx with the upstream gradient culoss was given."""
+    if reduction == "none":
+        (loss * torch.tensor(gl, dtype=torch.float64)).sum().backward()
+    else:
+        loss.backward()
+    return x.grad
+
+
+def upstream(reduction, shape, rng):
+    return rng.uniform(0.5, 1.5, size=shape).astype(np.float32) if reduction == "none" else None
+
+
+# ----------------------------------------------------------------------- cross-entropy family
+
+@pytest.mark.parametrize("reduction", RED)
+@pytest.mark.parametrize("smoothing", [0.0, 0.1])
+@pytest.mark.parametrize("weighted", [False, True])
+@pytest.mark.parametrize("softcap", [0.0, 5.0])
+def test_cross_entropy(reduction, smoothing, weighted, softcap):
+    rng = np.random.default_rng(1)
+    n, c = 33, 17
+    x = (3 * rng.standard_normal((n, c))).astype(np.float32)
+    x[2, 5] = -np.inf  # a masked class (never a target below)
+    t = rng.integers(0, c, n)
+    t[t == 5] = 4
+    t[[3, 10]] = -100  # ignored rows
+    w = rng.uniform(0.5, 1.5, c).astype(np.float32) if weighted else None
+    if smoothing > 0:  # with smoothing a -inf logit makes the row +inf: keep rows finite
+        x[2, 5] = -30.0
+    gl = upstream(reduction, (n,), rng)
+    loss, g = culoss.cross_entropy(x, t, reduction=reduction, label_smoothing=smoothing,
+                                   class_weight=w, logit_softcap=softcap, grad_loss=gl)
+    xt = t64(x)
+    z = softcap * torch.tanh(xt / softcap) if softcap > 0 else xt
+    ref = F.cross_entropy(z, torch.tensor(t), weight=None if w is None else torch.tensor(w, dtype=torch.float64),
+                          ignore_index=-100, reduction=reduction, label_smoothing=smoothing)
+    close(loss, ref, "loss")
+    close(g, torch_grad(ref, xt, reduction, gl), "grad")
+
+
+@pytest.mark.parametrize("reduction", ["sum", "mean"])
+def test_cross_entropy_all_ignored(reduction):
+    x = np.random.default_rng(2).standard_normal((4, 6)).astype(np.float32)
+    t = np.full(4, -100)
+    loss, g = culoss.cross_entropy(x, t, reduction=reduction)
+    xt = t64(x)
+    ref = F.cross_entropy(xt, torch.tensor(t), reduction=reduction)
+    close(loss, ref, "loss")  # mean: NaN on both sides
+    ref.backward()
+    close(g, torch.nan_to_num(xt.grad, nan=0.0), "grad")  # culoss: zero, torch: zero or NaN
+
+
+@pytest.mark.parametrize("reduction", RED)
+@pytest.mark.parametrize("smoothing", [0.0, 0.2])
+@pytest.mark.parametrize("weighted", [False, True])
+def test_cross_entropy_soft(reduction, smoothing, weighted):
+    rng = np.random.default_rng(3)
+    n, c = 21, 13
+    x = (2 * rng.standard_normal((n, c))).astype(np.float32)
+    y = rng.uniform(0, 1, (n, c)).astype(np.float32)
+    y[y < 0.3] = 0.0
+    y /= np.maximum(y.sum(1, keepdims=True), 1e-6)
+    w = rng.uniform(0.5, 1.5, c).astype(np.float32) if weighted else None
+    gl = upstream(reduction, (n,), rng)
+    loss, g = culoss.cross_entropy_soft(x, y, reduction=reduction, label_smoothing=smoothing,
+                                        class_weight=w, grad_loss=gl)
+    xt = t64(x)
+    ref = F.cross_entropy(xt, torch.tensor(y, dtype=torch.float64),
+                          weight=None if w is None else torch.tensor(w, dtype=torch.float64),
+                          reduction=reduction, label_smoothing=smoothing)
+    close(loss, ref, "loss")
+    close(g, torch_grad(ref, xt, reduction, gl), "grad")
+
+
+@pytest.mark.parametrize("reduction", RED)
+@pytest.mark.parametrize("weighted", [False, True])
+def test_nll(reduction, weighted):
+    rng = np.random.default_rng(4)
+    n, c = 25, 9
+    x = F.log_softmax(torch.tensor(rng.standard_normal((n, c))), 1).numpy().astype(np.float32)
+    t = rng.integers(0, c, n)
+    t[[0, 7]] = -100
+    w = rng.uniform(0.5, 1.5, c).astype(np.float32) if weighted else None
+    gl = upstream(reduction, (n,), rng)
+    loss, g = culoss.nll(x, t, reduction=reduction, class_weight=w, grad_loss=gl)
+    xt = t64(x)
+    ref = F.nll_loss(xt, torch.tensor(t), weight=None if w is None else torch.tensor(w, dtype=torch.float64),
+                     ignore_index=-100, reduction=reduction)
+    close(loss, ref, "loss")
+    close(g, torch_grad(ref, xt, reduction, gl), "grad")
+
+
+# ----------------------------------------------------------------------- binary and margin
+
+@pytest.mark.parametrize("reduction", RED)
+@pytest.mark.parametrize("weighted", [False, True])
+@pytest.mark.parametrize("pos_weighted", [False, True])
+def test_bce_with_logits(reduction, weighted, pos_weighted):
+    rng = np.random.default_rng(5)
+    n, c = 11, 7
+    x = (4 * rng.standard_normal((n, c))).astype(np.float32)
+    x[0, 0], x[0, 1] = 1000.0, -1000.0  # the stable form: no overflow
+    y = rng.uniform(0, 1, (n, c)).astype(np.float32)
+    w = rng.uniform(0.5, 1.5, (n, c)).astype(np.float32) if weighted else None
+    pw = rng.uniform(0.5, 3.0, c).astype(np.float32) if pos_weighted else None
+    gl = upstream(reduction, (n, c), rng)
+    loss, g = culoss.bce_with_logits(x, y, reduction=reduction, weight=w, pos_weight=pw, grad_loss=gl)
+    xt = t64(x)
+    ref = F.binary_cross_entropy_with_logits(
+        xt, torch.tensor(y, dtype=torch.float64),
+        weight=None if w is None else torch.tensor(w, dtype=torch.float64),
+        pos_weight=None if pw is None else torch.tensor(pw, dtype=torch.float64), reduction=reduction)
+    close(loss, ref, "loss")
+    close(g, torch_grad(ref, xt, reduction, gl), "grad")
+
+
+@pytest.mark.parametrize("reduction", RED)
+@pytest.mark.parametrize("weighted", [False, True])
+def test_bce(reduction, weighted):
+    rng = np.random.default_rng(6)
+    n, c = 9, 8
+    p = rng.uniform(0.01, 0.99, (n, c)).astype(np.float32)
+    p[0, 0], p[0, 1] = 0.0, 1.0  # logs clamped at -100
+    y = rng.uniform(0, 1, (n, c)).astype(np.float32)
+    w = rng.uniform(0.5, 1.5, (n, c)).astype(np.float32) if weighted else None
+    gl = upstream(reduction, (n, c), rng)
+    loss, g = culoss.bce(p, y, reduction=reduction, weight=w, grad_loss=gl)
+    pt = t64(p)
+    ref = F.binary_cross_entropy(pt, torch.tensor(y, dtype=torch.float64),
+                                 weight=None if w is None else torch.tensor(w, dtype=torch.float64),
+                                 reduction=reduction)
+    close(loss, ref, "loss")
+    # PyTorch's gradient divides by max((1 - p) p, 1e-12); at p = 0 or 1 it is huge: compare
+    # where it is finite and moderate, and the clamped points by sign and size
+    tg = torch_grad(ref, pt, reduction, gl).detach().numpy()
+    inner = np.ones_like(p, dtype=bool)
+    inner[0, :2] = False
+    close(np.asarray(g)[inner], tg[inner], "grad")
+    np.testing.assert_allclose(np.asarray(g)[~inner], tg[~inner], rtol=1e-3)
+
+
+@pytest.mark.parametrize("reduction", RED)
+@pytest.mark.parametrize("squared", [False, True])
+@pytest.mark.parametrize("margin", [1.0, 0.5])
+def test_hinge_is_clamp_min(reduction, squared, margin):
+    """Binary hinge = clamp_min(margin - y f, 0) (squared). At the kink culoss
+    keeps SEMANTICS.md's convention, -y (clamp_min's gradient as verified
+    there); torch 2.15's clamp_min gives 0 at equality, so the kink points
+    are checked against the contract, the rest against torch."""
+    rng = np.random.default_rng(7)
+    m = 64
+    y = np.where(rng.uniform(0, 1, m) < 0.5, -1.0, 1.0).astype(np.float32)
+    f = (2 * rng.standard_normal(m)).astype(np.float32)
+    f[:4] = margin * y[:4]  # exactly at the kink
+    gl = upstream(reduction, (m,), rng)
+    loss, g = culoss.hinge(f, y, reduction=reduction, margin=margin, squared=squared, grad_loss=gl)
+    ft = t64(f)
+    h = torch.clamp_min(margin - torch.tensor(y, dtype=torch.float64) * ft, 0)
+    h = h * h if squared else h
+    ref = {"none": h, "sum": h.sum(), "mean": h.mean()}[reduction]
+    close(loss, ref, "loss")
+    tg = torch_grad(ref, ft, reduction, gl).detach().numpy().copy()
+    scale = gl[:4] if reduction == "none" else (1.0 / m if reduction == "mean" else 1.0)
+    # the kink: 0 for the squared hinge (continuous), -y g for the plain one
+    tg[:4] = 0.0 if squared else -y[:4] * scale
+    close(g, tg, "grad")
+
+
+@pytest.mark.parametrize("reduction", RED)
+@pytest.mark.parametrize("p", [1, 2])
+@pytest.mark.parametrize("weighted", [False, True])
+def test_multi_margin(reduction, p, weighted):
+    rng = np.random.default_rng(8)
+    n, c = 17, 10
+    x = rng.standard_normal((n, c)).astype(np.float32)
+    t = rng.integers(0, c, n)
+    w = rng.uniform(0.5, 1.5, c).astype(np.float32) if weighted else None
+    gl = upstream(reduction, (n,), rng)
+    loss, g = culoss.multi_margin(x, t, reduction=reduction, p=p, margin=0.7, class_weight=w,
+                                  grad_loss=gl)
+    xt = t64(x)
+    ref = F.multi_margin_loss(xt, torch.tensor(t), p=p, margin=0.7,
+                              weight=None if w is None else torch.tensor(w, dtype=torch.float64),
+                              reduction=reduction)
+    close(loss, ref, "loss")
+    close(g, torch_grad(ref, xt, reduction, gl), "grad")
+
+
+# ----------------------------------------------------------------------- regression and KL
+
+def regression_inputs(rng, m=200):
+    x = (2 * rng.standard_normal(m)).astype(np.float32)
+    y = rng.standard_normal(m).astype(np.float32)
+    y[:5] = x[:5]  # d = 0: L1's subgradient 0, smooth-L1 with beta 0
+    y[5:8] = x[5:8] - 1.0  # exactly at |d| = delta = beta = 1
+    return x, y
+
+
+@pytest.mark.parametrize("reduction", RED)
+@pytest.mark.parametrize("name,kw,tfn", [
+    ("mse", {}, lambda a, b, r: F.mse_loss(a, b, reduction=r)),
+    ("l1", {}, lambda a, b, r: F.l1_loss(a, b, reduction=r)),
+    ("huber", {"delta": 1.0}, lambda a, b, r: F.huber_loss(a, b, reduction=r, delta=1.0)),
+    ("huber", {"delta": 0.3}, lambda a, b, r: F.huber_loss(a, b, reduction=r, delta=0.3)),
+    ("smooth_l1", {"beta": 1.0}, lambda a, b, r: F.smooth_l1_loss(a, b, reduction=r, beta=1.0)),
+    ("smooth_l1", {"beta": 0.0}, lambda a, b, r: F.smooth_l1_loss(a, b, reduction=r, beta=0.0)),
+])
+def test_regression(reduction, name, kw, tfn):
+    rng = np.random.default_rng(9)
+    x, y = regression_inputs(rng)
+    gl = upstream(reduction, x.shape, rng)
+    loss, g = getattr(culoss, name)(x, y, reduction=reduction, grad_loss=gl, **kw)
+    xt = t64(x)
+    ref = tfn(xt, torch.tensor(y, dtype=torch.float64), reduction)
+    close(loss, ref, "loss")
+    close(g, torch_grad(ref, xt, reduction, gl), "grad")
+
+
+@pytest.mark.filterwarnings("ignore:reduction. 'mean' divides the total loss")
+@pytest.mark.parametrize("reduction", ["none", "sum", "mean", "batchmean"])
+@pytest.mark.parametrize("log_target", [False, True])
+def test_kl_div(reduction, log_target):
+    rng = np.random.default_rng(10)
+    n, c = 12, 9
+    x = F.log_softmax(torch.tensor(rng.standard_normal((n, c))), 1).numpy().astype(np.float32)
+    p = rng.uniform(0, 1, (n, c))
+    p[p < 0.25] = 0.0  # 0 log 0 = 0
+    p /= p.sum(1, keepdims=True)
+    y = (np.log(np.maximum(p, 1e-30)) if log_target else p).astype(np.float32)
+    gl = upstream(reduction, (n, c), rng)
+    loss, g = culoss.kl_div(x, y, reduction=reduction, log_target=log_target, grad_loss=gl)
+    xt = t64(x)
+    ref = F.kl_div(xt, torch.tensor(y, dtype=torch.float64), reduction=reduction,
+                   log_target=log_target)
+    close(loss, ref, "loss")
+    close(g, torch_grad(ref, xt, reduction, gl), "grad")
+
+
+# ----------------------------------------------------------------------- fused linear + CE
+
+@pytest.mark.parametrize("reduction", RED)
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("smoothing", [0.0, 0.1])
+def test_linear_cross_entropy(reduction, bias, smoothing):
+    rng = np.random.default_rng(11)
+    n, d, v = 19, 8, 23
+    h = rng.standard_normal((n, d)).astype(np.float32)
+    w = (0.5 * rng.standard_normal((v, d))).astype(np.float32)
+    b = rng.standard_normal(v).astype(np.float32) if bias else None
+    t = rng.integers(0, v, n)
+    t[4] = -100
+    gl = upstream(reduction, (n,), rng)
+    loss, gh, gw, gb = culoss.linear_cross_entropy(h, w, t, b, reduction=reduction,
+                                                   label_smoothing=smoothing, grad_loss=gl)
+    ht, wt = t64(h), t64(w)
+    bt = t64(b) if bias else None
+    logits = ht @ wt.T + (bt if bias else 0)
+    ref = F.cross_entropy(logits, torch.tensor(t), reduction=reduction, label_smoothing=smoothing)
+    close(loss, ref, "loss")
+    if reduction == "none":
+        (ref * torch.tensor(gl, dtype=torch.float64)).sum().backward()
+    else:
+        ref.backward()
+    close(gh, ht.grad, "grad_hidden")
+    close(gw, wt.grad, "grad_weight")
+    if bias:
+        close(gb, bt.grad, "grad_bias")
