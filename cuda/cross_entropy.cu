@@ -209,7 +209,10 @@ __global__ void __launch_bounds__(BLOCK) ce_kernel(ce_params p) {
   /* Sub-warp groups share their warp's shuffles: the groups of a warp walk
      their rows in lockstep (the loop runs while the warp's first row
      exists), and a group without work (past the last row, an ignored or
-     out-of-range target) still makes the warp-wide calls a row makes. */
+     out-of-range target) still makes the warp-wide calls a row makes, in
+     the same order with the same shuffle modes and mask. (From sm_70 on,
+     shfl.sync and bar.warp.sync may be reached at different instructions;
+     the build targets sm_80 and up.) */
   constexpr bool SUBWARP = TPR > 1 && TPR < 32;
   constexpr int GPW = SUBWARP ? 32 / TPR : 1; /* groups per warp */
   auto idle_row = [&]() {
