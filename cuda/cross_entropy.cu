@@ -45,6 +45,12 @@
 #include "loss_math.h"
 #include "reduce.cuh"
 
+/* Sub-warp groups reach warp-wide shuffles from different instructions,
+   which PTX allows from sm_70 on. */
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 700
+#error "culoss's kernels need sm_70 or newer (set CMAKE_CUDA_ARCHITECTURES accordingly)"
+#endif
+
 namespace culoss_dev {
 namespace {
 
