@@ -44,6 +44,17 @@ def torch_grad(loss, x, reduction, gl):
     return x.grad
 
 
+def opt64(a):
+    """A constant float64 tensor, or None."""
+    return None if a is None else torch.tensor(np.asarray(a, dtype=np.float64))
+
+
+def agree(loss, g, ref, x, reduction, gl):
+    """culoss's loss and gradient equal torch's (ref, autograd through x)."""
+    close(loss, ref, "loss")
+    close(g, torch_grad(ref, x, reduction, gl), "grad")
+
+
 def upstream(reduction, shape, rng):
     return rng.uniform(0.5, 1.5, size=shape).astype(np.float32) if reduction == "none" else None
 
@@ -70,10 +81,9 @@ def test_cross_entropy(reduction, smoothing, weighted, softcap):
                                    class_weight=w, logit_softcap=softcap, grad_loss=gl)
     xt = t64(x)
     z = softcap * torch.tanh(xt / softcap) if softcap > 0 else xt
-    ref = F.cross_entropy(z, torch.tensor(t), weight=None if w is None else torch.tensor(w, dtype=torch.float64),
+    ref = F.cross_entropy(z, torch.tensor(t), weight=opt64(w),
                           ignore_index=-100, reduction=reduction, label_smoothing=smoothing)
-    close(loss, ref, "loss")
-    close(g, torch_grad(ref, xt, reduction, gl), "grad")
+    agree(loss, g, ref, xt, reduction, gl)
 
 
 @pytest.mark.parametrize("reduction", ["sum", "mean"])
@@ -103,11 +113,9 @@ def test_cross_entropy_soft(reduction, smoothing, weighted):
     loss, g = culoss.cross_entropy_soft(x, y, reduction=reduction, label_smoothing=smoothing,
                                         class_weight=w, grad_loss=gl)
     xt = t64(x)
-    ref = F.cross_entropy(xt, torch.tensor(y, dtype=torch.float64),
-                          weight=None if w is None else torch.tensor(w, dtype=torch.float64),
+    ref = F.cross_entropy(xt, torch.tensor(y, dtype=torch.float64), weight=opt64(w),
                           reduction=reduction, label_smoothing=smoothing)
-    close(loss, ref, "loss")
-    close(g, torch_grad(ref, xt, reduction, gl), "grad")
+    agree(loss, g, ref, xt, reduction, gl)
 
 
 @pytest.mark.parametrize("reduction", RED)
@@ -122,10 +130,9 @@ def test_nll(reduction, weighted):
     gl = upstream(reduction, (n,), rng)
     loss, g = culoss.nll(x, t, reduction=reduction, class_weight=w, grad_loss=gl)
     xt = t64(x)
-    ref = F.nll_loss(xt, torch.tensor(t), weight=None if w is None else torch.tensor(w, dtype=torch.float64),
+    ref = F.nll_loss(xt, torch.tensor(t), weight=opt64(w),
                      ignore_index=-100, reduction=reduction)
-    close(loss, ref, "loss")
-    close(g, torch_grad(ref, xt, reduction, gl), "grad")
+    agree(loss, g, ref, xt, reduction, gl)
 
 
 # ----------------------------------------------------------------------- binary and margin
@@ -145,11 +152,9 @@ def test_bce_with_logits(reduction, weighted, pos_weighted):
     loss, g = culoss.bce_with_logits(x, y, reduction=reduction, weight=w, pos_weight=pw, grad_loss=gl)
     xt = t64(x)
     ref = F.binary_cross_entropy_with_logits(
-        xt, torch.tensor(y, dtype=torch.float64),
-        weight=None if w is None else torch.tensor(w, dtype=torch.float64),
-        pos_weight=None if pw is None else torch.tensor(pw, dtype=torch.float64), reduction=reduction)
-    close(loss, ref, "loss")
-    close(g, torch_grad(ref, xt, reduction, gl), "grad")
+        xt, torch.tensor(y, dtype=torch.float64), weight=opt64(w), pos_weight=opt64(pw),
+        reduction=reduction)
+    agree(loss, g, ref, xt, reduction, gl)
 
 
 @pytest.mark.parametrize("reduction", RED)
@@ -164,8 +169,7 @@ def test_bce(reduction, weighted):
     gl = upstream(reduction, (n, c), rng)
     loss, g = culoss.bce(p, y, reduction=reduction, weight=w, grad_loss=gl)
     pt = t64(p)
-    ref = F.binary_cross_entropy(pt, torch.tensor(y, dtype=torch.float64),
-                                 weight=None if w is None else torch.tensor(w, dtype=torch.float64),
+    ref = F.binary_cross_entropy(pt, torch.tensor(y, dtype=torch.float64), weight=opt64(w),
                                  reduction=reduction)
     close(loss, ref, "loss")
     # PyTorch's gradient divides by max((1 - p) p, 1e-12); at p = 0 or 1 it is huge: compare
@@ -217,11 +221,9 @@ def test_multi_margin(reduction, p, weighted):
     loss, g = culoss.multi_margin(x, t, reduction=reduction, p=p, margin=0.7, class_weight=w,
                                   grad_loss=gl)
     xt = t64(x)
-    ref = F.multi_margin_loss(xt, torch.tensor(t), p=p, margin=0.7,
-                              weight=None if w is None else torch.tensor(w, dtype=torch.float64),
+    ref = F.multi_margin_loss(xt, torch.tensor(t), p=p, margin=0.7, weight=opt64(w),
                               reduction=reduction)
-    close(loss, ref, "loss")
-    close(g, torch_grad(ref, xt, reduction, gl), "grad")
+    agree(loss, g, ref, xt, reduction, gl)
 
 
 # ----------------------------------------------------------------------- regression and KL
@@ -250,8 +252,7 @@ def test_regression(reduction, name, kw, tfn):
     loss, g = getattr(culoss, name)(x, y, reduction=reduction, grad_loss=gl, **kw)
     xt = t64(x)
     ref = tfn(xt, torch.tensor(y, dtype=torch.float64), reduction)
-    close(loss, ref, "loss")
-    close(g, torch_grad(ref, xt, reduction, gl), "grad")
+    agree(loss, g, ref, xt, reduction, gl)
 
 
 @pytest.mark.filterwarnings("ignore:reduction. 'mean' divides the total loss")
@@ -270,8 +271,7 @@ def test_kl_div(reduction, log_target):
     xt = t64(x)
     ref = F.kl_div(xt, torch.tensor(y, dtype=torch.float64), reduction=reduction,
                    log_target=log_target)
-    close(loss, ref, "loss")
-    close(g, torch_grad(ref, xt, reduction, gl), "grad")
+    agree(loss, g, ref, xt, reduction, gl)
 
 
 # ----------------------------------------------------------------------- fused linear + CE
