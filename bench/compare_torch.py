@@ -6,11 +6,16 @@ build/ directory).
 
 Method: each case is first checked for agreement (loss and gradient), then
 timed with CUDA events: warm-up, L2 flushed before every repeat, median of
-the repeats. Usage: compare_torch.py [--quick] [--no-compile]
+the repeats. Usage: compare_torch.py [--quick] [--no-compile] [--cpu]
+
+--cpu runs the same cases at small sizes on the CPU (torch on the CPU,
+culoss's CPU backend through numpy, wall-clock timing): a check of this
+script and of the agreement, not a benchmark.
 """
 import argparse
 import os
 import sys
+import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "python"))
 
@@ -20,20 +25,35 @@ import torch.nn.functional as F  # noqa: E402
 import culoss  # noqa: E402
 
 
-def timeit(fn, reps, flush):
-    for _ in range(3):
-        fn()
-    times = []
-    for _ in range(reps):
-        flush.zero_()
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b))
-    times.sort()
-    return times[len(times) // 2]
+class Timer:
+    """Median time of fn() in ms: CUDA events with an L2 flush, or the wall clock."""
+
+    def __init__(self, dev):
+        self.cuda = dev.type == "cuda"
+        if self.cuda:
+            props = torch.cuda.get_device_properties(dev)
+            self.flush = torch.empty(int(props.L2_cache_size * 2 // 4) + 1, dtype=torch.float32,
+                                     device=dev)
+
+    def __call__(self, fn, reps):
+        for _ in range(3):
+            fn()
+        times = []
+        for _ in range(reps):
+            if self.cuda:
+                self.flush.zero_()
+                a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                a.record()
+                fn()
+                b.record()
+                b.synchronize()
+                times.append(a.elapsed_time(b))
+            else:
+                t0 = time.perf_counter()
+                fn()
+                times.append((time.perf_counter() - t0) * 1e3)
+        times.sort()
+        return times[len(times) // 2]
 
 
 def torch_fwd_bwd(loss_fn):
@@ -45,79 +65,144 @@ def torch_fwd_bwd(loss_fn):
     return run
 
 
+def culoss_call(fn, cpu):
+    """fn(*tensors) through culoss: CUDA tensors as they are, or numpy on the CPU."""
+    def run(*args):
+        if not cpu:
+            return fn(*args)
+        out = fn(*[a.numpy() if torch.is_tensor(a) else a for a in args])
+        return tuple(torch.from_numpy(o) if o is not None and not torch.is_tensor(o)
+                     else o for o in out)
+    return run
+
+
+def row_case(name, n, v, dt, dev):
+    """Inputs, torch reference and culoss call for a loss over [n, v] rows."""
+    x = (2 * torch.randn(n, v, device=dev)).to(dt)
+    t = torch.randint(0, v, (n,), device=dev)
+    if name == "cross_entropy":
+        return x, t, lambda a, b: F.cross_entropy(a.float(), b), culoss.cross_entropy
+    if name == "cross_entropy_soft":
+        y = F.softmax(torch.randn(n, v, device=dev), 1).to(dt)
+        return x, y, lambda a, b: F.cross_entropy(a.float(), b.float()), culoss.cross_entropy_soft
+    if name == "nll":
+        x = F.log_softmax(x.float(), 1).to(dt)
+        return x, t, lambda a, b: F.nll_loss(a.float(), b), culoss.nll
+    return x, t, lambda a, b: F.multi_margin_loss(a.float(), b), culoss.multi_margin
+
+
+def elementwise_case(name, m, dt, dev):
+    x = torch.randn(m, device=dev).to(dt)
+    y = torch.randn(m, device=dev).to(dt)
+    two_d = False
+    if name == "kl_div":
+        x = F.log_softmax(x.float().view(-1, 1024), 1).to(dt).view(-1)
+        y = F.softmax(torch.randn(m, device=dev).view(-1, 1024), 1).to(dt).view(-1)
+        two_d = True
+    elif name in ("bce_with_logits", "bce"):
+        y = torch.rand(m, device=dev).to(dt)
+        two_d = True
+        if name == "bce":
+            x = torch.sigmoid(x.float()).clamp(1e-3, 1 - 1e-3).to(dt)
+    tfn = {"mse": F.mse_loss, "l1": F.l1_loss, "huber": F.huber_loss,
+           "smooth_l1": F.smooth_l1_loss, "bce": F.binary_cross_entropy,
+           "bce_with_logits": F.binary_cross_entropy_with_logits,
+           "kl_div": lambda a, b: F.kl_div(a, b, reduction="batchmean")}[name]
+    ref = lambda a, b, f=tfn: f(a.float(), b.float())  # noqa: E731
+    ours = getattr(culoss, name)
+    if two_d:  # culoss takes these as [n, c]; the mean/batchmean match torch's
+        rows = m // 1024 if name == "kl_div" else 1
+        x, y = x.view(rows, -1), y.view(rows, -1)
+        if name == "kl_div":
+            ours = lambda a, b: culoss.kl_div(a, b, reduction="batchmean")  # noqa: E731
+    return x, y, ref, ours
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--no-compile", action="store_true")
+    ap.add_argument("--cpu", action="store_true", help="small CPU run: checks the script")
     args = ap.parse_args()
-    if not torch.cuda.is_available():
-        print("compare_torch: no CUDA device; nothing to compare")
+    cpu = args.cpu
+    if not cpu and not torch.cuda.is_available():
+        print("compare_torch: no CUDA device; nothing to compare (--cpu checks the script)")
         return 0
-    dev = torch.device("cuda")
-    props = torch.cuda.get_device_properties(dev)
-    flush = torch.empty(int(props.L2_cache_size * 2 // 4) + 1, dtype=torch.float32, device=dev)
-    reps = 10 if args.quick else 30
-    print(f"device: {props.name}; torch {torch.__version__}; culoss {'.'.join(map(str, culoss.version()))}")
+    dev = torch.device("cpu" if cpu else "cuda")
+    timer = Timer(dev)
+    reps = 5 if cpu else (10 if args.quick else 30)
+    name = "CPU (torch vs culoss's CPU reference; not a benchmark)" if cpu else \
+        torch.cuda.get_device_properties(dev).name
+    print(f"device: {name}; torch {torch.__version__}; culoss {'.'.join(map(str, culoss.version()))}")
     print(f"{'case':34s} {'dtype':5s} {'torch_ms':>9s} {'compile_ms':>10s} {'culoss_ms':>9s} "
           f"{'vs_eager':>8s} {'vs_comp':>8s} {'max_rel_err':>11s}")
+    # numpy has no bfloat16: the CPU run uses float32 and float16
+    dts = (torch.float32, torch.float16) if cpu else (torch.float32, torch.bfloat16)
     cases = []
-    ns = [4096] if args.quick else [4096, 16384]
-    vs = [32000, 128256] if args.quick else [32000, 50257, 128256, 152064, 256000]
+    ns = [64] if cpu else ([4096] if args.quick else [4096, 16384])
+    vs = [1000] if cpu else ([32000, 128256] if args.quick else [32000, 50257, 128256, 152064, 256000])
     for n in ns:
         for v in vs:
-            for dt in (torch.float32, torch.bfloat16):
-                if n * v * (4 if dt == torch.float32 else 2) > 8 << 30:
-                    continue
-                cases.append(("cross_entropy", (n, v), dt))
-    m = 1 << 24 if args.quick else 1 << 26
-    for name in ("mse", "huber", "bce_with_logits", "kl_div"):
-        for dt in (torch.float32, torch.bfloat16):
-            cases.append((name, (m,), dt))
+            for dt in dts:
+                if n * v * (4 if dt == torch.float32 else 2) <= 8 << 30:
+                    cases.append(("cross_entropy", (n, v), dt))
+    for rname in ("cross_entropy_soft", "nll", "multi_margin"):
+        for dt in dts:  # multi-margin is slow in torch: a narrower row
+            cases.append((rname, (ns[0], 1000 if rname == "multi_margin" else vs[0]), dt))
+    m = 1 << 16 if cpu else (1 << 24 if args.quick else 1 << 26)
+    for ename in ("mse", "l1", "huber", "smooth_l1", "bce_with_logits", "bce", "kl_div"):
+        for dt in dts:
+            cases.append((ename, (m,), dt))
+    cases.append(("linear_cross_entropy", (128, 64, 1000) if cpu else (4096, 2048, 32000),
+                  torch.float32 if cpu else torch.bfloat16))
     bad = 0
-    for name, shape, dt in cases:
-        if name == "cross_entropy":
-            n, v = shape
-            x = (2 * torch.randn(n, v, device=dev)).to(dt)
+    for cname, shape, dt in cases:
+        if cname == "linear_cross_entropy":
+            n, d, v = shape
+            h = torch.randn(n, d, device=dev).to(dt)
+            w = (0.02 * torch.randn(v, d, device=dev)).to(dt)
             y = torch.randint(0, v, (n,), device=dev)
-            ref_fn = torch_fwd_bwd(lambda a, b: F.cross_entropy(a.float() if dt != torch.float32 else a, b))
-            ours = lambda: culoss.cross_entropy(x, y)  # noqa: E731
-            label = f"cross_entropy n={n} v={v}"
+
+            def ref_fn(h_, w_, t_):
+                hr, wr = h_.detach().requires_grad_(), w_.detach().requires_grad_()
+                loss = F.cross_entropy((hr @ wr.T).float(), t_)
+                loss.backward()
+                return loss.detach(), torch.cat([hr.grad.flatten(), wr.grad.flatten()])
+
+            lin = culoss_call(culoss.linear_cross_entropy, cpu)
+
+            def ours(h_=h, w_=w, t_=y):
+                loss, gh, gw, _ = lin(h_, w_, t_)
+                return loss, torch.cat([gh.flatten(), gw.flatten()])
+            x, call_args = h, (h, w, y)
+            label = f"linear_cross_entropy n={n} d={d} v={v}"
         else:
-            x = torch.randn(shape, device=dev).to(dt)
-            if name == "kl_div":
-                x = F.log_softmax(x.float().view(-1, 1024), 1).to(dt).view(-1)
-                y = F.softmax(torch.randn(shape, device=dev).view(-1, 1024), 1).to(dt).view(-1)
-            elif name == "bce_with_logits":
-                y = torch.rand(shape, device=dev).to(dt)
+            if cname in ("cross_entropy", "cross_entropy_soft", "nll", "multi_margin"):
+                x, y, tref, tours = row_case(cname, *shape, dt, dev)
+                label = f"{cname} n={shape[0]} v={shape[1]}"
             else:
-                y = torch.randn(shape, device=dev).to(dt)
-            tfn = {"mse": F.mse_loss, "huber": F.huber_loss,
-                   "bce_with_logits": F.binary_cross_entropy_with_logits,
-                   "kl_div": lambda a, b: F.kl_div(a, b, reduction="mean")}[name]
-            ref_fn = torch_fwd_bwd(lambda a, b, f=tfn: f(a.float(), b.float()))
-            if name == "kl_div":
-                ours = lambda: culoss.kl_div(x.view(-1, 1024), y.view(-1, 1024))  # noqa: E731
-            elif name == "bce_with_logits":
-                ours = lambda: culoss.bce_with_logits(x.view(1, -1), y.view(1, -1))  # noqa: E731
-            else:
-                ours = lambda f=getattr(culoss, name): f(x, y)  # noqa: E731
-            label = f"{name} m={shape[0]}"
-        rl, rg = ref_fn(x, y)
+                x, y, tref, tours = elementwise_case(cname, shape[0], dt, dev)
+                label = f"{cname} m={shape[0]}"
+            ref_fn = torch_fwd_bwd(tref)
+            ours = (lambda f=culoss_call(tours, cpu), a=x, b=y: f(a, b))  # noqa: E731
+            call_args = (x, y)
+        rl, rg = ref_fn(*call_args)
         ol, og = ours()
         err = max(abs(ol.float().item() - rl.float().item()) / max(abs(rl.float().item()), 1e-30),
                   ((og.float().reshape(rg.shape) - rg.float()).norm() / rg.float().norm()).item())
-        t_torch = timeit(lambda: ref_fn(x, y), reps, flush)
+        t_torch = timer(lambda: ref_fn(*call_args), reps)
         t_comp = float("nan")
-        if not args.no_compile:
+        if not args.no_compile and not cpu:
             try:
                 comp = torch.compile(ref_fn)
-                t_comp = timeit(lambda: comp(x, y), reps, flush)
+                t_comp = timer(lambda: comp(*call_args), reps)
             except Exception as e:  # torch.compile is optional
                 print(f"  (torch.compile failed for {label}: {type(e).__name__})")
-        t_ours = timeit(ours, reps, flush)
+        t_ours = timer(ours, reps)
         tol = 1e-4 if dt == torch.float32 else 2e-2
         bad |= err > tol
-        print(f"{label:34s} {str(dt).split('.')[-1][:5]:5s} {t_torch:9.3f} {t_comp:10.3f} "
+        dname = {torch.float32: "f32", torch.float16: "f16", torch.bfloat16: "bf16"}[dt]
+        print(f"{label:34s} {dname:5s} {t_torch:9.3f} {t_comp:10.3f} "
               f"{t_ours:9.3f} {t_torch / t_ours:7.2f}x {t_comp / t_ours:7.2f}x {err:11.2e}"
               f"{'' if err <= tol else '  MISMATCH'}", flush=True)
     return 1 if bad else 0
