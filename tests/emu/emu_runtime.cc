@@ -421,8 +421,9 @@ schedule_cfg &sched_cfg() {
   return cfg;
 }
 
-void order(std::vector<int> &idx, int count) {
-  idx.resize((size_t)count);
+/* 0..count-1 in the schedule's order (threads of a block, blocks of a grid). */
+template <typename I> void order(std::vector<I> &idx, size_t count) {
+  idx.resize(count);
   std::iota(idx.begin(), idx.end(), 0);
   schedule_cfg &c = sched_cfg();
   if (c.kind == SCHED_REVERSE)
@@ -471,7 +472,7 @@ bool run_block(block_run &r) {
   std::vector<int> idx;
   while (r.done < r.nthreads) {
     bool progressed = false;
-    order(idx, r.nthreads);
+    order(idx, (size_t)r.nthreads);
     for (int i : idx) {
       fiber &f = r.fibers[(size_t)i];
       if (f.state != RUNNABLE) continue;
@@ -519,14 +520,8 @@ void run_kernel(const char *sig, dim3 grid, dim3 block, size_t smem,
   std::vector<unsigned char> dyn(smem + 16);
   unsigned char *dyn16 = dyn.data() + ((16 - ((uintptr_t)dyn.data() & 15)) & 15);
   const uint64_t nblocks = (uint64_t)grid.x * grid.y * grid.z;
-  std::vector<int> border;
-  /* block order: forward, reverse or shuffled, like the threads */
-  std::vector<uint64_t> blocks(nblocks);
-  std::iota(blocks.begin(), blocks.end(), 0);
-  if (sched_cfg().kind == SCHED_REVERSE)
-    std::reverse(blocks.begin(), blocks.end());
-  else if (sched_cfg().kind == SCHED_RANDOM)
-    std::shuffle(blocks.begin(), blocks.end(), sched_cfg().rng);
+  std::vector<uint64_t> blocks; /* in the schedule's order, like the threads */
+  order(blocks, (size_t)nblocks);
   block_run *prev = g_run;
   exec_ctx *prev_sched = g_sched_ctx;
   g_run = &r;
