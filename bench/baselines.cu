@@ -223,14 +223,11 @@ unsigned grid_for(int64_t count) {
 
 /* dtype: 0 f32, 1 f16, 2 bf16 (culoss_dtype). Return cudaError_t as int. */
 extern "C" int bench_fill(void *x, void *y, int dtype, int64_t count, uint64_t seed, int op) {
-  const dim3 g(grid_for(count)), b(BT);
-  if (dtype == 0)
-    return (int)launch(fill_kernel<float>, g, b, 0, nullptr, (float *)x, (float *)y, count, seed, op);
-  if (dtype == 1)
-    return (int)launch(fill_kernel<__half>, g, b, 0, nullptr, (__half *)x, (__half *)y, count, seed,
-                       op);
-  return (int)launch(fill_kernel<__nv_bfloat16>, g, b, 0, nullptr, (__nv_bfloat16 *)x,
-                     (__nv_bfloat16 *)y, count, seed, op);
+  return (int)with_dtype(dtype, [&](auto t) {
+    typedef decltype(t) T;
+    return launch(fill_kernel<T>, dim3(grid_for(count)), dim3(BT), 0, nullptr, (T *)x, (T *)y,
+                  count, seed, op);
+  });
 }
 
 extern "C" int bench_fill_targets(int64_t *t, int64_t n, int64_t c, uint64_t seed) {
@@ -252,9 +249,8 @@ static cudaError_t ce_unfused(const void *x, int64_t n, int64_t v, const int64_t
 
 extern "C" int bench_ce_unfused(const void *x, int dtype, int64_t n, int64_t v, const int64_t *t,
                                 float *lp, float *loss, void *g) {
-  if (dtype == 0) return (int)ce_unfused<float>(x, n, v, t, lp, loss, g);
-  if (dtype == 1) return (int)ce_unfused<__half>(x, n, v, t, lp, loss, g);
-  return (int)ce_unfused<__nv_bfloat16>(x, n, v, t, lp, loss, g);
+  return (int)with_dtype(
+      dtype, [&](auto d) { return ce_unfused<decltype(d)>(x, n, v, t, lp, loss, g); });
 }
 
 template <typename T>
@@ -277,9 +273,9 @@ static cudaError_t soft_unfused(const void *x, const void *y, int64_t n, int64_t
 /* row_loss: n floats of scratch. */
 extern "C" int bench_ce_soft_unfused(const void *x, const void *y, int dtype, int64_t n, int64_t v,
                                      float *lp, float *row_loss, float *loss, void *g) {
-  if (dtype == 0) return (int)soft_unfused<float>(x, y, n, v, lp, row_loss, loss, g);
-  if (dtype == 1) return (int)soft_unfused<__half>(x, y, n, v, lp, row_loss, loss, g);
-  return (int)soft_unfused<__nv_bfloat16>(x, y, n, v, lp, row_loss, loss, g);
+  return (int)with_dtype(dtype, [&](auto d) {
+    return soft_unfused<decltype(d)>(x, y, n, v, lp, row_loss, loss, g);
+  });
 }
 
 template <typename T>
@@ -293,9 +289,7 @@ static cudaError_t nll_naive(const void *x, const int64_t *t, int64_t n, int64_t
 
 extern "C" int bench_nll_naive(const void *x, int dtype, int64_t n, int64_t v, const int64_t *t,
                                void *g, float *loss) {
-  if (dtype == 0) return (int)nll_naive<float>(x, t, n, v, g, loss);
-  if (dtype == 1) return (int)nll_naive<__half>(x, t, n, v, g, loss);
-  return (int)nll_naive<__nv_bfloat16>(x, t, n, v, g, loss);
+  return (int)with_dtype(dtype, [&](auto d) { return nll_naive<decltype(d)>(x, t, n, v, g, loss); });
 }
 
 template <typename T>
@@ -315,9 +309,8 @@ static cudaError_t mm_naive(const void *x, const int64_t *t, int64_t n, int64_t 
 /* row_h: n floats of scratch. */
 extern "C" int bench_mm_naive(const void *x, int dtype, int64_t n, int64_t v, const int64_t *t,
                               void *g, float *row_h, float *loss) {
-  if (dtype == 0) return (int)mm_naive<float>(x, t, n, v, g, row_h, loss);
-  if (dtype == 1) return (int)mm_naive<__half>(x, t, n, v, g, row_h, loss);
-  return (int)mm_naive<__nv_bfloat16>(x, t, n, v, g, row_h, loss);
+  return (int)with_dtype(
+      dtype, [&](auto d) { return mm_naive<decltype(d)>(x, t, n, v, g, row_h, loss); });
 }
 
 template <typename T>
@@ -331,7 +324,5 @@ static cudaError_t ew_naive(int op, const void *x, const void *y, int64_t m, voi
 
 extern "C" int bench_ew_naive(int op, const void *x, const void *y, int dtype, int64_t m, void *g,
                               float *loss) {
-  if (dtype == 0) return (int)ew_naive<float>(op, x, y, m, g, loss);
-  if (dtype == 1) return (int)ew_naive<__half>(op, x, y, m, g, loss);
-  return (int)ew_naive<__nv_bfloat16>(op, x, y, m, g, loss);
+  return (int)with_dtype(dtype, [&](auto d) { return ew_naive<decltype(d)>(op, x, y, m, g, loss); });
 }

@@ -14,7 +14,17 @@
 #include <cuda_fp16.h>
 #include <stdint.h>
 
+#include "culoss.h"
+
 namespace culoss_dev {
+
+/* f(T()) with T the storage type of a culoss_dtype: one place maps the
+   runtime dtype to a kernel instantiation. */
+template <typename F> inline auto with_dtype(int dtype, F &&f) {
+  if (dtype == CULOSS_F16) return f(__half());
+  if (dtype == CULOSS_BF16) return f(__nv_bfloat16());
+  return f(float());
+}
 
 __device__ __forceinline__ float to_f32(float v) { return v; }
 __device__ __forceinline__ float to_f32(__half v) { return __half2float(v); }

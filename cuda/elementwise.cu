@@ -176,12 +176,9 @@ extern "C" culoss_status culoss__cuda_elementwise(culoss_context *ctx, const voi
     const bool vec = aligned16(p.x) && aligned16(p.y) && aligned16(p.grad);
     const int64_t packs = vec ? p.m / vec_elems : p.m;
     grid = capped_grid((packs + EW_THREADS - 1) / EW_THREADS);
-    cudaError_t e;
-    switch (a->dtype) {
-    case CULOSS_F16: e = launch_op<__half>(a->op, p, vec, (unsigned)grid, stream); break;
-    case CULOSS_BF16: e = launch_op<__nv_bfloat16>(a->op, p, vec, (unsigned)grid, stream); break;
-    default: e = launch_op<float>(a->op, p, vec, (unsigned)grid, stream); break;
-    }
+    const cudaError_t e = with_dtype(a->dtype, [&](auto t) {
+      return launch_op<decltype(t)>(a->op, p, vec, (unsigned)grid, stream);
+    });
     if (e != cudaSuccess) return culoss__cuda_status(e, "launch of ew_kernel");
   }
   return culoss__finish_reduction(ctx, (int)grid, p.loss, p.reduction, p.div);

@@ -285,11 +285,7 @@ using namespace culoss_dev;
 
 extern "C" culoss_status culoss__cuda_linear_cross_entropy(culoss_context *ctx, const void *args) {
   const culoss__lce_args *a = static_cast<const culoss__lce_args *>(args);
-  switch (a->dtype) {
-  case CULOSS_F16: return run<__half>(ctx, a);
-  case CULOSS_BF16: return run<__nv_bfloat16>(ctx, a);
-  default: return run<float>(ctx, a);
-  }
+  return with_dtype(a->dtype, [&](auto t) { return run<decltype(t)>(ctx, a); });
 }
 
 extern "C" culoss_status culoss__cublas_create(culoss_context *ctx) {

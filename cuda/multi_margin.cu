@@ -155,12 +155,8 @@ extern "C" culoss_status culoss__cuda_multi_margin(culoss_context *ctx, const vo
   if (p.n > 0) {
     const bool vec = aligned16(p.x) && aligned16(p.grad) && ((p.ld * (int64_t)es) % 16) == 0;
     grid = capped_grid((p.n + MM_ROWS - 1) / MM_ROWS);
-    cudaError_t e;
-    switch (a->dtype) {
-    case CULOSS_F16: e = launch_mm<__half>(p, vec, (unsigned)grid, stream); break;
-    case CULOSS_BF16: e = launch_mm<__nv_bfloat16>(p, vec, (unsigned)grid, stream); break;
-    default: e = launch_mm<float>(p, vec, (unsigned)grid, stream); break;
-    }
+    const cudaError_t e = with_dtype(
+        a->dtype, [&](auto t) { return launch_mm<decltype(t)>(p, vec, (unsigned)grid, stream); });
     if (e != cudaSuccess) return culoss__cuda_status(e, "launch of mm_kernel");
   }
   return culoss__finish_reduction(ctx, (int)grid, p.loss, p.reduction, p.div);
