@@ -1,190 +1,39 @@
 """culoss: GPU loss functions through the C ABI (pure ctypes, no compiled extension).
 
-NumPy arrays run on the CPU backend; PyTorch CUDA tensors run on the CUDA
-backend, on the tensor's device and PyTorch's current stream. Every loss
-returns ``(loss, grad)``: ``loss`` is float32 (a scalar array/tensor for
-reductions, per row/element for ``reduction="none"``), ``grad`` is the
-gradient with respect to the first input, in its dtype, or ``None`` with
-``grad=False``. Errors raise :class:`CulossError` carrying the library's
-``culoss_last_error()`` text.
+Two front ends:
 
-The library is found through ``$CULOSS_LIBRARY``, then next to this package,
-then in a ``build/`` directory of the source tree, then on the loader path.
+* ``culoss.torch`` (PyTorch): drop-in for ``torch.nn.functional``'s losses, as
+  custom ops that autograd and ``torch.compile`` understand, on CPU and CUDA
+  tensors. Most users want this one.
+* this module (NumPy, and PyTorch CUDA tensors): every loss returns
+  ``(loss, grad)``: ``loss`` is float32 (a scalar array/tensor for reductions,
+  per row/element for ``reduction="none"``), ``grad`` the gradient with respect
+  to the first input, in its dtype, or ``None`` with ``grad=False``. Errors
+  raise :class:`CulossError` carrying the library's ``culoss_last_error()``.
+
+The library is found as ``culoss._lib`` describes (next to this package after
+``pip install .``, or ``$CULOSS_LIBRARY``).
 """
 import ctypes
-import ctypes.util
-import os
-import threading
+
+from ._lib import (BF16, F16, F32, I32, I64, CEOptions as _CE, BCEOptions as _BCE,
+                   HingeOptions as _Hinge, MultiMarginOptions as _MM,
+                   RegressionOptions as _Reg, KLOptions as _KL, Context, CulossError,
+                   CulossIndexError, CulossValueError, REDUCTIONS as _RED, check as _check,
+                   lib as _clib, thread_context, version)
 
 __all__ = [
-    "CulossError", "Context", "version", "cross_entropy", "cross_entropy_soft", "nll",
-    "bce_with_logits", "bce", "hinge", "multi_margin", "mse", "l1", "huber", "smooth_l1",
-    "kl_div", "linear_cross_entropy", "CrossEntropyFunction",
+    "CulossError", "CulossValueError", "CulossIndexError", "Context", "version",
+    "cross_entropy", "cross_entropy_soft", "nll", "bce_with_logits", "bce", "hinge",
+    "multi_margin", "mse", "l1", "huber", "smooth_l1", "kl_div", "linear_cross_entropy",
+    "CrossEntropyFunction",
 ]
-
-# --------------------------------------------------------------------------- loading
-
-def _load():
-    here = os.path.dirname(os.path.abspath(__file__))
-    cands = []
-    if os.environ.get("CULOSS_LIBRARY"):
-        cands.append(os.environ["CULOSS_LIBRARY"])
-    cands += [os.path.join(here, "libculoss.so"),
-              os.path.join(here, "..", "..", "build", "libculoss.so")]
-    found = ctypes.util.find_library("culoss")
-    if found:
-        cands.append(found)
-    errors = []
-    for c in cands:
-        try:
-            return ctypes.CDLL(c)
-        except OSError as e:
-            errors.append(f"{c}: {e}")
-    raise OSError("libculoss not found; set CULOSS_LIBRARY. Tried:\n  " + "\n  ".join(errors))
-
-
-_lib = _load()
-_lib.culoss_status_string.restype = ctypes.c_char_p
-_lib.culoss_last_error.restype = ctypes.c_char_p
-
-_STATUS = {0: "OK", 1: "INVALID_VALUE", 2: "TARGET_OUT_OF_RANGE", 3: "NOT_SUPPORTED",
-           4: "NO_DEVICE", 5: "OUT_OF_MEMORY", 6: "CUDA", 7: "CUBLAS", 8: "INTERNAL"}
-_RED = {"none": 0, "sum": 1, "mean": 2, "batchmean": 3}
-F32, F16, BF16 = 0, 1, 2
-I32, I64 = 0, 1
-
-
-class CulossError(RuntimeError):
-    """A culoss call failed: ``status`` (int), ``name`` and the library's message."""
-
-    def __init__(self, status, message):
-        self.status = status
-        self.name = _lib.culoss_status_string(status).decode()
-        super().__init__(f"{self.name}: {message}")
-
-
-def _check(status):
-    if status != 0:
-        raise CulossError(status, _lib.culoss_last_error().decode())
-
-
-def version():
-    """The linked library's version as (major, minor, patch)."""
-    v = _lib.culoss_version()
-    return (v // 10000, v // 100 % 100, v % 100)
-
-# --------------------------------------------------------------------------- option structs
 
 _P = ctypes.c_void_p
 
 
-class _CE(ctypes.Structure):
-    _fields_ = [("reduction", ctypes.c_int), ("ignore_index", ctypes.c_int64),
-                ("label_smoothing", ctypes.c_float), ("class_weight", _P),
-                ("z_loss", ctypes.c_float), ("logit_softcap", ctypes.c_float),
-                ("normalizer", _P)]
-
-
-class _BCE(ctypes.Structure):
-    _fields_ = [("reduction", ctypes.c_int), ("weight", _P), ("pos_weight", _P)]
-
-
-class _Hinge(ctypes.Structure):
-    _fields_ = [("reduction", ctypes.c_int), ("margin", ctypes.c_float), ("squared", ctypes.c_int)]
-
-
-class _MM(ctypes.Structure):
-    _fields_ = [("reduction", ctypes.c_int), ("p", ctypes.c_int), ("margin", ctypes.c_float),
-                ("class_weight", _P)]
-
-
-class _Reg(ctypes.Structure):
-    _fields_ = [("reduction", ctypes.c_int), ("delta", ctypes.c_float), ("beta", ctypes.c_float)]
-
-
-class _KL(ctypes.Structure):
-    _fields_ = [("reduction", ctypes.c_int), ("log_target", ctypes.c_int)]
-
-
-for _name, _st in [("cross_entropy", _CE), ("bce", _BCE), ("hinge", _Hinge),
-                   ("multi_margin", _MM), ("regression", _Reg), ("kl_div", _KL)]:
-    getattr(_lib, f"culoss_{_name}_options_init").argtypes = [ctypes.POINTER(_st)]
-    getattr(_lib, f"culoss_{_name}_options_init").restype = None
-
-_i64 = ctypes.c_int64
-_int = ctypes.c_int
-_sigs = {
-    "culoss_cross_entropy": [_P, _P, _i64, _i64, _int, _P, _i64, _int, _P, _P, _P, _P],
-    "culoss_cross_entropy_soft": [_P, _P, _i64, _i64, _int, _P, _i64, _P, _P, _P, _P],
-    "culoss_nll": [_P, _P, _i64, _i64, _int, _P, _i64, _int, _P, _P, _P, _P],
-    "culoss_bce_with_logits": [_P, _P, _i64, _i64, _int, _P, _P, _P, _P, _P],
-    "culoss_bce": [_P, _P, _i64, _i64, _int, _P, _P, _P, _P, _P],
-    "culoss_hinge": [_P, _P, _i64, _int, _P, _P, _P, _P, _P],
-    "culoss_multi_margin": [_P, _P, _i64, _i64, _int, _P, _i64, _int, _P, _P, _P, _P],
-    "culoss_kl_div": [_P, _P, _i64, _i64, _int, _P, _P, _P, _P, _P],
-    "culoss_linear_cross_entropy": [_P, _P, _i64, _i64, _i64, _int, _P, _P, _P, _int, _P, _P, _P,
-                                    _P, _P, _P, _P, ctypes.c_size_t],
-    "culoss_linear_cross_entropy_workspace_size": [_P, _i64, _i64, _i64, _int,
-                                                   ctypes.POINTER(ctypes.c_size_t)],
-}
-for _f in ("mse", "l1", "huber", "smooth_l1"):
-    _sigs[f"culoss_{_f}"] = [_P, _P, _i64, _int, _P, _P, _P, _P, _P]
-_sigs.update({
-    "culoss_create": [ctypes.POINTER(_P), _int, _int], "culoss_destroy": [_P],
-    "culoss_set_stream": [_P, _P], "culoss_synchronize": [_P],
-})
-for _f, _a in _sigs.items():
-    getattr(_lib, _f).argtypes = _a
-    getattr(_lib, _f).restype = _int
-
-# --------------------------------------------------------------------------- contexts
-
-
-class Context:
-    """A culoss context: ``Context("cpu")`` or ``Context("cuda", device)``."""
-
-    def __init__(self, backend="cpu", device=0):
-        self.backend = backend
-        self.device = device
-        self._h = _P()
-        _check(_lib.culoss_create(ctypes.byref(self._h), 1 if backend == "cuda" else 0, device))
-
-    def set_stream(self, stream_ptr):
-        _check(_lib.culoss_set_stream(self._h, stream_ptr))
-
-    def synchronize(self):
-        """Waits, then raises deferred errors (e.g. a target outside [0, c))."""
-        _check(_lib.culoss_synchronize(self._h))
-
-    def close(self):
-        if self._h:
-            _lib.culoss_destroy(self._h)
-            self._h = _P()
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
-
-    def __del__(self):
-        try:
-            self.close()
-        except Exception:
-            pass
-
-
-_tls = threading.local()
-
-
 def _default_ctx(kind, device):
-    key = (kind, device)
-    cache = getattr(_tls, "ctx", None)
-    if cache is None:
-        cache = _tls.ctx = {}
-    if key not in cache:
-        cache[key] = Context(kind, device)
-    return cache[key]
+    return thread_context(kind, device)
 
 # --------------------------------------------------------------------------- arrays
 
@@ -243,10 +92,21 @@ class _Call:
         self.keep.append(a)
         return ctypes.c_void_p(a.ctypes.data)
 
-    def f32(self, a):
+    def f32(self, a, count=None, name="array"):
+        """fp32 pointer of `a`; with `count`, `a` must hold exactly that many
+        elements (the C call would read `count` of them)."""
+        self.need(a, count, name)
         return self.ptr(a, self.T.float32 if self.torch else self.np.float32)
 
-    def targets(self, t):
+    def need(self, a, count, name):
+        if a is None or count is None:
+            return
+        size = int(a.numel()) if _is_torch(a) else int(self.np.asarray(a).size)
+        if size != count:
+            raise CulossValueError(1, f"{name} has {size} elements, expected {count}")
+
+    def targets(self, t, count=None):
+        self.need(t, count, "targets")
         if self.torch:
             t = t if _is_torch(t) else self.T.as_tensor(t, device=self.device)
             kind = I32 if t.dtype == self.T.int32 else I64
@@ -304,13 +164,13 @@ def _strided_ptr(call, x):
 
 
 def _ce_opts(call, reduction, ignore_index, label_smoothing, class_weight, z_loss,
-             logit_softcap, normalizer):
+             logit_softcap, normalizer, c=None):
     o = _CE()
-    _lib.culoss_cross_entropy_options_init(ctypes.byref(o))
+    _clib.culoss_cross_entropy_options_init(ctypes.byref(o))
     o.reduction = _red(reduction)
     o.ignore_index = int(ignore_index)
     o.label_smoothing = float(label_smoothing)
-    o.class_weight = call.f32(class_weight)
+    o.class_weight = call.f32(class_weight, c, "class_weight")
     o.z_loss = float(z_loss)
     o.logit_softcap = float(logit_softcap)
     if normalizer is not None:
@@ -325,13 +185,13 @@ def _ce_like(fn, logits, second, *, soft, reduction, ignore_index, label_smoothi
     n, c, ld, logits = _rows(call, logits)
     dt = call.dtype(logits)
     o = _ce_opts(call, reduction, ignore_index, label_smoothing, class_weight, z_loss,
-                 logit_softcap, normalizer)
+                 logit_softcap, normalizer, c)
     loss = call.empty_f32(n if reduction == "none" else 1)
     g = None
     if grad:  # the gradient has the logits' row stride
         g = logits if inplace else call.empty_rows(n, c, ld, logits)
     gptr = _strided_ptr(call, g) if g is not None else None
-    glp = call.f32(grad_loss)
+    glp = call.f32(grad_loss, n if reduction == "none" else 1, "grad_loss")
     xptr = _strided_ptr(call, logits)
     if soft:
         if tuple(second.shape) != tuple(logits.shape):
@@ -340,12 +200,12 @@ def _ce_like(fn, logits, second, *, soft, reduction, ignore_index, label_smoothi
         y = y.to(logits.dtype) if call.torch else y.astype(logits.dtype)
         if (call.torch and y.stride() != logits.stride()) or (not call.torch and y.strides != logits.strides):
             raise CulossError(1, "target_probs must have the logits' row stride")
-        _check(_lib.culoss_cross_entropy_soft(call.ctx._h, ctypes.byref(o), n, c, dt, xptr, ld,
+        _check(_clib.culoss_cross_entropy_soft(call.ctx._h, ctypes.byref(o), n, c, dt, xptr, ld,
                                               _strided_ptr(call, y), call.ptr(loss, contiguous=False),
                                               gptr, glp))
     else:
-        tp, tk = call.targets(second)
-        _check(getattr(_lib, fn)(call.ctx._h, ctypes.byref(o), n, c, dt, xptr, ld, tk, tp,
+        tp, tk = call.targets(second, n)
+        _check(getattr(_clib, fn)(call.ctx._h, ctypes.byref(o), n, c, dt, xptr, ld, tk, tp,
                                  call.ptr(loss, contiguous=False), gptr, glp))
     if not call.torch:
         call.ctx.synchronize()
@@ -402,8 +262,9 @@ def _ew(fn, opts, x, y, *, shape2d, reduction, grad, grad_loss, inplace, ctx):
     else:
         args += [m]
     args += [dt, xp, yp, call.ptr(loss, contiguous=False),
-             _strided_ptr(call, g) if g is not None else None, call.f32(grad_loss)]
-    _check(getattr(_lib, fn)(*args))
+             _strided_ptr(call, g) if g is not None else None,
+             call.f32(grad_loss, m if reduction == "none" else 1, "grad_loss")]
+    _check(getattr(_clib, fn)(*args))
     if not call.torch:
         call.ctx.synchronize()
     if reduction == "none":
@@ -415,7 +276,13 @@ def bce_with_logits(logits, targets, *, reduction="mean", weight=None, pos_weigh
                     grad=True, grad_loss=None, inplace=False, ctx=None):
     """Binary cross-entropy on logits [n, c] (pos_weight: [c])."""
     call = _Call(logits, ctx)
-    o = _BCE(_red(reduction), call.f32(weight), call.f32(pos_weight))
+    shape = tuple(logits.shape)
+    m = 1
+    for dim in shape:
+        m *= int(dim)
+    n = int(shape[0]) if len(shape) >= 1 else 1
+    c = max(m // n, 1) if n else 1  # _ew's [n, c] view of the input
+    o = _BCE(_red(reduction), call.f32(weight, m, "weight"), call.f32(pos_weight, c, "pos_weight"))
     r = _ew("culoss_bce_with_logits", o, logits, targets, shape2d=True, reduction=reduction,
             grad=grad, grad_loss=grad_loss, inplace=inplace, ctx=call.ctx)
     return r
@@ -425,7 +292,10 @@ def bce(probs, targets, *, reduction="mean", weight=None, grad=True, grad_loss=N
         inplace=False, ctx=None):
     """Binary cross-entropy on probabilities in [0, 1]."""
     call = _Call(probs, ctx)
-    o = _BCE(_red(reduction), call.f32(weight), None)
+    m = 1
+    for dim in probs.shape:
+        m *= int(dim)
+    o = _BCE(_red(reduction), call.f32(weight, m, "weight"), None)
     return _ew("culoss_bce", o, probs, targets, shape2d=True, reduction=reduction, grad=grad,
                grad_loss=grad_loss, inplace=inplace, ctx=call.ctx)
 
@@ -482,20 +352,22 @@ def multi_margin(scores, targets, *, reduction="mean", p=1, margin=1.0, class_we
     call = _Call(scores, ctx)
     n, c, ld, scores = _rows(call, scores)
     dt = call.dtype(scores)
-    o = _MM(_red(reduction), int(p), float(margin), call.f32(class_weight))
+    o = _MM(_red(reduction), int(p), float(margin), call.f32(class_weight, c, "class_weight"))
     loss = call.empty_f32(n if reduction == "none" else 1)
     g = None
     if grad:
         g = scores if inplace else call.empty_rows(n, c, ld, scores)
-    tp, tk = call.targets(targets)
-    _check(_lib.culoss_multi_margin(call.ctx._h, ctypes.byref(o), n, c, dt,
+    tp, tk = call.targets(targets, n)
+    _check(_clib.culoss_multi_margin(call.ctx._h, ctypes.byref(o), n, c, dt,
                                     _strided_ptr(call, scores), ld, tk, tp,
                                     call.ptr(loss, contiguous=False),
                                     _strided_ptr(call, g) if g is not None else None,
-                                    call.f32(grad_loss)))
+                                    call.f32(grad_loss, n if reduction == "none" else 1,
+                                             "grad_loss")))
     if not call.torch:
         call.ctx.synchronize()
     return call.finish(loss, reduction), g
+
 
 def linear_cross_entropy(hidden, weight, targets, bias=None, *, reduction="mean",
                          ignore_index=-100, label_smoothing=0.0, class_weight=None, z_loss=0.0,
@@ -515,10 +387,11 @@ def linear_cross_entropy(hidden, weight, targets, bias=None, *, reduction="mean"
     hidden = call.keep[-1]
     wp = call.ptr(weight, hidden.dtype)
     weight = call.keep[-1]
+    call.need(bias, v, "bias")
     bp = call.ptr(bias, hidden.dtype) if bias is not None else None
     o = _ce_opts(call, reduction, ignore_index, label_smoothing, class_weight, z_loss,
-                 logit_softcap, normalizer)
-    tp, tk = call.targets(targets)
+                 logit_softcap, normalizer, v)
+    tp, tk = call.targets(targets, n)
     loss = call.empty_f32(n if reduction == "none" else 1)
     gh = call.empty_like(hidden) if grad else None
     gw = call.empty_like(weight) if grad else None
@@ -526,18 +399,19 @@ def linear_cross_entropy(hidden, weight, targets, bias=None, *, reduction="mean"
     if grad and bias is not None:
         gb = call.empty_like(bias if call.torch else call.np.asarray(bias, dtype=hidden.dtype))
     size = ctypes.c_size_t()
-    _check(_lib.culoss_linear_cross_entropy_workspace_size(call.ctx._h, n, d, v, dt, ctypes.byref(size)))
+    _check(_clib.culoss_linear_cross_entropy_workspace_size(call.ctx._h, n, d, v, dt, ctypes.byref(size)))
     ws, wsp = None, None
     if call.torch and size.value:
         ws = call.T.empty(size.value, dtype=call.T.uint8, device=call.device)
         wsp = ctypes.c_void_p(ws.data_ptr())
-    _check(_lib.culoss_linear_cross_entropy(
+    _check(_clib.culoss_linear_cross_entropy(
         call.ctx._h, ctypes.byref(o), n, d, v, dt, hp, wp, bp, tk, tp,
         call.ptr(loss, contiguous=False),
         _strided_ptr(call, gh) if gh is not None else None,
         _strided_ptr(call, gw) if gw is not None else None,
         _strided_ptr(call, gb) if gb is not None else None,
-        call.f32(grad_loss), wsp, size.value if ws is not None else 0))
+        call.f32(grad_loss, n if reduction == "none" else 1, "grad_loss"), wsp,
+        size.value if ws is not None else 0))
     if not call.torch:
         call.ctx.synchronize()
     return call.finish(loss, reduction), gh, gw, gb

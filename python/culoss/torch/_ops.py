@@ -1,0 +1,508 @@
+"""The culoss custom ops (namespace ``culoss``): one per loss family, each a
+``torch.library.custom_op`` with a fake kernel (shapes only, for
+torch.compile / meta tensors) and an autograd rule.
+
+Every op takes its input already in the layout the C call reads (the
+functional layer, ``functional.py``, reshapes and casts with ordinary torch
+ops, which autograd and the compiler see) and returns ``(loss, grad)``:
+
+* ``loss``: float32, ``[n]`` (or the input's shape for elementwise losses)
+  for reduction none, ``[]`` otherwise;
+* ``grad``: the gradient of the loss with respect to the input, computed in
+  the same fused pass with an upstream gradient of 1, in the input's dtype
+  (an empty tensor when ``compute_grad`` is False).
+
+The backward scales the saved gradient by the upstream gradient. That is
+exact for every reduction: each loss's gradient is a per-row (or
+per-element) multiple of the upstream gradient of that row (element), so
+reduction none takes an arbitrary upstream gradient. The one exception is the
+weight gradient of linear + cross-entropy, a sum over rows: with reduction
+none its backward runs the fused op again with the upstream gradient.
+
+Gradients with respect to targets (probability targets of cross-entropy,
+the targets of BCE, KL divergence and the regression losses) are computed in
+the backward with torch ops from the saved inputs, only when a target
+requires grad.
+"""
+import ctypes
+from typing import Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from .. import _lib
+from . import _runtime as rt
+
+NONE, SUM, MEAN, BATCHMEAN = 0, 1, 2, 3
+REGRESSION = {0: "mse", 1: "l1", 2: "huber", 3: "smooth_l1"}
+
+
+def _loss_out(x, n, reduction):
+    return torch.empty((n,) if reduction == NONE else (), dtype=torch.float32, device=x.device)
+
+
+def _grad_out(x, compute_grad):
+    """The gradient buffer: the input's shape, row stride and dtype."""
+    if not compute_grad:
+        return x.new_empty((0,))
+    if x.dim() == 2:
+        n, c = x.shape
+        ld = x.stride(0) if n > 1 else c
+        return x.new_empty_strided((n, c), (ld, 1))
+    return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+
+def _fake_grad(x, compute_grad):
+    return _grad_out(x, compute_grad)
+
+
+def _opt_f32(t):
+    return rt.ptr(t) if t is not None else None
+
+
+def _scaled(grad, grad_loss, reduction):
+    """grad * upstream gradient, broadcast over the class dimension for per-row
+    losses. In eager mode the saved buffer is scaled in place (so no second
+    [n, c] buffer is allocated): a second backward through the same graph then
+    fails loudly on the version check rather than scaling twice."""
+    if reduction == NONE and grad_loss.dim() < grad.dim():
+        grad_loss = grad_loss.reshape(grad_loss.shape + (1,) * (grad.dim() - grad_loss.dim()))
+    s = grad_loss.to(grad.dtype)
+    if torch.compiler.is_compiling() or torch.is_grad_enabled():
+        return grad * s
+    return grad.mul_(s)
+
+
+def _acc(t):
+    """The precision of target gradients computed with torch ops: float64 on
+    the CPU (as the CPU backend's reference), float32 on CUDA."""
+    return t.double() if t.device.type == "cpu" else t.float()
+
+
+def _row_scale(grad_loss, reduction, n, normalizer, denom=None):
+    """Upstream gradient per row for target gradients computed in torch: [n, 1]."""
+    if reduction == NONE:
+        return grad_loss.reshape(-1, 1)
+    if reduction == MEAN:
+        d = normalizer.reshape(()) if normalizer is not None else (denom if denom is not None else n)
+        return (grad_loss / d).reshape(1, 1)
+    return grad_loss.reshape(1, 1)
+
+
+def _elem_scale(grad_loss, reduction, numel, rows):
+    if reduction == NONE:
+        return grad_loss
+    if reduction == MEAN:
+        return grad_loss / numel
+    if reduction == BATCHMEAN:
+        return grad_loss / rows
+    return grad_loss
+
+# --------------------------------------------------------------------------- cross-entropy
+
+
+@torch.library.custom_op("culoss::cross_entropy", mutates_args=())
+def cross_entropy(input: Tensor, target: Tensor, weight: Optional[Tensor],
+                  normalizer: Optional[Tensor], reduction: int, ignore_index: int,
+                  label_smoothing: float, z_loss: float, logit_softcap: float,
+                  compute_grad: bool) -> Tuple[Tensor, Tensor]:
+    """Fused softmax cross-entropy over rows of input [n, c] (unit column
+    stride): class indices target [n] (int32/int64), or probabilities [n, c]
+    of the input's dtype. weight: [c] fp32; normalizer: [1] fp32."""
+    grad = _grad_out(input, compute_grad)
+    loss = cross_entropy_call(input, target, weight, normalizer, reduction, ignore_index,
+                              label_smoothing, z_loss, logit_softcap, grad)
+    return loss, grad
+
+
+def cross_entropy_call(input, target, weight, normalizer, reduction, ignore_index,
+                       label_smoothing, z_loss, logit_softcap, grad):
+    """The C call behind culoss::cross_entropy; `grad` is None, an empty
+    tensor, or the [n, c] buffer to write (input itself for in place)."""
+    n, c = input.shape
+    ld = input.stride(0) if n > 1 else c
+    loss = _loss_out(input, n, reduction)
+    ctx = rt.context(input)
+    o = _lib.options("cross_entropy", reduction=reduction, ignore_index=ignore_index,
+                     label_smoothing=label_smoothing, class_weight=_opt_f32(weight),
+                     z_loss=z_loss, logit_softcap=logit_softcap,
+                     normalizer=_opt_f32(normalizer))
+    if target.is_floating_point():
+        if n > 1 and target.stride() != (ld, 1):  # the C call reads both with one row stride
+            t = input.new_empty_strided((n, c), (ld, 1))
+            t.copy_(target)
+            target = t
+        _lib.call("cross_entropy_soft", ctx.h, o, n, c, rt.dtype_code(input), rt.ptr(input), ld,
+                  rt.ptr(target), rt.ptr(loss), rt.ptr(grad), None)
+    else:
+        _lib.call("cross_entropy", ctx.h, o, n, c, rt.dtype_code(input), rt.ptr(input), ld,
+                  rt.index_code(target), rt.ptr(target), rt.ptr(loss), rt.ptr(grad), None)
+    return loss
+
+
+@cross_entropy.register_fake
+def _(input, target, weight, normalizer, reduction, ignore_index, label_smoothing, z_loss,
+      logit_softcap, compute_grad):
+    return _loss_out(input, input.shape[0], reduction), _fake_grad(input, compute_grad)
+
+
+def _ce_setup(ctx, inputs, output):
+    input, target, weight, normalizer, reduction = inputs[:5]
+    ctx.reduction = reduction
+    ctx.label_smoothing, ctx.logit_softcap = inputs[6], inputs[8]
+    ctx.soft_target_grad = target.is_floating_point() and target.requires_grad
+    saved = [output[1], normalizer]
+    if ctx.soft_target_grad:
+        saved += [input, weight]
+    ctx.save_for_backward(*saved)
+
+
+def _ce_backward(ctx, grad_loss, _grad_grad):
+    saved = ctx.saved_tensors
+    grad, normalizer = saved[0], saved[1]
+    grad_target = None
+    if ctx.soft_target_grad:
+        # d loss_n / d y_nc = -(1 - eps) w_c log_softmax(x)_nc (z-loss does not depend on y)
+        x, w = saved[2], saved[3]
+        xf = _acc(x)
+        if ctx.logit_softcap > 0:
+            xf = ctx.logit_softcap * torch.tanh(xf / ctx.logit_softcap)
+        g = -(1.0 - ctx.label_smoothing) * torch.log_softmax(xf, dim=1)
+        if w is not None:
+            g = g * w
+        g = g * _row_scale(_acc(grad_loss), ctx.reduction, x.shape[0], normalizer)
+        grad_target = g.to(x.dtype)
+    grad_input = _scaled(grad, grad_loss, ctx.reduction) if ctx.needs_input_grad[0] else None
+    return grad_input, grad_target, None, None, None, None, None, None, None, None
+
+
+cross_entropy.register_autograd(_ce_backward, setup_context=_ce_setup)
+
+
+@torch.library.custom_op("culoss::nll_loss", mutates_args=())
+def nll_loss(input: Tensor, target: Tensor, weight: Optional[Tensor],
+             normalizer: Optional[Tensor], reduction: int, ignore_index: int,
+             compute_grad: bool) -> Tuple[Tensor, Tensor]:
+    """Negative log-likelihood over rows of log-probabilities input [n, c]."""
+    n, c = input.shape
+    ld = input.stride(0) if n > 1 else c
+    loss = _loss_out(input, n, reduction)
+    grad = _grad_out(input, compute_grad)
+    ctx = rt.context(input)
+    o = _lib.options("cross_entropy", reduction=reduction, ignore_index=ignore_index,
+                     class_weight=_opt_f32(weight), normalizer=_opt_f32(normalizer))
+    _lib.call("nll", ctx.h, o, n, c, rt.dtype_code(input), rt.ptr(input), ld,
+              rt.index_code(target), rt.ptr(target), rt.ptr(loss), rt.ptr(grad), None)
+    return loss, grad
+
+
+@nll_loss.register_fake
+def _(input, target, weight, normalizer, reduction, ignore_index, compute_grad):
+    return _loss_out(input, input.shape[0], reduction), _fake_grad(input, compute_grad)
+
+
+def _rows_backward(ctx, grad_loss, _grad_grad):
+    (grad,) = ctx.saved_tensors
+    return (_scaled(grad, grad_loss, ctx.reduction),) + (None,) * (ctx.n_args - 1)
+
+
+def _nll_setup(ctx, inputs, output):
+    ctx.reduction, ctx.n_args = inputs[4], len(inputs)
+    ctx.save_for_backward(output[1])
+
+
+nll_loss.register_autograd(_rows_backward, setup_context=_nll_setup)
+
+
+@torch.library.custom_op("culoss::multi_margin_loss", mutates_args=())
+def multi_margin_loss(input: Tensor, target: Tensor, weight: Optional[Tensor], reduction: int,
+                      p: int, margin: float, compute_grad: bool) -> Tuple[Tensor, Tensor]:
+    """Multi-class hinge over rows of scores input [n, c]."""
+    n, c = input.shape
+    ld = input.stride(0) if n > 1 else c
+    loss = _loss_out(input, n, reduction)
+    grad = _grad_out(input, compute_grad)
+    ctx = rt.context(input)
+    o = _lib.options("multi_margin", reduction=reduction, p=p, margin=margin,
+                     class_weight=_opt_f32(weight))
+    _lib.call("multi_margin", ctx.h, o, n, c, rt.dtype_code(input), rt.ptr(input), ld,
+              rt.index_code(target), rt.ptr(target), rt.ptr(loss), rt.ptr(grad), None)
+    return loss, grad
+
+
+@multi_margin_loss.register_fake
+def _(input, target, weight, reduction, p, margin, compute_grad):
+    return _loss_out(input, input.shape[0], reduction), _fake_grad(input, compute_grad)
+
+
+def _mm_setup(ctx, inputs, output):
+    ctx.reduction, ctx.n_args = inputs[3], len(inputs)
+    ctx.save_for_backward(output[1])
+
+
+multi_margin_loss.register_autograd(_rows_backward, setup_context=_mm_setup)
+
+# --------------------------------------------------------------------------- elementwise
+
+
+def _ew_loss_out(x, reduction):
+    if reduction == NONE:
+        return torch.empty(x.shape, dtype=torch.float32, device=x.device)
+    return torch.empty((), dtype=torch.float32, device=x.device)
+
+
+def _check_unit_interval(t, name):
+    """CPU only (no device synchronisation): BCE's data checks, as torch."""
+    if t.device.type == "cpu" and t.numel() and bool(((t < 0) | (t > 1) | t.isnan()).any()):
+        raise _lib.CulossValueError(1, f"binary_cross_entropy: all elements of {name} should be "
+                                       "between 0 and 1")
+
+
+@torch.library.custom_op("culoss::binary_cross_entropy", mutates_args=())
+def binary_cross_entropy(input: Tensor, target: Tensor, weight: Optional[Tensor],
+                         pos_weight: Optional[Tensor], reduction: int, logits: bool,
+                         compute_grad: bool) -> Tuple[Tensor, Tensor]:
+    """BCE (logits=False: probabilities) or BCE-with-logits over input [n, c]
+    (contiguous); target of the same shape and dtype; weight: [n, c] fp32;
+    pos_weight: [c] fp32, broadcast over rows (logits only)."""
+    n, c = input.shape
+    loss = _ew_loss_out(input.reshape(-1), reduction)
+    grad = _grad_out(input, compute_grad)
+    ctx = rt.context(input)
+    o = _lib.options("bce", reduction=reduction, weight=_opt_f32(weight),
+                     pos_weight=_opt_f32(pos_weight))
+    if not logits:
+        _check_unit_interval(target, "target")
+    _lib.call("bce_with_logits" if logits else "bce", ctx.h, o, n, c, rt.dtype_code(input),
+              rt.ptr(input), rt.ptr(target), rt.ptr(loss), rt.ptr(grad), None)
+    return loss, grad
+
+
+@binary_cross_entropy.register_fake
+def _(input, target, weight, pos_weight, reduction, logits, compute_grad):
+    return _ew_loss_out(input.reshape(-1), reduction), _fake_grad(input, compute_grad)
+
+
+def _bce_setup(ctx, inputs, output):
+    input, target, weight, pos_weight, reduction, logits = inputs[:6]
+    ctx.reduction, ctx.logits = reduction, logits
+    ctx.target_grad = target.requires_grad
+    saved = [output[1]]
+    if ctx.target_grad:
+        saved += [input, weight, pos_weight]
+    ctx.save_for_backward(*saved)
+
+
+def _bce_backward(ctx, grad_loss, _grad_grad):
+    saved = ctx.saved_tensors
+    grad_target = None
+    if ctx.target_grad:
+        x, w, pw = saved[1], saved[2], saved[3]
+        xf = _acc(x)
+        if ctx.logits:  # d/dy [(1-y) x - (1 + (pw-1) y) log sigmoid(x)]
+            g = -xf if pw is None else -xf - (pw - 1) * torch.nn.functional.logsigmoid(xf)
+        else:  # d/dy -[y log x + (1-y) log(1-x)], logs clamped at -100 as the loss
+            g = torch.clamp(torch.log1p(-xf), min=-100) - torch.clamp(torch.log(xf), min=-100)
+        if w is not None:
+            g = g * w.reshape(g.shape)
+        s = _elem_scale(_acc(grad_loss), ctx.reduction, x.numel(), x.shape[0])
+        grad_target = (g * s.reshape(g.shape) if ctx.reduction == NONE else g * s).to(x.dtype)
+    grad = saved[0]
+    gl = grad_loss.reshape(grad.shape) if ctx.reduction == NONE else grad_loss
+    grad_input = _scaled(grad, gl, ctx.reduction) if ctx.needs_input_grad[0] else None
+    return grad_input, grad_target, None, None, None, None, None
+
+
+binary_cross_entropy.register_autograd(_bce_backward, setup_context=_bce_setup)
+
+
+@torch.library.custom_op("culoss::regression", mutates_args=())
+def regression(input: Tensor, target: Tensor, kind: int, reduction: int, delta: float,
+               beta: float, compute_grad: bool) -> Tuple[Tensor, Tensor]:
+    """mse (kind 0), l1 (1), huber (2, delta), smooth_l1 (3, beta) over
+    contiguous input and target of one shape and dtype."""
+    loss = _ew_loss_out(input, reduction)
+    grad = _grad_out(input, compute_grad)
+    ctx = rt.context(input)
+    o = _lib.options("regression", reduction=reduction, delta=delta, beta=beta)
+    _lib.call(REGRESSION[kind], ctx.h, o, input.numel(), rt.dtype_code(input), rt.ptr(input),
+              rt.ptr(target), rt.ptr(loss), rt.ptr(grad), None)
+    return loss, grad
+
+
+@regression.register_fake
+def _(input, target, kind, reduction, delta, beta, compute_grad):
+    return _ew_loss_out(input, reduction), _fake_grad(input, compute_grad)
+
+
+def _reg_setup(ctx, inputs, output):
+    ctx.reduction = inputs[3]
+    ctx.save_for_backward(output[1])
+
+
+def _reg_backward(ctx, grad_loss, _grad_grad):
+    (grad,) = ctx.saved_tensors
+    # every regression loss depends on input - target only: d/dtarget = -d/dinput
+    if ctx.needs_input_grad[1]:
+        g = grad * (grad_loss.to(grad.dtype))
+        return (g if ctx.needs_input_grad[0] else None), -g, None, None, None, None, None
+    return _scaled(grad, grad_loss, ctx.reduction), None, None, None, None, None, None
+
+
+regression.register_autograd(_reg_backward, setup_context=_reg_setup)
+
+
+@torch.library.custom_op("culoss::hinge", mutates_args=())
+def hinge(input: Tensor, target: Tensor, reduction: int, margin: float, squared: bool,
+          compute_grad: bool) -> Tuple[Tensor, Tensor]:
+    """Binary hinge max(0, margin - y f) (or its square), y in {-1, +1}."""
+    loss = _ew_loss_out(input, reduction)
+    grad = _grad_out(input, compute_grad)
+    ctx = rt.context(input)
+    o = _lib.options("hinge", reduction=reduction, margin=margin, squared=int(squared))
+    _lib.call("hinge", ctx.h, o, input.numel(), rt.dtype_code(input), rt.ptr(input),
+              rt.ptr(target), rt.ptr(loss), rt.ptr(grad), None)
+    return loss, grad
+
+
+@hinge.register_fake
+def _(input, target, reduction, margin, squared, compute_grad):
+    return _ew_loss_out(input, reduction), _fake_grad(input, compute_grad)
+
+
+def _hinge_setup(ctx, inputs, output):
+    ctx.reduction = inputs[2]
+    ctx.save_for_backward(output[1])
+
+
+def _hinge_backward(ctx, grad_loss, _grad_grad):
+    (grad,) = ctx.saved_tensors
+    return _scaled(grad, grad_loss, ctx.reduction), None, None, None, None, None
+
+
+hinge.register_autograd(_hinge_backward, setup_context=_hinge_setup)
+
+
+@torch.library.custom_op("culoss::kl_div", mutates_args=())
+def kl_div(input: Tensor, target: Tensor, reduction: int, log_target: bool,
+           compute_grad: bool) -> Tuple[Tensor, Tensor]:
+    """KL divergence over log-probabilities input [n, c] (contiguous) and
+    target of the same shape and dtype; batchmean divides by n."""
+    n, c = input.shape
+    loss = _ew_loss_out(input.reshape(-1), reduction)
+    grad = _grad_out(input, compute_grad)
+    ctx = rt.context(input)
+    o = _lib.options("kl_div", reduction=reduction, log_target=int(log_target))
+    _lib.call("kl_div", ctx.h, o, n, c, rt.dtype_code(input), rt.ptr(input), rt.ptr(target),
+              rt.ptr(loss), rt.ptr(grad), None)
+    return loss, grad
+
+
+@kl_div.register_fake
+def _(input, target, reduction, log_target, compute_grad):
+    return _ew_loss_out(input.reshape(-1), reduction), _fake_grad(input, compute_grad)
+
+
+def _kl_setup(ctx, inputs, output):
+    input, target, reduction, log_target = inputs[:4]
+    ctx.reduction, ctx.log_target = reduction, log_target
+    ctx.target_grad = target.requires_grad
+    ctx.save_for_backward(output[1], *((input, target) if ctx.target_grad else ()))
+
+
+def _kl_backward(ctx, grad_loss, _grad_grad):
+    saved = ctx.saved_tensors
+    grad, grad_target = saved[0], None
+    if ctx.target_grad:
+        x, t = _acc(saved[1]), _acc(saved[2])
+        if ctx.log_target:  # d/dt exp(t) (t - x) = exp(t) (t - x + 1)
+            g = torch.exp(t) * (t - x + 1)
+        else:  # d/dt [t log t - t x] = log t + 1 - x
+            g = torch.log(t) + 1 - x
+        s = _elem_scale(_acc(grad_loss), ctx.reduction, x.numel(), x.shape[0])
+        grad_target = (g * (s.reshape(g.shape) if ctx.reduction == NONE else s)).to(saved[2].dtype)
+    gl = grad_loss.reshape(grad.shape) if ctx.reduction == NONE else grad_loss
+    grad_input = _scaled(grad, gl, ctx.reduction) if ctx.needs_input_grad[0] else None
+    return grad_input, grad_target, None, None, None
+
+
+kl_div.register_autograd(_kl_backward, setup_context=_kl_setup)
+
+# --------------------------------------------------------------------------- linear + CE
+
+
+@torch.library.custom_op("culoss::linear_cross_entropy", mutates_args=())
+def linear_cross_entropy(input: Tensor, weight: Tensor, target: Tensor, bias: Optional[Tensor],
+                         class_weight: Optional[Tensor], normalizer: Optional[Tensor],
+                         grad_loss: Optional[Tensor], reduction: int, ignore_index: int,
+                         label_smoothing: float, z_loss: float, logit_softcap: float,
+                         grad_input: bool, grad_weight: bool,
+                         grad_bias: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Fused linear + cross-entropy: logits = input [n, d] @ weight [v, d]^T
+    (+ bias [v]) are never materialised whole. Returns (loss, grad_input,
+    grad_weight, grad_bias), the gradients for an upstream gradient
+    `grad_loss` (None: 1); unrequested ones are empty."""
+    n, d = input.shape
+    v = weight.shape[0]
+    loss = _loss_out(input, n, reduction)
+    gi = torch.empty_like(input) if grad_input else input.new_empty((0,))
+    gw = torch.empty_like(weight) if grad_weight else input.new_empty((0,))
+    gb = torch.empty_like(bias) if grad_bias and bias is not None else input.new_empty((0,))
+    ctx = rt.context(input)
+    dt = rt.dtype_code(input)
+    size = ctypes.c_size_t()
+    _lib.call("linear_cross_entropy_workspace_size", ctx.h, n, d, v, dt, ctypes.byref(size))
+    ws = None
+    if input.device.type == "cuda" and size.value:
+        ws = torch.empty(size.value, dtype=torch.uint8, device=input.device)
+    o = _lib.options("cross_entropy", reduction=reduction, ignore_index=ignore_index,
+                     label_smoothing=label_smoothing, class_weight=_opt_f32(class_weight),
+                     z_loss=z_loss, logit_softcap=logit_softcap,
+                     normalizer=_opt_f32(normalizer))
+    _lib.call("linear_cross_entropy", ctx.h, o, n, d, v, dt, rt.ptr(input), rt.ptr(weight),
+              rt.ptr(bias), rt.index_code(target), rt.ptr(target), rt.ptr(loss), rt.ptr(gi),
+              rt.ptr(gw), rt.ptr(gb), _opt_f32(grad_loss), rt.ptr(ws),
+              size.value if ws is not None else 0)
+    return loss, gi, gw, gb
+
+
+@linear_cross_entropy.register_fake
+def _(input, weight, target, bias, class_weight, normalizer, grad_loss, reduction, ignore_index,
+      label_smoothing, z_loss, logit_softcap, grad_input, grad_weight, grad_bias):
+    gi = torch.empty_like(input) if grad_input else input.new_empty((0,))
+    gw = torch.empty_like(weight) if grad_weight else input.new_empty((0,))
+    gb = torch.empty_like(bias) if grad_bias and bias is not None else input.new_empty((0,))
+    return _loss_out(input, input.shape[0], reduction), gi, gw, gb
+
+
+def _lce_setup(ctx, inputs, output):
+    (input, weight, target, bias, class_weight, normalizer, _gl, reduction, ignore_index,
+     label_smoothing, z_loss, logit_softcap) = inputs[:12]
+    ctx.reduction = reduction
+    ctx.options = (reduction, ignore_index, label_smoothing, z_loss, logit_softcap)
+    ctx.has_bias = bias is not None
+    if reduction == NONE:  # the weight gradient sums rows: recompute with the upstream gradient
+        ctx.save_for_backward(input, weight, target, bias, class_weight, normalizer)
+    else:
+        ctx.save_for_backward(output[1], output[2], output[3])
+
+
+def _lce_backward(ctx, grad_loss, _g1, _g2, _g3):
+    need = ctx.needs_input_grad
+    if ctx.reduction == NONE:
+        input, weight, target, bias, class_weight, normalizer = ctx.saved_tensors
+        _, gi, gw, gb = linear_cross_entropy(
+            input, weight, target, bias, class_weight, normalizer,
+            grad_loss.float().contiguous(), *ctx.options, need[0], need[1],
+            bool(need[3]) and ctx.has_bias)
+        out = [gi if need[0] else None, gw if need[1] else None,
+               gb if need[3] and ctx.has_bias else None]
+    else:
+        gi, gw, gb = ctx.saved_tensors
+        out = [_scaled(gi, grad_loss, ctx.reduction) if need[0] else None,
+               _scaled(gw, grad_loss, ctx.reduction) if need[1] else None,
+               _scaled(gb, grad_loss, ctx.reduction) if need[3] and ctx.has_bias else None]
+    return (out[0], out[1], None, out[2]) + (None,) * 11
+
+
+linear_cross_entropy.register_autograd(_lce_backward, setup_context=_lce_setup)

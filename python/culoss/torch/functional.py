@@ -1,0 +1,655 @@
+"""Drop-in replacements for ``torch.nn.functional``'s losses (PyTorch 2.15):
+the same names, positional order, keyword names, defaults and semantics, run
+by culoss's fused kernels (CUDA tensors) or its CPU reference (CPU tensors).
+
+What differs from ``torch.nn.functional``, on purpose:
+
+* float64 and complex inputs, which the C library lacks, run ``torch``'s own
+  op (a one-time warning says so); they are never downcast.
+* culoss extras are keyword-only and off by default: ``z_loss``,
+  ``logit_softcap``, ``normalizer`` (divide ``mean`` by this count instead of
+  the weight sum: a float or a 1-element tensor) and ``inplace_backward``.
+* class-index targets may be int32 as well as int64.
+* a class target outside ``[0, C)`` on a CUDA tensor does not assert on the
+  device: that row's loss is NaN and :func:`culoss.torch.synchronize` raises.
+  On the CPU the call raises ``IndexError`` as torch does.
+* ignored rows get a zero gradient even when their logits hold NaN.
+
+Memory: a loss and its gradient are computed in one pass in the forward; the
+gradient (input-sized) is what lives until the backward. Layouts the C calls
+cannot read directly (a class dimension that is not last, as in K-dimensional
+cross-entropy ``[N, C, d1, ...]``) cost one transposed copy of the input.
+"""
+import warnings
+
+import torch
+
+from . import _ops
+
+NONE, SUM, MEAN, BATCHMEAN = _ops.NONE, _ops.SUM, _ops.MEAN, _ops.BATCHMEAN
+_RED = {"none": NONE, "sum": SUM, "mean": MEAN}
+_C_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_warned = set()
+
+__all__ = [
+    "cross_entropy", "nll_loss", "binary_cross_entropy_with_logits", "binary_cross_entropy",
+    "multi_margin_loss", "mse_loss", "l1_loss", "huber_loss", "smooth_l1_loss", "kl_div",
+    "hinge_loss", "linear_cross_entropy",
+]
+
+# --------------------------------------------------------------------------- shared checks
+
+
+def _reduction(reduction, size_average=None, reduce=None, batchmean=False):
+    if size_average is not None or reduce is not None:
+        reduction = torch.nn._reduction.legacy_get_string(size_average, reduce, emit_warning=False)
+    if reduction in _RED:
+        return _RED[reduction]
+    if batchmean and reduction == "batchmean":
+        return BATCHMEAN
+    raise ValueError(f"{reduction} is not a valid value for reduction")
+
+
+def _tensor(name, t):
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    return t
+
+
+def _native(fname, input):
+    """True when `input` is a dtype culoss runs; False for float64/complex (the
+    caller runs torch's op; warned once). Integer or bool inputs raise."""
+    _tensor("input", input)
+    if input.dtype in _C_DTYPES:
+        return True
+    if input.dtype == torch.float64 or input.is_complex():
+        if fname not in _warned and not torch.compiler.is_compiling():
+            _warned.add(fname)
+            warnings.warn(f"culoss.torch.{fname}: {input.dtype} is not a culoss dtype (float32, "
+                          "float16, bfloat16); running torch.nn.functional's op instead",
+                          stacklevel=3)
+        return False
+    raise TypeError(f"{fname}: input must be a floating-point tensor (float32, float16, "
+                    f"bfloat16), got {input.dtype}")
+
+
+def _device(fname, input, **others):
+    if input.device.type not in ("cpu", "cuda"):
+        raise ValueError(f"{fname}: culoss runs on CPU and CUDA tensors, input is on "
+                         f"{input.device}")
+    for name, t in others.items():
+        if t is not None and isinstance(t, torch.Tensor) and t.device != input.device:
+            raise ValueError(f"{fname}: {name} is on {t.device}, input on {input.device}: all "
+                             "tensors must be on one device")
+
+
+def _no_grad_for(fname, **tensors):
+    for name, t in tensors.items():
+        if t is not None and t.requires_grad and torch.is_grad_enabled():
+            raise ValueError(f"{fname}: {name} requires grad, but the loss is not differentiable "
+                             f"with respect to {name} (as in torch.nn.functional); detach it")
+
+
+def _wants_grad(*ts):
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in ts)
+
+
+def _out_dtype(loss, input):
+    """torch's loss dtype: the input's, or float32 under autocast (where torch
+    runs losses in float32)."""
+    if torch.is_autocast_enabled(input.device.type):
+        return loss
+    return loss.to(input.dtype)
+
+
+def _class_weight(fname, weight, c, input):
+    if weight is None:
+        return None
+    _tensor("weight", weight)
+    _device(fname, input, weight=weight)
+    if weight.dim() != 1 or weight.shape[0] != c:
+        raise ValueError(f"{fname}: weight must be a 1-D tensor of {c} elements (one per class), "
+                         f"got shape {tuple(weight.shape)}")
+    if not weight.is_floating_point():
+        raise TypeError(f"{fname}: weight must be floating point, got {weight.dtype}")
+    _no_grad_for(fname, weight=weight)
+    return weight.detach().to(torch.float32).contiguous()
+
+
+def _normalizer(fname, normalizer, input):
+    if normalizer is None:
+        return None
+    if isinstance(normalizer, torch.Tensor):
+        _device(fname, input, normalizer=normalizer)
+        if normalizer.numel() != 1:
+            raise ValueError(f"{fname}: normalizer must hold one element, got shape "
+                             f"{tuple(normalizer.shape)}")
+        return normalizer.detach().to(torch.float32).reshape(1)
+    return torch.full((1,), float(normalizer), dtype=torch.float32, device=input.device)
+
+
+def _index_target(fname, target, shape):
+    _tensor("target", target)
+    if target.dtype not in (torch.int64, torch.int32, torch.uint8):
+        raise TypeError(f"{fname}: target must hold class indices (int64 or int32), got "
+                        f"{target.dtype}")
+    if tuple(target.shape) != tuple(shape):
+        raise ValueError(f"{fname}: target has shape {tuple(target.shape)}, expected "
+                         f"{tuple(shape)} for this input")
+    if target.dtype == torch.uint8:
+        target = target.to(torch.int64)
+    return target.reshape(-1).contiguous()
+
+
+def _rows(input):
+    """input [n, c] in a layout the C calls read without a copy when possible."""
+    if input.shape[1] > 0 and input.stride(1) == 1 and (
+            input.shape[0] <= 1 or input.stride(0) >= input.shape[1]):
+        return input
+    return input.contiguous()
+
+
+def _class_last(input):
+    """[N, C, d1, ...] (or [C], [N, C]) as rows [rows, C] with C last."""
+    if input.dim() == 1:
+        return input.unsqueeze(0)
+    if input.dim() == 2:
+        return _rows(input)
+    return input.movedim(1, -1).reshape(-1, input.shape[1])
+
+
+def _batch_shape(input):
+    """The per-row loss shape of a class-at-dim-1 input."""
+    if input.dim() == 1:
+        return ()
+    return (input.shape[0],) + tuple(input.shape[2:])
+
+
+def _smoothing(fname, label_smoothing):
+    eps = float(label_smoothing)
+    if eps > 1.0:
+        raise ValueError(f"{fname}: label_smoothing must be between 0.0 and 1.0. Got: {eps}")
+    return eps if eps > 0.0 else 0.0  # torch: negative (or NaN) smoothing means none
+
+# --------------------------------------------------------------------------- cross-entropy
+
+
+class _InplaceCrossEntropy(torch.autograd.Function):
+    """inplace_backward=True (eager): the fused pass writes the gradient over
+    the logits' storage, so no gradient buffer is allocated. The logits'
+    version counter is bumped, so an op that saved them for its own backward
+    fails loudly instead of reading gradients."""
+
+    @staticmethod
+    def forward(ctx, x, t, w, normalizer, reduction, ignore_index, eps, z_loss, softcap):
+        loss = _ops.cross_entropy_call(x, t, w, normalizer, reduction, ignore_index, eps, z_loss,
+                                       softcap, grad=x)
+        torch.autograd.graph.increment_version(x)
+        ctx.reduction = reduction
+        ctx.save_for_backward(x.detach())
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        (g,) = ctx.saved_tensors
+        return (_ops._scaled(g, grad_loss, ctx.reduction),) + (None,) * 8
+
+
+def cross_entropy(input, target, weight=None, size_average=None, ignore_index=-100, reduce=None,
+                  reduction="mean", label_smoothing=0.0, *, z_loss=0.0, logit_softcap=0.0,
+                  normalizer=None, inplace_backward=False):
+    """Softmax cross-entropy, as ``torch.nn.functional.cross_entropy``.
+
+    Shapes: input ``[C]``, ``[N, C]`` or ``[N, C, d1, ...]``; target class
+    indices ``[]``, ``[N]`` or ``[N, d1, ...]`` (int64/int32), or
+    probabilities of the input's shape (floating; then ``ignore_index`` must
+    stay negative). Returns the loss in the input's dtype (float32 under
+    autocast); ``[N, d1, ...]`` for ``reduction="none"``.
+
+    culoss extras (keyword-only): ``z_loss`` adds ``z_loss * lse**2`` per
+    non-ignored row; ``logit_softcap`` applies ``cap * tanh(x / cap)`` first;
+    ``normalizer`` replaces the ``mean`` denominator; ``inplace_backward``
+    writes the gradient over ``input`` (eager mode; only when nothing else
+    needs the logits afterwards, e.g. straight out of a linear layer; ignored
+    under torch.compile).
+
+    Example::
+
+        >>> logits = torch.randn(8, 32000, requires_grad=True)
+        >>> loss = cross_entropy(logits, torch.randint(32000, (8,)), label_smoothing=0.1)
+        >>> loss.backward()
+    """
+    fname = "cross_entropy"
+    red = _reduction(reduction, size_average, reduce)
+    _tensor("target", target)
+    if not _native(fname, input):
+        if z_loss or logit_softcap or normalizer is not None:
+            raise TypeError(f"{fname}: z_loss, logit_softcap and normalizer need a float32, "
+                            f"float16 or bfloat16 input, got {input.dtype}")
+        return torch.nn.functional.cross_entropy(input, target, weight, None, ignore_index, None,
+                                                 reduction, label_smoothing)
+    _device(fname, input, target=target, weight=weight)
+    if input.dim() == 0:
+        raise ValueError(f"{fname}: input must have at least one dimension (classes)")
+    c = input.shape[0] if input.dim() == 1 else input.shape[1]
+    eps = _smoothing(fname, label_smoothing)
+    soft = tuple(target.shape) == tuple(input.shape) and target.is_floating_point()
+    w = _class_weight(fname, weight, c, input)
+    norm = _normalizer(fname, normalizer, input)
+    z_loss, logit_softcap = float(z_loss), float(logit_softcap)
+    x = _class_last(input)
+    if soft:
+        if ignore_index >= 0:
+            raise ValueError(f"{fname}: ignore_index is not supported for floating point target")
+        t = _class_last(target.to(input.dtype))
+        compute = _wants_grad(input, target)
+    else:
+        t = _index_target(fname, target, _batch_shape(input))
+        compute = _wants_grad(input)
+    if inplace_backward and compute and not soft and not torch.compiler.is_compiling():
+        # x is input itself (or a view of it) for [C] and [N, C]; the
+        # transposed copy of a K-dimensional input otherwise
+        loss = _InplaceCrossEntropy.apply(x, t, w, norm, red, int(ignore_index), eps, z_loss,
+                                          logit_softcap)
+    else:
+        loss, _ = torch.ops.culoss.cross_entropy(x, t, w, norm, red, int(ignore_index), eps,
+                                                 z_loss, logit_softcap, compute)
+    if red == NONE:
+        loss = loss.reshape(_batch_shape(input))
+    return _out_dtype(loss, input)
+
+
+def nll_loss(input, target, weight=None, size_average=None, ignore_index=-100, reduce=None,
+             reduction="mean", *, normalizer=None):
+    """Negative log-likelihood over log-probabilities, as
+    ``torch.nn.functional.nll_loss`` (input ``[C]``, ``[N, C]`` or
+    ``[N, C, d1, ...]``; class-index target)."""
+    fname = "nll_loss"
+    red = _reduction(reduction, size_average, reduce)
+    _tensor("target", target)
+    if not _native(fname, input):
+        if normalizer is not None:
+            raise TypeError(f"{fname}: normalizer needs a float32, float16 or bfloat16 input")
+        return torch.nn.functional.nll_loss(input, target, weight, None, ignore_index, None,
+                                            reduction)
+    _device(fname, input, target=target, weight=weight)
+    if input.dim() == 0:
+        raise ValueError(f"{fname}: input must have at least one dimension (classes)")
+    c = input.shape[0] if input.dim() == 1 else input.shape[1]
+    w = _class_weight(fname, weight, c, input)
+    t = _index_target(fname, target, _batch_shape(input))
+    loss, _ = torch.ops.culoss.nll_loss(_class_last(input), t, w,
+                                        _normalizer(fname, normalizer, input), red,
+                                        int(ignore_index), _wants_grad(input))
+    if red == NONE:
+        loss = loss.reshape(_batch_shape(input))
+    return _out_dtype(loss, input)
+
+
+def multi_margin_loss(input, target, p=1, margin=1.0, weight=None, size_average=None,
+                      reduce=None, reduction="mean"):
+    """Multi-class hinge, as ``torch.nn.functional.multi_margin_loss``: input
+    ``[]``, ``[C]`` or ``[N, C]``, int64 class targets (one per row)."""
+    fname = "multi_margin_loss"
+    red = _reduction(reduction, size_average, reduce)
+    if p != 1 and p != 2:
+        raise ValueError("only p == 1 and p == 2 supported")
+    if weight is not None and _tensor("weight", weight).dim() != 1:
+        raise ValueError("weight must be one-dimensional")
+    _tensor("target", target)
+    if not _native(fname, input):
+        return torch.nn.functional.multi_margin_loss(input, target, p, margin, weight,
+                                                     reduction=reduction)
+    _device(fname, input, target=target, weight=weight)
+    if input.dim() > 2 or (input.dim() >= 1 and input.shape[-1] == 0):
+        raise ValueError(f"{fname}: expected a non-empty vector or matrix with optional 0-dim "
+                         f"batch size, got input of shape {tuple(input.shape)}")
+    x = input.reshape(1, 1) if input.dim() == 0 else _class_last(input)
+    n, c = x.shape
+    if target.dtype not in (torch.int64, torch.int32):
+        raise TypeError(f"{fname}: target must hold class indices (int64), got {target.dtype}")
+    if target.dim() > 1 or target.numel() != n:
+        raise ValueError(f"{fname}: target tensor should be 1-D with size equal to the number of "
+                         f"rows ({n}), got shape {tuple(target.shape)}")
+    w = _class_weight(fname, weight, c, input)
+    loss, _ = torch.ops.culoss.multi_margin_loss(x, target.reshape(-1).contiguous(), w, red,
+                                                 int(p), float(margin), _wants_grad(input))
+    if red == NONE:
+        loss = loss.reshape(target.shape if input.dim() < 2 else (n,))
+    return _out_dtype(loss, input)
+
+# --------------------------------------------------------------------------- elementwise
+
+
+def _same_size(fname, input, target):
+    if tuple(target.shape) != tuple(input.shape):
+        raise ValueError(f"{fname}: target size ({tuple(target.shape)}) must be the same as "
+                         f"input size ({tuple(input.shape)})")
+
+
+def _broadcast_pair(input, target):
+    """torch's broadcasting of mismatched input/target sizes, with its warning."""
+    if tuple(target.shape) != tuple(input.shape):
+        if not torch.compiler.is_compiling():
+            warnings.warn(f"Using a target size ({target.size()}) that is different to the input "
+                          f"size ({input.size()}). This will likely lead to incorrect results "
+                          "due to broadcasting. Please ensure they have the same size.",
+                          stacklevel=3)
+        input, target = torch.broadcast_tensors(input, target)
+    return input, target
+
+
+def _elementwise_weight(fname, weight, input):
+    """An elementwise weight broadcast to the input: [m] float32."""
+    if weight is None:
+        return None
+    _tensor("weight", weight)
+    _device(fname, input, weight=weight)
+    _no_grad_for(fname, weight=weight)
+    try:
+        w = weight.detach().to(torch.float32).expand(input.shape)
+    except RuntimeError as e:
+        raise ValueError(f"{fname}: weight of shape {tuple(weight.shape)} does not broadcast to "
+                         f"the input's shape {tuple(input.shape)}") from e
+    return w.contiguous()
+
+
+def _as_rows(t, n, c):
+    return t.reshape(n, c).contiguous()
+
+
+def binary_cross_entropy_with_logits(input, target, weight=None, size_average=None, reduce=None,
+                                     reduction="mean", pos_weight=None):
+    """Binary cross-entropy on logits, as
+    ``torch.nn.functional.binary_cross_entropy_with_logits``: any shape;
+    ``weight`` broadcasts to the input, ``pos_weight`` to it along the last
+    dimension (or any broadcastable shape)."""
+    fname = "binary_cross_entropy_with_logits"
+    red = _reduction(reduction, size_average, reduce)
+    _tensor("target", target)
+    if not _native(fname, input):
+        return torch.nn.functional.binary_cross_entropy_with_logits(
+            input, target, weight, reduction=reduction, pos_weight=pos_weight)
+    _device(fname, input, target=target, weight=weight, pos_weight=pos_weight)
+    _same_size(fname, input, target)
+    if not target.is_floating_point():
+        raise TypeError(f"{fname}: target must be floating point, got {target.dtype}")
+    m = input.numel()
+    c = input.shape[-1] if input.dim() >= 1 else 1
+    pw = None
+    if pos_weight is not None:
+        _tensor("pos_weight", pos_weight)
+        _no_grad_for(fname, pos_weight=pos_weight)
+        try:
+            full = pos_weight.detach().to(torch.float32).expand(input.shape)
+        except RuntimeError as e:
+            raise ValueError(f"{fname}: pos_weight of shape {tuple(pos_weight.shape)} does not "
+                             f"broadcast to the input's shape {tuple(input.shape)}") from e
+        if pos_weight.dim() <= 1 and input.dim() >= 1:  # one value per class: [c]
+            pw = full.reshape(-1, c)[0].contiguous() if m else full.reshape(-1)[:c].contiguous()
+        else:  # any other broadcast: one row of m elements
+            c = max(m, 1)
+            pw = full.reshape(-1).contiguous()
+    n = m // c if c else 0
+    if m == 0:
+        n, c = 0, max(c, 1)
+    w = _elementwise_weight(fname, weight, input)
+    x2 = _as_rows(input, n, c)
+    y2 = _as_rows(target.to(input.dtype), n, c)
+    loss, _ = torch.ops.culoss.binary_cross_entropy(x2, y2, w, pw, red, True,
+                                                    _wants_grad(input, target))
+    if red == NONE:
+        loss = loss.reshape(input.shape)
+    return _out_dtype(loss, input)
+
+
+def binary_cross_entropy(input, target, weight=None, size_average=None, reduce=None,
+                         reduction="mean"):
+    """Binary cross-entropy on probabilities, as
+    ``torch.nn.functional.binary_cross_entropy`` (inputs and, on the CPU,
+    targets outside [0, 1] raise; on CUDA they give NaN and
+    :func:`culoss.torch.synchronize` raises)."""
+    fname = "binary_cross_entropy"
+    red = _reduction(reduction, size_average, reduce)
+    _tensor("target", target)
+    if not _native(fname, input):
+        return torch.nn.functional.binary_cross_entropy(input, target, weight,
+                                                        reduction=reduction)
+    _device(fname, input, target=target, weight=weight)
+    if tuple(target.shape) != tuple(input.shape):
+        raise ValueError(f"Using a target size ({target.size()}) that is different to the input "
+                         f"size ({input.size()}) is deprecated. Please ensure they have the same "
+                         "size.")
+    if not target.is_floating_point():
+        raise TypeError(f"{fname}: target must be floating point, got {target.dtype}")
+    m = input.numel()
+    w = _elementwise_weight(fname, weight, input)
+    x2 = _as_rows(input, 1 if m else 0, max(m, 1))
+    y2 = _as_rows(target.to(input.dtype), 1 if m else 0, max(m, 1))
+    loss, _ = torch.ops.culoss.binary_cross_entropy(x2, y2, w, None, red, False,
+                                                    _wants_grad(input, target))
+    if red == NONE:
+        loss = loss.reshape(input.shape)
+    return _out_dtype(loss, input)
+
+
+def _regression(fname, kind, input, target, red, delta=1.0, beta=1.0):
+    _tensor("target", target)
+    _device(fname, input, target=target)
+    if not target.is_floating_point():
+        raise TypeError(f"{fname}: target must be floating point, got {target.dtype}")
+    x, y = _broadcast_pair(input, target.to(input.dtype))
+    loss, _ = torch.ops.culoss.regression(x.contiguous(), y.contiguous(), kind, red, float(delta),
+                                          float(beta), _wants_grad(x, y))
+    return loss
+
+
+def _weighted(fname, loss_none, weight, input, red, mean_by_weight):
+    """torch 2.15's elementwise weight for mse/l1/huber: applied to the
+    per-element loss (torch ops, so the weight gets its gradient too)."""
+    _tensor("weight", weight)
+    _device(fname, input, weight=weight)
+    if tuple(weight.shape) != tuple(input.shape):
+        raise ValueError("Weights and input must have the same size.")
+    wl = loss_none * weight
+    if red == NONE:
+        return wl
+    if red == SUM:
+        return wl.sum()
+    return wl.sum() / weight.sum() if mean_by_weight else wl.mean()
+
+
+def _regression_loss(fname, kind, input, target, reduction, size_average, reduce, weight,
+                     mean_by_weight, torch_call, delta=1.0, beta=1.0):
+    red = _reduction(reduction, size_average, reduce)
+    if not _native(fname, input):
+        return torch_call()
+    if weight is None:
+        return _out_dtype(_regression(fname, kind, input, target, red, delta, beta), input)
+    loss = _regression(fname, kind, input, target, NONE, delta, beta)
+    return _weighted(fname, _out_dtype(loss, input), weight, input, red, mean_by_weight)
+
+
+def mse_loss(input, target, size_average=None, reduce=None, reduction="mean", weight=None):
+    """Mean squared error, as ``torch.nn.functional.mse_loss`` (broadcasting
+    mismatched sizes with torch's warning; ``weight``: elementwise, ``mean``
+    divides by its sum)."""
+    return _regression_loss("mse_loss", 0, input, target, reduction, size_average, reduce,
+                            weight, True, lambda: torch.nn.functional.mse_loss(
+                                input, target, reduction=reduction, weight=weight))
+
+
+def l1_loss(input, target, size_average=None, reduce=None, reduction="mean", weight=None):
+    """Mean absolute error, as ``torch.nn.functional.l1_loss`` (subgradient
+    0 at 0; ``weight``: elementwise, ``mean`` divides by its sum)."""
+    return _regression_loss("l1_loss", 1, input, target, reduction, size_average, reduce,
+                            weight, True, lambda: torch.nn.functional.l1_loss(
+                                input, target, reduction=reduction, weight=weight))
+
+
+def huber_loss(input, target, reduction="mean", delta=1.0, weight=None):
+    """Huber loss, as ``torch.nn.functional.huber_loss`` (``delta`` > 0;
+    ``weight``: elementwise, ``mean`` is the mean of the weighted losses)."""
+    if not delta > 0:
+        raise ValueError("huber_loss does not support non-positive values for delta.")
+    return _regression_loss("huber_loss", 2, input, target, reduction, None, None, weight, False,
+                            lambda: torch.nn.functional.huber_loss(input, target, reduction,
+                                                                   delta, weight),
+                            delta=delta)
+
+
+def smooth_l1_loss(input, target, size_average=None, reduce=None, reduction="mean", beta=1.0):
+    """Smooth L1, as ``torch.nn.functional.smooth_l1_loss`` (``beta`` >= 0;
+    ``beta == 0`` is exactly L1)."""
+    if beta < 0:
+        raise ValueError("smooth_l1_loss does not support negative values for beta.")
+    return _regression_loss("smooth_l1_loss", 3, input, target, reduction, size_average, reduce,
+                            None, False, lambda: torch.nn.functional.smooth_l1_loss(
+                                input, target, reduction=reduction, beta=beta), beta=beta)
+
+
+def kl_div(input, target, size_average=None, reduce=None, reduction="mean", log_target=False):
+    """KL divergence with log-probability input, as
+    ``torch.nn.functional.kl_div`` (``batchmean`` divides by ``input.size(0)``;
+    ``mean`` by the element count, with torch's warning)."""
+    fname = "kl_div"
+    if size_average is None and reduce is None and reduction == "mean" and \
+            not torch.compiler.is_compiling():
+        warnings.warn("reduction: 'mean' divides the total loss by both the batch size and the "
+                      "support size.'batchmean' divides only by the batch size, and aligns with "
+                      "the KL div math definition.'mean' will be changed to behave the same as "
+                      "'batchmean' in the next major release.", stacklevel=2)
+    red = _reduction(reduction, size_average, reduce, batchmean=True)
+    _tensor("target", target)
+    if not _native(fname, input):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return torch.nn.functional.kl_div(input, target, reduction=reduction,
+                                              log_target=log_target)
+    _device(fname, input, target=target)
+    if not target.is_floating_point():
+        raise TypeError(f"{fname}: target must be floating point, got {target.dtype}")
+    x, y = input, target.to(input.dtype)
+    if tuple(x.shape) != tuple(y.shape):
+        x, y = torch.broadcast_tensors(x, y)
+    m = x.numel()
+    n = x.shape[0] if x.dim() >= 1 else 1
+    c = m // n if n else 1
+    loss, _ = torch.ops.culoss.kl_div(_as_rows(x, n, c), _as_rows(y, n, c), red, bool(log_target),
+                                      _wants_grad(x, y))
+    if red == NONE:
+        loss = loss.reshape(x.shape)
+    return _out_dtype(loss, input)
+
+
+def hinge_loss(input, target, *, margin=1.0, squared=False, reduction="mean"):
+    """Binary hinge ``max(0, margin - y * input)`` (``squared``: its square)
+    with targets y in {-1, +1}; same shapes. culoss's own (torch has no
+    binary hinge): subgradient ``-y`` at the kink (SEMANTICS.md)."""
+    fname = "hinge_loss"
+    red = _reduction(reduction)
+    _tensor("target", target)
+    if not _native(fname, input):
+        z = torch.clamp_min(margin - target * input, 0)
+        z = z * z if squared else z
+        return {NONE: z, SUM: z.sum(), MEAN: z.mean()}[red]
+    _device(fname, input, target=target)
+    _same_size(fname, input, target)
+    _no_grad_for(fname, target=target)
+    loss, _ = torch.ops.culoss.hinge(input.contiguous(), target.to(input.dtype).contiguous(), red,
+                                     float(margin), bool(squared), _wants_grad(input))
+    return _out_dtype(loss, input)
+
+# --------------------------------------------------------------------------- linear + CE
+
+
+def _linear_ce_composed(input, linear_weight, target, linear_bias, weight, reduction,
+                        ignore_index, label_smoothing, **extras):
+    """Logits materialised, then culoss's cross_entropy: K-dimensional linear
+    weights and probability targets (whose target is [N, V] already)."""
+    w = linear_weight
+    if w.dim() == 2:
+        logits = torch.nn.functional.linear(input, w, linear_bias)
+    else:  # [C, d1, ..., in] -> logits [N, C, d1, ...]
+        logits = torch.tensordot(input, w, dims=([input.dim() - 1], [w.dim() - 1]))
+        if linear_bias is not None:
+            logits = logits + linear_bias
+    return cross_entropy(logits, target, weight, None, ignore_index, None, reduction,
+                         label_smoothing, **extras)
+
+
+def linear_cross_entropy(input, linear_weight, target, *, linear_bias=None, weight=None,
+                         reduction="mean", ignore_index=-100, label_smoothing=0.0, options=None,
+                         z_loss=0.0, logit_softcap=0.0, normalizer=None):
+    """Fused linear + cross-entropy, as ``torch.nn.functional.linear_cross_entropy``
+    (torch 2.13+): the loss of ``cross_entropy(input @ linear_weight.T +
+    linear_bias, target, weight, ...)`` without materialising the ``[N, V]``
+    logits, computed a block of rows at a time; the forward also forms
+    grad_input, grad_weight and grad_bias (reduction none: the backward does,
+    with the upstream gradient).
+
+    input ``[d]`` or ``[N, d]``; linear_weight ``[V, d]`` (fused) or
+    ``[C, d1, ..., d]`` (K-dimensional logits ``[N, C, d1, ...]``, which are
+    materialised); target class indices (fused) or probabilities (the logits
+    are materialised: the target is ``[N, V]`` already). ``ignore_index=None``
+    means -100. ``options`` (torch's ``LinearCrossEntropyOptions``) is accepted
+    and has no effect. Under autocast, input, weight and bias are cast to the
+    autocast dtype, as ``F.linear`` would be; the loss is float32.
+    """
+    fname = "linear_cross_entropy"
+    del options  # torch's chunking options: culoss chooses its own blocks
+    red = _reduction(reduction)
+    ignore_index = -100 if ignore_index is None else int(ignore_index)
+    for name, t in (("input", input), ("linear_weight", linear_weight), ("target", target)):
+        _tensor(name, t)
+    if input.dim() not in (1, 2):
+        raise ValueError(f"{fname}: expected input with dimensionality 1 or 2, got {input.dim()}")
+    if linear_weight.dim() < 2:
+        raise ValueError(f"{fname}: expected linear_weight with dimensionality at least 2, got "
+                         f"{linear_weight.dim()}")
+    if input.shape[-1] != linear_weight.shape[-1]:
+        raise ValueError(f"{fname}: expected equal input and linear_weight last dimensions "
+                         f"(in_features), got {input.shape[-1]} and {linear_weight.shape[-1]}")
+    if linear_weight.dim() > 2 and input.dim() != 2:
+        raise ValueError(f"{fname}: K-dimensional loss defined by linear_weight shape "
+                         f"{tuple(linear_weight.shape)} requires batched input")
+    if linear_bias is not None and tuple(linear_bias.shape) != tuple(linear_weight.shape[:-1]):
+        raise ValueError(f"{fname}: expected linear_bias shape {tuple(linear_weight.shape[:-1])}, "
+                         f"got {tuple(linear_bias.shape)}")
+    soft = target.is_floating_point()
+    if soft and ignore_index != -100:
+        raise ValueError(f"{fname}: ignore_index cannot be specified when target contains "
+                         "probabilities")
+    _device(fname, input, linear_weight=linear_weight, target=target, linear_bias=linear_bias,
+            weight=weight)
+    extras = dict(z_loss=z_loss, logit_softcap=logit_softcap, normalizer=normalizer)
+    if torch.is_autocast_enabled(input.device.type):
+        dt = torch.get_autocast_dtype(input.device.type)
+        input, linear_weight = input.to(dt), linear_weight.to(dt)
+        linear_bias = linear_bias.to(dt) if linear_bias is not None else None
+    if soft or linear_weight.dim() > 2 or not _native(fname, input):
+        return _linear_ce_composed(input, linear_weight, target, linear_bias, weight, reduction,
+                                   ignore_index, label_smoothing, **extras)
+    for name, t in (("linear_weight", linear_weight), ("linear_bias", linear_bias)):
+        if t is not None and t.dtype != input.dtype:
+            raise TypeError(f"{fname}: {name} is {t.dtype}, input is {input.dtype}: one dtype "
+                            "for input, linear_weight and linear_bias")
+    v = linear_weight.shape[0]
+    x = input.unsqueeze(0) if input.dim() == 1 else input
+    t = _index_target(fname, target, x.shape[:1] if input.dim() == 2 else ())
+    if input.dim() == 1:
+        t = t.reshape(1)
+    eps = _smoothing(fname, label_smoothing)
+    cw = _class_weight(fname, weight, v, input)
+    norm = _normalizer(fname, normalizer, input)
+    need = (_wants_grad(input), _wants_grad(linear_weight),
+            _wants_grad(linear_bias) if linear_bias is not None else False)
+    if red == NONE:
+        need = (False, False, False)  # the backward computes them with the upstream gradient
+    loss = torch.ops.culoss.linear_cross_entropy(
+        x.contiguous(), linear_weight.contiguous(), t,
+        linear_bias.contiguous() if linear_bias is not None else None, cw, norm, None, red,
+        ignore_index, eps, float(z_loss), float(logit_softcap), *need)[0]
+    if red == NONE:
+        loss = loss.reshape(()) if input.dim() == 1 else loss
+    return _out_dtype(loss, input)
