@@ -159,3 +159,37 @@ def test_opinfo_error_inputs(entry):
             with pytest.raises((ValueError, TypeError, RuntimeError, IndexError)):
                 ours_fn(s.input, *s.args, **s.kwargs)
     print(f"{entry.name}: {len(errors)} error inputs raise")
+
+
+class _RecordCulossOps(torch.overrides.TorchFunctionMode):
+    """Records every culoss custom-op call (with the args autograd sees)."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if isinstance(func, (torch._ops.OpOverload, torch._ops.OpOverloadPacket)) and \
+                str(func).startswith("culoss."):
+            self.calls.append((func, args, kwargs))
+        return func(*args, **kwargs)
+
+
+@pytest.mark.parametrize("entry", ENTRIES, ids=ENTRY_IDS)
+def test_opcheck_on_opinfo_samples(entry):
+    """torch.library.opcheck (schema, fake kernel, autograd registration, AOT
+    dispatch with dynamic shapes) on every culoss op call the OpInfo samples make."""
+    ours_fn = OPS[entry.name]
+    checked = set()
+    for s in entry.sample_inputs("cpu", torch.float32, requires_grad=True):
+        rec = _RecordCulossOps()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            with rec:
+                ours_fn(s.input, *s.args, **s.kwargs)
+        for func, args, kwargs in rec.calls:
+            torch.library.opcheck(func, args, kwargs)
+            checked.add(str(func))
+    assert checked, f"{entry.name}: no culoss op was called"
+    print(f"{entry.name}: opcheck passed for {sorted(checked)}")

@@ -60,17 +60,20 @@ def _opt_f32(t):
     return rt.ptr(t) if t is not None else None
 
 
-def _scaled(grad, grad_loss, reduction):
+def _scaled(grad, grad_loss, reduction, inplace=False):
     """grad * upstream gradient, broadcast over the class dimension for per-row
-    losses. In eager mode the saved buffer is scaled in place (so no second
-    [n, c] buffer is allocated): a second backward through the same graph then
-    fails loudly on the version check rather than scaling twice."""
+    losses. Out of place: the op's outputs stay as returned (ops are pure), so
+    a backward holds a second gradient-sized buffer while it runs (none lives
+    between forward and backward). inplace=True (the opt-in in-place
+    cross-entropy, whose gradient already overwrote the logits) scales the
+    saved buffer itself in eager mode."""
     if reduction == NONE and grad_loss.dim() < grad.dim():
         grad_loss = grad_loss.reshape(grad_loss.shape + (1,) * (grad.dim() - grad_loss.dim()))
     s = grad_loss.to(grad.dtype)
-    if torch.compiler.is_compiling() or torch.is_grad_enabled():
-        return grad * s
-    return grad.mul_(s)
+    if inplace and type(grad) is torch.Tensor and not torch.compiler.is_compiling() and \
+            not torch.is_grad_enabled():
+        return grad.mul_(s)
+    return grad * s
 
 
 def _acc(t):

@@ -192,7 +192,7 @@ class _InplaceCrossEntropy(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss):
         (g,) = ctx.saved_tensors
-        return (_ops._scaled(g, grad_loss, ctx.reduction),) + (None,) * 8
+        return (_ops._scaled(g, grad_loss, ctx.reduction, inplace=True),) + (None,) * 8
 
 
 def cross_entropy(input, target, weight=None, size_average=None, ignore_index=-100, reduce=None,
