@@ -23,13 +23,24 @@ from ._lib import (BF16, F16, F32, I32, I64, CEOptions as _CE, BCEOptions as _BC
                    lib as _clib, thread_context, version)
 
 __all__ = [
-    "CulossError", "CulossValueError", "CulossIndexError", "Context", "version",
+    "CulossError", "CulossValueError", "CulossIndexError", "Context", "version", "build_backend",
     "cross_entropy", "cross_entropy_soft", "nll", "bce_with_logits", "bce", "hinge",
     "multi_margin", "mse", "l1", "huber", "smooth_l1", "kl_div", "linear_cross_entropy",
     "CrossEntropyFunction",
 ]
 
 _P = ctypes.c_void_p
+
+
+def build_backend():
+    """"cuda" or "cpu": the backends of the installed library (a wheel built
+    where nvcc was on PATH has both; otherwise CPU only), or "development"
+    for a library found through CULOSS_LIBRARY / a build tree."""
+    try:
+        from . import _build_info
+    except ImportError:
+        return "development"
+    return _build_info.backend
 
 
 def _default_ctx(kind, device):
