@@ -1,13 +1,10 @@
 """Tests of the ctypes binding: NumPy on the CPU backend (run in CI), PyTorch
 CUDA tensors where torch and a GPU exist (skipped visibly otherwise)."""
 import math
-import os
-import sys
 
 import numpy as np
 import pytest
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import culoss  # noqa: E402
 
 rng = np.random.default_rng(1234)

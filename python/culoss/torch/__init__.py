@@ -13,7 +13,11 @@ of the CUDA backend (a class target outside [0, C), a BCE probability outside
     >>> loss = cl.cross_entropy(logits, labels, ignore_index=-100)
     >>> loss = cl.linear_cross_entropy(hidden, lm_head.weight, labels)
 """
-import torch as _torch
+try:
+    import torch as _torch
+except ImportError as _e:  # pragma: no cover - exercised in CI's fresh environment
+    raise ImportError("culoss.torch needs PyTorch >= 2.4 (pip install torch); the rest of culoss "
+                      "(import culoss) works without it") from _e
 
 from .. import _lib
 from . import _ops  # noqa: F401  (registers the custom ops)
