@@ -263,6 +263,10 @@ def thread_context(kind, device=0, key=None):
     return ctx
 
 
+def has_thread_context(kind, device=0, key=None):
+    return (kind, device, key) in getattr(_tls, "ctx", {})
+
+
 def thread_contexts():
     """The contexts this thread has created (for synchronize)."""
     return list(getattr(_tls, "ctx", {}).values())

@@ -189,3 +189,20 @@ def test_torch_autograd_function():
     xr = x.detach().clone().requires_grad_()
     (2 * torch.nn.functional.cross_entropy(xr, t, label_smoothing=0.05)).backward()
     torch.testing.assert_close(x.grad, xr.grad, rtol=1e-4, atol=1e-7)
+
+
+def test_lengths_are_checked_before_the_c_call():
+    """Regressions: the binding forwarded pointers without lengths, so a short
+    class weight or short targets were read past their end."""
+    x = rng.standard_normal((2, 10)).astype(np.float32)
+    with pytest.raises(culoss.CulossValueError, match="class_weight has 3 elements"):
+        culoss.cross_entropy(x, np.array([1, 2]), class_weight=np.ones(3, np.float32))
+    with pytest.raises(culoss.CulossValueError, match="targets has 1 elements"):
+        culoss.cross_entropy(x, np.array([1]))
+    with pytest.raises(culoss.CulossValueError, match="pos_weight"):
+        culoss.bce_with_logits(x, np.zeros_like(x), pos_weight=np.ones(3, np.float32))
+    with pytest.raises(culoss.CulossValueError, match="grad_loss"):
+        culoss.mse(x, x, reduction="none", grad_loss=np.ones(3, np.float32))
+    with pytest.raises(culoss.CulossValueError, match="bias"):
+        culoss.linear_cross_entropy(x, np.ones((5, 10), np.float32), np.array([1, 2]),
+                                    bias=np.ones(4, np.float32))

@@ -110,13 +110,57 @@ def test_cross_entropy_probability_targets_with_target_grad(dtype):
         check(cl.cross_entropy, F.cross_entropy, (x, y), kw, dtype)
 
 
+class _Copies(torch.utils._python_dispatch.TorchDispatchMode):
+    """Records aten ops that copy tensor data."""
+
+    def __init__(self):
+        super().__init__()
+        self.copies = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = str(func)
+        if any(k in name for k in ("clone", "copy", "_to_copy", "contiguous")):
+            self.copies.append(name)
+        return func(*args, **(kwargs or {}))
+
+
 def test_cross_entropy_strided_rows_take_no_copy():
     base = logits(8, 40, torch.float32).detach()
     x = base[:, :33].requires_grad_()  # row stride 40: read in place
     t = torch.randint(0, 33, (8,))
     check(cl.cross_entropy, F.cross_entropy, (x, t), {}, torch.float32)
-    v = torch.randn(4, 6, 50)
-    assert v.view(-1, 50).data_ptr() == v.data_ptr()  # logits.view(-1, V): the same storage
+    v = torch.randn(4, 6, 50, requires_grad=True)
+    # logits.view(-1, V), a padded pitch, and [N, C, d] whose classes are
+    # innermost in memory (a transposed view): all read in place
+    for inp in (v.view(-1, 50), x, v.transpose(1, 2)):
+        rec = _Copies()
+        tt = torch.randint(0, inp.shape[1], inp.shape[:1] + inp.shape[2:])
+        with rec:
+            cl.cross_entropy(inp, tt)
+        assert not rec.copies, rec.copies
+    rec = _Copies()  # [N, C, d] with classes strided does copy (documented)
+    with rec:
+        cl.cross_entropy(v, torch.randint(0, 6, (4, 50)))
+    assert rec.copies
+
+
+def test_autocast_takes_low_precision_logits_as_they_are():
+    x = logits(6, 9, torch.bfloat16)
+    t = torch.randint(0, 9, (6,))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        rec = _Copies()
+        with rec:
+            loss = cl.cross_entropy(x, t)
+        assert not rec.copies, rec.copies  # no fp32 copy of the logits
+        assert loss.dtype == torch.float32  # torch's autocast gives float32 losses
+        h = torch.randn(6, 5, requires_grad=True)
+        w = torch.randn(9, 5, requires_grad=True)  # fp32 master weights
+        lin = cl.linear_cross_entropy(h, w, t)
+        assert lin.dtype == torch.float32
+    lin.backward()
+    assert h.grad.dtype == torch.float32 and w.grad.dtype == torch.float32
+    ref = F.cross_entropy((h.detach().bfloat16() @ w.detach().bfloat16().T).double(), t)
+    assert abs(lin.item() - ref.item()) < 2e-2 * abs(ref.item())
 
 
 def test_cross_entropy_extras_against_composition():
@@ -366,6 +410,25 @@ def test_compile_fullgraph_training_step_matches_eager():
         results.append((loss.detach(), h.grad, w.grad))
     for a, b in zip(*results):
         assert torch.allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_compile_dynamic_shapes_and_float_options():
+    """dynamic=True: shapes symbolic; the float options stay Python floats passed
+    to the op (no float64 promotion), and a second size does not recompile wrongly."""
+    torch._dynamo.reset()
+
+    def f(x, t):
+        return cl.cross_entropy(x, t, label_smoothing=0.125, z_loss=2.0 ** -10)
+
+    cf = torch.compile(f, fullgraph=True, dynamic=True)
+    for n in (5, 9):
+        x = torch.randn(n, 7, requires_grad=True)
+        t = torch.randint(0, 7, (n,))
+        a, b = f(x, t), cf(x, t)
+        assert a.dtype == b.dtype == torch.float32 and torch.allclose(a, b, rtol=1e-6)
+        ga = torch.autograd.grad(a, x)[0]
+        gb = torch.autograd.grad(b, x)[0]
+        assert torch.allclose(ga, gb, rtol=1e-5, atol=1e-7)
 
 
 def test_compile_fullgraph_every_op():

@@ -22,6 +22,12 @@ def context(t):
         raise ValueError(f"culoss runs on CPU and CUDA tensors, not {t.device.type}")
     dev = t.device.index if t.device.index is not None else torch.cuda.current_device()
     stream = torch.cuda.current_stream(dev).cuda_stream
+    if not _lib.has_thread_context("cuda", dev, stream) and torch.cuda.is_current_stream_capturing():
+        raise RuntimeError(
+            "culoss: the first culoss call on this CUDA stream is inside graph capture, where its "
+            "context (a small device allocation) cannot be created. Run the step once on the "
+            "capture stream before capturing, e.g. warm up on stream s and capture with "
+            "torch.cuda.graph(g, stream=s).")
     try:
         ctx = _lib.thread_context("cuda", dev, stream)
     except _lib.CulossError as e:
