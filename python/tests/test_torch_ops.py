@@ -248,12 +248,22 @@ def test_kl_batchmean_and_regression_weights():
     a = torch.randn(5, 8).requires_grad_()
     b = torch.randn(5, 8)
     w = (torch.rand(5, 8) + 0.1).requires_grad_()
-    for fn, ref in ((cl.mse_loss, F.mse_loss), (cl.l1_loss, F.l1_loss),
-                    (cl.huber_loss, F.huber_loss)):
+    # torch 2.15's elementwise weight (mean: sum(w l) / sum(w) for mse and l1,
+    # mean(w l) for huber), written out so older torch checks it too
+    for fn, ref, by_w in ((cl.mse_loss, F.mse_loss, True), (cl.l1_loss, F.l1_loss, True),
+                          (cl.huber_loss, F.huber_loss, False)):
         for red in ("none", "sum", "mean"):
             out = fn(a, b, reduction=red, weight=w)
-            want = ref(a.double(), b.double(), reduction=red, weight=w.double())
+            wl = ref(a.double(), b.double(), reduction="none") * w.double()
+            want = {"none": wl, "sum": wl.sum(),
+                    "mean": wl.sum() / w.double().sum() if by_w else wl.mean()}[red]
             assert_close_ulps(out, want, torch.float32, 4, fn.__name__)
+            ga, gw = torch.autograd.grad(out.sum(), (a, w))
+            ra, rw = torch.autograd.grad(want.sum(), (a, w))
+            assert_close_ulps(ga, ra, torch.float32, 8, fn.__name__ + " grad input")
+            # l / S - sum(w l) / S^2 cancels in the float32 composition: errors of
+            # the largest element's size
+            assert_close_ulps(gw, rw, torch.float32, 8, fn.__name__ + " grad weight", 1.0)
 
 
 def test_broadcast_warns_like_torch():

@@ -254,13 +254,6 @@ def _ew_loss_out(x, reduction):
     return torch.empty((), dtype=torch.float32, device=x.device)
 
 
-def _check_unit_interval(t, name):
-    """CPU only (no device synchronisation): BCE's data checks, as torch."""
-    if t.device.type == "cpu" and t.numel() and bool(((t < 0) | (t > 1) | t.isnan()).any()):
-        raise _lib.CulossValueError(1, f"binary_cross_entropy: all elements of {name} should be "
-                                       "between 0 and 1")
-
-
 @torch.library.custom_op("culoss::binary_cross_entropy", mutates_args=())
 def binary_cross_entropy(input: Tensor, target: Tensor, weight: Optional[Tensor],
                          pos_weight: Optional[Tensor], reduction: int, logits: bool,
@@ -274,8 +267,6 @@ def binary_cross_entropy(input: Tensor, target: Tensor, weight: Optional[Tensor]
     ctx = rt.context(input)
     o = _lib.options("bce", reduction=reduction, weight=_opt_f32(weight),
                      pos_weight=_opt_f32(pos_weight))
-    if not logits:
-        _check_unit_interval(target, "target")
     _lib.call("bce_with_logits" if logits else "bce", ctx.h, o, n, c, rt.dtype_code(input),
               rt.ptr(input), rt.ptr(target), rt.ptr(loss), rt.ptr(grad), None)
     return loss, grad

@@ -463,7 +463,10 @@ def _regression_loss(fname, kind, input, target, reduction, size_average, reduce
                      mean_by_weight, torch_call, delta=1.0, beta=1.0):
     red = _reduction(reduction, size_average, reduce)
     if not _native(fname, input):
-        return torch_call()
+        if weight is None:
+            return torch_call(reduction)
+        # torch < 2.6 has no weight here: the per-element loss, then torch 2.15's weighting
+        return _weighted(fname, torch_call("none"), weight, input, red, mean_by_weight)
     if weight is None:
         return _out_dtype(_regression(fname, kind, input, target, red, delta, beta), input)
     loss = _regression(fname, kind, input, target, NONE, delta, beta)
@@ -475,16 +478,14 @@ def mse_loss(input, target, size_average=None, reduce=None, reduction="mean", we
     mismatched sizes with torch's warning; ``weight``: elementwise, ``mean``
     divides by its sum)."""
     return _regression_loss("mse_loss", 0, input, target, reduction, size_average, reduce,
-                            weight, True, lambda: torch.nn.functional.mse_loss(
-                                input, target, reduction=reduction, weight=weight))
+                            weight, True, lambda r: torch.nn.functional.mse_loss(input, target, reduction=r))
 
 
 def l1_loss(input, target, size_average=None, reduce=None, reduction="mean", weight=None):
     """Mean absolute error, as ``torch.nn.functional.l1_loss`` (subgradient
     0 at 0; ``weight``: elementwise, ``mean`` divides by its sum)."""
     return _regression_loss("l1_loss", 1, input, target, reduction, size_average, reduce,
-                            weight, True, lambda: torch.nn.functional.l1_loss(
-                                input, target, reduction=reduction, weight=weight))
+                            weight, True, lambda r: torch.nn.functional.l1_loss(input, target, reduction=r))
 
 
 def huber_loss(input, target, reduction="mean", delta=1.0, weight=None):
@@ -493,8 +494,7 @@ def huber_loss(input, target, reduction="mean", delta=1.0, weight=None):
     if not delta > 0:
         raise ValueError("huber_loss does not support non-positive values for delta.")
     return _regression_loss("huber_loss", 2, input, target, reduction, None, None, weight, False,
-                            lambda: torch.nn.functional.huber_loss(input, target, reduction,
-                                                                   delta, weight),
+                            lambda r: torch.nn.functional.huber_loss(input, target, r, delta),
                             delta=delta)
 
 
@@ -504,8 +504,8 @@ def smooth_l1_loss(input, target, size_average=None, reduce=None, reduction="mea
     if beta < 0:
         raise ValueError("smooth_l1_loss does not support negative values for beta.")
     return _regression_loss("smooth_l1_loss", 3, input, target, reduction, size_average, reduce,
-                            None, False, lambda: torch.nn.functional.smooth_l1_loss(
-                                input, target, reduction=reduction, beta=beta), beta=beta)
+                            None, False, lambda r: torch.nn.functional.smooth_l1_loss(
+                                input, target, reduction=r, beta=beta), beta=beta)
 
 
 def kl_div(input, target, size_average=None, reduce=None, reduction="mean", log_target=False):
