@@ -62,8 +62,9 @@ constexpr size_t STATIC_SMEM_RESERVE = 4096;
 /* What a row's threads accumulate in pass 1. */
 struct row_acc {
   culoss__lse_state lse; /* online max and rescaled sum of exp */
-  float sx;              /* sum w_c x_c (smoothing) or sum w_c y'_c x_c (soft) */
-  float sy;              /* sum w_c y'_c (soft) */
+  float sx;              /* sum w_c (m - x_c) (smoothing) or sum w_c y'_c (m - x_c)
+                            (soft), m = lse.m: non-negative terms (culoss__sx_term) */
+  float sy;              /* the weights of sx: sum w_c, or sum w_c y'_c (soft) */
   float xt;              /* the target logit (index modes; one thread adds it) */
 };
 
@@ -71,7 +72,8 @@ struct row_acc_merge {
   __device__ __forceinline__ row_acc operator()(const row_acc &a, const row_acc &b) const {
     row_acc r;
     r.lse = culoss__lse_merge(a.lse, b.lse);
-    r.sx = a.sx + b.sx;
+    r.sx = culoss__sx_rebase(a.sx, a.sy, a.lse.m, r.lse.m) +
+           culoss__sx_rebase(b.sx, b.sy, b.lse.m, r.lse.m);
     r.sy = a.sy + b.sy;
     r.xt = a.xt + b.xt;
     return r;
@@ -333,9 +335,8 @@ __global__ void __launch_bounds__(BLOCK) ce_kernel(ce_params p) {
         float s = m == acc.lse.m ? acc.lse.s : acc.lse.s * culoss__exp_diff(acc.lse.m, m);
 #pragma unroll
         for (int k = 0; k < VEC; k++) s += culoss__exp_diff(xv[k], m);
-        acc.lse.m = m;
-        acc.lse.s = s;
-        if (want_sx) {
+        if (want_sx) { /* sx follows the running maximum (culoss__sx_rebase) */
+          acc.sx = culoss__sx_rebase(acc.sx, acc.sy, acc.lse.m, m);
           if constexpr (MODE == CULOSS__CE_SOFT) {
             pack_t yk = load_pack<T, VEC>(yr + v * VEC);
 #pragma unroll
@@ -343,24 +344,33 @@ __global__ void __launch_bounds__(BLOCK) ce_kernel(ce_params p) {
               const int64_t j = v * VEC + k;
               const float wy = class_w(p, j) * ((1.0f - eps) * to_f32(yk.v[k]) + eps / (float)c);
               acc.sy += wy;
-              if (wy != 0.0f) acc.sx += wy * xv[k]; /* 0 * -inf counts as 0 */
+              if (wy != 0.0f) acc.sx += culoss__sx_term(wy, xv[k], m); /* 0 * -inf: 0 */
             }
           } else {
 #pragma unroll
-            for (int k = 0; k < VEC; k++)
-              acc.sx += class_w(p, v * VEC + k) * xv[k];
+            for (int k = 0; k < VEC; k++) {
+              const float w = class_w(p, v * VEC + k);
+              acc.sy += w;
+              acc.sx += culoss__sx_term(w, xv[k], m);
+            }
           }
         }
+        acc.lse.m = m;
+        acc.lse.s = s;
       }
       for (int64_t j = tail0 + lane; j < c; j += TPR) { /* the partial pack */
         const float xj = culoss__softcap(to_f32(xr[j]), cap);
+        const float m = fmaxf(acc.lse.m, xj);
+        if (want_sx) acc.sx = culoss__sx_rebase(acc.sx, acc.sy, acc.lse.m, m);
         acc.lse = culoss__lse_add(acc.lse, xj);
         if constexpr (MODE == CULOSS__CE_SOFT) {
           const float wy = class_w(p, j) * ((1.0f - eps) * to_f32(yr[j]) + eps / (float)c);
           acc.sy += wy;
-          if (wy != 0.0f) acc.sx += wy * xj;
+          if (wy != 0.0f) acc.sx += culoss__sx_term(wy, xj, m);
         } else if (want_sx) {
-          acc.sx += class_w(p, j) * xj;
+          const float w = class_w(p, j);
+          acc.sy += w;
+          acc.sx += culoss__sx_term(w, xj, m);
         }
       }
       if constexpr (MODE == CULOSS__CE_INDEX)
@@ -379,10 +389,13 @@ __global__ void __launch_bounds__(BLOCK) ce_kernel(ce_params p) {
       if (lane == 0) {
         float l;
         if constexpr (MODE == CULOSS__CE_INDEX) {
-          l = (1.0f - eps) * wt * (lse_m == -INFINITY ? lse - r.xt : (lse_m - r.xt) + log_s);
-          if (eps > 0.0f) l += eps / (float)c * (wsum * lse - r.sx);
+          const float a = (1.0f - eps) * wt;
+          l = lse_m == -INFINITY ? a * (lse - r.xt)
+                                 : culoss__scaled_diff(a, lse_m, r.xt) + a * log_s;
+          /* sum_j w_j (lse - x_j) = sx + W log_s: non-negative terms */
+          if (eps > 0.0f) l += eps / (float)c * (r.sx + r.sy * log_s);
         } else {
-          l = r.sy * lse - r.sx;
+          l = r.sx + r.sy * log_s;
         }
         l += p.z * lse * lse;
         if (per_row)

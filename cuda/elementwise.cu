@@ -56,7 +56,7 @@ __device__ __forceinline__ float eval(const ew_params &p, float x, float y, int6
     const float pw = p.pos_weight ? p.pos_weight[j] : 1.0f;
     return culoss__bce_logits(x, y, w, pw, d);
   } else if constexpr (OP == CULOSS__EW_BCE) {
-    *bad = !(x >= 0.0f && x <= 1.0f);
+    *bad = !(x >= 0.0f && x <= 1.0f && y >= 0.0f && y <= 1.0f);
     return culoss__bce_prob(x, y, p.weight ? p.weight[i] : 1.0f, d);
   } else if constexpr (OP == CULOSS__EW_HINGE) {
     *bad = y != 1.0f && y != -1.0f;

@@ -141,6 +141,27 @@ CULOSS_HD culoss__lse_state culoss__lse_merge(culoss__lse_state a, culoss__lse_s
   return r;
 }
 
+/* The smoothing / soft-target sum, kept relative to the running maximum m as
+   sx = sum_j w_j (m - x_j) with sw = sum_j w_j: every term is >= 0, so the
+   loss sum_j w_j (lse - x_j) = sx + sw log_s never cancels (W lse - sum w x
+   loses all its digits at large common offsets and gives inf - inf near the
+   fp16/bf16 maximum). Moving to a larger maximum adds (m_new - m_old) sw. A
+   -inf logit's term is w * inf (+inf, or NaN for w = 0: torch's 0 * -inf). */
+/* w (a - b) for a >= b, finite when the product is: a - b overflows fp32
+   only for huge a and b of opposite signs (e.g. +-3.4e38 at the fp16/bf16/fp32
+   maximum), where w a - w b adds two terms of one sign (no cancellation). */
+CULOSS_HD float culoss__scaled_diff(float w, float a, float b) {
+  const float d = a - b;
+  return (d == INFINITY && a != INFINITY && b != -INFINITY) ? w * a - w * b : w * d;
+}
+CULOSS_HD float culoss__sx_rebase(float sx, float sw, float m_old, float m_new) {
+  if (sw == 0.0f || m_new == m_old) return sx;
+  return sx + (m_old == -INFINITY ? sw * INFINITY : culoss__scaled_diff(sw, m_new, m_old));
+}
+CULOSS_HD float culoss__sx_term(float w, float x, float m) {
+  return x == -INFINITY ? w * INFINITY : culoss__scaled_diff(w, m, x);
+}
+
 /* Add one value to a state. */
 CULOSS_HD culoss__lse_state culoss__lse_add(culoss__lse_state a, float v) {
   culoss__lse_state b;
@@ -228,17 +249,18 @@ CULOSS_HD float culoss__bce_prob(float x, float y, float w, float *d) {
 }
 
 /* Binary hinge max(0, margin - y f) (or its square). At the kink the
-   gradient is -y (PyTorch's clamp_min passes the gradient at equality); the
-   squared form's gradient -2 y max(0, z) is continuous. */
+   subgradient is 0 (PyTorch 2.15's clamp_min and relu give 0 at equality:
+   SEMANTICS.md section 0). A NaN score gives a NaN loss (clamp_min(NaN) is
+   NaN) and a zero gradient (the mask z > 0 is false). */
 CULOSS_HD float culoss__hinge(float f, float y, float margin, int squared, float *d) {
   const float z = margin - y * f;
+  const float zp = z > 0.0f || z != z ? z : 0.0f;
   if (squared) {
-    const float zp = z > 0.0f ? z : 0.0f;
-    *d = -2.0f * y * zp;
+    *d = z > 0.0f ? -2.0f * y * z : 0.0f;
     return zp * zp;
   }
-  *d = z >= 0.0f ? -y : 0.0f;
-  return z > 0.0f ? z : 0.0f;
+  *d = z > 0.0f ? -y : 0.0f;
+  return zp;
 }
 
 CULOSS_HD float culoss__mse(float x, float y, float *d) {
@@ -247,8 +269,8 @@ CULOSS_HD float culoss__mse(float x, float y, float *d) {
   return r * r;
 }
 
-/* sign with sign(0) = 0 (PyTorch's L1 subgradient); NaN stays NaN. */
-CULOSS_HD float culoss__sign0(float r) { return r > 0.0f ? 1.0f : (r < 0.0f ? -1.0f : r * 0.0f); }
+/* sign with sign(0) = 0 and sign(NaN) = 0: PyTorch's sign, the L1 subgradient. */
+CULOSS_HD float culoss__sign0(float r) { return r > 0.0f ? 1.0f : (r < 0.0f ? -1.0f : 0.0f); }
 
 CULOSS_HD float culoss__l1(float x, float y, float *d) {
   const float r = x - y;
@@ -274,7 +296,7 @@ CULOSS_HD float culoss__smooth_l1(float x, float y, float beta, float *d) {
     *d = r / beta;
     return 0.5f * r * r / beta;
   }
-  *d = culoss__sign0(r);
+  *d = r != r ? r : culoss__sign0(r); /* NaN: NaN, as torch's r / beta branch */
   return a - 0.5f * beta;
 }
 

@@ -1,7 +1,7 @@
 /*
  * reduce.cu: the final step of every reduced loss: loss[0] = the fixed-order
  * sum of the per-block partials, divided by the mean's divisor. One block;
- * 0/0 gives NaN, as PyTorch's mean of an empty or all-ignored batch.
+ * A zero divisor gives NaN, as PyTorch's mean of an empty or all-ignored batch.
  */
 #include <cuda_runtime.h>
 
@@ -22,7 +22,13 @@ __global__ void __launch_bounds__(FINAL_THREADS)
   for (int i = threadIdx.x; i < count; i += FINAL_THREADS) s += partials[i];
   s = reduce_t(tmp).Sum(s);
   if (threadIdx.x == 0) {
-    if (reduction != CULOSS_REDUCTION_SUM) s /= resolve_divisor(div);
+    if (reduction != CULOSS_REDUCTION_SUM) {
+      /* D == 0 (an empty or all-ignored batch, or every target on a
+         zero-weight class, where label smoothing made the sum positive):
+         NaN, as torch's mean of nothing, never +inf */
+      const double dv = resolve_divisor(div);
+      s = dv == 0.0 ? (double)NAN : s / dv;
+    }
     loss[0] = (float)s;
   }
 }

@@ -14,7 +14,8 @@ static double sigmoid(double x) {
   double e = exp(-fabs(x));
   return x >= 0 ? 1.0 / (1.0 + e) : e / (1.0 + e);
 }
-static double sign0(double r) { return r > 0 ? 1.0 : (r < 0 ? -1.0 : r * 0.0); }
+/* torch's sign: sign(0) = 0 and sign(NaN) = 0 (the L1 subgradient). */
+static double sign0(double r) { return r > 0 ? 1.0 : (r < 0 ? -1.0 : 0.0); }
 
 /* Loss of element i and its derivative with respect to the input. */
 static double element(const culoss__ew_args *a, int64_t i, double *d) {
@@ -34,13 +35,15 @@ static double element(const culoss__ew_args *a, int64_t i, double *d) {
     *d = w * (x - y) / fmax(x * (1.0 - x), 1e-12);
     return -w * (y * fmax(log(x), -100.0) + (1.0 - y) * fmax(log1p(-x), -100.0));
   case CULOSS__EW_HINGE: {
-    const double z = p - y * x;
+    /* clamp_min(z, 0): NaN stays NaN; torch 2.15 gives subgradient 0 at
+       the kink z == 0 and at a NaN z (the mask z > 0 is false) */
+    const double z = p - y * x, zp = (z > 0 || isnan(z)) ? z : 0.0;
     if (a->flag) {
       *d = z > 0 ? -2.0 * y * z : 0.0;
-      return z > 0 ? z * z : 0.0;
+      return zp * zp;
     }
-    *d = z >= 0 ? -y : 0.0; /* clamp_min passes the gradient at the kink */
-    return z > 0 ? z : 0.0;
+    *d = z > 0 ? -y : 0.0;
+    return zp;
   }
   case CULOSS__EW_MSE:
     *d = 2.0 * r;

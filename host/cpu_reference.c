@@ -17,10 +17,16 @@ static double class_w(const culoss_cross_entropy_options *o, int64_t j) {
   return o->class_weight ? (double)o->class_weight[j] : 1.0;
 }
 
+/* One row's loss and gradient. Everything comes from the maximum m and the
+ * sum s = sum_j exp(x_j - m), never from exp(x - lse) or lse - x: at
+ * |x| >~ 1e11 the double lse = m + log s rounds back to m, which would give
+ * every tied class p = 1 and a zero loss. So p_j = exp(x_j - m) / s and
+ * lse - x_j = (m - x_j) + log s, a sum of two non-negative terms (no
+ * cancellation; SEMANTICS.md section 0). */
 double culoss__cpu_ce_row(const culoss_cross_entropy_options *o, int64_t c, const double *x,
                           int64_t t, const double *y, double wsum, double scale, double *g) {
-  const double eps = o->label_smoothing, z = o->z_loss, cap = o->logit_softcap;
-  double m = -INFINITY, s = 0.0, lse, coef_a, row_loss;
+  const double eps = o->label_smoothing, z = o->z_loss;
+  double m = -INFINITY, s = 0.0, log_s, lse, coef_a, row_loss = 0.0;
   int has_nan = 0;
   int64_t j;
   for (j = 0; j < c; j++) {
@@ -30,45 +36,45 @@ double culoss__cpu_ce_row(const culoss_cross_entropy_options *o, int64_t c, cons
       m = x[j];
   }
   if (has_nan) {
-    lse = NAN;
-  } else if (m == -INFINITY) {
-    lse = -INFINITY; /* every logit -inf: the loss comes out NaN below */
-  } else {
+    m = NAN, s = NAN; /* every value of the row comes out NaN */
+  } else if (m != -INFINITY) {
     for (j = 0; j < c; j++) s += exp(x[j] - m);
-    lse = m + log(s);
-  }
+  } /* every logit -inf: m = -inf, s = 0, the loss comes out NaN below */
+  log_s = log(s);
+  lse = m + log_s;
+#define CULOSS__P(j) (x[j] == -INFINITY && !has_nan ? 0.0 : exp(x[j] - m) / s)
+#define CULOSS__LSE_MINUS_X(j) ((m - x[j]) + log_s)
   if (y == NULL) { /* class index t */
     const double wt = class_w(o, t);
-    row_loss = (1.0 - eps) * wt * (lse - x[t]);
+    row_loss = (1.0 - eps) * wt * CULOSS__LSE_MINUS_X(t);
     if (eps > 0.0) {
-      double swx = 0.0;
-      for (j = 0; j < c; j++) swx += class_w(o, j) * x[j];
-      row_loss += eps / (double)c * (wsum * lse - swx);
+      double sw = 0.0; /* as torch, a zero weight on a -inf logit gives 0 * inf = NaN */
+      for (j = 0; j < c; j++) sw += class_w(o, j) * CULOSS__LSE_MINUS_X(j);
+      row_loss += eps / (double)c * sw;
     }
     coef_a = (1.0 - eps) * wt + eps / (double)c * wsum + 2.0 * z * lse;
     for (j = 0; j < c; j++) {
-      const double p = x[j] == -INFINITY ? 0.0 : exp(x[j] - lse);
       const double b = (j == t ? (1.0 - eps) * wt : 0.0) + eps / (double)c * class_w(o, j);
-      g[j] = scale * (p * coef_a - b);
+      g[j] = scale * (CULOSS__P(j) * coef_a - b);
     }
   } else { /* probability targets y */
-    double swy = 0.0, swyx = 0.0;
+    double swy = 0.0;
     for (j = 0; j < c; j++) {
       const double wy = class_w(o, j) * ((1.0 - eps) * y[j] + eps / (double)c);
       g[j] = wy; /* keep w_j y'_j for the gradient */
       swy += wy;
-      if (wy != 0.0) swyx += wy * x[j]; /* 0 * -inf counts as 0 */
+      if (wy != 0.0) row_loss += wy * CULOSS__LSE_MINUS_X(j); /* 0 * -inf counts as 0 */
     }
-    row_loss = swy * lse - swyx;
     coef_a = swy + 2.0 * z * lse;
-    for (j = 0; j < c; j++) {
-      const double p = x[j] == -INFINITY ? 0.0 : exp(x[j] - lse);
-      g[j] = scale * (p * coef_a - g[j]);
-    }
+    for (j = 0; j < c; j++) g[j] = scale * (CULOSS__P(j) * coef_a - g[j]);
   }
+#undef CULOSS__P
+#undef CULOSS__LSE_MINUS_X
   row_loss += z * lse * lse;
-  if (cap > 0.0)
+  if (o->logit_softcap > 0.0) {
+    const double cap = o->logit_softcap;
     for (j = 0; j < c; j++) g[j] *= 1.0 - (x[j] / cap) * (x[j] / cap);
+  }
   return row_loss;
 }
 
@@ -152,7 +158,9 @@ culoss_status culoss__cpu_cross_entropy(const culoss__ce_args *a) {
   if (o->reduction == CULOSS_REDUCTION_SUM)
     a->loss[0] = (float)total;
   else if (o->reduction == CULOSS_REDUCTION_MEAN)
-    a->loss[0] = (float)(total / denom); /* n == 0 or all ignored: 0/0 = NaN */
+    /* D == 0 (n == 0, all ignored, or every target on a zero-weight class):
+       NaN, as torch, even where the smoothing term made the sum positive */
+    a->loss[0] = denom == 0.0 ? NAN : (float)(total / denom);
   free(x), free(g), free(y);
   return CULOSS_OK;
 }

@@ -50,9 +50,11 @@ static culoss_status check_domain_cpu(const char *fn, const culoss__ew_args *a) 
   int64_t i;
   if (a->op == CULOSS__EW_BCE) {
     for (i = 0; i < a->m; i++) {
-      float x = culoss__load_f32(a->x, a->dtype, i);
+      float x = culoss__load_f32(a->x, a->dtype, i), y = culoss__load_f32(a->y, a->dtype, i);
       if (!(x >= 0.0f && x <= 1.0f))
         return BAD("%s: probs[%lld] = %g is outside [0, 1]", fn, (long long)i, (double)x);
+      if (!(y >= 0.0f && y <= 1.0f))
+        return BAD("%s: targets[%lld] = %g is outside [0, 1]", fn, (long long)i, (double)y);
     }
   } else if (a->op == CULOSS__EW_HINGE) {
     for (i = 0; i < a->m; i++) {

@@ -127,7 +127,7 @@ culoss_status culoss__cpu_linear_cross_entropy(const culoss__lce_args *a) {
   if (o->reduction == CULOSS_REDUCTION_SUM)
     a->loss[0] = (float)total;
   else if (o->reduction == CULOSS_REDUCTION_MEAN)
-    a->loss[0] = (float)(total / denom);
+    a->loss[0] = denom == 0.0 ? NAN : (float)(total / denom); /* D == 0: NaN, never inf */
   free(x), free(g), free(h), free(gw), free(gb);
   return CULOSS_OK;
 }

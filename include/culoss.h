@@ -212,8 +212,17 @@ CULOSS_API void culoss_cross_entropy_options_init(culoss_cross_entropy_options *
  * w = class_weight (all ones when NULL), W = sum_c w_c, y = target:
  *   l = (1-eps) w_y (lse - x_y) + (eps/c) (W lse - sum_c w_c x_c) + z_loss lse^2
  * MEAN divides by D = sum of w_y over non-ignored rows (or *normalizer).
- * An all-ignored batch gives NaN for MEAN (0/0), 0 for SUM, and a zero
- * gradient. n == 0: MEAN gives NaN, SUM 0.
+ * D == 0 gives NaN for MEAN and a zero gradient: an all-ignored batch, n == 0,
+ * or every present target on a zero-weight class (even where label smoothing
+ * made the sum positive). SUM gives 0 for an all-ignored batch. PyTorch 2.15
+ * gives a NaN gradient when every present target has weight 0; culoss keeps
+ * it zero, on purpose (one such batch would otherwise poison every
+ * parameter).
+ * Accuracy: every term is formed from the row maximum m and s = sum exp(x -
+ * m): p = exp(x - m) / s and lse - x_j = (m - x_j) + log s, a sum of
+ * non-negative terms, so tied logits share the probability at any finite
+ * magnitude and smoothing / soft-target losses do not cancel at large common
+ * offsets (SEMANTICS.md section 0).
  *
  * A non-ignored target outside [0, c): the CPU backend returns
  * CULOSS_ERROR_TARGET_OUT_OF_RANGE and writes nothing; the CUDA backend writes
@@ -303,10 +312,11 @@ CULOSS_API culoss_status culoss_bce_with_logits(culoss_context *ctx, const culos
                                                 float *loss, void *grad_logits,
                                                 const float *grad_loss);
 
-/* Binary cross-entropy on probabilities x in [0, 1]:
+/* Binary cross-entropy on probabilities x in [0, 1] and targets y in [0, 1]:
  *   l = -w [y max(log x, -100) + (1 - y) max(log(1 - x), -100)]
  *   grad = g w (x - y) / max(x (1 - x), 1e-12)
- * x outside [0, 1] (or NaN) is a domain error (see above). */
+ * x or y outside [0, 1] (or NaN) is a domain error (see above), as
+ * PyTorch 2.15 raises for both. */
 CULOSS_API culoss_status culoss_bce(culoss_context *ctx, const culoss_bce_options *o, int64_t n,
                                     int64_t c, culoss_dtype dtype, const void *probs,
                                     const void *targets, float *loss, void *grad_probs,
@@ -320,10 +330,12 @@ typedef struct {
 CULOSS_API void culoss_hinge_options_init(culoss_hinge_options *o);
 
 /* Binary hinge over n scores with targets y in {-1, +1} (same dtype):
- *   l = max(0, margin - y f)          grad = -y where margin - y f >= 0, else 0
+ *   l = max(0, margin - y f)          grad = -y where margin - y f > 0, else 0
  *   squared: l = max(0, margin - y f)^2, grad = -2 y max(0, margin - y f)
- * The subgradient at the kink is -y: PyTorch's clamp_min convention (what
- * F.margin_ranking_loss(f, 0, y) gives). Any other target is a domain error. */
+ * The subgradient at the kink is 0: PyTorch 2.15's clamp_min (and
+ * F.margin_ranking_loss(f, 0, y)) give 0 at equality. A NaN score gives a NaN
+ * loss (so SUM and MEAN are NaN) and a zero gradient, as clamp_min does. Any
+ * target other than +-1 is a domain error. */
 CULOSS_API culoss_status culoss_hinge(culoss_context *ctx, const culoss_hinge_options *o,
                                       int64_t n, culoss_dtype dtype, const void *scores,
                                       const void *targets, float *loss, void *grad_scores,
@@ -360,7 +372,8 @@ CULOSS_API void culoss_regression_options_init(culoss_regression_options *o);
 
 /* Regression losses over n elements, r = input - target:
  *   mse:       r^2                                  grad 2 r
- *   l1:        |r|                                  grad sign(r), 0 at r == 0
+ *   l1:        |r|                                  grad sign(r), 0 at r == 0 and
+ *                                                   where r is NaN (torch's sign)
  *   huber:     r^2/2 if |r| < delta else delta (|r| - delta/2)
  *                                                   grad clamp(r, -delta, delta)
  *   smooth_l1: r^2/(2 beta) if |r| < beta else |r| - beta/2

@@ -100,7 +100,7 @@ Test(cpu_ew, nan_and_inf_inputs) {
   cr_assert(isnan(loss[0]) && isnan(g[0]));
   cr_assert(isinf(loss[1]) && isinf(g[1]));
   ew_call(ctx, T_L1, &t, 3, 1, CULOSS_F32, x, y, loss, g, NULL);
-  cr_assert(isnan(loss[0]) && isnan(g[0]), "NaN stays NaN through sign()");
+  cr_assert(isnan(loss[0]) && g[0] == 0.0f, "torch 2.15: sign(NaN) = 0 (loss NaN, gradient 0)");
   cr_assert(isinf(loss[2]) && g[2] == -1.0f);
   ew_call(ctx, T_HUBER, &t, 3, 1, CULOSS_F32, x, y, loss, g, NULL);
   cr_assert(isnan(loss[0]) && isnan(g[0]));
@@ -171,12 +171,50 @@ Test(cpu_ew, bce_probabilities) {
   cr_assert(strstr(culoss_last_error(), "pos_weight") != NULL);
 }
 
+/* Issue 19, PyTorch 2.15: a NaN score makes the hinge loss NaN (so sum and
+   mean are NaN) with a zero gradient; L1 and smooth-L1 with beta = 0 give a
+   zero gradient where the residual is NaN (torch's sign(NaN) = 0), smooth-L1
+   with beta > 0 a NaN one (torch's r / beta branch); BCE targets outside
+   [0, 1] are errors. Each fails on the code before the fix. */
+Test(cpu_ew, nan_and_domain_edges_as_torch) {
+  const float f[3] = {NAN, 0.5f, 2.0f}, y[3] = {1, -1, 1};
+  float loss[3], g[3], red[1];
+  t_opts t = {CULOSS_REDUCTION_NONE, NULL, NULL, 0};
+  for (int op = T_HINGE; op <= T_SQ_HINGE; op++) {
+    cr_assert_eq(ew_call(ctx, (t_op)op, &t, 3, 1, CULOSS_F32, f, y, loss, g, NULL), CULOSS_OK);
+    cr_assert(isnan(loss[0]) && g[0] == 0.0f, "%s: loss %g grad %g", t_op_name[op],
+              (double)loss[0], (double)g[0]);
+    t_opts s = {CULOSS_REDUCTION_SUM, NULL, NULL, 0};
+    cr_assert_eq(ew_call(ctx, (t_op)op, &s, 3, 1, CULOSS_F32, f, y, red, NULL, NULL), CULOSS_OK);
+    cr_assert(isnan(red[0]), "%s: sum %g", t_op_name[op], (double)red[0]);
+  }
+  const float yl[3] = {0.0f, NAN, 0.5f};
+  cr_assert_eq(ew_call(ctx, T_L1, &t, 3, 1, CULOSS_F32, f, yl, loss, g, NULL), CULOSS_OK);
+  cr_assert(isnan(loss[0]) && isnan(loss[1]) && g[0] == 0.0f && g[1] == 0.0f);
+  culoss_regression_options b0; /* smooth-L1, beta = 0 (ew_call's 0 means the default) */
+  culoss_regression_options_init(&b0);
+  b0.reduction = CULOSS_REDUCTION_NONE, b0.beta = 0.0f;
+  cr_assert_eq(culoss_smooth_l1(ctx, &b0, 3, CULOSS_F32, f, yl, loss, g, NULL), CULOSS_OK);
+  cr_assert(g[0] == 0.0f && g[1] == 0.0f, "beta 0: %g %g", (double)g[0], (double)g[1]);
+  t_opts b1 = {CULOSS_REDUCTION_NONE, NULL, NULL, 1.0f};
+  cr_assert_eq(ew_call(ctx, T_SMOOTH_L1, &b1, 3, 1, CULOSS_F32, f, yl, loss, g, NULL), CULOSS_OK);
+  cr_assert(isnan(g[0]) && isnan(g[1]), "beta 1: %g %g", (double)g[0], (double)g[1]);
+  const float p[3] = {0.5f, 0.25f, 0.75f};
+  const float bad_y[3][3] = {{0.5f, 2.0f, 0.0f}, {-1.0f, 0.5f, 0.0f}, {0.0f, 1.0f, NAN}};
+  for (int k = 0; k < 3; k++) {
+    cr_assert_eq(ew_call(ctx, T_BCE, &t, 3, 1, CULOSS_F32, p, bad_y[k], loss, g, NULL),
+                 CULOSS_ERROR_INVALID_VALUE, "targets row %d", k);
+    cr_assert(strstr(culoss_last_error(), "targets[") != NULL, "%s", culoss_last_error());
+  }
+}
+
 Test(cpu_ew, hinge_hand_values_and_kink) {
   const float f[5] = {0.5f, 2.0f, 1.0f, -1.0f, 0.25f}, y[5] = {1, 1, 1, -1, -1};
   float loss[5], g[5];
   t_opts t = {CULOSS_REDUCTION_NONE, NULL, NULL, 0};
   ew_call(ctx, T_HINGE, &t, 5, 1, CULOSS_F32, f, y, loss, g, NULL);
-  const double wl[5] = {0.5, 0, 0, 0, 1.25}, wg[5] = {-1, 0, -1, 1, 1};
+  /* f = 1, y = 1 and f = -1, y = -1 sit on the kink: subgradient 0 (torch 2.15) */
+  const double wl[5] = {0.5, 0, 0, 0, 1.25}, wg[5] = {-1, 0, 0, 0, 1};
   for (int i = 0; i < 5; i++) {
     NEAR(loss[i], wl[i]);
     NEAR(g[i], wg[i]);
@@ -190,7 +228,8 @@ Test(cpu_ew, hinge_hand_values_and_kink) {
   t.param = 2.0f; /* margin 2 */
   ew_call(ctx, T_HINGE, &t, 5, 1, CULOSS_F32, f, y, loss, g, NULL);
   NEAR(loss[1], 0.0);
-  NEAR(g[1], -1.0); /* kink at margin 2 */
+  NEAR(g[1], 0.0); /* the kink at margin 2: subgradient 0 */
+  NEAR(g[2], -1.0);
   NEAR(loss[0], 1.5);
   /* a target other than +-1 is an error */
   const float y0[2] = {1.0f, 0.0f};

@@ -26,6 +26,7 @@ typedef struct {
   culoss_reduction red;
   float eps, z, cap;
   int weights, ignore, neg_inf, grad, grad_loss, in_place, normalizer;
+  int adversarial; /* rows from adversarial_rows() and extreme class weights */
   double scale;
   uint64_t seed;
 } gcase;
@@ -33,10 +34,42 @@ typedef struct {
 static void describe(const gcase *k, char *buf, size_t len) {
   snprintf(buf, len,
            "mode=%d n=%lld c=%lld ld=%lld dt=%d tt=%d red=%d eps=%g z=%g cap=%g w=%d ign=%d "
-           "inf=%d grad=%d gl=%d inplace=%d norm=%d seed=%llu",
+           "inf=%d grad=%d gl=%d inplace=%d norm=%d adv=%d seed=%llu",
            k->mode, (long long)k->n, (long long)k->c, (long long)k->ld, k->dt, k->tt, k->red,
            (double)k->eps, (double)k->z, (double)k->cap, k->weights, k->ignore, k->neg_inf,
-           k->grad, k->grad_loss, k->in_place, k->normalizer, (unsigned long long)k->seed);
+           k->grad, k->grad_loss, k->in_place, k->normalizer, k->adversarial,
+           (unsigned long long)k->seed);
+}
+
+/* The edges of issue 19, one kind per row (row i gets kind i % 9, magnitude
+   index i / 9): ties at magnitudes 1e0..1e38 (capped at the dtype's maximum),
+   two tied maxima over zeros, a large common offset, ties at the dtype's
+   maximum over its negative, -inf in non-target columns, the target column
+   -inf, +inf in a column, NaN in a non-target column, and an ordinary row.
+   Values are what the dtype holds (the caller rounds through it). */
+static void adversarial_rows(rng_t *r, float *x, const int64_t *t, int64_t n, int64_t c,
+                             int64_t ld, culoss_dtype dt) {
+  const double dmax = dt == CULOSS_F16 ? 65504.0 : (dt == CULOSS_BF16 ? 3.3895e38 : 3.4028e38);
+  for (int64_t i = 0; i < n; i++) {
+    float *row = x + i * ld;
+    const int kind = (int)(i % 9);
+    const double mag = fmin(pow(10.0, (double)((i / 9) % 39)), dmax);
+    const int64_t ti = t[i] >= 0 && t[i] < c ? t[i] : 0;
+    const int64_t other = (ti + 1) % c;
+    for (int64_t j = 0; j < c; j++) {
+      switch (kind) {
+      case 0: row[j] = (float)(i % 2 ? -mag : mag); break;
+      case 1: row[j] = j < 2 || j == ti ? (float)mag : 0.0f; break;
+      case 2: row[j] = (float)((i % 2 ? -1e4 : 1e3) + 3.0 * rng_normal(r)); break;
+      case 3: row[j] = j % 2 == 0 || j == ti ? (float)dmax : (float)-dmax; break;
+      case 4: row[j] = j == ti || rng_uniform(r) < 0.5 ? (float)(2.0 * rng_normal(r)) : -INFINITY; break;
+      case 5: row[j] = j == ti ? -INFINITY : (float)rng_normal(r); break;
+      case 6: row[j] = j == other ? INFINITY : (float)rng_normal(r); break;
+      case 7: row[j] = j == other ? NAN : (float)rng_normal(r); break;
+      default: row[j] = (float)(3.0 * rng_normal(r)); break;
+      }
+    }
+  }
 }
 
 /* Runs one case on both backends and compares. Returns nothing: asserts. */
@@ -71,6 +104,7 @@ static void run_case(const gcase *k) {
     }
   } else {
     fill_logits(&r, xf, k->n, k->c, k->ld, k->scale, k->neg_inf, t);
+    if (k->adversarial) adversarial_rows(&r, xf, t, k->n, k->c, k->ld, k->dt);
   }
   pack_dtype(xh, xf, elems, k->dt);
   if (yf) {
@@ -78,6 +112,8 @@ static void run_case(const gcase *k) {
     pack_dtype(yh, yf, elems, k->dt);
   }
   for (int64_t j = 0; j < k->c; j++) w[j] = (float)(0.25 + 2.0 * rng_uniform(&r));
+  if (k->adversarial) /* zero and huge class weights */
+    for (int64_t j = 0; j < k->c; j++) w[j] = j % 5 == 1 ? 0.0f : (j % 7 == 3 ? 1e6f : w[j]);
   for (int64_t i = 0; i < nloss; i++) gl[i] = (float)(0.5 + rng_normal(&r));
   const float norm = (float)(k->n + 3);
 
@@ -242,6 +278,33 @@ Test(gpu_ce, grid_stride_over_many_rows) {
       k.neg_inf = 0;
       run_case(&k);
     }
+}
+
+/* Issue 19 regressions, CUDA against the CPU reference (itself checked
+   against torch in float64: python/tests/test_torch_semantics.py) on rows
+   built to break the arithmetic: ties at 1e0..1e38 and at the dtype's
+   maximum, common offsets of 1e3 and 1e4, -inf / +inf / NaN patterns, zero
+   and 1e6 class weights; index and soft targets, label smoothing, every
+   reduction and dtype. Before the fix the CUDA loss with smoothing or soft
+   targets was W lse - sum w x in fp32: 0 instead of log k for ties at 1e8,
+   a relative error of 5e-4 at an offset of 1e4, NaN near the bf16 maximum. */
+Test(gpu_ce, adversarial_rows_all_dtypes) {
+  REQUIRE_GPU();
+  uint64_t seed = 1900;
+  const int64_t cs[] = {4, 33, 1000, 5000};
+  for (int d = 0; d < 3; d++)
+    for (size_t s = 0; s < sizeof cs / sizeof *cs; s++)
+      for (int mode = 0; mode < 2; mode++)
+        for (int red = 0; red < 3; red++) {
+          gcase k = base_case(test_quick() ? 45 : 117, cs[s], (culoss_dtype)d, seed++);
+          k.mode = mode;
+          k.adversarial = 1;
+          k.neg_inf = 0;
+          k.red = (culoss_reduction)red;
+          k.eps = (red + s) % 2 ? 0.3f : 0.0f;
+          k.weights = (int)((s + red) % 2);
+          run_case(&k);
+        }
 }
 
 Test(gpu_ce, soft_targets_all_sizes_all_dtypes) {

@@ -140,6 +140,114 @@ Test(gpu_ew, deferred_domain_errors) {
   culoss_free(gpu, d_l), culoss_free(gpu, d_g);
 }
 
+/* Given inputs on both backends, every reduction; the CPU reference (double,
+   checked against torch in python/tests) must match to fp32 / dtype rounding,
+   NaN for NaN and inf for inf. */
+static void ew_given(t_op op, const float *x, const float *y, int64_t m, culoss_dtype dt,
+                     float param, const char *what) {
+  const size_t es = dtype_bytes(dt), bytes = (size_t)m * es;
+  void *xh = malloc(bytes), *yh = malloc(bytes), *rg = malloc(bytes), *g = malloc(bytes);
+  float rl[64], l[64], gf[64], rf[64];
+  cr_assert(m <= 64);
+  pack_dtype(xh, x, m, dt);
+  pack_dtype(yh, y, m, dt);
+  void *d_x = dev_from(xh, bytes), *d_y = dev_from(yh, bytes), *d_g = dev_alloc(bytes);
+  float *d_l = dev_alloc((size_t)m * 4);
+  for (int red = 0; red < 3; red++) {
+    t_opts t = {(culoss_reduction)red, NULL, NULL, param};
+    const int64_t nl = red == CULOSS_REDUCTION_NONE ? m : 1;
+    cr_assert_eq(ew_call(cpu, op, &t, 1, m, dt, xh, yh, rl, rg, NULL), CULOSS_OK, "%s: cpu %s",
+                 what, culoss_last_error());
+    dev_poison(d_l, (size_t)m * 4);
+    dev_poison(d_g, bytes);
+    cr_assert_eq(ew_call(gpu, op, &t, 1, m, dt, d_x, d_y, d_l, d_g, NULL), CULOSS_OK, "%s", what);
+    cr_assert_eq(culoss_synchronize(gpu), CULOSS_OK, "%s: %s", what, culoss_last_error());
+    to_host(l, d_l, (size_t)nl * 4);
+    to_host(g, d_g, bytes);
+    unpack_dtype(gf, g, m, dt);
+    unpack_dtype(rf, rg, m, dt);
+    int64_t where;
+    cr_assert(worst_ratio(l, rl, nl, 1e-6, 2e-5, &where) <= 1.0, "%s red=%d: loss[%lld] gpu %.9g cpu %.9g",
+              what, red, (long long)where, (double)l[where], (double)rl[where]);
+    const double rtol = dt == CULOSS_F32 ? 2e-5 : (dt == CULOSS_F16 ? 2.0 / 1024 : 2.0 / 128);
+    cr_assert(worst_ratio(gf, rf, m, 1e-7, rtol, &where) <= 1.0,
+              "%s red=%d: grad[%lld] (x=%g y=%g) gpu %.9g cpu %.9g", what, red, (long long)where,
+              (double)x[where], (double)y[where], (double)gf[where], (double)rf[where]);
+  }
+  culoss_free(gpu, d_x), culoss_free(gpu, d_y), culoss_free(gpu, d_g), culoss_free(gpu, d_l);
+  free(xh), free(yh), free(rg), free(g);
+}
+
+/* Issue 19: inputs that reach every branch of the device helpers (random
+   inputs never do): BCE probabilities 0 and 1 (the -100 log clamp and the
+   1e-12 gradient floor), logits past +-12 and +-100, hinge kinks (subgradient
+   0) and NaN scores (NaN loss), zero and NaN residuals (sign(0) = sign(NaN) =
+   0 for L1 and smooth-L1 with beta 0), |r| = delta and beta exactly, zero KL
+   targets and log targets of -inf. Each value is compared with the CPU
+   reference; losing a clamp, z > 0 for z >= 0 or a wrong sign(0) fails. */
+Test(gpu_ew, edge_branches_match_cpu) {
+  REQUIRE_GPU();
+  const float nan = NAN, inf = INFINITY;
+  for (int d = 0; d < 3; d++) {
+    const culoss_dtype dt = (culoss_dtype)d;
+    const float bx[8] = {0.0f, 1.0f, 0.0f, 1.0f, 0.5f, 0.25f, 1e-30f, 1.0f - 1e-7f};
+    const float by[8] = {1.0f, 0.0f, 0.0f, 1.0f, 0.5f, 1.0f, 1.0f, 0.0f};
+    ew_given(T_BCE, bx, by, 8, dt, 0.0f, "bce clamps");
+    const float lx[8] = {12.5f, -12.5f, 100.0f, -100.0f, 0.0f, 30.0f, -inf, inf};
+    const float ly[8] = {0.0f, 1.0f, 1.0f, 0.0f, 0.5f, 0.25f, 0.0f, 1.0f};
+    ew_given(T_BCE_LOGITS, lx, ly, 6, dt, 0.0f, "bce_with_logits tails");
+    const float hx[6] = {1.0f, -1.0f, 0.5f, 2.0f, nan, -3.0f};
+    const float hy[6] = {1.0f, -1.0f, 1.0f, 1.0f, 1.0f, -1.0f};
+    ew_given(T_HINGE, hx, hy, 6, dt, 0.0f, "hinge kinks and NaN");
+    ew_given(T_SQ_HINGE, hx, hy, 6, dt, 0.0f, "squared hinge kinks and NaN");
+    const float rx[6] = {1.0f, 2.0f, nan, 0.5f, -1.3f, 1.3f};
+    const float ry[6] = {1.0f, 0.7f, 0.0f, 0.5f, 0.0f, 0.0f};
+    ew_given(T_L1, rx, ry, 6, dt, 0.0f, "l1 zero and NaN residuals");
+    ew_given(T_SMOOTH_L1, rx, ry, 6, dt, 1.3f, "smooth_l1 at |r| = beta");
+    ew_given(T_HUBER, rx, ry, 6, dt, 1.3f, "huber at |r| = delta");
+    ew_given(T_MSE, rx, ry, 6, dt, 0.0f, "mse zero residual");
+    const float kx[4] = {-1.0f, -2.0f, -0.5f, -inf};
+    const float ky[4] = {0.0f, 0.5f, 1.0f, 0.0f};
+    ew_given(T_KL, kx, ky, 3, dt, 0.0f, "kl zero targets");
+    const float kly[4] = {-inf, -0.7f, 0.0f, -1.0f};
+    ew_given(T_KL_LOG, kx, kly, 3, dt, 0.0f, "kl log target -inf");
+  }
+  /* smooth-L1 with beta = 0 is L1: gradient 0 at r = 0 and at NaN */
+  culoss_regression_options o;
+  culoss_regression_options_init(&o);
+  o.reduction = CULOSS_REDUCTION_NONE, o.beta = 0.0f;
+  const float x[3] = {1.0f, NAN, 2.0f}, y[3] = {1.0f, 0.0f, 0.0f};
+  float *d_x = dev_from(x, sizeof x), *d_y = dev_from(y, sizeof y);
+  float *d_l = dev_alloc(sizeof x), *d_g = dev_alloc(sizeof x), g[3];
+  cr_assert_eq(culoss_smooth_l1(gpu, &o, 3, CULOSS_F32, d_x, d_y, d_l, d_g, NULL), CULOSS_OK);
+  to_host(g, d_g, sizeof g);
+  cr_assert(g[0] == 0.0f && g[1] == 0.0f && g[2] == 1.0f, "%g %g %g", (double)g[0], (double)g[1],
+            (double)g[2]);
+  culoss_free(gpu, d_x), culoss_free(gpu, d_y), culoss_free(gpu, d_l), culoss_free(gpu, d_g);
+}
+
+/* BCE targets outside [0, 1] (and NaN) are domain errors on the GPU too:
+   NaN loss, zero gradient for the element, the deferred error (torch raises). */
+Test(gpu_ew, bce_target_outside_unit_interval_is_deferred) {
+  REQUIRE_GPU();
+  const float x[4] = {0.5f, 0.5f, 0.25f, 0.75f}, y[4] = {1.0f, 2.0f, -1.0f, NAN};
+  float *d_x = dev_from(x, sizeof x), *d_y = dev_from(y, sizeof y);
+  float *d_l = dev_alloc(sizeof x), *d_g = dev_alloc(sizeof x), l[4], g[4], s;
+  t_opts t = {CULOSS_REDUCTION_NONE, NULL, NULL, 0};
+  cr_assert_eq(ew_call(gpu, T_BCE, &t, 1, 4, CULOSS_F32, d_x, d_y, d_l, d_g, NULL), CULOSS_OK);
+  cr_assert_eq(culoss_synchronize(gpu), CULOSS_ERROR_INVALID_VALUE);
+  to_host(l, d_l, sizeof l);
+  to_host(g, d_g, sizeof g);
+  cr_assert(!isnan(l[0]) && isnan(l[1]) && isnan(l[2]) && isnan(l[3]));
+  cr_assert(g[1] == 0.0f && g[2] == 0.0f && g[3] == 0.0f && g[0] != 0.0f);
+  t.red = CULOSS_REDUCTION_MEAN; /* and the reduced loss is NaN */
+  cr_assert_eq(ew_call(gpu, T_BCE, &t, 1, 4, CULOSS_F32, d_x, d_y, d_l, NULL, NULL), CULOSS_OK);
+  cr_assert_eq(culoss_synchronize(gpu), CULOSS_ERROR_INVALID_VALUE);
+  to_host(&s, d_l, sizeof s);
+  cr_assert(isnan(s));
+  culoss_free(gpu, d_x), culoss_free(gpu, d_y), culoss_free(gpu, d_l), culoss_free(gpu, d_g);
+}
+
 Test(gpu_ew, deterministic_bitwise) {
   REQUIRE_GPU();
   const int64_t m = test_quick() ? 100000 : 20000000;

@@ -298,3 +298,98 @@ def test_linear_cross_entropy(reduction, bias, smoothing):
     close(gw, wt.grad, "grad_weight")
     if bias:
         close(gb, bt.grad, "grad_bias")
+
+
+def adversarial_rows(c, rng):
+    """Rows that break naive arithmetic (issue 19): ties at 1e0..1e38, two tied
+    maxima over zeros, large common offsets, -inf patterns."""
+    rows = [[-1e20] * c, [1e30, 1e30] + [0.0] * (c - 2)]
+    for e in range(0, 39):
+        rows.append([(-1.0) ** e * 10.0 ** e] * c)
+        rows.append([10.0 ** e] * 2 + [0.0] * (c - 2))
+    for off in (1e3, 1e4, -1e4):
+        rows.append(list(off + 3 * rng.standard_normal(c)))
+    rows.append([0.0, -np.inf] + list(rng.standard_normal(c - 2)))
+    return np.array(rows, dtype=np.float32)
+
+
+@pytest.mark.parametrize("eps", [0.0, 0.3])
+@pytest.mark.parametrize("weighted", [False, True])
+@pytest.mark.parametrize("soft", [False, True])
+def test_cross_entropy_adversarial_rows_match_torch(eps, weighted, soft):
+    """The CPU backend on rows at huge magnitudes: before the fix every tied
+    class got p = 1 (a gradient k times too large) and the loss 0 instead of
+    log k, because exp(x - lse) and lse - x_y were formed where lse - m
+    underflows in double."""
+    rng = np.random.default_rng(19)
+    c = 4
+    x = adversarial_rows(c, rng)
+    n = x.shape[0]
+    t = np.arange(n) % c
+    t[-1] = 0  # the -inf row's target is finite
+    w = np.array([0.5, 2.0, 1.0, 1.5], dtype=np.float32) if weighted else None
+    if soft:
+        y = rng.uniform(0.1, 1.0, (n, c)).astype(np.float32)
+        y /= y.sum(1, keepdims=True)
+        second, tt = y, torch.tensor(y, dtype=torch.float64)
+        loss, g = culoss.cross_entropy_soft(x, y, reduction="none", label_smoothing=eps,
+                                            class_weight=w)
+    else:
+        second, tt = t, torch.tensor(t)
+        loss, g = culoss.cross_entropy(x, t, reduction="none", label_smoothing=eps,
+                                       class_weight=w)
+    xt = t64(x)
+    ref = F.cross_entropy(xt, tt, weight=None if w is None else torch.tensor(w, dtype=torch.float64),
+                          reduction="none", label_smoothing=float(np.float32(eps)))
+    close(loss, ref, "loss")
+    tg = torch.autograd.grad(ref.sum(), xt)[0]
+    close(g, tg, "grad")
+
+
+def test_z_loss_gradient_at_huge_ties():
+    """z-loss at lse ~ 1e18 with four tied logits: p = 1/4 each, so the
+    gradient is 2 z lse / 4; before the fix it was 4x too large. (torch's own
+    logsumexp backward, exp(x - lse), has the same flaw in float64 here, so
+    the reference gradient is written with softmax, exp(x - m) / s.)"""
+    x = np.full((1, 4), 1e18, dtype=np.float32)
+    z = float(np.float32(1e-4))
+    loss, g = culoss.cross_entropy(x, np.array([1]), reduction="sum", z_loss=z)
+    xt = t64(x)
+    lse = torch.logsumexp(xt, 1)
+    ref = F.cross_entropy(xt, torch.tensor([1]), reduction="sum") + z * (lse ** 2).sum()
+    close(loss, ref, "loss")
+    ce_grad = torch.autograd.grad(F.cross_entropy(xt, torch.tensor([1]), reduction="sum"), xt)[0]
+    close(g, ce_grad + 2 * z * lse[:, None] * torch.softmax(xt, 1), "grad")
+
+
+def test_mean_with_every_target_on_a_zero_weight_class_is_nan():
+    """D = 0 with label smoothing 0.3: the smoothing term made the sum
+    positive, so sum / 0 was +inf; torch gives NaN (SEMANTICS.md section 0:
+    culoss keeps a zero gradient)."""
+    x = np.random.default_rng(3).standard_normal((5, 4)).astype(np.float32)
+    t = np.array([0, 0, 2, 2, 0])
+    w = np.array([0.0, 1.0, 0.0, 1.0], dtype=np.float32)
+    loss, g = culoss.cross_entropy(x, t, label_smoothing=0.3, class_weight=w)
+    assert np.isnan(loss)
+    assert np.all(g == 0)
+    ref = F.cross_entropy(t64(x), torch.tensor(t), weight=torch.tensor(w, dtype=torch.float64),
+                          label_smoothing=0.3)
+    assert torch.isnan(ref)
+
+
+def test_nan_residual_gradients_and_bce_target_range_match_torch():
+    x = np.array([np.nan, 1.0, 2.0], dtype=np.float32)
+    y = np.array([0.0, np.nan, 2.0], dtype=np.float32)
+    for fn, ref, kw in ((culoss.l1, F.l1_loss, {}), (culoss.smooth_l1, F.smooth_l1_loss, {"beta": 0.0}),
+                        (culoss.smooth_l1, F.smooth_l1_loss, {"beta": 1.0})):
+        loss, g = fn(x, y, reduction="none", **kw)
+        xt = t64(x)
+        r = ref(xt, torch.tensor(y, dtype=torch.float64), reduction="none", **kw)
+        close(loss, r, "loss")
+        close(g, torch.autograd.grad(r.sum(), xt)[0], f"{fn.__name__} {kw} grad")
+    p = np.array([0.5, 0.25], dtype=np.float32)
+    for bad in ([0.5, 2.0], [-1.0, 0.5], [np.nan, 0.5]):
+        with pytest.raises(culoss.CulossValueError, match="targets"):
+            culoss.bce(p, np.array(bad, dtype=np.float32))
+        with pytest.raises(RuntimeError):
+            F.binary_cross_entropy(torch.tensor(p), torch.tensor(bad, dtype=torch.float32))
