@@ -14,6 +14,7 @@ script and of the agreement, not a benchmark.
 """
 import argparse
 import os
+import math
 import sys
 import time
 
@@ -188,8 +189,11 @@ def main():
             call_args = (x, y)
         rl, rg = ref_fn(*call_args)
         ol, og = ours()
-        err = max(abs(ol.float().item() - rl.float().item()) / max(abs(rl.float().item()), 1e-30),
-                  ((og.float().reshape(rg.shape) - rg.float()).norm() / rg.float().norm()).item())
+        loss_err = abs(ol.float().item() - rl.float().item()) / max(abs(rl.float().item()), 1e-30)
+        grad_err = ((og.float().reshape(rg.shape) - rg.float()).norm() / rg.float().norm()).item()
+        # NaN-aware: max() would drop a NaN second argument, and NaN > tol is
+        # False, so a NaN error must count as the worst error there is
+        err = float("nan") if math.isnan(loss_err) or math.isnan(grad_err) else max(loss_err, grad_err)
         t_torch = timer(lambda: ref_fn(*call_args), reps)
         t_comp = float("nan")
         if not args.no_compile and not cpu:
@@ -200,7 +204,7 @@ def main():
                 print(f"  (torch.compile failed for {label}: {type(e).__name__})")
         t_ours = timer(ours, reps)
         tol = 1e-4 if dt == torch.float32 else 2e-2
-        bad |= err > tol
+        bad |= not (err <= tol)
         dname = {torch.float32: "f32", torch.float16: "f16", torch.bfloat16: "bf16"}[dt]
         print(f"{label:34s} {dname:5s} {t_torch:9.3f} {t_comp:10.3f} "
               f"{t_ours:9.3f} {t_torch / t_ours:7.2f}x {t_comp / t_ours:7.2f}x {err:11.2e}"

@@ -273,6 +273,10 @@ int main(int argc, char **argv) {
     acc = 0;
 #endif
     culoss_destroy(ctx);
+  } else if (st != CULOSS_ERROR_NO_DEVICE) { /* a broken CUDA is an error, never a skip */
+    fprintf(stderr, "culoss_create(CUDA): %s\n", culoss_last_error());
+    free(centres), free(xtr), free(xte), free(ytr), free(yte);
+    return 1;
   } else {
     if (graph) { /* exit code 77: ctest reports the graph test as skipped, not passed */
       printf("skipped: no CUDA device (%s); --graph needs the CUDA backend\n", culoss_last_error());

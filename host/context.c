@@ -5,6 +5,7 @@
  * (cuda_runtime_api.h), so this file stays C11. Every runtime call is checked
  * and a failure becomes a status with the call's name in culoss_last_error().
  */
+#include <dlfcn.h>
 #include <pthread.h>
 #include <stdlib.h>
 #include <string.h>
@@ -97,14 +98,35 @@ void culoss__device_leave(const culoss_context *ctx, int prev) {
     }                                                                \
   } while (0)
 
+/* Whether a CUDA driver is installed at all. Without one the runtime says
+   "driver version is insufficient", exactly as it does for a driver that is
+   too old: only the first is "no device"; the second is a broken setup. */
+static int cuda_driver_installed(void) {
+  void *h = dlopen("libcuda.so.1", RTLD_LAZY | RTLD_NOLOAD);
+  if (h == NULL) h = dlopen("libcuda.so.1", RTLD_LAZY);
+  if (h == NULL) return 0;
+  dlclose(h);
+  return 1;
+}
+
 static culoss_status create_cuda(culoss_context *c, int device) {
   culoss_status st = CULOSS_OK;
   int count = 0, prev = 0;
   cudaError_t e = cudaGetDeviceCount(&count);
   if (e != cudaSuccess || count == 0) {
     (void)cudaGetLastError(); /* clear the sticky-free error so later calls start clean */
-    return culoss__error(CULOSS_ERROR_NO_DEVICE, "culoss_create: no usable CUDA device (%s)",
-                         e != cudaSuccess ? cudaGetErrorString(e) : "device count is 0");
+    /* Only a machine without a device (or without a driver) is "no device";
+       any other failure (a driver older than the runtime, a device that
+       cannot be initialised) is an error the caller must see, never a skip. */
+    if (e == cudaSuccess || e == cudaErrorNoDevice ||
+        (e == cudaErrorInsufficientDriver && !cuda_driver_installed()))
+      return culoss__error(CULOSS_ERROR_NO_DEVICE, "culoss_create: no usable CUDA device (%s)",
+                           e == cudaSuccess ? "device count is 0"
+                           : e == cudaErrorNoDevice ? cudaGetErrorString(e)
+                                                    : "no CUDA driver is installed");
+    return culoss__error(CULOSS_ERROR_CUDA,
+                         "culoss_create: CUDA is present but unusable: cudaGetDeviceCount: %s "
+                         "(error %d)", cudaGetErrorString(e), (int)e);
   }
   if (device < 0 || device >= count)
     return culoss__error(CULOSS_ERROR_INVALID_VALUE,

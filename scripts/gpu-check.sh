@@ -53,6 +53,15 @@ run() {
   local summary="$out/summary.txt"
   : >"$summary"
   note() { echo "$*" | tee -a "$summary"; }
+  local failures=0
+  # records a step's status: anything but 0 is a failure (there is a GPU here:
+  # nothing may skip), and the script's exit status says so
+  step() {
+    local rc=$1
+    shift
+    note "$* rc=$rc"
+    [ "$rc" -eq 0 ] || failures=$((failures + 1))
+  }
   note "date: $(date -u +%Y-%m-%dT%H:%MZ)  bundle built at commit: $(cat "$bun/COMMIT" 2>/dev/null || echo unknown)"
   note "device: $(nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>&1 | head -1)"
   local missing
@@ -64,7 +73,8 @@ run() {
            test_gpu_ce test_gpu_elementwise test_gpu_linear_ce test_gpu_graph; do
     "$bun/bin/$t" --jobs 1 >"$out/$t.log" 2>&1
     rc=$?
-    note "$t: rc=$rc $(grep -a 'Synthesis' "$out/$t.log" | tail -1)"
+    if [ "$rc" -eq 0 ] && grep -q "skipped: no CUDA device" "$out/$t.log"; then rc=77; fi
+    step "$rc" "$t: $(grep -a 'Synthesis' "$out/$t.log" | tail -1)"
   done
   fi
   local tool
@@ -74,31 +84,33 @@ run() {
       CULOSS_TEST_QUICK=1 timeout 600 compute-sanitizer --tool "$tool" --target-processes all \
         --error-exitcode 99 "$bun/bin/$t" --jobs 1 >"$out/sanitizer-$tool-$t.log" 2>&1
       rc=$?
-      note "compute-sanitizer $tool $t: rc=$rc $(grep -a -E 'ERROR SUMMARY' "$out/sanitizer-$tool-$t.log" | sort | uniq -c | tr '\n' ' ')"
+      step "$rc" "compute-sanitizer $tool $t: $(grep -a -E 'ERROR SUMMARY' "$out/sanitizer-$tool-$t.log" | sort | uniq -c | tr '\n' ' ')"
     done
   done
   fi
   if [[ $steps == *tests* ]]; then
   "$bun/bin/train_softmax" --graph --epochs 6 --expect 0.80 >"$out/example-graph.log" 2>&1
-  note "example train_softmax --graph (CUDA graph replay): rc=$? $(tail -1 "$out/example-graph.log")"
+  step $? "example train_softmax --graph (CUDA graph replay): $(tail -1 "$out/example-graph.log")"
   CULOSS_LIBRARY="$PWD/$bun/lib/libculoss.so.0" python3 -m pytest -q -rs -p no:cacheprovider \
     python/tests >"$out/python.log" 2>&1
-  note "python binding (numpy + torch CUDA): rc=$? $(tail -1 "$out/python.log")"
+  step $? "python binding (numpy + torch CUDA): $(tail -1 "$out/python.log")"
   fi
   if [[ $steps == *bench* ]]; then
   # shellcheck disable=SC2086  # BENCH_ARGS, e.g. "--only ce", is a word list
   "$bun/bin/culoss-bench" ${BENCH_ARGS:-} >"$out/bench.txt" 2>&1
-  note "culoss-bench: rc=$?"
+  step $? "culoss-bench:"
   cat "$out/bench.txt"
   fi
   if [[ $steps == *torch* ]]; then
   CULOSS_LIBRARY="$PWD/$bun/lib/libculoss.so.0" python3 bench/compare_torch.py \
     >"$out/compare_torch.txt" 2>&1
-  note "compare_torch.py: rc=$?"
+  step $? "compare_torch.py:"
   cat "$out/compare_torch.txt"
   fi
   echo "---- summary"
   cat "$summary"
+  note "failed steps: $failures"
+  [ "$failures" -eq 0 ]
 }
 
 case "$mode" in

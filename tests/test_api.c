@@ -1,3 +1,4 @@
+#define _POSIX_C_SOURCE 200809L /* setenv */
 /* test_api.c: status strings, version, contexts, buffers and argument
    validation (every bad argument is an error with a message, and nothing is
    written to the outputs). */
@@ -256,4 +257,24 @@ Test(api, destroyed_context_is_rejected) {
   cr_assert_eq(culoss_cross_entropy(other, NULL, 1, 3, CULOSS_F32, x, 3, CULOSS_I64, t, &loss,
                                     NULL, NULL), CULOSS_OK);
   cr_assert_eq(culoss_destroy(other), CULOSS_OK);
+}
+
+/* Issue 19: only "no device" may become CULOSS_ERROR_NO_DEVICE (a skip in
+   the GPU suites); a CUDA that is present but fails is an error. The
+   emulator injects cudaGetDeviceCount's failures. */
+Test(api, broken_cuda_is_an_error_not_no_device) {
+#ifdef CULOSS_TEST_EMULATOR
+  culoss_context *c = NULL;
+  setenv("CULOSS_EMU_DEVICE_COUNT_ERROR", "3", 1); /* cudaErrorInitializationError */
+  cr_assert_eq(culoss_create(&c, CULOSS_BACKEND_CUDA, 0), CULOSS_ERROR_CUDA);
+  cr_assert(strstr(culoss_last_error(), "unusable") != NULL, "%s", culoss_last_error());
+  cr_assert(c == NULL);
+  setenv("CULOSS_EMU_DEVICE_COUNT_ERROR", "100", 1); /* cudaErrorNoDevice */
+  cr_assert_eq(culoss_create(&c, CULOSS_BACKEND_CUDA, 0), CULOSS_ERROR_NO_DEVICE);
+  unsetenv("CULOSS_EMU_DEVICE_COUNT_ERROR");
+  cr_assert_eq(culoss_create(&c, CULOSS_BACKEND_CUDA, 0), CULOSS_OK);
+  culoss_destroy(c);
+#else
+  cr_skip_test("needs the CUDA emulator build (it injects cudaGetDeviceCount failures)");
+#endif
 }

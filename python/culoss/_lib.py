@@ -196,13 +196,13 @@ def version():
 
 def has_cuda():
     """Whether the loaded library was built with the CUDA backend (a CPU-only
-    build answers NO_DEVICE with 'built without CUDA')."""
+    build answers NO_DEVICE with "this build of culoss has no CUDA backend")."""
     h = _P()
     st = lib.culoss_create(ctypes.byref(h), BACKEND_CUDA, 0)
     if st == 0:
         lib.culoss_destroy(h)
         return True
-    return "without CUDA" not in lib.culoss_last_error().decode()
+    return "has no CUDA backend" not in lib.culoss_last_error().decode()
 
 # --------------------------------------------------------------------------- contexts
 

@@ -757,6 +757,12 @@ cudaError_t submit_kernel(const void *fn, const char *signature, dim3 grid, dim3
 
 cudaError_t cudaGetDeviceCount(int *count) {
   if (!count) return set_error(cudaErrorInvalidValue);
+  /* CULOSS_EMU_DEVICE_COUNT_ERROR=<cudaError_t>: a machine whose CUDA is
+     broken (or absent), for the tests of culoss_create's error mapping */
+  if (const char *e = getenv("CULOSS_EMU_DEVICE_COUNT_ERROR")) {
+    *count = 0;
+    return set_error((cudaError_t)atoi(e));
+  }
   *count = 1;
   return cudaSuccess;
 }
