@@ -481,6 +481,66 @@ Test(gpu_ce, out_of_range_target_is_deferred_error) {
   free(x), free(g);
 }
 
+/* Issue 19: the deferred flag survives later good calls (it is cleared only
+   by culoss_synchronize), is raised under SUM and MEAN (NaN reduced loss), in
+   NLL, soft-free index paths and fused linear + CE, and a NaN probability in
+   BCE is a deferred domain error on the GPU too. */
+Test(gpu_ce, deferred_errors_survive_good_calls_in_every_family) {
+  REQUIRE_GPU();
+  enum { N = 6, C = 300, D = 16 };
+  float *x = malloc(N * C * sizeof(float)), *w = malloc(C * D * sizeof(float)), h[N * D];
+  float loss[N];
+  int64_t bad[N] = {1, 2, C + 3, 4, 5, 0}, good[N] = {1, 2, 3, 4, 5, 0};
+  rng_t r = rng_seeded(910);
+  fill_logits(&r, x, N, C, C, 1.0, 0, NULL);
+  for (int i = 0; i < N * D; i++) h[i] = (float)rng_normal(&r);
+  for (int i = 0; i < C * D; i++) w[i] = (float)(0.1 * rng_normal(&r));
+  void *d_x = dev_from(x, N * C * sizeof(float)), *d_bad = dev_from(bad, sizeof bad);
+  void *d_good = dev_from(good, sizeof good), *d_h = dev_from(h, sizeof h);
+  void *d_w = dev_from(w, C * D * sizeof(float));
+  float *d_loss = dev_alloc(sizeof loss);
+  size_t ws_bytes;
+  cr_assert_eq(culoss_linear_cross_entropy_workspace_size(gpu, N, D, C, CULOSS_F32, &ws_bytes),
+               CULOSS_OK);
+  void *d_ws = dev_alloc(ws_bytes);
+  culoss_cross_entropy_options o;
+  culoss_cross_entropy_options_init(&o);
+  for (int red = CULOSS_REDUCTION_SUM; red <= CULOSS_REDUCTION_MEAN; red++) {
+    o.reduction = (culoss_reduction)red;
+    for (int family = 0; family < 3; family++) {
+      culoss_status st =
+          family == 0 ? culoss_cross_entropy(gpu, &o, N, C, CULOSS_F32, d_x, C, CULOSS_I64, d_bad,
+                                             d_loss, NULL, NULL)
+          : family == 1 ? culoss_nll(gpu, &o, N, C, CULOSS_F32, d_x, C, CULOSS_I64, d_bad, d_loss,
+                                     NULL, NULL)
+                        : culoss_linear_cross_entropy(gpu, &o, N, D, C, CULOSS_F32, d_h, d_w, NULL,
+                                                      CULOSS_I64, d_bad, d_loss, NULL, NULL, NULL,
+                                                      NULL, d_ws, ws_bytes);
+      cr_assert_eq(st, CULOSS_OK, "family %d: %s", family, culoss_last_error());
+      float l;
+      to_host(&l, d_loss, sizeof l);
+      cr_assert(isnan(l), "family %d red %d: the reduced loss of a bad batch is NaN", family, red);
+      /* a good call afterwards does not clear the flag */
+      cr_assert_eq(culoss_cross_entropy(gpu, &o, N, C, CULOSS_F32, d_x, C, CULOSS_I64, d_good,
+                                        d_loss, NULL, NULL), CULOSS_OK);
+      cr_assert_eq(culoss_synchronize(gpu), CULOSS_ERROR_TARGET_OUT_OF_RANGE,
+                   "family %d red %d", family, red);
+      cr_assert_eq(culoss_synchronize(gpu), CULOSS_OK, "cleared by the synchronize");
+    }
+  }
+  /* BCE: a NaN probability (or one outside [0, 1]) is a deferred domain error */
+  const float p[4] = {0.5f, NAN, 0.25f, 0.75f}, y[4] = {1.0f, 0.0f, 1.0f, 0.0f};
+  float *d_p = dev_from(p, sizeof p), *d_y = dev_from(y, sizeof y);
+  culoss_bce_options bo;
+  culoss_bce_options_init(&bo);
+  cr_assert_eq(culoss_bce(gpu, &bo, 1, 4, CULOSS_F32, d_p, d_y, d_loss, NULL, NULL), CULOSS_OK);
+  cr_assert_eq(culoss_synchronize(gpu), CULOSS_ERROR_INVALID_VALUE);
+  culoss_free(gpu, d_x), culoss_free(gpu, d_bad), culoss_free(gpu, d_good), culoss_free(gpu, d_h);
+  culoss_free(gpu, d_w), culoss_free(gpu, d_loss), culoss_free(gpu, d_ws), culoss_free(gpu, d_p);
+  culoss_free(gpu, d_y);
+  free(x), free(w);
+}
+
 Test(gpu_ce, deterministic_bitwise) {
   REQUIRE_GPU();
   const int64_t cs[] = {100, 8000, 128256};

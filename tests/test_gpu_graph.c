@@ -5,6 +5,8 @@
    and replayed twice; the results must be bitwise identical to the direct
    run. Skips visibly without a GPU. */
 #include <criterion/criterion.h>
+#include <math.h>
+#include <stdlib.h>
 #include <string.h>
 
 #include "helpers.h"
@@ -129,5 +131,127 @@ Test(gpu_graph, every_loss_is_capture_safe_and_bitwise_stable) {
   culoss_free(gpu, b.x), culoss_free(gpu, b.y), culoss_free(gpu, b.t), culoss_free(gpu, b.w);
   culoss_free(gpu, b.g), culoss_free(gpu, b.loss), culoss_free(gpu, b.ws);
   free(xf), free(yf), free(xb), free(yb), free(g0), free(g1);
+#endif
+}
+
+#ifdef CULOSS_HAVE_CUDA
+enum { GN = 64, GC = 300, GD = 32 };
+
+/* The captured calls of the replay test: cross-entropy (MEAN over
+   *normalizer, upstream gradient from device memory), soft cross-entropy
+   (SUM), an elementwise loss and linear + CE (MEAN over *normalizer), all
+   reading the device pointers the header promises are capture-safe. */
+static culoss_status replay_calls(culoss_context *c, void *x, void *y, void *t, float *norm,
+                                  float *gl, float *loss, void *g, void *h, void *w, void *gh,
+                                  void *gw, void *ws, size_t ws_bytes) {
+  culoss_status st;
+  culoss_cross_entropy_options o;
+  culoss_cross_entropy_options_init(&o);
+  o.normalizer = norm;
+  o.label_smoothing = 0.125f;
+  st = culoss_cross_entropy(c, &o, GN, GC, CULOSS_F32, x, GC, CULOSS_I64, t, loss + 0, g, gl);
+  if (st != CULOSS_OK) return st;
+  culoss_cross_entropy_options os;
+  culoss_cross_entropy_options_init(&os);
+  os.reduction = CULOSS_REDUCTION_SUM;
+  st = culoss_cross_entropy_soft(c, &os, GN, GC, CULOSS_F32, x, GC, y, loss + 1,
+                                 (float *)g + GN * GC, gl);
+  if (st != CULOSS_OK) return st;
+  culoss_regression_options ro;
+  culoss_regression_options_init(&ro);
+  st = culoss_mse(c, &ro, GN * GC, CULOSS_F32, x, y, loss + 2, (float *)g + 2 * GN * GC, gl);
+  if (st != CULOSS_OK) return st;
+  return culoss_linear_cross_entropy(c, &o, GN, GD, GC, CULOSS_F32, h, w, NULL, CULOSS_I64, t,
+                                     loss + 3, gh, gw, NULL, gl, ws, ws_bytes);
+}
+#endif
+
+/* Issue 19: a graph is only useful if each replay reads the buffers' current
+   contents. Between replays the logits, targets, upstream gradient and
+   normalizer change; every replay must match the CPU reference for the new
+   inputs, and a replay that meets an out-of-range target must raise the
+   deferred error (then a good replay clears it). */
+Test(gpu_graph, replays_read_new_inputs_grad_loss_normalizer_and_raise_errors) {
+  REQUIRE_GPU();
+#ifdef CULOSS_HAVE_CUDA
+  const size_t xb = (size_t)GN * GC * 4, hb = (size_t)GN * GD * 4, wb = (size_t)GC * GD * 4;
+  float *x = malloc(xb), *y = malloc(xb), *h = malloc(hb), *w = malloc(wb);
+  float *g = malloc(3 * xb), *rg = malloc(3 * xb), *gh = malloc(hb), *gw = malloc(wb);
+  float *rgh = malloc(hb), *rgw = malloc(wb), loss[4], rl[4], norm, glv;
+  int64_t t[GN];
+  size_t ws_bytes;
+  cr_assert_eq(culoss_linear_cross_entropy_workspace_size(gpu, GN, GD, GC, CULOSS_F32, &ws_bytes),
+               CULOSS_OK);
+  void *d_x = dev_alloc(xb), *d_y = dev_alloc(xb), *d_t = dev_alloc(sizeof t);
+  void *d_h = dev_alloc(hb), *d_w = dev_alloc(wb), *d_g = dev_alloc(3 * xb);
+  void *d_gh = dev_alloc(hb), *d_gw = dev_alloc(wb), *d_ws = dev_alloc(ws_bytes);
+  float *d_norm = dev_alloc(4), *d_gl = dev_alloc(4), *d_loss = dev_alloc(sizeof loss);
+  cudaStream_t s;
+  cr_assert_eq(cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking), cudaSuccess);
+  cr_assert_eq(culoss_set_stream(gpu, s), CULOSS_OK);
+  cudaGraph_t graph;
+  cudaGraphExec_t exec;
+  cr_assert_eq(cudaStreamBeginCapture(s, cudaStreamCaptureModeGlobal), cudaSuccess);
+  const culoss_status cap = replay_calls(gpu, d_x, d_y, d_t, d_norm, d_gl, d_loss, d_g, d_h, d_w,
+                                         d_gh, d_gw, d_ws, ws_bytes);
+  const cudaError_t end = cudaStreamEndCapture(s, &graph);
+  cr_assert_eq(cap, CULOSS_OK, "%s", culoss_last_error());
+  cr_assert_eq(end, cudaSuccess, "%s", cudaGetErrorString(end));
+  cr_assert_eq(cudaGraphInstantiate(&exec, graph, 0), cudaSuccess);
+  for (int rep = 0; rep < 4; rep++) {
+    rng_t r = rng_seeded(700 + (uint64_t)rep);
+    for (int i = 0; i < GN; i++) t[i] = rng_int(&r, 0, GC);
+    if (rep == 2) t[5] = GC; /* out of range: this replay must report it */
+    fill_logits(&r, x, GN, GC, GC, 1.0 + rep, 0, t);
+    fill_probs(&r, y, GN, GC, GC);
+    for (int i = 0; i < GN * GD; i++) h[i] = (float)rng_normal(&r);
+    for (int i = 0; i < GC * GD; i++) w[i] = (float)(0.2 * rng_normal(&r));
+    norm = (float)(GN + 7 * rep), glv = (float)(0.5 + rep);
+    cr_assert_eq(culoss_upload(gpu, d_x, x, xb), CULOSS_OK);
+    cr_assert_eq(culoss_upload(gpu, d_y, y, xb), CULOSS_OK);
+    cr_assert_eq(culoss_upload(gpu, d_t, t, sizeof t), CULOSS_OK);
+    cr_assert_eq(culoss_upload(gpu, d_h, h, hb), CULOSS_OK);
+    cr_assert_eq(culoss_upload(gpu, d_w, w, wb), CULOSS_OK);
+    cr_assert_eq(culoss_upload(gpu, d_norm, &norm, 4), CULOSS_OK);
+    cr_assert_eq(culoss_upload(gpu, d_gl, &glv, 4), CULOSS_OK);
+    dev_poison(d_g, 3 * xb);
+    dev_poison(d_loss, sizeof loss);
+    cr_assert_eq(cudaGraphLaunch(exec, s), cudaSuccess);
+    const culoss_status sync = culoss_synchronize(gpu);
+    if (rep == 2) {
+      cr_assert_eq(sync, CULOSS_ERROR_TARGET_OUT_OF_RANGE, "replay %d: %s", rep,
+                   culoss_last_error());
+      to_host(loss, d_loss, sizeof loss);
+      cr_assert(isnan(loss[0]) && isnan(loss[3]), "an out-of-range target makes the mean NaN");
+      continue;
+    }
+    cr_assert_eq(sync, CULOSS_OK, "replay %d: %s (the flag must be cleared)", rep,
+                 culoss_last_error());
+    cr_assert_eq(replay_calls(cpu, x, y, t, &norm, &glv, rl, rg, h, w, rgh, rgw, NULL, 0),
+                 CULOSS_OK, "%s", culoss_last_error());
+    to_host(loss, d_loss, sizeof loss);
+    to_host(g, d_g, 3 * xb);
+    to_host(gh, d_gh, hb);
+    to_host(gw, d_gw, wb);
+    int64_t where;
+    cr_assert(worst_ratio(loss, rl, 4, 1e-6, 2e-5, &where) <= 1.0, "replay %d: loss %lld %g vs %g",
+              rep, (long long)where, (double)loss[where], (double)rl[where]);
+    cr_assert(worst_ratio(g, rg, 3 * GN * GC, 1e-7, 2e-4, &where) <= 1.0,
+              "replay %d: grad %lld %g vs %g", rep, (long long)where, (double)g[where],
+              (double)rg[where]);
+    cr_assert(worst_ratio(gh, rgh, GN * GD, 1e-6, 1e-3, &where) <= 1.0, "replay %d: grad_hidden",
+              rep);
+    cr_assert(worst_ratio(gw, rgw, GC * GD, 1e-6, 1e-3, &where) <= 1.0, "replay %d: grad_weight",
+              rep);
+  }
+  cudaGraphExecDestroy(exec);
+  cudaGraphDestroy(graph);
+  cr_assert_eq(culoss_set_stream(gpu, NULL), CULOSS_OK);
+  cudaStreamDestroy(s);
+  void *bufs[] = {d_x, d_y, d_t, d_h, d_w, d_g, d_gh, d_gw, d_ws, d_norm, d_gl, d_loss};
+  for (size_t i = 0; i < sizeof bufs / sizeof *bufs; i++) culoss_free(gpu, bufs[i]);
+  free(x), free(y), free(h), free(w), free(g), free(rg), free(gh), free(gw), free(rgh), free(rgw);
+#else
+  cr_skip_test("skipped: no CUDA device (a CPU-only build)");
 #endif
 }
