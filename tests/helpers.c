@@ -18,6 +18,14 @@ uint64_t rng_next(rng_t *r) {
   return z ^ (z >> 31);
 }
 
+double hash_unit(uint64_t index) {
+  uint64_t z = index + 0x9e3779b97f4a7c15ull; /* splitmix64's finaliser */
+  z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
+  z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
+  z ^= z >> 31;
+  return (double)(z >> 11) * 0x1.0p-52 - 1.0;
+}
+
 double rng_uniform(rng_t *r) { return (double)(rng_next(r) >> 11) * 0x1.0p-53; }
 
 double rng_normal(rng_t *r) {

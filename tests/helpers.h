@@ -17,6 +17,9 @@ uint64_t rng_next(rng_t *r);
 double rng_uniform(rng_t *r);            /* [0, 1) */
 double rng_normal(rng_t *r);             /* N(0, 1) */
 int64_t rng_int(rng_t *r, int64_t lo, int64_t hi); /* [lo, hi) */
+/* A value in [-1, 1) from a hash of a 64-bit index: fills that differ at
+   every element, so a 32-bit offset that wraps reads a different value. */
+double hash_unit(uint64_t index);
 
 /* Logits with structure: N(0, scale) plus, per row, a few large-magnitude
    values (+-40 * scale) and, if with_neg_inf, some -inf entries (never the

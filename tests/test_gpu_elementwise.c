@@ -353,45 +353,59 @@ Test(gpu_ew, multi_margin_out_of_range_is_deferred) {
 
 /* m past 2^31 elements: 64-bit indices in the elementwise kernel. The tail
    (beyond element 2^31) is compared with the CPU. */
+/* 64-bit offsets: m = 2^31 + 4099 elements, each a hash of its index. The
+   first 2^31 have residuals below 1e-3 and the last 4099 residuals near 50,
+   so the sum is dominated by the elements past 2^31 (a wrapped offset, which
+   would read the small ones, moves it by far more than the tolerance); the
+   in-place gradient past 2^31 must equal the CPU's bit for bit.
+   CULOSS_REQUIRE_BIG=1 (CI) turns a failed allocation into a failure. */
 Test(gpu_ew, elements_past_2_pow_31) {
   REQUIRE_GPU();
   if (test_quick()) cr_skip_test("skipped: CULOSS_TEST_QUICK is set (8 GiB case)");
   if (test_emulated_small())
     cr_skip_test("skipped: the CPU emulator of CUDA (8 GiB case; CULOSS_EMU_BIG=1 runs it)");
-  const int64_t m = ((int64_t)1 << 31) + 4099, blk = (int64_t)1 << 22;
+  const int64_t head = (int64_t)1 << 31, m = head + 4099, blk = (int64_t)1 << 22;
   const size_t bytes = (size_t)m * 2;
   void *d_x = NULL, *d_y = NULL;
-  if (culoss_malloc(gpu, &d_x, bytes) != CULOSS_OK || culoss_malloc(gpu, &d_y, bytes) != CULOSS_OK)
+  if (culoss_malloc(gpu, &d_x, bytes) != CULOSS_OK || culoss_malloc(gpu, &d_y, bytes) != CULOSS_OK) {
+    cr_assert(getenv("CULOSS_REQUIRE_BIG") == NULL, "2 x %zu bytes of device memory: %s", bytes,
+              culoss_last_error());
     cr_skip_test("skipped: 2 x %zu bytes of device memory not available", bytes);
-  rng_t r = rng_seeded(4242);
+  }
   float *x = malloc((size_t)blk * 4), *y = malloc((size_t)blk * 4);
   uint16_t *xb = malloc((size_t)blk * 2), *yb = malloc((size_t)blk * 2);
-  ew_fill(&r, T_HUBER, x, y, blk, 0.0);
-  pack_dtype(xb, x, blk, CULOSS_BF16);
-  pack_dtype(yb, y, blk, CULOSS_BF16);
-  for (int64_t i = 0; i < m; i += blk) {
-    const int64_t k = m - i < blk ? m - i : blk;
-    cr_assert_eq(culoss_upload(gpu, (char *)d_x + (size_t)i * 2, xb, (size_t)k * 2), CULOSS_OK);
-    cr_assert_eq(culoss_upload(gpu, (char *)d_y + (size_t)i * 2, yb, (size_t)k * 2), CULOSS_OK);
-  }
-  float *d_l = dev_alloc(4), l;
   culoss_regression_options o;
   culoss_regression_options_init(&o);
   o.reduction = CULOSS_REDUCTION_SUM;
+  double want = 0.0;
+  for (int64_t i = 0; i < m; i += blk) {
+    const int64_t k = m - i < blk ? m - i : blk;
+    for (int64_t e = 0; e < k; e++) {
+      const int64_t g = i + e;
+      x[e] = (float)(4.0 * hash_unit((uint64_t)g));
+      y[e] = x[e] + (float)((g < head ? 1e-3 : 50.0) * hash_unit((uint64_t)g ^ 0x5555u));
+    }
+    pack_dtype(xb, x, k, CULOSS_BF16);
+    pack_dtype(yb, y, k, CULOSS_BF16);
+    cr_assert_eq(culoss_upload(gpu, (char *)d_x + (size_t)i * 2, xb, (size_t)k * 2), CULOSS_OK);
+    cr_assert_eq(culoss_upload(gpu, (char *)d_y + (size_t)i * 2, yb, (size_t)k * 2), CULOSS_OK);
+    float bl;
+    cr_assert_eq(culoss_huber(cpu, &o, k, CULOSS_BF16, xb, yb, &bl, NULL, NULL), CULOSS_OK);
+    want += (double)bl;
+  }
+  float *d_l = dev_alloc(4), l;
   cr_assert_eq(culoss_huber(gpu, &o, m, CULOSS_BF16, d_x, d_y, d_l, d_x, NULL), CULOSS_OK);
   cr_assert_eq(culoss_synchronize(gpu), CULOSS_OK, "%s", culoss_last_error());
   to_host(&l, d_l, 4);
-  /* expected sum: whole blocks of the same data plus the partial block */
-  float bl, tl;
-  const int64_t full = m / blk, rest = m % blk;
-  culoss_huber(cpu, &o, blk, CULOSS_BF16, xb, yb, &bl, NULL, NULL);
-  culoss_huber(cpu, &o, rest, CULOSS_BF16, xb, yb, &tl, NULL, NULL);
-  const double want = (double)bl * (double)full + (double)tl;
   cr_assert(close_enough(l, want, 0, 1e-5), "sum %.9g vs %.9g", (double)l, want);
-  /* the gradient written in place at the very end of the array */
+  /* the gradient written in place past 2^31: the last block's tail, which
+     xb/yb still hold */
+  const int64_t rest = m - head, last0 = (m - 1) / blk * blk, off = head - last0;
   uint16_t *g = malloc((size_t)rest * 2), *ref = malloc((size_t)rest * 2);
-  to_host(g, (char *)d_x + (size_t)(m - rest) * 2, (size_t)rest * 2);
-  culoss_huber(cpu, &o, rest, CULOSS_BF16, xb, yb, &tl, ref, NULL);
+  float tl;
+  to_host(g, (char *)d_x + (size_t)head * 2, (size_t)rest * 2);
+  cr_assert_eq(culoss_huber(cpu, &o, rest, CULOSS_BF16, xb + off, yb + off, &tl, ref, NULL),
+               CULOSS_OK);
   cr_assert(memcmp(g, ref, (size_t)rest * 2) == 0, "gradient past 2^31 differs from the CPU");
   culoss_free(gpu, d_x), culoss_free(gpu, d_y), culoss_free(gpu, d_l);
   free(x), free(y), free(xb), free(yb), free(g), free(ref);
