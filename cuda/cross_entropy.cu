@@ -680,7 +680,7 @@ culoss_status ce_launch_main(culoss_context *ctx, ce_params &p, int mode, int dt
     const int64_t nvec = p.c / vec;
     p.cache_vecs = nvec < fit ? nvec : fit;
   }
-  const int64_t grid = capped_grid((p.n + rows - 1) / rows);
+  const int64_t grid = capped_grid(ctx, (p.n + rows - 1) / rows);
   *grid_out = grid;
   launch_visitor lv{mode, (int)s, vec, dtype, p, grid,
                     (size_t)p.cache_vecs * rows * pack_bytes, stream, 0, cudaSuccess};

@@ -175,7 +175,7 @@ extern "C" culoss_status culoss__cuda_elementwise(culoss_context *ctx, const voi
   if (p.m > 0) {
     const bool vec = aligned16(p.x) && aligned16(p.y) && aligned16(p.grad);
     const int64_t packs = vec ? p.m / vec_elems : p.m;
-    grid = capped_grid((packs + EW_THREADS - 1) / EW_THREADS);
+    grid = capped_grid(ctx, (packs + EW_THREADS - 1) / EW_THREADS);
     const cudaError_t e = with_dtype(a->dtype, [&](auto t) {
       return launch_op<decltype(t)>(a->op, p, vec, (unsigned)grid, stream);
     });

@@ -268,7 +268,7 @@ template <typename T> culoss_status run(culoss_context *ctx, const culoss__lce_a
 
   /* ---- the reduced loss from the per-row losses ---- */
   if (!reduced) return CULOSS_OK;
-  const int64_t grid = capped_grid((n + LT - 1) / LT);
+  const int64_t grid = capped_grid(ctx, (n + LT - 1) / LT);
   if (n > 0) {
     CU_TRY(launch(row_loss_sum_kernel, dim3((unsigned)grid), dim3(LT), 0, stream,
                   (const float *)row_loss, n, ctx->scratch->partial_loss),

@@ -154,7 +154,7 @@ extern "C" culoss_status culoss__cuda_multi_margin(culoss_context *ctx, const vo
   int64_t grid = 0;
   if (p.n > 0) {
     const bool vec = aligned16(p.x) && aligned16(p.grad) && ((p.ld * (int64_t)es) % 16) == 0;
-    grid = capped_grid((p.n + MM_ROWS - 1) / MM_ROWS);
+    grid = capped_grid(ctx, (p.n + MM_ROWS - 1) / MM_ROWS);
     const cudaError_t e = with_dtype(
         a->dtype, [&](auto t) { return launch_mm<decltype(t)>(p, vec, (unsigned)grid, stream); });
     if (e != cudaSuccess) return culoss__cuda_status(e, "launch of mm_kernel");

@@ -79,9 +79,12 @@ inline divisor_src count_divisor(double count) {
 }
 
 /* Caps a reducing kernel's grid: one partial per block in the scratch. */
-inline int64_t capped_grid(int64_t blocks) {
+/* The grid of a grid-stride kernel: `blocks`, at most the context's limit
+   (culoss_set_grid_limit; default CULOSS_MAX_PARTIALS, one partial each). */
+inline int64_t capped_grid(const culoss_context *ctx, int64_t blocks) {
+  const int64_t cap = ctx->grid_limit > 0 ? ctx->grid_limit : CULOSS_MAX_PARTIALS;
   if (blocks < 1) return 1;
-  return blocks > CULOSS_MAX_PARTIALS ? CULOSS_MAX_PARTIALS : blocks;
+  return blocks > cap ? cap : blocks;
 }
 
 } // namespace culoss_dev

@@ -224,6 +224,16 @@ culoss_status culoss_set_stream(culoss_context *ctx, void *cuda_stream) {
   return CULOSS_OK;
 }
 
+culoss_status culoss_set_grid_limit(culoss_context *ctx, int64_t max_blocks) {
+  CHECK_CTX(ctx);
+  if (max_blocks < 0 || max_blocks > CULOSS_MAX_PARTIALS)
+    return culoss__error(CULOSS_ERROR_INVALID_VALUE,
+                         "culoss_set_grid_limit: max_blocks = %lld is outside [0, %d]",
+                         (long long)max_blocks, CULOSS_MAX_PARTIALS);
+  ctx->grid_limit = max_blocks;
+  return CULOSS_OK;
+}
+
 culoss_status culoss_synchronize(culoss_context *ctx) {
   CHECK_CTX(ctx);
   if (ctx->backend == CULOSS_BACKEND_CPU) return CULOSS_OK;

@@ -47,6 +47,7 @@ struct culoss_context {
   culoss__scratch *scratch;  /* device memory (CUDA backend) */
   int *host_flag;            /* pinned host word for reading the flag */
   int sm_count;
+  int64_t grid_limit;        /* culoss_set_grid_limit: 0 = CULOSS_MAX_PARTIALS */
   size_t smem_optin;         /* max dynamic shared memory per block */
   void *cublas;              /* cublasHandle_t, created with the context */
   void *cublas_ws;           /* its fixed workspace: nothing allocates during capture */

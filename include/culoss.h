@@ -119,6 +119,13 @@ CULOSS_API culoss_status culoss_set_stream(culoss_context *ctx, void *cuda_strea
    CULOSS_ERROR_CUDA for an asynchronous CUDA failure. CPU backend: CULOSS_OK. */
 CULOSS_API culoss_status culoss_synchronize(culoss_context *ctx);
 
+/* Caps the grid of the CUDA backend's grid-stride kernels at `max_blocks`
+   blocks (0 = the default, 4096); each block then walks more rows or
+   elements. Results do not depend on it beyond the order of summation (at
+   fp32 rounding level; bitwise stable for a fixed limit). For tests (small
+   sizes that still stride) and tuning. max_blocks outside [0, 4096] is
+   CULOSS_ERROR_INVALID_VALUE; the CPU backend accepts and ignores it. */
+CULOSS_API culoss_status culoss_set_grid_limit(culoss_context *ctx, int64_t max_blocks);
 /* Allocates `bytes` in the context's memory space (cudaMalloc on the CUDA
    backend; 64-byte aligned host memory on the CPU backend). `ptr` is host.
    bytes == 0 gives *ptr = NULL and CULOSS_OK. */

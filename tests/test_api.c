@@ -278,3 +278,15 @@ Test(api, broken_cuda_is_an_error_not_no_device) {
   cr_skip_test("needs the CUDA emulator build (it injects cudaGetDeviceCount failures)");
 #endif
 }
+
+Test(api, grid_limit_is_validated) {
+  culoss_context *c = NULL;
+  cr_assert_eq(culoss_create(&c, CULOSS_BACKEND_CPU, 0), CULOSS_OK);
+  cr_assert_eq(culoss_set_grid_limit(c, 0), CULOSS_OK);
+  cr_assert_eq(culoss_set_grid_limit(c, 4096), CULOSS_OK);
+  cr_assert_eq(culoss_set_grid_limit(c, -1), CULOSS_ERROR_INVALID_VALUE);
+  cr_assert(strstr(culoss_last_error(), "max_blocks") != NULL, "%s", culoss_last_error());
+  cr_assert_eq(culoss_set_grid_limit(c, 4097), CULOSS_ERROR_INVALID_VALUE);
+  cr_assert_eq(culoss_set_grid_limit(NULL, 1), CULOSS_ERROR_INVALID_VALUE);
+  culoss_destroy(c);
+}

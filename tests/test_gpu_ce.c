@@ -288,6 +288,35 @@ Test(gpu_ce, grid_stride_over_many_rows) {
    reduction and dtype. Before the fix the CUDA loss with smoothing or soft
    targets was W lse - sum w x in fp32: 0 instead of log k for ties at 1e8,
    a relative error of 5e-4 at an offset of 1e4, NaN near the bf16 maximum. */
+/* Issue 19: with the grid capped at 1 and 3 blocks (culoss_set_grid_limit),
+   small problems stride on every kernel shape (thread, 8 lanes, warp, 256
+   and 1024 threads per row, forced through CULOSS_CE_SHAPE), in every mode,
+   at quick sizes too: a group that skipped or repeated a row on its second
+   pass would change a row's loss or a reduced sum. */
+Test(gpu_ce, grid_stride_on_every_shape_with_a_small_grid_limit) {
+  REQUIRE_GPU();
+  static const char *shapes[] = {"thread", "8", "warp", "256", "1024"};
+  static const int64_t cs[] = {7, 100, 700, 3000, 20000};
+  uint64_t seed = 1700;
+  for (int lim = 1; lim <= 3; lim += 2) {
+    cr_assert_eq(culoss_set_grid_limit(gpu, lim), CULOSS_OK);
+    for (int s = 0; s < 5; s++) {
+      setenv("CULOSS_CE_SHAPE", shapes[s], 1);
+      for (int mode = 0; mode < 3; mode++) {
+        /* rows per block: 256 (thread), 32 (8 lanes), 8 (warp), 1 (256/1024) */
+        const int64_t per_block = s == 0 ? 256 : (s == 1 ? 32 : (s == 2 ? 8 : 1));
+        gcase k = base_case(per_block * lim * 2 + 5, cs[s], (culoss_dtype)((mode + s) % 3), seed++);
+        k.mode = mode;
+        k.red = (culoss_reduction)((mode + s + lim) % 3);
+        k.grad_loss = 1;
+        run_case(&k);
+      }
+    }
+  }
+  unsetenv("CULOSS_CE_SHAPE");
+  cr_assert_eq(culoss_set_grid_limit(gpu, 0), CULOSS_OK);
+}
+
 Test(gpu_ce, adversarial_rows_all_dtypes) {
   REQUIRE_GPU();
   uint64_t seed = 1900;
@@ -541,6 +570,10 @@ Test(gpu_ce, deferred_errors_survive_good_calls_in_every_family) {
   free(x), free(w);
 }
 
+/* Run twice, compared bitwise. On a GPU this bites on any order that depends
+   on scheduling (atomics, a reduction over whichever block finishes first);
+   on the CPU emulator it bites only under CULOSS_EMU_SCHEDULE=random, where
+   threads and blocks run in a different order each run (CI runs it so). */
 Test(gpu_ce, deterministic_bitwise) {
   REQUIRE_GPU();
   const int64_t cs[] = {100, 8000, 128256};

@@ -248,6 +248,8 @@ Test(gpu_ew, bce_target_outside_unit_interval_is_deferred) {
   culoss_free(gpu, d_x), culoss_free(gpu, d_y), culoss_free(gpu, d_l), culoss_free(gpu, d_g);
 }
 
+/* Twice, bitwise: bites on a GPU, and on the emulator under
+   CULOSS_EMU_SCHEDULE=random (a new thread and block order per launch). */
 Test(gpu_ew, deterministic_bitwise) {
   REQUIRE_GPU();
   const int64_t m = test_quick() ? 100000 : 20000000;
@@ -315,6 +317,23 @@ static void mm_case(int64_t n, int64_t c, int64_t ld, culoss_dtype dt, int p, cu
   if (!in_place) culoss_free(gpu, d_g);
   free(x), free(w), free(gl), free(t), free(xh), free(ref_g), free(g), free(ref_l), free(l);
   free(gf), free(rf);
+}
+
+/* Issue 19: one and two blocks for the whole array: every thread strides
+   over many packs (and the multi-margin kernel over many rows). */
+Test(gpu_ew, grid_stride_with_a_small_grid_limit) {
+  REQUIRE_GPU();
+  uint64_t seed = 2100;
+  for (int lim = 1; lim <= 2; lim++) {
+    cr_assert_eq(culoss_set_grid_limit(gpu, lim), CULOSS_OK);
+    for (int op = 0; op < T_NUM_OPS; op++)
+      ew_case((t_op)op, 37, 1001, (culoss_dtype)((op + lim) % 3),
+              (culoss_reduction)((op + lim) % 3), 1, 1, op % 2, seed++);
+    for (int d = 0; d < 3; d++) /* multi-margin: rows per block x the limit, many times over */
+      mm_case(301, 37, 40, (culoss_dtype)d, 1 + d % 2, (culoss_reduction)((d + lim) % 3), 1,
+              d == 1, seed++);
+  }
+  cr_assert_eq(culoss_set_grid_limit(gpu, 0), CULOSS_OK);
 }
 
 Test(gpu_ew, multi_margin_against_cpu) {

@@ -131,6 +131,8 @@ Test(gpu_graph, every_loss_is_capture_safe_and_bitwise_stable) {
   culoss_free(gpu, b.x), culoss_free(gpu, b.y), culoss_free(gpu, b.t), culoss_free(gpu, b.w);
   culoss_free(gpu, b.g), culoss_free(gpu, b.loss), culoss_free(gpu, b.ws);
   free(xf), free(yf), free(xb), free(yb), free(g0), free(g1);
+#else
+  cr_skip_test("skipped: no CUDA device (a CPU-only build)");
 #endif
 }
 
