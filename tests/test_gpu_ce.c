@@ -27,6 +27,9 @@ typedef struct {
   float eps, z, cap;
   int weights, ignore, neg_inf, grad, grad_loss, in_place, normalizer;
   int adversarial; /* rows from adversarial_rows() and extreme class weights */
+  int64_t ignore_value; /* 0: -100; else this ignore_index (may be a valid class) */
+  int unnormalized;     /* soft targets scaled by 1.7 (rows not summing to 1) */
+  int nan_ignored;      /* NaN logits in some ignored rows */
   double scale;
   uint64_t seed;
 } gcase;
@@ -91,7 +94,7 @@ static void run_case(const gcase *k) {
 
   for (int64_t i = 0; i < k->n; i++) {
     t[i] = rng_int(&r, 0, k->c);
-    if (k->ignore && rng_uniform(&r) < 0.2) t[i] = -100;
+    if (k->ignore && rng_uniform(&r) < 0.2) t[i] = k->ignore_value ? k->ignore_value : -100;
     t32[i] = (int32_t)t[i];
   }
   if (k->mode == 2) { /* log-probabilities: log_softmax of random rows */
@@ -105,10 +108,15 @@ static void run_case(const gcase *k) {
   } else {
     fill_logits(&r, xf, k->n, k->c, k->ld, k->scale, k->neg_inf, t);
     if (k->adversarial) adversarial_rows(&r, xf, t, k->n, k->c, k->ld, k->dt);
+    if (k->nan_ignored) /* "ignored rows with NaN logits get a zero gradient" */
+      for (int64_t i = 0; i < k->n; i++)
+        if (t[i] == (k->ignore_value ? k->ignore_value : -100)) xf[i * k->ld + i % k->c] = NAN;
   }
   pack_dtype(xh, xf, elems, k->dt);
   if (yf) {
     fill_probs(&r, yf, k->n, k->c, k->ld);
+    if (k->unnormalized)
+      for (int64_t e = 0; e < elems; e++) yf[e] *= 1.7f;
     pack_dtype(yh, yf, elems, k->dt);
   }
   for (int64_t j = 0; j < k->c; j++) w[j] = (float)(0.25 + 2.0 * rng_uniform(&r));
@@ -120,6 +128,7 @@ static void run_case(const gcase *k) {
   culoss_cross_entropy_options o;
   culoss_cross_entropy_options_init(&o);
   o.reduction = k->red;
+  if (k->ignore_value) o.ignore_index = k->ignore_value;
   o.label_smoothing = k->eps;
   o.z_loss = k->z;
   o.logit_softcap = k->cap;
@@ -405,6 +414,40 @@ Test(gpu_ce, strided_and_in_place) {
         k.mode = 1;
         run_case(&k);
       }
+}
+
+/* Issue 19 section 3, behaviours that had no test, CUDA against the CPU:
+   NLL and soft targets with ld > c, a non-default ignore_index (a valid
+   class, 3), ignored rows whose logits hold NaN (zero gradient on both
+   backends), unweighted soft targets that do not sum to 1, and label
+   smoothing with class weights at c > 65536. */
+Test(gpu_ce, untested_behaviours_of_issue_19) {
+  REQUIRE_GPU();
+  uint64_t seed = 2300;
+  for (int d = 0; d < 3; d++) {
+    gcase k = base_case(29, 1000, (culoss_dtype)d, seed++);
+    k.mode = 2, k.ld = 1000 + 24; /* NLL, padded rows */
+    k.weights = 1;
+    run_case(&k);
+    k.mode = 1, k.unnormalized = 1, k.ld = 1000 + 5; /* soft, rows summing to 1.7 */
+    for (int red = 0; red < 3; red++) {
+      k.red = (culoss_reduction)red, k.seed = seed++;
+      run_case(&k);
+    }
+    gcase g = base_case(41, 300, (culoss_dtype)d, seed++);
+    g.ignore_value = 3, g.nan_ignored = 1, g.neg_inf = 0;
+    for (int mode = 0; mode < 3; mode += 2)
+      for (int red = 0; red < 3; red++) {
+        g.mode = mode, g.red = (culoss_reduction)red, g.seed = seed++;
+        g.eps = mode == 0 ? 0.125f : 0.0f;
+        run_case(&g);
+      }
+  }
+  gcase big = base_case(test_quick() ? 3 : 9, 70001, CULOSS_BF16, seed++);
+  big.eps = 0.25f, big.weights = 1;
+  run_case(&big);
+  big.red = CULOSS_REDUCTION_NONE, big.dt = CULOSS_F32, big.seed = seed++;
+  run_case(&big);
 }
 
 /* Every launch shape on sizes its heuristic would not pick, with the row

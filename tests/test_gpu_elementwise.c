@@ -271,6 +271,7 @@ Test(gpu_ew, deterministic_bitwise) {
   free(x), free(y);
 }
 
+static int mm_int32; /* mm_case passes int32 targets to both backends */
 static void mm_case(int64_t n, int64_t c, int64_t ld, culoss_dtype dt, int p, culoss_reduction red,
                     int weights, int in_place, uint64_t seed) {
   rng_t r = rng_seeded(seed);
@@ -284,19 +285,21 @@ static void mm_case(int64_t n, int64_t c, int64_t ld, culoss_dtype dt, int p, cu
   memcpy(ref_g, xh, bytes);
   for (int64_t j = 0; j < c; j++) w[j] = (float)(0.5 + rng_uniform(&r));
   for (int64_t i = 0; i < n; i++) t[i] = rng_int(&r, 0, c), gl[i] = (float)rng_normal(&r);
+  const culoss_index_type tt = mm_int32 ? CULOSS_I32 : CULOSS_I64;
+  if (mm_int32) /* the same values as int32, in the first half of t's memory */
+    for (int64_t i = 0; i < n; i++) ((int32_t *)t)[i] = (int32_t)t[i];
   culoss_multi_margin_options o;
   culoss_multi_margin_options_init(&o);
   o.p = p, o.reduction = red, o.margin = 0.9f, o.class_weight = weights ? w : NULL;
   float *ref_l = malloc((size_t)nl * 4), *l = malloc((size_t)nl * 4);
-  cr_assert_eq(culoss_multi_margin(cpu, &o, n, c, dt, xh, ld, CULOSS_I64, t, ref_l, ref_g, gl),
-               CULOSS_OK);
+  cr_assert_eq(culoss_multi_margin(cpu, &o, n, c, dt, xh, ld, tt, t, ref_l, ref_g, gl), CULOSS_OK);
   char *d_x = dev_from(xh, bytes), *d_g = in_place ? d_x : dev_from(xh, bytes);
   float *d_w = dev_from(w, (size_t)c * 4), *d_gl = dev_from(gl, (size_t)n * 4);
   int64_t *d_t = dev_from(t, (size_t)n * 8);
   float *d_l = dev_alloc((size_t)nl * 4);
   dev_poison(d_l, (size_t)nl * 4);
   o.class_weight = weights ? d_w : NULL;
-  cr_assert_eq(culoss_multi_margin(gpu, &o, n, c, dt, d_x, ld, CULOSS_I64, d_t, d_l, d_g, d_gl),
+  cr_assert_eq(culoss_multi_margin(gpu, &o, n, c, dt, d_x, ld, tt, d_t, d_l, d_g, d_gl),
                CULOSS_OK, "%s", culoss_last_error());
   cr_assert_eq(culoss_synchronize(gpu), CULOSS_OK, "%s", culoss_last_error());
   to_host(l, d_l, (size_t)nl * 4);
@@ -334,6 +337,52 @@ Test(gpu_ew, grid_stride_with_a_small_grid_limit) {
               d == 1, seed++);
   }
   cr_assert_eq(culoss_set_grid_limit(gpu, 0), CULOSS_OK);
+}
+
+/* Issue 19 section 3: every elementwise loss with its gradient written in
+   place over the input at an ordinary size; multi-margin in place with
+   ld > c and with int32 targets. */
+Test(gpu_ew, in_place_gradients_and_int32_multi_margin) {
+  REQUIRE_GPU();
+  uint64_t seed = 2500;
+  for (int op = 0; op < T_NUM_OPS; op++)
+    for (int d = 0; d < 3; d++) {
+      const culoss_dtype dt = (culoss_dtype)d;
+      const int64_t m = 5003;
+      const size_t bytes = (size_t)m * dtype_bytes(dt);
+      rng_t r = rng_seeded(seed++);
+      float *x = malloc((size_t)m * 4), *y = malloc((size_t)m * 4), l, rl;
+      ew_fill(&r, (t_op)op, x, y, m, 0.0);
+      if (op == T_BCE)
+        for (int64_t i = 0; i < m; i++) x[i] = fminf(fmaxf(x[i], 0.0f), 1.0f);
+      void *xh = malloc(bytes), *yh = malloc(bytes), *rg = malloc(bytes), *g = malloc(bytes);
+      pack_dtype(xh, x, m, dt), pack_dtype(yh, y, m, dt);
+      t_opts t = {CULOSS_REDUCTION_MEAN, NULL, NULL, op == T_HUBER ? 0.7f : 0.0f};
+      cr_assert_eq(ew_call(cpu, (t_op)op, &t, 1, m, dt, xh, yh, &rl, rg, NULL), CULOSS_OK);
+      void *d_x = dev_from(xh, bytes), *d_y = dev_from(yh, bytes);
+      float *d_l = dev_alloc(4);
+      cr_assert_eq(ew_call(gpu, (t_op)op, &t, 1, m, dt, d_x, d_y, d_l, d_x, NULL), CULOSS_OK);
+      cr_assert_eq(culoss_synchronize(gpu), CULOSS_OK, "%s", culoss_last_error());
+      to_host(&l, d_l, 4);
+      to_host(g, d_x, bytes);
+      float *gf = malloc((size_t)m * 4), *rf = malloc((size_t)m * 4);
+      unpack_dtype(gf, g, m, dt), unpack_dtype(rf, rg, m, dt);
+      int64_t where;
+      cr_assert(close_enough(l, rl, 1e-6, 2e-5), "%s dt %d: loss %g vs %g", t_op_name[op], d,
+                (double)l, (double)rl);
+      const double rtol = dt == CULOSS_F32 ? 2e-5 : (dt == CULOSS_F16 ? 2.0 / 1024 : 2.0 / 128);
+      cr_assert(worst_ratio(gf, rf, m, 1e-7, rtol, &where) <= 1.0, "%s dt %d: in-place grad[%lld] "
+                "%g vs %g", t_op_name[op], d, (long long)where, (double)gf[where], (double)rf[where]);
+      culoss_free(gpu, d_x), culoss_free(gpu, d_y), culoss_free(gpu, d_l);
+      free(x), free(y), free(xh), free(yh), free(rg), free(g), free(gf), free(rf);
+    }
+  for (int d = 0; d < 3; d++) {
+    mm_case(45, 100, 117, (culoss_dtype)d, 1 + d % 2, CULOSS_REDUCTION_MEAN, 1, 1, seed++);
+    mm_int32 = 1;
+    mm_case(45, 100, 117, (culoss_dtype)d, 2 - d % 2, CULOSS_REDUCTION_NONE, 0, 1, seed++);
+    mm_case(45, 100, 100, (culoss_dtype)d, 1, CULOSS_REDUCTION_SUM, 1, 0, seed++);
+    mm_int32 = 0;
+  }
 }
 
 Test(gpu_ew, multi_margin_against_cpu) {

@@ -257,3 +257,104 @@ Test(gpu_graph, replays_read_new_inputs_grad_loss_normalizer_and_raise_errors) {
   cr_skip_test("skipped: no CUDA device (a CPU-only build)");
 #endif
 }
+
+#ifdef CULOSS_HAVE_CUDA
+#include "ew_call.h"
+
+enum { SN = 33, SC = 257, SD = 16 };
+
+/* Every loss once on context c (stream as set), losses into loss[0..], one
+   gradient slice of SN * SC each into g. */
+static culoss_status every_loss(culoss_context *c, const float *x, const float *p, const float *y,
+                                const float *pm, const void *t, const float *h, const float *w,
+                                float *loss, float *g, void *ws, size_t ws_bytes) {
+  culoss_status st;
+  const int64_t gs = SN * SC;
+  int k = 0;
+  culoss_cross_entropy_options o;
+  culoss_cross_entropy_options_init(&o);
+  o.label_smoothing = 0.125f;
+  if ((st = culoss_cross_entropy(c, &o, SN, SC, CULOSS_F32, x, SC, CULOSS_I64, t, loss + k,
+                                 g + k * gs, NULL)) != CULOSS_OK) return st;
+  k++;
+  if ((st = culoss_cross_entropy_soft(c, &o, SN, SC, CULOSS_F32, x, SC, y, loss + k, g + k * gs,
+                                      NULL)) != CULOSS_OK) return st;
+  k++;
+  if ((st = culoss_nll(c, NULL, SN, SC, CULOSS_F32, x, SC, CULOSS_I64, t, loss + k, g + k * gs,
+                       NULL)) != CULOSS_OK) return st;
+  k++;
+  if ((st = culoss_multi_margin(c, NULL, SN, SC, CULOSS_F32, x, SC, CULOSS_I64, t, loss + k,
+                                g + k * gs, NULL)) != CULOSS_OK) return st;
+  k++;
+  for (int op = 0; op < T_NUM_OPS; op++, k++) {
+    t_opts to = {CULOSS_REDUCTION_MEAN, NULL, NULL, 0.0f};
+    const float *in = op == T_BCE ? p : x, *tg = op == T_HINGE || op == T_SQ_HINGE ? pm : y;
+    if ((st = ew_call(c, (t_op)op, &to, SN, SC, CULOSS_F32, in, tg, loss + k, g + k * gs, NULL)) !=
+        CULOSS_OK) return st;
+  }
+  return culoss_linear_cross_entropy(c, &o, SN, SD, SC, CULOSS_F32, h, w, NULL, CULOSS_I64, t,
+                                     loss + k, g + k * gs, g + k * gs + SN * SD, NULL, NULL, ws,
+                                     ws_bytes);
+}
+#endif
+
+/* Issue 19 section 3: every loss on a non-default (non-blocking) stream,
+   against the CPU: the work is enqueued on that stream, and reading results
+   after culoss_synchronize sees all of it. */
+Test(gpu_graph, every_loss_on_a_non_default_stream_matches_the_cpu) {
+  REQUIRE_GPU();
+#ifdef CULOSS_HAVE_CUDA
+  enum { K = 4 + T_NUM_OPS + 1 };
+  const size_t xb = (size_t)SN * SC * 4;
+  rng_t r = rng_seeded(77);
+  float *x = malloc(xb), *p = malloc(xb), *y = malloc(xb), *pm = malloc(xb);
+  float *h = malloc((size_t)SN * SD * 4), *w = malloc((size_t)SC * SD * 4);
+  float *g = malloc(K * xb), *rg = malloc(K * xb), loss[K], rl[K];
+  int64_t t[SN];
+  for (int i = 0; i < SN; i++) t[i] = rng_int(&r, 0, SC);
+  fill_logits(&r, x, SN, SC, SC, 2.0, 0, t);
+  fill_probs(&r, y, SN, SC, SC);
+  for (int64_t e = 0; e < (int64_t)SN * SC; e++) {
+    p[e] = (float)(0.05 + 0.9 * rng_uniform(&r));
+    pm[e] = rng_uniform(&r) < 0.5 ? -1.0f : 1.0f;
+  }
+  for (int i = 0; i < SN * SD; i++) h[i] = (float)rng_normal(&r);
+  for (int i = 0; i < SC * SD; i++) w[i] = (float)(0.3 * rng_normal(&r));
+  memset(rg, 0, K * xb);
+  cr_assert_eq(every_loss(cpu, x, p, y, pm, t, h, w, rl, rg, NULL, 0), CULOSS_OK, "%s",
+               culoss_last_error());
+  size_t ws_bytes;
+  cr_assert_eq(culoss_linear_cross_entropy_workspace_size(gpu, SN, SD, SC, CULOSS_F32, &ws_bytes),
+               CULOSS_OK);
+  float *d_x = dev_from(x, xb), *d_p = dev_from(p, xb), *d_y = dev_from(y, xb);
+  float *d_pm = dev_from(pm, xb), *d_h = dev_from(h, (size_t)SN * SD * 4);
+  float *d_w = dev_from(w, (size_t)SC * SD * 4), *d_g = dev_alloc(K * xb), *d_l = dev_alloc(sizeof loss);
+  void *d_t = dev_from(t, sizeof t), *d_ws = dev_alloc(ws_bytes);
+  cr_assert_eq(culoss_upload(gpu, d_g, rg, K * xb), CULOSS_OK); /* unwritten bytes compare equal */
+  dev_poison(d_l, sizeof loss);
+  cudaStream_t s;
+  cr_assert_eq(cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking), cudaSuccess);
+  cr_assert_eq(culoss_set_stream(gpu, s), CULOSS_OK);
+  cr_assert_eq(every_loss(gpu, d_x, d_p, d_y, d_pm, d_t, d_h, d_w, d_l, d_g, d_ws, ws_bytes),
+               CULOSS_OK, "%s", culoss_last_error());
+  cr_assert_eq(culoss_synchronize(gpu), CULOSS_OK, "%s", culoss_last_error());
+  to_host(loss, d_l, sizeof loss);
+  to_host(g, d_g, K * xb);
+  for (int k = 0; k < K; k++) {
+    int64_t where;
+    cr_assert(close_enough(loss[k], rl[k], 1e-6, 2e-5), "loss %d: %g vs %g", k, (double)loss[k],
+              (double)rl[k]);
+    cr_assert(worst_ratio(g + (size_t)k * SN * SC, rg + (size_t)k * SN * SC, (int64_t)SN * SC, 1e-7,
+                          1e-4, &where) <= 1.0, "gradient %d [%lld]: %g vs %g", k, (long long)where,
+              (double)g[(size_t)k * SN * SC + where], (double)rg[(size_t)k * SN * SC + where]);
+  }
+  cr_assert_eq(culoss_set_stream(gpu, NULL), CULOSS_OK);
+  cudaStreamDestroy(s);
+  float *bufs[] = {d_x, d_p, d_y, d_pm, d_h, d_w, d_g, d_l};
+  for (size_t i = 0; i < sizeof bufs / sizeof *bufs; i++) culoss_free(gpu, bufs[i]);
+  culoss_free(gpu, d_t), culoss_free(gpu, d_ws);
+  free(x), free(p), free(y), free(pm), free(h), free(w), free(g), free(rg);
+#else
+  cr_skip_test("skipped: no CUDA device (a CPU-only build)");
+#endif
+}

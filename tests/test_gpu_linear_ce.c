@@ -276,6 +276,88 @@ Test(gpu_lce, exact_logits_dtype_tolerances) {
   unsetenv("CULOSS_LINEAR_CE_BLOCK_BYTES");
 }
 
+/* Issue 19 section 3: int32 targets, forward only, grad_hidden only,
+   grad_weight only (with and without bias), a normalizer in device memory,
+   and n = 0, each against the CPU; outputs not requested stay untouched. */
+Test(gpu_lce, int32_partial_gradients_normalizer_and_empty) {
+  REQUIRE_GPU();
+  const int64_t d = 24, v = 700;
+  for (int variant = 0; variant < 6; variant++) {
+    const int64_t n = variant == 5 ? 0 : 37;
+    const culoss_dtype dt = (culoss_dtype)(variant % 3);
+    const size_t es = dtype_bytes(dt);
+    rng_t r = rng_seeded(4000 + (uint64_t)variant);
+    float *h = malloc((size_t)(37 * d) * 4), *w = malloc((size_t)(v * d) * 4), *b = malloc((size_t)v * 4);
+    int32_t t32[37];
+    for (int64_t i = 0; i < 37 * d; i++) h[i] = (float)rng_normal(&r);
+    for (int64_t i = 0; i < v * d; i++) w[i] = (float)(0.3 * rng_normal(&r));
+    for (int64_t j = 0; j < v; j++) b[j] = (float)rng_normal(&r);
+    for (int i = 0; i < 37; i++) t32[i] = i % 7 == 0 ? -100 : (int32_t)rng_int(&r, 0, v);
+    void *hh = malloc((size_t)(37 * d) * es), *wh = malloc((size_t)(v * d) * es), *bh = malloc((size_t)v * es);
+    pack_dtype(hh, h, 37 * d, dt), pack_dtype(wh, w, v * d, dt), pack_dtype(bh, b, v, dt);
+    const int want_gh = variant == 1 || variant == 4, want_gw = variant == 2 || variant == 3 || variant == 4;
+    const int bias = variant == 3 || variant == 4;
+    culoss_cross_entropy_options o;
+    culoss_cross_entropy_options_init(&o);
+    o.reduction = variant == 0 ? CULOSS_REDUCTION_NONE : CULOSS_REDUCTION_MEAN;
+    const float norm = 50.0f;
+    if (variant == 4) o.normalizer = &norm;
+    const int64_t nl = o.reduction == CULOSS_REDUCTION_NONE ? (n ? n : 1) : 1;
+    float ref_l[37], l[37];
+    void *rgh = calloc(1, (size_t)(37 * d) * es), *rgw = calloc(1, (size_t)(v * d) * es);
+    void *rgb = calloc(1, (size_t)v * es);
+    cr_assert_eq(culoss_linear_cross_entropy(cpu, &o, n, d, v, dt, hh, wh, bias ? bh : NULL,
+                                             CULOSS_I32, t32, ref_l, want_gh ? rgh : NULL,
+                                             want_gw ? rgw : NULL, want_gw && bias ? rgb : NULL,
+                                             NULL, NULL, 0), CULOSS_OK, "%s", culoss_last_error());
+    size_t wsb;
+    cr_assert_eq(culoss_linear_cross_entropy_workspace_size(gpu, n, d, v, dt, &wsb), CULOSS_OK);
+    void *d_h = dev_from(hh, (size_t)(37 * d) * es), *d_w = dev_from(wh, (size_t)(v * d) * es);
+    void *d_b = dev_from(bh, (size_t)v * es), *d_t = dev_from(t32, sizeof t32);
+    float *d_norm = dev_from(&norm, 4), *d_l = dev_alloc(37 * 4);
+    void *d_gh = dev_alloc((size_t)(37 * d) * es), *d_gw = dev_alloc((size_t)(v * d) * es);
+    void *d_gb = dev_alloc((size_t)v * es), *d_ws = wsb ? dev_alloc(wsb) : NULL;
+    dev_poison(d_gh, (size_t)(37 * d) * es), dev_poison(d_gw, (size_t)(v * d) * es);
+    dev_poison(d_gb, (size_t)v * es), dev_poison(d_l, 37 * 4);
+    if (o.normalizer) o.normalizer = d_norm;
+    cr_assert_eq(culoss_linear_cross_entropy(gpu, &o, n, d, v, dt, d_h, d_w, bias ? d_b : NULL,
+                                             CULOSS_I32, d_t, d_l, want_gh ? d_gh : NULL,
+                                             want_gw ? d_gw : NULL, want_gw && bias ? d_gb : NULL,
+                                             NULL, d_ws, wsb), CULOSS_OK, "%s", culoss_last_error());
+    cr_assert_eq(culoss_synchronize(gpu), CULOSS_OK, "%s", culoss_last_error());
+    to_host(l, d_l, (size_t)nl * 4);
+    int64_t where;
+    const double lt = dt == CULOSS_F32 ? 1e-5 : 2e-2;
+    cr_assert(worst_ratio(l, ref_l, nl, lt, lt, &where) <= 1.0, "variant %d: loss[%lld] %g vs %g",
+              variant, (long long)where, (double)l[where], (double)ref_l[where]);
+    if (n == 0) cr_assert(isnan(l[0]), "n = 0 with MEAN: NaN (0 / 0)");
+    void *g = malloc((size_t)(v * d) * es);
+    const double gt = dt == CULOSS_F32 ? 1e-5 : 2e-2;
+    if (want_gh && n) {
+      to_host(g, d_gh, (size_t)(n * d) * es);
+      check("grad_hidden", g, rgh, n * d, dt, gt);
+    } else { /* not requested: still the poison */
+      to_host(g, d_gh, 4);
+      cr_assert(is_poison_f32(*(float *)g) || dt != CULOSS_F32, "variant %d: grad_hidden written", variant);
+    }
+    if (want_gw) {
+      to_host(g, d_gw, (size_t)(v * d) * es);
+      if (n) check("grad_weight", g, rgw, v * d, dt, gt);
+      else
+        for (int64_t e = 0; e < v * d; e++)
+          cr_assert(((uint16_t *)g)[dt == CULOSS_F32 ? 2 * e : e] == 0, "n = 0: grad_weight is zero");
+    }
+    if (want_gw && bias && n) {
+      to_host(g, d_gb, (size_t)v * es);
+      check("grad_bias", g, rgb, v, dt, gt);
+    }
+    culoss_free(gpu, d_h), culoss_free(gpu, d_w), culoss_free(gpu, d_b), culoss_free(gpu, d_t);
+    culoss_free(gpu, d_norm), culoss_free(gpu, d_l), culoss_free(gpu, d_gh), culoss_free(gpu, d_gw);
+    culoss_free(gpu, d_gb), culoss_free(gpu, d_ws);
+    free(h), free(w), free(b), free(hh), free(wh), free(bh), free(rgh), free(rgw), free(rgb), free(g);
+  }
+}
+
 /* A vocabulary wider than 65535 blocks of 256 columns: the small kernels'
    capped grids must stride (an unstrided grad_bias left its last columns
    unwritten: poison, caught as NaN). */
