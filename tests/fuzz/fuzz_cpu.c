@@ -151,7 +151,9 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
         for (int64_t j = 0; j < c; j++) finite &= isfinite(row[j]), m = fmax(m, row[j]);
         if (!finite || t[i] == -100) continue;
         for (int64_t j = 0; j < c; j++) s += exp((double)row[j] - m);
-        want = m + log(s) - row[t[i]];
+        /* (m - x_t) + log s: m + log s - x_t loses log s when lse - m
+           underflows in double (ties at |x| >~ 1e11 have loss log k, not 0) */
+        want = (m - row[t[i]]) + log(s);
         if (fabs(want) > 1e37) continue; /* beyond float: the fp32 loss is inf */
       } else if (kind == 7) {
         if (!isfinite(x[i]) || !isfinite(y[i])) continue;
