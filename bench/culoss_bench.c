@@ -337,33 +337,30 @@ static double rel_err(double a, double b) {
   return e == e ? e : INFINITY;
 }
 
+/* One of the row losses on context c with reduction red (options otherwise
+   PyTorch's defaults). */
+static culoss_status row_loss_call(culoss_context *c, int kind, culoss_reduction red, int64_t n,
+                                   int64_t v, culoss_dtype d, const void *x, const void *y,
+                                   const void *t, float *loss, void *g) {
+  culoss_cross_entropy_options o;
+  culoss_cross_entropy_options_init(&o);
+  o.reduction = red;
+  culoss_multi_margin_options mo;
+  culoss_multi_margin_options_init(&mo);
+  mo.reduction = red;
+  switch (kind) {
+  case ROW_CE: return culoss_cross_entropy(c, &o, n, v, d, x, v, CULOSS_I64, t, loss, g, NULL);
+  case ROW_SOFT: return culoss_cross_entropy_soft(c, &o, n, v, d, x, v, y, loss, g, NULL);
+  case ROW_NLL: return culoss_nll(c, &o, n, v, d, x, v, CULOSS_I64, t, loss, g, NULL);
+  default: return culoss_multi_margin(c, &mo, n, v, d, x, v, CULOSS_I64, t, loss, g, NULL);
+  }
+}
+
 /* The per-row losses (reduction NONE, no gradient) into s->rowbuf and then
    s->rows_host, for ce_check. */
 static int ce_row_losses(ce_state *s) {
-  culoss_cross_entropy_options o;
-  culoss_cross_entropy_options_init(&o);
-  o.reduction = CULOSS_REDUCTION_NONE;
-  culoss_multi_margin_options mo;
-  culoss_multi_margin_options_init(&mo);
-  mo.reduction = CULOSS_REDUCTION_NONE;
-  switch (s->kind) {
-  case ROW_CE:
-    CL(culoss_cross_entropy(s->ctx, &o, s->n, s->v, s->d, s->x, s->v, CULOSS_I64, s->t, s->rowbuf,
-                            NULL, NULL));
-    break;
-  case ROW_SOFT:
-    CL(culoss_cross_entropy_soft(s->ctx, &o, s->n, s->v, s->d, s->x, s->v, s->y, s->rowbuf, NULL,
-                                 NULL));
-    break;
-  case ROW_NLL:
-    CL(culoss_nll(s->ctx, &o, s->n, s->v, s->d, s->x, s->v, CULOSS_I64, s->t, s->rowbuf, NULL,
-                  NULL));
-    break;
-  default:
-    CL(culoss_multi_margin(s->ctx, &mo, s->n, s->v, s->d, s->x, s->v, CULOSS_I64, s->t, s->rowbuf,
-                           NULL, NULL));
-    break;
-  }
+  CL(row_loss_call(s->ctx, s->kind, CULOSS_REDUCTION_NONE, s->n, s->v, s->d, s->x, s->y, s->t,
+                   s->rowbuf, NULL));
   CL(culoss_synchronize(s->ctx));
   CL(culoss_download(s->ctx, s->rows_host, s->rowbuf, (size_t)s->n * sizeof(float)));
   return 0;
@@ -371,24 +368,8 @@ static int ce_row_losses(ce_state *s) {
 
 static int ce_launch(void *p) {
   ce_state *s = p;
-  switch (s->kind) {
-  case ROW_CE:
-    CL(culoss_cross_entropy(s->ctx, NULL, s->n, s->v, s->d, s->x, s->v, CULOSS_I64, s->t,
-                            s->loss, s->g, NULL));
-    break;
-  case ROW_SOFT:
-    CL(culoss_cross_entropy_soft(s->ctx, NULL, s->n, s->v, s->d, s->x, s->v, s->y, s->loss, s->g,
-                                 NULL));
-    break;
-  case ROW_NLL:
-    CL(culoss_nll(s->ctx, NULL, s->n, s->v, s->d, s->x, s->v, CULOSS_I64, s->t, s->loss, s->g,
-                  NULL));
-    break;
-  default:
-    CL(culoss_multi_margin(s->ctx, NULL, s->n, s->v, s->d, s->x, s->v, CULOSS_I64, s->t, s->loss,
-                           s->g, NULL));
-    break;
-  }
+  CL(row_loss_call(s->ctx, s->kind, CULOSS_REDUCTION_MEAN, s->n, s->v, s->d, s->x, s->y, s->t,
+                   s->loss, s->g));
   return 0;
 }
 
@@ -418,12 +399,6 @@ static double ce_check(const ce_state *s) {
   const int64_t rows[3] = {0, s->n / 2, s->n - 1};
   void *x = malloc(rb), *y = malloc(rb), *g = malloc(rb), *ref = malloc(rb);
   double worst = 0;
-  culoss_cross_entropy_options o;
-  culoss_cross_entropy_options_init(&o);
-  o.reduction = CULOSS_REDUCTION_SUM;
-  culoss_multi_margin_options mo;
-  culoss_multi_margin_options_init(&mo);
-  mo.reduction = CULOSS_REDUCTION_SUM;
   if (culoss_create(&cpu, CULOSS_BACKEND_CPU, 0) != CULOSS_OK) return INFINITY;
   /* the MEAN loss of the checked call against the mean of the per-row losses
      (the GPU's own reduction NONE, whose three rows meet the CPU below) */
@@ -446,18 +421,7 @@ static double ce_check(const ce_state *s) {
         cudaMemcpy(&t, (const int64_t *)s->t + i, 8, cudaMemcpyDeviceToHost) ||
         (s->y && cudaMemcpy(y, (const char *)s->y + (size_t)i * rb, rb, cudaMemcpyDeviceToHost)))
       return INFINITY;
-    switch (s->kind) {
-    case ROW_CE:
-      st = culoss_cross_entropy(cpu, &o, 1, s->v, s->d, x, s->v, CULOSS_I64, &t, &l, ref, NULL);
-      break;
-    case ROW_SOFT:
-      st = culoss_cross_entropy_soft(cpu, &o, 1, s->v, s->d, x, s->v, y, &l, ref, NULL);
-      break;
-    case ROW_NLL: st = culoss_nll(cpu, &o, 1, s->v, s->d, x, s->v, CULOSS_I64, &t, &l, ref, NULL); break;
-    default:
-      st = culoss_multi_margin(cpu, &mo, 1, s->v, s->d, x, s->v, CULOSS_I64, &t, &l, ref, NULL);
-      break;
-    }
+    st = row_loss_call(cpu, s->kind, CULOSS_REDUCTION_SUM, 1, s->v, s->d, x, y, &t, &l, ref);
     if (st != CULOSS_OK) return INFINITY;
     /* the row's loss (reduction NONE on the GPU) against the CPU's */
     const double le = loss_w * rel_err((double)s->rows_host[i], (double)l);

@@ -182,21 +182,27 @@ def _ce_backward(ctx, grad_loss, _grad_grad):
 cross_entropy.register_autograd(_ce_backward, setup_context=_ce_setup)
 
 
-@torch.library.custom_op("culoss::nll_loss", mutates_args=())
-def nll_loss(input: Tensor, target: Tensor, weight: Optional[Tensor],
-             normalizer: Optional[Tensor], reduction: int, ignore_index: int,
-             compute_grad: bool) -> Tuple[Tensor, Tensor]:
-    """Negative log-likelihood over rows of log-probabilities input [n, c]."""
+def _row_index_call(fn, o, input, target, reduction, compute_grad):
+    """culoss_<fn>(ctx, o, n, c, dtype, input, ld, ttype, target, loss, grad,
+    NULL) over rows of input [n, c] with class-index targets [n]."""
     n, c = input.shape
     ld = input.stride(0) if n > 1 else c
     loss = _loss_out(input, n, reduction)
     grad = _grad_out(input, compute_grad)
     ctx = rt.context(input)
+    _lib.call(fn, ctx.h, o, n, c, rt.dtype_code(input), rt.ptr(input), ld, rt.index_code(target),
+              rt.ptr(target), rt.ptr(loss), rt.ptr(grad), None)
+    return loss, grad
+
+
+@torch.library.custom_op("culoss::nll_loss", mutates_args=())
+def nll_loss(input: Tensor, target: Tensor, weight: Optional[Tensor],
+             normalizer: Optional[Tensor], reduction: int, ignore_index: int,
+             compute_grad: bool) -> Tuple[Tensor, Tensor]:
+    """Negative log-likelihood over rows of log-probabilities input [n, c]."""
     o = _lib.options("cross_entropy", reduction=reduction, ignore_index=ignore_index,
                      class_weight=_opt_f32(weight), normalizer=_opt_f32(normalizer))
-    _lib.call("nll", ctx.h, o, n, c, rt.dtype_code(input), rt.ptr(input), ld,
-              rt.index_code(target), rt.ptr(target), rt.ptr(loss), rt.ptr(grad), None)
-    return loss, grad
+    return _row_index_call("nll", o, input, target, reduction, compute_grad)
 
 
 @nll_loss.register_fake
@@ -221,16 +227,9 @@ nll_loss.register_autograd(_rows_backward, setup_context=_nll_setup)
 def multi_margin_loss(input: Tensor, target: Tensor, weight: Optional[Tensor], reduction: int,
                       p: int, margin: float, compute_grad: bool) -> Tuple[Tensor, Tensor]:
     """Multi-class hinge over rows of scores input [n, c]."""
-    n, c = input.shape
-    ld = input.stride(0) if n > 1 else c
-    loss = _loss_out(input, n, reduction)
-    grad = _grad_out(input, compute_grad)
-    ctx = rt.context(input)
     o = _lib.options("multi_margin", reduction=reduction, p=p, margin=margin,
                      class_weight=_opt_f32(weight))
-    _lib.call("multi_margin", ctx.h, o, n, c, rt.dtype_code(input), rt.ptr(input), ld,
-              rt.index_code(target), rt.ptr(target), rt.ptr(loss), rt.ptr(grad), None)
-    return loss, grad
+    return _row_index_call("multi_margin", o, input, target, reduction, compute_grad)
 
 
 @multi_margin_loss.register_fake

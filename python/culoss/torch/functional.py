@@ -343,15 +343,20 @@ def _elementwise_weight(fname, weight, input):
     """An elementwise weight broadcast to the input: [m] float32."""
     if weight is None:
         return None
-    _tensor("weight", weight)
-    _device(fname, input, weight=weight)
-    _no_grad_for(fname, weight=weight)
+    return _broadcast_f32(fname, "weight", weight, input).contiguous()
+
+
+def _broadcast_f32(fname, name, t, input):
+    """A weight tensor (not differentiated, as in torch) as float32, broadcast
+    to the input's shape (a view), or ValueError naming it."""
+    _tensor(name, t)
+    _device(fname, input, **{name: t})
+    _no_grad_for(fname, **{name: t})
     try:
-        w = weight.detach().to(torch.float32).expand(input.shape)
+        return t.detach().to(torch.float32).expand(input.shape)
     except RuntimeError as e:
-        raise ValueError(f"{fname}: weight of shape {tuple(weight.shape)} does not broadcast to "
-                         f"the input's shape {tuple(input.shape)}") from e
-    return w.contiguous()
+        raise ValueError(f"{fname}: {name} of shape {tuple(t.shape)} does not broadcast to the "
+                         f"input's shape {tuple(input.shape)}") from e
 
 
 def _as_rows(t, n, c):
@@ -378,13 +383,7 @@ def binary_cross_entropy_with_logits(input, target, weight=None, size_average=No
     c = input.shape[-1] if input.dim() >= 1 else 1
     pw = None
     if pos_weight is not None:
-        _tensor("pos_weight", pos_weight)
-        _no_grad_for(fname, pos_weight=pos_weight)
-        try:
-            full = pos_weight.detach().to(torch.float32).expand(input.shape)
-        except RuntimeError as e:
-            raise ValueError(f"{fname}: pos_weight of shape {tuple(pos_weight.shape)} does not "
-                             f"broadcast to the input's shape {tuple(input.shape)}") from e
+        full = _broadcast_f32(fname, "pos_weight", pos_weight, input)
         if pos_weight.dim() <= 1 and input.dim() >= 1:  # one value per class: [c]
             pw = full.reshape(-1, c)[0].contiguous() if m else full.reshape(-1)[:c].contiguous()
         else:  # any other broadcast: one row of m elements
