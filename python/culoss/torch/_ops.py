@@ -210,17 +210,22 @@ def _(input, target, weight, normalizer, reduction, ignore_index, compute_grad):
     return _loss_out(input, input.shape[0], reduction), _fake_grad(input, compute_grad)
 
 
-def _rows_backward(ctx, grad_loss, _grad_grad):
+def _input_grad_backward(ctx, grad_loss, _grad_grad):
+    """The input's gradient only: the saved fused gradient, scaled."""
     (grad,) = ctx.saved_tensors
     return (_scaled(grad, grad_loss, ctx.reduction),) + (None,) * (ctx.n_args - 1)
 
 
-def _nll_setup(ctx, inputs, output):
-    ctx.reduction, ctx.n_args = inputs[4], len(inputs)
-    ctx.save_for_backward(output[1])
+def _input_grad_setup(reduction_arg):
+    """setup_context for ops whose only gradient is the input's: saves the
+    fused gradient (output 1) and the reduction (argument reduction_arg)."""
+    def setup(ctx, inputs, output):
+        ctx.reduction, ctx.n_args = inputs[reduction_arg], len(inputs)
+        ctx.save_for_backward(output[1])
+    return setup
 
 
-nll_loss.register_autograd(_rows_backward, setup_context=_nll_setup)
+nll_loss.register_autograd(_input_grad_backward, setup_context=_input_grad_setup(4))
 
 
 @torch.library.custom_op("culoss::multi_margin_loss", mutates_args=())
@@ -237,12 +242,7 @@ def _(input, target, weight, reduction, p, margin, compute_grad):
     return _loss_out(input, input.shape[0], reduction), _fake_grad(input, compute_grad)
 
 
-def _mm_setup(ctx, inputs, output):
-    ctx.reduction, ctx.n_args = inputs[3], len(inputs)
-    ctx.save_for_backward(output[1])
-
-
-multi_margin_loss.register_autograd(_rows_backward, setup_context=_mm_setup)
+multi_margin_loss.register_autograd(_input_grad_backward, setup_context=_input_grad_setup(3))
 
 # --------------------------------------------------------------------------- elementwise
 
@@ -309,18 +309,24 @@ def _bce_backward(ctx, grad_loss, _grad_grad):
 binary_cross_entropy.register_autograd(_bce_backward, setup_context=_bce_setup)
 
 
+def _flat_call(fn, o, input, target, reduction, compute_grad):
+    """culoss_<fn>(ctx, o, m, dtype, input, target, loss, grad, NULL) over the
+    m elements of contiguous input and target."""
+    loss = _ew_loss_out(input, reduction)
+    grad = _grad_out(input, compute_grad)
+    ctx = rt.context(input)
+    _lib.call(fn, ctx.h, o, input.numel(), rt.dtype_code(input), rt.ptr(input), rt.ptr(target),
+              rt.ptr(loss), rt.ptr(grad), None)
+    return loss, grad
+
+
 @torch.library.custom_op("culoss::regression", mutates_args=())
 def regression(input: Tensor, target: Tensor, kind: int, reduction: int, delta: float,
                beta: float, compute_grad: bool) -> Tuple[Tensor, Tensor]:
     """mse (kind 0), l1 (1), huber (2, delta), smooth_l1 (3, beta) over
     contiguous input and target of one shape and dtype."""
-    loss = _ew_loss_out(input, reduction)
-    grad = _grad_out(input, compute_grad)
-    ctx = rt.context(input)
     o = _lib.options("regression", reduction=reduction, delta=delta, beta=beta)
-    _lib.call(REGRESSION[kind], ctx.h, o, input.numel(), rt.dtype_code(input), rt.ptr(input),
-              rt.ptr(target), rt.ptr(loss), rt.ptr(grad), None)
-    return loss, grad
+    return _flat_call(REGRESSION[kind], o, input, target, reduction, compute_grad)
 
 
 @regression.register_fake
@@ -349,13 +355,8 @@ regression.register_autograd(_reg_backward, setup_context=_reg_setup)
 def hinge(input: Tensor, target: Tensor, reduction: int, margin: float, squared: bool,
           compute_grad: bool) -> Tuple[Tensor, Tensor]:
     """Binary hinge max(0, margin - y f) (or its square), y in {-1, +1}."""
-    loss = _ew_loss_out(input, reduction)
-    grad = _grad_out(input, compute_grad)
-    ctx = rt.context(input)
     o = _lib.options("hinge", reduction=reduction, margin=margin, squared=int(squared))
-    _lib.call("hinge", ctx.h, o, input.numel(), rt.dtype_code(input), rt.ptr(input),
-              rt.ptr(target), rt.ptr(loss), rt.ptr(grad), None)
-    return loss, grad
+    return _flat_call("hinge", o, input, target, reduction, compute_grad)
 
 
 @hinge.register_fake
@@ -363,17 +364,7 @@ def _(input, target, reduction, margin, squared, compute_grad):
     return _ew_loss_out(input, reduction), _fake_grad(input, compute_grad)
 
 
-def _hinge_setup(ctx, inputs, output):
-    ctx.reduction = inputs[2]
-    ctx.save_for_backward(output[1])
-
-
-def _hinge_backward(ctx, grad_loss, _grad_grad):
-    (grad,) = ctx.saved_tensors
-    return _scaled(grad, grad_loss, ctx.reduction), None, None, None, None, None
-
-
-hinge.register_autograd(_hinge_backward, setup_context=_hinge_setup)
+hinge.register_autograd(_input_grad_backward, setup_context=_input_grad_setup(2))
 
 
 @torch.library.custom_op("culoss::kl_div", mutates_args=())
