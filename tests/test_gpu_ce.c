@@ -450,6 +450,33 @@ Test(gpu_ce, untested_behaviours_of_issue_19) {
   run_case(&big);
 }
 
+/* Issue 19 (1.3) on the GPU: every present target on a zero-weight class,
+   label smoothing 0.3, MEAN: D = 0, so the loss is NaN (the smoothing term
+   made the sum positive: sum / 0 was +inf) and the gradient zero. */
+Test(gpu_ce, zero_weight_denominator_gives_nan_and_zero_gradient) {
+  REQUIRE_GPU();
+  enum { N = 5, C = 40 };
+  float x[N * C], w[C], g[N * C], l;
+  int64_t t[N] = {0, 0, 2, -100, 2};
+  rng_t r = rng_seeded(2400);
+  fill_logits(&r, x, N, C, C, 1.0, 0, NULL);
+  for (int j = 0; j < C; j++) w[j] = j == 0 || j == 2 ? 0.0f : 1.0f;
+  void *d_x = dev_from(x, sizeof x), *d_t = dev_from(t, sizeof t);
+  float *d_w = dev_from(w, sizeof w), *d_g = dev_alloc(sizeof g), *d_l = dev_alloc(4);
+  culoss_cross_entropy_options o;
+  culoss_cross_entropy_options_init(&o);
+  o.label_smoothing = 0.3f, o.class_weight = d_w;
+  cr_assert_eq(culoss_cross_entropy(gpu, &o, N, C, CULOSS_F32, d_x, C, CULOSS_I64, d_t, d_l, d_g,
+                                    NULL), CULOSS_OK);
+  cr_assert_eq(culoss_synchronize(gpu), CULOSS_OK);
+  to_host(&l, d_l, 4);
+  to_host(g, d_g, sizeof g);
+  cr_assert(isnan(l), "MEAN with D = 0: %g, not NaN", (double)l);
+  for (int e = 0; e < N * C; e++) cr_assert(g[e] == 0.0f, "gradient[%d] = %g", e, (double)g[e]);
+  culoss_free(gpu, d_x), culoss_free(gpu, d_t), culoss_free(gpu, d_w), culoss_free(gpu, d_g);
+  culoss_free(gpu, d_l);
+}
+
 /* Every launch shape on sizes its heuristic would not pick, with the row
    cache full, partial and off: each instantiation against the CPU. */
 Test(gpu_ce, every_shape_and_cache_budget) {
