@@ -605,3 +605,15 @@ def test_cuda_graph_capture_and_deferred_error():
     assert torch.isnan(cl.cross_entropy(x, bad))
     with pytest.raises(IndexError):
         cl.synchronize()
+
+
+def test_opcheck_hinge_which_has_no_opinfo_entry():
+    """culoss::hinge has no OpInfo entry (torch has no binary hinge): opcheck on
+    samples of its own, every reduction, with and without the gradient."""
+    f = torch.randn(7, 3, requires_grad=True)
+    y = torch.where(torch.rand(7, 3) > 0.5, 1.0, -1.0)
+    for red in (0, 1, 2):
+        for squared in (False, True):
+            torch.library.opcheck(torch.ops.culoss.hinge.default,
+                                  (f, y, red, 1.0, squared, True))
+    torch.library.opcheck(torch.ops.culoss.hinge.default, (f.detach(), y, 2, 0.5, False, False))
