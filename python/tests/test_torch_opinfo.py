@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 import culoss.torch as cl
-from torch_ref import assert_close_ulps, grad_inputs, to64, tolerances, ulp
+from torch_ref import RecordCulossOps, assert_close_ulps, grad_inputs, to64, tolerances, ulp
 
 with warnings.catch_warnings():
     warnings.simplefilter("ignore")
@@ -92,7 +92,7 @@ def test_opinfo_samples(entry, dtype):
             try:
                 out = ours_fn(*args, **s.kwargs)
             except Exception as e:  # a refusal: listed, and failing unless allowed
-                refusals.append(f"{what}: {type(e).__name__}: {e}")
+                refusals.append((what, f"{type(e).__name__}: {e}"))
                 continue
         args64, kwargs64 = to64(args), to64(s.kwargs)
         ref = _reference(entry.name, args64, kwargs64, dtype)
@@ -103,10 +103,11 @@ def test_opinfo_samples(entry, dtype):
             with torch.no_grad():
                 big = torch.tensordot(args64[0], args64[1],
                                       dims=([args64[0].dim() - 1], [args64[1].dim() - 1]))
-                atol = 2 * args[0].shape[-1] * float(ulp(big.abs().max(), dtype))
+                atol = args[0].shape[-1] * float(ulp(big.abs().max(), dtype))
         assert_close_ulps(out, ref, dtype, loss_ulps, what + " loss", atol=atol)
         ins = grad_inputs(args) + [v for v in s.kwargs.values()
                                    if isinstance(v, torch.Tensor) and v.requires_grad]
+        assert out.requires_grad == ref.requires_grad, f"{what}: requires_grad differs from F's"
         if ins and out.requires_grad:
             g = torch.randn(out.shape, dtype=torch.float64).to(dtype)
             got = torch.autograd.grad(out, ins, g, allow_unused=True)
@@ -115,10 +116,10 @@ def test_opinfo_samples(entry, dtype):
             want = torch.autograd.grad(ref, ins64, g.to(torch.float64), allow_unused=True)
             # gradients through a materialised-logits matmul are sums over the
             # logit rows of terms rounded to `dtype`: their error is up to
-            # (rows) ulps of the largest element (sums that cancel)
+            # rows / 2 ulps of the largest element (sums that cancel)
             floor = 2.0 ** -12
             if entry.name.endswith("linear_cross_entropy") and _composed_linear_ce(args, s.kwargs):
-                floor = float(max(1, ref.numel() if ref.dim() else args[0].shape[0]))
+                floor = max(1.0, (ref.numel() if ref.dim() else args[0].shape[0]) / 2)
             for k, (a, b) in enumerate(zip(got, want)):
                 if b is None:
                     continue
@@ -127,9 +128,9 @@ def test_opinfo_samples(entry, dtype):
                 assert_close_ulps(a, b, dtype, grad_ulps, f"{what} grad of input {k}", floor)
         count += 1
     print(f"{entry.name} {dtype}: {count} samples checked, {len(refusals)} refused")
-    for r in refusals:
-        print("  refused:", r)
-    bad = [r for r in refusals if r.split(":")[0] not in ALLOWED_REFUSALS]
+    for what, why in refusals:
+        print("  refused:", what, why)
+    bad = [f"{what}: {why}" for what, why in refusals if what not in ALLOWED_REFUSALS]
     assert not bad, "refused:\n  " + "\n  ".join(bad)
     assert count > 0
 
@@ -161,21 +162,6 @@ def test_opinfo_error_inputs(entry):
     print(f"{entry.name}: {len(errors)} error inputs raise")
 
 
-class _RecordCulossOps(torch.overrides.TorchFunctionMode):
-    """Records every culoss custom-op call (with the args autograd sees)."""
-
-    def __init__(self):
-        super().__init__()
-        self.calls = []
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        if isinstance(func, (torch._ops.OpOverload, torch._ops.OpOverloadPacket)) and \
-                str(func).startswith("culoss."):
-            self.calls.append((func, args, kwargs))
-        return func(*args, **kwargs)
-
-
 @pytest.mark.parametrize("entry", ENTRIES, ids=ENTRY_IDS)
 def test_opcheck_on_opinfo_samples(entry):
     """torch.library.opcheck (schema, fake kernel, autograd registration, AOT
@@ -183,7 +169,7 @@ def test_opcheck_on_opinfo_samples(entry):
     ours_fn = OPS[entry.name]
     checked = set()
     for s in entry.sample_inputs("cpu", torch.float32, requires_grad=True):
-        rec = _RecordCulossOps()
+        rec = RecordCulossOps()
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             with rec:

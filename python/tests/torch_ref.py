@@ -66,7 +66,24 @@ def tolerances(dtype):
     """(ulps for losses, ulps for gradients) per dtype. The CPU backend
     computes in double and rounds once; the gradient is then scaled by the
     upstream gradient in the input dtype (a second rounding)."""
-    return {torch.float32: (4, 8), torch.bfloat16: (1.5, 2.5), torch.float16: (1.5, 2.5)}[dtype]
+    return {torch.float32: (4, 8), torch.bfloat16: (1.25, 1.5), torch.float16: (1.0, 1.75)}[dtype]
 
 
-__all__ = ["assert_close_ulps", "to64", "grad_inputs", "tolerances", "ulp", "math"]
+class RecordCulossOps(torch.overrides.TorchFunctionMode):
+    """Records every culoss custom-op call (with the args autograd sees): a
+    test can then assert culoss computed the value, not a torch fallback."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if isinstance(func, (torch._ops.OpOverload, torch._ops.OpOverloadPacket)) and \
+                str(func).startswith("culoss."):
+            self.calls.append((func, args, kwargs))
+        return func(*args, **kwargs)
+
+
+__all__ = ["assert_close_ulps", "to64", "grad_inputs", "tolerances", "ulp", "math",
+           "RecordCulossOps"]
