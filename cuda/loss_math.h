@@ -141,12 +141,6 @@ CULOSS_HD culoss__lse_state culoss__lse_merge(culoss__lse_state a, culoss__lse_s
   return r;
 }
 
-/* The smoothing / soft-target sum, kept relative to the running maximum m as
-   sx = sum_j w_j (m - x_j) with sw = sum_j w_j: every term is >= 0, so the
-   loss sum_j w_j (lse - x_j) = sx + sw log_s never cancels (W lse - sum w x
-   loses all its digits at large common offsets and gives inf - inf near the
-   fp16/bf16 maximum). Moving to a larger maximum adds (m_new - m_old) sw. A
-   -inf logit's term is w * inf (+inf, or NaN for w = 0: torch's 0 * -inf). */
 /* w (a - b) for a >= b, finite when the product is: a - b overflows fp32
    only for huge a and b of opposite signs (e.g. +-3.4e38 at the fp16/bf16/fp32
    maximum), where w a - w b adds two terms of one sign (no cancellation). */
@@ -154,6 +148,13 @@ CULOSS_HD float culoss__scaled_diff(float w, float a, float b) {
   const float d = a - b;
   return (d == INFINITY && a != INFINITY && b != -INFINITY) ? w * a - w * b : w * d;
 }
+
+/* The smoothing / soft-target sum, kept relative to the running maximum m as
+   sx = sum_j w_j (m - x_j) with sw = sum_j w_j: every term is >= 0, so the
+   loss sum_j w_j (lse - x_j) = sx + sw log_s never cancels (W lse - sum w x
+   loses all its digits at large common offsets and gives inf - inf near the
+   fp16/bf16 maximum). Moving to a larger maximum adds (m_new - m_old) sw. A
+   -inf logit's term is w * inf (+inf, or NaN for w = 0: torch's 0 * -inf). */
 CULOSS_HD float culoss__sx_rebase(float sx, float sw, float m_old, float m_new) {
   if (sw == 0.0f || m_new == m_old) return sx;
   return sx + (m_old == -INFINITY ? sw * INFINITY : culoss__scaled_diff(sw, m_new, m_old));

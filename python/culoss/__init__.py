@@ -43,9 +43,6 @@ def build_backend():
     return _build_info.backend
 
 
-def _default_ctx(kind, device):
-    return thread_context(kind, device)
-
 # --------------------------------------------------------------------------- arrays
 
 
@@ -65,12 +62,12 @@ class _Call:
             if not first.is_cuda:
                 raise CulossError(1, "torch tensors must be CUDA tensors (use numpy for the CPU backend)")
             self.device = first.device
-            self.ctx = ctx or _default_ctx("cuda", first.device.index or 0)
+            self.ctx = ctx or thread_context("cuda", first.device.index or 0)
             self.ctx.set_stream(ctypes.c_void_p(torch.cuda.current_stream(first.device).cuda_stream))
         else:
             import numpy as np
             self.np = np
-            self.ctx = ctx or _default_ctx("cpu", 0)
+            self.ctx = ctx or thread_context("cpu", 0)
         self.keep = []
 
     def dtype(self, a):

@@ -54,7 +54,7 @@ def _load():
         cands.append(found)
     errors = []
     for c in cands:
-        if not os.path.sep in c or os.path.exists(c):
+        if os.path.sep not in c or os.path.exists(c):
             try:
                 return ctypes.CDLL(c), c
             except OSError as e:

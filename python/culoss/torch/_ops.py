@@ -46,14 +46,8 @@ def _grad_out(x, compute_grad):
     if not compute_grad:
         return x.new_empty((0,))
     if x.dim() == 2:
-        n, c = x.shape
-        ld = x.stride(0) if n > 1 else c
-        return x.new_empty_strided((n, c), (ld, 1))
+        return x.new_empty_strided(tuple(x.shape), (rt.row_stride(x), 1))
     return torch.empty_like(x, memory_format=torch.contiguous_format)
-
-
-def _fake_grad(x, compute_grad):
-    return _grad_out(x, compute_grad)
 
 
 def _opt_f32(t):
@@ -82,12 +76,13 @@ def _acc(t):
     return t.double() if t.device.type == "cpu" else t.float()
 
 
-def _row_scale(grad_loss, reduction, n, normalizer, denom=None):
-    """Upstream gradient per row for target gradients computed in torch: [n, 1]."""
+def _row_scale(grad_loss, reduction, n, normalizer):
+    """Upstream gradient per row for target gradients computed in torch: [n, 1]
+    (MEAN of soft targets divides by n, or by the normalizer)."""
     if reduction == NONE:
         return grad_loss.reshape(-1, 1)
     if reduction == MEAN:
-        d = normalizer.reshape(()) if normalizer is not None else (denom if denom is not None else n)
+        d = normalizer.reshape(()) if normalizer is not None else n
         return (grad_loss / d).reshape(1, 1)
     return grad_loss.reshape(1, 1)
 
@@ -122,31 +117,28 @@ def cross_entropy_call(input, target, weight, normalizer, reduction, ignore_inde
                        label_smoothing, z_loss, logit_softcap, grad):
     """The C call behind culoss::cross_entropy; `grad` is None, an empty
     tensor, or the [n, c] buffer to write (input itself for in place)."""
-    n, c = input.shape
-    ld = input.stride(0) if n > 1 else c
-    loss = _loss_out(input, n, reduction)
-    ctx = rt.context(input)
     o = _lib.options("cross_entropy", reduction=reduction, ignore_index=ignore_index,
                      label_smoothing=label_smoothing, class_weight=_opt_f32(weight),
                      z_loss=z_loss, logit_softcap=logit_softcap,
                      normalizer=_opt_f32(normalizer))
-    if target.is_floating_point():
-        if n > 1 and target.stride() != (ld, 1):  # the C call reads both with one row stride
-            t = input.new_empty_strided((n, c), (ld, 1))
-            t.copy_(target)
-            target = t
-        _lib.call("cross_entropy_soft", ctx.h, o, n, c, rt.dtype_code(input), rt.ptr(input), ld,
-                  rt.ptr(target), rt.ptr(loss), rt.ptr(grad), None)
-    else:
-        _lib.call("cross_entropy", ctx.h, o, n, c, rt.dtype_code(input), rt.ptr(input), ld,
-                  rt.index_code(target), rt.ptr(target), rt.ptr(loss), rt.ptr(grad), None)
+    if not target.is_floating_point():
+        return _row_index_call("cross_entropy", o, input, target, reduction, grad)
+    n, c = input.shape
+    ld = rt.row_stride(input)
+    if n > 1 and target.stride() != (ld, 1):  # the C call reads both with one row stride
+        t = input.new_empty_strided((n, c), (ld, 1))
+        t.copy_(target)
+        target = t
+    loss = _loss_out(input, n, reduction)
+    _lib.call("cross_entropy_soft", rt.context(input).h, o, n, c, rt.dtype_code(input),
+              rt.ptr(input), ld, rt.ptr(target), rt.ptr(loss), rt.ptr(grad), None)
     return loss
 
 
 @cross_entropy.register_fake
 def _(input, target, weight, normalizer, reduction, ignore_index, label_smoothing, z_loss,
       logit_softcap, compute_grad):
-    return _loss_out(input, input.shape[0], reduction), _fake_grad(input, compute_grad)
+    return _loss_out(input, input.shape[0], reduction), _grad_out(input, compute_grad)
 
 
 def _ce_setup(ctx, inputs, output):
@@ -182,17 +174,16 @@ def _ce_backward(ctx, grad_loss, _grad_grad):
 cross_entropy.register_autograd(_ce_backward, setup_context=_ce_setup)
 
 
-def _row_index_call(fn, o, input, target, reduction, compute_grad):
+def _row_index_call(fn, o, input, target, reduction, grad):
     """culoss_<fn>(ctx, o, n, c, dtype, input, ld, ttype, target, loss, grad,
-    NULL) over rows of input [n, c] with class-index targets [n]."""
+    NULL) over rows of input [n, c] with class-index targets [n]; `grad` is
+    the buffer to write (empty: none). Returns the loss."""
     n, c = input.shape
-    ld = input.stride(0) if n > 1 else c
     loss = _loss_out(input, n, reduction)
-    grad = _grad_out(input, compute_grad)
-    ctx = rt.context(input)
-    _lib.call(fn, ctx.h, o, n, c, rt.dtype_code(input), rt.ptr(input), ld, rt.index_code(target),
-              rt.ptr(target), rt.ptr(loss), rt.ptr(grad), None)
-    return loss, grad
+    _lib.call(fn, rt.context(input).h, o, n, c, rt.dtype_code(input), rt.ptr(input),
+              rt.row_stride(input), rt.index_code(target), rt.ptr(target), rt.ptr(loss),
+              rt.ptr(grad), None)
+    return loss
 
 
 @torch.library.custom_op("culoss::nll_loss", mutates_args=())
@@ -202,12 +193,13 @@ def nll_loss(input: Tensor, target: Tensor, weight: Optional[Tensor],
     """Negative log-likelihood over rows of log-probabilities input [n, c]."""
     o = _lib.options("cross_entropy", reduction=reduction, ignore_index=ignore_index,
                      class_weight=_opt_f32(weight), normalizer=_opt_f32(normalizer))
-    return _row_index_call("nll", o, input, target, reduction, compute_grad)
+    grad = _grad_out(input, compute_grad)
+    return _row_index_call("nll", o, input, target, reduction, grad), grad
 
 
 @nll_loss.register_fake
 def _(input, target, weight, normalizer, reduction, ignore_index, compute_grad):
-    return _loss_out(input, input.shape[0], reduction), _fake_grad(input, compute_grad)
+    return _loss_out(input, input.shape[0], reduction), _grad_out(input, compute_grad)
 
 
 def _input_grad_backward(ctx, grad_loss, _grad_grad):
@@ -234,12 +226,13 @@ def multi_margin_loss(input: Tensor, target: Tensor, weight: Optional[Tensor], r
     """Multi-class hinge over rows of scores input [n, c]."""
     o = _lib.options("multi_margin", reduction=reduction, p=p, margin=margin,
                      class_weight=_opt_f32(weight))
-    return _row_index_call("multi_margin", o, input, target, reduction, compute_grad)
+    grad = _grad_out(input, compute_grad)
+    return _row_index_call("multi_margin", o, input, target, reduction, grad), grad
 
 
 @multi_margin_loss.register_fake
 def _(input, target, weight, reduction, p, margin, compute_grad):
-    return _loss_out(input, input.shape[0], reduction), _fake_grad(input, compute_grad)
+    return _loss_out(input, input.shape[0], reduction), _grad_out(input, compute_grad)
 
 
 multi_margin_loss.register_autograd(_input_grad_backward, setup_context=_input_grad_setup(3))
@@ -273,7 +266,7 @@ def binary_cross_entropy(input: Tensor, target: Tensor, weight: Optional[Tensor]
 
 @binary_cross_entropy.register_fake
 def _(input, target, weight, pos_weight, reduction, logits, compute_grad):
-    return _ew_loss_out(input.reshape(-1), reduction), _fake_grad(input, compute_grad)
+    return _ew_loss_out(input.reshape(-1), reduction), _grad_out(input, compute_grad)
 
 
 def _bce_setup(ctx, inputs, output):
@@ -331,7 +324,7 @@ def regression(input: Tensor, target: Tensor, kind: int, reduction: int, delta: 
 
 @regression.register_fake
 def _(input, target, kind, reduction, delta, beta, compute_grad):
-    return _ew_loss_out(input, reduction), _fake_grad(input, compute_grad)
+    return _ew_loss_out(input, reduction), _grad_out(input, compute_grad)
 
 
 def _reg_setup(ctx, inputs, output):
@@ -361,7 +354,7 @@ def hinge(input: Tensor, target: Tensor, reduction: int, margin: float, squared:
 
 @hinge.register_fake
 def _(input, target, reduction, margin, squared, compute_grad):
-    return _ew_loss_out(input, reduction), _fake_grad(input, compute_grad)
+    return _ew_loss_out(input, reduction), _grad_out(input, compute_grad)
 
 
 hinge.register_autograd(_input_grad_backward, setup_context=_input_grad_setup(2))
@@ -384,7 +377,7 @@ def kl_div(input: Tensor, target: Tensor, reduction: int, log_target: bool,
 
 @kl_div.register_fake
 def _(input, target, reduction, log_target, compute_grad):
-    return _ew_loss_out(input.reshape(-1), reduction), _fake_grad(input, compute_grad)
+    return _ew_loss_out(input.reshape(-1), reduction), _grad_out(input, compute_grad)
 
 
 def _kl_setup(ctx, inputs, output):

@@ -57,13 +57,6 @@ def index_code(t):
 
 
 def row_stride(x):
-    """Row stride (elements) of a 2-D tensor with unit column stride."""
+    """Row stride (elements) the C calls take for a 2-D tensor with unit
+    column stride: stride(0), or the row length when there is one row."""
     return int(x.stride(0)) if x.shape[0] > 1 else int(x.shape[1])
-
-
-def rows_layout(x):
-    """`x` (2-D) as the C calls take it: unit column stride and a row stride
-    >= the row length. Anything else is copied (once) to contiguous."""
-    if x.shape[1] > 0 and x.stride(1) == 1 and (x.shape[0] <= 1 or x.stride(0) >= x.shape[1]):
-        return x
-    return x.contiguous()
