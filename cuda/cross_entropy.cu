@@ -1,17 +1,18 @@
 /*
  * cross_entropy.cu: fused softmax cross-entropy (class-index and soft
- * targets) and NLL, forward and backward in one kernel.
+ * targets), forward and backward in one kernel, and NLL, a gather.
  *
- * A group of TPR threads owns one row at a time (one thread for tiny c, 8
- * lanes of a warp or a whole warp for small c, the whole block for large c). Pass 1 streams the row once with 16-byte loads,
- * keeping an online log-sum-exp (max and rescaled sum) plus the sums that
- * label smoothing and soft targets need, and parks the raw row in shared
- * memory when it fits. One fixed-order reduction per row gives lse. Pass 2
- * (only when a gradient is requested) takes the row from shared memory (or
- * re-reads the part that did not fit) and writes the gradient once. The
- * normalised probabilities are never stored: the gradient is formed from
- * the logit and lse in registers, in fp32, and rounded once to the output
- * type, so the target column's p - 1 does not cancel in bf16.
+ * A group of TPR threads owns one row at a time (a thread for tiny c, 8
+ * lanes or a whole warp for small c, the whole block for large c: the shape
+ * table below). Pass 1 streams the row once with 16-byte loads, keeping an
+ * online log-sum-exp (max and rescaled sum) plus the sums that label
+ * smoothing and soft targets need, and parks the raw row in shared memory
+ * when it fits. One fixed-order reduction per row gives lse. The gradient
+ * pass (only when a gradient is requested) takes the row from shared memory
+ * (or re-reads the part that did not fit) and writes the gradient once. The
+ * normalised probabilities are never stored: the gradient is formed from the
+ * logit and lse in registers, in fp32, and rounded once to the output type,
+ * so the target column's p - 1 does not cancel in bf16.
  *
  * Traffic: one read of the logits and one write of the gradient when the
  * row fits in shared memory (c * sizeof(T) up to the per-block limit, about
@@ -20,25 +21,20 @@
  *
  * Reductions over rows (SUM, MEAN) are deterministic: each block sums its
  * rows in a fixed order into a per-block partial in the context scratch, and
- * a one-block kernel sums the partials in a fixed order. The grid size
- * depends only on n and c, never on the device, so the result is bitwise
- * reproducible. MEAN's denominator (the sum of target weights) depends only
- * on the targets, so a small kernel computes it first and the fused kernel
- * can scale the gradient in the same pass. No atomics anywhere.
+ * a one-block kernel sums the partials in a fixed order (reduce.cuh). The
+ * grid size depends only on n and c, never on the device. MEAN's
+ * denominator (the sum of target weights) depends only on the targets, so a
+ * small kernel computes it first and the fused kernel can scale the gradient
+ * in the same pass. No atomics anywhere.
  *
  * A non-ignored target outside [0, c) writes NaN loss and a zero gradient
  * row and raises the context's deferred-error flag: never a device assert.
  */
 #include <cuda_runtime.h>
 
-#include <stdlib.h>
-#include <string.h>
-
-#include <type_traits>
-
 #include <cub/block/block_reduce.cuh>
 
-#include "../host/internal.h"
+#include "backend.h"
 #include "cross_entropy.cuh"
 #include "dtype.cuh"
 #include "launch.cuh"
@@ -54,10 +50,28 @@
 namespace culoss_dev {
 namespace {
 
+/* ------------------------------------------------------------------------ */
+/* The launch shapes of the fused kernel, by row length c: the first row    */
+/* whose c_max holds c (or the context's CULOSS_CE_SHAPE). The cuts come    */
+/* from lane counts, not yet from measurements (bench/NOTES.md).            */
+/* ------------------------------------------------------------------------ */
+struct ce_shape {
+  int block;     /* threads per block */
+  int tpr;       /* threads per row */
+  int64_t c_max; /* longest row it takes */
+};
+constexpr ce_shape CE_SHAPES[] = {
+    {256, 1, 16},            /* a thread per row: a warp would leave most lanes idle */
+    {256, 8, 128},           /* 8 lanes per row, 4 rows per warp, so every lane has a
+                                16-byte pack (PyTorch's persistent softmax does the same) */
+    {256, 32, 1024},         /* a warp per row */
+    {256, 256, 16384},       /* a 256-thread block per row */
+    {1024, 1024, INT64_MAX}, /* a 1024-thread block per row: large vocabularies */
+};
+constexpr int CE_NSHAPES = (int)(sizeof CE_SHAPES / sizeof CE_SHAPES[0]);
+
 constexpr int PREP_THREADS = 256;
-/* Shared memory kept free for the kernels' static shared memory (CUB temp
-   storage, broadcasts); checked against the real figure at init. */
-constexpr size_t STATIC_SMEM_RESERVE = 4096;
+constexpr int NLL_THREADS = 256, NLL_ROWS = NLL_THREADS / 32; /* a warp per row */
 
 /* What a row's threads accumulate in pass 1. */
 struct row_acc {
@@ -80,34 +94,29 @@ struct row_acc_merge {
   }
 };
 
-__device__ __forceinline__ int64_t load_target(const ce_params &p, int64_t row) {
-  return p.ttype == CULOSS_I32 ? (int64_t)static_cast<const int32_t *>(p.targets)[row]
-                               : static_cast<const int64_t *>(p.targets)[row];
+
+/* The accumulator of a row with no values yet (or of a group without a row). */
+__device__ __forceinline__ row_acc empty_acc() {
+  row_acc a;
+  a.lse = culoss__lse_empty();
+  a.sx = a.sy = a.xt = 0.0f;
+  return a;
 }
 
 __device__ __forceinline__ float class_w(const ce_params &p, int64_t j) {
   return p.class_weight ? p.class_weight[j] : 1.0f;
 }
 
-/* b of culoss__ce_grad for index targets: (1-eps) w_y at the target column
-   plus (eps/c) w_j; the class weight is only read when smoothing needs it. */
-__device__ __forceinline__ float index_b(const ce_params &p, int64_t j, int64_t t, float tw,
-                                         int64_t c) {
-  float b = j == t ? tw : 0.0f;
-  if (p.eps > 0.0f) b += p.eps / (float)c * class_w(p, j);
-  return b;
-}
-
-/* --------------------------------------------------------------------- */
-/* ce_prep_kernel: partial sums of the target weights (D) and class weights */
-/* (W), one per block, in a fixed order.                                  */
-/* --------------------------------------------------------------------- */
+/* ------------------------------------------------------------------------ */
+/* ce_prep_kernel: partial sums of the target weights (D) and of the class  */
+/* weights (W), one per block, in a fixed order.                            */
+/* ------------------------------------------------------------------------ */
 __global__ void __launch_bounds__(PREP_THREADS) ce_prep_kernel(ce_params p, int mode) {
   const int64_t stride = (int64_t)gridDim.x * PREP_THREADS;
   double d = 0.0, w = 0.0;
   if (mode != CULOSS__CE_SOFT) {
     for (int64_t i = (int64_t)blockIdx.x * PREP_THREADS + threadIdx.x; i < p.n; i += stride) {
-      int64_t t = load_target(p, i);
+      const int64_t t = culoss__target_at(p.targets, p.ttype, i);
       /* out-of-range targets count nothing here; the main kernel flags them */
       if (t != p.ignore_index && t >= 0 && t < p.c) d += p.class_weight ? p.class_weight[t] : 1.0;
     }
@@ -177,418 +186,377 @@ template <int BLOCK, int TPR> struct group_reduce {
   }
 };
 
-/* --------------------------------------------------------------------- */
-/* ce_kernel: the fused forward + backward.                               */
-/* --------------------------------------------------------------------- */
-template <typename T, int MODE, int BLOCK, int TPR, int VEC>
-__global__ void __launch_bounds__(BLOCK) ce_kernel(ce_params p) {
-  constexpr int ROWS = BLOCK / TPR;
-  typedef pack<T, VEC> pack_t;
-  typedef group_reduce<BLOCK, TPR> greduce;
-  __shared__ typename greduce::storage gstore;
-  __shared__ float block_scale[2]; /* gradient scale (SUM/MEAN), W */
-  CULOSS_DYNAMIC_SMEM(smem_raw);
+/* ------------------------------------------------------------------------ */
+/* Pieces of a row, each a contract of its own.                             */
+/* ------------------------------------------------------------------------ */
 
-  const int grp = threadIdx.x / TPR;
-  const int lane = threadIdx.x % TPR;
-  const int64_t c = p.c;
-  const int64_t nvec = c / VEC;        /* full packs per row */
-  const int64_t tail0 = nvec * VEC;    /* first element of the partial pack */
-  const float eps = p.eps;
-  const float cap = p.cap;
-  const T *x = static_cast<const T *>(p.x);
-  T *grad = static_cast<T *>(p.grad);
-  const T *probs = static_cast<const T *>(p.probs);
-  pack_t *cache = reinterpret_cast<pack_t *>(smem_raw) + (int64_t)grp * p.cache_vecs;
-
-  /* Per-call constants, computed by one thread in a fixed order. */
+/* The per-call constants: the gradient scale of a reduced loss (g / D, D
+   from the prep partials) and W, computed once per block by thread 0 in a
+   fixed order (so every block uses bitwise the same values) and broadcast.
+   Every thread of the block must call it, once. */
+struct call_consts {
+  float red_scale, wsum;
+};
+__device__ __forceinline__ call_consts load_call_consts(const ce_params &p) {
+  __shared__ call_consts k;
   if (threadIdx.x == 0) {
-    block_scale[0] = p.reduction == CULOSS_REDUCTION_NONE
-                         ? 1.0f
-                         : reduced_grad_scale(p.reduction, p.grad_loss, p.div);
-    block_scale[1] = p.need_wsum ? (float)sum_in_order(p.scratch->prep_wsum, p.prep_blocks)
-                                 : (float)c;
+    k.red_scale = p.reduction == CULOSS_REDUCTION_NONE
+                      ? 1.0f
+                      : reduced_grad_scale(p.reduction, p.grad_loss, p.div);
+    k.wsum = p.need_wsum ? (float)sum_in_order(p.scratch->prep_wsum, p.prep_blocks) : (float)p.c;
   }
   __syncthreads();
-  const float red_scale = block_scale[0];
-  const float wsum = block_scale[1];
-  const bool per_row = p.reduction == CULOSS_REDUCTION_NONE || p.rows_out;
+  return k;
+}
 
-  /* Sub-warp groups share their warp's shuffles: the groups of a warp walk
-     their rows in lockstep (the loop runs while the warp's first row
-     exists), and a group without work (past the last row, an ignored or
-     out-of-range target) still makes the warp-wide calls a row makes, in
-     the same order with the same shuffle modes and mask. (From sm_70 on,
-     shfl.sync and bar.warp.sync may be reached at different instructions;
-     the build targets sm_80 and up.) */
-  constexpr bool SUBWARP = TPR > 1 && TPR < 32;
-  constexpr int GPW = SUBWARP ? 32 / TPR : 1; /* groups per warp */
-  auto idle_row = [&]() {
-    if constexpr (SUBWARP) {
-      if constexpr (MODE == CULOSS__NLL) {
-        greduce::sync();
-        greduce::sync();
-      } else {
-        row_acc z;
-        z.lse = culoss__lse_empty();
-        z.sx = z.sy = z.xt = 0.0f;
-        (void)greduce::run(z, gstore);
-        greduce::sync();
-      }
-    }
-  };
+/* What a group knows of its row before reading it. */
+enum row_kind {
+  ROW_LIVE, /* a row to compute */
+  ROW_SKIP, /* ignored (loss 0) or its target outside [0, c) (NaN loss): zero gradient */
+  ROW_NONE  /* past the last row: a sub-warp group keeping its warp's lockstep */
+};
+struct row_job {
+  int64_t row, t;  /* t: the class target (index modes), else -1 */
+  float wt, scale; /* w_t (1 without weights); the gradient scale */
+  row_kind kind;
+  bool bad; /* ROW_SKIP because t is out of range */
+};
 
-  double my_loss = 0.0; /* lane 0 of each group: sum of its rows, in row order */
-  for (int64_t base = (int64_t)blockIdx.x * ROWS + (grp - grp % GPW); base < p.n;
-       base += (int64_t)gridDim.x * ROWS) {
-    const int64_t row = base + grp % GPW;
-    if (row >= p.n) { /* only a sub-warp group past the last row */
-      idle_row();
-      continue;
+template <int MODE>
+__device__ __forceinline__ row_job begin_row(const ce_params &p, int64_t row, float red_scale) {
+  row_job j;
+  j.row = row, j.t = -1, j.wt = 1.0f, j.scale = 0.0f, j.kind = ROW_LIVE, j.bad = false;
+  if (row >= p.n) {
+    j.kind = ROW_NONE;
+    return j;
+  }
+  j.scale = p.reduction == CULOSS_REDUCTION_NONE ? (p.grad_loss ? p.grad_loss[row] : 1.0f)
+                                                 : red_scale;
+  if constexpr (MODE != CULOSS__CE_SOFT) {
+    j.t = culoss__target_at(p.targets, p.ttype, row);
+    const bool ignored = j.t == p.ignore_index;
+    j.bad = !ignored && (j.t < 0 || j.t >= p.c);
+    if (ignored || j.bad)
+      j.kind = ROW_SKIP;
+    else if (p.class_weight)
+      j.wt = p.class_weight[j.t];
+  }
+  return j;
+}
+
+/* A row's loss, by lane 0: to loss[row], or into the block's running sum. */
+__device__ __forceinline__ void emit_loss(const ce_params &p, bool per_row, int64_t row, float l,
+                                          double &block_sum) {
+  if (per_row)
+    p.loss[row] = l;
+  else
+    block_sum += l;
+}
+
+/* A ROW_SKIP row: its loss (0, or NaN and the deferred flag), zero
+   statistics for linear CE and a zero gradient row; nothing is read. */
+template <typename T, int TPR, int VEC>
+__device__ __forceinline__ void skip_row(const ce_params &p, const row_job &job, int lane,
+                                         bool per_row, double &block_sum) {
+  if (lane == 0) {
+    if (job.bad) atomicOr(&p.scratch->error_flag, CULOSS__FLAG_TARGET);
+    emit_loss(p, per_row, job.row, job.bad ? culoss__nan() : 0.0f, block_sum);
+    if (p.row_stats) { /* gradient scale 0: linear CE's pass B writes zeros */
+      p.row_stats[2 * job.row] = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+      p.row_stats[2 * job.row + 1] = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
     }
-    /* 64-bit offsets: row * ld exceeds 2^31 for large vocabularies. */
-    const T *xr = x + row * p.ld;
-    T *gr = grad ? grad + row * p.ld : nullptr;
-    const T *yr = MODE == CULOSS__CE_SOFT ? probs + row * p.ld : nullptr;
-    const float scale = p.reduction == CULOSS_REDUCTION_NONE
-                            ? (p.grad_loss ? p.grad_loss[row] : 1.0f)
-                            : red_scale;
-    int64_t t = -1;
-    float wt = 1.0f;
-    if constexpr (MODE != CULOSS__CE_SOFT) {
-      t = load_target(p, row);
-      const bool ignored = t == p.ignore_index;
-      const bool bad = !ignored && (t < 0 || t >= c);
-      if (ignored || bad) {
-        /* Ignored: loss 0, gradient 0, nothing read. Out of range: NaN loss,
-           zero gradient, deferred error flag. */
-        if (lane == 0) {
-          const float l = bad ? __int_as_float(0x7fc00000) : 0.0f;
-          if (bad) atomicOr(&p.scratch->error_flag, CULOSS__FLAG_TARGET);
-          if (per_row)
-            p.loss[row] = l;
-          else
-            my_loss += l;
-          if (p.row_stats) {
-            p.row_stats[2 * row] = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
-            p.row_stats[2 * row + 1] = make_float4(0.0f, 0.0f, 0.0f, 0.0f); /* scale 0 */
-          }
-        }
-        if (gr) {
-          pack_t zero;
+  }
+  if (p.grad == nullptr) return;
+  T *gr = static_cast<T *>(p.grad) + job.row * p.ld;
+  const int64_t nvec = p.c / VEC;
+  pack<T, VEC> zero;
 #pragma unroll
-          for (int k = 0; k < VEC; k++) zero.v[k] = from_f32<T>(0.0f);
-          for (int64_t v = lane; v < nvec; v += TPR) store_pack<T, VEC>(gr + v * VEC, zero);
-          for (int64_t j = tail0 + lane; j < c; j += TPR) gr[j] = from_f32<T>(0.0f);
-        }
-        idle_row();
-        continue;
-      }
-      if (p.class_weight) wt = p.class_weight[t];
-    }
+  for (int k = 0; k < VEC; k++) zero.v[k] = from_f32<T>(0.0f);
+  for (int64_t v = lane; v < nvec; v += TPR) store_pack<T, VEC>(gr + v * VEC, zero);
+  for (int64_t j = nvec * VEC + lane; j < p.c; j += TPR) gr[j] = from_f32<T>(0.0f);
+}
 
-    if constexpr (MODE == CULOSS__NLL) {
-      /* Read the target value before anyone writes the (possibly aliased)
-         gradient row. */
-      float xt = 0.0f;
-      if (lane == 0) xt = to_f32(xr[t]);
-      greduce::sync();
-      if (lane == 0) {
-        const float l = -wt * xt;
-        if (per_row)
-          p.loss[row] = l;
-        else
-          my_loss += l;
-      }
-      if (gr) {
-        const float gt = -wt * scale;
-        for (int64_t v = lane; v < nvec; v += TPR) {
-          pack_t o;
-#pragma unroll
-          for (int k = 0; k < VEC; k++) o.v[k] = from_f32<T>(v * VEC + k == t ? gt : 0.0f);
-          store_pack<T, VEC>(gr + v * VEC, o);
-        }
-        for (int64_t j = tail0 + lane; j < c; j += TPR) gr[j] = from_f32<T>(j == t ? gt : 0.0f);
-      }
-      greduce::sync(); /* the next row's sync pattern starts clean */
-      continue;
-    } else {
-      /* ---- pass 1: online log-sum-exp and the smoothing / soft sums ---- */
-      row_acc acc;
-      acc.lse = culoss__lse_empty();
-      acc.sx = 0.0f;
-      acc.sy = 0.0f;
-      acc.xt = 0.0f;
-      const bool want_sx = MODE == CULOSS__CE_SOFT || eps > 0.0f;
+/* Pass 1 over this lane's share of a ROW_LIVE row: the online log-sum-exp
+   of the (soft-capped) logits and, for smoothing or soft targets, sx and sy;
+   the packs that fit are parked in the group's row cache for the gradient
+   pass. Lane 0 also takes the target logit. */
+template <typename T, int MODE, int TPR, int VEC>
+__device__ __forceinline__ row_acc pass1(const ce_params &p, const row_job &job, int lane,
+                                         pack<T, VEC> *cache) {
+  typedef pack<T, VEC> pack_t;
+  const int64_t c = p.c, nvec = c / VEC;
+  const float eps = p.eps, cap = p.cap;
+  const T *xr = static_cast<const T *>(p.x) + job.row * p.ld; /* 64-bit: row * ld > 2^31 */
+  const T *yr = MODE == CULOSS__CE_SOFT ? static_cast<const T *>(p.probs) + job.row * p.ld
+                                        : nullptr;
+  const bool want_sx = MODE == CULOSS__CE_SOFT || eps > 0.0f;
+  row_acc acc = empty_acc();
 #pragma unroll 4
-      for (int64_t v = lane; v < nvec; v += TPR) {
-        pack_t pk = load_pack<T, VEC>(xr + v * VEC);
-        if (v < p.cache_vecs) cache[v] = pk;
-        float xv[VEC];
-        float vmax = -INFINITY;
+  for (int64_t v = lane; v < nvec; v += TPR) {
+    const pack_t pk = load_pack<T, VEC>(xr + v * VEC);
+    if (v < p.cache_vecs) cache[v] = pk;
+    float xv[VEC];
+    float vmax = -INFINITY;
+#pragma unroll
+    for (int k = 0; k < VEC; k++) {
+      xv[k] = culoss__softcap(to_f32(pk.v[k]), cap);
+      vmax = fmaxf(vmax, xv[k]);
+    }
+    const float m = fmaxf(acc.lse.m, vmax);
+    float s = m == acc.lse.m ? acc.lse.s : acc.lse.s * culoss__exp_diff(acc.lse.m, m);
+#pragma unroll
+    for (int k = 0; k < VEC; k++) s += culoss__exp_diff(xv[k], m);
+    if (want_sx) { /* sx follows the running maximum (culoss__sx_rebase) */
+      acc.sx = culoss__sx_rebase(acc.sx, acc.sy, acc.lse.m, m);
+      if constexpr (MODE == CULOSS__CE_SOFT) {
+        const pack_t yk = load_pack<T, VEC>(yr + v * VEC);
 #pragma unroll
         for (int k = 0; k < VEC; k++) {
-          xv[k] = culoss__softcap(to_f32(pk.v[k]), cap);
-          vmax = fmaxf(vmax, xv[k]);
-        }
-        const float m = fmaxf(acc.lse.m, vmax);
-        float s = m == acc.lse.m ? acc.lse.s : acc.lse.s * culoss__exp_diff(acc.lse.m, m);
-#pragma unroll
-        for (int k = 0; k < VEC; k++) s += culoss__exp_diff(xv[k], m);
-        if (want_sx) { /* sx follows the running maximum (culoss__sx_rebase) */
-          acc.sx = culoss__sx_rebase(acc.sx, acc.sy, acc.lse.m, m);
-          if constexpr (MODE == CULOSS__CE_SOFT) {
-            pack_t yk = load_pack<T, VEC>(yr + v * VEC);
-#pragma unroll
-            for (int k = 0; k < VEC; k++) {
-              const int64_t j = v * VEC + k;
-              const float wy = class_w(p, j) * ((1.0f - eps) * to_f32(yk.v[k]) + eps / (float)c);
-              acc.sy += wy;
-              if (wy != 0.0f) acc.sx += culoss__sx_term(wy, xv[k], m); /* 0 * -inf: 0 */
-            }
-          } else {
-#pragma unroll
-            for (int k = 0; k < VEC; k++) {
-              const float w = class_w(p, v * VEC + k);
-              acc.sy += w;
-              acc.sx += culoss__sx_term(w, xv[k], m);
-            }
-          }
-        }
-        acc.lse.m = m;
-        acc.lse.s = s;
-      }
-      for (int64_t j = tail0 + lane; j < c; j += TPR) { /* the partial pack */
-        const float xj = culoss__softcap(to_f32(xr[j]), cap);
-        const float m = fmaxf(acc.lse.m, xj);
-        if (want_sx) acc.sx = culoss__sx_rebase(acc.sx, acc.sy, acc.lse.m, m);
-        acc.lse = culoss__lse_add(acc.lse, xj);
-        if constexpr (MODE == CULOSS__CE_SOFT) {
-          const float wy = class_w(p, j) * ((1.0f - eps) * to_f32(yr[j]) + eps / (float)c);
+          const float wy = culoss__ce_soft_b(class_w(p, v * VEC + k), to_f32(yk.v[k]), eps, c);
           acc.sy += wy;
-          if (wy != 0.0f) acc.sx += culoss__sx_term(wy, xj, m);
-        } else if (want_sx) {
-          const float w = class_w(p, j);
-          acc.sy += w;
-          acc.sx += culoss__sx_term(w, xj, m);
+          if (wy != 0.0f) acc.sx += culoss__sx_term(wy, xv[k], m); /* 0 * -inf: 0 */
         }
-      }
-      if constexpr (MODE == CULOSS__CE_INDEX)
-        if (lane == 0) acc.xt = culoss__softcap(to_f32(xr[t]), cap);
-
-      const row_acc r = greduce::run(acc, gstore);
-      const float lse = culoss__lse_value(r.lse);
-      /* lse = m + log_s, kept apart for accuracy with large logits */
-      const float lse_m = r.lse.m, log_s = logf(r.lse.s);
-      float coef_a;
-      if constexpr (MODE == CULOSS__CE_INDEX)
-        coef_a = (1.0f - eps) * wt + eps / (float)c * wsum + 2.0f * p.z * lse;
-      else
-        coef_a = r.sy + 2.0f * p.z * lse;
-
-      if (lane == 0) {
-        float l;
-        if constexpr (MODE == CULOSS__CE_INDEX) {
-          const float a = (1.0f - eps) * wt;
-          l = lse_m == -INFINITY ? a * (lse - r.xt)
-                                 : culoss__scaled_diff(a, lse_m, r.xt) + a * log_s;
-          /* sum_j w_j (lse - x_j) = sx + W log_s: non-negative terms */
-          if (eps > 0.0f) l += eps / (float)c * (r.sx + r.sy * log_s);
-        } else {
-          l = r.sx + r.sy * log_s;
-        }
-        l += p.z * lse * lse;
-        if (per_row)
-          p.loss[row] = l;
-        else
-          my_loss += l;
-        /* what fused linear + CE needs to rebuild this row's gradient later */
-        if (p.row_stats) {
-          p.row_stats[2 * row] = make_float4(lse_m, log_s, coef_a, (1.0f - eps) * wt);
-          p.row_stats[2 * row + 1] = make_float4(scale, 0.0f, 0.0f, 0.0f);
-        }
-      }
-
-      /* ---- pass 2: the gradient, written once ---- */
-      if (gr) {
-        const float tw = (1.0f - eps) * wt; /* target column's extra term */
-#pragma unroll 4
-        for (int64_t v = lane; v < nvec; v += TPR) {
-          const pack_t pk = v < p.cache_vecs ? cache[v] : load_pack<T, VEC>(xr + v * VEC);
-          pack_t yk;
-          if constexpr (MODE == CULOSS__CE_SOFT) yk = load_pack<T, VEC>(yr + v * VEC);
-          pack_t o;
+      } else {
 #pragma unroll
-          for (int k = 0; k < VEC; k++) {
-            const int64_t j = v * VEC + k;
-            const float xs = culoss__softcap(to_f32(pk.v[k]), cap);
-            float b;
-            if constexpr (MODE == CULOSS__CE_SOFT)
-              b = class_w(p, j) * ((1.0f - eps) * to_f32(yk.v[k]) + eps / (float)c);
-            else
-              b = index_b(p, j, t, tw, c);
-            o.v[k] = from_f32<T>(
-                culoss__ce_grad(xs, lse_m, log_s, coef_a, b, scale, culoss__softcap_grad(xs, cap)));
-          }
-          store_pack<T, VEC>(gr + v * VEC, o);
-        }
-        for (int64_t j = tail0 + lane; j < c; j += TPR) {
-          const float xs = culoss__softcap(to_f32(xr[j]), cap);
-          float b;
-          if constexpr (MODE == CULOSS__CE_SOFT)
-            b = class_w(p, j) * ((1.0f - eps) * to_f32(yr[j]) + eps / (float)c);
-          else
-            b = index_b(p, j, t, tw, c);
-          gr[j] = from_f32<T>(
-              culoss__ce_grad(xs, lse_m, log_s, coef_a, b, scale, culoss__softcap_grad(xs, cap)));
+        for (int k = 0; k < VEC; k++) {
+          const float w = class_w(p, v * VEC + k);
+          acc.sy += w;
+          acc.sx += culoss__sx_term(w, xv[k], m);
         }
       }
-      /* The broadcast slot and TempStorage are reused by the next row. */
-      greduce::sync();
+    }
+    acc.lse.m = m;
+    acc.lse.s = s;
+  }
+  for (int64_t j = nvec * VEC + lane; j < c; j += TPR) { /* the partial pack */
+    const float xj = culoss__softcap(to_f32(xr[j]), cap);
+    const float m = fmaxf(acc.lse.m, xj);
+    if (want_sx) acc.sx = culoss__sx_rebase(acc.sx, acc.sy, acc.lse.m, m);
+    acc.lse = culoss__lse_add(acc.lse, xj);
+    if constexpr (MODE == CULOSS__CE_SOFT) {
+      const float wy = culoss__ce_soft_b(class_w(p, j), to_f32(yr[j]), eps, c);
+      acc.sy += wy;
+      if (wy != 0.0f) acc.sx += culoss__sx_term(wy, xj, m);
+    } else if (want_sx) {
+      const float w = class_w(p, j);
+      acc.sy += w;
+      acc.sx += culoss__sx_term(w, xj, m);
     }
   }
+  if constexpr (MODE == CULOSS__CE_INDEX)
+    if (lane == 0) acc.xt = culoss__softcap(to_f32(xr[job.t]), cap);
+  return acc;
+}
 
-  /* Lane 0 of each group holds its rows' sum; the block sums the groups. */
+/* The per-row constants of culoss__ce_grad. */
+struct row_grad {
+  float lse_m, log_s; /* lse = m + log_s, kept apart for accuracy with large logits */
+  float coef_a;       /* a of culoss__ce_grad */
+  float tw;           /* (1-eps) w_t: the target column's extra b */
+};
+
+/* A ROW_LIVE row's loss from the reduced accumulator r (lane 0 writes it
+   and, for linear CE, what its pass B needs to rebuild the gradient); every
+   lane gets the gradient's per-row constants. */
+template <int MODE>
+__device__ __forceinline__ row_grad finish_row(const ce_params &p, const row_job &job,
+                                               const row_acc &r, float wsum, int lane,
+                                               bool per_row, double &block_sum) {
+  const float eps = p.eps;
+  const float lse = culoss__lse_value(r.lse);
+  row_grad g;
+  g.lse_m = r.lse.m;
+  g.log_s = logf(r.lse.s);
+  g.tw = (1.0f - eps) * job.wt;
+  if constexpr (MODE == CULOSS__CE_INDEX)
+    g.coef_a = g.tw + eps / (float)p.c * wsum + 2.0f * p.z * lse;
+  else
+    g.coef_a = r.sy + 2.0f * p.z * lse;
+  if (lane == 0) {
+    float l;
+    if constexpr (MODE == CULOSS__CE_INDEX) {
+      l = g.lse_m == -INFINITY ? g.tw * (lse - r.xt)
+                               : culoss__scaled_diff(g.tw, g.lse_m, r.xt) + g.tw * g.log_s;
+      /* sum_j w_j (lse - x_j) = sx + W log_s: non-negative terms */
+      if (eps > 0.0f) l += eps / (float)p.c * (r.sx + r.sy * g.log_s);
+    } else {
+      l = r.sx + r.sy * g.log_s;
+    }
+    l += p.z * lse * lse;
+    emit_loss(p, per_row, job.row, l, block_sum);
+    if (p.row_stats) {
+      p.row_stats[2 * job.row] = make_float4(g.lse_m, g.log_s, g.coef_a, g.tw);
+      p.row_stats[2 * job.row + 1] = make_float4(job.scale, 0.0f, 0.0f, 0.0f);
+    }
+  }
+  return g;
+}
+
+/* The gradient pass over this lane's share of a ROW_LIVE row: written once,
+   from the cached packs (or a re-read of the rest). */
+template <typename T, int MODE, int TPR, int VEC>
+__device__ __forceinline__ void grad_pass(const ce_params &p, const row_job &job,
+                                          const row_grad &g, int lane,
+                                          const pack<T, VEC> *cache) {
+  typedef pack<T, VEC> pack_t;
+  const int64_t c = p.c, nvec = c / VEC;
+  const float eps = p.eps, cap = p.cap;
+  const T *xr = static_cast<const T *>(p.x) + job.row * p.ld;
+  const T *yr = MODE == CULOSS__CE_SOFT ? static_cast<const T *>(p.probs) + job.row * p.ld
+                                        : nullptr;
+  T *gr = static_cast<T *>(p.grad) + job.row * p.ld;
+  auto grad_at = [&](float x, float y, int64_t j) -> T {
+    const float xs = culoss__softcap(x, cap);
+    float b;
+    if constexpr (MODE == CULOSS__CE_SOFT)
+      b = culoss__ce_soft_b(class_w(p, j), y, eps, c);
+    else
+      b = culoss__ce_index_b(j, job.t, g.tw, eps, c, p.class_weight);
+    return from_f32<T>(culoss__ce_grad(xs, g.lse_m, g.log_s, g.coef_a, b, job.scale,
+                                       culoss__softcap_grad(xs, cap)));
+  };
+#pragma unroll 4
+  for (int64_t v = lane; v < nvec; v += TPR) {
+    const pack_t pk = v < p.cache_vecs ? cache[v] : load_pack<T, VEC>(xr + v * VEC);
+    const pack_t yk = MODE == CULOSS__CE_SOFT ? load_pack<T, VEC>(yr + v * VEC) : pk;
+    pack_t o;
+#pragma unroll
+    for (int k = 0; k < VEC; k++) o.v[k] = grad_at(to_f32(pk.v[k]), to_f32(yk.v[k]), v * VEC + k);
+    store_pack<T, VEC>(gr + v * VEC, o);
+  }
+  for (int64_t j = nvec * VEC + lane; j < c; j += TPR)
+    gr[j] = grad_at(to_f32(xr[j]), MODE == CULOSS__CE_SOFT ? to_f32(yr[j]) : 0.0f, j);
+}
+
+/* ------------------------------------------------------------------------ */
+/* ce_kernel: the fused forward + backward.                                 */
+/* ------------------------------------------------------------------------ */
+template <typename T, int MODE, int BLOCK, int TPR, int VEC>
+__global__ void __launch_bounds__(BLOCK) ce_kernel(ce_params p) {
+  typedef group_reduce<BLOCK, TPR> greduce;
+  __shared__ typename greduce::storage gstore;
+  CULOSS_DYNAMIC_SMEM(smem_raw);
+  constexpr int ROWS = BLOCK / TPR;
+  /* Sub-warp groups share their warp's shuffles, so the groups of a warp
+     walk their rows in lockstep: the loop runs while the warp's first row
+     exists, and in every iteration every group makes the same warp-wide
+     calls (one greduce::run, one greduce::sync) whatever its row's kind. */
+  constexpr int GPW = TPR > 1 && TPR < 32 ? 32 / TPR : 1; /* groups per warp */
+  const int grp = threadIdx.x / TPR, lane = threadIdx.x % TPR;
+  pack<T, VEC> *cache = reinterpret_cast<pack<T, VEC> *>(smem_raw) + (int64_t)grp * p.cache_vecs;
+  const call_consts k = load_call_consts(p);
+  const bool per_row = p.reduction == CULOSS_REDUCTION_NONE || p.rows_out;
+  double block_sum = 0.0; /* lane 0 of each group: its rows' losses, in row order */
+
+  for (int64_t base = (int64_t)blockIdx.x * ROWS + (grp - grp % GPW); base < p.n;
+       base += (int64_t)gridDim.x * ROWS) {
+    const row_job job = begin_row<MODE>(p, base + grp % GPW, k.red_scale);
+    row_acc acc = empty_acc();
+    if (job.kind == ROW_LIVE)
+      acc = pass1<T, MODE, TPR, VEC>(p, job, lane, cache);
+    else if (job.kind == ROW_SKIP)
+      skip_row<T, TPR, VEC>(p, job, lane, per_row, block_sum);
+    /* also orders every lane's pass-1 reads before any gradient write: the
+       gradient may overwrite the logits */
+    const row_acc r = greduce::run(acc, gstore);
+    if (job.kind == ROW_LIVE) {
+      const row_grad g = finish_row<MODE>(p, job, r, k.wsum, lane, per_row, block_sum);
+      if (p.grad) grad_pass<T, MODE, TPR, VEC>(p, job, g, lane, cache);
+    }
+    greduce::sync(); /* the broadcast slot and TempStorage are reused next row */
+  }
   if (!per_row)
-    store_block_sum<BLOCK>(lane == 0 ? my_loss : 0.0, &p.scratch->partial_loss[blockIdx.x]);
+    store_block_sum<BLOCK>(lane == 0 ? block_sum : 0.0, &p.scratch->partial_loss[blockIdx.x]);
 }
 
-/* ---------------------------------------------------------------------- */
-/* dispatch                                                               */
-/* ---------------------------------------------------------------------- */
-
-/* The launch shapes: a thread per row for tiny rows (a warp would leave
-   most lanes idle and keep too few bytes in flight), a warp per row for short
-   rows, a 256-thread block per row for medium rows, a 1024-thread block per
-   row for large vocabularies. */
-enum shape {
-  SHAPE_WARP = 0,
-  SHAPE_BLOCK256 = 1,
-  SHAPE_BLOCK1024 = 2,
-  SHAPE_THREAD = 3,
-  SHAPE_SUBWARP = 4
-};
-
-/* Up to 16 classes a thread per row; up to 128, 8 lanes per row (4 rows per
-   warp: a warp per row would leave most lanes without a 16-byte pack, as
-   PyTorch's persistent softmax avoids with sub-warp widths); then a warp,
-   then a block. The cuts are from lane counts, not yet measured
-   (bench/NOTES.md). */
-inline shape pick_shape(int64_t c) {
-  if (c <= 16) return SHAPE_THREAD;
-  if (c <= 128) return SHAPE_SUBWARP;
-  if (c <= 1024) return SHAPE_WARP;
-  if (c <= 16384) return SHAPE_BLOCK256;
-  return SHAPE_BLOCK1024;
-}
-
-template <int S> struct shape_dims;
-template <> struct shape_dims<SHAPE_THREAD> { static constexpr int block = 256, tpr = 1; };
-template <> struct shape_dims<SHAPE_SUBWARP> { static constexpr int block = 256, tpr = 8; };
-template <> struct shape_dims<SHAPE_WARP> { static constexpr int block = 256, tpr = 32; };
-template <> struct shape_dims<SHAPE_BLOCK256> { static constexpr int block = 256, tpr = 256; };
-template <> struct shape_dims<SHAPE_BLOCK1024> { static constexpr int block = 1024, tpr = 1024; };
-
-template <typename T, int MODE, int S, int VEC> constexpr void (*kernel_ptr())(ce_params) {
-  return ce_kernel<T, MODE, shape_dims<S>::block, shape_dims<S>::tpr, VEC>;
-}
-
-/* Calls f.template operator()<T, MODE, S, VEC>() for every instantiation. */
-template <typename F> void for_each_kernel(F &&f);
-
-template <typename T, int MODE, int S, typename F> void for_vec(F &f) {
-  f.template operator()<T, MODE, S, vec16<T>::value>();
-  f.template operator()<T, MODE, S, 1>();
-}
-template <typename T, int MODE, typename F> void for_shape(F &f) {
-  for_vec<T, MODE, SHAPE_THREAD>(f);
-  for_vec<T, MODE, SHAPE_SUBWARP>(f);
-  for_vec<T, MODE, SHAPE_WARP>(f);
-  for_vec<T, MODE, SHAPE_BLOCK256>(f);
-  for_vec<T, MODE, SHAPE_BLOCK1024>(f);
-}
-template <typename T, typename F> void for_mode(F &f) {
-  for_shape<T, CULOSS__CE_INDEX>(f);
-  for_shape<T, CULOSS__CE_SOFT>(f);
-  for_shape<T, CULOSS__NLL>(f);
-}
-template <typename F> void for_each_kernel(F &&f) {
-  for_mode<float>(f);
-  for_mode<__half>(f);
-  for_mode<__nv_bfloat16>(f);
-}
-
-struct init_visitor {
-  size_t smem_optin;
-  culoss_status st;
-  template <typename T, int MODE, int S, int VEC> void operator()() {
-    if (st != CULOSS_OK) return;
-    /* the C API, which takes the kernel's address as const void * */
-    const void *k = reinterpret_cast<const void *>(kernel_ptr<T, MODE, S, VEC>());
-    cudaFuncAttributes attr;
-    cudaError_t e = cudaFuncGetAttributes(&attr, k);
-    if (e != cudaSuccess) {
-      st = culoss__cuda_status(e, "cudaFuncGetAttributes(ce_kernel)");
-      return;
+/* ------------------------------------------------------------------------ */
+/* nll_kernel: l = -w_y x_y per row and a gradient row that is zero but for */
+/* -w_y g at y. A warp per row: lane 0 reads x_y, then (after a __syncwarp: */
+/* the gradient may overwrite the row) the warp writes the row once.        */
+/* ------------------------------------------------------------------------ */
+template <typename T, int VEC>
+__global__ void __launch_bounds__(NLL_THREADS) nll_kernel(ce_params p) {
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const call_consts k = load_call_consts(p);
+  const bool per_row = p.reduction == CULOSS_REDUCTION_NONE || p.rows_out;
+  const int64_t c = p.c, nvec = c / VEC;
+  double block_sum = 0.0;
+  for (int64_t row = (int64_t)blockIdx.x * NLL_ROWS + warp; row < p.n;
+       row += (int64_t)gridDim.x * NLL_ROWS) {
+    const row_job job = begin_row<CULOSS__NLL>(p, row, k.red_scale);
+    const T *xr = static_cast<const T *>(p.x) + row * p.ld;
+    float l = job.bad ? culoss__nan() : 0.0f;
+    if (lane == 0 && job.kind == ROW_LIVE) l = -job.wt * to_f32(xr[job.t]);
+    __syncwarp();
+    if (lane == 0) {
+      if (job.bad) atomicOr(&p.scratch->error_flag, CULOSS__FLAG_TARGET);
+      emit_loss(p, per_row, row, l, block_sum);
     }
-    if (attr.sharedSizeBytes > STATIC_SMEM_RESERVE) {
-      st = culoss__error(CULOSS_ERROR_INTERNAL,
-                         "ce_kernel static shared memory %zu exceeds the reserve %zu",
-                         (size_t)attr.sharedSizeBytes, STATIC_SMEM_RESERVE);
-      return;
+    if (p.grad == nullptr) continue;
+    T *gr = static_cast<T *>(p.grad) + row * p.ld;
+    const float gt = job.kind == ROW_LIVE ? -job.wt * job.scale : 0.0f;
+    for (int64_t v = lane; v < nvec; v += 32) {
+      pack<T, VEC> o;
+#pragma unroll
+      for (int q = 0; q < VEC; q++) o.v[q] = from_f32<T>(v * VEC + q == job.t ? gt : 0.0f);
+      store_pack<T, VEC>(gr + v * VEC, o);
     }
-    e = cudaFuncSetAttribute(k, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                             (int)(smem_optin - STATIC_SMEM_RESERVE));
-    if (e != cudaSuccess)
-      st = culoss__cuda_status(e, "cudaFuncSetAttribute(ce_kernel, MaxDynamicSharedMemorySize)");
+    for (int64_t j = nvec * VEC + lane; j < c; j += 32) gr[j] = from_f32<T>(j == job.t ? gt : 0.0f);
   }
-};
+  if (!per_row)
+    store_block_sum<NLL_THREADS>(lane == 0 ? block_sum : 0.0,
+                                 &p.scratch->partial_loss[blockIdx.x]);
+}
 
-struct launch_visitor {
-  /* inputs */
-  int want_mode, want_shape, want_vec, dtype;
-  ce_params p;
-  int64_t grid;
-  size_t smem;
-  cudaStream_t stream;
-  /* output */
-  int launched;
-  cudaError_t err;
-  template <typename T, int MODE, int S, int VEC> void operator()() {
-    if (launched || MODE != want_mode || S != want_shape || VEC != want_vec) return;
-    const int dt = sizeof(T) == 4 ? CULOSS_F32
-                   : (std::is_same<T, __half>::value ? CULOSS_F16 : CULOSS_BF16);
-    if (dt != dtype) return;
-    err = launch(kernel_ptr<T, MODE, S, VEC>(), dim3((unsigned)grid), dim3(shape_dims<S>::block),
-                 smem, stream, p);
-    launched = 1;
-  }
-};
+/* ------------------------------------------------------------------------ */
+/* dispatch: the one map from (dtype, mode, shape, vector width) to a       */
+/* kernel; the launch and the context's attribute set-up both use it.       */
+/* ------------------------------------------------------------------------ */
+typedef void (*ce_kernel_t)(ce_params);
 
-inline int rows_of(shape s) {
+static_assert(CE_NSHAPES == 5, "ce_kernel_at has one case per row of CE_SHAPES");
+template <typename T, int MODE, int VEC> ce_kernel_t ce_kernel_at(int s) {
+#define CULOSS_CE_KERNEL(i) ce_kernel<T, MODE, CE_SHAPES[i].block, CE_SHAPES[i].tpr, VEC>
   switch (s) {
-  case SHAPE_THREAD: return shape_dims<SHAPE_THREAD>::block / shape_dims<SHAPE_THREAD>::tpr;
-  case SHAPE_SUBWARP: return shape_dims<SHAPE_SUBWARP>::block / shape_dims<SHAPE_SUBWARP>::tpr;
-  case SHAPE_WARP: return shape_dims<SHAPE_WARP>::block / shape_dims<SHAPE_WARP>::tpr;
-  case SHAPE_BLOCK256: return shape_dims<SHAPE_BLOCK256>::block / shape_dims<SHAPE_BLOCK256>::tpr;
-  default: return shape_dims<SHAPE_BLOCK1024>::block / shape_dims<SHAPE_BLOCK1024>::tpr;
+  case 0: return CULOSS_CE_KERNEL(0);
+  case 1: return CULOSS_CE_KERNEL(1);
+  case 2: return CULOSS_CE_KERNEL(2);
+  case 3: return CULOSS_CE_KERNEL(3);
+  default: return CULOSS_CE_KERNEL(4);
   }
+#undef CULOSS_CE_KERNEL
+}
+
+/* mode: CULOSS__CE_INDEX or CULOSS__CE_SOFT; vec: 16-byte packs, else one
+   element at a time. */
+ce_kernel_t select_ce_kernel(int dtype, int mode, int s, bool vec) {
+  return with_dtype(dtype, [&](auto t) -> ce_kernel_t {
+    typedef decltype(t) T;
+    constexpr int V = vec16<T>::value;
+    if (mode == CULOSS__CE_SOFT)
+      return vec ? ce_kernel_at<T, CULOSS__CE_SOFT, V>(s) : ce_kernel_at<T, CULOSS__CE_SOFT, 1>(s);
+    return vec ? ce_kernel_at<T, CULOSS__CE_INDEX, V>(s) : ce_kernel_at<T, CULOSS__CE_INDEX, 1>(s);
+  });
+}
+
+/* The context's CULOSS_CE_SHAPE (threads per row) if set, else the first
+   shape whose c_max holds c. */
+int pick_shape(const culoss_context *ctx, int64_t c) {
+  for (int s = 0; s < CE_NSHAPES; s++)
+    if (ctx->ce_tpr ? CE_SHAPES[s].tpr == ctx->ce_tpr : c <= CE_SHAPES[s].c_max) return s;
+  return CE_NSHAPES - 1;
 }
 
 } // namespace
-} // namespace culoss_dev
 
-using namespace culoss_dev;
+int ce_kernel_count() { return 3 * 2 * CE_NSHAPES * 2; }
 
-extern "C" culoss_status culoss__cuda_kernels_init(culoss_context *ctx) {
-  init_visitor v{ctx->smem_optin, CULOSS_OK};
-  if (ctx->smem_optin <= STATIC_SMEM_RESERVE)
-    return culoss__error(CULOSS_ERROR_NOT_SUPPORTED, "device shared memory per block too small");
-  for_each_kernel(v);
-  return v.st;
+const void *ce_kernel_address(int i) {
+  const bool vec = i % 2 != 0;
+  const int s = i / 2 % CE_NSHAPES, mode = i / 2 / CE_NSHAPES % 2, dtype = i / 2 / CE_NSHAPES / 2;
+  /* the C API, which takes a kernel's address as const void * */
+  return reinterpret_cast<const void *>(select_ce_kernel(dtype, mode, s, vec));
 }
-
-namespace culoss_dev {
 
 void ce_fill_params(culoss_context *ctx, const culoss__ce_args *a, ce_params *p) {
   p->n = a->n;
@@ -640,60 +608,45 @@ culoss_status ce_launch_prep(const ce_params *p_in, ce_params *p, int mode, cuda
   return e == cudaSuccess ? CULOSS_OK : culoss__cuda_status(e, "launch of ce_prep_kernel");
 }
 
-/* Tuning and testing knobs (documented in culoss.h): CULOSS_CE_SHAPE forces
-   the launch shape (1, 8, 32, 256 or 1024 threads per row), CULOSS_CE_CACHE_BYTES
-   caps the shared memory that keeps rows for pass 2 (0: re-read them). */
-static shape shape_for(int64_t c) {
-  const char *e = getenv("CULOSS_CE_SHAPE");
-  if (e && !strcmp(e, "thread")) return SHAPE_THREAD;
-  if (e && !strcmp(e, "8")) return SHAPE_SUBWARP;
-  if (e && !strcmp(e, "warp")) return SHAPE_WARP;
-  if (e && !strcmp(e, "256")) return SHAPE_BLOCK256;
-  if (e && !strcmp(e, "1024")) return SHAPE_BLOCK1024;
-  return pick_shape(c);
-}
-
-static size_t cache_budget(size_t available) {
-  const char *e = getenv("CULOSS_CE_CACHE_BYTES");
-  if (e == nullptr || *e == '\0') return available;
-  const unsigned long long b = strtoull(e, nullptr, 10);
-  return b < available ? (size_t)b : available;
-}
-
 culoss_status ce_launch_main(culoss_context *ctx, ce_params &p, int mode, int dtype,
                              int64_t *grid_out, cudaStream_t stream) {
   const size_t esize = culoss__dtype_size((culoss_dtype)dtype);
-  const shape s = shape_for(p.c);
-  const int vec16n = (int)(16 / esize);
-  const bool vec_ok = aligned16(p.x) && aligned16(p.grad) &&
-                      (mode != CULOSS__CE_SOFT || aligned16(p.probs)) &&
-                      ((p.ld * (int64_t)esize) % 16) == 0;
-  const int vec = vec_ok ? vec16n : 1;
-  const int rows = rows_of(s);
-  const size_t pack_bytes = (size_t)vec * esize;
-  /* Rows of the soft and index modes are kept in shared memory for pass 2
-     when a gradient is wanted; as much of each row as fits. */
+  const bool vec = aligned16(p.x) && aligned16(p.grad) &&
+                   (mode != CULOSS__CE_SOFT || aligned16(p.probs)) &&
+                   ((p.ld * (int64_t)esize) % 16) == 0;
+  const size_t pack_bytes = vec ? 16 : esize;
+  cudaError_t e;
   p.cache_vecs = 0;
-  if (p.grad && mode != CULOSS__NLL) {
-    const size_t budget = cache_budget(ctx->smem_optin - STATIC_SMEM_RESERVE);
+  if (mode == CULOSS__NLL) {
+    *grid_out = capped_grid(ctx, (p.n + NLL_ROWS - 1) / NLL_ROWS);
+    e = with_dtype(dtype, [&](auto t) {
+      typedef decltype(t) T;
+      return launch(vec ? nll_kernel<T, vec16<T>::value> : nll_kernel<T, 1>,
+                    dim3((unsigned)*grid_out), dim3(NLL_THREADS), 0, stream, p);
+    });
+    return e == cudaSuccess ? CULOSS_OK : culoss__cuda_status(e, "launch of nll_kernel");
+  }
+  const int s = pick_shape(ctx, p.c);
+  const int rows = CE_SHAPES[s].block / CE_SHAPES[s].tpr;
+  /* With a gradient, as much of each row as fits stays in shared memory
+     for the gradient pass (capped by CULOSS_CE_CACHE_BYTES). */
+  if (p.grad) {
+    size_t budget = ctx->smem_optin - CE_STATIC_SMEM_RESERVE;
+    if (ctx->ce_cache_cap < budget) budget = ctx->ce_cache_cap;
     const int64_t fit = (int64_t)(budget / ((size_t)rows * pack_bytes));
-    const int64_t nvec = p.c / vec;
+    const int64_t nvec = p.c / (int64_t)(pack_bytes / esize);
     p.cache_vecs = nvec < fit ? nvec : fit;
   }
-  const int64_t grid = capped_grid(ctx, (p.n + rows - 1) / rows);
-  *grid_out = grid;
-  launch_visitor lv{mode, (int)s, vec, dtype, p, grid,
-                    (size_t)p.cache_vecs * rows * pack_bytes, stream, 0, cudaSuccess};
-  for_each_kernel(lv);
-  if (!lv.launched)
-    return culoss__error(CULOSS_ERROR_INTERNAL, "no ce_kernel for mode %d shape %d vec %d", mode,
-                         (int)s, vec);
-  return lv.err == cudaSuccess ? CULOSS_OK : culoss__cuda_status(lv.err, "launch of ce_kernel");
+  *grid_out = capped_grid(ctx, (p.n + rows - 1) / rows);
+  e = launch(select_ce_kernel(dtype, mode, s, vec), dim3((unsigned)*grid_out),
+             dim3(CE_SHAPES[s].block), (size_t)p.cache_vecs * rows * pack_bytes, stream, p);
+  return e == cudaSuccess ? CULOSS_OK : culoss__cuda_status(e, "launch of ce_kernel");
 }
 
 } // namespace culoss_dev
 
 extern "C" culoss_status culoss__cuda_cross_entropy(culoss_context *ctx, const void *args) {
+  using namespace culoss_dev;
   const culoss__ce_args *a = static_cast<const culoss__ce_args *>(args);
   const cudaStream_t stream = (cudaStream_t)ctx->stream;
   const int mode = (int)a->mode;
@@ -702,7 +655,7 @@ extern "C" culoss_status culoss__cuda_cross_entropy(culoss_context *ctx, const v
   /* 1. MEAN's denominator and W, when they depend on data. */
   culoss_status st = ce_launch_prep(&p0, &p, mode, stream);
   if (st != CULOSS_OK) return st;
-  /* 2. The fused kernel. */
+  /* 2. The fused kernel (or NLL's gather). */
   int64_t grid = 0;
   if (p.n > 0) {
     st = ce_launch_main(ctx, p, mode, (int)a->dtype, &grid, stream);

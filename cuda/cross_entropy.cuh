@@ -8,10 +8,15 @@
 
 #include <cuda_runtime.h>
 
-#include "../host/internal.h"
+#include "backend.h"
 #include "reduce.cuh"
 
 namespace culoss_dev {
+
+/* Shared memory kept free for the fused kernel's static shared memory (CUB
+   temp storage, broadcasts): the row cache gets the rest of the opt-in
+   limit. cuda/context.cu checks every instantiation against it. */
+constexpr size_t CE_STATIC_SMEM_RESERVE = 4096;
 
 struct ce_params {
   int64_t n, c, ld;
@@ -37,14 +42,20 @@ struct ce_params {
   culoss__scratch *scratch;
 };
 
+/* Every instantiation of the fused kernel, for the context's attribute
+   set-up (cuda/context.cu): the address of number i in [0, count). */
+int ce_kernel_count();
+const void *ce_kernel_address(int i);
+
 /* Fills p from validated arguments (no launch). */
 void ce_fill_params(culoss_context *ctx, const culoss__ce_args *a, ce_params *p);
 /* Launches the kernel that sums target weights (MEAN's D) and class weights
    (W, for smoothing with class weights) over all p->n rows, if needed, and
    points p->div at its result. */
 culoss_status ce_launch_prep(const ce_params *p_in, ce_params *p, int mode, cudaStream_t s);
-/* Launches the fused kernel over p.n rows; *grid receives its block count
-   (the number of per-block partials it wrote when reduced and !rows_out). */
+/* Launches the fused kernel (NLL's gather for mode CULOSS__NLL) over p.n
+   rows; *grid receives its block count (the number of per-block partials
+   it wrote when reduced and !rows_out). */
 culoss_status ce_launch_main(culoss_context *ctx, ce_params &p, int mode, int dtype,
                              int64_t *grid, cudaStream_t s);
 

@@ -18,7 +18,7 @@
  */
 #include <cuda_runtime.h>
 
-#include "../host/internal.h"
+#include "backend.h"
 #include "dtype.cuh"
 #include "launch.cuh"
 #include "loss_math.h"
@@ -96,7 +96,7 @@ __global__ void __launch_bounds__(EW_THREADS) ew_kernel(ew_params p) {
     float l = eval<OP>(p, xv, yv, i, j, &d, &bad);
     if (bad) {
       any_bad = true;
-      l = __int_as_float(0x7fc00000);
+      l = culoss__nan();
       d = 0.0f;
     }
     if (reduced)

@@ -28,7 +28,7 @@
 
 #include <type_traits>
 
-#include "../host/internal.h"
+#include "backend.h"
 #include "cross_entropy.cuh"
 #include "dtype.cuh"
 #include "launch.cuh"
@@ -38,7 +38,6 @@
 namespace culoss_dev {
 namespace {
 
-constexpr size_t CUBLAS_WS_BYTES = (size_t)32 << 20;
 constexpr int LT = 256; /* threads of the small kernels here */
 
 /* (An explicit specialization here would be exported from the shared
@@ -52,21 +51,13 @@ template <typename T> inline cudaDataType_t cuda_type() {
     return CUDA_R_16BF;
 }
 
-culoss_status cublas_status(cublasStatus_t s, const char *what) {
-  if (s == CUBLAS_STATUS_SUCCESS) return CULOSS_OK;
-  return culoss__error(s == CUBLAS_STATUS_ALLOC_FAILED ? CULOSS_ERROR_OUT_OF_MEMORY
-                                                       : CULOSS_ERROR_CUBLAS,
-                       "%s failed: %s (%s)", what, cublasGetStatusName(s),
-                       cublasGetStatusString(s));
-}
-
 /* Column-major C[m, n] = op(A) op(B) + beta C, fp32 accumulation. */
 culoss_status gemm(cublasHandle_t h, cublasOperation_t ta, cublasOperation_t tb, int64_t m,
                    int64_t n, int64_t k, const void *A, cudaDataType_t at, int64_t lda,
                    const void *B, cudaDataType_t bt, int64_t ldb, float beta, void *C,
                    cudaDataType_t ct, int64_t ldc, const char *what) {
   const float alpha = 1.0f;
-  return cublas_status(cublasGemmEx(h, ta, tb, (int)m, (int)n, (int)k, &alpha, A, at, (int)lda, B,
+  return culoss__cublas_status(cublasGemmEx(h, ta, tb, (int)m, (int)n, (int)k, &alpha, A, at, (int)lda, B,
                                     bt, (int)ldb, &beta, C, ct, (int)ldc, CUBLAS_COMPUTE_32F,
                                     CUBLAS_GEMM_DEFAULT),
                        what);
@@ -109,8 +100,7 @@ __global__ void __launch_bounds__(LT)
   const int64_t i = blockIdx.y;
   const float4 st = stats[2 * i];  /* m, log_s, coef_a, (1-eps) w_y */
   const float scale = stats[2 * i + 1].x;
-  const int64_t t = ttype == CULOSS_I32 ? (int64_t) static_cast<const int32_t *>(targets)[i]
-                                        : static_cast<const int64_t *>(targets)[i];
+  const int64_t t = culoss__target_at(targets, ttype, i);
   T *row = tile + i * ld;
   for (int64_t jj = (int64_t)blockIdx.x * LT + threadIdx.x; jj < cols;
        jj += (int64_t)gridDim.x * LT) {
@@ -118,8 +108,7 @@ __global__ void __launch_bounds__(LT)
     float g = 0.0f;
     if (scale != 0.0f) { /* scale 0: ignored or out-of-range row */
       const float xs = culoss__softcap(to_f32(row[jj]), cap);
-      float b = j == t ? st.w : 0.0f;
-      if (eps > 0.0f) b += eps / (float)v * (class_weight ? class_weight[j] : 1.0f);
+      const float b = culoss__ce_index_b(j, t, st.w, eps, v, class_weight);
       g = culoss__ce_grad(xs, st.x, st.y, st.z, b, scale, culoss__softcap_grad(xs, cap));
     }
     row[jj] = from_f32<T>(g);
@@ -156,7 +145,7 @@ template <typename T> culoss_status run(culoss_context *ctx, const culoss__lce_a
   const cublasHandle_t h = (cublasHandle_t)ctx->cublas;
   const cudaDataType_t ty = cuda_type<T>();
   const int64_t n = a->n, d = a->d, v = a->v;
-  const culoss__lce_layout L = culoss__lce_plan(n, d, v, a->dtype);
+  const culoss__lce_layout L = culoss__lce_plan(n, d, v, a->dtype, ctx->lce_block_bytes);
   unsigned char *ws = static_cast<unsigned char *>(a->workspace);
   T *tile = reinterpret_cast<T *>(ws + L.off_logits);
   float *row_loss = reinterpret_cast<float *>(ws + L.off_row_loss);
@@ -172,7 +161,7 @@ template <typename T> culoss_status run(culoss_context *ctx, const culoss__lce_a
   const bool want_grad = a->grad_hidden || a->grad_weight || a->grad_bias;
   const size_t tsz = a->ttype == CULOSS_I32 ? 4 : 8;
 
-  CL_TRY(cublas_status(cublasSetStream(h, stream), "cublasSetStream"));
+  CL_TRY(culoss__cublas_status(cublasSetStream(h, stream), "cublasSetStream"));
 
   /* The cross-entropy kernel's parameters, with MEAN's D over all n rows. */
   culoss__ce_args ca;
@@ -286,23 +275,4 @@ using namespace culoss_dev;
 extern "C" culoss_status culoss__cuda_linear_cross_entropy(culoss_context *ctx, const void *args) {
   const culoss__lce_args *a = static_cast<const culoss__lce_args *>(args);
   return with_dtype(a->dtype, [&](auto t) { return run<decltype(t)>(ctx, a); });
-}
-
-extern "C" culoss_status culoss__cublas_create(culoss_context *ctx) {
-  cublasHandle_t h = nullptr;
-  culoss_status st = cublas_status(cublasCreate(&h), "cublasCreate");
-  if (st != CULOSS_OK) return st;
-  ctx->cublas = h;
-  cudaError_t e = cudaMalloc(&ctx->cublas_ws, CUBLAS_WS_BYTES);
-  if (e != cudaSuccess) return culoss__cuda_status(e, "cudaMalloc(cuBLAS workspace)");
-  st = cublas_status(cublasSetWorkspace(h, ctx->cublas_ws, CUBLAS_WS_BYTES), "cublasSetWorkspace");
-  if (st != CULOSS_OK) return st;
-  return cublas_status(cublasSetPointerMode(h, CUBLAS_POINTER_MODE_HOST), "cublasSetPointerMode");
-}
-
-extern "C" void culoss__cublas_destroy(culoss_context *ctx) {
-  if (ctx->cublas) cublasDestroy((cublasHandle_t)ctx->cublas);
-  if (ctx->cublas_ws) cudaFree(ctx->cublas_ws);
-  ctx->cublas = nullptr;
-  ctx->cublas_ws = nullptr;
 }

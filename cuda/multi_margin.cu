@@ -12,7 +12,7 @@
  */
 #include <cuda_runtime.h>
 
-#include "../host/internal.h"
+#include "backend.h"
 #include "dtype.cuh"
 #include "launch.cuh"
 #include "loss_math.h"
@@ -63,17 +63,14 @@ __global__ void __launch_bounds__(MM_THREADS) mm_kernel(mm_params p) {
        row += (int64_t)gridDim.x * MM_ROWS) {
     const T *xr = x + row * p.ld; /* 64-bit row offsets */
     T *gr = grad ? grad + row * p.ld : nullptr;
-    const int64_t t = p.ttype == CULOSS_I32
-                          ? (int64_t) static_cast<const int32_t *>(p.targets)[row]
-                          : static_cast<const int64_t *>(p.targets)[row];
+    const int64_t t = culoss__target_at(p.targets, p.ttype, row);
     if (t < 0 || t >= c) {
       if (lane == 0) {
         atomicOr(&p.scratch->error_flag, CULOSS__FLAG_TARGET);
-        const float nan = __int_as_float(0x7fc00000);
         if (reduced)
-          my_loss += nan;
+          my_loss += culoss__nan();
         else
-          p.loss[row] = nan;
+          p.loss[row] = culoss__nan();
       }
       if (gr)
         for (int64_t j = lane; j < c; j += 32) gr[j] = from_f32<T>(0.0f);

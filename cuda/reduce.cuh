@@ -20,7 +20,7 @@
 
 #include <cub/block/block_reduce.cuh>
 
-#include "../host/internal.h"
+#include "backend.h"
 
 namespace culoss_dev {
 

@@ -6,7 +6,9 @@
  * and a failure becomes a status with the call's name in culoss_last_error().
  */
 #include <dlfcn.h>
+#include <errno.h>
 #include <pthread.h>
+#include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -60,42 +62,67 @@ culoss_status culoss__check_ctx(const culoss_context *ctx, const char *fn) {
 #include <cuda_runtime_api.h>
 #endif
 
-#define CHECK_CTX(ctx)                                         \
-  do {                                                         \
-    culoss_status check_ = culoss__check_ctx((ctx), __func__); \
-    if (check_ != CULOSS_OK) return check_;                    \
-  } while (0)
+#define CHECK_CTX(ctx) CULOSS__TRY(culoss__check_ctx((ctx), __func__))
 
-#ifdef CULOSS_HAVE_CUDA
-culoss_status culoss__cuda_status(int err, const char *what) {
-  cudaError_t e = (cudaError_t)err;
-  if (e == cudaSuccess) return CULOSS_OK;
-  return culoss__error(e == cudaErrorMemoryAllocation ? CULOSS_ERROR_OUT_OF_MEMORY
-                                                      : CULOSS_ERROR_CUDA,
-                       "%s failed: %s (%s)", what, cudaGetErrorName(e), cudaGetErrorString(e));
+/* A byte count from the environment: all digits, or INVALID_VALUE. */
+static culoss_status env_bytes(const char *name, const char *e, unsigned long long *out) {
+  char *end = NULL;
+  errno = 0;
+  *out = strtoull(e, &end, 10);
+  if (*e < '0' || *e > '9' || *end != '\0' || errno != 0)
+    return CULOSS__BAD("culoss_create: %s = \"%s\" is not a byte count", name, e);
+  return CULOSS_OK;
 }
 
-culoss_status culoss__device_enter(const culoss_context *ctx, int *prev) {
-  cudaError_t e = cudaGetDevice(prev);
-  if (e != cudaSuccess) return culoss__cuda_status(e, "cudaGetDevice");
-  if (*prev != ctx->device) {
-    e = cudaSetDevice(ctx->device);
-    if (e != cudaSuccess) return culoss__cuda_status(e, "cudaSetDevice");
+/* The tuning knobs (README, "Tuning"), read once, here: no call reads the
+   environment (getenv beside another thread's setenv is a data race, and
+   linear CE's workspace size must not change between the query and the
+   call). Unset or empty: the defaults; anything unrecognised is an error. */
+static culoss_status read_tuning(culoss_context *c) {
+  static const struct {
+    const char *name;
+    int tpr;
+  } shapes[] = {{"thread", 1}, {"1", 1},     {"8", 8},       {"warp", 32},
+                {"32", 32},    {"256", 256}, {"1024", 1024}};
+  const char *e = getenv("CULOSS_CE_SHAPE");
+  unsigned long long b;
+  size_t i;
+  c->ce_tpr = 0;
+  c->ce_cache_cap = SIZE_MAX;
+  c->lce_block_bytes = (int64_t)1 << 28;
+  if (e != NULL && *e != '\0') {
+    for (i = 0; i < sizeof shapes / sizeof shapes[0] && c->ce_tpr == 0; i++)
+      if (strcmp(e, shapes[i].name) == 0) c->ce_tpr = shapes[i].tpr;
+    if (c->ce_tpr == 0)
+      return CULOSS__BAD("culoss_create: CULOSS_CE_SHAPE = \"%s\" is not one of thread, 8, "
+                         "warp, 256, 1024",
+                         e);
+  }
+  e = getenv("CULOSS_CE_CACHE_BYTES");
+  if (e != NULL && *e != '\0') {
+    CULOSS__TRY(env_bytes("CULOSS_CE_CACHE_BYTES", e, &b));
+    c->ce_cache_cap = b < SIZE_MAX ? (size_t)b : SIZE_MAX;
+  }
+  e = getenv("CULOSS_LINEAR_CE_BLOCK_BYTES");
+  if (e != NULL && *e != '\0') {
+    CULOSS__TRY(env_bytes("CULOSS_LINEAR_CE_BLOCK_BYTES", e, &b));
+    if (b < 1024 || b > ((unsigned long long)1 << 40))
+      return CULOSS__BAD("culoss_create: CULOSS_LINEAR_CE_BLOCK_BYTES = %llu is outside "
+                         "[1024, 2^40]",
+                         b);
+    c->lce_block_bytes = (int64_t)b;
   }
   return CULOSS_OK;
 }
 
-void culoss__device_leave(const culoss_context *ctx, int prev) {
-  if (prev != ctx->device) (void)cudaSetDevice(prev);
-}
-
-#define CUDA_TRY(call)                                               \
-  do {                                                               \
-    cudaError_t e_ = (call);                                         \
-    if (e_ != cudaSuccess) {                                         \
-      st = culoss__cuda_status(e_, #call);                           \
-      goto done;                                                     \
-    }                                                                \
+#ifdef CULOSS_HAVE_CUDA
+#define CUDA_TRY(call)                     \
+  do {                                     \
+    cudaError_t e_ = (call);               \
+    if (e_ != cudaSuccess) {               \
+      st = culoss__cuda_status(e_, #call); \
+      goto done;                           \
+    }                                      \
   } while (0)
 
 /* Whether a CUDA driver is installed at all. Without one the runtime says
@@ -144,8 +171,7 @@ static culoss_status create_cuda(culoss_context *c, int device) {
   CUDA_TRY(cudaMemset(c->scratch, 0, sizeof(culoss__scratch)));
   CUDA_TRY(cudaMallocHost((void **)&c->host_flag, sizeof(int)));
   CUDA_TRY(cudaDeviceSynchronize());
-  st = culoss__cuda_kernels_init(c);
-  if (st == CULOSS_OK) st = culoss__cublas_create(c);
+  st = culoss__cuda_context_init(c);
 done:
   culoss__device_leave(c, prev);
   return st;
@@ -170,8 +196,9 @@ culoss_status culoss_create(culoss_context **ctx, culoss_backend backend, int de
   if (c == NULL) return culoss__error(CULOSS_ERROR_OUT_OF_MEMORY, "culoss_create: out of host memory");
   c->backend = backend;
   c->device = backend == CULOSS_BACKEND_CPU ? -1 : device;
+  st = read_tuning(c);
 #ifdef CULOSS_HAVE_CUDA
-  if (backend == CULOSS_BACKEND_CUDA) st = create_cuda(c, device);
+  if (st == CULOSS_OK && backend == CULOSS_BACKEND_CUDA) st = create_cuda(c, device);
 #else
   (void)device;
 #endif
@@ -201,7 +228,7 @@ culoss_status culoss_destroy(culoss_context *ctx) {
     if (culoss__device_enter(ctx, &prev) == CULOSS_OK) {
       cudaError_t e = cudaStreamSynchronize((cudaStream_t)ctx->stream);
       if (e != cudaSuccess) st = culoss__cuda_status(e, "culoss_destroy: cudaStreamSynchronize");
-      culoss__cublas_destroy(ctx);
+      culoss__cuda_context_release(ctx);
       if (ctx->scratch) (void)cudaFree(ctx->scratch);
       if (ctx->host_flag) (void)cudaFreeHost(ctx->host_flag);
       culoss__device_leave(ctx, prev);
@@ -234,46 +261,87 @@ culoss_status culoss_set_grid_limit(culoss_context *ctx, int64_t max_blocks) {
   return CULOSS_OK;
 }
 
+#ifdef CULOSS_HAVE_CUDA
+/* The CUDA halves of the calls below, each run by culoss__dispatch_cuda with
+   the context's device current. */
+static culoss_status sync_cuda(culoss_context *ctx, const void *unused) {
+  culoss_status st = CULOSS_OK;
+  const cudaStream_t s = (cudaStream_t)ctx->stream;
+  const int *flag = ctx->host_flag;
+  (void)unused;
+  CUDA_TRY(cudaStreamSynchronize(s));
+  /* Read and clear the deferred-error flag in stream order. */
+  CUDA_TRY(cudaMemcpyAsync(ctx->host_flag, &ctx->scratch->error_flag, sizeof(int),
+                           cudaMemcpyDeviceToHost, s));
+  CUDA_TRY(cudaMemsetAsync(&ctx->scratch->error_flag, 0, sizeof(int), s));
+  CUDA_TRY(cudaStreamSynchronize(s));
+  if (*flag & CULOSS__FLAG_TARGET)
+    st = culoss__error(CULOSS_ERROR_TARGET_OUT_OF_RANGE,
+                       "culoss_synchronize: a kernel met a class target outside [0, c) that was "
+                       "not ignore_index (its rows got NaN loss and zero gradient)%s",
+                       *flag & CULOSS__FLAG_DOMAIN ? "; also an input outside its domain" : "");
+  else if (*flag & CULOSS__FLAG_DOMAIN)
+    st = culoss__error(CULOSS_ERROR_INVALID_VALUE,
+                       "culoss_synchronize: a kernel met an input outside its domain (a BCE "
+                       "probability outside [0, 1] or a hinge target other than +-1); those "
+                       "elements got NaN loss and zero gradient");
+done:
+  return st;
+}
+
+struct malloc_args {
+  void **ptr;
+  size_t bytes;
+};
+static culoss_status malloc_cuda(culoss_context *ctx, const void *args) {
+  const struct malloc_args *a = (const struct malloc_args *)args;
+  culoss_status st = CULOSS_OK;
+  (void)ctx;
+  CUDA_TRY(cudaMalloc(a->ptr, a->bytes));
+done:
+  return st;
+}
+
+static culoss_status free_cuda(culoss_context *ctx, const void *ptr) {
+  culoss_status st = CULOSS_OK;
+  (void)ctx;
+  CUDA_TRY(cudaFree((void *)ptr));
+done:
+  return st;
+}
+
+struct copy_args {
+  void *dst;
+  const void *src;
+  size_t bytes;
+  int up;
+};
+static culoss_status copy_cuda(culoss_context *ctx, const void *args) {
+  const struct copy_args *a = (const struct copy_args *)args;
+  const cudaStream_t s = (cudaStream_t)ctx->stream;
+  culoss_status st = CULOSS_OK;
+  CUDA_TRY(cudaMemcpyAsync(a->dst, a->src, a->bytes,
+                           a->up ? cudaMemcpyHostToDevice : cudaMemcpyDeviceToHost, s));
+  CUDA_TRY(cudaStreamSynchronize(s));
+done:
+  return st;
+}
+#else
+#define sync_cuda NULL
+#define malloc_cuda NULL
+#define free_cuda NULL
+#define copy_cuda NULL
+#endif
+
 culoss_status culoss_synchronize(culoss_context *ctx) {
   CHECK_CTX(ctx);
   if (ctx->backend == CULOSS_BACKEND_CPU) return CULOSS_OK;
-#ifdef CULOSS_HAVE_CUDA
-  {
-    culoss_status st = CULOSS_OK;
-    int prev = 0;
-    cudaStream_t s = (cudaStream_t)ctx->stream;
-    st = culoss__device_enter(ctx, &prev);
-    if (st != CULOSS_OK) return st;
-    CUDA_TRY(cudaStreamSynchronize(s));
-    /* Read and clear the deferred-error flag in stream order. */
-    CUDA_TRY(cudaMemcpyAsync(ctx->host_flag, &ctx->scratch->error_flag, sizeof(int),
-                             cudaMemcpyDeviceToHost, s));
-    CUDA_TRY(cudaMemsetAsync(&ctx->scratch->error_flag, 0, sizeof(int), s));
-    CUDA_TRY(cudaStreamSynchronize(s));
-    if (*ctx->host_flag & CULOSS__FLAG_TARGET)
-      st = culoss__error(CULOSS_ERROR_TARGET_OUT_OF_RANGE,
-                         "culoss_synchronize: a kernel met a class target outside [0, c) that was "
-                         "not ignore_index (its rows got NaN loss and zero gradient)%s",
-                         *ctx->host_flag & CULOSS__FLAG_DOMAIN
-                             ? "; also an input outside its domain"
-                             : "");
-    else if (*ctx->host_flag & CULOSS__FLAG_DOMAIN)
-      st = culoss__error(CULOSS_ERROR_INVALID_VALUE,
-                         "culoss_synchronize: a kernel met an input outside its domain (a BCE "
-                         "probability outside [0, 1] or a hinge target other than +-1); those "
-                         "elements got NaN loss and zero gradient");
-  done:
-    culoss__device_leave(ctx, prev);
-    return st;
-  }
-#else
-  return culoss__error(CULOSS_ERROR_INTERNAL, "culoss_synchronize: CUDA context in a CPU build");
-#endif
+  return culoss__dispatch_cuda(ctx, "culoss_synchronize", sync_cuda, NULL);
 }
 
 culoss_status culoss_malloc(culoss_context *ctx, void **ptr, size_t bytes) {
   CHECK_CTX(ctx);
-  if (ptr == NULL) return culoss__error(CULOSS_ERROR_INVALID_VALUE, "culoss_malloc: ptr is NULL");
+  if (ptr == NULL) return CULOSS__BAD("culoss_malloc: ptr is NULL");
   *ptr = NULL;
   if (bytes == 0) return CULOSS_OK;
   if (ctx->backend == CULOSS_BACKEND_CPU) {
@@ -285,21 +353,12 @@ culoss_status culoss_malloc(culoss_context *ctx, void **ptr, size_t bytes) {
     *ptr = p;
     return CULOSS_OK;
   }
-#ifdef CULOSS_HAVE_CUDA
   {
-    culoss_status st = CULOSS_OK;
-    int prev = 0;
-    st = culoss__device_enter(ctx, &prev);
-    if (st != CULOSS_OK) return st;
-    CUDA_TRY(cudaMalloc(ptr, bytes));
-  done:
-    culoss__device_leave(ctx, prev);
+    const struct malloc_args a = {ptr, bytes};
+    const culoss_status st = culoss__dispatch_cuda(ctx, "culoss_malloc", malloc_cuda, &a);
     if (st != CULOSS_OK) *ptr = NULL;
     return st;
   }
-#else
-  return CULOSS_ERROR_INTERNAL;
-#endif
 }
 
 culoss_status culoss_free(culoss_context *ctx, void *ptr) {
@@ -309,50 +368,24 @@ culoss_status culoss_free(culoss_context *ctx, void *ptr) {
     free(ptr);
     return CULOSS_OK;
   }
-#ifdef CULOSS_HAVE_CUDA
-  {
-    culoss_status st = CULOSS_OK;
-    int prev = 0;
-    st = culoss__device_enter(ctx, &prev);
-    if (st != CULOSS_OK) return st;
-    CUDA_TRY(cudaFree(ptr));
-  done:
-    culoss__device_leave(ctx, prev);
-    return st;
-  }
-#else
-  return CULOSS_ERROR_INTERNAL;
-#endif
+  return culoss__dispatch_cuda(ctx, "culoss_free", free_cuda, ptr);
 }
 
 static culoss_status copy(culoss_context *ctx, void *dst, const void *src, size_t bytes, int up) {
   const char *fn = up ? "culoss_upload" : "culoss_download";
-  CHECK_CTX(ctx);
+  CULOSS__TRY(culoss__check_ctx(ctx, fn));
   if (bytes == 0) return CULOSS_OK;
   if (dst == NULL || src == NULL)
-    return culoss__error(CULOSS_ERROR_INVALID_VALUE, "%s: %s is NULL", fn,
-                         dst == NULL ? (up ? "dst" : "host_dst") : (up ? "host_src" : "src"));
+    return CULOSS__BAD("%s: %s is NULL", fn,
+                       dst == NULL ? (up ? "dst" : "host_dst") : (up ? "host_src" : "src"));
   if (ctx->backend == CULOSS_BACKEND_CPU) {
     memmove(dst, src, bytes);
     return CULOSS_OK;
   }
-#ifdef CULOSS_HAVE_CUDA
   {
-    culoss_status st = CULOSS_OK;
-    int prev = 0;
-    cudaStream_t s = (cudaStream_t)ctx->stream;
-    st = culoss__device_enter(ctx, &prev);
-    if (st != CULOSS_OK) return st;
-    CUDA_TRY(cudaMemcpyAsync(dst, src, bytes, up ? cudaMemcpyHostToDevice : cudaMemcpyDeviceToHost,
-                             s));
-    CUDA_TRY(cudaStreamSynchronize(s));
-  done:
-    culoss__device_leave(ctx, prev);
-    return st;
+    const struct copy_args a = {dst, src, bytes, up};
+    return culoss__dispatch_cuda(ctx, fn, copy_cuda, &a);
   }
-#else
-  return CULOSS_ERROR_INTERNAL;
-#endif
 }
 
 culoss_status culoss_upload(culoss_context *ctx, void *dst, const void *host_src, size_t bytes) {

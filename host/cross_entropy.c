@@ -20,17 +20,14 @@ void culoss_cross_entropy_options_init(culoss_cross_entropy_options *o) {
   o->normalizer = NULL;
 }
 
-#define BAD(...) culoss__error(CULOSS_ERROR_INVALID_VALUE, __VA_ARGS__)
-
 culoss_status culoss__check_ce_options(const char *fn, const culoss_cross_entropy_options *o) {
-  culoss_status st;
-  if ((st = culoss__check_reduction(fn, o->reduction, 0)) != CULOSS_OK) return st;
+  CULOSS__TRY(culoss__check_reduction(fn, o->reduction, 0));
   if (!(o->label_smoothing >= 0.0f && o->label_smoothing <= 1.0f))
-    return BAD("%s: label_smoothing = %g must be in [0, 1]", fn, (double)o->label_smoothing);
+    return CULOSS__BAD("%s: label_smoothing = %g must be in [0, 1]", fn, (double)o->label_smoothing);
   if (!(o->z_loss >= 0.0f && isfinite(o->z_loss)))
-    return BAD("%s: z_loss = %g must be finite and >= 0", fn, (double)o->z_loss);
+    return CULOSS__BAD("%s: z_loss = %g must be finite and >= 0", fn, (double)o->z_loss);
   if (!(o->logit_softcap >= 0.0f && isfinite(o->logit_softcap)))
-    return BAD("%s: logit_softcap = %g must be finite and >= 0 (0 = off)", fn,
+    return CULOSS__BAD("%s: logit_softcap = %g must be finite and >= 0 (0 = off)", fn,
                (double)o->logit_softcap);
   return CULOSS_OK;
 }
@@ -38,49 +35,37 @@ culoss_status culoss__check_ce_options(const char *fn, const culoss_cross_entrop
 static culoss_status validate(const culoss_context *ctx, const char *fn, culoss__ce_args *a,
                               const char *xname) {
   const culoss_cross_entropy_options *o = &a->o;
-  culoss_status st;
-  if ((st = culoss__check_ctx(ctx, fn)) != CULOSS_OK) return st;
-  if (a->n < 0) return BAD("%s: n = %lld is negative", fn, (long long)a->n);
-  if (a->c < 1) return BAD("%s: c = %lld must be >= 1", fn, (long long)a->c);
-  if (a->ld < a->c)
-    return BAD("%s: ld = %lld is less than c = %lld", fn, (long long)a->ld, (long long)a->c);
-  if ((st = culoss__check_dtype(fn, a->dtype)) != CULOSS_OK) return st;
-  if (a->mode != CULOSS__CE_SOFT && (st = culoss__check_index_type(fn, a->ttype)) != CULOSS_OK)
-    return st;
-  /* n * ld elements, in bytes, must be addressable with 64-bit offsets. */
-  if (a->n > 0 && a->ld > INT64_MAX / 4 / a->n)
-    return BAD("%s: n * ld = %lld * %lld overflows 64-bit byte offsets", fn, (long long)a->n,
-               (long long)a->ld);
-  if ((st = culoss__check_ce_options(fn, o)) != CULOSS_OK) return st;
+  CULOSS__TRY(culoss__check_ctx(ctx, fn));
+  CULOSS__TRY(culoss__check_rows(fn, a->n, a->c, a->ld));
+  CULOSS__TRY(culoss__check_dtype(fn, a->dtype));
+  if (a->mode != CULOSS__CE_SOFT) CULOSS__TRY(culoss__check_index_type(fn, a->ttype));
+  CULOSS__TRY(culoss__check_ce_options(fn, o));
   if (a->mode == CULOSS__NLL &&
       (o->label_smoothing != 0.0f || o->z_loss != 0.0f || o->logit_softcap != 0.0f))
-    return BAD("%s: label_smoothing, z_loss and logit_softcap do not apply to NLL; they must be 0",
+    return CULOSS__BAD("%s: label_smoothing, z_loss and logit_softcap do not apply to NLL; they must be 0",
                fn);
-  if (a->loss == NULL) return BAD("%s: loss is NULL", fn);
+  if (a->loss == NULL) return CULOSS__BAD("%s: loss is NULL", fn);
   if (a->n > 0) {
-    if (a->x == NULL) return BAD("%s: %s is NULL", fn, xname);
-    if (a->mode == CULOSS__CE_SOFT && a->probs == NULL) return BAD("%s: target_probs is NULL", fn);
-    if (a->mode != CULOSS__CE_SOFT && a->targets == NULL) return BAD("%s: targets is NULL", fn);
+    if (a->x == NULL) return CULOSS__BAD("%s: %s is NULL", fn, xname);
+    if (a->mode == CULOSS__CE_SOFT && a->probs == NULL) return CULOSS__BAD("%s: target_probs is NULL", fn);
+    if (a->mode != CULOSS__CE_SOFT && a->targets == NULL) return CULOSS__BAD("%s: targets is NULL", fn);
   }
   return CULOSS_OK;
 }
 
 static culoss_status run(culoss_context *ctx, const char *fn, culoss__ce_args *a,
                          const culoss_cross_entropy_options *o, const char *xname) {
-  culoss_status st;
   if (o != NULL)
     a->o = *o;
   else
     culoss_cross_entropy_options_init(&a->o);
-  st = validate(ctx, fn, a, xname);
-  if (st != CULOSS_OK) return st;
+  CULOSS__TRY(validate(ctx, fn, a, xname));
   if (ctx->backend == CULOSS_BACKEND_CPU) {
     /* a non-ignored target outside [0, c) is returned by the call itself,
        found before anything is written */
-    if (a->mode != CULOSS__CE_SOFT) {
-      st = culoss__check_targets_cpu(fn, a->targets, a->ttype, a->n, a->c, 1, a->o.ignore_index);
-      if (st != CULOSS_OK) return st;
-    }
+    if (a->mode != CULOSS__CE_SOFT)
+      CULOSS__TRY(culoss__check_targets_cpu(fn, a->targets, a->ttype, a->n, a->c, 1,
+                                            a->o.ignore_index));
     return culoss__cpu_cross_entropy(a);
   }
   return culoss__dispatch_cuda(ctx, fn, culoss__cuda_cross_entropy, a);

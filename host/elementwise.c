@@ -1,14 +1,11 @@
 /*
  * elementwise.c: public entry points of the elementwise losses (BCE, hinge,
- * regression, KL divergence) and of the multi-class hinge: option defaults,
- * validation (nothing is written on an argument error), the CPU backend's
- * domain checks, dispatch.
+ * regression, KL divergence): option defaults, validation (nothing is
+ * written on an argument error), the CPU backend's domain checks, dispatch.
  */
 #include <math.h>
 
 #include "internal.h"
-
-#define BAD(...) culoss__error(CULOSS_ERROR_INVALID_VALUE, __VA_ARGS__)
 
 void culoss_bce_options_init(culoss_bce_options *o) {
   if (o == NULL) return;
@@ -22,14 +19,6 @@ void culoss_hinge_options_init(culoss_hinge_options *o) {
   o->reduction = CULOSS_REDUCTION_MEAN;
   o->margin = 1.0f;
   o->squared = 0;
-}
-
-void culoss_multi_margin_options_init(culoss_multi_margin_options *o) {
-  if (o == NULL) return;
-  o->reduction = CULOSS_REDUCTION_MEAN;
-  o->p = 1;
-  o->margin = 1.0f;
-  o->class_weight = NULL;
 }
 
 void culoss_regression_options_init(culoss_regression_options *o) {
@@ -52,15 +41,15 @@ static culoss_status check_domain_cpu(const char *fn, const culoss__ew_args *a) 
     for (i = 0; i < a->m; i++) {
       float x = culoss__load_f32(a->x, a->dtype, i), y = culoss__load_f32(a->y, a->dtype, i);
       if (!(x >= 0.0f && x <= 1.0f))
-        return BAD("%s: probs[%lld] = %g is outside [0, 1]", fn, (long long)i, (double)x);
+        return CULOSS__BAD("%s: probs[%lld] = %g is outside [0, 1]", fn, (long long)i, (double)x);
       if (!(y >= 0.0f && y <= 1.0f))
-        return BAD("%s: targets[%lld] = %g is outside [0, 1]", fn, (long long)i, (double)y);
+        return CULOSS__BAD("%s: targets[%lld] = %g is outside [0, 1]", fn, (long long)i, (double)y);
     }
   } else if (a->op == CULOSS__EW_HINGE) {
     for (i = 0; i < a->m; i++) {
       float y = culoss__load_f32(a->y, a->dtype, i);
       if (y != 1.0f && y != -1.0f)
-        return BAD("%s: targets[%lld] = %g is not -1 or +1", fn, (long long)i, (double)y);
+        return CULOSS__BAD("%s: targets[%lld] = %g is not -1 or +1", fn, (long long)i, (double)y);
     }
   }
   return CULOSS_OK;
@@ -70,26 +59,20 @@ static culoss_status check_domain_cpu(const char *fn, const culoss__ew_args *a) 
    1 for flat losses); m = rows * cols elements. */
 static culoss_status run_ew(culoss_context *ctx, const char *fn, culoss__ew_args *a, int64_t rows,
                             int64_t cols, const char *xname, const char *yname) {
-  culoss_status st;
-  if ((st = culoss__check_ctx(ctx, fn)) != CULOSS_OK) return st;
-  if (rows < 0) return BAD("%s: n = %lld is negative", fn, (long long)rows);
-  if (cols < 1) return BAD("%s: c = %lld must be >= 1", fn, (long long)cols);
-  if (rows > 0 && cols > INT64_MAX / 4 / rows)
-    return BAD("%s: n * c = %lld * %lld overflows 64-bit byte offsets", fn, (long long)rows,
-               (long long)cols);
-  if ((st = culoss__check_dtype(fn, a->dtype)) != CULOSS_OK) return st;
-  if ((st = culoss__check_reduction(fn, a->reduction, a->op == CULOSS__EW_KL)) != CULOSS_OK)
-    return st;
-  if (a->loss == NULL) return BAD("%s: loss is NULL", fn);
+  CULOSS__TRY(culoss__check_ctx(ctx, fn));
+  CULOSS__TRY(culoss__check_rows(fn, rows, cols, cols));
+  CULOSS__TRY(culoss__check_dtype(fn, a->dtype));
+  CULOSS__TRY(culoss__check_reduction(fn, a->reduction, a->op == CULOSS__EW_KL));
+  if (a->loss == NULL) return CULOSS__BAD("%s: loss is NULL", fn);
   a->m = rows * cols;
   a->c = cols;
   a->divisor = a->reduction == CULOSS_REDUCTION_BATCHMEAN ? (double)rows : (double)a->m;
   if (a->m > 0) {
-    if (a->x == NULL) return BAD("%s: %s is NULL", fn, xname);
-    if (a->y == NULL) return BAD("%s: %s is NULL", fn, yname);
+    if (a->x == NULL) return CULOSS__BAD("%s: %s is NULL", fn, xname);
+    if (a->y == NULL) return CULOSS__BAD("%s: %s is NULL", fn, yname);
   }
   if (ctx->backend == CULOSS_BACKEND_CPU) {
-    if ((st = check_domain_cpu(fn, a)) != CULOSS_OK) return st;
+    CULOSS__TRY(check_domain_cpu(fn, a));
     return culoss__cpu_elementwise(a);
   }
   return culoss__dispatch_cuda(ctx, fn, culoss__cuda_elementwise, a);
@@ -103,7 +86,7 @@ static culoss_status bce_common(culoss_context *ctx, const char *fn, culoss__ew_
   culoss__ew_args a = {0};
   if (o == NULL) culoss_bce_options_init(&d), o = &d;
   if (op == CULOSS__EW_BCE && o->pos_weight != NULL)
-    return BAD("%s: pos_weight must be NULL for culoss_bce (use culoss_bce_with_logits)", fn);
+    return CULOSS__BAD("%s: pos_weight must be NULL for culoss_bce (use culoss_bce_with_logits)", fn);
   a.op = op, a.reduction = o->reduction, a.dtype = dtype, a.x = x, a.y = y;
   a.weight = o->weight, a.pos_weight = o->pos_weight;
   a.loss = loss, a.grad = grad, a.grad_loss = grad_loss;
@@ -132,9 +115,9 @@ culoss_status culoss_hinge(culoss_context *ctx, const culoss_hinge_options *o, i
   culoss_hinge_options d;
   culoss__ew_args a = {0};
   if (o == NULL) culoss_hinge_options_init(&d), o = &d;
-  if (!isfinite(o->margin)) return BAD("%s: margin = %g must be finite", fn, (double)o->margin);
+  if (!isfinite(o->margin)) return CULOSS__BAD("%s: margin = %g must be finite", fn, (double)o->margin);
   if (o->squared != 0 && o->squared != 1)
-    return BAD("%s: squared = %d must be 0 or 1", fn, o->squared);
+    return CULOSS__BAD("%s: squared = %d must be 0 or 1", fn, o->squared);
   a.op = CULOSS__EW_HINGE, a.reduction = o->reduction, a.dtype = dtype, a.x = scores, a.y = targets;
   a.a = o->margin, a.flag = o->squared;
   a.loss = loss, a.grad = grad_scores, a.grad_loss = grad_loss;
@@ -149,9 +132,9 @@ static culoss_status regression(culoss_context *ctx, const char *fn, culoss__ew_
   culoss__ew_args a = {0};
   if (o == NULL) culoss_regression_options_init(&d), o = &d;
   if (op == CULOSS__EW_HUBER && !(o->delta > 0.0f && isfinite(o->delta)))
-    return BAD("%s: delta = %g must be finite and > 0", fn, (double)o->delta);
+    return CULOSS__BAD("%s: delta = %g must be finite and > 0", fn, (double)o->delta);
   if (op == CULOSS__EW_SMOOTH_L1 && !(o->beta >= 0.0f && isfinite(o->beta)))
-    return BAD("%s: beta = %g must be finite and >= 0", fn, (double)o->beta);
+    return CULOSS__BAD("%s: beta = %g must be finite and >= 0", fn, (double)o->beta);
   a.op = op, a.reduction = o->reduction, a.dtype = dtype, a.x = input, a.y = target;
   a.a = op == CULOSS__EW_HUBER ? o->delta : o->beta;
   a.loss = loss, a.grad = grad, a.grad_loss = grad_loss;
@@ -195,44 +178,9 @@ culoss_status culoss_kl_div(culoss_context *ctx, const culoss_kl_div_options *o,
   culoss__ew_args a = {0};
   if (o == NULL) culoss_kl_div_options_init(&d), o = &d;
   if (o->log_target != 0 && o->log_target != 1)
-    return BAD("%s: log_target = %d must be 0 or 1", fn, o->log_target);
+    return CULOSS__BAD("%s: log_target = %d must be 0 or 1", fn, o->log_target);
   a.op = CULOSS__EW_KL, a.reduction = o->reduction, a.dtype = dtype, a.x = input_logprobs;
   a.y = target, a.flag = o->log_target;
   a.loss = loss, a.grad = grad_input, a.grad_loss = grad_loss;
   return run_ew(ctx, fn, &a, n, c, "input_logprobs", "target");
-}
-
-culoss_status culoss_multi_margin(culoss_context *ctx, const culoss_multi_margin_options *o,
-                                  int64_t n, int64_t c, culoss_dtype dtype, const void *scores,
-                                  int64_t ld, culoss_index_type ttype, const void *targets,
-                                  float *loss, void *grad_scores, const float *grad_loss) {
-  const char *fn = "culoss_multi_margin";
-  culoss__mm_args a = {0};
-  culoss_status st;
-  if (o == NULL)
-    culoss_multi_margin_options_init(&a.o);
-  else
-    a.o = *o;
-  if ((st = culoss__check_ctx(ctx, fn)) != CULOSS_OK) return st;
-  if (n < 0) return BAD("%s: n = %lld is negative", fn, (long long)n);
-  if (c < 1) return BAD("%s: c = %lld must be >= 1", fn, (long long)c);
-  if (ld < c) return BAD("%s: ld = %lld is less than c = %lld", fn, (long long)ld, (long long)c);
-  if (n > 0 && ld > INT64_MAX / 4 / n)
-    return BAD("%s: n * ld = %lld * %lld overflows 64-bit byte offsets", fn, (long long)n,
-               (long long)ld);
-  if ((st = culoss__check_dtype(fn, dtype)) != CULOSS_OK) return st;
-  if ((st = culoss__check_index_type(fn, ttype)) != CULOSS_OK) return st;
-  if ((st = culoss__check_reduction(fn, a.o.reduction, 0)) != CULOSS_OK) return st;
-  if (a.o.p != 1 && a.o.p != 2) return BAD("%s: p = %d must be 1 or 2", fn, a.o.p);
-  if (!isfinite(a.o.margin)) return BAD("%s: margin = %g must be finite", fn, (double)a.o.margin);
-  if (loss == NULL) return BAD("%s: loss is NULL", fn);
-  if (n > 0 && scores == NULL) return BAD("%s: scores is NULL", fn);
-  if (n > 0 && targets == NULL) return BAD("%s: targets is NULL", fn);
-  a.n = n, a.c = c, a.ld = ld, a.dtype = dtype, a.ttype = ttype, a.x = scores;
-  a.targets = targets, a.loss = loss, a.grad = grad_scores, a.grad_loss = grad_loss;
-  if (ctx->backend == CULOSS_BACKEND_CPU) {
-    if ((st = culoss__check_targets_cpu(fn, targets, ttype, n, c, 0, 0)) != CULOSS_OK) return st;
-    return culoss__cpu_multi_margin(&a);
-  }
-  return culoss__dispatch_cuda(ctx, fn, culoss__cuda_multi_margin, &a);
 }

@@ -6,7 +6,6 @@
 #include <stdio.h>
 
 #include "internal.h"
-#include "../cuda/loss_math.h"
 
 /* Thread-local so that concurrent callers on different threads each read the
    detail of their own last failure. */

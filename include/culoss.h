@@ -5,9 +5,13 @@
  * One public header, pure C11, usable from C and C++. It does not include
  * cuda_runtime.h: streams are passed as `void *` (a cudaStream_t).
  *
- * ABI promise: status numbers, enum values and the field order of the option
- * structs are never changed; new fields are only appended to option structs,
- * so always initialise an options struct with its `*_options_init` function.
+ * ABI promise: status numbers, enum values, and the size and field offsets of
+ * every public struct never change once published (host/abi.c pins them at
+ * compile time). An option struct never grows either: the library copies a
+ * caller's struct whole, so a field appended later would be read past the
+ * end of an older caller's struct. New options arrive in a new struct passed
+ * to a new entry point (an `_ex` variant); the old entry point keeps its
+ * meaning. Initialise every options struct with its `*_options_init`.
  *
  * Conventions (every function):
  *   - returns a culoss_status; CULOSS_OK (0) is success. On failure,
@@ -229,7 +233,7 @@ CULOSS_API void culoss_cross_entropy_options_init(culoss_cross_entropy_options *
  * m): p = exp(x - m) / s and lse - x_j = (m - x_j) + log s, a sum of
  * non-negative terms, so tied logits share the probability at any finite
  * magnitude and smoothing / soft-target losses do not cancel at large common
- * offsets (SEMANTICS.md section 0).
+ * offsets (docs/semantics.md, section 0).
  *
  * A non-ignored target outside [0, c): the CPU backend returns
  * CULOSS_ERROR_TARGET_OUT_OF_RANGE and writes nothing; the CUDA backend writes
@@ -244,17 +248,6 @@ CULOSS_API culoss_status culoss_cross_entropy(culoss_context *ctx,
                                               int64_t ld, culoss_index_type ttype,
                                               const void *targets, float *loss, void *grad_logits,
                                               const float *grad_loss);
-
-/* Tuning and testing knobs, read from the environment at each CUDA call; they
- * change how the fused kernel is launched, not what it computes:
- *   CULOSS_CE_SHAPE        thread | 8 | warp | 256 | 1024: threads per row of
- *                          the fused kernel (default: one for c <= 16, 8
- *                          lanes up to 128, a warp up to 1024, 256 threads
- *                          up to 16384, else 1024)
- *   CULOSS_CE_CACHE_BYTES  cap on the shared memory that keeps each row for
- *                          the gradient pass (0: re-read the row)
- * Results are bitwise identical run to run for a fixed setting; a different
- * shape sums in a different order (differences at fp32 rounding level). */
 
 /* Softmax cross-entropy with probability targets.
  *   target_probs  [n, c] of dtype `dtype`, same row stride ld as logits.
@@ -458,9 +451,9 @@ CULOSS_API culoss_status culoss_kl_div(culoss_context *ctx, const culoss_kl_div_
 /* Workspace bytes for culoss_linear_cross_entropy with these sizes and every
    gradient requested (an upper bound for fewer). `bytes` is host memory.
    Both backends report the rule's figure; the CPU backend ignores the
-   workspace (its reference allocates what it needs). The environment
-   variable CULOSS_LINEAR_CE_BLOCK_BYTES (>= 1024) replaces the 2^28 block
-   budget of the rule, for tuning and tests. */
+   workspace (its reference allocates what it needs). A context
+   created with the tuning variable CULOSS_LINEAR_CE_BLOCK_BYTES set uses
+   its value instead of the rule's 2^28 (README, "Tuning"). */
 CULOSS_API culoss_status culoss_linear_cross_entropy_workspace_size(culoss_context *ctx, int64_t n,
                                                                     int64_t d, int64_t v,
                                                                     culoss_dtype dtype,

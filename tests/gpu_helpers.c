@@ -20,6 +20,14 @@ void gpu_close(culoss_context *gpu, culoss_context *cpu) {
   culoss_destroy(cpu);
 }
 
+void gpu_reopen(culoss_context **gpu) {
+  cr_assert_eq(culoss_synchronize(*gpu), CULOSS_OK, "%s", culoss_last_error());
+  cr_assert_eq(culoss_destroy(*gpu), CULOSS_OK);
+  *gpu = NULL;
+  cr_assert_eq(culoss_create(gpu, CULOSS_BACKEND_CUDA, 0), CULOSS_OK, "culoss_create(CUDA): %s",
+               culoss_last_error());
+}
+
 void *dev_alloc_(culoss_context *gpu, size_t bytes) {
   void *p = NULL;
   culoss_status st = culoss_malloc(gpu, &p, bytes);

@@ -57,6 +57,9 @@ int is_poison_f32(float v);
    visible skip when no device is usable. */
 void gpu_open(culoss_context **gpu, culoss_context **cpu); /* *gpu = NULL: no device */
 void gpu_close(culoss_context *gpu, culoss_context *cpu);
+/* A fresh CUDA context in *gpu (the old one synchronised and destroyed):
+   the tuning knobs (CULOSS_CE_SHAPE, ...) are read at culoss_create. */
+void gpu_reopen(culoss_context **gpu);
 #define REQUIRE_GPU()                                                                 \
   do {                                                                                \
     if (gpu == NULL) cr_skip_test("skipped: no CUDA device (%s)", culoss_last_error()); \

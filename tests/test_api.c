@@ -288,3 +288,45 @@ Test(api, grid_limit_is_validated) {
   cr_assert_eq(culoss_set_grid_limit(NULL, 1), CULOSS_ERROR_INVALID_VALUE);
   culoss_destroy(c);
 }
+
+/* The tuning knobs are read once, at culoss_create: a value that is not
+   one of the documented ones fails the create (naming the variable), and a
+   context keeps the value it was created with whatever the environment
+   does later, so linear CE's workspace query and call always agree. */
+Test(api, tuning_knobs_are_read_at_create) {
+  static const char *bad[][2] = {{"CULOSS_CE_SHAPE", "64"},
+                                 {"CULOSS_CE_SHAPE", "warps"},
+                                 {"CULOSS_CE_CACHE_BYTES", "12k"},
+                                 {"CULOSS_CE_CACHE_BYTES", "-1"},
+                                 {"CULOSS_LINEAR_CE_BLOCK_BYTES", "1023"},
+                                 {"CULOSS_LINEAR_CE_BLOCK_BYTES", "lots"}};
+  culoss_context *ctx = NULL, *small = NULL;
+  size_t def = 0, got = 0;
+  for (size_t i = 0; i < sizeof bad / sizeof bad[0]; i++) {
+    setenv(bad[i][0], bad[i][1], 1);
+    cr_assert_eq(culoss_create(&ctx, CULOSS_BACKEND_CPU, 0), CULOSS_ERROR_INVALID_VALUE,
+                 "%s=%s", bad[i][0], bad[i][1]);
+    cr_assert_null(ctx);
+    cr_assert(strstr(culoss_last_error(), bad[i][0]) != NULL, "%s", culoss_last_error());
+    unsetenv(bad[i][0]);
+  }
+  setenv("CULOSS_CE_SHAPE", "", 1); /* empty: the default */
+  cr_assert_eq(culoss_create(&ctx, CULOSS_BACKEND_CPU, 0), CULOSS_OK);
+  unsetenv("CULOSS_CE_SHAPE");
+  cr_assert_eq(culoss_linear_cross_entropy_workspace_size(ctx, 1000, 64, 32000, CULOSS_BF16, &def),
+               CULOSS_OK);
+  setenv("CULOSS_LINEAR_CE_BLOCK_BYTES", "65536", 1);
+  cr_assert_eq(culoss_create(&small, CULOSS_BACKEND_CPU, 0), CULOSS_OK);
+  cr_assert_eq(culoss_linear_cross_entropy_workspace_size(ctx, 1000, 64, 32000, CULOSS_BF16, &got),
+               CULOSS_OK);
+  cr_assert_eq(got, def, "a context created before the setenv keeps its budget");
+  unsetenv("CULOSS_LINEAR_CE_BLOCK_BYTES");
+  cr_assert_eq(culoss_linear_cross_entropy_workspace_size(small, 1000, 64, 32000, CULOSS_BF16,
+                                                          &got),
+               CULOSS_OK);
+  /* 65536 bytes hold one row of 32000 bf16 logits: a 1-row block */
+  cr_assert_lt(got, def);
+  cr_assert_geq(got, (size_t)32000 * 2, "the block holds at least one row");
+  culoss_destroy(ctx);
+  culoss_destroy(small);
+}

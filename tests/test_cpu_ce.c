@@ -85,7 +85,7 @@ Test(cpu_ce, ignore_index_and_class_weights) {
             "weighted mean divides by the sum of target weights");
 }
 
-/* Label smoothing against SEMANTICS.md's formula, written out here directly:
+/* Label smoothing against docs/semantics.md's formula, written out here directly:
    l = (1-e) * w_y * (-lp_y) + (e/C) * sum_c w_c * (-lp_c), mean over sum w_y. */
 Test(cpu_ce, label_smoothing_formula) {
   rng_t r = rng_seeded(3);

@@ -307,10 +307,11 @@ Test(gpu_ce, grid_stride_on_every_shape_with_a_small_grid_limit) {
   static const char *shapes[] = {"thread", "8", "warp", "256", "1024"};
   static const int64_t cs[] = {7, 100, 700, 3000, 20000};
   uint64_t seed = 1700;
-  for (int lim = 1; lim <= 3; lim += 2) {
-    cr_assert_eq(culoss_set_grid_limit(gpu, lim), CULOSS_OK);
-    for (int s = 0; s < 5; s++) {
-      setenv("CULOSS_CE_SHAPE", shapes[s], 1);
+  for (int s = 0; s < 5; s++) {
+    setenv("CULOSS_CE_SHAPE", shapes[s], 1);
+    gpu_reopen(&gpu);
+    for (int lim = 1; lim <= 3; lim += 2) {
+      cr_assert_eq(culoss_set_grid_limit(gpu, lim), CULOSS_OK);
       for (int mode = 0; mode < 3; mode++) {
         /* rows per block: 256 (thread), 32 (8 lanes), 8 (warp), 1 (256/1024) */
         const int64_t per_block = s == 0 ? 256 : (s == 1 ? 32 : (s == 2 ? 8 : 1));
@@ -323,7 +324,7 @@ Test(gpu_ce, grid_stride_on_every_shape_with_a_small_grid_limit) {
     }
   }
   unsetenv("CULOSS_CE_SHAPE");
-  cr_assert_eq(culoss_set_grid_limit(gpu, 0), CULOSS_OK);
+  gpu_reopen(&gpu);
 }
 
 Test(gpu_ce, adversarial_rows_all_dtypes) {
@@ -488,6 +489,7 @@ Test(gpu_ce, every_shape_and_cache_budget) {
     for (int ci = 0; ci < 3; ci++) {
       setenv("CULOSS_CE_SHAPE", shapes[si], 1);
       setenv("CULOSS_CE_CACHE_BYTES", caches[ci], 1);
+      gpu_reopen(&gpu); /* the knobs are read at culoss_create */
       for (int mode = 0; mode < 3; mode++)
         for (int d = 0; d < 3; d++) {
           gcase k = base_case(37, cs[(si + ci + mode + d) % 3], (culoss_dtype)d, seed++);
@@ -501,6 +503,7 @@ Test(gpu_ce, every_shape_and_cache_budget) {
     }
   unsetenv("CULOSS_CE_SHAPE");
   unsetenv("CULOSS_CE_CACHE_BYTES");
+  gpu_reopen(&gpu);
 }
 
 Test(gpu_ce, large_magnitude_logits) {

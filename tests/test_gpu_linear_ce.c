@@ -117,6 +117,7 @@ Test(gpu_lce, many_blocks_and_vocabulary_slices) {
   REQUIRE_GPU();
   /* 64 KiB blocks: 32 rows of v = 1000 bf16 per block, slices of 256 vocab rows */
   setenv("CULOSS_LINEAR_CE_BLOCK_BYTES", "65536", 1);
+  gpu_reopen(&gpu); /* the knob is read at culoss_create */
   uint64_t seed = 100;
   for (int dt = 0; dt < 3; dt++)
     for (int red = 0; red < 3; red++)
@@ -124,6 +125,7 @@ Test(gpu_lce, many_blocks_and_vocabulary_slices) {
                seed++);
   lce_case(5, 16, 3, CULOSS_BF16, CULOSS_REDUCTION_MEAN, 1, 1, seed++);
   unsetenv("CULOSS_LINEAR_CE_BLOCK_BYTES");
+  gpu_reopen(&gpu);
 }
 
 /* Issue 19: tolerances at the dtype's rounding, not 2e-2. Inputs are chosen
@@ -267,13 +269,17 @@ Test(gpu_lce, exact_logits_dtype_tolerances) {
   uint64_t seed = 300;
   /* small blocks and slices too, so the slice pass runs many times */
   for (int blocks = 0; blocks < 2; blocks++) {
-    if (blocks) setenv("CULOSS_LINEAR_CE_BLOCK_BYTES", "16384", 1);
+    if (blocks) {
+      setenv("CULOSS_LINEAR_CE_BLOCK_BYTES", "16384", 1);
+      gpu_reopen(&gpu);
+    }
     for (int dt = 0; dt < 3; dt++)
       for (int red = 0; red < 3; red++)
         exact_case(67, 48, 1000, (culoss_dtype)dt, (culoss_reduction)red, (red + blocks) % 2 == 0,
                    seed++);
   }
   unsetenv("CULOSS_LINEAR_CE_BLOCK_BYTES");
+  gpu_reopen(&gpu);
 }
 
 /* Issue 19 section 3: int32 targets, forward only, grad_hidden only,

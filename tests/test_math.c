@@ -1,4 +1,4 @@
-/* test_math.c: the __host__ __device__ math of cuda/loss_math.h, on the CPU.
+/* test_math.c: the __host__ __device__ math of common/loss_math.h, on the CPU.
    These are the exact functions the kernels call. */
 #include <criterion/criterion.h>
 #include <math.h>

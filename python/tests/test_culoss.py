@@ -16,7 +16,7 @@ def log_softmax(x):
 
 
 def ce_ref(x, t, eps=0.0, w=None, ignore=-100):
-    """Mean cross-entropy and its gradient, from SEMANTICS.md, in float64."""
+    """Mean cross-entropy and its gradient, from docs/semantics.md, in float64."""
     x = x.astype(np.float64)
     n, c = x.shape
     w = np.ones(c) if w is None else w.astype(np.float64)

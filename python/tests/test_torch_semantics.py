@@ -1,6 +1,6 @@
 """culoss's CPU backend against torch.nn.functional itself, on the CPU.
 
-SEMANTICS.md says every loss has PyTorch's semantics; here PyTorch is the
+docs/semantics.md says every loss has PyTorch's semantics; here PyTorch is the
 oracle: the same float32 inputs go to culoss (numpy, CPU backend, double
 accumulation) and to torch.nn.functional in float64 with autograd, over the
 options both sides have, including the awkward points (ignored rows, -inf
@@ -183,7 +183,7 @@ def test_bce(reduction, weighted):
 @pytest.mark.parametrize("margin", [1.0, 0.5])
 def test_hinge_is_clamp_min(reduction, squared, margin):
     """Binary hinge = clamp_min(margin - y f, 0) (squared), kinks included:
-    torch 2.15's clamp_min gives subgradient 0 at equality (SEMANTICS.md
+    torch 2.15's clamp_min gives subgradient 0 at equality (docs/semantics.md
     section 0), and so does culoss; a NaN score gives a NaN loss."""
     rng = np.random.default_rng(7)
     m = 64
@@ -364,7 +364,7 @@ def test_z_loss_gradient_at_huge_ties():
 
 def test_mean_with_every_target_on_a_zero_weight_class_is_nan():
     """D = 0 with label smoothing 0.3: the smoothing term made the sum
-    positive, so sum / 0 was +inf; torch gives NaN (SEMANTICS.md section 0:
+    positive, so sum / 0 was +inf; torch gives NaN (docs/semantics.md section 0:
     culoss keeps a zero gradient)."""
     x = np.random.default_rng(3).standard_normal((5, 4)).astype(np.float32)
     t = np.array([0, 0, 2, 2, 0])

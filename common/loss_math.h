@@ -4,9 +4,10 @@
  * Everything here is a __host__ __device__ function when compiled by nvcc and
  * a plain static inline function when compiled as C11, so the CPU unit tests
  * (tests/test_math.c) exercise exactly the code the kernels run: dtype
- * conversions, the online log-sum-exp state and its merge rule (including the
- * -inf cases that produce NaN when written naively), the logit soft-cap and
- * the per-element cross-entropy gradient.
+ * conversions, target loading, the online log-sum-exp state and its merge
+ * rule (including the -inf cases that produce NaN when written naively), the
+ * logit soft-cap, the cross-entropy gradient and its target coefficient, and
+ * the elementwise losses. The formulas are docs/semantics.md's.
  *
  * Internal header: not installed, names use the culoss__ prefix.
  */
@@ -16,6 +17,8 @@
 #include <math.h>
 #include <stdint.h>
 #include <string.h>
+
+#include "culoss.h"
 
 #if defined(__CUDACC__)
 #define CULOSS_HD __host__ __device__ __forceinline__
@@ -101,6 +104,20 @@ CULOSS_HD uint16_t culoss__f32_to_f16(float f) {
     return (uint16_t)(sign | q);
   }
 }
+
+/* ---------------------------------------------------------------------- */
+/* class targets and the NaN of an uncomputable loss                       */
+/* ---------------------------------------------------------------------- */
+
+/* Element i of a class-target array of type ttype (a culoss_index_type). */
+CULOSS_HD int64_t culoss__target_at(const void *targets, int ttype, int64_t i) {
+  return ttype == CULOSS_I32 ? (int64_t)((const int32_t *)targets)[i]
+                             : ((const int64_t *)targets)[i];
+}
+
+/* A quiet NaN: the loss of a row or element the kernels cannot compute (a
+   class target out of range, an input outside its domain). */
+CULOSS_HD float culoss__nan(void) { return culoss__f32_from_bits(0x7fc00000u); }
 
 /* ---------------------------------------------------------------------- */
 /* online log-sum-exp                                                      */
@@ -217,11 +234,27 @@ CULOSS_HD float culoss__ce_grad(float x, float m, float log_s, float a, float b,
   return scale * (p * a - b) * capgrad;
 }
 
+/* b of culoss__ce_grad for class-index targets at column j of a row of c
+   with target t: tw = (1-eps) w_t at the target, plus (eps/c) w_j; the class
+   weight (NULL: all ones) is read only when smoothing needs it. */
+CULOSS_HD float culoss__ce_index_b(int64_t j, int64_t t, float tw, float eps, int64_t c,
+                                   const float *class_weight) {
+  float b = j == t ? tw : 0.0f;
+  if (eps > 0.0f) b += eps / (float)c * (class_weight ? class_weight[j] : 1.0f);
+  return b;
+}
+
+/* b of culoss__ce_grad for probability targets, and the weight of column
+   j's term in the soft loss: w_j y'_j with y'_j = (1-eps) y_j + eps/c. */
+CULOSS_HD float culoss__ce_soft_b(float wj, float y, float eps, int64_t c) {
+  return wj * ((1.0f - eps) * y + eps / (float)c);
+}
+
 /* ---------------------------------------------------------------------- */
 /* elementwise losses: value and derivative with respect to the input      */
 /* ---------------------------------------------------------------------- */
 /* Each returns the loss of one element and stores d(loss)/d(input) in *d,
-   both before any reduction scaling. SEMANTICS.md sections 4-7. */
+   both before any reduction scaling. docs/semantics.md sections 4-7. */
 
 /* log(sigmoid(x)) = min(x, 0) - log1p(exp(-|x|)): no overflow for any x. */
 CULOSS_HD float culoss__log_sigmoid(float x) { return fminf(x, 0.0f) - log1pf(expf(-fabsf(x))); }
@@ -251,7 +284,7 @@ CULOSS_HD float culoss__bce_prob(float x, float y, float w, float *d) {
 
 /* Binary hinge max(0, margin - y f) (or its square). At the kink the
    subgradient is 0 (PyTorch 2.15's clamp_min and relu give 0 at equality:
-   SEMANTICS.md section 0). A NaN score gives a NaN loss (clamp_min(NaN) is
+   docs/semantics.md section 0). A NaN score gives a NaN loss (clamp_min(NaN) is
    NaN) and a zero gradient (the mask z > 0 is false). */
 CULOSS_HD float culoss__hinge(float f, float y, float margin, int squared, float *d) {
   const float z = margin - y * f;

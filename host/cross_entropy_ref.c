@@ -1,11 +1,11 @@
 /*
- * cpu_reference.c: the CPU backend of the cross-entropy family, which is
+ * cross_entropy_ref.c: the CPU backend of the cross-entropy family, which is
  * also the oracle every GPU result is tested against.
  *
  * Straightforward loops with double accumulation, deliberately independent
  * of the kernels' structure: one row at a time, the maximum first, then the
  * sum of exponentials, then the loss and the gradient from their closed forms
- * (SEMANTICS.md sections 1-3 and 9). Arguments arrive validated and class
+ * (docs/semantics.md sections 1-3 and 9). Arguments arrive validated and class
  * targets already range-checked (host/cross_entropy.c).
  */
 #include <math.h>
@@ -22,7 +22,7 @@ static double class_w(const culoss_cross_entropy_options *o, int64_t j) {
  * |x| >~ 1e11 the double lse = m + log s rounds back to m, which would give
  * every tied class p = 1 and a zero loss. So p_j = exp(x_j - m) / s and
  * lse - x_j = (m - x_j) + log s, a sum of two non-negative terms (no
- * cancellation; SEMANTICS.md section 0). */
+ * cancellation; docs/semantics.md section 0). */
 double culoss__cpu_ce_row(const culoss_cross_entropy_options *o, int64_t c, const double *x,
                           int64_t t, const double *y, double wsum, double scale, double *g) {
   const double eps = o->label_smoothing, z = o->z_loss;

@@ -1,0 +1,188 @@
+/*
+ * backend.h: what the host front end hands a backend, shared by host/ (C11)
+ * and cuda/ (CUDA C++): the context, its device scratch, one argument block
+ * per loss family, and the CUDA backend's entry points.
+ *
+ * Nothing here is installed or exported: every symbol has the culoss__
+ * prefix and hidden visibility. Host-only declarations (argument checks, the
+ * CPU references) are in host/internal.h.
+ */
+#ifndef CULOSS_BACKEND_H
+#define CULOSS_BACKEND_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include "culoss.h"
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+#if defined(__GNUC__) || defined(__clang__)
+#define CULOSS_PRINTF(a, b) __attribute__((format(printf, a, b)))
+#else
+#define CULOSS_PRINTF(a, b)
+#endif
+
+/* Records the thread-local detail text and returns `status`. */
+culoss_status culoss__error(culoss_status status, const char *fmt, ...) CULOSS_PRINTF(2, 3);
+
+/* Element size of a dtype in bytes. */
+size_t culoss__dtype_size(culoss_dtype dtype);
+
+/* ------------------------------------------------------------------ context */
+
+/* Per-block partial sums the CUDA scratch holds: a reducing kernel's grid is
+   capped at this many blocks (rows are then strided), so the scratch has a
+   fixed size, allocated once per context. */
+#define CULOSS_MAX_PARTIALS 4096
+/* Blocks of the kernel that sums the weights of the targets (MEAN's D). */
+#define CULOSS_MAX_PREP_BLOCKS 256
+
+/* Device-side scratch of a CUDA context (cudaMalloc'd at create). */
+typedef struct {
+  int error_flag;                            /* deferred errors, CULOSS__FLAG_* bits */
+  int pad_;
+  double prep_denom[CULOSS_MAX_PREP_BLOCKS]; /* partial sums of w_y (MEAN's D) */
+  double prep_wsum[CULOSS_MAX_PREP_BLOCKS];  /* partial sums of class_weight (W) */
+  double partial_loss[CULOSS_MAX_PARTIALS];  /* per-block loss sums */
+} culoss__scratch;
+
+/* Bits of culoss__scratch.error_flag, raised by kernels (atomicOr) and
+   turned into a status by culoss_synchronize. */
+#define CULOSS__FLAG_TARGET 1 /* a class target outside [0, c) */
+#define CULOSS__FLAG_DOMAIN 2 /* an input outside its domain (BCE prob, hinge target) */
+
+struct culoss_context {
+  culoss_backend backend;
+  int device;
+  void *stream;             /* cudaStream_t */
+  culoss__scratch *scratch; /* device memory (CUDA backend) */
+  int *host_flag;           /* pinned host word for reading the flag */
+  int sm_count;
+  int64_t grid_limit;       /* culoss_set_grid_limit: 0 = CULOSS_MAX_PARTIALS */
+  size_t smem_optin;        /* max dynamic shared memory per block */
+  void *cublas;             /* cublasHandle_t, created with the context */
+  void *cublas_ws;          /* its fixed workspace: nothing allocates during capture */
+  /* Tuning knobs, read from the environment once, at culoss_create (README,
+     "Tuning"): a call never reads the environment. */
+  int ce_tpr;               /* CULOSS_CE_SHAPE: CE threads per row; 0 = chosen by c */
+  size_t ce_cache_cap;      /* CULOSS_CE_CACHE_BYTES: cap on the row cache; SIZE_MAX = none */
+  int64_t lce_block_bytes;  /* CULOSS_LINEAR_CE_BLOCK_BYTES: linear CE logits block */
+  struct culoss_context *next_live; /* the live-context list (host/context.c) */
+};
+
+/* ------------------------------------------------------- argument blocks */
+/* Each family's entry points (host/<family>.c) validate their arguments,
+   fill one of these and pass it to the CPU reference or the CUDA launcher. */
+
+/* Cross-entropy family (host/cross_entropy.c). */
+typedef enum { CULOSS__CE_INDEX = 0, CULOSS__CE_SOFT = 1, CULOSS__NLL = 2 } culoss__ce_mode;
+
+typedef struct {
+  culoss__ce_mode mode;
+  culoss_cross_entropy_options o;
+  int64_t n, c, ld;
+  culoss_dtype dtype;
+  culoss_index_type ttype;
+  const void *x;       /* logits / logprobs */
+  const void *targets; /* class indices (INDEX, NLL) */
+  const void *probs;   /* soft targets (SOFT) */
+  float *loss;
+  void *grad;
+  const float *grad_loss;
+} culoss__ce_args;
+
+/* Elementwise losses (host/elementwise.c): one block for all of them. */
+typedef enum {
+  CULOSS__EW_BCE_LOGITS = 0,
+  CULOSS__EW_BCE = 1,
+  CULOSS__EW_HINGE = 2,
+  CULOSS__EW_MSE = 3,
+  CULOSS__EW_L1 = 4,
+  CULOSS__EW_HUBER = 5,
+  CULOSS__EW_SMOOTH_L1 = 6,
+  CULOSS__EW_KL = 7
+} culoss__ew_op;
+
+typedef struct {
+  culoss__ew_op op;
+  culoss_reduction reduction;
+  int64_t m;               /* elements */
+  int64_t c;               /* row length: pos_weight index is i % c (1 if unused) */
+  double divisor;          /* MEAN: m; BATCHMEAN: rows */
+  culoss_dtype dtype;
+  const void *x;           /* input */
+  const void *y;           /* target, same dtype */
+  const float *weight;     /* [m] or NULL (BCE) */
+  const float *pos_weight; /* [c] or NULL (BCE with logits) */
+  float a;                 /* margin (hinge), delta (huber), beta (smooth_l1) */
+  int flag;                /* squared (hinge), log_target (kl) */
+  float *loss;
+  void *grad;
+  const float *grad_loss;
+} culoss__ew_args;
+
+/* Multi-class hinge (host/multi_margin.c): rows with class targets. */
+typedef struct {
+  culoss_multi_margin_options o;
+  int64_t n, c, ld;
+  culoss_dtype dtype;
+  culoss_index_type ttype;
+  const void *x;
+  const void *targets;
+  float *loss;
+  void *grad;
+  const float *grad_loss;
+} culoss__mm_args;
+
+/* Fused linear + cross-entropy (host/linear_ce.c). */
+typedef struct {
+  culoss_cross_entropy_options o;
+  int64_t n, d, v;
+  culoss_dtype dtype;
+  culoss_index_type ttype;
+  const void *hidden, *weight, *bias, *targets;
+  float *loss;
+  void *grad_hidden, *grad_weight, *grad_bias;
+  const float *grad_loss;
+  void *workspace;
+  size_t workspace_bytes;
+} culoss__lce_args;
+
+/* The workspace layout of linear CE: byte offsets of each region and the
+   block sizes, for a logits block of `block_bytes` (the context's
+   lce_block_bytes). The size query and the CUDA path share it. */
+typedef struct {
+  int64_t rows;   /* rows per block */
+  int64_t vslice; /* vocabulary rows per grad_weight slice (16-bit) */
+  size_t off_logits, off_row_loss, off_row_stats, off_bias_acc, off_gw_acc, total;
+} culoss__lce_layout;
+culoss__lce_layout culoss__lce_plan(int64_t n, int64_t d, int64_t v, culoss_dtype dtype,
+                                    int64_t block_bytes);
+
+/* ---------------------------------------------------- the CUDA backend */
+#ifdef CULOSS_HAVE_CUDA
+/* Launchers (cuda/<family>.cu): enqueue on ctx->stream, never synchronise.
+   Called through culoss__dispatch_cuda, with ctx->device current. */
+culoss_status culoss__cuda_cross_entropy(culoss_context *ctx, const void *ce_args);
+culoss_status culoss__cuda_elementwise(culoss_context *ctx, const void *ew_args);
+culoss_status culoss__cuda_multi_margin(culoss_context *ctx, const void *mm_args);
+culoss_status culoss__cuda_linear_cross_entropy(culoss_context *ctx, const void *lce_args);
+/* Context-wide set-up and release (cuda/context.cu): kernel attributes and
+   the cuBLAS handle with its fixed workspace. Release is safe after a
+   partial set-up. */
+culoss_status culoss__cuda_context_init(culoss_context *ctx);
+void culoss__cuda_context_release(culoss_context *ctx);
+/* Map a cudaError_t / cublasStatus_t (as int) to a status and record
+   "what failed: the library's text". */
+culoss_status culoss__cuda_status(int err, const char *what);
+culoss_status culoss__cublas_status(int st, const char *what);
+#endif
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif /* CULOSS_BACKEND_H */

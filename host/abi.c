@@ -1,0 +1,64 @@
+/*
+ * abi.c: the published ABI, pinned at compile time. Status numbers, enum
+ * values and the size and field offsets of every public struct are fixed
+ * once released (include/culoss.h, "ABI"): outside code builds these
+ * structs field by field and the library copies them whole, so a changed
+ * layout would misread an older caller's struct. A change here fails the
+ * build; the fix is a new struct and a new entry point, never an edit.
+ * (Offsets are those of LP64 platforms, where culoss is built.)
+ */
+#include <stddef.h>
+#include <stdint.h>
+
+#include "culoss.h"
+
+#define PIN(cond) _Static_assert(cond, #cond)
+
+PIN(CULOSS_OK == 0 && CULOSS_ERROR_INVALID_VALUE == 1 && CULOSS_ERROR_TARGET_OUT_OF_RANGE == 2);
+PIN(CULOSS_ERROR_NOT_SUPPORTED == 3 && CULOSS_ERROR_NO_DEVICE == 4);
+PIN(CULOSS_ERROR_OUT_OF_MEMORY == 5 && CULOSS_ERROR_CUDA == 6 && CULOSS_ERROR_CUBLAS == 7);
+PIN(CULOSS_ERROR_INTERNAL == 8);
+PIN(CULOSS_BACKEND_CPU == 0 && CULOSS_BACKEND_CUDA == 1);
+PIN(CULOSS_F32 == 0 && CULOSS_F16 == 1 && CULOSS_BF16 == 2);
+PIN(CULOSS_I32 == 0 && CULOSS_I64 == 1);
+PIN(CULOSS_REDUCTION_NONE == 0 && CULOSS_REDUCTION_SUM == 1 && CULOSS_REDUCTION_MEAN == 2);
+PIN(CULOSS_REDUCTION_BATCHMEAN == 3);
+PIN(sizeof(culoss_reduction) == sizeof(int) && sizeof(culoss_dtype) == sizeof(int));
+
+#if UINTPTR_MAX == UINT64_MAX
+#define FIELD(s, f, off) PIN(offsetof(s, f) == (off))
+
+PIN(sizeof(culoss_cross_entropy_options) == 48);
+FIELD(culoss_cross_entropy_options, reduction, 0);
+FIELD(culoss_cross_entropy_options, ignore_index, 8);
+FIELD(culoss_cross_entropy_options, label_smoothing, 16);
+FIELD(culoss_cross_entropy_options, class_weight, 24);
+FIELD(culoss_cross_entropy_options, z_loss, 32);
+FIELD(culoss_cross_entropy_options, logit_softcap, 36);
+FIELD(culoss_cross_entropy_options, normalizer, 40);
+
+PIN(sizeof(culoss_bce_options) == 24);
+FIELD(culoss_bce_options, reduction, 0);
+FIELD(culoss_bce_options, weight, 8);
+FIELD(culoss_bce_options, pos_weight, 16);
+
+PIN(sizeof(culoss_hinge_options) == 12);
+FIELD(culoss_hinge_options, reduction, 0);
+FIELD(culoss_hinge_options, margin, 4);
+FIELD(culoss_hinge_options, squared, 8);
+
+PIN(sizeof(culoss_multi_margin_options) == 24);
+FIELD(culoss_multi_margin_options, reduction, 0);
+FIELD(culoss_multi_margin_options, p, 4);
+FIELD(culoss_multi_margin_options, margin, 8);
+FIELD(culoss_multi_margin_options, class_weight, 16);
+
+PIN(sizeof(culoss_regression_options) == 12);
+FIELD(culoss_regression_options, reduction, 0);
+FIELD(culoss_regression_options, delta, 4);
+FIELD(culoss_regression_options, beta, 8);
+
+PIN(sizeof(culoss_kl_div_options) == 8);
+FIELD(culoss_kl_div_options, reduction, 0);
+FIELD(culoss_kl_div_options, log_target, 4);
+#endif
