@@ -4,7 +4,7 @@
  *
  * The library's .cu files are compiled as C++ with this header in front
  * (-DCULOSS_CUDA_EMULATOR=ON). Kernels stay unchanged: __global__ functions
- * become plain functions that emu_runtime.cc runs once per thread, each CUDA
+ * become plain functions that emu_fibers.cc runs once per thread, each CUDA
  * thread a fiber with its own stack, so that
  *   - threadIdx, blockIdx, blockDim, gridDim are the running fiber's;
  *   - __syncthreads() is a real barrier over the block's threads, and a
@@ -65,7 +65,7 @@ struct thread_view {
 /* The running fiber's view (set by the scheduler before each switch). */
 extern thread_local thread_view *current;
 
-/* Barriers and warp operations (emu_runtime.cc). */
+/* Barriers and warp operations (emu_fibers.cc). */
 void syncthreads();
 void syncwarp(unsigned mask);
 /* Deposits this lane's 8 bytes, waits for the lanes of mask, returns the
