@@ -41,7 +41,8 @@ __device__ __forceinline__ float normal(uint64_t seed, int64_t i) {
 
 template <typename T>
 __global__ void fill_kernel(T *x, T *y, int64_t count, uint64_t seed, int op) {
-  for (int64_t i = (int64_t)blockIdx.x * BT + threadIdx.x; i < count; i += (int64_t)gridDim.x * BT) {
+  for (int64_t i = (int64_t)blockIdx.x * BT + threadIdx.x; i < count;
+       i += (int64_t)gridDim.x * BT) {
     const float a = normal(seed, i), b = normal(seed + 7919, i);
     const float u = unit(mix(seed * 31 + (uint64_t)i));
     float xv, yv = 0.0f;
@@ -49,15 +50,16 @@ __global__ void fill_kernel(T *x, T *y, int64_t count, uint64_t seed, int op) {
     case -1: /* logits: N(0, 2^2), about one in a thousand masked (-inf) */
       xv = u < 1e-3f ? -INFINITY : 2.0f * a;
       break;
-    case -2: xv = 0.02f * a; break; /* linear-layer weights */
-    case -3: xv = a; break;         /* hidden states */
+    case -2: xv = 0.02f * a; break;        /* linear-layer weights */
+    case -3: xv = a; break;                /* hidden states */
     case -4: xv = 2.0f * a, yv = u; break; /* logits and soft targets (unnormalised) */
-    case 0: xv = 3.0f * a, yv = u; break;                                 /* bce with logits */
+    case 0: xv = 3.0f * a, yv = u; break;  /* bce with logits */
     case 1: xv = 0.02f + 0.96f * u, yv = unit(mix(seed + (uint64_t)i)); break; /* bce */
-    case 2: case 3: yv = u < 0.5f ? -1.0f : 1.0f, xv = 2.0f * a; break;   /* hinge */
+    case 2:
+    case 3: yv = u < 0.5f ? -1.0f : 1.0f, xv = 2.0f * a; break;                     /* hinge */
     case 8: xv = -3.0f * u - 0.01f, yv = b < -0.8f ? 0.0f : fabsf(b) * 0.3f; break; /* kl */
-    case 9: xv = -3.0f * u - 0.01f, yv = -4.0f * fabsf(b); break;          /* kl, log target */
-    default: yv = b, xv = b + 2.0f * a; break;                             /* regression */
+    case 9: xv = -3.0f * u - 0.01f, yv = -4.0f * fabsf(b); break; /* kl, log target */
+    default: yv = b, xv = b + 2.0f * a; break;                    /* regression */
     }
     x[i] = from_f32<T>(xv);
     if (y) y[i] = from_f32<T>(yv);
@@ -89,8 +91,7 @@ __device__ float block_sum(float v, float *sh) {
   return v;
 }
 
-template <typename T>
-__global__ void log_softmax_kernel(const T *x, float *lp, int64_t v) {
+template <typename T> __global__ void log_softmax_kernel(const T *x, float *lp, int64_t v) {
   __shared__ float sh[BT / 32];
   const T *row = x + (int64_t)blockIdx.x * v;
   float m = -INFINITY, s = 0.0f;
@@ -98,10 +99,12 @@ __global__ void log_softmax_kernel(const T *x, float *lp, int64_t v) {
   m = block_max(m, sh);
   for (int64_t j = threadIdx.x; j < v; j += BT) s += expf(to_f32(row[j]) - m);
   const float lse = m + logf(block_sum(s, sh));
-  for (int64_t j = threadIdx.x; j < v; j += BT) lp[(int64_t)blockIdx.x * v + j] = to_f32(row[j]) - lse;
+  for (int64_t j = threadIdx.x; j < v; j += BT)
+    lp[(int64_t)blockIdx.x * v + j] = to_f32(row[j]) - lse;
 }
 
-__global__ void nll_mean_kernel(const float *lp, const int64_t *t, int64_t n, int64_t v, float *loss) {
+__global__ void nll_mean_kernel(const float *lp, const int64_t *t, int64_t n, int64_t v,
+                                float *loss) {
   __shared__ float sh[BT / 32];
   float s = 0.0f;
   for (int64_t i = threadIdx.x; i < n; i += BT) s -= lp[i * v + t[i]];
@@ -184,8 +187,7 @@ __global__ void mm_naive_kernel(const T *x, const int64_t *t, int64_t n, int64_t
 }
 
 template <typename T>
-__global__ void mm_target_kernel(const int64_t *t, int64_t n, int64_t v, const float *row_h,
-                                 T *g) {
+__global__ void mm_target_kernel(const int64_t *t, int64_t n, int64_t v, const float *row_h, T *g) {
   const int64_t i = (int64_t)blockIdx.x * BT + threadIdx.x;
   if (i < n) g[i * v + t[i]] = from_f32<T>(-row_h[i]);
 }
@@ -237,8 +239,8 @@ extern "C" int bench_fill_targets(int64_t *t, int64_t n, int64_t c, uint64_t see
 template <typename T>
 static cudaError_t ce_unfused(const void *x, int64_t n, int64_t v, const int64_t *t, float *lp,
                               float *loss, void *g) {
-  cudaError_t e = launch(log_softmax_kernel<T>, dim3((unsigned)n), dim3(BT), 0, nullptr,
-                         (const T *)x, lp, v);
+  cudaError_t e =
+      launch(log_softmax_kernel<T>, dim3((unsigned)n), dim3(BT), 0, nullptr, (const T *)x, lp, v);
   if (e == cudaSuccess)
     e = launch(nll_mean_kernel, dim3(1), dim3(BT), 0, nullptr, (const float *)lp, t, n, v, loss);
   if (e == cudaSuccess)
@@ -249,33 +251,32 @@ static cudaError_t ce_unfused(const void *x, int64_t n, int64_t v, const int64_t
 
 extern "C" int bench_ce_unfused(const void *x, int dtype, int64_t n, int64_t v, const int64_t *t,
                                 float *lp, float *loss, void *g) {
-  return (int)with_dtype(
-      dtype, [&](auto d) { return ce_unfused<decltype(d)>(x, n, v, t, lp, loss, g); });
+  return (int)with_dtype(dtype,
+                         [&](auto d) { return ce_unfused<decltype(d)>(x, n, v, t, lp, loss, g); });
 }
 
 template <typename T>
 static cudaError_t soft_unfused(const void *x, const void *y, int64_t n, int64_t v, float *lp,
                                 float *row_loss, float *loss, void *g) {
   const float inv_n = 1.0f / (float)n;
-  cudaError_t e = launch(log_softmax_kernel<T>, dim3((unsigned)n), dim3(BT), 0, nullptr,
-                         (const T *)x, lp, v);
+  cudaError_t e =
+      launch(log_softmax_kernel<T>, dim3((unsigned)n), dim3(BT), 0, nullptr, (const T *)x, lp, v);
   if (e == cudaSuccess)
     e = launch(soft_nll_kernel<T>, dim3((unsigned)n), dim3(BT), 0, nullptr, (const float *)lp,
                (const T *)y, v, inv_n, row_loss);
   if (e == cudaSuccess)
     e = launch(sum_kernel, dim3(1), dim3(BT), 0, nullptr, (const float *)row_loss, n, loss);
   if (e == cudaSuccess)
-    e = launch(soft_backward_kernel<T>, dim3((unsigned)n), dim3(BT), 0, nullptr,
-               (const float *)lp, (const T *)y, v, inv_n, (T *)g);
+    e = launch(soft_backward_kernel<T>, dim3((unsigned)n), dim3(BT), 0, nullptr, (const float *)lp,
+               (const T *)y, v, inv_n, (T *)g);
   return e;
 }
 
 /* row_loss: n floats of scratch. */
 extern "C" int bench_ce_soft_unfused(const void *x, const void *y, int dtype, int64_t n, int64_t v,
                                      float *lp, float *row_loss, float *loss, void *g) {
-  return (int)with_dtype(dtype, [&](auto d) {
-    return soft_unfused<decltype(d)>(x, y, n, v, lp, row_loss, loss, g);
-  });
+  return (int)with_dtype(
+      dtype, [&](auto d) { return soft_unfused<decltype(d)>(x, y, n, v, lp, row_loss, loss, g); });
 }
 
 template <typename T>
@@ -289,7 +290,8 @@ static cudaError_t nll_naive(const void *x, const int64_t *t, int64_t n, int64_t
 
 extern "C" int bench_nll_naive(const void *x, int dtype, int64_t n, int64_t v, const int64_t *t,
                                void *g, float *loss) {
-  return (int)with_dtype(dtype, [&](auto d) { return nll_naive<decltype(d)>(x, t, n, v, g, loss); });
+  return (int)with_dtype(dtype,
+                         [&](auto d) { return nll_naive<decltype(d)>(x, t, n, v, g, loss); });
 }
 
 template <typename T>
@@ -309,8 +311,8 @@ static cudaError_t mm_naive(const void *x, const int64_t *t, int64_t n, int64_t 
 /* row_h: n floats of scratch. */
 extern "C" int bench_mm_naive(const void *x, int dtype, int64_t n, int64_t v, const int64_t *t,
                               void *g, float *row_h, float *loss) {
-  return (int)with_dtype(
-      dtype, [&](auto d) { return mm_naive<decltype(d)>(x, t, n, v, g, row_h, loss); });
+  return (int)with_dtype(dtype,
+                         [&](auto d) { return mm_naive<decltype(d)>(x, t, n, v, g, row_h, loss); });
 }
 
 template <typename T>
@@ -324,5 +326,6 @@ static cudaError_t ew_naive(int op, const void *x, const void *y, int64_t m, voi
 
 extern "C" int bench_ew_naive(int op, const void *x, const void *y, int dtype, int64_t m, void *g,
                               float *loss) {
-  return (int)with_dtype(dtype, [&](auto d) { return ew_naive<decltype(d)>(op, x, y, m, g, loss); });
+  return (int)with_dtype(dtype,
+                         [&](auto d) { return ew_naive<decltype(d)>(op, x, y, m, g, loss); });
 }

@@ -49,7 +49,7 @@
 
 typedef struct {
   int quick, csv, json, repeats;
-  int tiny; /* smallest sizes: a check of the tool's GPU path, not a measurement */
+  int tiny;         /* smallest sizes: a check of the tool's GPU path, not a measurement */
   const char *only; /* NULL, "ce", "ew" or "lce": one family of cases */
 } bench_opts;
 
@@ -159,22 +159,22 @@ static int run_cpu(const bench_opts *bo) {
 }
 
 #ifdef CULOSS_HAVE_CUDA
-#define CK(call)                                                                   \
-  do {                                                                             \
-    cudaError_t e_ = (call);                                                       \
-    if (e_ != cudaSuccess) {                                                       \
-      fprintf(stderr, "%s:%d %s: %s\n", __FILE__, __LINE__, #call, cudaGetErrorString(e_)); \
-      return -1;                                                                   \
-    }                                                                              \
+#define CK(call)                                                                                   \
+  do {                                                                                             \
+    cudaError_t e_ = (call);                                                                       \
+    if (e_ != cudaSuccess) {                                                                       \
+      fprintf(stderr, "%s:%d %s: %s\n", __FILE__, __LINE__, #call, cudaGetErrorString(e_));        \
+      return -1;                                                                                   \
+    }                                                                                              \
   } while (0)
-#define CL(call)                                                                   \
-  do {                                                                             \
-    culoss_status s_ = (call);                                                     \
-    if (s_ != CULOSS_OK) {                                                         \
-      fprintf(stderr, "%s:%d %s: %s: %s\n", __FILE__, __LINE__, #call,            \
-              culoss_status_string(s_), culoss_last_error());                      \
-      return -1;                                                                   \
-    }                                                                              \
+#define CL(call)                                                                                   \
+  do {                                                                                             \
+    culoss_status s_ = (call);                                                                     \
+    if (s_ != CULOSS_OK) {                                                                         \
+      fprintf(stderr, "%s:%d %s: %s: %s\n", __FILE__, __LINE__, #call, culoss_status_string(s_),   \
+              culoss_last_error());                                                                \
+      return -1;                                                                                   \
+    }                                                                                              \
   } while (0)
 
 static void *flush_buf;
@@ -287,8 +287,8 @@ static int record(const bench_opts *bo, const char *name, int64_t n, int64_t v, 
   if (isatty(2)) fprintf(stderr, "\r%80s\r", "");
   if (bo->csv)
     printf("%s,%lld,%lld,%s,%.4f,%.4f,%.4f,%.4f,%.1f,%.1f,%.2e,%s\n", r->name, (long long)n,
-           (long long)v, dtype_name(d), r->med, r->min, r->max, r->base_med, r->gbs, r->pct,
-           err, r->ok ? "ok" : "MISMATCH");
+           (long long)v, dtype_name(d), r->med, r->min, r->max, r->base_med, r->gbs, r->pct, err,
+           r->ok ? "ok" : "MISMATCH");
   else if (!bo->json)
     printf("%-22s %10lld %7lld %5s %8.4f %8.4f %8.4f %8.1f %6.1f%% %9.4f %6.2fx %8.1e %s\n",
            r->name, (long long)n, (long long)v, dtype_name(d), r->med, r->min, r->max, r->gbs,
@@ -296,7 +296,6 @@ static int record(const bench_opts *bo, const char *name, int64_t n, int64_t v, 
   fflush(stdout);
   return r->ok ? 0 : 1;
 }
-
 
 /* Frees count buffers (NULL entries are fine); -1 on the first failure. */
 static int free_all(culoss_context *ctx, void *const *bufs, int count) {
@@ -316,8 +315,8 @@ static int fits(size_t bytes) {
    unfused three-kernel composition), with soft targets (against the unfused
    four-kernel one), NLL and multi-margin (against one thread per element). */
 enum { ROW_CE, ROW_SOFT, ROW_NLL, ROW_MM, ROW_KINDS };
-static const char *row_name[ROW_KINDS] = {"cross_entropy fwd+bwd", "ce_soft fwd+bwd",
-                                          "nll fwd+bwd", "multi_margin fwd+bwd"};
+static const char *row_name[ROW_KINDS] = {"cross_entropy fwd+bwd", "ce_soft fwd+bwd", "nll fwd+bwd",
+                                          "multi_margin fwd+bwd"};
 
 typedef struct {
   culoss_context *ctx;
@@ -432,7 +431,8 @@ static double ce_check(const ce_state *s) {
        must stay under the 2e-2 tolerance, so the floor is 64 steps */
     double gmax = 0.0;
     for (int64_t j = 0; j < s->v; j++)
-      if (fabs((double)to_f_host(ref, s->d, j)) > gmax) gmax = fabs((double)to_f_host(ref, s->d, j));
+      if (fabs((double)to_f_host(ref, s->d, j)) > gmax)
+        gmax = fabs((double)to_f_host(ref, s->d, j));
     const double floor_ =
         1e-6 + 1e-4 * gmax + (s->d == CULOSS_F16 ? 64.0 * (double)s->n * 0x1.0p-24 : 0.0);
     for (int64_t j = 0; j < s->v; j++) {
@@ -453,8 +453,9 @@ static int bench_ce(culoss_context *ctx, const bench_opts *bo, int kind, int64_t
   progress(name, n, v, d);
   const size_t need = (kind == ROW_SOFT ? 3 : 2) * xbytes + (size_t)(n * v) * 4 + (size_t)n * 12;
   if (!fits(need)) {
-    if (!bo->json) printf("%-22s %10lld %7lld %5s skipped: not enough device memory\n", name,
-                          (long long)n, (long long)v, dtype_name(d));
+    if (!bo->json)
+      printf("%-22s %10lld %7lld %5s skipped: not enough device memory\n", name, (long long)n,
+             (long long)v, dtype_name(d));
     return 0;
   }
   ce_state s = {ctx, kind, n, v, d, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL};
@@ -469,7 +470,8 @@ static int bench_ce(culoss_context *ctx, const bench_opts *bo, int kind, int64_t
     CL(culoss_malloc(ctx, &s.y, xbytes));
     CK((cudaError_t)bench_fill(s.x, s.y, (int)d, n * v, 1000 + (uint64_t)v, -4));
   } else {
-    CK((cudaError_t)bench_fill(s.x, NULL, (int)d, n * v, 1000 + (uint64_t)v, kind == ROW_MM ? -3 : -1));
+    CK((cudaError_t)bench_fill(s.x, NULL, (int)d, n * v, 1000 + (uint64_t)v,
+                               kind == ROW_MM ? -3 : -1));
   }
   CK((cudaError_t)bench_fill_targets(s.t, n, v, 77));
   s.rows_host = malloc((size_t)n * sizeof(float));
@@ -564,8 +566,9 @@ static int bench_ew(culoss_context *ctx, const bench_opts *bo, t_op op, int64_t 
   const size_t es = d == CULOSS_F32 ? 4 : 2, bytes = (size_t)m * es;
   progress(t_op_name[op], m, 1, d);
   if (!fits(3 * bytes)) {
-    if (!bo->json) printf("%-22s %10lld %7d %5s skipped: not enough device memory\n", t_op_name[op],
-                          (long long)m, 1, dtype_name(d));
+    if (!bo->json)
+      printf("%-22s %10lld %7d %5s skipped: not enough device memory\n", t_op_name[op],
+             (long long)m, 1, dtype_name(d));
     return 0;
   }
   ew_state s = {ctx, op, {CULOSS_REDUCTION_MEAN, NULL, NULL, 0}, m, d, NULL, NULL, NULL, NULL};
@@ -611,7 +614,8 @@ static int lce_fused(void *p) {
 static int lce_unfused(void *p) {
   lce_state *s = p;
   const float one = 1.0f, zero = 0.0f;
-  const cudaDataType_t ty = s->dt == CULOSS_BF16 ? CUDA_R_16BF : (s->dt == CULOSS_F16 ? CUDA_R_16F : CUDA_R_32F);
+  const cudaDataType_t ty =
+      s->dt == CULOSS_BF16 ? CUDA_R_16BF : (s->dt == CULOSS_F16 ? CUDA_R_16F : CUDA_R_32F);
   if (cublasGemmEx(s->h, CUBLAS_OP_T, CUBLAS_OP_N, (int)s->v, (int)s->n, (int)s->d, &one, s->w, ty,
                    (int)s->d, s->hid, ty, (int)s->d, &zero, s->logits, ty, (int)s->v,
                    CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT) != CUBLAS_STATUS_SUCCESS)
@@ -694,8 +698,9 @@ static int bench_lce(culoss_context *ctx, const bench_opts *bo, int64_t n, int64
   lce_state s = {ctx, NULL, n, d, v, dt, NULL, NULL, NULL, NULL, NULL, NULL, NULL, 0, NULL};
   progress("linear+cross_entropy", n, v, dt);
   if (!fits((size_t)(n * v) * es + (size_t)(2 * v * d + 2 * n * d) * es + ((size_t)1 << 30))) {
-    if (!bo->json) printf("lin+ce %lld x %lld x %lld: skipped, not enough device memory\n",
-                          (long long)n, (long long)d, (long long)v);
+    if (!bo->json)
+      printf("lin+ce %lld x %lld x %lld: skipped, not enough device memory\n", (long long)n,
+             (long long)d, (long long)v);
     return 0;
   }
   if (cublasCreate(&s.h) != CUBLAS_STATUS_SUCCESS) return -1;
@@ -735,11 +740,12 @@ static int bench_lce(culoss_context *ctx, const bench_opts *bo, int64_t n, int64
   const int ok = err <= (dt == CULOSS_F32 ? 1e-4 : 2e-2);
   if (isatty(2)) fprintf(stderr, "\r%80s\r", "");
   if (!bo->json)
-  printf("%-8s %6lld %6lld %7lld %5s %9.3f %9.3f %7.1f %7.1f %6.2fx %10.1f %10.1f %6.1f%% %9.1e %s\n",
-         "lin+ce", (long long)n, (long long)d, (long long)v, dtype_name(dt), tf, tu,
-         flops / (tf * 1e-3) / 1e12, flops / (tu * 1e-3) / 1e12, tf / tu,
-         (double)s.ws_bytes / (1 << 20), (double)logits_bytes / (1 << 20),
-         100.0 * (double)s.ws_bytes / (double)logits_bytes, err, ok ? "ok" : "MISMATCH");
+    printf("%-8s %6lld %6lld %7lld %5s %9.3f %9.3f %7.1f %7.1f %6.2fx %10.1f %10.1f %6.1f%% %9.1e "
+           "%s\n",
+           "lin+ce", (long long)n, (long long)d, (long long)v, dtype_name(dt), tf, tu,
+           flops / (tf * 1e-3) / 1e12, flops / (tu * 1e-3) / 1e12, tf / tu,
+           (double)s.ws_bytes / (1 << 20), (double)logits_bytes / (1 << 20),
+           100.0 * (double)s.ws_bytes / (double)logits_bytes, err, ok ? "ok" : "MISMATCH");
   fflush(stdout);
   void *const bufs[] = {s.hid, s.w, s.gh, s.gw, s.t, s.loss};
   if (free_all(ctx, bufs, 6)) return -1;
@@ -761,7 +767,8 @@ static int run_gpu(culoss_context *ctx, const bench_opts *bo) {
   const int64_t ns_full[] = {4096, 16384}, ns_quick[] = {4096}, ns_tiny[] = {64};
   const int64_t vs_full[] = {32000, 50257, 128256, 152064, 256000}, vs_quick[] = {32000, 128256};
   const int64_t vs_tiny[] = {1000, 4099};
-  const int64_t ms_full[] = {1000000, 10000000, 100000000, 1000000000}, ms_quick[] = {1000000, 100000000};
+  const int64_t ms_full[] = {1000000, 10000000, 100000000, 1000000000},
+                ms_quick[] = {1000000, 100000000};
   const int64_t ms_tiny[] = {10007, 100003};
   const int64_t *ns = bo->tiny ? ns_tiny : (bo->quick ? ns_quick : ns_full);
   const int64_t *vs = bo->tiny ? vs_tiny : (bo->quick ? vs_quick : vs_full);
@@ -782,7 +789,8 @@ static int run_gpu(culoss_context *ctx, const bench_opts *bo) {
                 (wanted(bo, "ew") ? nm * T_NUM_OPS * nd : 0) + (wanted(bo, "lce") ? nl : 0);
   if (bo->csv)
     printf("# device,%s,copy_GBps,%.1f\ncase,n,v,dtype,median_ms,min_ms,max_ms,baseline_ms,GBps,"
-           "pct_copy,max_rel_err,check\n", prop.name, copy_bw);
+           "pct_copy,max_rel_err,check\n",
+           prop.name, copy_bw);
   else if (!bo->json) {
     printf("device: %s, %d SMs, L2 %d MiB; measured copy bandwidth %.1f GB/s (read+write)\n",
            prop.name, prop.multiProcessorCount, prop.l2CacheSize >> 20, copy_bw);
@@ -815,27 +823,27 @@ static int run_gpu(culoss_context *ctx, const bench_opts *bo) {
   if (!bo->csv && !bo->json && wanted(bo, "lce"))
     printf("\nfused linear + cross-entropy vs unfused (GEMM to full logits, culoss_cross_entropy, "
            "2 GEMMs); TFLOP/s against 6 n d v; extra memory: workspace vs n x v logits\n"
-           "%-8s %6s %6s %7s %5s %9s %9s %7s %7s %7s %10s %10s %7s %9s %s\n", "case", "n", "d", "v",
-           "dtype", "fused_ms", "unfus_ms", "TF/s_f", "TF/s_u", "ratio", "ws_MiB", "logit_MiB",
-           "mem%", "max_err", "check");
+           "%-8s %6s %6s %7s %5s %9s %9s %7s %7s %7s %10s %10s %7s %9s %s\n",
+           "case", "n", "d", "v", "dtype", "fused_ms", "unfus_ms", "TF/s_f", "TF/s_u", "ratio",
+           "ws_MiB", "logit_MiB", "mem%", "max_err", "check");
   const int64_t lv[] = {32000, 128256, 256000};
   for (int vi = 0; vi < (wanted(bo, "lce") ? nl : 0); vi++) {
     const int64_t ln = bo->tiny ? 128 : (bo->quick ? 4096 : 8192);
     const int64_t ld = bo->tiny ? 32 : (bo->quick ? 2048 : 4096);
-    if ((rc = bench_lce(ctx, bo, ln, ld, bo->tiny ? 1000 : lv[vi], CULOSS_BF16)) < 0)
-      return 1;
+    if ((rc = bench_lce(ctx, bo, ln, ld, bo->tiny ? 1000 : lv[vi], CULOSS_BF16)) < 0) return 1;
     bad |= rc;
   }
   if (bo->json) {
     printf("{\"device\": \"%s\", \"copy_GBps\": %.1f, \"results\": [\n", prop.name, copy_bw);
     for (int i = 0; i < nresults; i++) {
       const result_t *r = &results[i];
-      printf("  {\"case\": \"%s\", \"n\": %lld, \"v\": %lld, \"dtype\": \"%s\", \"median_ms\": %.5f, "
-             "\"min_ms\": %.5f, \"max_ms\": %.5f, \"baseline_ms\": %.5f, \"bytes\": %.0f, "
-             "\"GBps\": %.2f, \"pct_copy\": %.2f, \"max_rel_err\": %.3e, \"ok\": %s}%s\n",
-             r->name, (long long)r->n, (long long)r->v, dtype_name(r->d), r->med, r->min, r->max,
-             r->base_med, r->bytes, r->gbs, r->pct, r->err, r->ok ? "true" : "false",
-             i + 1 < nresults ? "," : "");
+      printf(
+          "  {\"case\": \"%s\", \"n\": %lld, \"v\": %lld, \"dtype\": \"%s\", \"median_ms\": %.5f, "
+          "\"min_ms\": %.5f, \"max_ms\": %.5f, \"baseline_ms\": %.5f, \"bytes\": %.0f, "
+          "\"GBps\": %.2f, \"pct_copy\": %.2f, \"max_rel_err\": %.3e, \"ok\": %s}%s\n",
+          r->name, (long long)r->n, (long long)r->v, dtype_name(r->d), r->med, r->min, r->max,
+          r->base_med, r->bytes, r->gbs, r->pct, r->err, r->ok ? "true" : "false",
+          i + 1 < nresults ? "," : "");
     }
     printf("]}\n");
   }
@@ -855,7 +863,8 @@ int main(int argc, char **argv) {
     else if (!strcmp(argv[i], "--json"))
       bo.json = 1;
     else if (!strcmp(argv[i], "--only") && i + 1 < argc &&
-             (!strcmp(argv[i + 1], "ce") || !strcmp(argv[i + 1], "ew") || !strcmp(argv[i + 1], "lce")))
+             (!strcmp(argv[i + 1], "ce") || !strcmp(argv[i + 1], "ew") ||
+              !strcmp(argv[i + 1], "lce")))
       bo.only = argv[++i];
     else if (!strcmp(argv[i], "--tiny"))
       bo.tiny = 1, bo.repeats = 3;
@@ -876,8 +885,8 @@ int main(int argc, char **argv) {
   }
 #endif
   culoss_context *ctx = NULL;
-  culoss_status st = bo.repeats < 0 ? CULOSS_ERROR_NO_DEVICE
-                                    : culoss_create(&ctx, CULOSS_BACKEND_CUDA, 0);
+  culoss_status st =
+      bo.repeats < 0 ? CULOSS_ERROR_NO_DEVICE : culoss_create(&ctx, CULOSS_BACKEND_CUDA, 0);
   if (bo.repeats < 0) bo.repeats = 5;
   if (st == CULOSS_ERROR_NO_DEVICE) return run_cpu(&bo);
   if (st != CULOSS_OK) {

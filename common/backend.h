@@ -42,7 +42,7 @@ size_t culoss__dtype_size(culoss_dtype dtype);
 
 /* Device-side scratch of a CUDA context (cudaMalloc'd at create). */
 typedef struct {
-  int error_flag;                            /* deferred errors, CULOSS__FLAG_* bits */
+  int error_flag; /* deferred errors, CULOSS__FLAG_* bits */
   int pad_;
   double prep_denom[CULOSS_MAX_PREP_BLOCKS]; /* partial sums of w_y (MEAN's D) */
   double prep_wsum[CULOSS_MAX_PREP_BLOCKS];  /* partial sums of class_weight (W) */
@@ -61,15 +61,15 @@ struct culoss_context {
   culoss__scratch *scratch; /* device memory (CUDA backend) */
   int *host_flag;           /* pinned host word for reading the flag */
   int sm_count;
-  int64_t grid_limit;       /* culoss_set_grid_limit: 0 = CULOSS_MAX_PARTIALS */
-  size_t smem_optin;        /* max dynamic shared memory per block */
-  void *cublas;             /* cublasHandle_t, created with the context */
-  void *cublas_ws;          /* its fixed workspace: nothing allocates during capture */
+  int64_t grid_limit; /* culoss_set_grid_limit: 0 = CULOSS_MAX_PARTIALS */
+  size_t smem_optin;  /* max dynamic shared memory per block */
+  void *cublas;       /* cublasHandle_t, created with the context */
+  void *cublas_ws;    /* its fixed workspace: nothing allocates during capture */
   /* Tuning knobs, read from the environment once, at culoss_create (README,
      "Tuning"): a call never reads the environment. */
-  int ce_tpr;               /* CULOSS_CE_SHAPE: CE threads per row; 0 = chosen by c */
-  size_t ce_cache_cap;      /* CULOSS_CE_CACHE_BYTES: cap on the row cache; SIZE_MAX = none */
-  int64_t lce_block_bytes;  /* CULOSS_LINEAR_CE_BLOCK_BYTES: linear CE logits block */
+  int ce_tpr;              /* CULOSS_CE_SHAPE: CE threads per row; 0 = chosen by c */
+  size_t ce_cache_cap;     /* CULOSS_CE_CACHE_BYTES: cap on the row cache; SIZE_MAX = none */
+  int64_t lce_block_bytes; /* CULOSS_LINEAR_CE_BLOCK_BYTES: linear CE logits block */
   struct culoss_context *next_live; /* the live-context list (host/context.c) */
 };
 
@@ -109,9 +109,9 @@ typedef enum {
 typedef struct {
   culoss__ew_op op;
   culoss_reduction reduction;
-  int64_t m;               /* elements */
-  int64_t c;               /* row length: pos_weight index is i % c (1 if unused) */
-  double divisor;          /* MEAN: m; BATCHMEAN: rows */
+  int64_t m;      /* elements */
+  int64_t c;      /* row length: pos_weight index is i % c (1 if unused) */
+  double divisor; /* MEAN: m; BATCHMEAN: rows */
   culoss_dtype dtype;
   const void *x;           /* input */
   const void *y;           /* target, same dtype */

@@ -32,29 +32,26 @@ __device__ __forceinline__ float to_f32(__nv_bfloat16 v) { return __bfloat162flo
 
 template <typename T> __device__ __forceinline__ T from_f32(float v);
 template <> __device__ __forceinline__ float from_f32<float>(float v) { return v; }
-template <> __device__ __forceinline__ __half from_f32<__half>(float v) { return __float2half_rn(v); }
+template <> __device__ __forceinline__ __half from_f32<__half>(float v) {
+  return __float2half_rn(v);
+}
 template <> __device__ __forceinline__ __nv_bfloat16 from_f32<__nv_bfloat16>(float v) {
   return __float2bfloat16_rn(v);
 }
 
 /* VEC elements of T, aligned to their total size so one access is one
    vector instruction. */
-template <typename T, int VEC> struct alignas(sizeof(T) * VEC) pack {
-  T v[VEC];
-};
+template <typename T, int VEC> struct alignas(sizeof(T) * VEC) pack { T v[VEC]; };
 
 /* Elements per 16-byte pack. */
-template <typename T> struct vec16 {
-  static constexpr int value = 16 / (int)sizeof(T);
-};
+template <typename T> struct vec16 { static constexpr int value = 16 / (int)sizeof(T); };
 
 /* NULL or 16-byte aligned: can take the pack path. */
 inline bool aligned16(const void *ptr) { return ptr == nullptr || ((uintptr_t)ptr & 15u) == 0; }
 
 /* Plain (coherent) loads, not ld.global.nc: with an in-place gradient the
    logits are overwritten during the kernel, so they are not read-only. */
-template <typename T, int VEC>
-__device__ __forceinline__ pack<T, VEC> load_pack(const T *p) {
+template <typename T, int VEC> __device__ __forceinline__ pack<T, VEC> load_pack(const T *p) {
   return *reinterpret_cast<const pack<T, VEC> *>(p);
 }
 

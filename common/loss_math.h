@@ -83,7 +83,7 @@ CULOSS_HD uint16_t culoss__f32_to_f16(float f) {
   uint32_t u = culoss__f32_bits(f);
   uint16_t sign = (uint16_t)((u >> 16) & 0x8000u);
   uint32_t a = u & 0x7fffffffu;
-  if (a > 0x7f800000u) return (uint16_t)(sign | 0x7e00u); /* NaN */
+  if (a > 0x7f800000u) return (uint16_t)(sign | 0x7e00u);  /* NaN */
   if (a >= 0x477ff000u) return (uint16_t)(sign | 0x7c00u); /* rounds to >= 65520: inf */
   if (a >= 0x38800000u) {
     /* normal half: rebias and round the 13 dropped bits to nearest even */

@@ -54,10 +54,9 @@ culoss_status cublas_create(culoss_context *ctx) {
 extern "C" culoss_status culoss__cublas_status(int status, const char *what) {
   const cublasStatus_t s = (cublasStatus_t)status;
   if (s == CUBLAS_STATUS_SUCCESS) return CULOSS_OK;
-  return culoss__error(s == CUBLAS_STATUS_ALLOC_FAILED ? CULOSS_ERROR_OUT_OF_MEMORY
-                                                       : CULOSS_ERROR_CUBLAS,
-                       "%s failed: %s (%s)", what, cublasGetStatusName(s),
-                       cublasGetStatusString(s));
+  return culoss__error(
+      s == CUBLAS_STATUS_ALLOC_FAILED ? CULOSS_ERROR_OUT_OF_MEMORY : CULOSS_ERROR_CUBLAS,
+      "%s failed: %s (%s)", what, cublasGetStatusName(s), cublasGetStatusString(s));
 }
 
 extern "C" culoss_status culoss__cuda_context_init(culoss_context *ctx) {

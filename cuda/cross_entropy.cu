@@ -94,7 +94,6 @@ struct row_acc_merge {
   }
 };
 
-
 /* The accumulator of a row with no values yet (or of a group without a row). */
 __device__ __forceinline__ row_acc empty_acc() {
   row_acc a;
@@ -230,8 +229,8 @@ __device__ __forceinline__ row_job begin_row(const ce_params &p, int64_t row, fl
     j.kind = ROW_NONE;
     return j;
   }
-  j.scale = p.reduction == CULOSS_REDUCTION_NONE ? (p.grad_loss ? p.grad_loss[row] : 1.0f)
-                                                 : red_scale;
+  j.scale =
+      p.reduction == CULOSS_REDUCTION_NONE ? (p.grad_loss ? p.grad_loss[row] : 1.0f) : red_scale;
   if constexpr (MODE != CULOSS__CE_SOFT) {
     j.t = culoss__target_at(p.targets, p.ttype, row);
     const bool ignored = j.t == p.ignore_index;
@@ -287,8 +286,8 @@ __device__ __forceinline__ row_acc pass1(const ce_params &p, const row_job &job,
   const int64_t c = p.c, nvec = c / VEC;
   const float eps = p.eps, cap = p.cap;
   const T *xr = static_cast<const T *>(p.x) + job.row * p.ld; /* 64-bit: row * ld > 2^31 */
-  const T *yr = MODE == CULOSS__CE_SOFT ? static_cast<const T *>(p.probs) + job.row * p.ld
-                                        : nullptr;
+  const T *yr =
+      MODE == CULOSS__CE_SOFT ? static_cast<const T *>(p.probs) + job.row * p.ld : nullptr;
   const bool want_sx = MODE == CULOSS__CE_SOFT || eps > 0.0f;
   row_acc acc = empty_acc();
 #pragma unroll 4
@@ -360,8 +359,8 @@ struct row_grad {
    lane gets the gradient's per-row constants. */
 template <int MODE>
 __device__ __forceinline__ row_grad finish_row(const ce_params &p, const row_job &job,
-                                               const row_acc &r, float wsum, int lane,
-                                               bool per_row, double &block_sum) {
+                                               const row_acc &r, float wsum, int lane, bool per_row,
+                                               double &block_sum) {
   const float eps = p.eps;
   const float lse = culoss__lse_value(r.lse);
   row_grad g;
@@ -395,15 +394,14 @@ __device__ __forceinline__ row_grad finish_row(const ce_params &p, const row_job
 /* The gradient pass over this lane's share of a ROW_LIVE row: written once,
    from the cached packs (or a re-read of the rest). */
 template <typename T, int MODE, int TPR, int VEC>
-__device__ __forceinline__ void grad_pass(const ce_params &p, const row_job &job,
-                                          const row_grad &g, int lane,
-                                          const pack<T, VEC> *cache) {
+__device__ __forceinline__ void grad_pass(const ce_params &p, const row_job &job, const row_grad &g,
+                                          int lane, const pack<T, VEC> *cache) {
   typedef pack<T, VEC> pack_t;
   const int64_t c = p.c, nvec = c / VEC;
   const float eps = p.eps, cap = p.cap;
   const T *xr = static_cast<const T *>(p.x) + job.row * p.ld;
-  const T *yr = MODE == CULOSS__CE_SOFT ? static_cast<const T *>(p.probs) + job.row * p.ld
-                                        : nullptr;
+  const T *yr =
+      MODE == CULOSS__CE_SOFT ? static_cast<const T *>(p.probs) + job.row * p.ld : nullptr;
   T *gr = static_cast<T *>(p.grad) + job.row * p.ld;
   auto grad_at = [&](float x, float y, int64_t j) -> T {
     const float xs = culoss__softcap(x, cap);
@@ -504,8 +502,7 @@ __global__ void __launch_bounds__(NLL_THREADS) nll_kernel(ce_params p) {
     for (int64_t j = nvec * VEC + lane; j < c; j += 32) gr[j] = from_f32<T>(j == job.t ? gt : 0.0f);
   }
   if (!per_row)
-    store_block_sum<NLL_THREADS>(lane == 0 ? block_sum : 0.0,
-                                 &p.scratch->partial_loss[blockIdx.x]);
+    store_block_sum<NLL_THREADS>(lane == 0 ? block_sum : 0.0, &p.scratch->partial_loss[blockIdx.x]);
 }
 
 /* ------------------------------------------------------------------------ */
@@ -603,8 +600,8 @@ culoss_status ce_launch_prep(const ce_params *p_in, ce_params *p, int mode, cuda
     p->div.prep = p->scratch->prep_denom;
     p->div.prep_count = (int)blocks;
   }
-  const cudaError_t e = launch(ce_prep_kernel, dim3((unsigned)blocks), dim3(PREP_THREADS), 0,
-                               stream, *p, mode);
+  const cudaError_t e =
+      launch(ce_prep_kernel, dim3((unsigned)blocks), dim3(PREP_THREADS), 0, stream, *p, mode);
   return e == cudaSuccess ? CULOSS_OK : culoss__cuda_status(e, "launch of ce_prep_kernel");
 }
 

@@ -56,8 +56,8 @@ culoss_status ce_launch_prep(const ce_params *p_in, ce_params *p, int mode, cuda
 /* Launches the fused kernel (NLL's gather for mode CULOSS__NLL) over p.n
    rows; *grid receives its block count (the number of per-block partials
    it wrote when reduced and !rows_out). */
-culoss_status ce_launch_main(culoss_context *ctx, ce_params &p, int mode, int dtype,
-                             int64_t *grid, cudaStream_t s);
+culoss_status ce_launch_main(culoss_context *ctx, ce_params &p, int mode, int dtype, int64_t *grid,
+                             cudaStream_t s);
 
 } // namespace culoss_dev
 

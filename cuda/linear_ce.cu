@@ -57,15 +57,15 @@ culoss_status gemm(cublasHandle_t h, cublasOperation_t ta, cublasOperation_t tb,
                    const void *B, cudaDataType_t bt, int64_t ldb, float beta, void *C,
                    cudaDataType_t ct, int64_t ldc, const char *what) {
   const float alpha = 1.0f;
-  return culoss__cublas_status(cublasGemmEx(h, ta, tb, (int)m, (int)n, (int)k, &alpha, A, at, (int)lda, B,
-                                    bt, (int)ldb, &beta, C, ct, (int)ldc, CUBLAS_COMPUTE_32F,
-                                    CUBLAS_GEMM_DEFAULT),
-                       what);
+  return culoss__cublas_status(cublasGemmEx(h, ta, tb, (int)m, (int)n, (int)k, &alpha, A, at,
+                                            (int)lda, B, bt, (int)ldb, &beta, C, ct, (int)ldc,
+                                            CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT),
+                               what);
 }
 
 template <typename T>
-__global__ void __launch_bounds__(LT) bias_fill_kernel(T *tile, const T *bias, int64_t cols,
-                                                       int64_t ld) {
+__global__ void __launch_bounds__(LT)
+    bias_fill_kernel(T *tile, const T *bias, int64_t cols, int64_t ld) {
   T *row = tile + (int64_t)blockIdx.y * ld;
   for (int64_t j = (int64_t)blockIdx.x * LT + threadIdx.x; j < cols; j += (int64_t)gridDim.x * LT)
     row[j] = bias[j];
@@ -73,11 +73,10 @@ __global__ void __launch_bounds__(LT) bias_fill_kernel(T *tile, const T *bias, i
 
 /* acc[j] (+)= sum over rows of tile[i, j], rows in order: deterministic. */
 template <typename T>
-__global__ void __launch_bounds__(LT) colsum_kernel(const T *tile, int64_t rows, int64_t cols,
-                                                    int64_t ld, float *acc, int init) {
+__global__ void __launch_bounds__(LT)
+    colsum_kernel(const T *tile, int64_t rows, int64_t cols, int64_t ld, float *acc, int init) {
   /* grid-stride: blocks_for caps the grid at 65535 blocks */
-  for (int64_t j = (int64_t)blockIdx.x * LT + threadIdx.x; j < cols;
-       j += (int64_t)gridDim.x * LT) {
+  for (int64_t j = (int64_t)blockIdx.x * LT + threadIdx.x; j < cols; j += (int64_t)gridDim.x * LT) {
     float s = 0.0f;
     for (int64_t i = 0; i < rows; i++) s += to_f32(tile[i * ld + j]);
     acc[j] = init ? s : acc[j] + s;
@@ -98,7 +97,7 @@ __global__ void __launch_bounds__(LT)
                            const float4 *stats, const void *targets, int ttype,
                            const float *class_weight, float eps, float cap) {
   const int64_t i = blockIdx.y;
-  const float4 st = stats[2 * i];  /* m, log_s, coef_a, (1-eps) w_y */
+  const float4 st = stats[2 * i]; /* m, log_s, coef_a, (1-eps) w_y */
   const float scale = stats[2 * i + 1].x;
   const int64_t t = culoss__target_at(targets, ttype, i);
   T *row = tile + i * ld;
@@ -115,8 +114,8 @@ __global__ void __launch_bounds__(LT)
   }
 }
 
-__global__ void __launch_bounds__(LT) row_loss_sum_kernel(const float *row_loss, int64_t n,
-                                                          double *partials) {
+__global__ void __launch_bounds__(LT)
+    row_loss_sum_kernel(const float *row_loss, int64_t n, double *partials) {
   double s = 0.0;
   for (int64_t i = (int64_t)blockIdx.x * LT + threadIdx.x; i < n; i += (int64_t)gridDim.x * LT)
     s += row_loss[i];
@@ -129,15 +128,15 @@ inline unsigned blocks_for(int64_t count) {
   return (unsigned)(b > 65535 ? 65535 : b);
 }
 
-#define CU_TRY(expr, what)                                    \
-  do {                                                        \
-    cudaError_t e_ = (expr);                                  \
-    if (e_ != cudaSuccess) return culoss__cuda_status(e_, what); \
+#define CU_TRY(expr, what)                                                                         \
+  do {                                                                                             \
+    cudaError_t e_ = (expr);                                                                       \
+    if (e_ != cudaSuccess) return culoss__cuda_status(e_, what);                                   \
   } while (0)
-#define CL_TRY(expr)                     \
-  do {                                   \
-    culoss_status s_ = (expr);           \
-    if (s_ != CULOSS_OK) return s_;      \
+#define CL_TRY(expr)                                                                               \
+  do {                                                                                             \
+    culoss_status s_ = (expr);                                                                     \
+    if (s_ != CULOSS_OK) return s_;                                                                \
   } while (0)
 
 template <typename T> culoss_status run(culoss_context *ctx, const culoss__lce_args *a) {
@@ -177,7 +176,8 @@ template <typename T> culoss_status run(culoss_context *ctx, const culoss__lce_a
 
   if (n == 0) { /* nothing to accumulate: zero gradients */
     if (a->grad_weight)
-      CU_TRY(cudaMemsetAsync(a->grad_weight, 0, (size_t)(v * d) * sizeof(T), stream), "cudaMemsetAsync");
+      CU_TRY(cudaMemsetAsync(a->grad_weight, 0, (size_t)(v * d) * sizeof(T), stream),
+             "cudaMemsetAsync");
     if (a->grad_bias)
       CU_TRY(cudaMemsetAsync(a->grad_bias, 0, (size_t)v * sizeof(T), stream), "cudaMemsetAsync");
   }
@@ -237,8 +237,7 @@ template <typename T> culoss_status run(culoss_context *ctx, const culoss__lce_a
         CU_TRY(launch(grad_from_stats_kernel<T>, dim3(blocks_for(vc), (unsigned)nr), dim3(LT), 0,
                       stream, tile, vc, vc, c0, v, (const float4 *)(row_stats + 2 * r0),
                       (const void *)(static_cast<const char *>(a->targets) + (size_t)r0 * tsz),
-                      (int)a->ttype, a->o.class_weight, a->o.label_smoothing,
-                      a->o.logit_softcap),
+                      (int)a->ttype, a->o.class_weight, a->o.label_smoothing, a->o.logit_softcap),
                "launch of grad_from_stats_kernel");
         CL_TRY(gemm(h, CUBLAS_OP_N, CUBLAS_OP_T, d, vc, nr, Hr, ty, d, tile, ty, vc,
                     r0 == 0 ? 0.0f : 1.0f, gw_acc, CUDA_R_32F, d,
@@ -263,8 +262,7 @@ template <typename T> culoss_status run(culoss_context *ctx, const culoss__lce_a
                   (const float *)row_loss, n, ctx->scratch->partial_loss),
            "launch of row_loss_sum_kernel");
   }
-  return culoss__finish_reduction(ctx, n > 0 ? (int)grid : 0, a->loss, (int)a->o.reduction,
-                                  p.div);
+  return culoss__finish_reduction(ctx, n > 0 ? (int)grid : 0, a->loss, (int)a->o.reduction, p.div);
 }
 
 } // namespace

@@ -114,7 +114,8 @@ __global__ void __launch_bounds__(MM_THREADS) mm_kernel(mm_params p) {
         p.loss[row] = row_loss;
     }
   }
-  if (reduced) store_block_sum<MM_THREADS>(lane == 0 ? my_loss : 0.0, &p.scratch->partial_loss[blockIdx.x]);
+  if (reduced)
+    store_block_sum<MM_THREADS>(lane == 0 ? my_loss : 0.0, &p.scratch->partial_loss[blockIdx.x]);
 }
 
 template <typename T>

@@ -59,8 +59,7 @@ __device__ __forceinline__ float reduced_grad_scale(int reduction, const float *
    Every thread of the block must call it. The TempStorage is one static
    shared variable per instantiation, so the trailing barrier makes a second
    call safe. */
-template <int BLOCK>
-__device__ __forceinline__ void store_block_sum(double v, double *dst) {
+template <int BLOCK> __device__ __forceinline__ void store_block_sum(double v, double *dst) {
   typedef cub::BlockReduce<double, BLOCK> reduce_t;
   __shared__ typename reduce_t::TempStorage tmp;
   const double s = reduce_t(tmp).Sum(v);

@@ -63,13 +63,13 @@ static double accuracy(const float *logits, const int64_t *y, int n) {
   return (double)right / n;
 }
 
-#define CHECK(call)                                                                    \
-  do {                                                                                 \
-    culoss_status s_ = (call);                                                         \
-    if (s_ != CULOSS_OK) {                                                             \
-      fprintf(stderr, "%s: %s (%s)\n", #call, culoss_status_string(s_), culoss_last_error()); \
-      exit(1);                                                                         \
-    }                                                                                  \
+#define CHECK(call)                                                                                \
+  do {                                                                                             \
+    culoss_status s_ = (call);                                                                     \
+    if (s_ != CULOSS_OK) {                                                                         \
+      fprintf(stderr, "%s: %s (%s)\n", #call, culoss_status_string(s_), culoss_last_error());      \
+      exit(1);                                                                                     \
+    }                                                                                              \
   } while (0)
 
 /* ---------------------------------------------------------------- CPU */
@@ -106,8 +106,8 @@ static double train_cpu(const float *xtr, const int64_t *ytr, const float *xte, 
     }
     matmul_xwT(xte, w, logits, NTEST);
     acc = accuracy(logits, yte, NTEST);
-    printf("epoch %2d  train loss %.4f  test accuracy %.4f\n", e + 1,
-           loss_sum / (NTRAIN / BATCH), acc);
+    printf("epoch %2d  train loss %.4f  test accuracy %.4f\n", e + 1, loss_sum / (NTRAIN / BATCH),
+           acc);
   }
   free(w), free(logits), free(dw);
   culoss_destroy(ctx);
@@ -116,26 +116,25 @@ static double train_cpu(const float *xtr, const int64_t *ytr, const float *xte, 
 
 /* ---------------------------------------------------------------- GPU */
 #ifdef CULOSS_HAVE_CUDA
-#define CU(call)                                                                        \
-  do {                                                                                  \
-    cudaError_t e_ = (call);                                                            \
-    if (e_ != cudaSuccess) {                                                            \
-      fprintf(stderr, "%s: %s\n", #call, cudaGetErrorString(e_));                      \
-      exit(1);                                                                          \
-    }                                                                                   \
+#define CU(call)                                                                                   \
+  do {                                                                                             \
+    cudaError_t e_ = (call);                                                                       \
+    if (e_ != cudaSuccess) {                                                                       \
+      fprintf(stderr, "%s: %s\n", #call, cudaGetErrorString(e_));                                  \
+      exit(1);                                                                                     \
+    }                                                                                              \
   } while (0)
-#define CB(call)                                                                        \
-  do {                                                                                  \
-    cublasStatus_t s_ = (call);                                                         \
-    if (s_ != CUBLAS_STATUS_SUCCESS) {                                                  \
-      fprintf(stderr, "%s: cuBLAS status %d\n", #call, (int)s_);                       \
-      exit(1);                                                                          \
-    }                                                                                   \
+#define CB(call)                                                                                   \
+  do {                                                                                             \
+    cublasStatus_t s_ = (call);                                                                    \
+    if (s_ != CUBLAS_STATUS_SUCCESS) {                                                             \
+      fprintf(stderr, "%s: cuBLAS status %d\n", #call, (int)s_);                                   \
+      exit(1);                                                                                     \
+    }                                                                                              \
   } while (0)
 
 /* Row-major [n,F] x [K,F]^T = [n,K]: column-major, logits^T (K x n) = W (K x F) X^T. */
-static void gemm_logits(cublasHandle_t h, const float *d_x, const float *d_w, float *d_out,
-                        int n) {
+static void gemm_logits(cublasHandle_t h, const float *d_x, const float *d_w, float *d_out, int n) {
   const float one = 1.0f, zero = 0.0f;
   CB(cublasSgemm(h, CUBLAS_OP_T, CUBLAS_OP_N, K, n, F, &one, d_w, F, d_x, F, &zero, d_out, K));
 }
@@ -160,8 +159,8 @@ static void step(const step_t *s) {
   CB(cublasSaxpy(s->h, K * F, &neg_lr, s->d_dw, 1, s->d_w, 1));
 }
 
-static double train_gpu(culoss_context *ctx, const float *xtr, const int64_t *ytr,
-                        const float *xte, const int64_t *yte, int epochs, float lr, int graph) {
+static double train_gpu(culoss_context *ctx, const float *xtr, const int64_t *ytr, const float *xte,
+                        const int64_t *yte, int epochs, float lr, int graph) {
   cudaStream_t stream;
   cublasHandle_t h;
   CU(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
@@ -220,8 +219,8 @@ static double train_gpu(culoss_context *ctx, const float *xtr, const int64_t *yt
     gemm_logits(h, d_xte, s.d_w, s.d_logits, NTEST);
     CHECK(culoss_download(ctx, host_logits, s.d_logits, sizeof(float) * NTEST * K));
     acc = accuracy(host_logits, yte, NTEST);
-    printf("epoch %2d  train loss %.4f  test accuracy %.4f\n", e + 1,
-           loss_sum / (NTRAIN / BATCH), acc);
+    printf("epoch %2d  train loss %.4f  test accuracy %.4f\n", e + 1, loss_sum / (NTRAIN / BATCH),
+           acc);
   }
   if (exec) CU(cudaGraphExecDestroy(exec));
   culoss_free(ctx, d_xtr), culoss_free(ctx, d_xte), culoss_free(ctx, d_ytr);

@@ -82,7 +82,7 @@ static culoss_status read_tuning(culoss_context *c) {
   static const struct {
     const char *name;
     int tpr;
-  } shapes[] = {{"thread", 1}, {"1", 1},     {"8", 8},       {"warp", 32},
+  } shapes[] = {{"thread", 1}, {"1", 1},     {"8", 8},      {"warp", 32},
                 {"32", 32},    {"256", 256}, {"1024", 1024}};
   const char *e = getenv("CULOSS_CE_SHAPE");
   unsigned long long b;
@@ -116,13 +116,13 @@ static culoss_status read_tuning(culoss_context *c) {
 }
 
 #ifdef CULOSS_HAVE_CUDA
-#define CUDA_TRY(call)                     \
-  do {                                     \
-    cudaError_t e_ = (call);               \
-    if (e_ != cudaSuccess) {               \
-      st = culoss__cuda_status(e_, #call); \
-      goto done;                           \
-    }                                      \
+#define CUDA_TRY(call)                                                                             \
+  do {                                                                                             \
+    cudaError_t e_ = (call);                                                                       \
+    if (e_ != cudaSuccess) {                                                                       \
+      st = culoss__cuda_status(e_, #call);                                                         \
+      goto done;                                                                                   \
+    }                                                                                              \
   } while (0)
 
 /* Whether a CUDA driver is installed at all. Without one the runtime says
@@ -148,12 +148,13 @@ static culoss_status create_cuda(culoss_context *c, int device) {
     if (e == cudaSuccess || e == cudaErrorNoDevice ||
         (e == cudaErrorInsufficientDriver && !cuda_driver_installed()))
       return culoss__error(CULOSS_ERROR_NO_DEVICE, "culoss_create: no usable CUDA device (%s)",
-                           e == cudaSuccess ? "device count is 0"
+                           e == cudaSuccess         ? "device count is 0"
                            : e == cudaErrorNoDevice ? cudaGetErrorString(e)
                                                     : "no CUDA driver is installed");
     return culoss__error(CULOSS_ERROR_CUDA,
                          "culoss_create: CUDA is present but unusable: cudaGetDeviceCount: %s "
-                         "(error %d)", cudaGetErrorString(e), (int)e);
+                         "(error %d)",
+                         cudaGetErrorString(e), (int)e);
   }
   if (device < 0 || device >= count)
     return culoss__error(CULOSS_ERROR_INVALID_VALUE,
@@ -193,7 +194,8 @@ culoss_status culoss_create(culoss_context **ctx, culoss_backend backend, int de
                          "(configured with CULOSS_ENABLE_CUDA=OFF)");
 #endif
   c = (culoss_context *)calloc(1, sizeof *c);
-  if (c == NULL) return culoss__error(CULOSS_ERROR_OUT_OF_MEMORY, "culoss_create: out of host memory");
+  if (c == NULL)
+    return culoss__error(CULOSS_ERROR_OUT_OF_MEMORY, "culoss_create: out of host memory");
   c->backend = backend;
   c->device = backend == CULOSS_BACKEND_CPU ? -1 : device;
   st = read_tuning(c);

@@ -23,12 +23,13 @@ void culoss_cross_entropy_options_init(culoss_cross_entropy_options *o) {
 culoss_status culoss__check_ce_options(const char *fn, const culoss_cross_entropy_options *o) {
   CULOSS__TRY(culoss__check_reduction(fn, o->reduction, 0));
   if (!(o->label_smoothing >= 0.0f && o->label_smoothing <= 1.0f))
-    return CULOSS__BAD("%s: label_smoothing = %g must be in [0, 1]", fn, (double)o->label_smoothing);
+    return CULOSS__BAD("%s: label_smoothing = %g must be in [0, 1]", fn,
+                       (double)o->label_smoothing);
   if (!(o->z_loss >= 0.0f && isfinite(o->z_loss)))
     return CULOSS__BAD("%s: z_loss = %g must be finite and >= 0", fn, (double)o->z_loss);
   if (!(o->logit_softcap >= 0.0f && isfinite(o->logit_softcap)))
     return CULOSS__BAD("%s: logit_softcap = %g must be finite and >= 0 (0 = off)", fn,
-               (double)o->logit_softcap);
+                       (double)o->logit_softcap);
   return CULOSS_OK;
 }
 
@@ -42,13 +43,15 @@ static culoss_status validate(const culoss_context *ctx, const char *fn, culoss_
   CULOSS__TRY(culoss__check_ce_options(fn, o));
   if (a->mode == CULOSS__NLL &&
       (o->label_smoothing != 0.0f || o->z_loss != 0.0f || o->logit_softcap != 0.0f))
-    return CULOSS__BAD("%s: label_smoothing, z_loss and logit_softcap do not apply to NLL; they must be 0",
-               fn);
+    return CULOSS__BAD(
+        "%s: label_smoothing, z_loss and logit_softcap do not apply to NLL; they must be 0", fn);
   if (a->loss == NULL) return CULOSS__BAD("%s: loss is NULL", fn);
   if (a->n > 0) {
     if (a->x == NULL) return CULOSS__BAD("%s: %s is NULL", fn, xname);
-    if (a->mode == CULOSS__CE_SOFT && a->probs == NULL) return CULOSS__BAD("%s: target_probs is NULL", fn);
-    if (a->mode != CULOSS__CE_SOFT && a->targets == NULL) return CULOSS__BAD("%s: targets is NULL", fn);
+    if (a->mode == CULOSS__CE_SOFT && a->probs == NULL)
+      return CULOSS__BAD("%s: target_probs is NULL", fn);
+    if (a->mode != CULOSS__CE_SOFT && a->targets == NULL)
+      return CULOSS__BAD("%s: targets is NULL", fn);
   }
   return CULOSS_OK;
 }
@@ -64,8 +67,8 @@ static culoss_status run(culoss_context *ctx, const char *fn, culoss__ce_args *a
     /* a non-ignored target outside [0, c) is returned by the call itself,
        found before anything is written */
     if (a->mode != CULOSS__CE_SOFT)
-      CULOSS__TRY(culoss__check_targets_cpu(fn, a->targets, a->ttype, a->n, a->c, 1,
-                                            a->o.ignore_index));
+      CULOSS__TRY(
+          culoss__check_targets_cpu(fn, a->targets, a->ttype, a->n, a->c, 1, a->o.ignore_index));
     return culoss__cpu_cross_entropy(a);
   }
   return culoss__dispatch_cuda(ctx, fn, culoss__cuda_cross_entropy, a);

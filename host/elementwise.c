@@ -86,7 +86,8 @@ static culoss_status bce_common(culoss_context *ctx, const char *fn, culoss__ew_
   culoss__ew_args a = {0};
   if (o == NULL) culoss_bce_options_init(&d), o = &d;
   if (op == CULOSS__EW_BCE && o->pos_weight != NULL)
-    return CULOSS__BAD("%s: pos_weight must be NULL for culoss_bce (use culoss_bce_with_logits)", fn);
+    return CULOSS__BAD("%s: pos_weight must be NULL for culoss_bce (use culoss_bce_with_logits)",
+                       fn);
   a.op = op, a.reduction = o->reduction, a.dtype = dtype, a.x = x, a.y = y;
   a.weight = o->weight, a.pos_weight = o->pos_weight;
   a.loss = loss, a.grad = grad, a.grad_loss = grad_loss;
@@ -109,13 +110,14 @@ culoss_status culoss_bce(culoss_context *ctx, const culoss_bce_options *o, int64
 }
 
 culoss_status culoss_hinge(culoss_context *ctx, const culoss_hinge_options *o, int64_t n,
-                           culoss_dtype dtype, const void *scores, const void *targets,
-                           float *loss, void *grad_scores, const float *grad_loss) {
+                           culoss_dtype dtype, const void *scores, const void *targets, float *loss,
+                           void *grad_scores, const float *grad_loss) {
   const char *fn = "culoss_hinge";
   culoss_hinge_options d;
   culoss__ew_args a = {0};
   if (o == NULL) culoss_hinge_options_init(&d), o = &d;
-  if (!isfinite(o->margin)) return CULOSS__BAD("%s: margin = %g must be finite", fn, (double)o->margin);
+  if (!isfinite(o->margin))
+    return CULOSS__BAD("%s: margin = %g must be finite", fn, (double)o->margin);
   if (o->squared != 0 && o->squared != 1)
     return CULOSS__BAD("%s: squared = %d must be 0 or 1", fn, o->squared);
   a.op = CULOSS__EW_HINGE, a.reduction = o->reduction, a.dtype = dtype, a.x = scores, a.y = targets;
@@ -144,8 +146,8 @@ static culoss_status regression(culoss_context *ctx, const char *fn, culoss__ew_
 culoss_status culoss_mse(culoss_context *ctx, const culoss_regression_options *o, int64_t n,
                          culoss_dtype dtype, const void *input, const void *target, float *loss,
                          void *grad_input, const float *grad_loss) {
-  return regression(ctx, "culoss_mse", CULOSS__EW_MSE, o, n, dtype, input, target, loss,
-                    grad_input, grad_loss);
+  return regression(ctx, "culoss_mse", CULOSS__EW_MSE, o, n, dtype, input, target, loss, grad_input,
+                    grad_loss);
 }
 
 culoss_status culoss_l1(culoss_context *ctx, const culoss_regression_options *o, int64_t n,
@@ -165,8 +167,8 @@ culoss_status culoss_huber(culoss_context *ctx, const culoss_regression_options 
 culoss_status culoss_smooth_l1(culoss_context *ctx, const culoss_regression_options *o, int64_t n,
                                culoss_dtype dtype, const void *input, const void *target,
                                float *loss, void *grad_input, const float *grad_loss) {
-  return regression(ctx, "culoss_smooth_l1", CULOSS__EW_SMOOTH_L1, o, n, dtype, input, target,
-                    loss, grad_input, grad_loss);
+  return regression(ctx, "culoss_smooth_l1", CULOSS__EW_SMOOTH_L1, o, n, dtype, input, target, loss,
+                    grad_input, grad_loss);
 }
 
 culoss_status culoss_kl_div(culoss_context *ctx, const culoss_kl_div_options *o, int64_t n,

@@ -45,12 +45,8 @@ static double element(const culoss__ew_args *a, int64_t i, double *d) {
     *d = z > 0 ? -y : 0.0;
     return zp;
   }
-  case CULOSS__EW_MSE:
-    *d = 2.0 * r;
-    return r * r;
-  case CULOSS__EW_L1:
-    *d = sign0(r);
-    return fabs(r);
+  case CULOSS__EW_MSE: *d = 2.0 * r; return r * r;
+  case CULOSS__EW_L1: *d = sign0(r); return fabs(r);
   case CULOSS__EW_HUBER:
     *d = isnan(r) ? r : fmin(fmax(r, -p), p);
     return fabs(r) < p ? 0.5 * r * r : p * (fabs(r) - 0.5 * p);

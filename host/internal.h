@@ -18,10 +18,10 @@ extern "C" {
 #define CULOSS__BAD(...) culoss__error(CULOSS_ERROR_INVALID_VALUE, __VA_ARGS__)
 
 /* Returns from the calling function when `expr` (a culoss_status) fails. */
-#define CULOSS__TRY(expr)                   \
-  do {                                      \
-    const culoss_status try_st_ = (expr);   \
-    if (try_st_ != CULOSS_OK) return try_st_; \
+#define CULOSS__TRY(expr)                                                                          \
+  do {                                                                                             \
+    const culoss_status try_st_ = (expr);                                                          \
+    if (try_st_ != CULOSS_OK) return try_st_;                                                      \
   } while (0)
 
 /* ------------------------------------------------------- argument checks */
@@ -39,8 +39,7 @@ culoss_status culoss__check_reduction(const char *fn, culoss_reduction r, int al
 culoss_status culoss__check_rows(const char *fn, int64_t n, int64_t c, int64_t ld);
 /* Class targets in [0, c) unless equal to ignore_index (when has_ignore). */
 culoss_status culoss__check_targets_cpu(const char *fn, const void *targets, culoss_index_type t,
-                                        int64_t n, int64_t c, int has_ignore,
-                                        int64_t ignore_index);
+                                        int64_t n, int64_t c, int has_ignore, int64_t ignore_index);
 /* reduction (NONE/SUM/MEAN), label_smoothing, z_loss, logit_softcap
    (host/cross_entropy.c). */
 culoss_status culoss__check_ce_options(const char *fn, const culoss_cross_entropy_options *o);

@@ -43,8 +43,8 @@ static culoss_status check_sizes(const char *fn, int64_t n, int64_t d, int64_t v
   if (d < 1) return CULOSS__BAD("%s: d = %lld must be >= 1", fn, (long long)d);
   if (v < 1) return CULOSS__BAD("%s: v = %lld must be >= 1", fn, (long long)v);
   if (d > INT64_MAX / 4 / v || (n > 0 && d > INT64_MAX / 4 / n))
-    return CULOSS__BAD("%s: n, d, v = %lld, %lld, %lld overflow 64-bit byte offsets", fn, (long long)n,
-               (long long)d, (long long)v);
+    return CULOSS__BAD("%s: n, d, v = %lld, %lld, %lld overflow 64-bit byte offsets", fn,
+                       (long long)n, (long long)d, (long long)v);
   if (n > INT32_MAX || d > INT32_MAX || v > INT32_MAX)
     return culoss__error(CULOSS_ERROR_NOT_SUPPORTED,
                          "%s: n, d and v must each fit cuBLAS's 32-bit dimensions", fn);
@@ -64,14 +64,11 @@ culoss_status culoss_linear_cross_entropy_workspace_size(culoss_context *ctx, in
   return CULOSS_OK;
 }
 
-culoss_status culoss_linear_cross_entropy(culoss_context *ctx,
-                                          const culoss_cross_entropy_options *o, int64_t n,
-                                          int64_t d, int64_t v, culoss_dtype dtype,
-                                          const void *hidden, const void *weight, const void *bias,
-                                          culoss_index_type ttype, const void *targets,
-                                          float *loss, void *grad_hidden, void *grad_weight,
-                                          void *grad_bias, const float *grad_loss, void *workspace,
-                                          size_t workspace_bytes) {
+culoss_status culoss_linear_cross_entropy(
+    culoss_context *ctx, const culoss_cross_entropy_options *o, int64_t n, int64_t d, int64_t v,
+    culoss_dtype dtype, const void *hidden, const void *weight, const void *bias,
+    culoss_index_type ttype, const void *targets, float *loss, void *grad_hidden, void *grad_weight,
+    void *grad_bias, const float *grad_loss, void *workspace, size_t workspace_bytes) {
   const char *fn = "culoss_linear_cross_entropy";
   culoss__lce_args a;
   memset(&a, 0, sizeof a);
@@ -104,8 +101,8 @@ culoss_status culoss_linear_cross_entropy(culoss_context *ctx,
     const size_t need = culoss__lce_plan(n, d, v, dtype, ctx->lce_block_bytes).total;
     if (workspace_bytes < need)
       return CULOSS__BAD("%s: workspace_bytes = %zu is less than the %zu bytes "
-                 "culoss_linear_cross_entropy_workspace_size gives",
-                 fn, workspace_bytes, need);
+                         "culoss_linear_cross_entropy_workspace_size gives",
+                         fn, workspace_bytes, need);
     if (workspace == NULL) return CULOSS__BAD("%s: workspace is NULL", fn);
   }
   return culoss__dispatch_cuda(ctx, fn, culoss__cuda_linear_cross_entropy, &a);

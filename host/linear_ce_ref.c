@@ -44,7 +44,8 @@ culoss_status culoss__cpu_linear_cross_entropy(const culoss__lce_args *a) {
     if (a->grad_hidden)
       for (k = 0; k < d; k++) {
         double s = 0.0;
-        for (j = 0; j < v; j++) s += g[j] * (double)culoss__load_f32(a->weight, a->dtype, j * d + k);
+        for (j = 0; j < v; j++)
+          s += g[j] * (double)culoss__load_f32(a->weight, a->dtype, j * d + k);
         culoss__store_f32(a->grad_hidden, a->dtype, i * d + k, (float)s);
       }
     if (gw)

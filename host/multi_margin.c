@@ -31,7 +31,8 @@ culoss_status culoss_multi_margin(culoss_context *ctx, const culoss_multi_margin
   CULOSS__TRY(culoss__check_index_type(fn, ttype));
   CULOSS__TRY(culoss__check_reduction(fn, a.o.reduction, 0));
   if (a.o.p != 1 && a.o.p != 2) return CULOSS__BAD("%s: p = %d must be 1 or 2", fn, a.o.p);
-  if (!isfinite(a.o.margin)) return CULOSS__BAD("%s: margin = %g must be finite", fn, (double)a.o.margin);
+  if (!isfinite(a.o.margin))
+    return CULOSS__BAD("%s: margin = %g must be finite", fn, (double)a.o.margin);
   if (loss == NULL) return CULOSS__BAD("%s: loss is NULL", fn);
   if (n > 0 && scores == NULL) return CULOSS__BAD("%s: scores is NULL", fn);
   if (n > 0 && targets == NULL) return CULOSS__BAD("%s: targets is NULL", fn);

@@ -66,12 +66,12 @@ extern "C" {
 
 typedef enum {
   CULOSS_OK = 0,
-  CULOSS_ERROR_INVALID_VALUE = 1,     /* NULL pointer, negative size, bad enum, bad option */
+  CULOSS_ERROR_INVALID_VALUE = 1,       /* NULL pointer, negative size, bad enum, bad option */
   CULOSS_ERROR_TARGET_OUT_OF_RANGE = 2, /* a non-ignored class target outside [0, c) */
-  CULOSS_ERROR_NOT_SUPPORTED = 3,     /* valid request this backend/build cannot do */
-  CULOSS_ERROR_NO_DEVICE = 4,         /* no usable CUDA device (or built without CUDA) */
+  CULOSS_ERROR_NOT_SUPPORTED = 3,       /* valid request this backend/build cannot do */
+  CULOSS_ERROR_NO_DEVICE = 4,           /* no usable CUDA device (or built without CUDA) */
   CULOSS_ERROR_OUT_OF_MEMORY = 5,
-  CULOSS_ERROR_CUDA = 6,              /* a CUDA runtime call failed; see culoss_last_error() */
+  CULOSS_ERROR_CUDA = 6, /* a CUDA runtime call failed; see culoss_last_error() */
   CULOSS_ERROR_CUBLAS = 7,
   CULOSS_ERROR_INTERNAL = 8
 } culoss_status;
@@ -256,8 +256,8 @@ CULOSS_API culoss_status culoss_cross_entropy(culoss_context *ctx,
  * there: 0 * -inf). MEAN divides by n (not by a weight sum), as PyTorch does;
  * *normalizer replaces n when set. ignore_index is not used. */
 CULOSS_API culoss_status culoss_cross_entropy_soft(culoss_context *ctx,
-                                                   const culoss_cross_entropy_options *o,
-                                                   int64_t n, int64_t c, culoss_dtype dtype,
+                                                   const culoss_cross_entropy_options *o, int64_t n,
+                                                   int64_t c, culoss_dtype dtype,
                                                    const void *logits, int64_t ld,
                                                    const void *target_probs, float *loss,
                                                    void *grad_logits, const float *grad_loss);
@@ -268,10 +268,9 @@ CULOSS_API culoss_status culoss_cross_entropy_soft(culoss_context *ctx,
  *   culoss_cross_entropy, except label_smoothing, z_loss and logit_softcap,
  *   which must be 0 (else CULOSS_ERROR_INVALID_VALUE). */
 CULOSS_API culoss_status culoss_nll(culoss_context *ctx, const culoss_cross_entropy_options *o,
-                                    int64_t n, int64_t c, culoss_dtype dtype,
-                                    const void *logprobs, int64_t ld, culoss_index_type ttype,
-                                    const void *targets, float *loss, void *grad_logprobs,
-                                    const float *grad_loss);
+                                    int64_t n, int64_t c, culoss_dtype dtype, const void *logprobs,
+                                    int64_t ld, culoss_index_type ttype, const void *targets,
+                                    float *loss, void *grad_logprobs, const float *grad_loss);
 
 /* ------------------------------------------------------------------------ */
 /* Elementwise and margin losses                                            */
@@ -336,10 +335,9 @@ CULOSS_API void culoss_hinge_options_init(culoss_hinge_options *o);
  * F.margin_ranking_loss(f, 0, y)) give 0 at equality. A NaN score gives a NaN
  * loss (so SUM and MEAN are NaN) and a zero gradient, as clamp_min does. Any
  * target other than +-1 is a domain error. */
-CULOSS_API culoss_status culoss_hinge(culoss_context *ctx, const culoss_hinge_options *o,
-                                      int64_t n, culoss_dtype dtype, const void *scores,
-                                      const void *targets, float *loss, void *grad_scores,
-                                      const float *grad_loss);
+CULOSS_API culoss_status culoss_hinge(culoss_context *ctx, const culoss_hinge_options *o, int64_t n,
+                                      culoss_dtype dtype, const void *scores, const void *targets,
+                                      float *loss, void *grad_scores, const float *grad_loss);
 
 typedef struct {
   culoss_reduction reduction; /* default MEAN */
@@ -412,8 +410,8 @@ CULOSS_API void culoss_kl_div_options_init(culoss_kl_div_options *o);
  * BATCHMEAN. NONE gives [n*c] losses. */
 CULOSS_API culoss_status culoss_kl_div(culoss_context *ctx, const culoss_kl_div_options *o,
                                        int64_t n, int64_t c, culoss_dtype dtype,
-                                       const void *input_logprobs, const void *target,
-                                       float *loss, void *grad_input, const float *grad_loss);
+                                       const void *input_logprobs, const void *target, float *loss,
+                                       void *grad_input, const float *grad_loss);
 
 /* ------------------------------------------------------------------------ */
 /* Large vocabulary: fused linear + cross-entropy                           */
@@ -467,9 +465,8 @@ CULOSS_API culoss_status culoss_linear_cross_entropy_workspace_size(culoss_conte
 CULOSS_API culoss_status culoss_linear_cross_entropy(
     culoss_context *ctx, const culoss_cross_entropy_options *o, int64_t n, int64_t d, int64_t v,
     culoss_dtype dtype, const void *hidden, const void *weight, const void *bias,
-    culoss_index_type ttype, const void *targets, float *loss, void *grad_hidden,
-    void *grad_weight, void *grad_bias, const float *grad_loss, void *workspace,
-    size_t workspace_bytes);
+    culoss_index_type ttype, const void *targets, float *loss, void *grad_hidden, void *grad_weight,
+    void *grad_bias, const float *grad_loss, void *workspace, size_t workspace_bytes);
 
 #ifdef __cplusplus
 } /* extern "C" */

@@ -6,13 +6,22 @@
 #include "culoss.h"
 
 typedef enum {
-  T_BCE_LOGITS, T_BCE, T_HINGE, T_SQ_HINGE, T_MSE, T_L1, T_HUBER, T_SMOOTH_L1, T_KL, T_KL_LOG,
+  T_BCE_LOGITS,
+  T_BCE,
+  T_HINGE,
+  T_SQ_HINGE,
+  T_MSE,
+  T_L1,
+  T_HUBER,
+  T_SMOOTH_L1,
+  T_KL,
+  T_KL_LOG,
   T_NUM_OPS
 } t_op;
 
 static const char *const t_op_name[T_NUM_OPS] = {
-    "bce_with_logits", "bce", "hinge", "squared_hinge", "mse", "l1", "huber", "smooth_l1",
-    "kl_div", "kl_div(log_target)"};
+    "bce_with_logits", "bce",       "hinge",  "squared_hinge",     "mse", "l1",
+    "huber",           "smooth_l1", "kl_div", "kl_div(log_target)"};
 
 typedef struct {
   culoss_reduction red;
@@ -78,7 +87,8 @@ static inline void ew_fill(rng_t *r, t_op op, float *x, float *y, int64_t m, dou
     case T_SQ_HINGE: {
       y[i] = rng_uniform(r) < 0.5 ? -1.0f : 1.0f;
       double f;
-      do f = 2.0 * rng_normal(r); while (fabs(1.0 - y[i] * f) < gap);
+      do f = 2.0 * rng_normal(r);
+      while (fabs(1.0 - y[i] * f) < gap);
       x[i] = (float)f;
       break;
     }
@@ -93,7 +103,8 @@ static inline void ew_fill(rng_t *r, t_op op, float *x, float *y, int64_t m, dou
     default: {
       double d;
       y[i] = (float)rng_normal(r);
-      do d = 2.0 * rng_normal(r); while (fabs(d) < gap || fabs(fabs(d) - 1.0) < gap);
+      do d = 2.0 * rng_normal(r);
+      while (fabs(d) < gap || fabs(fabs(d) - 1.0) < gap);
       x[i] = (float)(y[i] + d);
       break;
     }

@@ -14,8 +14,8 @@ typedef struct {
 } rng_t;
 rng_t rng_seeded(uint64_t seed);
 uint64_t rng_next(rng_t *r);
-double rng_uniform(rng_t *r);            /* [0, 1) */
-double rng_normal(rng_t *r);             /* N(0, 1) */
+double rng_uniform(rng_t *r);                      /* [0, 1) */
+double rng_normal(rng_t *r);                       /* N(0, 1) */
 int64_t rng_int(rng_t *r, int64_t lo, int64_t hi); /* [lo, hi) */
 /* A value in [-1, 1) from a hash of a 64-bit index: fills that differ at
    every element, so a 32-bit offset that wraps reads a different value. */
@@ -60,9 +60,9 @@ void gpu_close(culoss_context *gpu, culoss_context *cpu);
 /* A fresh CUDA context in *gpu (the old one synchronised and destroyed):
    the tuning knobs (CULOSS_CE_SHAPE, ...) are read at culoss_create. */
 void gpu_reopen(culoss_context **gpu);
-#define REQUIRE_GPU()                                                                 \
-  do {                                                                                \
-    if (gpu == NULL) cr_skip_test("skipped: no CUDA device (%s)", culoss_last_error()); \
+#define REQUIRE_GPU()                                                                              \
+  do {                                                                                             \
+    if (gpu == NULL) cr_skip_test("skipped: no CUDA device (%s)", culoss_last_error());            \
   } while (0)
 void *dev_alloc_(culoss_context *gpu, size_t bytes);
 void *dev_from_(culoss_context *gpu, const void *host, size_t bytes);

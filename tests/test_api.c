@@ -81,7 +81,7 @@ Test(api, cpu_buffers) {
 /* Every bad argument: INVALID_VALUE, a message naming the argument, and the
    outputs untouched. */
 typedef struct {
-  const char *what;   /* substring the message must contain */
+  const char *what; /* substring the message must contain */
   int64_t n, c, ld;
   int dtype, ttype;
   int null_ctx, null_logits, null_targets, null_loss;
@@ -101,12 +101,15 @@ Test(api, bad_arguments_are_invalid_value_and_write_nothing) {
   bad_case cases[32];
   int k = 0;
   const bad_case base = {"", 2, 3, 3, CULOSS_F32, CULOSS_I64, 0, 0, 0, 0, defaults(), 0};
-#define ADD(field_assign, msg)     \
-  do {                             \
-    cases[k] = base;               \
-    cases[k].what = msg;           \
-    { bad_case *b = &cases[k]; field_assign; } \
-    k++;                           \
+#define ADD(field_assign, msg)                                                                     \
+  do {                                                                                             \
+    cases[k] = base;                                                                               \
+    cases[k].what = msg;                                                                           \
+    {                                                                                              \
+      bad_case *b = &cases[k];                                                                     \
+      field_assign;                                                                                \
+    }                                                                                              \
+    k++;                                                                                           \
   } while (0)
   ADD(b->null_ctx = 1, "ctx");
   ADD(b->n = -1, "n = -1");
@@ -178,13 +181,15 @@ Test(api, every_entry_point_rejects_null_ctx) {
   st[k++] = culoss_free(NULL, loss);
   st[k++] = culoss_upload(NULL, loss, x, 4);
   st[k++] = culoss_download(NULL, loss, x, 4);
-  st[k++] = culoss_cross_entropy(NULL, NULL, 2, 2, CULOSS_F32, x, 2, CULOSS_I64, t, loss, NULL, NULL);
+  st[k++] =
+      culoss_cross_entropy(NULL, NULL, 2, 2, CULOSS_F32, x, 2, CULOSS_I64, t, loss, NULL, NULL);
   st[k++] = culoss_cross_entropy_soft(NULL, NULL, 2, 2, CULOSS_F32, x, 2, x, loss, NULL, NULL);
   st[k++] = culoss_nll(NULL, NULL, 2, 2, CULOSS_F32, x, 2, CULOSS_I64, t, loss, NULL, NULL);
   st[k++] = culoss_bce_with_logits(NULL, NULL, 2, 2, CULOSS_F32, x, x, loss, NULL, NULL);
   st[k++] = culoss_bce(NULL, NULL, 2, 2, CULOSS_F32, x, x, loss, NULL, NULL);
   st[k++] = culoss_hinge(NULL, NULL, 4, CULOSS_F32, x, x, loss, NULL, NULL);
-  st[k++] = culoss_multi_margin(NULL, NULL, 2, 2, CULOSS_F32, x, 2, CULOSS_I64, t, loss, NULL, NULL);
+  st[k++] =
+      culoss_multi_margin(NULL, NULL, 2, 2, CULOSS_F32, x, 2, CULOSS_I64, t, loss, NULL, NULL);
   st[k++] = culoss_mse(NULL, NULL, 4, CULOSS_F32, x, x, loss, NULL, NULL);
   st[k++] = culoss_l1(NULL, NULL, 4, CULOSS_F32, x, x, loss, NULL, NULL);
   st[k++] = culoss_huber(NULL, NULL, 4, CULOSS_F32, x, x, loss, NULL, NULL);
@@ -217,18 +222,22 @@ Test(api, extreme_targets_and_context_reuse) {
   culoss_cross_entropy_options_init(&o);
   o.reduction = CULOSS_REDUCTION_NONE;
   for (int k = 0; k < 4; k++) {
-    cr_assert_eq(culoss_cross_entropy(ctx, &o, 2, 3, CULOSS_F32, x, 3, CULOSS_I64, t64[k], loss,
-                                      NULL, NULL), CULOSS_ERROR_TARGET_OUT_OF_RANGE, "i64 case %d", k);
-    cr_assert_eq(culoss_cross_entropy(ctx, &o, 2, 3, CULOSS_F32, x, 3, CULOSS_I32, t32[k], loss,
-                                      NULL, NULL), CULOSS_ERROR_TARGET_OUT_OF_RANGE, "i32 case %d", k);
+    cr_assert_eq(
+        culoss_cross_entropy(ctx, &o, 2, 3, CULOSS_F32, x, 3, CULOSS_I64, t64[k], loss, NULL, NULL),
+        CULOSS_ERROR_TARGET_OUT_OF_RANGE, "i64 case %d", k);
+    cr_assert_eq(
+        culoss_cross_entropy(ctx, &o, 2, 3, CULOSS_F32, x, 3, CULOSS_I32, t32[k], loss, NULL, NULL),
+        CULOSS_ERROR_TARGET_OUT_OF_RANGE, "i32 case %d", k);
     cr_assert_eq(culoss_multi_margin(ctx, NULL, 2, 3, CULOSS_F32, x, 3, CULOSS_I32, t32[k], loss,
-                                     NULL, NULL), CULOSS_ERROR_TARGET_OUT_OF_RANGE, "mm case %d", k);
+                                     NULL, NULL),
+                 CULOSS_ERROR_TARGET_OUT_OF_RANGE, "mm case %d", k);
     cr_assert(loss[0] == -9.0f && loss[1] == -9.0f, "case %d wrote the loss", k);
   }
   /* ignore_index = INT64_MIN ignores that row instead */
   o.ignore_index = INT64_MIN;
-  cr_assert_eq(culoss_cross_entropy(ctx, &o, 2, 3, CULOSS_F32, x, 3, CULOSS_I64, t64[0], loss, NULL,
-                                    NULL), CULOSS_OK);
+  cr_assert_eq(
+      culoss_cross_entropy(ctx, &o, 2, 3, CULOSS_F32, x, 3, CULOSS_I64, t64[0], loss, NULL, NULL),
+      CULOSS_OK);
   cr_assert_eq(loss[1], 0.0f);
   culoss_destroy(ctx);
 }
@@ -244,8 +253,9 @@ Test(api, destroyed_context_is_rejected) {
   const int64_t t[1] = {0};
   float loss = -9.0f;
   void *p;
-  cr_assert_eq(culoss_cross_entropy(ctx, NULL, 1, 3, CULOSS_F32, x, 3, CULOSS_I64, t, &loss, NULL,
-                                    NULL), CULOSS_ERROR_INVALID_VALUE);
+  cr_assert_eq(
+      culoss_cross_entropy(ctx, NULL, 1, 3, CULOSS_F32, x, 3, CULOSS_I64, t, &loss, NULL, NULL),
+      CULOSS_ERROR_INVALID_VALUE);
   cr_assert(strstr(culoss_last_error(), "not a live culoss context") != NULL, "%s",
             culoss_last_error());
   cr_assert_eq(loss, -9.0f);
@@ -254,8 +264,9 @@ Test(api, destroyed_context_is_rejected) {
                CULOSS_ERROR_INVALID_VALUE);
   cr_assert_eq(culoss_destroy(ctx), CULOSS_ERROR_INVALID_VALUE, "double destroy is detected");
   /* the other context is unaffected */
-  cr_assert_eq(culoss_cross_entropy(other, NULL, 1, 3, CULOSS_F32, x, 3, CULOSS_I64, t, &loss,
-                                    NULL, NULL), CULOSS_OK);
+  cr_assert_eq(
+      culoss_cross_entropy(other, NULL, 1, 3, CULOSS_F32, x, 3, CULOSS_I64, t, &loss, NULL, NULL),
+      CULOSS_OK);
   cr_assert_eq(culoss_destroy(other), CULOSS_OK);
 }
 
@@ -304,8 +315,8 @@ Test(api, tuning_knobs_are_read_at_create) {
   size_t def = 0, got = 0;
   for (size_t i = 0; i < sizeof bad / sizeof bad[0]; i++) {
     setenv(bad[i][0], bad[i][1], 1);
-    cr_assert_eq(culoss_create(&ctx, CULOSS_BACKEND_CPU, 0), CULOSS_ERROR_INVALID_VALUE,
-                 "%s=%s", bad[i][0], bad[i][1]);
+    cr_assert_eq(culoss_create(&ctx, CULOSS_BACKEND_CPU, 0), CULOSS_ERROR_INVALID_VALUE, "%s=%s",
+                 bad[i][0], bad[i][1]);
     cr_assert_null(ctx);
     cr_assert(strstr(culoss_last_error(), bad[i][0]) != NULL, "%s", culoss_last_error());
     unsetenv(bad[i][0]);
@@ -321,9 +332,9 @@ Test(api, tuning_knobs_are_read_at_create) {
                CULOSS_OK);
   cr_assert_eq(got, def, "a context created before the setenv keeps its budget");
   unsetenv("CULOSS_LINEAR_CE_BLOCK_BYTES");
-  cr_assert_eq(culoss_linear_cross_entropy_workspace_size(small, 1000, 64, 32000, CULOSS_BF16,
-                                                          &got),
-               CULOSS_OK);
+  cr_assert_eq(
+      culoss_linear_cross_entropy_workspace_size(small, 1000, 64, 32000, CULOSS_BF16, &got),
+      CULOSS_OK);
   /* 65536 bytes hold one row of 32000 bf16 logits: a 1-row block */
   cr_assert_lt(got, def);
   cr_assert_geq(got, (size_t)32000 * 2, "the block holds at least one row");

@@ -40,8 +40,9 @@ Test(cpu_ce, hand_computed_none_sum_mean) {
   const double l0 = 0.40760596444438, l1 = log(3.0);
   float loss[2];
   culoss_cross_entropy_options o = opts(CULOSS_REDUCTION_NONE);
-  cr_assert_eq(culoss_cross_entropy(ctx, &o, 2, 3, CULOSS_F32, x, 3, CULOSS_I64, t, loss, NULL,
-                                    NULL), CULOSS_OK);
+  cr_assert_eq(
+      culoss_cross_entropy(ctx, &o, 2, 3, CULOSS_F32, x, 3, CULOSS_I64, t, loss, NULL, NULL),
+      CULOSS_OK);
   cr_assert(close_enough(loss[0], l0, 1e-6, 1e-6), "%g", (double)loss[0]);
   cr_assert(close_enough(loss[1], l1, 1e-6, 1e-6), "%g", (double)loss[1]);
   o.reduction = CULOSS_REDUCTION_SUM;
@@ -58,10 +59,11 @@ Test(cpu_ce, hand_computed_gradient) {
   const int32_t t[2] = {2, 0};
   float loss, g[6];
   const double e1 = exp(1.0), e2 = exp(2.0), e3 = exp(3.0), s = e1 + e2 + e3;
-  const double want[6] = {e1 / s / 2, e2 / s / 2, (e3 / s - 1) / 2,
-                          (1.0 / 3 - 1) / 2, 1.0 / 6, 1.0 / 6};
-  cr_assert_eq(culoss_cross_entropy(ctx, NULL, 2, 3, CULOSS_F32, x, 3, CULOSS_I32, t, &loss, g,
-                                    NULL), CULOSS_OK);
+  const double want[6] = {e1 / s / 2,        e2 / s / 2, (e3 / s - 1) / 2,
+                          (1.0 / 3 - 1) / 2, 1.0 / 6,    1.0 / 6};
+  cr_assert_eq(
+      culoss_cross_entropy(ctx, NULL, 2, 3, CULOSS_F32, x, 3, CULOSS_I32, t, &loss, g, NULL),
+      CULOSS_OK);
   for (int j = 0; j < 6; j++)
     cr_assert(close_enough(g[j], want[j], 1e-7, 1e-6), "g[%d] = %g, want %g", j, (double)g[j],
               want[j]);
@@ -109,8 +111,9 @@ Test(cpu_ce, label_smoothing_formula) {
   culoss_cross_entropy_options o = opts(CULOSS_REDUCTION_MEAN);
   o.label_smoothing = (float)eps;
   o.class_weight = w;
-  cr_assert_eq(culoss_cross_entropy(ctx, &o, N, C, CULOSS_F32, x, C, CULOSS_I64, t, &loss, NULL,
-                                    NULL), CULOSS_OK);
+  cr_assert_eq(
+      culoss_cross_entropy(ctx, &o, N, C, CULOSS_F32, x, C, CULOSS_I64, t, &loss, NULL, NULL),
+      CULOSS_OK);
   cr_assert(close_enough(loss, num / den, 1e-6, 1e-5), "%g vs %g", (double)loss, num / den);
 }
 
@@ -167,8 +170,9 @@ Test(cpu_ce, all_ignored_and_empty) {
   cr_assert_eq(loss, 0.0f);
   /* n == 0 */
   o.reduction = CULOSS_REDUCTION_MEAN;
-  cr_assert_eq(culoss_cross_entropy(ctx, &o, 0, 3, CULOSS_F32, NULL, 3, CULOSS_I64, NULL, &loss,
-                                    NULL, NULL), CULOSS_OK);
+  cr_assert_eq(
+      culoss_cross_entropy(ctx, &o, 0, 3, CULOSS_F32, NULL, 3, CULOSS_I64, NULL, &loss, NULL, NULL),
+      CULOSS_OK);
   cr_assert(isnan(loss));
   o.reduction = CULOSS_REDUCTION_SUM;
   culoss_cross_entropy(ctx, &o, 0, 3, CULOSS_F32, NULL, 3, CULOSS_I64, NULL, &loss, NULL, NULL);
@@ -218,22 +222,22 @@ Test(cpu_ce, out_of_range_target_writes_nothing) {
   float loss[2] = {-7.0f, -7.0f}, g[6];
   for (int j = 0; j < 6; j++) g[j] = -7.0f;
   culoss_cross_entropy_options o = opts(CULOSS_REDUCTION_NONE);
-  cr_assert_eq(culoss_cross_entropy(ctx, &o, 2, 3, CULOSS_F32, x, 3, CULOSS_I64, t, loss, g,
-                                    NULL), CULOSS_ERROR_TARGET_OUT_OF_RANGE);
+  cr_assert_eq(culoss_cross_entropy(ctx, &o, 2, 3, CULOSS_F32, x, 3, CULOSS_I64, t, loss, g, NULL),
+               CULOSS_ERROR_TARGET_OUT_OF_RANGE);
   cr_assert(strstr(culoss_last_error(), "targets[1]") != NULL, "%s", culoss_last_error());
   cr_assert_eq(loss[0], -7.0f);
   cr_assert_eq(g[0], -7.0f);
   t[1] = -1;
-  cr_assert_eq(culoss_cross_entropy(ctx, &o, 2, 3, CULOSS_F32, x, 3, CULOSS_I64, t, loss, g,
-                                    NULL), CULOSS_ERROR_TARGET_OUT_OF_RANGE);
+  cr_assert_eq(culoss_cross_entropy(ctx, &o, 2, 3, CULOSS_F32, x, 3, CULOSS_I64, t, loss, g, NULL),
+               CULOSS_ERROR_TARGET_OUT_OF_RANGE);
   t[1] = INT64_MIN;
   cr_assert_eq(culoss_nll(ctx, &o, 2, 3, CULOSS_F32, x, 3, CULOSS_I64, t, loss, g, NULL),
                CULOSS_ERROR_TARGET_OUT_OF_RANGE);
   /* ignore_index may be a valid class, tested before the bounds */
   o.ignore_index = 3;
   t[1] = 3;
-  cr_assert_eq(culoss_cross_entropy(ctx, &o, 2, 3, CULOSS_F32, x, 3, CULOSS_I64, t, loss, g,
-                                    NULL), CULOSS_OK);
+  cr_assert_eq(culoss_cross_entropy(ctx, &o, 2, 3, CULOSS_F32, x, 3, CULOSS_I64, t, loss, g, NULL),
+               CULOSS_OK);
   cr_assert_eq(loss[1], 0.0f);
 }
 
@@ -415,7 +419,8 @@ Test(cpu_ce, half_precision_inputs) {
     culoss_cross_entropy(ctx, &o, N, C, CULOSS_F32, x, C, CULOSS_I64, t, l32, g32, NULL);
     culoss_cross_entropy(ctx, &o, N, C, dt, x16, C, CULOSS_I64, t, l16, g16, NULL);
     unpack_dtype(g16f, g16, N * C, dt);
-    for (int i = 0; i < N; i++) cr_assert_eq(l16[i], l32[i], "losses are fp32 from the same values");
+    for (int i = 0; i < N; i++)
+      cr_assert_eq(l16[i], l32[i], "losses are fp32 from the same values");
     double rt = dt == CULOSS_F16 ? 1.0 / 1024 : 1.0 / 128;
     for (int j = 0; j < N * C; j++)
       cr_assert(close_enough(g16f[j], g32[j], 1e-7, rt), "dtype %d grad %d: %g vs %g", d, j,
@@ -430,8 +435,8 @@ Test(cpu_ce, half_precision_inputs) {
 Test(cpu_ce, row_offsets_past_2_pow_31) {
   const int64_t c = 40, ld = ((int64_t)1 << 31) + 16;
   const size_t bytes = (size_t)(ld + c) * 2; /* bf16: just over 4 GiB of address space */
-  uint16_t *x = mmap(NULL, bytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE,
-                     -1, 0);
+  uint16_t *x =
+      mmap(NULL, bytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
   if (x == MAP_FAILED) cr_skip_test("skipped: cannot map %zu bytes of address space", bytes);
   rng_t r = rng_seeded(61);
   float rows[2 * c], loss[2], ref[2];
@@ -442,11 +447,13 @@ Test(cpu_ce, row_offsets_past_2_pow_31) {
   uint16_t packed[2 * c];
   pack_dtype(packed, rows, 2 * c, CULOSS_BF16);
   culoss_cross_entropy_options o = opts(CULOSS_REDUCTION_NONE);
-  cr_assert_eq(culoss_cross_entropy(ctx, &o, 2, c, CULOSS_BF16, x, ld, CULOSS_I64, t, loss, x, NULL),
-               CULOSS_OK);
+  cr_assert_eq(
+      culoss_cross_entropy(ctx, &o, 2, c, CULOSS_BF16, x, ld, CULOSS_I64, t, loss, x, NULL),
+      CULOSS_OK);
   uint16_t g[2 * c];
-  cr_assert_eq(culoss_cross_entropy(ctx, &o, 2, c, CULOSS_BF16, packed, c, CULOSS_I64, t, ref, g,
-                                    NULL), CULOSS_OK);
+  cr_assert_eq(
+      culoss_cross_entropy(ctx, &o, 2, c, CULOSS_BF16, packed, c, CULOSS_I64, t, ref, g, NULL),
+      CULOSS_OK);
   cr_assert(loss[0] == ref[0] && loss[1] == ref[1], "row past 2^31: %g vs %g", (double)loss[1],
             (double)ref[1]);
   cr_assert(memcmp(x + ld, g + c, c * 2) == 0, "in-place gradient of the far row differs");

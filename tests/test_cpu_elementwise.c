@@ -14,7 +14,9 @@ static void setup(void) { cr_assert_eq(culoss_create(&ctx, CULOSS_BACKEND_CPU, 0
 static void teardown(void) { culoss_destroy(ctx); }
 TestSuite(cpu_ew, .init = setup, .fini = teardown);
 
-#define NEAR(a, b) cr_assert(close_enough((a), (b), 1e-6, 1e-5), "%s = %.9g, want %.9g", #a, (double)(a), (double)(b))
+#define NEAR(a, b)                                                                                 \
+  cr_assert(close_enough((a), (b), 1e-6, 1e-5), "%s = %.9g, want %.9g", #a, (double)(a),           \
+            (double)(b))
 
 Test(cpu_ew, option_defaults) {
   culoss_bce_options b;
@@ -45,8 +47,8 @@ static void reg_none(t_op op, float param, const double *want_l, const double *w
   for (int i = 0; i < 4; i++) {
     cr_assert(close_enough(loss[i], want_l[i], 1e-7, 1e-6), "%s loss[%d] = %g, want %g",
               t_op_name[op], i, (double)loss[i], want_l[i]);
-    cr_assert(close_enough(g[i], want_g[i], 1e-7, 1e-6), "%s grad[%d] = %g, want %g",
-              t_op_name[op], i, (double)g[i], want_g[i]);
+    cr_assert(close_enough(g[i], want_g[i], 1e-7, 1e-6), "%s grad[%d] = %g, want %g", t_op_name[op],
+              i, (double)g[i], want_g[i]);
   }
 }
 
@@ -182,8 +184,8 @@ Test(cpu_ew, nan_and_domain_edges_as_torch) {
   t_opts t = {CULOSS_REDUCTION_NONE, NULL, NULL, 0};
   for (int op = T_HINGE; op <= T_SQ_HINGE; op++) {
     cr_assert_eq(ew_call(ctx, (t_op)op, &t, 3, 1, CULOSS_F32, f, y, loss, g, NULL), CULOSS_OK);
-    cr_assert(isnan(loss[0]) && g[0] == 0.0f, "%s: loss %g grad %g", t_op_name[op],
-              (double)loss[0], (double)g[0]);
+    cr_assert(isnan(loss[0]) && g[0] == 0.0f, "%s: loss %g grad %g", t_op_name[op], (double)loss[0],
+              (double)g[0]);
     t_opts s = {CULOSS_REDUCTION_SUM, NULL, NULL, 0};
     cr_assert_eq(ew_call(ctx, (t_op)op, &s, 3, 1, CULOSS_F32, f, y, red, NULL, NULL), CULOSS_OK);
     cr_assert(isnan(red[0]), "%s: sum %g", t_op_name[op], (double)red[0]);
@@ -405,8 +407,8 @@ Test(cpu_ew, multi_margin_fd_strided_inplace_and_errors) {
           for (int q = 0; q < N; q++) f[s] += (double)l2[q] * gl[q];
         }
         x[k] = keep;
-        cr_assert(close_enough(g[k], (f[0] - f[1]) / 2e-3, 2e-3, 2e-2), "p=%d (%d,%d): %g vs %g",
-                  p, i, j, (double)g[k], (f[0] - f[1]) / 2e-3);
+        cr_assert(close_enough(g[k], (f[0] - f[1]) / 2e-3, 2e-3, 2e-2), "p=%d (%d,%d): %g vs %g", p,
+                  i, j, (double)g[k], (f[0] - f[1]) / 2e-3);
       }
     memcpy(xc, x, sizeof x);
     float l2[N];
@@ -417,8 +419,9 @@ Test(cpu_ew, multi_margin_fd_strided_inplace_and_errors) {
   culoss_multi_margin_options o;
   culoss_multi_margin_options_init(&o);
   int32_t bad[N] = {0, 5, 1};
-  cr_assert_eq(culoss_multi_margin(ctx, &o, N, C, CULOSS_F32, x, LD, CULOSS_I32, bad, loss, g, NULL),
-               CULOSS_ERROR_TARGET_OUT_OF_RANGE);
+  cr_assert_eq(
+      culoss_multi_margin(ctx, &o, N, C, CULOSS_F32, x, LD, CULOSS_I32, bad, loss, g, NULL),
+      CULOSS_ERROR_TARGET_OUT_OF_RANGE);
   o.p = 3;
   cr_assert_eq(culoss_multi_margin(ctx, &o, N, C, CULOSS_F32, x, LD, CULOSS_I32, t, loss, g, NULL),
                CULOSS_ERROR_INVALID_VALUE);
@@ -430,7 +433,10 @@ Test(cpu_ew, bad_arguments) {
   float loss[4] = {-9, -9, -9, -9}, g[4] = {-9, -9, -9, -9};
   culoss_regression_options r;
   culoss_regression_options_init(&r);
-  struct { culoss_status st; const char *what; } got[16];
+  struct {
+    culoss_status st;
+    const char *what;
+  } got[16];
   int k = 0;
 #define TRY(call, msg) (got[k].st = (call), got[k].what = (msg), k++)
   TRY(culoss_mse(NULL, &r, 4, CULOSS_F32, x, x, loss, g, NULL), "ctx");

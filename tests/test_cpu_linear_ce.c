@@ -26,7 +26,8 @@ static void make(lce_data *s, uint64_t seed) {
   for (int i = 0; i < N * D; i++) s->h[i] = (float)rng_normal(&r);
   for (int i = 0; i < V * D; i++) s->w[i] = (float)(0.7 * rng_normal(&r));
   for (int i = 0; i < V; i++) s->b[i] = (float)(0.3 * rng_normal(&r));
-  for (int i = 0; i < N; i++) s->t[i] = rng_int(&r, 0, V), s->gl[i] = (float)(0.5 + rng_uniform(&r));
+  for (int i = 0; i < N; i++)
+    s->t[i] = rng_int(&r, 0, V), s->gl[i] = (float)(0.5 + rng_uniform(&r));
   s->t[2] = -100;
 }
 
@@ -41,15 +42,17 @@ static void explicit_ref(const lce_data *s, const culoss_cross_entropy_options *
       for (int k = 0; k < D; k++) z += (double)s->h[i * D + k] * s->w[j * D + k];
       logits[i * V + j] = (float)z;
     }
-  cr_assert_eq(culoss_cross_entropy(ctx, o, N, V, CULOSS_F32, logits, V, CULOSS_I64, s->t, loss,
-                                    logits, gl), CULOSS_OK, "%s", culoss_last_error());
+  cr_assert_eq(
+      culoss_cross_entropy(ctx, o, N, V, CULOSS_F32, logits, V, CULOSS_I64, s->t, loss, logits, gl),
+      CULOSS_OK, "%s", culoss_last_error());
   memset(gh, 0, sizeof(double) * N * D), memset(gw, 0, sizeof(double) * V * D);
   memset(gb, 0, sizeof(double) * V);
   for (int i = 0; i < N; i++)
     for (int j = 0; j < V; j++) {
       const double g = logits[i * V + j];
       gb[j] += g;
-      for (int k = 0; k < D; k++) gh[i * D + k] += g * s->w[j * D + k], gw[j * D + k] += g * s->h[i * D + k];
+      for (int k = 0; k < D; k++)
+        gh[i * D + k] += g * s->w[j * D + k], gw[j * D + k] += g * s->h[i * D + k];
     }
 }
 
@@ -82,12 +85,15 @@ Test(cpu_lce, matches_explicit_logits_then_cross_entropy) {
         cr_assert(close_enough(loss[i], ref_loss[i], 1e-6, 1e-5), "v%d r%d loss[%d] %g vs %g",
                   variant, red, i, (double)loss[i], (double)ref_loss[i]);
       for (int i = 0; i < N * D; i++)
-        cr_assert(close_enough(gh[i], rgh[i], 1e-6, 1e-4), "v%d r%d grad_hidden[%d]", variant, red, i);
+        cr_assert(close_enough(gh[i], rgh[i], 1e-6, 1e-4), "v%d r%d grad_hidden[%d]", variant, red,
+                  i);
       for (int i = 0; i < V * D; i++)
-        cr_assert(close_enough(gw[i], rgw[i], 1e-6, 1e-4), "v%d r%d grad_weight[%d]", variant, red, i);
+        cr_assert(close_enough(gw[i], rgw[i], 1e-6, 1e-4), "v%d r%d grad_weight[%d]", variant, red,
+                  i);
       if (bias)
         for (int j = 0; j < V; j++)
-          cr_assert(close_enough(gb[j], rgb[j], 1e-6, 1e-4), "v%d r%d grad_bias[%d]", variant, red, j);
+          cr_assert(close_enough(gb[j], rgb[j], 1e-6, 1e-4), "v%d r%d grad_bias[%d]", variant, red,
+                    j);
     }
 }
 
@@ -101,7 +107,8 @@ Test(cpu_lce, gradients_match_finite_differences) {
   o.z_loss = 1e-3f;
   float loss, gh[N * D], gw[V * D], gb[V];
   cr_assert_eq(culoss_linear_cross_entropy(ctx, &o, N, D, V, CULOSS_F32, s.h, s.w, s.b, CULOSS_I64,
-                                           s.t, &loss, gh, gw, gb, NULL, NULL, 0), CULOSS_OK);
+                                           s.t, &loss, gh, gw, gb, NULL, NULL, 0),
+               CULOSS_OK);
   float *params[3] = {s.h, s.w, s.b}, *grads[3] = {gh, gw, gb};
   const int counts[3] = {N * D, V * D, V};
   for (int q = 0; q < 3; q++)
@@ -124,9 +131,12 @@ Test(cpu_lce, gradients_match_finite_differences) {
 Test(cpu_lce, workspace_rule_is_bounded_independently_of_n) {
   const int64_t d = 4096, v = 128256;
   size_t w1, w2, w3;
-  cr_assert_eq(culoss_linear_cross_entropy_workspace_size(ctx, 8192, d, v, CULOSS_BF16, &w1), CULOSS_OK);
-  cr_assert_eq(culoss_linear_cross_entropy_workspace_size(ctx, 1 << 20, d, v, CULOSS_BF16, &w2), CULOSS_OK);
-  cr_assert_eq(culoss_linear_cross_entropy_workspace_size(ctx, 1 << 22, d, v, CULOSS_BF16, &w3), CULOSS_OK);
+  cr_assert_eq(culoss_linear_cross_entropy_workspace_size(ctx, 8192, d, v, CULOSS_BF16, &w1),
+               CULOSS_OK);
+  cr_assert_eq(culoss_linear_cross_entropy_workspace_size(ctx, 1 << 20, d, v, CULOSS_BF16, &w2),
+               CULOSS_OK);
+  cr_assert_eq(culoss_linear_cross_entropy_workspace_size(ctx, 1 << 22, d, v, CULOSS_BF16, &w3),
+               CULOSS_OK);
   /* once n exceeds one block, only the 36 bytes per row grow (plus rounding) */
   cr_assert_leq(w2 - w1, (size_t)36 * ((1 << 20) - 8192) + 1024);
   cr_assert_leq(w3 - w2, (size_t)36 * ((1 << 22) - (1 << 20)) + 1024);
@@ -156,7 +166,8 @@ Test(cpu_lce, half_precision_matches_fp32_on_rounded_inputs) {
     culoss_linear_cross_entropy(ctx, NULL, N, D, V, CULOSS_F32, s.h, s.w, s.b, CULOSS_I64, s.t,
                                 &l32, gh, gw, gb, NULL, NULL, 0);
     cr_assert_eq(culoss_linear_cross_entropy(ctx, NULL, N, D, V, (culoss_dtype)dt, h16, w16, b16,
-                                             CULOSS_I64, s.t, &l16, gh16, gw16, gb16, NULL, NULL, 0),
+                                             CULOSS_I64, s.t, &l16, gh16, gw16, gb16, NULL, NULL,
+                                             0),
                  CULOSS_OK);
     cr_assert_eq(l16, l32, "the loss is computed in double from the same values");
     const double rt = dt == CULOSS_F16 ? 1.0 / 1024 : 1.0 / 128;
@@ -195,8 +206,8 @@ Test(cpu_lce, bad_arguments_and_targets) {
   culoss_cross_entropy_options o;
   culoss_cross_entropy_options_init(&o);
   o.label_smoothing = 2.0f;
-  cr_assert_eq(culoss_linear_cross_entropy(ctx, &o, N, D, V, CULOSS_F32, s.h, s.w, NULL,
-                                           CULOSS_I64, s.t, &loss, gh, NULL, NULL, NULL, NULL, 0),
+  cr_assert_eq(culoss_linear_cross_entropy(ctx, &o, N, D, V, CULOSS_F32, s.h, s.w, NULL, CULOSS_I64,
+                                           s.t, &loss, gh, NULL, NULL, NULL, NULL, 0),
                CULOSS_ERROR_INVALID_VALUE);
   cr_assert_eq(culoss_linear_cross_entropy_workspace_size(ctx, N, D, V, CULOSS_F32, NULL),
                CULOSS_ERROR_INVALID_VALUE);

@@ -26,7 +26,7 @@ typedef struct {
   culoss_reduction red;
   float eps, z, cap;
   int weights, ignore, neg_inf, grad, grad_loss, in_place, normalizer;
-  int adversarial; /* rows from adversarial_rows() and extreme class weights */
+  int adversarial;      /* rows from adversarial_rows() and extreme class weights */
   int64_t ignore_value; /* 0: -100; else this ignore_index (may be a valid class) */
   int unnormalized;     /* soft targets scaled by 1.7 (rows not summing to 1) */
   int nan_ignored;      /* NaN logits in some ignored rows */
@@ -39,9 +39,8 @@ static void describe(const gcase *k, char *buf, size_t len) {
            "mode=%d n=%lld c=%lld ld=%lld dt=%d tt=%d red=%d eps=%g z=%g cap=%g w=%d ign=%d "
            "inf=%d grad=%d gl=%d inplace=%d norm=%d adv=%d seed=%llu",
            k->mode, (long long)k->n, (long long)k->c, (long long)k->ld, k->dt, k->tt, k->red,
-           (double)k->eps, (double)k->z, (double)k->cap, k->weights, k->ignore, k->neg_inf,
-           k->grad, k->grad_loss, k->in_place, k->normalizer, k->adversarial,
-           (unsigned long long)k->seed);
+           (double)k->eps, (double)k->z, (double)k->cap, k->weights, k->ignore, k->neg_inf, k->grad,
+           k->grad_loss, k->in_place, k->normalizer, k->adversarial, (unsigned long long)k->seed);
 }
 
 /* The edges of issue 19, one kind per row (row i gets kind i % 9, magnitude
@@ -50,8 +49,8 @@ static void describe(const gcase *k, char *buf, size_t len) {
    maximum over its negative, -inf in non-target columns, the target column
    -inf, +inf in a column, NaN in a non-target column, and an ordinary row.
    Values are what the dtype holds (the caller rounds through it). */
-static void adversarial_rows(rng_t *r, float *x, const int64_t *t, int64_t n, int64_t c,
-                             int64_t ld, culoss_dtype dt) {
+static void adversarial_rows(rng_t *r, float *x, const int64_t *t, int64_t n, int64_t c, int64_t ld,
+                             culoss_dtype dt) {
   const double dmax = dt == CULOSS_F16 ? 65504.0 : (dt == CULOSS_BF16 ? 3.3895e38 : 3.4028e38);
   for (int64_t i = 0; i < n; i++) {
     float *row = x + i * ld;
@@ -65,7 +64,9 @@ static void adversarial_rows(rng_t *r, float *x, const int64_t *t, int64_t n, in
       case 1: row[j] = j < 2 || j == ti ? (float)mag : 0.0f; break;
       case 2: row[j] = (float)((i % 2 ? -1e4 : 1e3) + 3.0 * rng_normal(r)); break;
       case 3: row[j] = j % 2 == 0 || j == ti ? (float)dmax : (float)-dmax; break;
-      case 4: row[j] = j == ti || rng_uniform(r) < 0.5 ? (float)(2.0 * rng_normal(r)) : -INFINITY; break;
+      case 4:
+        row[j] = j == ti || rng_uniform(r) < 0.5 ? (float)(2.0 * rng_normal(r)) : -INFINITY;
+        break;
       case 5: row[j] = j == ti ? -INFINITY : (float)rng_normal(r); break;
       case 6: row[j] = j == other ? INFINITY : (float)rng_normal(r); break;
       case 7: row[j] = j == other ? NAN : (float)rng_normal(r); break;
@@ -171,7 +172,8 @@ static void run_case(const gcase *k) {
       d_g = dev_from(xh, xbytes); /* padding = logits' padding, rows poisoned below */
       void *pg = malloc(xbytes);
       memcpy(pg, xh, xbytes);
-      for (int64_t i = 0; i < k->n; i++) poison((char *)pg + (size_t)(i * k->ld) * es, (size_t)k->c * es);
+      for (int64_t i = 0; i < k->n; i++)
+        poison((char *)pg + (size_t)(i * k->ld) * es, (size_t)k->c * es);
       cr_assert_eq(culoss_upload(gpu, d_g, pg, xbytes), CULOSS_OK);
       free(pg);
     }
@@ -255,8 +257,8 @@ static gcase base_case(int64_t n, int64_t c, culoss_dtype dt, uint64_t seed) {
   return k;
 }
 
-static const int64_t sizes[] = {2, 3, 16, 17, 33, 100, 128, 129, 1000, 1024, 1025, 4099,
-                                16384, 16385, 32000, 50257, 128256, 262147};
+static const int64_t sizes[] = {2,    3,    16,   17,    33,    100,   128,   129,    1000,
+                                1024, 1025, 4099, 16384, 16385, 32000, 50257, 128256, 262147};
 
 static int64_t rows_for(int64_t c) {
   int64_t n = (int64_t)(test_quick() ? 200000 : 4000000) / c;
@@ -467,8 +469,9 @@ Test(gpu_ce, zero_weight_denominator_gives_nan_and_zero_gradient) {
   culoss_cross_entropy_options o;
   culoss_cross_entropy_options_init(&o);
   o.label_smoothing = 0.3f, o.class_weight = d_w;
-  cr_assert_eq(culoss_cross_entropy(gpu, &o, N, C, CULOSS_F32, d_x, C, CULOSS_I64, d_t, d_l, d_g,
-                                    NULL), CULOSS_OK);
+  cr_assert_eq(
+      culoss_cross_entropy(gpu, &o, N, C, CULOSS_F32, d_x, C, CULOSS_I64, d_t, d_l, d_g, NULL),
+      CULOSS_OK);
   cr_assert_eq(culoss_synchronize(gpu), CULOSS_OK);
   to_host(&l, d_l, 4);
   to_host(g, d_g, sizeof g);
@@ -524,7 +527,8 @@ Test(gpu_ce, empty_and_all_ignored) {
   culoss_cross_entropy_options_init(&o);
   dev_poison(d_loss, sizeof(float));
   cr_assert_eq(culoss_cross_entropy(gpu, &o, 0, 10, CULOSS_F32, NULL, 10, CULOSS_I64, NULL, d_loss,
-                                    NULL, NULL), CULOSS_OK);
+                                    NULL, NULL),
+               CULOSS_OK);
   to_host(&loss, d_loss, sizeof loss);
   cr_assert(isnan(loss) && !is_poison_f32(loss), "n = 0 mean is NaN (written)");
   o.reduction = CULOSS_REDUCTION_SUM;
@@ -541,8 +545,9 @@ Test(gpu_ce, empty_and_all_ignored) {
   void *d_x = dev_from(x, N * C * sizeof(float)), *d_t = dev_from(t, sizeof t);
   o.reduction = CULOSS_REDUCTION_MEAN;
   o.label_smoothing = 0.1f;
-  cr_assert_eq(culoss_cross_entropy(gpu, &o, N, C, CULOSS_F32, d_x, C, CULOSS_I64, d_t, d_loss,
-                                    d_x, NULL), CULOSS_OK);
+  cr_assert_eq(
+      culoss_cross_entropy(gpu, &o, N, C, CULOSS_F32, d_x, C, CULOSS_I64, d_t, d_loss, d_x, NULL),
+      CULOSS_OK);
   to_host(&loss, d_loss, sizeof loss);
   to_host(g, d_x, N * C * sizeof(float));
   cr_assert(isnan(loss) && !is_poison_f32(loss));
@@ -563,8 +568,9 @@ Test(gpu_ce, out_of_range_target_is_deferred_error) {
   culoss_cross_entropy_options o;
   culoss_cross_entropy_options_init(&o);
   o.reduction = CULOSS_REDUCTION_NONE;
-  cr_assert_eq(culoss_cross_entropy(gpu, &o, N, C, CULOSS_F32, d_x, C, CULOSS_I64, d_t, d_loss,
-                                    d_g, NULL), CULOSS_OK, "the launch itself succeeds");
+  cr_assert_eq(
+      culoss_cross_entropy(gpu, &o, N, C, CULOSS_F32, d_x, C, CULOSS_I64, d_t, d_loss, d_g, NULL),
+      CULOSS_OK, "the launch itself succeeds");
   cr_assert_eq(culoss_synchronize(gpu), CULOSS_ERROR_TARGET_OUT_OF_RANGE);
   cr_assert_eq(culoss_synchronize(gpu), CULOSS_OK, "the flag is cleared");
   to_host(loss, d_loss, sizeof loss);
@@ -613,20 +619,21 @@ Test(gpu_ce, deferred_errors_survive_good_calls_in_every_family) {
       culoss_status st =
           family == 0 ? culoss_cross_entropy(gpu, &o, N, C, CULOSS_F32, d_x, C, CULOSS_I64, d_bad,
                                              d_loss, NULL, NULL)
-          : family == 1 ? culoss_nll(gpu, &o, N, C, CULOSS_F32, d_x, C, CULOSS_I64, d_bad, d_loss,
-                                     NULL, NULL)
-                        : culoss_linear_cross_entropy(gpu, &o, N, D, C, CULOSS_F32, d_h, d_w, NULL,
-                                                      CULOSS_I64, d_bad, d_loss, NULL, NULL, NULL,
-                                                      NULL, d_ws, ws_bytes);
+          : family == 1
+              ? culoss_nll(gpu, &o, N, C, CULOSS_F32, d_x, C, CULOSS_I64, d_bad, d_loss, NULL, NULL)
+              : culoss_linear_cross_entropy(gpu, &o, N, D, C, CULOSS_F32, d_h, d_w, NULL,
+                                            CULOSS_I64, d_bad, d_loss, NULL, NULL, NULL, NULL, d_ws,
+                                            ws_bytes);
       cr_assert_eq(st, CULOSS_OK, "family %d: %s", family, culoss_last_error());
       float l;
       to_host(&l, d_loss, sizeof l);
       cr_assert(isnan(l), "family %d red %d: the reduced loss of a bad batch is NaN", family, red);
       /* a good call afterwards does not clear the flag */
       cr_assert_eq(culoss_cross_entropy(gpu, &o, N, C, CULOSS_F32, d_x, C, CULOSS_I64, d_good,
-                                        d_loss, NULL, NULL), CULOSS_OK);
-      cr_assert_eq(culoss_synchronize(gpu), CULOSS_ERROR_TARGET_OUT_OF_RANGE,
-                   "family %d red %d", family, red);
+                                        d_loss, NULL, NULL),
+                   CULOSS_OK);
+      cr_assert_eq(culoss_synchronize(gpu), CULOSS_ERROR_TARGET_OUT_OF_RANGE, "family %d red %d",
+                   family, red);
       cr_assert_eq(culoss_synchronize(gpu), CULOSS_OK, "cleared by the synchronize");
     }
   }
@@ -671,7 +678,8 @@ Test(gpu_ce, deterministic_bitwise) {
     for (int rep = 0; rep < 2; rep++) {
       dev_poison(d_g, (size_t)(n * c) * 2);
       cr_assert_eq(culoss_cross_entropy(gpu, &o, n, c, CULOSS_BF16, d_x, c, CULOSS_I64, d_t, d_loss,
-                                        d_g, NULL), CULOSS_OK);
+                                        d_g, NULL),
+                   CULOSS_OK);
       g[rep] = malloc((size_t)(n * c) * 2);
       to_host(g[rep], d_g, (size_t)(n * c) * 2);
       to_host(&loss[rep], d_loss, sizeof(float));
@@ -724,25 +732,29 @@ Test(gpu_ce, offsets_past_2_pow_31) {
     cr_assert_eq(culoss_upload(gpu, (char *)d_x + (size_t)(i * c) * 2, xb, (size_t)(rows * c) * 2),
                  CULOSS_OK);
     cr_assert_eq(culoss_cross_entropy(cpu, &o, rows, c, CULOSS_BF16, xb, c, CULOSS_I64, t + i,
-                                      ref_loss + i, NULL, NULL), CULOSS_OK);
+                                      ref_loss + i, NULL, NULL),
+                 CULOSS_OK);
   }
   void *d_t = dev_from(t, (size_t)n * 8);
   float *d_loss = dev_alloc((size_t)n * sizeof(float));
-  cr_assert_eq(culoss_cross_entropy(gpu, &o, n, c, CULOSS_BF16, d_x, c, CULOSS_I64, d_t, d_loss,
-                                    d_x, NULL), CULOSS_OK, "%s", culoss_last_error());
+  cr_assert_eq(
+      culoss_cross_entropy(gpu, &o, n, c, CULOSS_BF16, d_x, c, CULOSS_I64, d_t, d_loss, d_x, NULL),
+      CULOSS_OK, "%s", culoss_last_error());
   cr_assert_eq(culoss_synchronize(gpu), CULOSS_OK, "%s", culoss_last_error());
   float *loss = malloc((size_t)n * sizeof(float));
   to_host(loss, d_loss, (size_t)n * sizeof(float));
   int64_t where;
   cr_assert(worst_ratio(loss, ref_loss, n, 2e-5, 5e-5, &where) <= 1.0, "row %lld: %g vs %g",
             (long long)where, (double)loss[where], (double)ref_loss[where]);
-  uint16_t *row = malloc((size_t)c * 2), *src = malloc((size_t)c * 2), *ref_g = malloc((size_t)c * 2);
+  uint16_t *row = malloc((size_t)c * 2), *src = malloc((size_t)c * 2),
+           *ref_g = malloc((size_t)c * 2);
   float *gf = malloc((size_t)c * 4), *rf = malloc((size_t)c * 4), rl;
   for (int64_t i = n - past - 2; i < n; i++) {
     for (int64_t j = 0; j < c; j++) xf[j] = (float)(8.0 * hash_unit((uint64_t)(i * c + j)));
     pack_dtype(src, xf, c, CULOSS_BF16);
     cr_assert_eq(culoss_cross_entropy(cpu, &o, 1, c, CULOSS_BF16, src, c, CULOSS_I64, &t[i], &rl,
-                                      ref_g, NULL), CULOSS_OK);
+                                      ref_g, NULL),
+                 CULOSS_OK);
     to_host(row, (char *)d_x + (size_t)(i * c) * 2, (size_t)c * 2);
     unpack_dtype(gf, row, c, CULOSS_BF16);
     unpack_dtype(rf, ref_g, c, CULOSS_BF16);

@@ -68,8 +68,8 @@ static void ew_case(t_op op, int64_t n, int64_t c, culoss_dtype dt, culoss_reduc
   /* per-element losses are fp32 from identical inputs; the sums differ in
      order and precision of accumulation (double on both sides) */
   double wr = worst_ratio(l, ref_l, nl, 1e-6, 2e-5, &where);
-  cr_assert(wr <= 1.0, "%s: loss[%lld] gpu %.9g cpu %.9g", what, (long long)where,
-            (double)l[where], (double)ref_l[where]);
+  cr_assert(wr <= 1.0, "%s: loss[%lld] gpu %.9g cpu %.9g", what, (long long)where, (double)l[where],
+            (double)ref_l[where]);
   float *gf = malloc((size_t)(m + 1) * 4), *rf = malloc((size_t)(m + 1) * 4);
   unpack_dtype(gf, (char *)g + (size_t)offset * es, m, dt);
   unpack_dtype(rf, ref_g, m, dt); /* the CPU wrote its gradient at offset 0 */
@@ -167,8 +167,9 @@ static void ew_given(t_op op, const float *x, const float *y, int64_t m, culoss_
     unpack_dtype(gf, g, m, dt);
     unpack_dtype(rf, rg, m, dt);
     int64_t where;
-    cr_assert(worst_ratio(l, rl, nl, 1e-6, 2e-5, &where) <= 1.0, "%s red=%d: loss[%lld] gpu %.9g cpu %.9g",
-              what, red, (long long)where, (double)l[where], (double)rl[where]);
+    cr_assert(worst_ratio(l, rl, nl, 1e-6, 2e-5, &where) <= 1.0,
+              "%s red=%d: loss[%lld] gpu %.9g cpu %.9g", what, red, (long long)where,
+              (double)l[where], (double)rl[where]);
     const double rtol = dt == CULOSS_F32 ? 2e-5 : (dt == CULOSS_F16 ? 2.0 / 1024 : 2.0 / 128);
     cr_assert(worst_ratio(gf, rf, m, 1e-7, rtol, &where) <= 1.0,
               "%s red=%d: grad[%lld] (x=%g y=%g) gpu %.9g cpu %.9g", what, red, (long long)where,
@@ -262,7 +263,8 @@ Test(gpu_ew, deterministic_bitwise) {
     float l[2];
     t_opts t = {CULOSS_REDUCTION_MEAN, NULL, NULL, 0};
     for (int rep = 0; rep < 2; rep++) {
-      cr_assert_eq(ew_call(gpu, (t_op)op, &t, m, 1, CULOSS_F32, d_x, d_y, d_l, d_g, NULL), CULOSS_OK);
+      cr_assert_eq(ew_call(gpu, (t_op)op, &t, m, 1, CULOSS_F32, d_x, d_y, d_l, d_g, NULL),
+                   CULOSS_OK);
       to_host(&l[rep], d_l, 4);
     }
     cr_assert(memcmp(&l[0], &l[1], 4) == 0, "%s: mean differs run to run", t_op_name[op]);
@@ -299,8 +301,8 @@ static void mm_case(int64_t n, int64_t c, int64_t ld, culoss_dtype dt, int p, cu
   float *d_l = dev_alloc((size_t)nl * 4);
   dev_poison(d_l, (size_t)nl * 4);
   o.class_weight = weights ? d_w : NULL;
-  cr_assert_eq(culoss_multi_margin(gpu, &o, n, c, dt, d_x, ld, tt, d_t, d_l, d_g, d_gl),
-               CULOSS_OK, "%s", culoss_last_error());
+  cr_assert_eq(culoss_multi_margin(gpu, &o, n, c, dt, d_x, ld, tt, d_t, d_l, d_g, d_gl), CULOSS_OK,
+               "%s", culoss_last_error());
   cr_assert_eq(culoss_synchronize(gpu), CULOSS_OK, "%s", culoss_last_error());
   to_host(l, d_l, (size_t)nl * 4);
   to_host(g, d_g, bytes);
@@ -333,8 +335,8 @@ Test(gpu_ew, grid_stride_with_a_small_grid_limit) {
       ew_case((t_op)op, 37, 1001, (culoss_dtype)((op + lim) % 3),
               (culoss_reduction)((op + lim) % 3), 1, 1, op % 2, seed++);
     for (int d = 0; d < 3; d++) /* multi-margin: rows per block x the limit, many times over */
-      mm_case(301, 37, 40, (culoss_dtype)d, 1 + d % 2, (culoss_reduction)((d + lim) % 3), 1,
-              d == 1, seed++);
+      mm_case(301, 37, 40, (culoss_dtype)d, 1 + d % 2, (culoss_reduction)((d + lim) % 3), 1, d == 1,
+              seed++);
   }
   cr_assert_eq(culoss_set_grid_limit(gpu, 0), CULOSS_OK);
 }
@@ -371,8 +373,10 @@ Test(gpu_ew, in_place_gradients_and_int32_multi_margin) {
       cr_assert(close_enough(l, rl, 1e-6, 2e-5), "%s dt %d: loss %g vs %g", t_op_name[op], d,
                 (double)l, (double)rl);
       const double rtol = dt == CULOSS_F32 ? 2e-5 : (dt == CULOSS_F16 ? 2.0 / 1024 : 2.0 / 128);
-      cr_assert(worst_ratio(gf, rf, m, 1e-7, rtol, &where) <= 1.0, "%s dt %d: in-place grad[%lld] "
-                "%g vs %g", t_op_name[op], d, (long long)where, (double)gf[where], (double)rf[where]);
+      cr_assert(worst_ratio(gf, rf, m, 1e-7, rtol, &where) <= 1.0,
+                "%s dt %d: in-place grad[%lld] "
+                "%g vs %g",
+                t_op_name[op], d, (long long)where, (double)gf[where], (double)rf[where]);
       culoss_free(gpu, d_x), culoss_free(gpu, d_y), culoss_free(gpu, d_l);
       free(x), free(y), free(xh), free(yh), free(rg), free(g), free(gf), free(rf);
     }
@@ -409,8 +413,9 @@ Test(gpu_ew, multi_margin_out_of_range_is_deferred) {
   culoss_multi_margin_options o;
   culoss_multi_margin_options_init(&o);
   o.reduction = CULOSS_REDUCTION_NONE;
-  cr_assert_eq(culoss_multi_margin(gpu, &o, 2, 3, CULOSS_F32, d_x, 3, CULOSS_I64, d_t, d_l, d_g, NULL),
-               CULOSS_OK);
+  cr_assert_eq(
+      culoss_multi_margin(gpu, &o, 2, 3, CULOSS_F32, d_x, 3, CULOSS_I64, d_t, d_l, d_g, NULL),
+      CULOSS_OK);
   cr_assert_eq(culoss_synchronize(gpu), CULOSS_ERROR_TARGET_OUT_OF_RANGE);
   to_host(l, d_l, 8);
   to_host(g, d_g, sizeof g);
@@ -435,7 +440,8 @@ Test(gpu_ew, elements_past_2_pow_31) {
   const int64_t head = (int64_t)1 << 31, m = head + 4099, blk = (int64_t)1 << 22;
   const size_t bytes = (size_t)m * 2;
   void *d_x = NULL, *d_y = NULL;
-  if (culoss_malloc(gpu, &d_x, bytes) != CULOSS_OK || culoss_malloc(gpu, &d_y, bytes) != CULOSS_OK) {
+  if (culoss_malloc(gpu, &d_x, bytes) != CULOSS_OK ||
+      culoss_malloc(gpu, &d_y, bytes) != CULOSS_OK) {
     cr_assert(getenv("CULOSS_REQUIRE_BIG") == NULL, "2 x %zu bytes of device memory: %s", bytes,
               culoss_last_error());
     cr_skip_test("skipped: 2 x %zu bytes of device memory not available", bytes);

@@ -38,7 +38,8 @@ static culoss_status all_losses(const bufs_t *b) {
   ce.label_smoothing = 0.1f, ce.z_loss = 1e-4f, ce.class_weight = b->w;
   char *g = b->g;
   const size_t gs = (size_t)M * 2;
-#define RUN(call) if (st == CULOSS_OK) st = (call)
+#define RUN(call)                                                                                  \
+  if (st == CULOSS_OK) st = (call)
   RUN(culoss_cross_entropy(gpu, &ce, N, C, CULOSS_BF16, b->x, C, CULOSS_I64, b->t, b->loss + 0,
                            g + 0 * gs, NULL));
   RUN(culoss_cross_entropy_soft(gpu, &ce, N, C, CULOSS_BF16, b->x, C, b->y, b->loss + 1, g + 1 * gs,
@@ -47,7 +48,8 @@ static culoss_status all_losses(const bufs_t *b) {
                  NULL));
   culoss_bce_options bo;
   culoss_bce_options_init(&bo);
-  RUN(culoss_bce_with_logits(gpu, &bo, N, C, CULOSS_BF16, b->x, b->y, b->loss + 3, g + 3 * gs, NULL));
+  RUN(culoss_bce_with_logits(gpu, &bo, N, C, CULOSS_BF16, b->x, b->y, b->loss + 3, g + 3 * gs,
+                             NULL));
   culoss_regression_options ro;
   culoss_regression_options_init(&ro);
   RUN(culoss_huber(gpu, &ro, M, CULOSS_BF16, b->x, b->y, b->loss + 4, g + 4 * gs, NULL));
@@ -58,9 +60,9 @@ static culoss_status all_losses(const bufs_t *b) {
   RUN(culoss_multi_margin(gpu, NULL, N, C, CULOSS_BF16, b->x, C, CULOSS_I64, b->t, b->loss + 6,
                           g + 6 * gs, NULL));
   /* linear CE: hidden = the first N x 64 of x, weight = the first C x 64 of y */
-  RUN(culoss_linear_cross_entropy(gpu, NULL, N, 64, C, CULOSS_BF16, b->x, b->y, NULL, CULOSS_I64,
-                                  b->t, b->loss + 7, g + 7 * gs, (char *)g + 7 * gs + (size_t)N * 64 * 2,
-                                  NULL, NULL, b->ws, b->ws_bytes));
+  RUN(culoss_linear_cross_entropy(
+      gpu, NULL, N, 64, C, CULOSS_BF16, b->x, b->y, NULL, CULOSS_I64, b->t, b->loss + 7, g + 7 * gs,
+      (char *)g + 7 * gs + (size_t)N * 64 * 2, NULL, NULL, b->ws, b->ws_bytes));
 #undef RUN
   return st;
 }
@@ -275,22 +277,27 @@ static culoss_status every_loss(culoss_context *c, const float *x, const float *
   culoss_cross_entropy_options_init(&o);
   o.label_smoothing = 0.125f;
   if ((st = culoss_cross_entropy(c, &o, SN, SC, CULOSS_F32, x, SC, CULOSS_I64, t, loss + k,
-                                 g + k * gs, NULL)) != CULOSS_OK) return st;
+                                 g + k * gs, NULL)) != CULOSS_OK)
+    return st;
   k++;
   if ((st = culoss_cross_entropy_soft(c, &o, SN, SC, CULOSS_F32, x, SC, y, loss + k, g + k * gs,
-                                      NULL)) != CULOSS_OK) return st;
+                                      NULL)) != CULOSS_OK)
+    return st;
   k++;
   if ((st = culoss_nll(c, NULL, SN, SC, CULOSS_F32, x, SC, CULOSS_I64, t, loss + k, g + k * gs,
-                       NULL)) != CULOSS_OK) return st;
+                       NULL)) != CULOSS_OK)
+    return st;
   k++;
   if ((st = culoss_multi_margin(c, NULL, SN, SC, CULOSS_F32, x, SC, CULOSS_I64, t, loss + k,
-                                g + k * gs, NULL)) != CULOSS_OK) return st;
+                                g + k * gs, NULL)) != CULOSS_OK)
+    return st;
   k++;
   for (int op = 0; op < T_NUM_OPS; op++, k++) {
     t_opts to = {CULOSS_REDUCTION_MEAN, NULL, NULL, 0.0f};
     const float *in = op == T_BCE ? p : x, *tg = op == T_HINGE || op == T_SQ_HINGE ? pm : y;
     if ((st = ew_call(c, (t_op)op, &to, SN, SC, CULOSS_F32, in, tg, loss + k, g + k * gs, NULL)) !=
-        CULOSS_OK) return st;
+        CULOSS_OK)
+      return st;
   }
   return culoss_linear_cross_entropy(c, &o, SN, SD, SC, CULOSS_F32, h, w, NULL, CULOSS_I64, t,
                                      loss + k, g + k * gs, g + k * gs + SN * SD, NULL, NULL, ws,
@@ -328,7 +335,8 @@ Test(gpu_graph, every_loss_on_a_non_default_stream_matches_the_cpu) {
                CULOSS_OK);
   float *d_x = dev_from(x, xb), *d_p = dev_from(p, xb), *d_y = dev_from(y, xb);
   float *d_pm = dev_from(pm, xb), *d_h = dev_from(h, (size_t)SN * SD * 4);
-  float *d_w = dev_from(w, (size_t)SC * SD * 4), *d_g = dev_alloc(K * xb), *d_l = dev_alloc(sizeof loss);
+  float *d_w = dev_from(w, (size_t)SC * SD * 4), *d_g = dev_alloc(K * xb),
+        *d_l = dev_alloc(sizeof loss);
   void *d_t = dev_from(t, sizeof t), *d_ws = dev_alloc(ws_bytes);
   cr_assert_eq(culoss_upload(gpu, d_g, rg, K * xb), CULOSS_OK); /* unwritten bytes compare equal */
   dev_poison(d_l, sizeof loss);
@@ -345,7 +353,8 @@ Test(gpu_graph, every_loss_on_a_non_default_stream_matches_the_cpu) {
     cr_assert(close_enough(loss[k], rl[k], 1e-6, 2e-5), "loss %d: %g vs %g", k, (double)loss[k],
               (double)rl[k]);
     cr_assert(worst_ratio(g + (size_t)k * SN * SC, rg + (size_t)k * SN * SC, (int64_t)SN * SC, 1e-7,
-                          1e-4, &where) <= 1.0, "gradient %d [%lld]: %g vs %g", k, (long long)where,
+                          1e-4, &where) <= 1.0,
+              "gradient %d [%lld]: %g vs %g", k, (long long)where,
               (double)g[(size_t)k * SN * SC + where], (double)rg[(size_t)k * SN * SC + where]);
   }
   cr_assert_eq(culoss_set_stream(gpu, NULL), CULOSS_OK);

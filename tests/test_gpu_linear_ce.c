@@ -20,8 +20,8 @@ TestSuite(gpu_lce, .init = gpu_setup, .fini = gpu_teardown, .timeout = 900);
 /* ||got - ref|| / ||ref|| (NaN anywhere fails): GEMMs sum in another order,
    and for fp16/bf16 the logits are rounded to the dtype before the softmax,
    so elementwise bounds would be brittle where sums cancel. */
-static void check(const char *what, const void *got, const void *ref, int64_t count, culoss_dtype dt,
-                  double tol) {
+static void check(const char *what, const void *got, const void *ref, int64_t count,
+                  culoss_dtype dt, double tol) {
   float *a = malloc((size_t)count * 4), *b = malloc((size_t)count * 4);
   unpack_dtype(a, got, count, dt);
   unpack_dtype(b, ref, count, dt);
@@ -41,12 +41,14 @@ static void lce_case(int64_t n, int64_t d, int64_t v, culoss_dtype dt, culoss_re
                      int bias, int options, uint64_t seed) {
   rng_t r = rng_seeded(seed);
   const size_t es = dtype_bytes(dt);
-  float *h = malloc((size_t)(n * d) * 4), *w = malloc((size_t)(v * d) * 4), *b = malloc((size_t)v * 4);
+  float *h = malloc((size_t)(n * d) * 4), *w = malloc((size_t)(v * d) * 4),
+        *b = malloc((size_t)v * 4);
   float *cw = malloc((size_t)v * 4), *gl = malloc((size_t)(n ? n : 1) * 4);
   int64_t *t = malloc((size_t)(n ? n : 1) * 8);
   for (int64_t i = 0; i < n * d; i++) h[i] = (float)rng_normal(&r);
   for (int64_t i = 0; i < v * d; i++) w[i] = (float)(rng_normal(&r) / sqrt((double)d) * 3.0);
-  for (int64_t j = 0; j < v; j++) b[j] = (float)rng_normal(&r), cw[j] = (float)(0.5 + rng_uniform(&r));
+  for (int64_t j = 0; j < v; j++)
+    b[j] = (float)rng_normal(&r), cw[j] = (float)(0.5 + rng_uniform(&r));
   for (int64_t i = 0; i < n; i++) {
     t[i] = rng_uniform(&r) < 0.1 ? -100 : rng_int(&r, 0, v);
     gl[i] = (float)(0.5 + rng_uniform(&r));
@@ -58,12 +60,15 @@ static void lce_case(int64_t n, int64_t d, int64_t v, culoss_dtype dt, culoss_re
   culoss_cross_entropy_options o;
   culoss_cross_entropy_options_init(&o);
   o.reduction = red;
-  if (options) o.label_smoothing = 0.1f, o.z_loss = 1e-3f, o.logit_softcap = 20.0f, o.class_weight = cw;
+  if (options)
+    o.label_smoothing = 0.1f, o.z_loss = 1e-3f, o.logit_softcap = 20.0f, o.class_weight = cw;
   const int64_t nl = red == CULOSS_REDUCTION_NONE ? n : 1;
   float *ref_l = malloc((size_t)(nl ? nl : 1) * 4), *l = malloc((size_t)(nl ? nl : 1) * 4);
-  void *rgh = malloc((size_t)(n * d) * es + 1), *rgw = malloc((size_t)(v * d) * es), *rgb = malloc((size_t)v * es);
-  cr_assert_eq(culoss_linear_cross_entropy(cpu, &o, n, d, v, dt, hh, wh, bias ? bh : NULL, CULOSS_I64,
-                                           t, ref_l, rgh, rgw, bias ? rgb : NULL, gl, NULL, 0),
+  void *rgh = malloc((size_t)(n * d) * es + 1), *rgw = malloc((size_t)(v * d) * es),
+       *rgb = malloc((size_t)v * es);
+  cr_assert_eq(culoss_linear_cross_entropy(cpu, &o, n, d, v, dt, hh, wh, bias ? bh : NULL,
+                                           CULOSS_I64, t, ref_l, rgh, rgw, bias ? rgb : NULL, gl,
+                                           NULL, 0),
                CULOSS_OK, "%s", culoss_last_error());
   size_t wsb;
   cr_assert_eq(culoss_linear_cross_entropy_workspace_size(gpu, n, d, v, dt, &wsb), CULOSS_OK);
@@ -85,8 +90,8 @@ static void lce_case(int64_t n, int64_t d, int64_t v, culoss_dtype dt, culoss_re
   to_host(l, d_l, (size_t)(nl ? nl : 1) * 4);
   int64_t where;
   const double lt = dt == CULOSS_F32 ? 1e-4 : 2e-2; /* 16-bit: logits rounded to the dtype */
-  cr_assert(worst_ratio(l, ref_l, nl, lt, lt, &where) <= 1.0, "loss[%lld] %g vs %g", (long long)where,
-            (double)l[where], (double)ref_l[where]);
+  cr_assert(worst_ratio(l, ref_l, nl, lt, lt, &where) <= 1.0, "loss[%lld] %g vs %g",
+            (long long)where, (double)l[where], (double)ref_l[where]);
   void *g = malloc((size_t)(v * d) * es + (size_t)(n * d) * es + 1);
   const double gt = dt == CULOSS_F32 ? 1e-4 : 2e-2;
   to_host(g, d_gh, (size_t)(n * d) * es);
@@ -121,8 +126,8 @@ Test(gpu_lce, many_blocks_and_vocabulary_slices) {
   uint64_t seed = 100;
   for (int dt = 0; dt < 3; dt++)
     for (int red = 0; red < 3; red++)
-      lce_case(test_quick() ? 70 : 301, 64, 1000, (culoss_dtype)dt, (culoss_reduction)red, 1, red == 2,
-               seed++);
+      lce_case(test_quick() ? 70 : 301, 64, 1000, (culoss_dtype)dt, (culoss_reduction)red, 1,
+               red == 2, seed++);
   lce_case(5, 16, 3, CULOSS_BF16, CULOSS_REDUCTION_MEAN, 1, 1, seed++);
   unsetenv("CULOSS_LINEAR_CE_BLOCK_BYTES");
   gpu_reopen(&gpu);
@@ -155,7 +160,8 @@ static void exact_case(int64_t n, int64_t d, int64_t v, culoss_dtype dt, culoss_
                        int options, uint64_t seed) {
   rng_t r = rng_seeded(seed);
   const size_t es = dtype_bytes(dt);
-  float *h = malloc((size_t)(n * d) * 4), *w = malloc((size_t)(v * d) * 4), *b = malloc((size_t)v * 4);
+  float *h = malloc((size_t)(n * d) * 4), *w = malloc((size_t)(v * d) * 4),
+        *b = malloc((size_t)v * 4);
   float *z = malloc((size_t)(n * v) * 4), *G = malloc((size_t)(n * v) * 4);
   float *cw = malloc((size_t)v * 4), *gl = malloc((size_t)n * 4);
   int64_t *t = malloc((size_t)n * 8);
@@ -177,7 +183,8 @@ static void exact_case(int64_t n, int64_t d, int64_t v, culoss_dtype dt, culoss_
       cr_assert(fabs(acc) < 32.0, "logit %g: not exact in bf16", acc);
       z[i * v + j] = (float)acc;
     }
-  void *hh = malloc((size_t)(n * d) * es), *wh = malloc((size_t)(v * d) * es), *bh = malloc((size_t)v * es);
+  void *hh = malloc((size_t)(n * d) * es), *wh = malloc((size_t)(v * d) * es),
+       *bh = malloc((size_t)v * es);
   pack_dtype(hh, h, n * d, dt), pack_dtype(wh, w, v * d, dt), pack_dtype(bh, b, v, dt);
   culoss_cross_entropy_options o;
   culoss_cross_entropy_options_init(&o);
@@ -185,13 +192,16 @@ static void exact_case(int64_t n, int64_t d, int64_t v, culoss_dtype dt, culoss_
   if (options) o.label_smoothing = 0.125f, o.z_loss = 1e-3f, o.class_weight = cw;
   const int64_t nl = red == CULOSS_REDUCTION_NONE ? n : 1;
   float *ref_l = malloc((size_t)nl * 4), *l = malloc((size_t)nl * 4), zl[1];
-  void *rgh = malloc((size_t)(n * d) * es), *rgw = malloc((size_t)(v * d) * es), *rgb = malloc((size_t)v * es);
+  void *rgh = malloc((size_t)(n * d) * es), *rgw = malloc((size_t)(v * d) * es),
+       *rgb = malloc((size_t)v * es);
   const float *glp = red == CULOSS_REDUCTION_NONE ? gl : gl + 1;
   cr_assert_eq(culoss_linear_cross_entropy(cpu, &o, n, d, v, dt, hh, wh, bh, CULOSS_I64, t, ref_l,
-                                           rgh, rgw, rgb, glp, NULL, 0), CULOSS_OK);
+                                           rgh, rgw, rgb, glp, NULL, 0),
+               CULOSS_OK);
   /* the logit gradient G, from the exact logits (fp32 output: for the bounds) */
   cr_assert_eq(culoss_cross_entropy(cpu, &o, n, v, CULOSS_F32, z, v, CULOSS_I64, t,
-                                    red == CULOSS_REDUCTION_NONE ? l : zl, G, glp), CULOSS_OK);
+                                    red == CULOSS_REDUCTION_NONE ? l : zl, G, glp),
+               CULOSS_OK);
   size_t wsb;
   cr_assert_eq(culoss_linear_cross_entropy_workspace_size(gpu, n, d, v, dt, &wsb), CULOSS_OK);
   void *d_h = dev_from(hh, (size_t)(n * d) * es), *d_w = dev_from(wh, (size_t)(v * d) * es);
@@ -203,14 +213,15 @@ static void exact_case(int64_t n, int64_t d, int64_t v, culoss_dtype dt, culoss_
   dev_poison(d_gh, (size_t)(n * d) * es), dev_poison(d_gw, (size_t)(v * d) * es);
   dev_poison(d_gb, (size_t)v * es), dev_poison(d_l, (size_t)nl * 4);
   if (options) o.class_weight = d_cw;
-  cr_assert_eq(culoss_linear_cross_entropy(gpu, &o, n, d, v, dt, d_h, d_w, d_b, CULOSS_I64, d_t, d_l,
-                                           d_gh, d_gw, d_gb, d_gl, d_ws, wsb), CULOSS_OK, "%s",
-               culoss_last_error());
+  cr_assert_eq(culoss_linear_cross_entropy(gpu, &o, n, d, v, dt, d_h, d_w, d_b, CULOSS_I64, d_t,
+                                           d_l, d_gh, d_gw, d_gb, d_gl, d_ws, wsb),
+               CULOSS_OK, "%s", culoss_last_error());
   cr_assert_eq(culoss_synchronize(gpu), CULOSS_OK, "%s", culoss_last_error());
   to_host(l, d_l, (size_t)nl * 4);
   int64_t where;
-  cr_assert(worst_ratio(l, ref_l, nl, 1e-6, 2e-5, &where) <= 1.0, "dt %d red %d: loss[%lld] %.9g vs %.9g",
-            dt, red, (long long)where, (double)l[where], (double)ref_l[where]);
+  cr_assert(worst_ratio(l, ref_l, nl, 1e-6, 2e-5, &where) <= 1.0,
+            "dt %d red %d: loss[%lld] %.9g vs %.9g", dt, red, (long long)where, (double)l[where],
+            (double)ref_l[where]);
   /* gradients: (got, ref, count, the bound's operand, its row length, index map) */
   void *g = malloc((size_t)(v * d) * es);
   float *gf = malloc((size_t)(v * d) * 4), *rf = malloc((size_t)(v * d) * 4);
@@ -222,7 +233,7 @@ static void exact_case(int64_t n, int64_t d, int64_t v, culoss_dtype dt, culoss_
     double err2 = 0, noise2 = 0, ref2 = 0;
     for (int64_t e = 0; e < count; e++) {
       double bound = 0, var = 0, abs_sum = 0; /* G's rounding to the dtype, propagated */
-      if (which == 0) { /* grad_hidden[i, k] = sum_j G_ij w_jk */
+      if (which == 0) {                       /* grad_hidden[i, k] = sum_j G_ij w_jk */
         const int64_t i = e / d, k = e % d;
         for (int64_t j = 0; j < v; j++) {
           const double q = 0.5 * ulp_of(G[i * v + j], dt) * fabs(w[j * d + k]);
@@ -252,9 +263,10 @@ static void exact_case(int64_t n, int64_t d, int64_t v, culoss_dtype dt, culoss_
       ref2 += (double)rf[e] * rf[e];
     }
     if (dt != CULOSS_F32 && ref2 > 0)
-      cr_assert(sqrt(err2) <= 4.0 * sqrt(noise2), "dt %d red %d %s: relative error norm %.3g over "
-                "a rounding bound of %.3g", dt, red,
-                which == 0 ? "grad_hidden" : (which == 1 ? "grad_weight" : "grad_bias"),
+      cr_assert(sqrt(err2) <= 4.0 * sqrt(noise2),
+                "dt %d red %d %s: relative error norm %.3g over "
+                "a rounding bound of %.3g",
+                dt, red, which == 0 ? "grad_hidden" : (which == 1 ? "grad_weight" : "grad_bias"),
                 sqrt(err2 / ref2), 4.0 * sqrt(noise2 / ref2));
   }
   culoss_free(gpu, d_h), culoss_free(gpu, d_w), culoss_free(gpu, d_b), culoss_free(gpu, d_t);
@@ -293,15 +305,18 @@ Test(gpu_lce, int32_partial_gradients_normalizer_and_empty) {
     const culoss_dtype dt = (culoss_dtype)(variant % 3);
     const size_t es = dtype_bytes(dt);
     rng_t r = rng_seeded(4000 + (uint64_t)variant);
-    float *h = malloc((size_t)(37 * d) * 4), *w = malloc((size_t)(v * d) * 4), *b = malloc((size_t)v * 4);
+    float *h = malloc((size_t)(37 * d) * 4), *w = malloc((size_t)(v * d) * 4),
+          *b = malloc((size_t)v * 4);
     int32_t t32[37];
     for (int64_t i = 0; i < 37 * d; i++) h[i] = (float)rng_normal(&r);
     for (int64_t i = 0; i < v * d; i++) w[i] = (float)(0.3 * rng_normal(&r));
     for (int64_t j = 0; j < v; j++) b[j] = (float)rng_normal(&r);
     for (int i = 0; i < 37; i++) t32[i] = i % 7 == 0 ? -100 : (int32_t)rng_int(&r, 0, v);
-    void *hh = malloc((size_t)(37 * d) * es), *wh = malloc((size_t)(v * d) * es), *bh = malloc((size_t)v * es);
+    void *hh = malloc((size_t)(37 * d) * es), *wh = malloc((size_t)(v * d) * es),
+         *bh = malloc((size_t)v * es);
     pack_dtype(hh, h, 37 * d, dt), pack_dtype(wh, w, v * d, dt), pack_dtype(bh, b, v, dt);
-    const int want_gh = variant == 1 || variant == 4, want_gw = variant == 2 || variant == 3 || variant == 4;
+    const int want_gh = variant == 1 || variant == 4,
+              want_gw = variant == 2 || variant == 3 || variant == 4;
     const int bias = variant == 3 || variant == 4;
     culoss_cross_entropy_options o;
     culoss_cross_entropy_options_init(&o);
@@ -315,7 +330,8 @@ Test(gpu_lce, int32_partial_gradients_normalizer_and_empty) {
     cr_assert_eq(culoss_linear_cross_entropy(cpu, &o, n, d, v, dt, hh, wh, bias ? bh : NULL,
                                              CULOSS_I32, t32, ref_l, want_gh ? rgh : NULL,
                                              want_gw ? rgw : NULL, want_gw && bias ? rgb : NULL,
-                                             NULL, NULL, 0), CULOSS_OK, "%s", culoss_last_error());
+                                             NULL, NULL, 0),
+                 CULOSS_OK, "%s", culoss_last_error());
     size_t wsb;
     cr_assert_eq(culoss_linear_cross_entropy_workspace_size(gpu, n, d, v, dt, &wsb), CULOSS_OK);
     void *d_h = dev_from(hh, (size_t)(37 * d) * es), *d_w = dev_from(wh, (size_t)(v * d) * es);
@@ -329,7 +345,8 @@ Test(gpu_lce, int32_partial_gradients_normalizer_and_empty) {
     cr_assert_eq(culoss_linear_cross_entropy(gpu, &o, n, d, v, dt, d_h, d_w, bias ? d_b : NULL,
                                              CULOSS_I32, d_t, d_l, want_gh ? d_gh : NULL,
                                              want_gw ? d_gw : NULL, want_gw && bias ? d_gb : NULL,
-                                             NULL, d_ws, wsb), CULOSS_OK, "%s", culoss_last_error());
+                                             NULL, d_ws, wsb),
+                 CULOSS_OK, "%s", culoss_last_error());
     cr_assert_eq(culoss_synchronize(gpu), CULOSS_OK, "%s", culoss_last_error());
     to_host(l, d_l, (size_t)nl * 4);
     int64_t where;
@@ -344,14 +361,17 @@ Test(gpu_lce, int32_partial_gradients_normalizer_and_empty) {
       check("grad_hidden", g, rgh, n * d, dt, gt);
     } else { /* not requested: still the poison */
       to_host(g, d_gh, 4);
-      cr_assert(is_poison_f32(*(float *)g) || dt != CULOSS_F32, "variant %d: grad_hidden written", variant);
+      cr_assert(is_poison_f32(*(float *)g) || dt != CULOSS_F32, "variant %d: grad_hidden written",
+                variant);
     }
     if (want_gw) {
       to_host(g, d_gw, (size_t)(v * d) * es);
-      if (n) check("grad_weight", g, rgw, v * d, dt, gt);
+      if (n)
+        check("grad_weight", g, rgw, v * d, dt, gt);
       else
         for (int64_t e = 0; e < v * d; e++)
-          cr_assert(((uint16_t *)g)[dt == CULOSS_F32 ? 2 * e : e] == 0, "n = 0: grad_weight is zero");
+          cr_assert(((uint16_t *)g)[dt == CULOSS_F32 ? 2 * e : e] == 0,
+                    "n = 0: grad_weight is zero");
     }
     if (want_gw && bias && n) {
       to_host(g, d_gb, (size_t)v * es);
@@ -360,7 +380,8 @@ Test(gpu_lce, int32_partial_gradients_normalizer_and_empty) {
     culoss_free(gpu, d_h), culoss_free(gpu, d_w), culoss_free(gpu, d_b), culoss_free(gpu, d_t);
     culoss_free(gpu, d_norm), culoss_free(gpu, d_l), culoss_free(gpu, d_gh), culoss_free(gpu, d_gw);
     culoss_free(gpu, d_gb), culoss_free(gpu, d_ws);
-    free(h), free(w), free(b), free(hh), free(wh), free(bh), free(rgh), free(rgw), free(rgb), free(g);
+    free(h), free(w), free(b), free(hh), free(wh), free(bh), free(rgh), free(rgw), free(rgb),
+        free(g);
   }
 }
 
@@ -391,7 +412,8 @@ Test(gpu_lce, deterministic_bitwise) {
   uint16_t *gw[2];
   for (int rep = 0; rep < 2; rep++) {
     cr_assert_eq(culoss_linear_cross_entropy(gpu, NULL, n, d, v, CULOSS_BF16, d_h, d_w, NULL,
-                                             CULOSS_I64, d_t, d_l, d_gh, d_gw, NULL, NULL, d_ws, wsb),
+                                             CULOSS_I64, d_t, d_l, d_gh, d_gw, NULL, NULL, d_ws,
+                                             wsb),
                  CULOSS_OK);
     gw[rep] = malloc((size_t)(v * d) * 2);
     to_host(gw[rep], d_gw, (size_t)(v * d) * 2);
@@ -407,11 +429,14 @@ Test(gpu_lce, deterministic_bitwise) {
 Test(gpu_lce, workspace_too_small_is_an_error) {
   REQUIRE_GPU();
   size_t wsb;
-  cr_assert_eq(culoss_linear_cross_entropy_workspace_size(gpu, 10, 8, 100, CULOSS_F32, &wsb), CULOSS_OK);
-  void *d_h = dev_alloc(80 * 4), *d_w = dev_alloc(800 * 4), *d_t = dev_alloc(80), *d_ws = dev_alloc(wsb);
+  cr_assert_eq(culoss_linear_cross_entropy_workspace_size(gpu, 10, 8, 100, CULOSS_F32, &wsb),
+               CULOSS_OK);
+  void *d_h = dev_alloc(80 * 4), *d_w = dev_alloc(800 * 4), *d_t = dev_alloc(80),
+       *d_ws = dev_alloc(wsb);
   float *d_l = dev_alloc(4);
   cr_assert_eq(culoss_linear_cross_entropy(gpu, NULL, 10, 8, 100, CULOSS_F32, d_h, d_w, NULL,
-                                           CULOSS_I64, d_t, d_l, NULL, NULL, NULL, NULL, d_ws, wsb - 1),
+                                           CULOSS_I64, d_t, d_l, NULL, NULL, NULL, NULL, d_ws,
+                                           wsb - 1),
                CULOSS_ERROR_INVALID_VALUE);
   cr_assert(strstr(culoss_last_error(), "workspace_bytes") != NULL);
   culoss_free(gpu, d_h), culoss_free(gpu, d_w), culoss_free(gpu, d_t), culoss_free(gpu, d_ws);

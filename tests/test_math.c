@@ -44,11 +44,11 @@ Test(math, f16_known_values) {
   cr_assert_eq(culoss__f16_to_f32(0x7bff), 65504.0f);
   cr_assert_eq(culoss__f16_to_f32(0x0001), 0x1p-24f);
   cr_assert_eq(culoss__f16_to_f32(0x8400), -0x1p-14f);
-  cr_assert_eq(culoss__f32_to_f16(65519.0f), 0x7bff);     /* below the inf threshold */
-  cr_assert_eq(culoss__f32_to_f16(65520.0f), 0x7c00);     /* ties away to inf */
-  cr_assert_eq(culoss__f32_to_f16(0x1p-25f), 0x0000);     /* tie: even is 0 */
-  cr_assert_eq(culoss__f32_to_f16(3 * 0x1p-26f), 0x0001); /* above half of 2^-24 */
-  cr_assert_eq(culoss__f32_to_f16(3 * 0x1p-25f), 0x0002); /* tie 1.5 ulp: to even 2 */
+  cr_assert_eq(culoss__f32_to_f16(65519.0f), 0x7bff);        /* below the inf threshold */
+  cr_assert_eq(culoss__f32_to_f16(65520.0f), 0x7c00);        /* ties away to inf */
+  cr_assert_eq(culoss__f32_to_f16(0x1p-25f), 0x0000);        /* tie: even is 0 */
+  cr_assert_eq(culoss__f32_to_f16(3 * 0x1p-26f), 0x0001);    /* above half of 2^-24 */
+  cr_assert_eq(culoss__f32_to_f16(3 * 0x1p-25f), 0x0002);    /* tie 1.5 ulp: to even 2 */
   cr_assert_eq(culoss__f32_to_f16(1.0f + 0x1p-11f), 0x3c00); /* tie to even */
   cr_assert_eq(culoss__f32_to_f16(1.0f + 3 * 0x1p-11f), 0x3c02);
   cr_assert_eq(culoss__f32_to_f16(-0.0f), 0x8000);
@@ -200,15 +200,16 @@ Test(math, elementwise_helpers_match_cpu_reference) {
     for (int i = 0; i < M; i++) w[i] = (float)(0.5 + rng_uniform(&r));
     pw[0] = 2.5f;
     const float param = op == T_HUBER ? 0.8f : (op == T_SMOOTH_L1 ? 1.2f : 0.0f);
-    t_opts t = {CULOSS_REDUCTION_NONE, op <= T_BCE ? w : NULL, op == T_BCE_LOGITS ? pw : NULL, param};
+    t_opts t = {CULOSS_REDUCTION_NONE, op <= T_BCE ? w : NULL, op == T_BCE_LOGITS ? pw : NULL,
+                param};
     cr_assert_eq(ew_call(ctx, (t_op)op, &t, M, 1, CULOSS_F32, x, y, loss, g, NULL), CULOSS_OK);
     for (int i = 0; i < M; i++) {
       float d;
       float l = hd_eval((t_op)op, x[i], y[i], op <= T_BCE ? w[i] : 1.0f, pw[0], param, &d);
       cr_assert(close_enough(l, loss[i], 1e-6, 1e-5), "%s: x=%g y=%g loss %.9g vs %.9g",
                 t_op_name[op], (double)x[i], (double)y[i], (double)l, (double)loss[i]);
-      cr_assert(close_enough(d, g[i], 1e-6, 1e-5), "%s: x=%g y=%g grad %.9g vs %.9g",
-                t_op_name[op], (double)x[i], (double)y[i], (double)d, (double)g[i]);
+      cr_assert(close_enough(d, g[i], 1e-6, 1e-5), "%s: x=%g y=%g grad %.9g vs %.9g", t_op_name[op],
+                (double)x[i], (double)y[i], (double)d, (double)g[i]);
     }
   }
   culoss_destroy(ctx);

@@ -76,8 +76,8 @@ int lane_id();
 inline unsigned char *dynamic_smem() { return current->smem; }
 
 /* Runs or (while the stream is captured) records a kernel. */
-cudaError_t submit_kernel(const void *fn, const char *signature, dim3 grid, dim3 block,
-                          size_t smem, cudaStream_t stream, std::function<void()> body);
+cudaError_t submit_kernel(const void *fn, const char *signature, dim3 grid, dim3 block, size_t smem,
+                          cudaStream_t stream, std::function<void()> body);
 
 template <typename... Params, typename... Args>
 cudaError_t launch(void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem,

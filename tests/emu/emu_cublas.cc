@@ -62,8 +62,7 @@ cublasStatus_t gemm(cublasHandle_t h, cublasOperation_t ta, cublasOperation_t tb
   if (!in_device(A, extent(a_rows, a_cols, lda, type_size(at))) ||
       !in_device(B, extent(b_rows, b_cols, ldb, type_size(bt))) ||
       !in_device(C, extent(m, n, ldc, type_size(ct)))) {
-    report("cublasGemmEx: an operand is not inside a device allocation (m=%d n=%d k=%d)", m, n,
-           k);
+    report("cublasGemmEx: an operand is not inside a device allocation (m=%d n=%d k=%d)", m, n, k);
     fault(cudaErrorIllegalAddress);
     return CUBLAS_STATUS_EXECUTION_FAILED;
   }

@@ -202,8 +202,7 @@ const char *cudaGetErrorString(cudaError_t e) {
   case cudaErrorInvalidConfiguration: return "invalid configuration argument";
   case cudaErrorIllegalAddress: return "an illegal memory access was encountered (emulator)";
   case cudaErrorLaunchFailure: return "unspecified launch failure (emulator: see stderr)";
-  case cudaErrorStreamCaptureUnsupported:
-    return "operation not permitted when stream is capturing";
+  case cudaErrorStreamCaptureUnsupported: return "operation not permitted when stream is capturing";
   case cudaErrorStreamCaptureInvalidated:
     return "operation failed due to a previous error during capture";
   default: return "emulated CUDA error";
@@ -285,16 +284,14 @@ cudaError_t cudaStreamSynchronize(cudaStream_t s) {
   LOCK;
   CUstream_st *st = stream_of(s);
   if (!st) return set_error(cudaErrorInvalidResourceHandle);
-  if (capture_forbids("cudaStreamSynchronize"))
-    return set_error(cudaErrorStreamCaptureUnsupported);
+  if (capture_forbids("cudaStreamSynchronize")) return set_error(cudaErrorStreamCaptureUnsupported);
   STICKY;
   return cudaSuccess;
 }
 
 cudaError_t cudaDeviceSynchronize(void) {
   LOCK;
-  if (capture_forbids("cudaDeviceSynchronize"))
-    return set_error(cudaErrorStreamCaptureUnsupported);
+  if (capture_forbids("cudaDeviceSynchronize")) return set_error(cudaErrorStreamCaptureUnsupported);
   STICKY;
   return cudaSuccess;
 }
@@ -398,8 +395,7 @@ cudaError_t cudaEventRecord(cudaEvent_t e, cudaStream_t s) {
 cudaError_t cudaEventSynchronize(cudaEvent_t e) {
   LOCK;
   if (!e) return set_error(cudaErrorInvalidResourceHandle);
-  if (capture_forbids("cudaEventSynchronize"))
-    return set_error(cudaErrorStreamCaptureUnsupported);
+  if (capture_forbids("cudaEventSynchronize")) return set_error(cudaErrorStreamCaptureUnsupported);
   STICKY;
   return cudaSuccess;
 }

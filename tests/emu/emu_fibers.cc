@@ -62,8 +62,8 @@ struct exec_ctx {
 void ctx_init(exec_ctx &c, unsigned char *stack, size_t bytes, void (*fn)()) {
   uintptr_t top = ((uintptr_t)stack + bytes) & ~(uintptr_t)15;
   void **sp = reinterpret_cast<void **>(top);
-  *--sp = nullptr;                        /* fn's (unused) return address slot */
-  *--sp = reinterpret_cast<void *>(fn);   /* popped by ret */
+  *--sp = nullptr;                             /* fn's (unused) return address slot */
+  *--sp = reinterpret_cast<void *>(fn);        /* popped by ret */
   for (int i = 0; i < 6; i++) *--sp = nullptr; /* rbp rbx r12 r13 r14 r15 */
   c.sp = sp;
   c.bottom = stack;
@@ -417,8 +417,8 @@ uint64_t shfl_exchange(unsigned mask, uint64_t bits, int src_lane) {
   return warp_op(mask, WARP_SHFL, bits, src_lane);
 }
 
-cudaError_t submit_kernel(const void *fn, const char *signature, dim3 grid, dim3 block,
-                          size_t smem, cudaStream_t stream, std::function<void()> body) {
+cudaError_t submit_kernel(const void *fn, const char *signature, dim3 grid, dim3 block, size_t smem,
+                          cudaStream_t stream, std::function<void()> body) {
   std::lock_guard<std::recursive_mutex> lock(g_mutex);
   if (g_sticky != cudaSuccess) return set_error(g_sticky);
   /* "kernel(<parameter types>)" from the launch template's signature */
@@ -433,8 +433,8 @@ cudaError_t submit_kernel(const void *fn, const char *signature, dim3 grid, dim3
   if (threads == 0 || threads > 1024 || block.x > 1024 || block.y > 1024 || block.z > 64 ||
       grid.x == 0 || grid.y == 0 || grid.z == 0 || grid.x > 2147483647u || grid.y > 65535 ||
       grid.z > 65535) {
-    report("invalid launch configuration: grid (%u,%u,%u) block (%u,%u,%u) for %s", grid.x,
-           grid.y, grid.z, block.x, block.y, block.z, sig.c_str());
+    report("invalid launch configuration: grid (%u,%u,%u) block (%u,%u,%u) for %s", grid.x, grid.y,
+           grid.z, block.x, block.y, block.z, sig.c_str());
     return set_error(cudaErrorInvalidConfiguration);
   }
   const int limit = g_funcs.count(fn) ? g_funcs[fn].max_dynamic_smem : SMEM_DEFAULT;
@@ -462,8 +462,8 @@ cudaError_t cudaFuncGetAttributes(struct cudaFuncAttributes *attr, const void *f
   memset(attr, 0, sizeof *attr);
   attr->maxThreadsPerBlock = 1024;
   attr->sharedSizeBytes = 0; /* static shared memory is not measured here */
-  attr->maxDynamicSharedSizeBytes = g_funcs.count(func) ? g_funcs[func].max_dynamic_smem
-                                                        : SMEM_DEFAULT;
+  attr->maxDynamicSharedSizeBytes =
+      g_funcs.count(func) ? g_funcs[func].max_dynamic_smem : SMEM_DEFAULT;
   attr->ptxVersion = 90;
   attr->binaryVersion = 90;
   return cudaSuccess;

@@ -114,9 +114,9 @@ using namespace culoss_emu::internal;
 /* Holds the API lock for the rest of the scope. */
 #define LOCK std::lock_guard<std::recursive_mutex> lock_(g_mutex)
 /* Returns the sticky error, if there is one. */
-#define STICKY                                               \
-  do {                                                       \
-    if (g_sticky != cudaSuccess) return set_error(g_sticky); \
+#define STICKY                                                                                     \
+  do {                                                                                             \
+    if (g_sticky != cudaSuccess) return set_error(g_sticky);                                       \
   } while (0)
 
 #endif /* CULOSS_EMU_INTERNAL_H */

@@ -80,15 +80,9 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
   float *g = opt & 32 ? grad : NULL;
   culoss_status st;
   switch (kind) {
-  case 0:
-    st = culoss_cross_entropy(ctx, &co, n, c, dt, x, ld, CULOSS_I64, t, loss, g, NULL);
-    break;
-  case 1:
-    st = culoss_cross_entropy_soft(ctx, &co, n, c, dt, x, ld, y, loss, g, NULL);
-    break;
-  case 2:
-    st = culoss_nll(ctx, &co, n, c, dt, x, ld, CULOSS_I64, t, loss, g, NULL);
-    break;
+  case 0: st = culoss_cross_entropy(ctx, &co, n, c, dt, x, ld, CULOSS_I64, t, loss, g, NULL); break;
+  case 1: st = culoss_cross_entropy_soft(ctx, &co, n, c, dt, x, ld, y, loss, g, NULL); break;
+  case 2: st = culoss_nll(ctx, &co, n, c, dt, x, ld, CULOSS_I64, t, loss, g, NULL); break;
   case 3: {
     culoss_bce_options o = {red, opt & 8 ? x : NULL, opt & 64 ? w : NULL};
     st = culoss_bce_with_logits(ctx, &o, n, c, dt, x, y, loss, g, NULL);
@@ -109,12 +103,19 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
     st = culoss_multi_margin(ctx, &o, n, c, dt, x, ld, CULOSS_I64, t, loss, g, NULL);
     break;
   }
-  case 7: case 8: case 9: case 10: {
+  case 7:
+  case 8:
+  case 9:
+  case 10: {
     culoss_regression_options o = {red, f32(&r), f32(&r)};
-    if (kind == 7) st = culoss_mse(ctx, &o, n, dt, x, y, loss, g, NULL);
-    else if (kind == 8) st = culoss_l1(ctx, &o, n, dt, x, y, loss, g, NULL);
-    else if (kind == 9) st = culoss_huber(ctx, &o, n, dt, x, y, loss, g, NULL);
-    else st = culoss_smooth_l1(ctx, &o, n, dt, x, y, loss, g, NULL);
+    if (kind == 7)
+      st = culoss_mse(ctx, &o, n, dt, x, y, loss, g, NULL);
+    else if (kind == 8)
+      st = culoss_l1(ctx, &o, n, dt, x, y, loss, g, NULL);
+    else if (kind == 9)
+      st = culoss_huber(ctx, &o, n, dt, x, y, loss, g, NULL);
+    else
+      st = culoss_smooth_l1(ctx, &o, n, dt, x, y, loss, g, NULL);
     break;
   }
   case 11: {
@@ -163,7 +164,9 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
         break;
       }
       if (fabs(loss[i] - want) > 1e-4 * fmax(1.0, fabs(want))) {
-        if (getenv("FUZZ_DEBUG")) fprintf(stderr, "kind %d row %lld c %lld t %lld: loss %.9g want %.9g\n", kind, (long long)i, (long long)c, (long long)t[i], (double)loss[i], want);
+        if (getenv("FUZZ_DEBUG"))
+          fprintf(stderr, "kind %d row %lld c %lld t %lld: loss %.9g want %.9g\n", kind,
+                  (long long)i, (long long)c, (long long)t[i], (double)loss[i], want);
         abort();
       }
     }
