@@ -94,8 +94,8 @@ static culoss_status read_tuning(culoss_context *c) {
     for (i = 0; i < sizeof shapes / sizeof shapes[0] && c->ce_tpr == 0; i++)
       if (strcmp(e, shapes[i].name) == 0) c->ce_tpr = shapes[i].tpr;
     if (c->ce_tpr == 0)
-      return CULOSS__BAD("culoss_create: CULOSS_CE_SHAPE = \"%s\" is not one of thread, 8, "
-                         "warp, 256, 1024",
+      return CULOSS__BAD("culoss_create: CULOSS_CE_SHAPE = \"%s\" is not one of thread (or 1), "
+                         "8, warp (or 32), 256, 1024",
                          e);
   }
   e = getenv("CULOSS_CE_CACHE_BYTES");
@@ -197,10 +197,14 @@ culoss_status culoss_create(culoss_context **ctx, culoss_backend backend, int de
   if (c == NULL)
     return culoss__error(CULOSS_ERROR_OUT_OF_MEMORY, "culoss_create: out of host memory");
   c->backend = backend;
+  c->device = -1; /* no device touched until the knobs are known to be good */
+  if ((st = read_tuning(c)) != CULOSS_OK) {
+    free(c);
+    return st;
+  }
   c->device = backend == CULOSS_BACKEND_CPU ? -1 : device;
-  st = read_tuning(c);
 #ifdef CULOSS_HAVE_CUDA
-  if (st == CULOSS_OK && backend == CULOSS_BACKEND_CUDA) st = create_cuda(c, device);
+  if (backend == CULOSS_BACKEND_CUDA) st = create_cuda(c, device);
 #else
   (void)device;
 #endif
@@ -263,6 +267,18 @@ culoss_status culoss_set_grid_limit(culoss_context *ctx, int64_t max_blocks) {
   return CULOSS_OK;
 }
 
+/* The arguments of the CUDA halves below. */
+struct malloc_args {
+  void **ptr;
+  size_t bytes;
+};
+struct copy_args {
+  void *dst;
+  const void *src;
+  size_t bytes;
+  int up;
+};
+
 #ifdef CULOSS_HAVE_CUDA
 /* The CUDA halves of the calls below, each run by culoss__dispatch_cuda with
    the context's device current. */
@@ -291,10 +307,6 @@ done:
   return st;
 }
 
-struct malloc_args {
-  void **ptr;
-  size_t bytes;
-};
 static culoss_status malloc_cuda(culoss_context *ctx, const void *args) {
   const struct malloc_args *a = (const struct malloc_args *)args;
   culoss_status st = CULOSS_OK;
@@ -312,12 +324,6 @@ done:
   return st;
 }
 
-struct copy_args {
-  void *dst;
-  const void *src;
-  size_t bytes;
-  int up;
-};
 static culoss_status copy_cuda(culoss_context *ctx, const void *args) {
   const struct copy_args *a = (const struct copy_args *)args;
   const cudaStream_t s = (cudaStream_t)ctx->stream;

@@ -309,10 +309,31 @@ Test(api, tuning_knobs_are_read_at_create) {
                                  {"CULOSS_CE_SHAPE", "warps"},
                                  {"CULOSS_CE_CACHE_BYTES", "12k"},
                                  {"CULOSS_CE_CACHE_BYTES", "-1"},
+                                 {"CULOSS_CE_CACHE_BYTES", "99999999999999999999999"},
                                  {"CULOSS_LINEAR_CE_BLOCK_BYTES", "1023"},
-                                 {"CULOSS_LINEAR_CE_BLOCK_BYTES", "lots"}};
+                                 {"CULOSS_LINEAR_CE_BLOCK_BYTES", "lots"},
+                                 {"CULOSS_LINEAR_CE_BLOCK_BYTES", "1099511627777"}}; /* 2^40+1 */
+  static const char *good[][2] = {{"CULOSS_CE_SHAPE", "thread"},
+                                  {"CULOSS_CE_SHAPE", "1"},
+                                  {"CULOSS_CE_SHAPE", "8"},
+                                  {"CULOSS_CE_SHAPE", "warp"},
+                                  {"CULOSS_CE_SHAPE", "32"},
+                                  {"CULOSS_CE_SHAPE", "256"},
+                                  {"CULOSS_CE_SHAPE", "1024"},
+                                  {"CULOSS_CE_CACHE_BYTES", "0"},
+                                  {"CULOSS_LINEAR_CE_BLOCK_BYTES", "1024"}};
   culoss_context *ctx = NULL, *small = NULL;
   size_t def = 0, got = 0;
+  /* the caller's environment must not decide the outcome */
+  unsetenv("CULOSS_CE_SHAPE"), unsetenv("CULOSS_CE_CACHE_BYTES");
+  unsetenv("CULOSS_LINEAR_CE_BLOCK_BYTES");
+  for (size_t i = 0; i < sizeof good / sizeof good[0]; i++) {
+    setenv(good[i][0], good[i][1], 1);
+    cr_assert_eq(culoss_create(&ctx, CULOSS_BACKEND_CPU, 0), CULOSS_OK, "%s=%s: %s", good[i][0],
+                 good[i][1], culoss_last_error());
+    culoss_destroy(ctx);
+    unsetenv(good[i][0]);
+  }
   for (size_t i = 0; i < sizeof bad / sizeof bad[0]; i++) {
     setenv(bad[i][0], bad[i][1], 1);
     cr_assert_eq(culoss_create(&ctx, CULOSS_BACKEND_CPU, 0), CULOSS_ERROR_INVALID_VALUE, "%s=%s",

@@ -544,7 +544,8 @@ def kl_div(input, target, size_average=None, reduce=None, reduction="mean", log_
 def hinge_loss(input, target, *, margin=1.0, squared=False, reduction="mean"):
     """Binary hinge ``max(0, margin - y * input)`` (``squared``: its square)
     with targets y in {-1, +1}; same shapes. culoss's own (torch has no
-    binary hinge): subgradient ``-y`` at the kink (docs/semantics.md)."""
+    binary hinge): subgradient 0 at the kink, as torch 2.15's clamp_min
+    (docs/semantics.md section 0)."""
     fname = "hinge_loss"
     red = _reduction(reduction)
     _tensor("target", target)
