@@ -599,13 +599,43 @@ typedef struct {
   void *hid, *w, *t, *gh, *gw, *ws, *logits;
   size_t ws_bytes;
   float *loss;
+  int gw_f32; /* grad_weight_dtype CULOSS_F32 (one pass), else the input's (pass B) */
 } lce_state;
+
+static void lce_options(const lce_state *s, culoss_linear_ce_options *lo) {
+  culoss_linear_ce_options_init(lo);
+  if (s->gw_f32) lo->grad_weight_dtype = CULOSS_F32;
+}
 
 static int lce_fused(void *p) {
   lce_state *s = p;
-  CL(culoss_linear_cross_entropy(s->ctx, NULL, s->n, s->d, s->v, s->dt, s->hid, s->w, NULL,
-                                 CULOSS_I64, s->t, s->loss, s->gh, s->gw, NULL, NULL, s->ws,
-                                 s->ws_bytes));
+  culoss_linear_ce_options lo;
+  lce_options(s, &lo);
+  CL(culoss_linear_cross_entropy_ex(s->ctx, NULL, &lo, s->n, s->d, s->v, s->dt, s->hid, s->w, NULL,
+                                    CULOSS_I64, s->t, s->loss, s->gh, s->gw, NULL, NULL, s->ws,
+                                    s->ws_bytes));
+  return 0;
+}
+
+/* The GEMM floor: the three GEMMs of 6 n d v FLOPs alone (logits, then
+   grad_hidden and grad_weight from them, grad_weight in grad_weight's
+   dtype), no cross-entropy: what the fused call is measured against. */
+static int lce_gemms(void *p) {
+  lce_state *s = p;
+  const float one = 1.0f, zero = 0.0f;
+  const cudaDataType_t ty =
+      s->dt == CULOSS_BF16 ? CUDA_R_16BF : (s->dt == CULOSS_F16 ? CUDA_R_16F : CUDA_R_32F);
+  if (cublasGemmEx(s->h, CUBLAS_OP_T, CUBLAS_OP_N, (int)s->v, (int)s->n, (int)s->d, &one, s->w, ty,
+                   (int)s->d, s->hid, ty, (int)s->d, &zero, s->logits, ty, (int)s->v,
+                   CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT) != CUBLAS_STATUS_SUCCESS ||
+      cublasGemmEx(s->h, CUBLAS_OP_N, CUBLAS_OP_N, (int)s->d, (int)s->n, (int)s->v, &one, s->w, ty,
+                   (int)s->d, s->logits, ty, (int)s->v, &zero, s->gh, ty, (int)s->d,
+                   CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT) != CUBLAS_STATUS_SUCCESS ||
+      cublasGemmEx(s->h, CUBLAS_OP_N, CUBLAS_OP_T, (int)s->d, (int)s->v, (int)s->n, &one, s->hid,
+                   ty, (int)s->d, s->logits, ty, (int)s->v, &zero, s->gw,
+                   s->gw_f32 ? CUDA_R_32F : ty, (int)s->d, CUBLAS_COMPUTE_32F,
+                   CUBLAS_GEMM_DEFAULT) != CUBLAS_STATUS_SUCCESS)
+    return -1;
   return 0;
 }
 
@@ -627,8 +657,9 @@ static int lce_unfused(void *p) {
                    CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT) != CUBLAS_STATUS_SUCCESS)
     return -1;
   if (cublasGemmEx(s->h, CUBLAS_OP_N, CUBLAS_OP_T, (int)s->d, (int)s->v, (int)s->n, &one, s->hid,
-                   ty, (int)s->d, s->logits, ty, (int)s->v, &zero, s->gw, ty, (int)s->d,
-                   CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT) != CUBLAS_STATUS_SUCCESS)
+                   ty, (int)s->d, s->logits, ty, (int)s->v, &zero, s->gw,
+                   s->gw_f32 ? CUDA_R_32F : ty, (int)s->d, CUBLAS_COMPUTE_32F,
+                   CUBLAS_GEMM_DEFAULT) != CUBLAS_STATUS_SUCCESS)
     return -1;
   return 0;
 }
@@ -651,12 +682,15 @@ static double lce_check(lce_state *s, float lf) {
   culoss_context *cpu = NULL;
   double worst = INFINITY;
   culoss_cross_entropy_options o;
+  culoss_linear_ce_options lo;
   culoss_cross_entropy_options_init(&o);
   o.reduction = CULOSS_REDUCTION_NONE;
+  lce_options(s, &lo);
   if (!host_rows || !w || !h || !gh || !rgh || culoss_create(&cpu, CULOSS_BACKEND_CPU, 0) ||
       culoss_malloc(s->ctx, (void **)&d_rows, (size_t)n * 4) ||
-      culoss_linear_cross_entropy(s->ctx, &o, n, d, v, s->dt, s->hid, s->w, NULL, CULOSS_I64, s->t,
-                                  d_rows, NULL, NULL, NULL, NULL, s->ws, s->ws_bytes) ||
+      culoss_linear_cross_entropy_ex(s->ctx, &o, &lo, n, d, v, s->dt, s->hid, s->w, NULL,
+                                     CULOSS_I64, s->t, d_rows, NULL, NULL, NULL, NULL, s->ws,
+                                     s->ws_bytes) ||
       culoss_download(s->ctx, host_rows, d_rows, (size_t)n * 4) ||
       culoss_download(s->ctx, w, s->w, (size_t)(v * d) * es))
     goto done;
@@ -693,28 +727,31 @@ done:
 }
 
 static int bench_lce(culoss_context *ctx, const bench_opts *bo, int64_t n, int64_t d, int64_t v,
-                     culoss_dtype dt) {
-  const size_t es = dt == CULOSS_F32 ? 4 : 2;
-  lce_state s = {ctx, NULL, n, d, v, dt, NULL, NULL, NULL, NULL, NULL, NULL, NULL, 0, NULL};
+                     culoss_dtype dt, int gw_f32) {
+  const size_t es = dt == CULOSS_F32 ? 4 : 2, gs = gw_f32 ? 4 : es;
+  lce_state s = {ctx, NULL, n, d, v, dt, NULL, NULL, NULL, NULL, NULL, NULL, NULL, 0, NULL, gw_f32};
+  culoss_linear_ce_options lo;
+  lce_options(&s, &lo);
   progress("linear+cross_entropy", n, v, dt);
-  if (!fits((size_t)(n * v) * es + (size_t)(2 * v * d + 2 * n * d) * es + ((size_t)1 << 30))) {
+  if (!fits((size_t)(n * v) * es + (size_t)(v * d) * (es + gs) + (size_t)(2 * n * d) * es +
+            ((size_t)1 << 30))) {
     if (!bo->json)
       printf("lin+ce %lld x %lld x %lld: skipped, not enough device memory\n", (long long)n,
              (long long)d, (long long)v);
     return 0;
   }
   if (cublasCreate(&s.h) != CUBLAS_STATUS_SUCCESS) return -1;
-  CL(culoss_linear_cross_entropy_workspace_size(ctx, n, d, v, dt, &s.ws_bytes));
+  CL(culoss_linear_cross_entropy_ex_workspace_size(ctx, &lo, n, d, v, dt, &s.ws_bytes));
   CL(culoss_malloc(ctx, &s.hid, (size_t)(n * d) * es));
   CL(culoss_malloc(ctx, &s.w, (size_t)(v * d) * es));
   CL(culoss_malloc(ctx, &s.gh, (size_t)(n * d) * es));
-  CL(culoss_malloc(ctx, &s.gw, (size_t)(v * d) * es));
+  CL(culoss_malloc(ctx, &s.gw, (size_t)(v * d) * gs));
   CL(culoss_malloc(ctx, &s.t, (size_t)n * 8));
   CL(culoss_malloc(ctx, (void **)&s.loss, 4));
   CK((cudaError_t)bench_fill(s.hid, NULL, (int)dt, n * d, 11, -3));
   CK((cudaError_t)bench_fill(s.w, NULL, (int)dt, v * d, 12, -2));
   CK((cudaError_t)bench_fill_targets(s.t, n, v, 13));
-  float lf, lu, ms_f[256], ms_u[256];
+  float lf, lu, ms_f[256], ms_u[256], ms_g[256];
   /* fused */
   CL(culoss_malloc(ctx, &s.ws, s.ws_bytes));
   if (lce_fused(&s)) return -1;
@@ -729,10 +766,12 @@ static int bench_lce(culoss_context *ctx, const bench_opts *bo, int64_t n, int64
   if (lce_unfused(&s)) return -1;
   CL(culoss_download(ctx, &lu, s.loss, 4));
   if (time_it(lce_unfused, &s, bo->repeats, ms_u)) return -1;
+  if (time_it(lce_gemms, &s, bo->repeats, ms_g)) return -1;
   CL(culoss_free(ctx, s.logits));
   CL(culoss_synchronize(ctx));
   const double flops = 6.0 * (double)n * (double)d * (double)v;
   const double tf = ms_f[bo->repeats / 2], tu = ms_u[bo->repeats / 2];
+  const double tg = ms_g[bo->repeats / 2];
   /* against the unfused baseline (the same CUDA cross-entropy) and against
      the CPU (an independent reference): the worse of the two */
   double err = rel_err((double)lf, (double)lu);
@@ -740,12 +779,13 @@ static int bench_lce(culoss_context *ctx, const bench_opts *bo, int64_t n, int64
   const int ok = err <= (dt == CULOSS_F32 ? 1e-4 : 2e-2);
   if (isatty(2)) fprintf(stderr, "\r%80s\r", "");
   if (!bo->json)
-    printf("%-8s %6lld %6lld %7lld %5s %9.3f %9.3f %7.1f %7.1f %6.2fx %10.1f %10.1f %6.1f%% %9.1e "
-           "%s\n",
-           "lin+ce", (long long)n, (long long)d, (long long)v, dtype_name(dt), tf, tu,
-           flops / (tf * 1e-3) / 1e12, flops / (tu * 1e-3) / 1e12, tf / tu,
-           (double)s.ws_bytes / (1 << 20), (double)logits_bytes / (1 << 20),
-           100.0 * (double)s.ws_bytes / (double)logits_bytes, err, ok ? "ok" : "MISMATCH");
+    printf("%-8s %6lld %6lld %7lld %5s %4s %9.3f %9.3f %9.3f %7.1f %7.1f %6.2fx %6.2fx %10.1f "
+           "%10.1f %6.1f%% %9.1e %s\n",
+           "lin+ce", (long long)n, (long long)d, (long long)v, dtype_name(dt),
+           gw_f32 ? "f32" : dtype_name(dt), tf, tu, tg, flops / (tf * 1e-3) / 1e12,
+           flops / (tu * 1e-3) / 1e12, tf / tu, tf / tg, (double)s.ws_bytes / (1 << 20),
+           (double)logits_bytes / (1 << 20), 100.0 * (double)s.ws_bytes / (double)logits_bytes, err,
+           ok ? "ok" : "MISMATCH");
   fflush(stdout);
   void *const bufs[] = {s.hid, s.w, s.gh, s.gw, s.t, s.loss};
   if (free_all(ctx, bufs, 6)) return -1;
@@ -786,7 +826,7 @@ static int run_gpu(culoss_context *ctx, const bench_opts *bo) {
   const culoss_dtype *dts = bo->quick ? dts_quick : dts_full;
   const int nd = bo->quick ? 2 : 3;
   total_cases = (wanted(bo, "ce") ? (nn * nv + (ROW_KINDS - 1) * nrv) * nd : 0) +
-                (wanted(bo, "ew") ? nm * T_NUM_OPS * nd : 0) + (wanted(bo, "lce") ? nl : 0);
+                (wanted(bo, "ew") ? nm * T_NUM_OPS * nd : 0) + (wanted(bo, "lce") ? 2 * nl : 0);
   if (bo->csv)
     printf("# device,%s,copy_GBps,%.1f\ncase,n,v,dtype,median_ms,min_ms,max_ms,baseline_ms,GBps,"
            "pct_copy,max_rel_err,check\n",
@@ -822,16 +862,21 @@ static int run_gpu(culoss_context *ctx, const bench_opts *bo) {
       }
   if (!bo->csv && !bo->json && wanted(bo, "lce"))
     printf("\nfused linear + cross-entropy vs unfused (GEMM to full logits, culoss_cross_entropy, "
-           "2 GEMMs); TFLOP/s against 6 n d v; extra memory: workspace vs n x v logits\n"
-           "%-8s %6s %6s %7s %5s %9s %9s %7s %7s %7s %10s %10s %7s %9s %s\n",
-           "case", "n", "d", "v", "dtype", "fused_ms", "unfus_ms", "TF/s_f", "TF/s_u", "ratio",
-           "ws_MiB", "logit_MiB", "mem%", "max_err", "check");
+           "2 GEMMs); gemm_ms: the three GEMMs alone (the 6 n d v floor); TFLOP/s against 6 n d v; "
+           "gw: grad_weight's dtype (f32: one pass; 16-bit: 8 n d v by slices); extra memory: "
+           "workspace vs n x v logits\n"
+           "%-8s %6s %6s %7s %5s %4s %9s %9s %9s %7s %7s %7s %7s %10s %10s %7s %9s %s\n",
+           "case", "n", "d", "v", "dtype", "gw", "fused_ms", "unfus_ms", "gemm_ms", "TF/s_f",
+           "TF/s_u", "f/unf", "f/gemm", "ws_MiB", "logit_MiB", "mem%", "max_err", "check");
   const int64_t lv[] = {32000, 128256, 256000};
   for (int vi = 0; vi < (wanted(bo, "lce") ? nl : 0); vi++) {
     const int64_t ln = bo->tiny ? 128 : (bo->quick ? 4096 : 8192);
     const int64_t ld = bo->tiny ? 32 : (bo->quick ? 2048 : 4096);
-    if ((rc = bench_lce(ctx, bo, ln, ld, bo->tiny ? 1000 : lv[vi], CULOSS_BF16)) < 0) return 1;
-    bad |= rc;
+    for (int f32 = 1; f32 >= 0; f32--) {
+      if ((rc = bench_lce(ctx, bo, ln, ld, bo->tiny ? 1000 : lv[vi], CULOSS_BF16, f32)) < 0)
+        return 1;
+      bad |= rc;
+    }
   }
   if (bo->json) {
     printf("{\"device\": \"%s\", \"copy_GBps\": %.1f, \"results\": [\n", prop.name, copy_bw);

@@ -92,6 +92,7 @@ typedef struct {
   float *loss;
   void *grad;
   const float *grad_loss;
+  float *lse, *entropy; /* [n] per-row statistics or NULL (INDEX) */
 } culoss__ce_args;
 
 /* Elementwise losses (host/elementwise.c): one block for all of them. */
@@ -149,18 +150,23 @@ typedef struct {
   const float *grad_loss;
   void *workspace;
   size_t workspace_bytes;
+  culoss_dtype gw_dtype; /* grad_weight and grad_bias: dtype or CULOSS_F32 */
+  int accumulate;        /* add into grad_weight / grad_bias */
+  float *lse, *entropy;  /* [n] or NULL */
 } culoss__lce_args;
 
 /* The workspace layout of linear CE: byte offsets of each region and the
    block sizes, for a logits block of `block_bytes` (the context's
-   lce_block_bytes). The size query and the CUDA path share it. */
+   lce_block_bytes); slices: the 16-bit grad_weight is built by vocabulary
+   slices (pass B), which need an fp32 slice and the saved row statistics.
+   The size query and the CUDA path share it. */
 typedef struct {
   int64_t rows;   /* rows per block */
   int64_t vslice; /* vocabulary rows per grad_weight slice (16-bit) */
   size_t off_logits, off_row_loss, off_row_stats, off_bias_acc, off_gw_acc, total;
 } culoss__lce_layout;
 culoss__lce_layout culoss__lce_plan(int64_t n, int64_t d, int64_t v, culoss_dtype dtype,
-                                    int64_t block_bytes);
+                                    int64_t block_bytes, int slices);
 
 /* ---------------------------------------------------- the CUDA backend */
 #ifdef CULOSS_HAVE_CUDA

@@ -180,6 +180,23 @@ CULOSS_HD float culoss__sx_term(float w, float x, float m) {
   return x == -INFINITY ? w * INFINITY : culoss__scaled_diff(w, m, x);
 }
 
+/* The softmax entropy of a state's values, online: beside {m, s} keep
+   u = sum_j e^(x_j - m) (x_j - m); then H = lse - sum_j p_j x_j =
+   log s - u / s, with no cancellation at large common offsets. Moving to a
+   larger maximum m_new multiplies by e^-(m_new - m) and subtracts
+   (m_new - m) s; a state with no values (m = -inf) has u = 0. */
+CULOSS_HD float culoss__ent_rebase(float u, float s, float m_old, float m_new) {
+  float f;
+  if (m_new == m_old || m_old == -INFINITY) return u;
+  f = culoss__exp_diff(m_old, m_new);
+  return f == 0.0f ? 0.0f : f * (u - (m_new - m_old) * s);
+}
+/* One value's term of u, given e = exp(x - m): a -inf value adds nothing. */
+CULOSS_HD float culoss__ent_term(float e, float x, float m) {
+  return x == -INFINITY ? 0.0f : e * (x - m);
+}
+CULOSS_HD float culoss__ent_value(float u, float s) { return logf(s) - u / s; }
+
 /* Add one value to a state. */
 CULOSS_HD culoss__lse_state culoss__lse_add(culoss__lse_state a, float v) {
   culoss__lse_state b;

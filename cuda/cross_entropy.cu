@@ -22,10 +22,12 @@
  * Reductions over rows (SUM, MEAN) are deterministic: each block sums its
  * rows in a fixed order into a per-block partial in the context scratch, and
  * a one-block kernel sums the partials in a fixed order (reduce.cuh). The
- * grid size depends only on n and c, never on the device. MEAN's
+ * grid size depends only on n, c (and the context's grid limit and shape
+ * knob), never on the device. MEAN's
  * denominator (the sum of target weights) depends only on the targets, so a
  * small kernel computes it first and the fused kernel can scale the gradient
- * in the same pass. No atomics anywhere.
+ * in the same pass. No floating-point atomics (the only atomic is the
+ * integer OR of the deferred-error flag).
  *
  * A non-ignored target outside [0, c) writes NaN loss and a zero gradient
  * row and raises the context's deferred-error flag: never a device assert.
@@ -80,6 +82,8 @@ struct row_acc {
                             (soft), m = lse.m: non-negative terms (culoss__sx_term) */
   float sy;              /* the weights of sx: sum w_c, or sum w_c y'_c (soft) */
   float xt;              /* the target logit (index modes; one thread adds it) */
+  float su;              /* sum e^(x_c - m) (x_c - m): the entropy's (culoss__ent_rebase),
+                            only when p.ent_out asks for it */
 };
 
 struct row_acc_merge {
@@ -90,6 +94,8 @@ struct row_acc_merge {
            culoss__sx_rebase(b.sx, b.sy, b.lse.m, r.lse.m);
     r.sy = a.sy + b.sy;
     r.xt = a.xt + b.xt;
+    r.su = culoss__ent_rebase(a.su, a.lse.s, a.lse.m, r.lse.m) +
+           culoss__ent_rebase(b.su, b.lse.s, b.lse.m, r.lse.m);
     return r;
   }
 };
@@ -98,7 +104,7 @@ struct row_acc_merge {
 __device__ __forceinline__ row_acc empty_acc() {
   row_acc a;
   a.lse = culoss__lse_empty();
-  a.sx = a.sy = a.xt = 0.0f;
+  a.sx = a.sy = a.xt = a.su = 0.0f;
   return a;
 }
 
@@ -156,6 +162,7 @@ template <int BLOCK, int TPR> struct group_reduce {
         o.sx = __shfl_xor_sync(0xffffffffu, v.sx, off);
         o.sy = __shfl_xor_sync(0xffffffffu, v.sy, off);
         o.xt = __shfl_xor_sync(0xffffffffu, v.xt, off);
+        o.su = __shfl_xor_sync(0xffffffffu, v.su, off);
         v = op(v, o);
       }
       v.lse.m = __shfl_sync(0xffffffffu, v.lse.m, 0, TPR);
@@ -163,6 +170,7 @@ template <int BLOCK, int TPR> struct group_reduce {
       v.sx = __shfl_sync(0xffffffffu, v.sx, 0, TPR);
       v.sy = __shfl_sync(0xffffffffu, v.sy, 0, TPR);
       v.xt = __shfl_sync(0xffffffffu, v.xt, 0, TPR);
+      v.su = __shfl_sync(0xffffffffu, v.su, 0, TPR);
       /* Orders this row's pass-1 reads before any lane's pass-2 writes
          (in-place gradient). */
       __syncwarp();
@@ -260,6 +268,8 @@ __device__ __forceinline__ void skip_row(const ce_params &p, const row_job &job,
   if (lane == 0) {
     if (job.bad) atomicOr(&p.scratch->error_flag, CULOSS__FLAG_TARGET);
     emit_loss(p, per_row, job.row, job.bad ? culoss__nan() : 0.0f, block_sum);
+    if (p.lse_out) p.lse_out[job.row] = job.bad ? culoss__nan() : 0.0f;
+    if (p.ent_out) p.ent_out[job.row] = job.bad ? culoss__nan() : 0.0f;
     if (p.row_stats) { /* gradient scale 0: linear CE's pass B writes zeros */
       p.row_stats[2 * job.row] = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
       p.row_stats[2 * job.row + 1] = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
@@ -289,6 +299,7 @@ __device__ __forceinline__ row_acc pass1(const ce_params &p, const row_job &job,
   const T *yr =
       MODE == CULOSS__CE_SOFT ? static_cast<const T *>(p.probs) + job.row * p.ld : nullptr;
   const bool want_sx = MODE == CULOSS__CE_SOFT || eps > 0.0f;
+  const bool want_ent = p.ent_out != nullptr;
   row_acc acc = empty_acc();
 #pragma unroll 4
   for (int64_t v = lane; v < nvec; v += TPR) {
@@ -303,8 +314,13 @@ __device__ __forceinline__ row_acc pass1(const ce_params &p, const row_job &job,
     }
     const float m = fmaxf(acc.lse.m, vmax);
     float s = m == acc.lse.m ? acc.lse.s : acc.lse.s * culoss__exp_diff(acc.lse.m, m);
+    if (want_ent) acc.su = culoss__ent_rebase(acc.su, acc.lse.s, acc.lse.m, m);
 #pragma unroll
-    for (int k = 0; k < VEC; k++) s += culoss__exp_diff(xv[k], m);
+    for (int k = 0; k < VEC; k++) {
+      const float e = culoss__exp_diff(xv[k], m);
+      s += e;
+      if (want_ent) acc.su += culoss__ent_term(e, xv[k], m);
+    }
     if (want_sx) { /* sx follows the running maximum (culoss__sx_rebase) */
       acc.sx = culoss__sx_rebase(acc.sx, acc.sy, acc.lse.m, m);
       if constexpr (MODE == CULOSS__CE_SOFT) {
@@ -331,6 +347,9 @@ __device__ __forceinline__ row_acc pass1(const ce_params &p, const row_job &job,
     const float xj = culoss__softcap(to_f32(xr[j]), cap);
     const float m = fmaxf(acc.lse.m, xj);
     if (want_sx) acc.sx = culoss__sx_rebase(acc.sx, acc.sy, acc.lse.m, m);
+    if (want_ent)
+      acc.su = culoss__ent_rebase(acc.su, acc.lse.s, acc.lse.m, m) +
+               culoss__ent_term(culoss__exp_diff(xj, m), xj, m);
     acc.lse = culoss__lse_add(acc.lse, xj);
     if constexpr (MODE == CULOSS__CE_SOFT) {
       const float wy = culoss__ce_soft_b(class_w(p, j), to_f32(yr[j]), eps, c);
@@ -383,6 +402,8 @@ __device__ __forceinline__ row_grad finish_row(const ce_params &p, const row_job
     }
     l += p.z * lse * lse;
     emit_loss(p, per_row, job.row, l, block_sum);
+    if (p.lse_out) p.lse_out[job.row] = lse;
+    if (p.ent_out) p.ent_out[job.row] = culoss__ent_value(r.su, r.lse.s);
     if (p.row_stats) {
       p.row_stats[2 * job.row] = make_float4(g.lse_m, g.log_s, g.coef_a, g.tw);
       p.row_stats[2 * job.row + 1] = make_float4(job.scale, 0.0f, 0.0f, 0.0f);
@@ -578,6 +599,8 @@ void ce_fill_params(culoss_context *ctx, const culoss__ce_args *a, ce_params *p)
   p->cache_vecs = 0;
   p->rows_out = 0;
   p->row_stats = nullptr;
+  p->lse_out = a->mode == CULOSS__CE_INDEX ? a->lse : nullptr;
+  p->ent_out = a->mode == CULOSS__CE_INDEX ? a->entropy : nullptr;
   p->scratch = ctx->scratch;
   p->div.count = a->mode == CULOSS__CE_SOFT ? (double)a->n : 0.0;
   p->div.normalizer = p->normalizer;

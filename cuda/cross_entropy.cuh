@@ -37,6 +37,8 @@ struct ce_params {
   divisor_src div;    /* MEAN's denominator */
   int64_t cache_vecs; /* packs of each row kept in shared memory */
   int rows_out;       /* 1: loss[row] per row even for SUM/MEAN (no partials) */
+  float *lse_out;     /* NULL, or [n]: each row's lse (0 ignored, NaN out of range) */
+  float *ent_out;     /* NULL, or [n]: each row's softmax entropy (likewise) */
   float4 *row_stats;  /* NULL, or per row two float4: {m, log_s, coef_a, (1-eps) w_y},
                          {grad scale, 0, 0, 0} (lse = m + log_s) */
   culoss__scratch *scratch;

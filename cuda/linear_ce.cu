@@ -7,15 +7,19 @@
  *   2. the fused cross-entropy kernel on the block: per-row loss, softmax
  *      statistics, and the gradient dlogits written over the logits
  *   3. grad_hidden[r, d] = dlogits @ weight                 cuBLAS
- *   4. fp32: grad_weight += dlogits^T @ hidden[r]          cuBLAS, fp32 C (beta 1)
- *   5. grad_bias (fp32 accumulator) += column sums of dlogits, fixed order
- * Pass B, only for fp16/bf16 with grad_weight: grad_weight must accumulate
- * in fp32 (bf16 accumulation across blocks diverges) but an fp32 [v, d]
- * accumulator would break the workspace bound, so grad_weight is built one
- * vocabulary slice at a time: for each slice, for each row block, recompute
- * that tile of logits, rebuild its gradient from the saved per-row
- * statistics (the same culoss__ce_grad the fused kernel uses) and accumulate
- * dlogits^T @ hidden into an fp32 slice, converted once at the end.
+ *   4. an fp32 grad_weight (fp32 inputs, or grad_weight_dtype CULOSS_F32):
+ *      grad_weight += dlogits^T @ hidden[r]                cuBLAS, fp32 C (beta 1)
+ *   5. grad_bias (fp32: the caller's buffer, else an fp32 accumulator) +=
+ *      column sums of dlogits, fixed order
+ * Pass B, only for a 16-bit grad_weight: it must accumulate in fp32 (bf16
+ * accumulation across blocks diverges) but an fp32 [v, d] accumulator would
+ * break the workspace bound, so grad_weight is built one vocabulary slice at
+ * a time: for each slice, for each row block, recompute that tile of
+ * logits, rebuild its gradient from the saved per-row statistics (the same
+ * culoss__ce_grad the fused kernel uses) and accumulate dlogits^T @ hidden
+ * into an fp32 slice, converted once at the end (added to the old value
+ * when accumulating). 6 n d v FLOPs with an fp32 grad_weight, 8 n d v with
+ * pass B.
  *
  * The loss is reduced from per-row losses with the shared deterministic
  * reduction, with MEAN's denominator computed once over all n targets, so
@@ -83,10 +87,12 @@ __global__ void __launch_bounds__(LT)
   }
 }
 
+/* dst = src (or, accumulating, dst + src in fp32), rounded once to T. */
 template <typename T>
-__global__ void __launch_bounds__(LT) convert_kernel(const float *src, T *dst, int64_t count) {
+__global__ void __launch_bounds__(LT)
+    convert_kernel(const float *src, T *dst, int64_t count, int accumulate) {
   for (int64_t i = (int64_t)blockIdx.x * LT + threadIdx.x; i < count; i += (int64_t)gridDim.x * LT)
-    dst[i] = from_f32<T>(src[i]);
+    dst[i] = from_f32<T>(accumulate ? to_f32(dst[i]) + src[i] : src[i]);
 }
 
 /* Pass B: the gradient of a tile [rows, cols] of logits (vocabulary columns
@@ -144,7 +150,17 @@ template <typename T> culoss_status run(culoss_context *ctx, const culoss__lce_a
   const cublasHandle_t h = (cublasHandle_t)ctx->cublas;
   const cudaDataType_t ty = cuda_type<T>();
   const int64_t n = a->n, d = a->d, v = a->v;
-  const culoss__lce_layout L = culoss__lce_plan(n, d, v, a->dtype, ctx->lce_block_bytes);
+  const bool reduced = a->o.reduction != CULOSS_REDUCTION_NONE;
+  /* grad_weight and grad_bias in fp32 (grad_weight_dtype F32, or fp32
+     inputs): the GEMMs and column sums accumulate straight into them, one
+     pass. 16-bit: grad_weight by vocabulary slices (pass B), grad_bias
+     through an fp32 accumulator. */
+  const bool direct = a->gw_dtype == CULOSS_F32;
+  const bool pass_b = !direct && a->grad_weight != nullptr;
+  const bool want_grad = a->grad_hidden || a->grad_weight || a->grad_bias;
+  const size_t tsz = a->ttype == CULOSS_I32 ? 4 : 8;
+  const size_t gsz = culoss__dtype_size(a->gw_dtype);
+  const culoss__lce_layout L = culoss__lce_plan(n, d, v, a->dtype, ctx->lce_block_bytes, !direct);
   unsigned char *ws = static_cast<unsigned char *>(a->workspace);
   T *tile = reinterpret_cast<T *>(ws + L.off_logits);
   float *row_loss = reinterpret_cast<float *>(ws + L.off_row_loss);
@@ -154,11 +170,6 @@ template <typename T> culoss_status run(culoss_context *ctx, const culoss__lce_a
   const T *H = static_cast<const T *>(a->hidden);
   const T *W = static_cast<const T *>(a->weight);
   const T *B = static_cast<const T *>(a->bias);
-  const bool reduced = a->o.reduction != CULOSS_REDUCTION_NONE;
-  const bool f32 = a->dtype == CULOSS_F32;
-  const bool pass_b = !f32 && a->grad_weight != nullptr;
-  const bool want_grad = a->grad_hidden || a->grad_weight || a->grad_bias;
-  const size_t tsz = a->ttype == CULOSS_I32 ? 4 : 8;
 
   CL_TRY(culoss__cublas_status(cublasSetStream(h, stream), "cublasSetStream"));
 
@@ -174,12 +185,12 @@ template <typename T> culoss_status run(culoss_context *ctx, const culoss__lce_a
   CL_TRY(ce_launch_prep(&p0, &p, CULOSS__CE_INDEX, stream));
   p.rows_out = 1;
 
-  if (n == 0) { /* nothing to accumulate: zero gradients */
+  if (n == 0 &&
+      !a->accumulate) { /* nothing to sum: zero gradients (or, accumulating, as they are) */
     if (a->grad_weight)
-      CU_TRY(cudaMemsetAsync(a->grad_weight, 0, (size_t)(v * d) * sizeof(T), stream),
-             "cudaMemsetAsync");
+      CU_TRY(cudaMemsetAsync(a->grad_weight, 0, (size_t)(v * d) * gsz, stream), "cudaMemsetAsync");
     if (a->grad_bias)
-      CU_TRY(cudaMemsetAsync(a->grad_bias, 0, (size_t)v * sizeof(T), stream), "cudaMemsetAsync");
+      CU_TRY(cudaMemsetAsync(a->grad_bias, 0, (size_t)v * gsz, stream), "cudaMemsetAsync");
   }
 
   /* ---- pass A: row blocks ---- */
@@ -201,18 +212,22 @@ template <typename T> culoss_status run(culoss_context *ctx, const culoss__lce_a
     p.loss = (reduced ? row_loss : a->loss) + r0;
     p.grad_loss = a->grad_loss && !reduced ? a->grad_loss + r0 : a->grad_loss;
     p.row_stats = pass_b ? row_stats + 2 * r0 : nullptr;
+    p.lse_out = a->lse ? a->lse + r0 : nullptr;
+    p.ent_out = a->entropy ? a->entropy + r0 : nullptr;
     int64_t grid;
     CL_TRY(ce_launch_main(ctx, p, CULOSS__CE_INDEX, (int)a->dtype, &grid, stream));
     if (a->grad_hidden) /* grad_hidden [nr, d] = dlogits [nr, v] @ W [v, d] */
       CL_TRY(gemm(h, CUBLAS_OP_N, CUBLAS_OP_N, d, nr, v, W, ty, d, tile, ty, v, 0.0f,
                   static_cast<T *>(a->grad_hidden) + r0 * d, ty, d, "cublasGemmEx(grad_hidden)"));
-    if (f32 && a->grad_weight) /* grad_weight [v, d] (+)= dlogits^T @ Hr, in fp32 */
+    /* the first block overwrites unless accumulating; later blocks add */
+    const bool first = r0 == 0 && !a->accumulate;
+    if (direct && a->grad_weight) /* fp32 grad_weight [v, d] (+)= dlogits^T @ Hr */
       CL_TRY(gemm(h, CUBLAS_OP_N, CUBLAS_OP_T, d, v, nr, Hr, ty, d, tile, ty, v,
-                  r0 == 0 ? 0.0f : 1.0f, a->grad_weight, CUDA_R_32F, d,
-                  "cublasGemmEx(grad_weight)"));
+                  first ? 0.0f : 1.0f, a->grad_weight, CUDA_R_32F, d, "cublasGemmEx(grad_weight)"));
     if (a->grad_bias) {
       CU_TRY(launch(colsum_kernel<T>, dim3(blocks_for(v)), dim3(LT), 0, stream, tile, nr, v, v,
-                    bias_acc, (int)(r0 == 0)),
+                    direct ? static_cast<float *>(a->grad_bias) : bias_acc,
+                    (int)(direct ? first : r0 == 0)),
              "launch of colsum_kernel");
     }
   }
@@ -244,13 +259,14 @@ template <typename T> culoss_status run(culoss_context *ctx, const culoss__lce_a
                     "cublasGemmEx(grad_weight slice)"));
       }
       CU_TRY(launch(convert_kernel<T>, dim3(blocks_for(vc * d)), dim3(LT), 0, stream,
-                    (const float *)gw_acc, static_cast<T *>(a->grad_weight) + c0 * d, vc * d),
+                    (const float *)gw_acc, static_cast<T *>(a->grad_weight) + c0 * d, vc * d,
+                    a->accumulate),
              "launch of convert_kernel");
     }
   }
-  if (a->grad_bias && n > 0) {
+  if (a->grad_bias && !direct && n > 0) {
     CU_TRY(launch(convert_kernel<T>, dim3(blocks_for(v)), dim3(LT), 0, stream,
-                  (const float *)bias_acc, static_cast<T *>(a->grad_bias), v),
+                  (const float *)bias_acc, static_cast<T *>(a->grad_bias), v, a->accumulate),
            "launch of convert_kernel");
   }
 

@@ -61,4 +61,14 @@ FIELD(culoss_regression_options, beta, 8);
 PIN(sizeof(culoss_kl_div_options) == 8);
 FIELD(culoss_kl_div_options, reduction, 0);
 FIELD(culoss_kl_div_options, log_target, 4);
+
+PIN(sizeof(culoss_linear_ce_options) == 24);
+FIELD(culoss_linear_ce_options, grad_weight_dtype, 0);
+FIELD(culoss_linear_ce_options, accumulate, 4);
+FIELD(culoss_linear_ce_options, lse, 8);
+FIELD(culoss_linear_ce_options, entropy, 16);
+
+PIN(sizeof(culoss_ce_row_outputs) == 16);
+FIELD(culoss_ce_row_outputs, lse, 0);
+FIELD(culoss_ce_row_outputs, entropy, 8);
 #endif

@@ -85,6 +85,25 @@ culoss_status culoss_cross_entropy(culoss_context *ctx, const culoss_cross_entro
   return run(ctx, "culoss_cross_entropy", &a, o, "logits");
 }
 
+void culoss_ce_row_outputs_init(culoss_ce_row_outputs *r) {
+  if (r == NULL) return;
+  r->lse = NULL;
+  r->entropy = NULL;
+}
+
+culoss_status culoss_cross_entropy_ex(culoss_context *ctx, const culoss_cross_entropy_options *o,
+                                      const culoss_ce_row_outputs *r, int64_t n, int64_t c,
+                                      culoss_dtype dtype, const void *logits, int64_t ld,
+                                      culoss_index_type ttype, const void *targets, float *loss,
+                                      void *grad_logits, const float *grad_loss) {
+  culoss__ce_args a = {0};
+  a.mode = CULOSS__CE_INDEX;
+  a.n = n, a.c = c, a.ld = ld, a.dtype = dtype, a.ttype = ttype;
+  a.x = logits, a.targets = targets, a.loss = loss, a.grad = grad_logits, a.grad_loss = grad_loss;
+  if (r != NULL) a.lse = r->lse, a.entropy = r->entropy;
+  return run(ctx, "culoss_cross_entropy_ex", &a, o, "logits");
+}
+
 culoss_status culoss_cross_entropy_soft(culoss_context *ctx, const culoss_cross_entropy_options *o,
                                         int64_t n, int64_t c, culoss_dtype dtype,
                                         const void *logits, int64_t ld, const void *target_probs,

@@ -78,6 +78,33 @@ double culoss__cpu_ce_row(const culoss_cross_entropy_options *o, int64_t c, cons
   return row_loss;
 }
 
+void culoss__cpu_row_stats(int64_t c, const double *x, double *lse, double *entropy) {
+  double m = -INFINITY, s = 0.0, u = 0.0;
+  int has_nan = 0;
+  int64_t j;
+  for (j = 0; j < c; j++) {
+    if (isnan(x[j]))
+      has_nan = 1;
+    else if (x[j] > m)
+      m = x[j];
+  }
+  if (has_nan || m == -INFINITY) { /* NaN: NaN; every logit -inf: lse -inf, entropy NaN */
+    *lse = has_nan ? NAN : -INFINITY;
+    *entropy = NAN;
+    return;
+  }
+  /* H = lse - sum_j p_j x_j = log s - sum_j p_j (x_j - m): no cancellation at
+     large common offsets; a -inf logit has p = 0 and adds nothing */
+  for (j = 0; j < c; j++)
+    if (x[j] != -INFINITY) {
+      const double e = exp(x[j] - m);
+      s += e;
+      u += e * (x[j] - m);
+    }
+  *lse = m + log(s);
+  *entropy = log(s) - u / s;
+}
+
 double culoss__cpu_ce_denominator(const culoss_cross_entropy_options *o, int soft, int64_t n,
                                   const void *targets, culoss_index_type ttype) {
   double d = 0.0;
@@ -147,6 +174,12 @@ culoss_status culoss__cpu_cross_entropy(const culoss__ce_args *a) {
       g[t] = -wt * scale;
     } else {
       row_loss = culoss__cpu_ce_row(o, c, x, t, y, wsum, scale, g);
+    }
+    if (a->lse || a->entropy) { /* ignored rows: 0 (INDEX mode only) */
+      double lse = 0.0, ent = 0.0;
+      if (t != o->ignore_index) culoss__cpu_row_stats(c, x, &lse, &ent);
+      if (a->lse) a->lse[i] = (float)lse;
+      if (a->entropy) a->entropy[i] = (float)ent;
     }
     if (o->reduction == CULOSS_REDUCTION_NONE)
       a->loss[i] = (float)row_loss;

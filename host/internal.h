@@ -80,6 +80,8 @@ culoss_status culoss__cpu_linear_cross_entropy(const culoss__lce_args *a);
    included) to g and returns the row loss. */
 double culoss__cpu_ce_row(const culoss_cross_entropy_options *o, int64_t c, const double *x,
                           int64_t t, const double *y, double wsum, double scale, double *g);
+/* A row's log-sum-exp and softmax entropy lse - sum_j p_j x_j, in double. */
+void culoss__cpu_row_stats(int64_t c, const double *x, double *lse, double *entropy);
 /* MEAN's denominator: *normalizer, n (soft), or the sum of target weights. */
 double culoss__cpu_ce_denominator(const culoss_cross_entropy_options *o, int soft, int64_t n,
                                   const void *targets, culoss_index_type ttype);

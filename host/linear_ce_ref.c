@@ -37,6 +37,12 @@ culoss_status culoss__cpu_linear_cross_entropy(const culoss__lce_args *a) {
       g[j] = 0.0;
     }
     if (t != o->ignore_index) row_loss = culoss__cpu_ce_row(o, v, x, t, NULL, wsum, scale, g);
+    if (a->lse || a->entropy) { /* ignored rows: 0 (targets are in range here) */
+      double lse = 0.0, ent = 0.0;
+      if (t != o->ignore_index) culoss__cpu_row_stats(v, x, &lse, &ent);
+      if (a->lse) a->lse[i] = (float)lse;
+      if (a->entropy) a->entropy[i] = (float)ent;
+    }
     if (o->reduction == CULOSS_REDUCTION_NONE)
       a->loss[i] = (float)row_loss;
     else
@@ -54,10 +60,17 @@ culoss_status culoss__cpu_linear_cross_entropy(const culoss__lce_args *a) {
     if (gb)
       for (j = 0; j < v; j++) gb[j] += g[j];
   }
+  /* in grad_weight_dtype; accumulate: the old value plus the sum, rounded once */
   if (gw)
-    for (j = 0; j < v * d; j++) culoss__store_f32(a->grad_weight, a->dtype, j, (float)gw[j]);
+    for (j = 0; j < v * d; j++) {
+      const double old = a->accumulate ? culoss__load_f32(a->grad_weight, a->gw_dtype, j) : 0.0;
+      culoss__store_f32(a->grad_weight, a->gw_dtype, j, (float)(old + gw[j]));
+    }
   if (gb)
-    for (j = 0; j < v; j++) culoss__store_f32(a->grad_bias, a->dtype, j, (float)gb[j]);
+    for (j = 0; j < v; j++) {
+      const double old = a->accumulate ? culoss__load_f32(a->grad_bias, a->gw_dtype, j) : 0.0;
+      culoss__store_f32(a->grad_bias, a->gw_dtype, j, (float)(old + gb[j]));
+    }
   if (o->reduction == CULOSS_REDUCTION_SUM)
     a->loss[0] = (float)total;
   else if (o->reduction == CULOSS_REDUCTION_MEAN)

@@ -100,9 +100,12 @@ typedef enum { CULOSS_BACKEND_CPU = 0, CULOSS_BACKEND_CUDA = 1 } culoss_backend;
    CPU backend: `device` is ignored. CUDA backend: `device` is the CUDA
    device ordinal; allocates a small scratch buffer on that device and uses
    the legacy default stream until culoss_set_stream.
+   Reads the tuning variables of the environment (README, "Tuning") once,
+   here, for either backend.
    Returns CULOSS_ERROR_NO_DEVICE when no usable GPU exists (or the library was
-   built without CUDA), CULOSS_ERROR_INVALID_VALUE for a bad backend or a
-   device ordinal out of range. */
+   built without CUDA), CULOSS_ERROR_INVALID_VALUE for a bad backend, a
+   device ordinal out of range, or a tuning variable set to a value it does
+   not take (before any device is touched). */
 CULOSS_API culoss_status culoss_create(culoss_context **ctx, culoss_backend backend, int device);
 
 /* Destroys a context and its scratch memory (not buffers from culoss_malloc:
@@ -248,6 +251,28 @@ CULOSS_API culoss_status culoss_cross_entropy(culoss_context *ctx,
                                               int64_t ld, culoss_index_type ttype,
                                               const void *targets, float *loss, void *grad_logits,
                                               const float *grad_loss);
+
+/* Per-row statistics culoss_cross_entropy_ex writes beside the loss, from
+   the same pass (what RL trainers keep: the log-sum-exp, hence each token's
+   log-probability x_y - lse, and the softmax entropy). */
+typedef struct {
+  float *lse;     /* default NULL; [n]: the row's log-sum-exp of the (soft-capped) logits */
+  float *entropy; /* default NULL; [n]: the entropy of its softmax, lse - sum_j p_j x_j */
+} culoss_ce_row_outputs;
+/* Sets both to NULL. `r` is host memory. */
+CULOSS_API void culoss_ce_row_outputs_init(culoss_ce_row_outputs *r);
+
+/* culoss_cross_entropy, plus the per-row statistics of `r` (NULL, or NULL
+   fields: none). Rows whose target is ignore_index get 0; rows whose
+   target is out of range get NaN (CUDA backend; the CPU backend returns the
+   error before writing anything). */
+CULOSS_API culoss_status culoss_cross_entropy_ex(culoss_context *ctx,
+                                                 const culoss_cross_entropy_options *o,
+                                                 const culoss_ce_row_outputs *r, int64_t n,
+                                                 int64_t c, culoss_dtype dtype, const void *logits,
+                                                 int64_t ld, culoss_index_type ttype,
+                                                 const void *targets, float *loss,
+                                                 void *grad_logits, const float *grad_loss);
 
 /* Softmax cross-entropy with probability targets.
  *   target_probs  [n, c] of dtype `dtype`, same row stride ld as logits.
@@ -431,19 +456,23 @@ CULOSS_API culoss_status culoss_kl_div(culoss_context *ctx, const culoss_kl_div_
  * Workspace rule (what culoss_linear_cross_entropy_workspace_size returns):
  *   rows per block  r = min(n, 32768, max(1, floor(2^28 / (v * sizeof(dtype)))))
  *   logits block    r * v * sizeof(dtype)
- *   per-row values  36 * n bytes (row losses, saved softmax statistics)
- *   fp32 grad_bias  4 * v; fp32 grad_weight for fp16/bf16: one vocabulary
- *                   slice of vs rows, vs * d * 4 <= the logits block
+ *   per-row values  4 * n bytes (row losses), and for a 16-bit grad_weight
+ *                   32 * n more (saved softmax statistics)
+ *   fp32 grad_bias  4 * v; for a 16-bit grad_weight, one vocabulary slice of
+ *                   it in fp32: vs rows, vs * d * 4 <= the logits block
  * each region rounded up to 256 bytes: O(r * v + n), never O(n * v), and
  * with r fixed by v, bounded independently of n apart from the 36 n term.
+ * (A 16-bit grad_weight: fp16/bf16 inputs with grad_weight_dtype the input
+ * dtype, the only choice of culoss_linear_cross_entropy.)
  * grad_hidden must not alias hidden (hidden is read again after
  * grad_hidden is written).
  *
- * FLOPs: forward 2 n d v; grad_hidden 2 n d v; grad_weight 2 n d v. For fp32
- * the whole call is one pass (6 n d v). For fp16/bf16 with grad_weight, the
- * fp32 accumulation of grad_weight within a workspace of that size takes a
- * second pass over vocabulary slices that recomputes their logits
- * (8 n d v in all).
+ * FLOPs: forward 2 n d v; grad_hidden 2 n d v; grad_weight 2 n d v. With an
+ * fp32 grad_weight (fp32 inputs, or culoss_linear_cross_entropy_ex with
+ * grad_weight_dtype CULOSS_F32) the whole call is one pass (6 n d v). With
+ * a 16-bit grad_weight, its fp32 accumulation within a workspace of that
+ * size takes a second pass over vocabulary slices that recomputes their
+ * logits (8 n d v in all).
  */
 
 /* Workspace bytes for culoss_linear_cross_entropy with these sizes and every
@@ -467,6 +496,55 @@ CULOSS_API culoss_status culoss_linear_cross_entropy(
     culoss_dtype dtype, const void *hidden, const void *weight, const void *bias,
     culoss_index_type ttype, const void *targets, float *loss, void *grad_hidden, void *grad_weight,
     void *grad_bias, const float *grad_loss, void *workspace, size_t workspace_bytes);
+
+/* The extended fused linear + cross-entropy: where grad_weight accumulates,
+ * gradient accumulation across calls, and per-row statistics.
+ *
+ *   grad_weight_dtype  CULOSS_DTYPE_INPUT (the default) or the input dtype:
+ *                      grad_weight and grad_bias in the input dtype, summed
+ *                      in fp32 and rounded once (for fp16/bf16 by
+ *                      vocabulary slices that recompute their logits: 8 n d v
+ *                      FLOPs, see above). CULOSS_F32, for any input dtype:
+ *                      grad_weight [v, d] and grad_bias [v] are fp32 buffers
+ *                      the GEMMs accumulate into directly (fp16/bf16
+ *                      operands, fp32 C): one pass, 6 n d v FLOPs, and no
+ *                      grad_weight slice in the workspace. Any other value
+ *                      is CULOSS_ERROR_INVALID_VALUE.
+ *   accumulate         0 (default): grad_weight and grad_bias are
+ *                      overwritten; 1: the call adds into them (gradient
+ *                      accumulation over micro-batches; for a 16-bit
+ *                      grad_weight, old + the fp32 sum rounded once).
+ *                      grad_hidden is always overwritten.
+ *   lse, entropy       NULL, or [n] floats (context memory): each row's
+ *                      log-sum-exp of the (soft-capped) logits and the
+ *                      entropy of its softmax, lse - sum_j p_j x_j, from the
+ *                      same pass. Rows whose target is ignore_index get 0;
+ *                      rows whose target is out of range get NaN.
+ * `o` and every other argument are culoss_linear_cross_entropy's; with the
+ * defaults the two calls are the same. */
+#define CULOSS_DTYPE_INPUT ((culoss_dtype)-1) /* grad_weight_dtype: the input's */
+typedef struct {
+  culoss_dtype grad_weight_dtype; /* default CULOSS_DTYPE_INPUT; or CULOSS_F32 */
+  int accumulate;                 /* default 0: overwrite grad_weight / grad_bias; 1: add */
+  float *lse;                     /* default NULL; [n] per-row log-sum-exp */
+  float *entropy;                 /* default NULL; [n] per-row softmax entropy */
+} culoss_linear_ce_options;
+CULOSS_API void culoss_linear_ce_options_init(culoss_linear_ce_options *o);
+
+/* Workspace bytes for culoss_linear_cross_entropy_ex with these options (lo
+   NULL: the defaults): the rule above, less the grad_weight slice and the
+   saved statistics when grad_weight_dtype is CULOSS_F32. `bytes` is host
+   memory. */
+CULOSS_API culoss_status culoss_linear_cross_entropy_ex_workspace_size(
+    culoss_context *ctx, const culoss_linear_ce_options *lo, int64_t n, int64_t d, int64_t v,
+    culoss_dtype dtype, size_t *bytes);
+
+CULOSS_API culoss_status culoss_linear_cross_entropy_ex(
+    culoss_context *ctx, const culoss_cross_entropy_options *o, const culoss_linear_ce_options *lo,
+    int64_t n, int64_t d, int64_t v, culoss_dtype dtype, const void *hidden, const void *weight,
+    const void *bias, culoss_index_type ttype, const void *targets, float *loss, void *grad_hidden,
+    void *grad_weight, void *grad_bias, const float *grad_loss, void *workspace,
+    size_t workspace_bytes);
 
 #ifdef __cplusplus
 } /* extern "C" */

@@ -227,3 +227,221 @@ Test(cpu_lce, bad_arguments_and_targets) {
   cr_assert(isnan(loss));
   for (int i = 0; i < V * D; i++) cr_assert_eq(gw[i], 0.0f);
 }
+
+/* ---- culoss_linear_cross_entropy_ex (issue 14) ---- */
+
+/* Each row's lse and entropy of the (soft-capped) logits, from the logits
+   written out here, in double: lse = m + log sum e^(x - m), H = lse -
+   sum p x. Ignored rows: 0. */
+static void direct_stats(const lce_data *s, double cap, int bias, double *lse, double *ent) {
+  for (int i = 0; i < N; i++) {
+    double x[V], m = -INFINITY, z = 0.0, px = 0.0;
+    for (int j = 0; j < V; j++) {
+      double l = bias ? s->b[j] : 0.0;
+      for (int k = 0; k < D; k++) l += (double)s->h[i * D + k] * s->w[j * D + k];
+      x[j] = cap > 0 ? cap * tanh(l / cap) : l;
+      m = fmax(m, x[j]);
+    }
+    for (int j = 0; j < V; j++) z += exp(x[j] - m);
+    for (int j = 0; j < V; j++) px += exp(x[j] - m) / z * x[j];
+    lse[i] = s->t[i] == -100 ? 0.0 : m + log(z);
+    ent[i] = s->t[i] == -100 ? 0.0 : m + log(z) - px;
+  }
+}
+
+Test(cpu_lce, ex_lse_and_entropy_match_a_direct_computation) {
+  lce_data s;
+  make(&s, 21);
+  for (int capped = 0; capped < 2; capped++) {
+    culoss_cross_entropy_options o;
+    culoss_cross_entropy_options_init(&o);
+    o.logit_softcap = capped ? 3.0f : 0.0f;
+    o.label_smoothing = 0.1f;
+    culoss_linear_ce_options lo;
+    culoss_linear_ce_options_init(&lo);
+    float lse[N], ent[N], loss, ref_loss;
+    double dl[N], de[N];
+    lo.lse = lse, lo.entropy = ent;
+    cr_assert_eq(culoss_linear_cross_entropy_ex(ctx, &o, &lo, N, D, V, CULOSS_F32, s.h, s.w, s.b,
+                                                CULOSS_I64, s.t, &loss, NULL, NULL, NULL, NULL,
+                                                NULL, 0),
+                 CULOSS_OK, "%s", culoss_last_error());
+    direct_stats(&s, o.logit_softcap, 1, dl, de);
+    for (int i = 0; i < N; i++) {
+      cr_assert(close_enough(lse[i], dl[i], 1e-6, 1e-6), "lse[%d] %g vs %g", i, (double)lse[i],
+                dl[i]);
+      cr_assert(close_enough(ent[i], de[i], 1e-6, 1e-5), "entropy[%d] %g vs %g", i, (double)ent[i],
+                de[i]);
+      if (s.t[i] != -100) cr_assert_gt(ent[i], 0.0f);
+    }
+    /* the loss is the plain call's */
+    cr_assert_eq(culoss_linear_cross_entropy(ctx, &o, N, D, V, CULOSS_F32, s.h, s.w, s.b,
+                                             CULOSS_I64, s.t, &ref_loss, NULL, NULL, NULL, NULL,
+                                             NULL, 0),
+                 CULOSS_OK);
+    cr_assert_eq(loss, ref_loss);
+  }
+}
+
+/* An fp32 grad_weight and grad_bias for fp16/bf16 inputs: exactly the fp32
+   call's on the rounded inputs (the reference sums both in double), and
+   grad_hidden stays in the input dtype. */
+Test(cpu_lce, ex_fp32_grad_weight_for_16_bit_inputs) {
+  for (int dt = 1; dt <= 2; dt++) {
+    lce_data s;
+    make(&s, 22 + dt);
+    round_through(s.h, N * D, (culoss_dtype)dt);
+    round_through(s.w, V * D, (culoss_dtype)dt);
+    round_through(s.b, V, (culoss_dtype)dt);
+    uint16_t h16[N * D], w16[V * D], b16[V], gh16[N * D];
+    pack_dtype(h16, s.h, N * D, (culoss_dtype)dt);
+    pack_dtype(w16, s.w, V * D, (culoss_dtype)dt);
+    pack_dtype(b16, s.b, V, (culoss_dtype)dt);
+    float l32, l16, gh[N * D], gw[V * D], gb[V], gw32[V * D], gb32[V];
+    cr_assert_eq(culoss_linear_cross_entropy(ctx, NULL, N, D, V, CULOSS_F32, s.h, s.w, s.b,
+                                             CULOSS_I64, s.t, &l32, gh, gw, gb, NULL, NULL, 0),
+                 CULOSS_OK);
+    culoss_linear_ce_options lo;
+    culoss_linear_ce_options_init(&lo);
+    lo.grad_weight_dtype = CULOSS_F32;
+    cr_assert_eq(culoss_linear_cross_entropy_ex(ctx, NULL, &lo, N, D, V, (culoss_dtype)dt, h16, w16,
+                                                b16, CULOSS_I64, s.t, &l16, gh16, gw32, gb32, NULL,
+                                                NULL, 0),
+                 CULOSS_OK, "%s", culoss_last_error());
+    cr_assert_eq(l16, l32);
+    for (int i = 0; i < V * D; i++) cr_assert_eq(gw32[i], gw[i], "grad_weight[%d]", i);
+    for (int j = 0; j < V; j++) cr_assert_eq(gb32[j], gb[j], "grad_bias[%d]", j);
+    float u[N * D];
+    unpack_dtype(u, gh16, N * D, (culoss_dtype)dt);
+    for (int i = 0; i < N * D; i++)
+      cr_assert(close_enough(u[i], gh[i], 1e-6, dt == CULOSS_F16 ? 1.0 / 1024 : 1.0 / 128));
+  }
+}
+
+/* accumulate = 1 adds into buffers holding random values, for both
+   grad_weight dtypes and every input dtype: old + the fresh gradient,
+   rounded once to the buffer's dtype. */
+Test(cpu_lce, ex_accumulate_adds_into_random_buffers) {
+  for (int dt = 0; dt < 3; dt++)
+    for (int f32 = 0; f32 < 2; f32++) {
+      lce_data s;
+      make(&s, 30 + dt * 2 + f32);
+      rng_t r = rng_seeded(99 + dt);
+      const culoss_dtype gdt = f32 ? CULOSS_F32 : (culoss_dtype)dt;
+      unsigned char hh[N * D * 4], wh[V * D * 4], bh[V * 4];
+      pack_dtype(hh, s.h, N * D, (culoss_dtype)dt), pack_dtype(wh, s.w, V * D, (culoss_dtype)dt);
+      pack_dtype(bh, s.b, V, (culoss_dtype)dt);
+      float old_w[V * D], old_b[V], fresh_w[V * D], fresh_b[V], got_w[V * D], got_b[V], loss;
+      for (int i = 0; i < V * D; i++) old_w[i] = (float)(0.05 * rng_normal(&r));
+      for (int j = 0; j < V; j++) old_b[j] = (float)(0.05 * rng_normal(&r));
+      round_through(old_w, V * D, gdt), round_through(old_b, V, gdt);
+      unsigned char gw[V * D * 4], gb[V * 4];
+      culoss_linear_ce_options lo;
+      culoss_linear_ce_options_init(&lo);
+      lo.grad_weight_dtype = gdt;
+      cr_assert_eq(culoss_linear_cross_entropy_ex(ctx, NULL, &lo, N, D, V, (culoss_dtype)dt, hh, wh,
+                                                  bh, CULOSS_I64, s.t, &loss, NULL, gw, gb, NULL,
+                                                  NULL, 0),
+                   CULOSS_OK, "%s", culoss_last_error());
+      unpack_dtype(fresh_w, gw, V * D, gdt), unpack_dtype(fresh_b, gb, V, gdt);
+      pack_dtype(gw, old_w, V * D, gdt), pack_dtype(gb, old_b, V, gdt);
+      lo.accumulate = 1;
+      cr_assert_eq(culoss_linear_cross_entropy_ex(ctx, NULL, &lo, N, D, V, (culoss_dtype)dt, hh, wh,
+                                                  bh, CULOSS_I64, s.t, &loss, NULL, gw, gb, NULL,
+                                                  NULL, 0),
+                   CULOSS_OK);
+      unpack_dtype(got_w, gw, V * D, gdt), unpack_dtype(got_b, gb, V, gdt);
+      /* one rounding of the sum, plus the fresh gradient's own rounding */
+      const double ulp = gdt == CULOSS_F32 ? 1.2e-7 : (gdt == CULOSS_F16 ? 9.8e-4 : 7.9e-3);
+      for (int i = 0; i < V * D; i++) {
+        const double want = (double)old_w[i] + fresh_w[i];
+        cr_assert(fabs(got_w[i] - want) <= 1.01 * ulp * (fabs(want) + fabs(fresh_w[i])) + 1e-30,
+                  "dt %d gw %d [%d]: %g vs %g", dt, (int)gdt, i, (double)got_w[i], want);
+      }
+      for (int j = 0; j < V; j++) {
+        const double want = (double)old_b[j] + fresh_b[j];
+        cr_assert(fabs(got_b[j] - want) <= 1.01 * ulp * (fabs(want) + fabs(fresh_b[j])) + 1e-30,
+                  "dt %d gb [%d]: %g vs %g", dt, j, (double)got_b[j], want);
+      }
+    }
+}
+
+Test(cpu_lce, ex_bad_options_and_workspace) {
+  lce_data s;
+  make(&s, 40);
+  float loss = -9.0f;
+  culoss_linear_ce_options lo;
+  culoss_linear_ce_options_init(&lo);
+  cr_assert_eq(lo.grad_weight_dtype, CULOSS_DTYPE_INPUT);
+  cr_assert_eq(lo.accumulate, 0);
+  cr_assert_null(lo.lse);
+  cr_assert_null(lo.entropy);
+  lo.grad_weight_dtype = CULOSS_F16; /* neither the input's (fp32) nor fp32 */
+  cr_assert_eq(culoss_linear_cross_entropy_ex(ctx, NULL, &lo, N, D, V, CULOSS_F32, s.h, s.w, NULL,
+                                              CULOSS_I64, s.t, &loss, NULL, NULL, NULL, NULL, NULL,
+                                              0),
+               CULOSS_ERROR_INVALID_VALUE);
+  cr_assert(strstr(culoss_last_error(), "grad_weight_dtype") != NULL, "%s", culoss_last_error());
+  cr_assert_eq(loss, -9.0f, "nothing written");
+  culoss_linear_ce_options_init(&lo);
+  lo.accumulate = 2;
+  cr_assert_eq(culoss_linear_cross_entropy_ex(ctx, NULL, &lo, N, D, V, CULOSS_F32, s.h, s.w, NULL,
+                                              CULOSS_I64, s.t, &loss, NULL, NULL, NULL, NULL, NULL,
+                                              0),
+               CULOSS_ERROR_INVALID_VALUE);
+  cr_assert(strstr(culoss_last_error(), "accumulate") != NULL);
+  /* NULL options are the defaults: the same workspace as the plain query */
+  size_t plain, ex, ex32;
+  cr_assert_eq(
+      culoss_linear_cross_entropy_workspace_size(ctx, 8192, 4096, 128256, CULOSS_BF16, &plain),
+      CULOSS_OK);
+  cr_assert_eq(culoss_linear_cross_entropy_ex_workspace_size(ctx, NULL, 8192, 4096, 128256,
+                                                             CULOSS_BF16, &ex),
+               CULOSS_OK);
+  cr_assert_eq(plain, ex);
+  culoss_linear_ce_options_init(&lo);
+  lo.grad_weight_dtype = CULOSS_F32;
+  cr_assert_eq(culoss_linear_cross_entropy_ex_workspace_size(ctx, &lo, 8192, 4096, 128256,
+                                                             CULOSS_BF16, &ex32),
+               CULOSS_OK);
+  /* no grad_weight slice (up to one logits block) and no saved statistics */
+  cr_assert_lt(ex32, plain);
+  cr_assert_leq(ex32, ((size_t)1 << 28) + (size_t)128256 * 4 + (size_t)4 * 8192 + 1024, "%zu",
+                ex32);
+  lo.grad_weight_dtype = CULOSS_BF16;
+  cr_assert_eq(culoss_linear_cross_entropy_ex_workspace_size(ctx, &lo, 8192, 4096, 128256,
+                                                             CULOSS_F16, &ex32),
+               CULOSS_ERROR_INVALID_VALUE);
+}
+
+/* culoss_cross_entropy_ex: the same statistics from materialised logits. */
+Test(cpu_lce, cross_entropy_ex_row_outputs) {
+  lce_data s;
+  make(&s, 41);
+  float logits[N * V], lse[N], ent[N], loss, ref_loss;
+  double dl[N], de[N];
+  for (int i = 0; i < N; i++)
+    for (int j = 0; j < V; j++) {
+      double z = s.b[j];
+      for (int k = 0; k < D; k++) z += (double)s.h[i * D + k] * s.w[j * D + k];
+      logits[i * V + j] = (float)z;
+    }
+  culoss_ce_row_outputs ro;
+  culoss_ce_row_outputs_init(&ro);
+  cr_assert_null(ro.lse);
+  cr_assert_null(ro.entropy);
+  ro.lse = lse, ro.entropy = ent;
+  cr_assert_eq(culoss_cross_entropy_ex(ctx, NULL, &ro, N, V, CULOSS_F32, logits, V, CULOSS_I64, s.t,
+                                       &loss, NULL, NULL),
+               CULOSS_OK, "%s", culoss_last_error());
+  cr_assert_eq(culoss_cross_entropy(ctx, NULL, N, V, CULOSS_F32, logits, V, CULOSS_I64, s.t,
+                                    &ref_loss, NULL, NULL),
+               CULOSS_OK);
+  cr_assert_eq(loss, ref_loss);
+  direct_stats(&s, 0.0, 1, dl, de);
+  for (int i = 0; i < N; i++) {
+    cr_assert(close_enough(lse[i], dl[i], 1e-6, 1e-6), "lse[%d] %g vs %g", i, (double)lse[i],
+              dl[i]);
+    cr_assert(close_enough(ent[i], de[i], 1e-6, 1e-5), "entropy[%d]", i);
+  }
+}

@@ -301,9 +301,10 @@ Test(gpu_ce, grid_stride_over_many_rows) {
    a relative error of 5e-4 at an offset of 1e4, NaN near the bf16 maximum. */
 /* Issue 19: with the grid capped at 1 and 3 blocks (culoss_set_grid_limit),
    small problems stride on every kernel shape (thread, 8 lanes, warp, 256
-   and 1024 threads per row, forced through CULOSS_CE_SHAPE), in every mode,
-   at quick sizes too: a group that skipped or repeated a row on its second
-   pass would change a row's loss or a reduced sum. */
+   and 1024 threads per row, forced through CULOSS_CE_SHAPE) in the index
+   and soft modes, and on NLL's gather kernel (8 rows per block, whatever
+   the shape), at quick sizes too: a group that skipped or repeated a row on
+   its second pass would change a row's loss or a reduced sum. */
 Test(gpu_ce, grid_stride_on_every_shape_with_a_small_grid_limit) {
   REQUIRE_GPU();
   static const char *shapes[] = {"thread", "8", "warp", "256", "1024"};
@@ -315,8 +316,9 @@ Test(gpu_ce, grid_stride_on_every_shape_with_a_small_grid_limit) {
     for (int lim = 1; lim <= 3; lim += 2) {
       cr_assert_eq(culoss_set_grid_limit(gpu, lim), CULOSS_OK);
       for (int mode = 0; mode < 3; mode++) {
-        /* rows per block: 256 (thread), 32 (8 lanes), 8 (warp), 1 (256/1024) */
-        const int64_t per_block = s == 0 ? 256 : (s == 1 ? 32 : (s == 2 ? 8 : 1));
+        /* rows per block: 256 (thread), 32 (8 lanes), 8 (warp), 1 (256/1024);
+           NLL: 8 (a warp per row) */
+        const int64_t per_block = mode == 2 ? 8 : (s == 0 ? 256 : (s == 1 ? 32 : (s == 2 ? 8 : 1)));
         gcase k = base_case(per_block * lim * 2 + 5, cs[s], (culoss_dtype)((mode + s) % 3), seed++);
         k.mode = mode;
         k.red = (culoss_reduction)((mode + s + lim) % 3);
@@ -764,4 +766,76 @@ Test(gpu_ce, offsets_past_2_pow_31) {
   culoss_free(gpu, d_x), culoss_free(gpu, d_t), culoss_free(gpu, d_loss);
   free(row), free(src), free(ref_g), free(gf), free(rf), free(xf), free(xb), free(t), free(loss);
   free(ref_loss);
+}
+
+/* Issue 14: culoss_cross_entropy_ex's per-row lse and entropy on every
+   shape and dtype against the CPU backend on the same rounded logits:
+   random rows, rows at large common offsets (ties and noise), rows with
+   -inf logits, ignored rows (0) and an out-of-range row (NaN and the
+   deferred error). */
+Test(gpu_ce, cross_entropy_ex_row_outputs_every_shape) {
+  REQUIRE_GPU();
+  static const int64_t cs[] = {7, 100, 1000, 5000, 20000};
+  uint64_t seed = 3100;
+  for (int si = 0; si < 5; si++)
+    for (int d = 0; d < 3; d++) {
+      const int64_t n = 41, c = cs[si];
+      const culoss_dtype dt = (culoss_dtype)d;
+      rng_t r = rng_seeded(seed++);
+      float *x = malloc((size_t)(n * c) * 4);
+      int64_t t[41];
+      for (int64_t i = 0; i < n; i++) {
+        t[i] = i % 7 == 3 ? -100 : rng_int(&r, 0, c);
+        const double off = i % 5 == 1 ? (d == CULOSS_F16 ? 3e4 : 1e4) : 0.0;
+        for (int64_t j = 0; j < c; j++) {
+          double v = off + 2.0 * rng_normal(&r);
+          if (i % 5 == 2 && j % 3 == 0 && j != t[i]) v = -INFINITY;
+          if (i % 5 == 4) v = j % 4 == 0 ? 50.0 : -50.0; /* tied maxima */
+          x[i * c + j] = (float)v;
+        }
+      }
+      round_through(x, n * c, dt);
+      void *xh = malloc((size_t)(n * c) * dtype_bytes(dt));
+      pack_dtype(xh, x, n * c, dt);
+      float ref_lse[41], ref_ent[41], lse[41], ent[41], ref_l, l;
+      culoss_ce_row_outputs ro = {ref_lse, ref_ent};
+      cr_assert_eq(culoss_cross_entropy_ex(cpu, NULL, &ro, n, c, dt, xh, c, CULOSS_I64, t, &ref_l,
+                                           NULL, NULL),
+                   CULOSS_OK, "%s", culoss_last_error());
+      void *d_x = dev_from(xh, (size_t)(n * c) * dtype_bytes(dt));
+      int64_t *d_t = dev_from(t, sizeof t);
+      float *d_lse = dev_alloc(sizeof lse), *d_ent = dev_alloc(sizeof ent), *d_l = dev_alloc(4);
+      dev_poison(d_lse, sizeof lse), dev_poison(d_ent, sizeof ent);
+      culoss_ce_row_outputs dro = {d_lse, d_ent};
+      cr_assert_eq(culoss_cross_entropy_ex(gpu, NULL, &dro, n, c, dt, d_x, c, CULOSS_I64, d_t, d_l,
+                                           d_x, NULL),
+                   CULOSS_OK, "%s", culoss_last_error());
+      cr_assert_eq(culoss_synchronize(gpu), CULOSS_OK, "%s", culoss_last_error());
+      to_host(lse, d_lse, sizeof lse), to_host(ent, d_ent, sizeof ent), to_host(&l, d_l, 4);
+      for (int64_t i = 0; i < n; i++) {
+        cr_assert(close_enough(lse[i], ref_lse[i], 1e-4, 2e-6),
+                  "c %lld dt %d lse[%lld] %.9g vs %.9g", (long long)c, d, (long long)i,
+                  (double)lse[i], (double)ref_lse[i]);
+        cr_assert(close_enough(ent[i], ref_ent[i], 2e-4, 1e-4),
+                  "c %lld dt %d entropy[%lld] %.9g vs %.9g", (long long)c, d, (long long)i,
+                  (double)ent[i], (double)ref_ent[i]);
+        if (t[i] == -100)
+          cr_assert(lse[i] == 0.0f && ent[i] == 0.0f, "ignored row %lld", (long long)i);
+      }
+      cr_assert(close_enough(l, ref_l, 1e-5, 1e-5), "loss %g vs %g", (double)l, (double)ref_l);
+      /* an out-of-range target: NaN statistics for its row, the deferred error */
+      t[5] = c + 3;
+      cr_assert_eq(culoss_upload(gpu, d_t, t, sizeof t), CULOSS_OK);
+      cr_assert_eq(culoss_upload(gpu, d_x, xh, (size_t)(n * c) * dtype_bytes(dt)), CULOSS_OK);
+      cr_assert_eq(culoss_cross_entropy_ex(gpu, NULL, &dro, n, c, dt, d_x, c, CULOSS_I64, d_t, d_l,
+                                           NULL, NULL),
+                   CULOSS_OK);
+      cr_assert_eq(culoss_synchronize(gpu), CULOSS_ERROR_TARGET_OUT_OF_RANGE);
+      to_host(lse, d_lse, sizeof lse), to_host(ent, d_ent, sizeof ent);
+      cr_assert(isnan(lse[5]) && isnan(ent[5]), "out-of-range row: %g %g", (double)lse[5],
+                (double)ent[5]);
+      culoss_free(gpu, d_x), culoss_free(gpu, d_t), culoss_free(gpu, d_lse);
+      culoss_free(gpu, d_ent), culoss_free(gpu, d_l);
+      free(x), free(xh);
+    }
 }

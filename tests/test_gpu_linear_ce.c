@@ -442,3 +442,125 @@ Test(gpu_lce, workspace_too_small_is_an_error) {
   culoss_free(gpu, d_h), culoss_free(gpu, d_w), culoss_free(gpu, d_t), culoss_free(gpu, d_ws);
   culoss_free(gpu, d_l);
 }
+
+/* ---- culoss_linear_cross_entropy_ex (issue 14) ---- */
+
+/* The extended call on the GPU against the CPU backend with the same
+   options: grad_weight in the input dtype or fp32, accumulate into buffers
+   holding random values (the gradients compared after taking the old values
+   back out, so the old values cannot hide an error), lse and entropy. */
+static void ex_case(int64_t n, int64_t d, int64_t v, culoss_dtype dt, int gw_f32, int accumulate,
+                    int options, uint64_t seed) {
+  rng_t r = rng_seeded(seed);
+  const culoss_dtype gdt = gw_f32 ? CULOSS_F32 : dt;
+  const size_t es = dtype_bytes(dt), gs = dtype_bytes(gdt);
+  float *h = malloc((size_t)(n * d) * 4), *w = malloc((size_t)(v * d) * 4);
+  float *b = malloc((size_t)v * 4), *cw = malloc((size_t)v * 4);
+  float *old_w = malloc((size_t)(v * d) * 4), *old_b = malloc((size_t)v * 4);
+  int64_t *t = malloc((size_t)n * 8);
+  for (int64_t i = 0; i < n * d; i++) h[i] = (float)rng_normal(&r);
+  for (int64_t i = 0; i < v * d; i++) {
+    w[i] = (float)(rng_normal(&r) / sqrt((double)d) * 3.0);
+    old_w[i] = (float)(0.01 * rng_normal(&r));
+  }
+  for (int64_t j = 0; j < v; j++) {
+    b[j] = (float)rng_normal(&r), cw[j] = (float)(0.5 + rng_uniform(&r));
+    old_b[j] = (float)(0.01 * rng_normal(&r));
+  }
+  for (int64_t i = 0; i < n; i++) t[i] = rng_uniform(&r) < 0.1 ? -100 : rng_int(&r, 0, v);
+  void *hh = malloc((size_t)(n * d) * es), *wh = malloc((size_t)(v * d) * es);
+  void *bh = malloc((size_t)v * es);
+  pack_dtype(hh, h, n * d, dt), pack_dtype(wh, w, v * d, dt), pack_dtype(bh, b, v, dt);
+  void *ow = malloc((size_t)(v * d) * gs), *ob = malloc((size_t)v * gs);
+  pack_dtype(ow, old_w, v * d, gdt), pack_dtype(ob, old_b, v, gdt);
+  unpack_dtype(old_w, ow, v * d, gdt), unpack_dtype(old_b, ob, v, gdt); /* as stored */
+  culoss_cross_entropy_options o;
+  culoss_cross_entropy_options_init(&o);
+  if (options)
+    o.label_smoothing = 0.1f, o.z_loss = 1e-3f, o.logit_softcap = 20.0f, o.class_weight = cw;
+  culoss_linear_ce_options lo;
+  culoss_linear_ce_options_init(&lo);
+  lo.grad_weight_dtype = gw_f32 ? CULOSS_F32 : CULOSS_DTYPE_INPUT;
+  lo.accumulate = accumulate;
+  /* the CPU reference */
+  float ref_l, l, *ref_lse = malloc((size_t)n * 4), *ref_ent = malloc((size_t)n * 4);
+  void *rgh = malloc((size_t)(n * d) * es), *rgw = malloc((size_t)(v * d) * gs);
+  void *rgb = malloc((size_t)v * gs);
+  memcpy(rgw, ow, (size_t)(v * d) * gs), memcpy(rgb, ob, (size_t)v * gs);
+  lo.lse = ref_lse, lo.entropy = ref_ent;
+  cr_assert_eq(culoss_linear_cross_entropy_ex(cpu, &o, &lo, n, d, v, dt, hh, wh, bh, CULOSS_I64, t,
+                                              &ref_l, rgh, rgw, rgb, NULL, NULL, 0),
+               CULOSS_OK, "%s", culoss_last_error());
+  /* the GPU */
+  size_t wsb;
+  cr_assert_eq(culoss_linear_cross_entropy_ex_workspace_size(gpu, &lo, n, d, v, dt, &wsb),
+               CULOSS_OK);
+  void *d_h = dev_from(hh, (size_t)(n * d) * es), *d_w = dev_from(wh, (size_t)(v * d) * es);
+  void *d_b = dev_from(bh, (size_t)v * es), *d_t = dev_from(t, (size_t)n * 8);
+  float *d_cw = dev_from(cw, (size_t)v * 4);
+  void *d_gh = dev_alloc((size_t)(n * d) * es), *d_ws = dev_alloc(wsb);
+  void *d_gw = dev_from(ow, (size_t)(v * d) * gs), *d_gb = dev_from(ob, (size_t)v * gs);
+  float *d_l = dev_alloc(4), *d_lse = dev_alloc((size_t)n * 4), *d_ent = dev_alloc((size_t)n * 4);
+  if (!accumulate) dev_poison(d_gw, (size_t)(v * d) * gs), dev_poison(d_gb, (size_t)v * gs);
+  dev_poison(d_gh, (size_t)(n * d) * es), dev_poison(d_ws, wsb), dev_poison(d_l, 4);
+  dev_poison(d_lse, (size_t)n * 4), dev_poison(d_ent, (size_t)n * 4);
+  if (options) o.class_weight = d_cw;
+  lo.lse = d_lse, lo.entropy = d_ent;
+  cr_assert_eq(culoss_linear_cross_entropy_ex(gpu, &o, &lo, n, d, v, dt, d_h, d_w, d_b, CULOSS_I64,
+                                              d_t, d_l, d_gh, d_gw, d_gb, NULL, d_ws, wsb),
+               CULOSS_OK, "%s", culoss_last_error());
+  cr_assert_eq(culoss_synchronize(gpu), CULOSS_OK, "%s", culoss_last_error());
+  const double tol = dt == CULOSS_F32 ? 1e-4 : 2e-2; /* 16-bit: logits rounded to the dtype */
+  to_host(&l, d_l, 4);
+  cr_assert(close_enough(l, ref_l, tol, tol), "loss %g vs %g", (double)l, (double)ref_l);
+  float *lse = malloc((size_t)n * 4), *ent = malloc((size_t)n * 4);
+  to_host(lse, d_lse, (size_t)n * 4), to_host(ent, d_ent, (size_t)n * 4);
+  int64_t where;
+  cr_assert(worst_ratio(lse, ref_lse, n, tol, tol, &where) <= 1.0, "lse[%lld] %g vs %g",
+            (long long)where, (double)lse[where], (double)ref_lse[where]);
+  cr_assert(worst_ratio(ent, ref_ent, n, 5 * tol, 5 * tol, &where) <= 1.0, "entropy[%lld] %g vs %g",
+            (long long)where, (double)ent[where], (double)ref_ent[where]);
+  void *g = malloc((size_t)(v * d) * 4 + (size_t)(n * d) * 4);
+  to_host(g, d_gh, (size_t)(n * d) * es);
+  check("grad_hidden", g, rgh, n * d, dt, tol);
+  /* grad_weight and grad_bias less the old values, in fp32 */
+  float *gg = malloc((size_t)(v * d) * 4), *rr = malloc((size_t)(v * d) * 4);
+  for (int which = 0; which < 2; which++) {
+    const int64_t count = which ? v : v * d;
+    const float *old = which ? old_b : old_w;
+    to_host(g, which ? d_gb : d_gw, (size_t)count * gs);
+    unpack_dtype(gg, g, count, gdt), unpack_dtype(rr, which ? rgb : rgw, count, gdt);
+    for (int64_t i = 0; i < count; i++) gg[i] -= old[i], rr[i] -= old[i];
+    check(which ? "grad_bias" : "grad_weight", gg, rr, count, CULOSS_F32,
+          gw_f32 && dt == CULOSS_F32 ? 1e-4 : tol);
+  }
+  culoss_free(gpu, d_h), culoss_free(gpu, d_w), culoss_free(gpu, d_b), culoss_free(gpu, d_t);
+  culoss_free(gpu, d_cw), culoss_free(gpu, d_gh), culoss_free(gpu, d_ws), culoss_free(gpu, d_gw);
+  culoss_free(gpu, d_gb), culoss_free(gpu, d_l), culoss_free(gpu, d_lse), culoss_free(gpu, d_ent);
+  free(h), free(w), free(b), free(cw), free(old_w), free(old_b), free(t), free(hh), free(wh);
+  free(bh), free(ow), free(ob), free(ref_lse), free(ref_ent), free(rgh), free(rgw), free(rgb);
+  free(lse), free(ent), free(g), free(gg), free(rr);
+}
+
+Test(gpu_lce, ex_grad_weight_dtypes_accumulate_and_row_stats) {
+  REQUIRE_GPU();
+  uint64_t seed = 500;
+  for (int dt = 0; dt < 3; dt++)
+    for (int gw_f32 = 0; gw_f32 < 2; gw_f32++)
+      for (int acc = 0; acc < 2; acc++)
+        ex_case(37, 32, 300, (culoss_dtype)dt, gw_f32, acc, (dt + acc) % 2, seed++);
+}
+
+/* Many blocks and slices with accumulation: every block but the first adds,
+   and the first must add too when accumulating. */
+Test(gpu_lce, ex_many_blocks_accumulate) {
+  REQUIRE_GPU();
+  setenv("CULOSS_LINEAR_CE_BLOCK_BYTES", "16384", 1);
+  gpu_reopen(&gpu);
+  uint64_t seed = 600;
+  for (int dt = 0; dt < 3; dt++)
+    for (int gw_f32 = 0; gw_f32 < 2; gw_f32++)
+      ex_case(70, 24, 500, (culoss_dtype)dt, gw_f32, 1, 1, seed++);
+  unsetenv("CULOSS_LINEAR_CE_BLOCK_BYTES");
+  gpu_reopen(&gpu);
+}

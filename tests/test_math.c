@@ -214,3 +214,73 @@ Test(math, elementwise_helpers_match_cpu_reference) {
   }
   culoss_destroy(ctx);
 }
+
+/* Target loading, the NaN, and the target coefficient b of culoss__ce_grad,
+   against their definitions written out here (these helpers are shared by
+   the CPU reference and the kernels, so only such a test can see them). */
+Test(math, targets_nan_and_target_coefficients) {
+  const int32_t t32[3] = {7, -100, 2147483647};
+  const int64_t t64[3] = {(int64_t)1 << 40, -1, 3};
+  for (int i = 0; i < 3; i++) {
+    cr_assert_eq(culoss__target_at(t32, CULOSS_I32, i), (int64_t)t32[i]);
+    cr_assert_eq(culoss__target_at(t64, CULOSS_I64, i), t64[i]);
+  }
+  cr_assert(isnan(culoss__nan()));
+  const float w[5] = {0.5f, 2.0f, 0.0f, 1.0f, 3.0f};
+  for (int64_t j = 0; j < 5; j++)
+    for (int e = 0; e < 3; e++) {
+      const float eps = e * 0.25f, tw = (1.0f - eps) * w[1];
+      const float want_w = (j == 1 ? tw : 0.0f) + (eps > 0 ? eps / 5.0f * w[j] : 0.0f);
+      const float want_1 = (j == 1 ? tw : 0.0f) + (eps > 0 ? eps / 5.0f : 0.0f);
+      cr_assert(fabsf(culoss__ce_index_b(j, 1, tw, eps, 5, w) - want_w) <= 1e-7f, "j %d e %d",
+                (int)j, e);
+      cr_assert(fabsf(culoss__ce_index_b(j, 1, tw, eps, 5, NULL) - want_1) <= 1e-7f);
+      const float y = 0.1f * (float)j;
+      cr_assert(fabsf(culoss__ce_soft_b(w[j], y, eps, 5) - w[j] * ((1 - eps) * y + eps / 5)) <=
+                1e-7f);
+    }
+  /* no class weight is read without smoothing (NULL would crash if it were) */
+  cr_assert_eq(culoss__ce_index_b(3, 3, 0.75f, 0.0f, 5, (const float *)8), 0.75f);
+}
+
+/* The online entropy sum u = sum e^(x - m) (x - m), carried the way the
+   kernel carries it (values one at a time, states merged in a tree) against
+   H = lse - sum p x in double, at small, large-offset and -inf values. */
+Test(math, entropy_online_matches_double) {
+  rng_t r = rng_seeded(77);
+  for (int trial = 0; trial < 200; trial++) {
+    const int nv = 1 + (int)rng_int(&r, 0, 300);
+    const double off = trial % 3 == 1 ? 1e4 : (trial % 3 == 2 ? -3e3 : 0.0);
+    float x[300];
+    for (int i = 0; i < nv; i++) {
+      x[i] = (float)(off + 3.0 * rng_normal(&r));
+      if (trial % 4 == 3 && i % 3 == 0 && i > 0) x[i] = -INFINITY;
+    }
+    /* four lanes, each online over its values, then merged */
+    culoss__lse_state st[4];
+    float u[4];
+    for (int l = 0; l < 4; l++) st[l] = culoss__lse_empty(), u[l] = 0.0f;
+    for (int i = 0; i < nv; i++) {
+      const int l = i % 4;
+      const float m = fmaxf(st[l].m, x[i]);
+      u[l] = culoss__ent_rebase(u[l], st[l].s, st[l].m, m) +
+             culoss__ent_term(culoss__exp_diff(x[i], m), x[i], m);
+      st[l] = culoss__lse_add(st[l], x[i]);
+    }
+    for (int step = 1; step < 4; step *= 2)
+      for (int l = 0; l + step < 4; l += 2 * step) {
+        const culoss__lse_state mm = culoss__lse_merge(st[l], st[l + step]);
+        u[l] = culoss__ent_rebase(u[l], st[l].s, st[l].m, mm.m) +
+               culoss__ent_rebase(u[l + step], st[l + step].s, st[l + step].m, mm.m);
+        st[l] = mm;
+      }
+    double m = -INFINITY, s = 0.0, px = 0.0;
+    for (int i = 0; i < nv; i++) m = fmax(m, x[i]);
+    for (int i = 0; i < nv; i++)
+      if (x[i] != -INFINITY) s += exp((double)x[i] - m), px += exp((double)x[i] - m) * (x[i] - m);
+    const double want = log(s) - px / s;
+    const float got = culoss__ent_value(u[0], st[0].s);
+    cr_assert(fabs(got - want) <= 1e-4 + 1e-5 * fabs(want), "trial %d n %d: %.9g vs %.9g", trial,
+              nv, (double)got, want);
+  }
+}
