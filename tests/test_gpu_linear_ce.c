@@ -450,7 +450,7 @@ Test(gpu_lce, workspace_too_small_is_an_error) {
    holding random values (the gradients compared after taking the old values
    back out, so the old values cannot hide an error), lse and entropy. */
 static void ex_case(int64_t n, int64_t d, int64_t v, culoss_dtype dt, int gw_f32, int accumulate,
-                    int options, uint64_t seed) {
+                    int options, culoss_reduction red, uint64_t seed) {
   rng_t r = rng_seeded(seed);
   const culoss_dtype gdt = gw_f32 ? CULOSS_F32 : dt;
   const size_t es = dtype_bytes(dt), gs = dtype_bytes(gdt);
@@ -476,20 +476,25 @@ static void ex_case(int64_t n, int64_t d, int64_t v, culoss_dtype dt, int gw_f32
   unpack_dtype(old_w, ow, v * d, gdt), unpack_dtype(old_b, ob, v, gdt); /* as stored */
   culoss_cross_entropy_options o;
   culoss_cross_entropy_options_init(&o);
+  o.reduction = red;
   if (options)
     o.label_smoothing = 0.1f, o.z_loss = 1e-3f, o.logit_softcap = 20.0f, o.class_weight = cw;
+  const int64_t nl = red == CULOSS_REDUCTION_NONE ? n : 1; /* losses and upstream gradients */
+  float *gl = malloc((size_t)nl * 4);
+  for (int64_t i = 0; i < nl; i++) gl[i] = (float)(0.5 + rng_uniform(&r));
   culoss_linear_ce_options lo;
   culoss_linear_ce_options_init(&lo);
   lo.grad_weight_dtype = gw_f32 ? CULOSS_F32 : CULOSS_DTYPE_INPUT;
   lo.accumulate = accumulate;
   /* the CPU reference */
-  float ref_l, l, *ref_lse = malloc((size_t)n * 4), *ref_ent = malloc((size_t)n * 4);
+  float *ref_l = malloc((size_t)nl * 4), *l = malloc((size_t)nl * 4);
+  float *ref_lse = malloc((size_t)n * 4), *ref_ent = malloc((size_t)n * 4);
   void *rgh = malloc((size_t)(n * d) * es), *rgw = malloc((size_t)(v * d) * gs);
   void *rgb = malloc((size_t)v * gs);
   memcpy(rgw, ow, (size_t)(v * d) * gs), memcpy(rgb, ob, (size_t)v * gs);
   lo.lse = ref_lse, lo.entropy = ref_ent;
   cr_assert_eq(culoss_linear_cross_entropy_ex(cpu, &o, &lo, n, d, v, dt, hh, wh, bh, CULOSS_I64, t,
-                                              &ref_l, rgh, rgw, rgb, NULL, NULL, 0),
+                                              ref_l, rgh, rgw, rgb, gl, NULL, 0),
                CULOSS_OK, "%s", culoss_last_error());
   /* the GPU */
   size_t wsb;
@@ -500,19 +505,22 @@ static void ex_case(int64_t n, int64_t d, int64_t v, culoss_dtype dt, int gw_f32
   float *d_cw = dev_from(cw, (size_t)v * 4);
   void *d_gh = dev_alloc((size_t)(n * d) * es), *d_ws = dev_alloc(wsb);
   void *d_gw = dev_from(ow, (size_t)(v * d) * gs), *d_gb = dev_from(ob, (size_t)v * gs);
-  float *d_l = dev_alloc(4), *d_lse = dev_alloc((size_t)n * 4), *d_ent = dev_alloc((size_t)n * 4);
+  float *d_l = dev_alloc((size_t)nl * 4), *d_gl = dev_from(gl, (size_t)nl * 4);
+  float *d_lse = dev_alloc((size_t)n * 4), *d_ent = dev_alloc((size_t)n * 4);
   if (!accumulate) dev_poison(d_gw, (size_t)(v * d) * gs), dev_poison(d_gb, (size_t)v * gs);
-  dev_poison(d_gh, (size_t)(n * d) * es), dev_poison(d_ws, wsb), dev_poison(d_l, 4);
+  dev_poison(d_gh, (size_t)(n * d) * es), dev_poison(d_ws, wsb), dev_poison(d_l, (size_t)nl * 4);
   dev_poison(d_lse, (size_t)n * 4), dev_poison(d_ent, (size_t)n * 4);
   if (options) o.class_weight = d_cw;
   lo.lse = d_lse, lo.entropy = d_ent;
   cr_assert_eq(culoss_linear_cross_entropy_ex(gpu, &o, &lo, n, d, v, dt, d_h, d_w, d_b, CULOSS_I64,
-                                              d_t, d_l, d_gh, d_gw, d_gb, NULL, d_ws, wsb),
+                                              d_t, d_l, d_gh, d_gw, d_gb, d_gl, d_ws, wsb),
                CULOSS_OK, "%s", culoss_last_error());
   cr_assert_eq(culoss_synchronize(gpu), CULOSS_OK, "%s", culoss_last_error());
   const double tol = dt == CULOSS_F32 ? 1e-4 : 2e-2; /* 16-bit: logits rounded to the dtype */
-  to_host(&l, d_l, 4);
-  cr_assert(close_enough(l, ref_l, tol, tol), "loss %g vs %g", (double)l, (double)ref_l);
+  to_host(l, d_l, (size_t)nl * 4);
+  for (int64_t i = 0; i < nl; i++)
+    cr_assert(close_enough(l[i], ref_l[i], tol, tol), "red %d loss[%lld] %g vs %g", (int)red,
+              (long long)i, (double)l[i], (double)ref_l[i]);
   float *lse = malloc((size_t)n * 4), *ent = malloc((size_t)n * 4);
   to_host(lse, d_lse, (size_t)n * 4), to_host(ent, d_ent, (size_t)n * 4);
   int64_t where;
@@ -537,6 +545,7 @@ static void ex_case(int64_t n, int64_t d, int64_t v, culoss_dtype dt, int gw_f32
   culoss_free(gpu, d_h), culoss_free(gpu, d_w), culoss_free(gpu, d_b), culoss_free(gpu, d_t);
   culoss_free(gpu, d_cw), culoss_free(gpu, d_gh), culoss_free(gpu, d_ws), culoss_free(gpu, d_gw);
   culoss_free(gpu, d_gb), culoss_free(gpu, d_l), culoss_free(gpu, d_lse), culoss_free(gpu, d_ent);
+  culoss_free(gpu, d_gl), free(gl), free(l), free(ref_l);
   free(h), free(w), free(b), free(cw), free(old_w), free(old_b), free(t), free(hh), free(wh);
   free(bh), free(ow), free(ob), free(ref_lse), free(ref_ent), free(rgh), free(rgw), free(rgb);
   free(lse), free(ent), free(g), free(gg), free(rr);
@@ -548,7 +557,9 @@ Test(gpu_lce, ex_grad_weight_dtypes_accumulate_and_row_stats) {
   for (int dt = 0; dt < 3; dt++)
     for (int gw_f32 = 0; gw_f32 < 2; gw_f32++)
       for (int acc = 0; acc < 2; acc++)
-        ex_case(37, 32, 300, (culoss_dtype)dt, gw_f32, acc, (dt + acc) % 2, seed++);
+        for (int options = 0; options < 2; options++)
+          ex_case(37, 32, 300, (culoss_dtype)dt, gw_f32, acc, options,
+                  (culoss_reduction)((dt + gw_f32 + acc + options) % 3), seed++);
 }
 
 /* Many blocks and slices with accumulation: every block but the first adds,
@@ -560,7 +571,8 @@ Test(gpu_lce, ex_many_blocks_accumulate) {
   uint64_t seed = 600;
   for (int dt = 0; dt < 3; dt++)
     for (int gw_f32 = 0; gw_f32 < 2; gw_f32++)
-      ex_case(70, 24, 500, (culoss_dtype)dt, gw_f32, 1, 1, seed++);
+      ex_case(70, 24, 500, (culoss_dtype)dt, gw_f32, 1, 1, (culoss_reduction)((dt + gw_f32) % 3),
+              seed++);
   unsetenv("CULOSS_LINEAR_CE_BLOCK_BYTES");
   gpu_reopen(&gpu);
 }
