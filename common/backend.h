@@ -53,6 +53,7 @@ typedef struct {
    turned into a status by culoss_synchronize. */
 #define CULOSS__FLAG_TARGET 1 /* a class target outside [0, c) */
 #define CULOSS__FLAG_DOMAIN 2 /* an input outside its domain (BCE prob, hinge target) */
+#define CULOSS__FLAG_SLICES 4 /* vocabulary-parallel slices that overlap or leave a gap */
 
 struct culoss_context {
   culoss_backend backend;
@@ -155,6 +156,30 @@ typedef struct {
   float *lse, *entropy;  /* [n] or NULL */
 } culoss__lce_args;
 
+/* Vocabulary-parallel cross-entropy (host/vocab_parallel.c): one phase.
+   STATS writes this rank's n + 1 records to `stats`; FINISH merges the
+   ranks' records in `gathered` (rank-major, n + 1 each) and writes loss and
+   gradient. A record is 8 floats: for row i, {m, s, sx, sy, x_t, w_t, owned,
+   0} of this rank's slice (m its maximum, s = sum e^(x - m), sx/sy the
+   smoothing sums of culoss__sx_rebase, x_t and w_t the target's logit and
+   weight where this rank owns it, owned 1 there); record n is {W_r, c_local,
+   0, ...}: the slice's class-weight sum and width. */
+typedef enum { CULOSS__VP_STATS = 0, CULOSS__VP_FINISH = 1 } culoss__vp_phase;
+typedef struct {
+  culoss__vp_phase phase;
+  culoss_cross_entropy_options o;
+  const culoss_vocab_parallel *vp;
+  int64_t n, c_local, ld;
+  culoss_dtype dtype;
+  culoss_index_type ttype;
+  const void *x, *targets;
+  void *stats;          /* STATS: [n + 1] records */
+  const void *gathered; /* FINISH: [ranks][n + 1] records */
+  float *loss;
+  void *grad;
+  const float *grad_loss;
+} culoss__vp_args;
+
 /* The workspace layout of linear CE: byte offsets of each region and the
    block sizes, for a logits block of `block_bytes` (the context's
    lce_block_bytes); slices: the 16-bit grad_weight is built by vocabulary
@@ -176,6 +201,7 @@ culoss_status culoss__cuda_cross_entropy(culoss_context *ctx, const void *ce_arg
 culoss_status culoss__cuda_elementwise(culoss_context *ctx, const void *ew_args);
 culoss_status culoss__cuda_multi_margin(culoss_context *ctx, const void *mm_args);
 culoss_status culoss__cuda_linear_cross_entropy(culoss_context *ctx, const void *lce_args);
+culoss_status culoss__cuda_vocab_parallel(culoss_context *ctx, const void *vp_args);
 /* Context-wide set-up and release (cuda/context.cu): kernel attributes and
    the cuBLAS handle with its fixed workspace. Release is safe after a
    partial set-up. */

@@ -298,6 +298,11 @@ static culoss_status sync_cuda(culoss_context *ctx, const void *unused) {
                        "culoss_synchronize: a kernel met a class target outside [0, c) that was "
                        "not ignore_index (its rows got NaN loss and zero gradient)%s",
                        *flag & CULOSS__FLAG_DOMAIN ? "; also an input outside its domain" : "");
+  else if (*flag & CULOSS__FLAG_SLICES)
+    st = culoss__error(CULOSS_ERROR_INVALID_VALUE,
+                       "culoss_synchronize: vocabulary-parallel cross-entropy met slices that do "
+                       "not cover v_total once (a target owned by no rank or by two, or widths "
+                       "that do not add up to v_total); those rows got NaN loss and zero gradient");
   else if (*flag & CULOSS__FLAG_DOMAIN)
     st = culoss__error(CULOSS_ERROR_INVALID_VALUE,
                        "culoss_synchronize: a kernel met an input outside its domain (a BCE "

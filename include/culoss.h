@@ -546,6 +546,84 @@ CULOSS_API culoss_status culoss_linear_cross_entropy_ex(
     void *grad_weight, void *grad_bias, const float *grad_loss, void *workspace,
     size_t workspace_bytes);
 
+/* ------------------------------------------------------------------------ */
+/* Vocabulary-parallel cross-entropy (tensor parallelism)                   */
+/* ------------------------------------------------------------------------ */
+/*
+ * Each of `ranks` processes (or threads, or devices) holds the logits of a
+ * slice of the classes: columns [v_begin, v_begin + c_local) of a v_total-class
+ * problem (slices may differ in size; together they cover every class once).
+ * Every rank writes the same full loss, bitwise identical across ranks, and
+ * the gradient of its own slice only; culoss never moves data between ranks
+ * itself: the caller's `allgather` does (ncclAllGather, MPI_Allgather,
+ * torch.distributed.all_gather_into_tensor).
+ *
+ * One all-gather per call, of CULOSS_VOCAB_PARALLEL_RECORD_BYTES (32) bytes
+ * per row and rank plus one record per rank: each rank's row maximum, its
+ * rescaled sum of exponentials, the smoothing sums, and the target logit and
+ * weight on the rank that owns the target. Every rank merges the gathered
+ * records in rank order (hence the identical loss), then writes its slice's
+ * gradient from the merged statistics: the local logits are read twice
+ * (statistics, then gradient) and the gradient written once.
+ *
+ * Everything of culoss_cross_entropy applies: targets are global class
+ * indices (the same [n] array on every rank); o->class_weight, if given, is
+ * this rank's slice [c_local]; label smoothing (with and without class
+ * weights, over all v_total classes), z-loss, soft-capping, normalizer,
+ * every reduction, the upstream gradient and the in-place gradient are
+ * exact, as on one device. A target outside [0, v_total) that is not
+ * ignore_index is an error as in culoss_cross_entropy (every rank sees it).
+ */
+
+/* Bytes each rank contributes per row (and once more per call) to the gather. */
+#define CULOSS_VOCAB_PARALLEL_RECORD_BYTES 32
+
+typedef struct {
+  int rank, ranks; /* this rank, number of ranks (>= 1) */
+  int64_t v_begin; /* global index of this rank's first class */
+  int64_t v_total; /* classes over all ranks */
+  /* Gathers `bytes` from every rank into recv (ranks * bytes, rank order).
+     CUDA backend: device buffers, enqueued on `stream` (a cudaStream_t):
+     ncclAllGather fits. CPU backend: host buffers, complete on return,
+     stream NULL. Returns 0 on success (anything else fails the call with
+     CULOSS_ERROR_INTERNAL naming the callback). */
+  int (*allgather)(void *user, const void *send, void *recv, size_t bytes, void *stream);
+  void *user;
+} culoss_vocab_parallel;
+
+/* Workspace of culoss_cross_entropy_vocab_parallel: (ranks + 1) * (n + 1)
+   records (this rank's, and everyone's gathered), rounded up to 256 bytes.
+   `bytes` is host memory. */
+CULOSS_API culoss_status culoss_vocab_parallel_workspace_size(culoss_context *ctx,
+                                                              const culoss_vocab_parallel *vp,
+                                                              int64_t n, size_t *bytes);
+
+/* The one-call form: phase 1, the callback's all-gather, phase 2. `logits`
+   is [n, c_local] with row stride ld; grad_logits (NULL, or [n, c_local]
+   with stride ld, may alias logits) receives this rank's slice; loss,
+   grad_loss and the options are culoss_cross_entropy's. */
+CULOSS_API culoss_status culoss_cross_entropy_vocab_parallel(
+    culoss_context *ctx, const culoss_cross_entropy_options *o, const culoss_vocab_parallel *vp,
+    int64_t n, int64_t c_local, culoss_dtype dtype, const void *logits, int64_t ld,
+    culoss_index_type ttype, const void *targets, float *loss, void *grad_logits,
+    const float *grad_loss, void *workspace, size_t workspace_bytes);
+
+/* The two phases, for callers that run the collective themselves (or overlap
+   it with other work). Phase 1 writes this rank's n + 1 records to `stats`
+   ((n + 1) * CULOSS_VOCAB_PARALLEL_RECORD_BYTES bytes, context memory); the
+   caller gathers every rank's into `gathered` (ranks * that, rank order)
+   and phase 2 merges them and writes loss and gradient. Both phases take the
+   same options, vp (allgather unused), sizes, logits and targets. */
+CULOSS_API culoss_status culoss_cross_entropy_vocab_parallel_stats(
+    culoss_context *ctx, const culoss_cross_entropy_options *o, const culoss_vocab_parallel *vp,
+    int64_t n, int64_t c_local, culoss_dtype dtype, const void *logits, int64_t ld,
+    culoss_index_type ttype, const void *targets, void *stats);
+CULOSS_API culoss_status culoss_cross_entropy_vocab_parallel_finish(
+    culoss_context *ctx, const culoss_cross_entropy_options *o, const culoss_vocab_parallel *vp,
+    int64_t n, int64_t c_local, culoss_dtype dtype, const void *logits, int64_t ld,
+    culoss_index_type ttype, const void *targets, const void *gathered, float *loss,
+    void *grad_logits, const float *grad_loss);
+
 #ifdef __cplusplus
 } /* extern "C" */
 #endif

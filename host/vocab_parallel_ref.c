@@ -1,0 +1,178 @@
+/*
+ * vocab_parallel_ref.c: the CPU backend of vocabulary-parallel
+ * cross-entropy, in double, written from docs/semantics.md section 1 and
+ * the record layout of common/backend.h: each rank's slice statistics, then
+ * their merge in rank order (every rank computes the same merge, hence the
+ * same loss) and this slice's gradient.
+ */
+#include <math.h>
+#include <stdlib.h>
+
+#include "internal.h"
+
+enum { F_M, F_S, F_SX, F_SY, F_XT, F_WT, F_OWNED, F_PAD, NF };
+
+static double class_w(const culoss_cross_entropy_options *o, int64_t j) {
+  return o->class_weight ? (double)o->class_weight[j] : 1.0;
+}
+
+/* One row of this slice, soft-capped, in double. */
+static void load_row(const culoss__vp_args *a, int64_t i, double *x) {
+  const double cap = a->o.logit_softcap;
+  int64_t j;
+  for (j = 0; j < a->c_local; j++) {
+    const double v = (double)culoss__load_f32(a->x, a->dtype, i * a->ld + j);
+    x[j] = cap > 0.0 ? cap * tanh(v / cap) : v;
+  }
+}
+
+static void stats(const culoss__vp_args *a, double *x) {
+  const culoss_cross_entropy_options *o = &a->o;
+  const int64_t c = a->c_local, v0 = a->vp->v_begin;
+  float *rec = (float *)a->stats;
+  double wr = 0.0;
+  int64_t i, j;
+  for (i = 0; i < a->n; i++) {
+    const int64_t t = culoss__target_at(a->targets, a->ttype, i);
+    float *r = rec + i * NF;
+    double m = -INFINITY, s = 0.0, sx = 0.0, sy = 0.0;
+    int has_nan = 0;
+    load_row(a, i, x);
+    for (j = 0; j < c; j++) {
+      if (isnan(x[j]))
+        has_nan = 1;
+      else if (x[j] > m)
+        m = x[j];
+    }
+    if (has_nan)
+      m = NAN, s = NAN;
+    else if (m != -INFINITY)
+      for (j = 0; j < c; j++) s += exp(x[j] - m);
+    if (o->label_smoothing > 0.0f)
+      for (j = 0; j < c; j++) { /* non-negative terms; a -inf logit's is w * inf */
+        const double w = class_w(o, j);
+        sy += w;
+        sx += x[j] == -INFINITY ? w * INFINITY : w * (m - x[j]);
+      }
+    r[F_M] = (float)m, r[F_S] = (float)s, r[F_SX] = (float)sx, r[F_SY] = (float)sy;
+    r[F_XT] = 0.0f, r[F_WT] = 0.0f, r[F_OWNED] = 0.0f, r[F_PAD] = 0.0f;
+    if (t != o->ignore_index && t >= v0 && t < v0 + c) {
+      r[F_XT] = (float)x[t - v0], r[F_WT] = (float)class_w(o, t - v0), r[F_OWNED] = 1.0f;
+    }
+  }
+  for (j = 0; j < c; j++) wr += class_w(o, j);
+  rec[a->n * NF + 0] = (float)wr;
+  rec[a->n * NF + 1] = (float)c;
+  for (j = 2; j < NF; j++) rec[a->n * NF + j] = 0.0f;
+}
+
+/* Row i's records merged in rank order. */
+typedef struct {
+  double m, log_s, sx, sy, xt, wt;
+  int owners;
+} merged;
+
+static merged merge(const culoss__vp_args *a, int64_t i) {
+  const float *g = (const float *)a->gathered;
+  const int64_t stride = (a->n + 1) * NF;
+  merged r = {-INFINITY, 0.0, 0.0, 0.0, 0.0, 1.0, 0};
+  double s = 0.0;
+  int nan = 0, k;
+  for (k = 0; k < a->vp->ranks; k++) {
+    const double m = g[k * stride + i * NF + F_M];
+    if (isnan(m) || isnan((double)g[k * stride + i * NF + F_S])) nan = 1;
+    if (m > r.m) r.m = m;
+  }
+  for (k = 0; k < a->vp->ranks; k++) {
+    const float *q = g + k * stride + i * NF;
+    const double m = q[F_M], sy = q[F_SY];
+    if (m != -INFINITY) s += (double)q[F_S] * exp(m - r.m);
+    r.sx += q[F_SX];
+    if (sy != 0.0 && m != r.m) r.sx += m == -INFINITY ? sy * INFINITY : sy * (r.m - m);
+    r.sy += sy;
+    if (q[F_OWNED] != 0.0f) r.xt = q[F_XT], r.wt = q[F_WT], r.owners++;
+  }
+  r.log_s = nan ? NAN : log(s);
+  if (nan) r.m = NAN;
+  return r;
+}
+
+static culoss_status finish(const culoss__vp_args *a, double *x) {
+  const culoss_cross_entropy_options *o = &a->o;
+  const float *g = (const float *)a->gathered;
+  const int64_t stride = (a->n + 1) * NF, c = a->c_local, v0 = a->vp->v_begin;
+  const double C = (double)a->vp->v_total, eps = o->label_smoothing, z = o->z_loss;
+  const double cap = o->logit_softcap;
+  double wsum = 0.0, width = 0.0, denom = 0.0, gl = 1.0, total = 0.0;
+  int64_t i, j;
+  int k;
+  for (k = 0; k < a->vp->ranks; k++) {
+    wsum += g[k * stride + a->n * NF + 0];
+    width += g[k * stride + a->n * NF + 1];
+  }
+  if (width != C)
+    return CULOSS__BAD("culoss_cross_entropy_vocab_parallel: the ranks' slices hold %.0f classes, "
+                       "not v_total = %.0f",
+                       width, C);
+  for (i = 0; i < a->n; i++) { /* MEAN's D, and who owns each target */
+    const int64_t t = culoss__target_at(a->targets, a->ttype, i);
+    const merged r = merge(a, i);
+    if (t == o->ignore_index) continue;
+    if (r.owners != 1)
+      return CULOSS__BAD("culoss_cross_entropy_vocab_parallel: %d ranks own the target %lld of "
+                         "row %lld (the slices overlap or leave a gap)",
+                         r.owners, (long long)t, (long long)i);
+    denom += r.wt;
+  }
+  if (o->normalizer) denom = *o->normalizer;
+  if (o->reduction != CULOSS_REDUCTION_NONE && a->grad_loss) gl = a->grad_loss[0];
+  for (i = 0; i < a->n; i++) {
+    const int64_t t = culoss__target_at(a->targets, a->ttype, i);
+    const merged r = merge(a, i);
+    const double scale =
+        o->reduction == CULOSS_REDUCTION_NONE
+            ? (a->grad_loss ? (double)a->grad_loss[i] : 1.0)
+            : (o->reduction == CULOSS_REDUCTION_SUM ? gl : (denom == 0.0 ? 0.0 : gl / denom));
+    double l = 0.0;
+    load_row(a, i, x); /* read the whole row before writing: grad may alias it */
+    if (t != o->ignore_index) {
+      const double lse = r.m + r.log_s, tw = (1.0 - eps) * r.wt;
+      const double coef_a = tw + eps / C * wsum + 2.0 * z * lse;
+      l = tw * ((r.m - r.xt) + r.log_s);
+      if (eps > 0.0) l += eps / C * (r.sx + r.sy * r.log_s);
+      l += z * lse * lse;
+      if (a->grad)
+        for (j = 0; j < c; j++) {
+          const double p = x[j] == -INFINITY && !isnan(r.m) ? 0.0 : exp(x[j] - r.m - r.log_s);
+          const double b = (v0 + j == t ? tw : 0.0) + eps / C * class_w(o, j);
+          const double cg = cap > 0.0 ? 1.0 - (x[j] / cap) * (x[j] / cap) : 1.0;
+          culoss__store_f32(a->grad, a->dtype, i * a->ld + j,
+                            (float)(scale * (p * coef_a - b) * cg));
+        }
+    } else if (a->grad) {
+      for (j = 0; j < c; j++) culoss__store_f32(a->grad, a->dtype, i * a->ld + j, 0.0f);
+    }
+    if (o->reduction == CULOSS_REDUCTION_NONE)
+      a->loss[i] = (float)l;
+    else
+      total += l;
+  }
+  if (o->reduction == CULOSS_REDUCTION_SUM)
+    a->loss[0] = (float)total;
+  else if (o->reduction == CULOSS_REDUCTION_MEAN)
+    a->loss[0] = denom == 0.0 ? NAN : (float)(total / denom);
+  return CULOSS_OK;
+}
+
+culoss_status culoss__cpu_vocab_parallel(const culoss__vp_args *a) {
+  double *x = (double *)malloc((size_t)(a->c_local > 0 ? a->c_local : 1) * sizeof *x);
+  culoss_status st = CULOSS_OK;
+  if (x == NULL)
+    return culoss__error(CULOSS_ERROR_OUT_OF_MEMORY, "cpu vocab-parallel: no memory for a row");
+  if (a->phase == CULOSS__VP_STATS)
+    stats(a, x);
+  else
+    st = finish(a, x);
+  free(x);
+  return st;
+}

@@ -1,0 +1,302 @@
+#define _POSIX_C_SOURCE 200809L /* pthread barriers */
+/* test_gpu_vocab_parallel.c: vocabulary-parallel cross-entropy on the CUDA
+   backend with simulated ranks on one device (1, 2, 3 and 8; uneven slices,
+   one holding no target): every rank's loss bitwise the same, and loss and
+   gradient slice against the CPU backend's unsharded culoss_cross_entropy
+   on the same rounded logits, every option; the one-call form over an
+   all-gather between threads (one context each, device-to-device copies on
+   the rank's stream); a target no rank owns. Skips without a device. */
+#include <criterion/criterion.h>
+#include <math.h>
+#include <pthread.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "helpers.h"
+
+#ifdef CULOSS_HAVE_CUDA
+#include <cuda_runtime_api.h>
+#endif
+
+static culoss_context *gpu, *cpu;
+static void gpu_setup(void) { gpu_open(&gpu, &cpu); }
+static void gpu_teardown(void) { gpu_close(gpu, cpu); }
+TestSuite(gpu_vp, .init = gpu_setup, .fini = gpu_teardown, .timeout = 900);
+
+#define REC (CULOSS_VOCAB_PARALLEL_RECORD_BYTES / 4)
+#define MAXR 8
+
+static void slices(int ranks, int64_t v, int64_t *begin, int64_t *width) {
+  int64_t left = v;
+  for (int k = 0; k < ranks; k++) {
+    const int64_t rest = ranks - 1 - k;
+    int64_t w = k == ranks - 1
+                    ? left
+                    : (ranks >= 3 && k == ranks - 2 ? left - 1 : (left - rest) / 2 + k % 2);
+    if (w < 1) w = 1;
+    if (w > left - rest) w = left - rest;
+    begin[k] = v - left, width[k] = w, left -= w;
+  }
+}
+
+static void run_case(int ranks, int64_t n, int64_t v, culoss_dtype dt, culoss_reduction red,
+                     int variant, uint64_t seed) {
+  const size_t es = dtype_bytes(dt);
+  rng_t r = rng_seeded(seed);
+  float *x = malloc((size_t)(n * v) * 4), *cw = malloc((size_t)v * 4);
+  float *gl = malloc((size_t)n * 4);
+  int64_t *t = malloc((size_t)n * 8), begin[MAXR], width[MAXR];
+  for (int64_t i = 0; i < n * v; i++) x[i] = (float)(3.0 * rng_normal(&r));
+  for (int64_t i = 0; i < n; i++) {
+    t[i] = i % 5 == 2 ? -100 : rng_int(&r, 0, v - (ranks >= 3 ? 1 : 0));
+    if (i % 4 == 1) x[i * v + (i * 7) % v] = -INFINITY;
+    if (i % 6 == 3)
+      for (int64_t j = 0; j < v; j++) x[i * v + j] += dt == CULOSS_F16 ? 300.0f : 1000.0f;
+    gl[i] = (float)(0.5 + rng_uniform(&r));
+  }
+  for (int64_t j = 0; j < v; j++) cw[j] = (float)(0.25 + 2.0 * rng_uniform(&r));
+  round_through(x, n * v, dt);
+  unsigned char *xh = malloc((size_t)(n * v) * es), *ref_g = malloc((size_t)(n * v) * es);
+  pack_dtype(xh, x, n * v, dt);
+  culoss_cross_entropy_options o;
+  culoss_cross_entropy_options_init(&o);
+  o.reduction = red;
+  if (variant & 1) o.label_smoothing = 0.1f;
+  if (variant & 2) o.z_loss = 1e-3f, o.logit_softcap = 30.0f;
+  const int weights = (variant & 4) != 0;
+  const int64_t nl = red == CULOSS_REDUCTION_NONE ? n : 1;
+  float *ref_l = malloc((size_t)nl * 4);
+  culoss_cross_entropy_options oc = o;
+  if (weights) oc.class_weight = cw;
+  cr_assert_eq(culoss_cross_entropy(cpu, &oc, n, v, dt, xh, v, CULOSS_I64, t, ref_l, ref_g, gl),
+               CULOSS_OK, "%s", culoss_last_error());
+  slices(ranks, v, begin, width);
+  const size_t recb = (size_t)(n + 1) * REC * 4;
+  float *d_gath = dev_alloc((size_t)ranks * recb), *d_gl = dev_from(gl, (size_t)nl * 4);
+  int64_t *d_t = dev_from(t, (size_t)n * 8);
+  void *d_x[MAXR];
+  float *d_cw[MAXR], *d_l[MAXR];
+  dev_poison(d_gath, (size_t)ranks * recb);
+  for (int q = 0; q < ranks; q++) {
+    unsigned char *xs = malloc((size_t)(n * width[q]) * es);
+    for (int64_t i = 0; i < n; i++)
+      memcpy(xs + (size_t)(i * width[q]) * es, xh + (size_t)(i * v + begin[q]) * es,
+             (size_t)width[q] * es);
+    d_x[q] = dev_from(xs, (size_t)(n * width[q]) * es);
+    d_cw[q] = dev_from(cw + begin[q], (size_t)width[q] * 4);
+    d_l[q] = dev_alloc((size_t)nl * 4);
+    dev_poison(d_l[q], (size_t)nl * 4);
+    free(xs);
+    culoss_vocab_parallel vp = {q, ranks, begin[q], v, NULL, NULL};
+    culoss_cross_entropy_options oq = o;
+    if (weights) oq.class_weight = d_cw[q];
+    cr_assert_eq(culoss_cross_entropy_vocab_parallel_stats(gpu, &oq, &vp, n, width[q], dt, d_x[q],
+                                                           width[q], CULOSS_I64, d_t,
+                                                           (unsigned char *)d_gath + q * recb),
+                 CULOSS_OK, "%s", culoss_last_error());
+  }
+  float *l0 = malloc((size_t)nl * 4), *lq = malloc((size_t)nl * 4);
+  for (int q = 0; q < ranks; q++) {
+    culoss_vocab_parallel vp = {q, ranks, begin[q], v, NULL, NULL};
+    culoss_cross_entropy_options oq = o;
+    if (weights) oq.class_weight = d_cw[q];
+    /* the gradient in place over this rank's logits */
+    cr_assert_eq(culoss_cross_entropy_vocab_parallel_finish(gpu, &oq, &vp, n, width[q], dt, d_x[q],
+                                                            width[q], CULOSS_I64, d_t, d_gath,
+                                                            d_l[q], d_x[q], d_gl),
+                 CULOSS_OK, "%s", culoss_last_error());
+  }
+  cr_assert_eq(culoss_synchronize(gpu), CULOSS_OK, "%s", culoss_last_error());
+  to_host(l0, d_l[0], (size_t)nl * 4);
+  for (int q = 0; q < ranks; q++) {
+    to_host(lq, d_l[q], (size_t)nl * 4);
+    for (int64_t i = 0; i < nl; i++) {
+      cr_assert(memcmp(&lq[i], &l0[i], 4) == 0, "rank %d loss[%lld] %.9g vs rank 0 %.9g", q,
+                (long long)i, (double)lq[i], (double)l0[i]);
+      cr_assert(close_enough(lq[i], ref_l[i], 2e-5, 2e-5),
+                "%d ranks v%d red %d loss[%lld] %.9g vs %.9g", ranks, variant, (int)red,
+                (long long)i, (double)lq[i], (double)ref_l[i]);
+    }
+    unsigned char *g = malloc((size_t)(n * width[q]) * es);
+    float *a = malloc((size_t)width[q] * 4), *b = malloc((size_t)width[q] * 4);
+    to_host(g, d_x[q], (size_t)(n * width[q]) * es);
+    const double rt = dt == CULOSS_F32 ? 2e-4 : (dt == CULOSS_F16 ? 2.0 / 1024 : 2.0 / 128);
+    for (int64_t i = 0; i < n; i++) {
+      unpack_dtype(a, g + (size_t)(i * width[q]) * es, width[q], dt);
+      unpack_dtype(b, ref_g + (size_t)(i * v + begin[q]) * es, width[q], dt);
+      for (int64_t j = 0; j < width[q]; j++)
+        cr_assert(close_enough(a[j], b[j], 1e-6, rt),
+                  "%d ranks rank %d dt %d grad[%lld][%lld] %.9g vs %.9g", ranks, q, (int)dt,
+                  (long long)i, (long long)(begin[q] + j), (double)a[j], (double)b[j]);
+    }
+    free(g), free(a), free(b);
+    culoss_free(gpu, d_x[q]), culoss_free(gpu, d_cw[q]), culoss_free(gpu, d_l[q]);
+  }
+  culoss_free(gpu, d_gath), culoss_free(gpu, d_gl), culoss_free(gpu, d_t);
+  free(x), free(cw), free(gl), free(t), free(xh), free(ref_g), free(ref_l), free(l0), free(lq);
+}
+
+Test(gpu_vp, matches_unsharded_on_1_2_3_8_ranks) {
+  REQUIRE_GPU();
+  static const int rank_counts[] = {1, 2, 3, 8};
+  uint64_t seed = 10;
+  for (int ri = 0; ri < 4; ri++)
+    for (int variant = 0; variant < 8; variant++)
+      run_case(rank_counts[ri], 23, 301, (culoss_dtype)(variant % 3),
+               (culoss_reduction)((variant + ri) % 3), variant, seed++);
+}
+
+/* A slice layout with a gap (no rank owns some classes): NaN loss for those
+   rows and the deferred error, never a wrong value. */
+Test(gpu_vp, slices_that_leave_a_gap_are_a_deferred_error) {
+  REQUIRE_GPU();
+  enum { n = 6, v = 20 };
+  float x[n * v], l[n];
+  int64_t t[n] = {0, 5, 10, 19, 3, 15}; /* 10 lies in the gap [8, 12) */
+  for (int i = 0; i < n * v; i++) x[i] = (float)(i % 7) * 0.25f;
+  /* rank 0 holds [0, 8), rank 1 claims [12, 20) but both say v_total = 20 */
+  float *d_x = dev_from(x, sizeof x), *d_l = dev_alloc(sizeof l);
+  int64_t *d_t = dev_from(t, sizeof t);
+  float *d_g = dev_alloc(2 * (n + 1) * REC * 4);
+  culoss_vocab_parallel vp0 = {0, 2, 0, v, NULL, NULL}, vp1 = {1, 2, 12, v, NULL, NULL};
+  culoss_cross_entropy_options o;
+  culoss_cross_entropy_options_init(&o);
+  o.reduction = CULOSS_REDUCTION_NONE;
+  cr_assert_eq(culoss_cross_entropy_vocab_parallel_stats(gpu, &o, &vp0, n, 8, CULOSS_F32, d_x, v,
+                                                         CULOSS_I64, d_t, d_g),
+               CULOSS_OK);
+  cr_assert_eq(culoss_cross_entropy_vocab_parallel_stats(gpu, &o, &vp1, n, 8, CULOSS_F32, d_x, v,
+                                                         CULOSS_I64, d_t, d_g + (n + 1) * REC),
+               CULOSS_OK);
+  cr_assert_eq(culoss_cross_entropy_vocab_parallel_finish(gpu, &o, &vp0, n, 8, CULOSS_F32, d_x, v,
+                                                          CULOSS_I64, d_t, d_g, d_l, NULL, NULL),
+               CULOSS_OK);
+  cr_assert_eq(culoss_synchronize(gpu), CULOSS_ERROR_INVALID_VALUE);
+  cr_assert(strstr(culoss_last_error(), "v_total") != NULL, "%s", culoss_last_error());
+  to_host(l, d_l, sizeof l);
+  cr_assert(isnan(l[2]), "target 10 is owned by no rank: %g", (double)l[2]);
+  cr_assert(!isnan(l[0]) && !isnan(l[1]), "rows whose targets rank 0 owns stay finite");
+  culoss_free(gpu, d_x), culoss_free(gpu, d_l), culoss_free(gpu, d_t), culoss_free(gpu, d_g);
+}
+
+#ifdef CULOSS_HAVE_CUDA
+/* The one-call form: three threads, a context each on its own stream, an
+   all-gather of device buffers through a shared device buffer, ordered by
+   stream synchronisation and a host barrier. */
+typedef struct {
+  pthread_barrier_t *bar;
+  void *shared;
+  int rank, ranks;
+} gather_user;
+
+static int dev_allgather(void *user, const void *send, void *recv, size_t bytes, void *stream) {
+  gather_user *u = user;
+  cudaStream_t s = (cudaStream_t)stream;
+  if (cudaMemcpyAsync((char *)u->shared + (size_t)u->rank * bytes, send, bytes,
+                      cudaMemcpyDeviceToDevice, s) != cudaSuccess ||
+      cudaStreamSynchronize(s) != cudaSuccess)
+    return 1;
+  pthread_barrier_wait(u->bar);
+  if (cudaMemcpyAsync(recv, u->shared, (size_t)u->ranks * bytes, cudaMemcpyDeviceToDevice, s) !=
+          cudaSuccess ||
+      cudaStreamSynchronize(s) != cudaSuccess)
+    return 1;
+  pthread_barrier_wait(u->bar);
+  return 0;
+}
+
+typedef struct {
+  gather_user user;
+  int64_t begin, width, n, v;
+  const float *x;
+  const int64_t *t;
+  float loss;
+  float *grad; /* host, [n, width] */
+  culoss_status st;
+  char err[256];
+} rank_job;
+
+static void *rank_main(void *p) {
+  rank_job *j = p;
+  culoss_context *c = NULL;
+  cudaStream_t s = NULL;
+  culoss_vocab_parallel vp = {j->user.rank, j->user.ranks, j->begin, j->v, dev_allgather, &j->user};
+  void *d_x = NULL, *d_t = NULL, *d_ws = NULL, *d_l = NULL;
+  size_t wsb = 0;
+  float *xs = malloc((size_t)(j->n * j->width) * 4);
+  for (int64_t i = 0; i < j->n; i++)
+    memcpy(xs + i * j->width, j->x + i * j->v + j->begin, (size_t)j->width * 4);
+  culoss_cross_entropy_options o;
+  culoss_cross_entropy_options_init(&o);
+  o.label_smoothing = 0.2f;
+#define STEP(e)                                                                                    \
+  if (j->st == CULOSS_OK) j->st = (e)
+  j->st = culoss_create(&c, CULOSS_BACKEND_CUDA, 0);
+  STEP(cudaStreamCreate(&s) == cudaSuccess ? CULOSS_OK : CULOSS_ERROR_CUDA);
+  STEP(culoss_set_stream(c, s));
+  STEP(culoss_vocab_parallel_workspace_size(c, &vp, j->n, &wsb));
+  STEP(culoss_malloc(c, &d_x, (size_t)(j->n * j->width) * 4));
+  STEP(culoss_malloc(c, &d_t, (size_t)j->n * 8));
+  STEP(culoss_malloc(c, &d_ws, wsb));
+  STEP(culoss_malloc(c, &d_l, 4));
+  STEP(culoss_upload(c, d_x, xs, (size_t)(j->n * j->width) * 4));
+  STEP(culoss_upload(c, d_t, j->t, (size_t)j->n * 8));
+  STEP(culoss_cross_entropy_vocab_parallel(c, &o, &vp, j->n, j->width, CULOSS_F32, d_x, j->width,
+                                           CULOSS_I64, d_t, d_l, d_x, NULL, d_ws, wsb));
+  STEP(culoss_synchronize(c));
+  STEP(culoss_download(c, &j->loss, d_l, 4));
+  STEP(culoss_download(c, j->grad, d_x, (size_t)(j->n * j->width) * 4));
+#undef STEP
+  if (j->st != CULOSS_OK) snprintf(j->err, sizeof j->err, "%s", culoss_last_error());
+  culoss_free(c, d_x), culoss_free(c, d_t), culoss_free(c, d_ws), culoss_free(c, d_l);
+  culoss_destroy(c);
+  if (s) cudaStreamDestroy(s);
+  free(xs);
+  return NULL;
+}
+
+Test(gpu_vp, one_call_over_threads_and_streams) {
+  REQUIRE_GPU();
+  enum { n = 40, v = 100, ranks = 3 };
+  rng_t r = rng_seeded(8);
+  float x[n * v], ref_l, ref_g[n * v];
+  int64_t t[n];
+  for (int i = 0; i < n * v; i++) x[i] = (float)(2.0 * rng_normal(&r));
+  for (int i = 0; i < n; i++) t[i] = i % 9 == 4 ? -100 : rng_int(&r, 0, v);
+  culoss_cross_entropy_options o;
+  culoss_cross_entropy_options_init(&o);
+  o.label_smoothing = 0.2f;
+  cr_assert_eq(
+      culoss_cross_entropy(cpu, &o, n, v, CULOSS_F32, x, v, CULOSS_I64, t, &ref_l, ref_g, NULL),
+      CULOSS_OK);
+  pthread_barrier_t bar;
+  pthread_barrier_init(&bar, NULL, ranks);
+  void *shared = dev_alloc((size_t)ranks * (n + 1) * CULOSS_VOCAB_PARALLEL_RECORD_BYTES);
+  static const int64_t begin[ranks] = {0, 57, 61}, width[ranks] = {57, 4, 39};
+  rank_job jobs[ranks];
+  pthread_t th[ranks];
+  for (int q = 0; q < ranks; q++) {
+    memset(&jobs[q], 0, sizeof jobs[q]);
+    jobs[q].user = (gather_user){&bar, shared, q, ranks};
+    jobs[q].begin = begin[q], jobs[q].width = width[q], jobs[q].n = n, jobs[q].v = v;
+    jobs[q].x = x, jobs[q].t = t, jobs[q].grad = malloc((size_t)(n * width[q]) * 4);
+    pthread_create(&th[q], NULL, rank_main, &jobs[q]);
+  }
+  for (int q = 0; q < ranks; q++) pthread_join(th[q], NULL);
+  for (int q = 0; q < ranks; q++) {
+    cr_assert_eq(jobs[q].st, CULOSS_OK, "rank %d: %s", q, jobs[q].err);
+    cr_assert(memcmp(&jobs[q].loss, &jobs[0].loss, 4) == 0, "rank %d's loss", q);
+    cr_assert(close_enough(jobs[q].loss, ref_l, 2e-5, 2e-5), "loss %g vs %g", (double)jobs[q].loss,
+              (double)ref_l);
+    for (int i = 0; i < n; i++)
+      for (int64_t j = 0; j < width[q]; j++)
+        cr_assert(
+            close_enough(jobs[q].grad[i * width[q] + j], ref_g[i * v + begin[q] + j], 1e-7, 2e-4),
+            "rank %d grad[%d][%lld]", q, i, (long long)(begin[q] + j));
+    free(jobs[q].grad);
+  }
+  pthread_barrier_destroy(&bar);
+  culoss_free(gpu, shared);
+}
+#endif
