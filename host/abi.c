@@ -68,6 +68,15 @@ FIELD(culoss_linear_ce_options, accumulate, 4);
 FIELD(culoss_linear_ce_options, lse, 8);
 FIELD(culoss_linear_ce_options, entropy, 16);
 
+PIN(sizeof(culoss_vocab_parallel) == 40);
+FIELD(culoss_vocab_parallel, rank, 0);
+FIELD(culoss_vocab_parallel, ranks, 4);
+FIELD(culoss_vocab_parallel, v_begin, 8);
+FIELD(culoss_vocab_parallel, v_total, 16);
+FIELD(culoss_vocab_parallel, allgather, 24);
+FIELD(culoss_vocab_parallel, user, 32);
+PIN(CULOSS_VOCAB_PARALLEL_RECORD_BYTES == 32);
+
 PIN(sizeof(culoss_ce_row_outputs) == 16);
 FIELD(culoss_ce_row_outputs, lse, 0);
 FIELD(culoss_ce_row_outputs, entropy, 8);
