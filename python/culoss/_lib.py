@@ -109,6 +109,16 @@ class KLOptions(ctypes.Structure):
     _fields_ = [("reduction", _int), ("log_target", _int)]
 
 
+class VocabParallel(ctypes.Structure):
+    """culoss_vocab_parallel: this rank's slice of the classes. The Python
+    binding runs the collective itself between the two phases, so
+    `allgather` stays NULL."""
+    _fields_ = [("rank", _int), ("ranks", _int), ("v_begin", _i64), ("v_total", _i64),
+                ("allgather", _P), ("user", _P)]
+
+
+VOCAB_PARALLEL_RECORD_FLOATS = 8  # CULOSS_VOCAB_PARALLEL_RECORD_BYTES / 4
+
 _OPTIONS = {"cross_entropy": CEOptions, "bce": BCEOptions, "hinge": HingeOptions,
             "multi_margin": MultiMarginOptions, "regression": RegressionOptions,
             "kl_div": KLOptions}
@@ -142,6 +152,10 @@ _SIGS = {
                                     _P, _P, _P, _P, _P, _size],
     "culoss_linear_cross_entropy_workspace_size": [_P, _i64, _i64, _i64, _int,
                                                    ctypes.POINTER(_size)],
+    "culoss_cross_entropy_vocab_parallel_stats": [_P, _P, _P, _i64, _i64, _int, _P, _i64, _int,
+                                                  _P, _P],
+    "culoss_cross_entropy_vocab_parallel_finish": [_P, _P, _P, _i64, _i64, _int, _P, _i64,
+                                                   _int, _P, _P, _P, _P, _P],
 }
 for _f in ("mse", "l1", "huber", "smooth_l1"):
     _SIGS[f"culoss_{_f}"] = [_P, _P, _i64, _int, _P, _P, _P, _P, _P]
