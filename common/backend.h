@@ -151,9 +151,10 @@ typedef struct {
   const float *grad_loss;
   void *workspace;
   size_t workspace_bytes;
-  culoss_dtype gw_dtype; /* grad_weight and grad_bias: dtype or CULOSS_F32 */
-  int accumulate;        /* add into grad_weight / grad_bias */
-  float *lse, *entropy;  /* [n] or NULL */
+  culoss_dtype gw_dtype;           /* grad_weight and grad_bias: dtype or CULOSS_F32 */
+  int accumulate;                  /* add into grad_weight / grad_bias */
+  float *lse, *entropy;            /* [n] or NULL */
+  const culoss_vocab_parallel *vp; /* vocabulary-parallel: weight holds rows v_begin.. */
 } culoss__lce_args;
 
 /* Vocabulary-parallel cross-entropy (host/vocab_parallel.c): one phase.
@@ -192,6 +193,14 @@ typedef struct {
 } culoss__lce_layout;
 culoss__lce_layout culoss__lce_plan(int64_t n, int64_t d, int64_t v, culoss_dtype dtype,
                                     int64_t block_bytes, int slices);
+/* Vocabulary-parallel linear CE: the plan without slices, then this rank's
+   records at off_records and everyone's at off_gathered. */
+typedef struct {
+  culoss__lce_layout lce;
+  size_t off_records, off_gathered, total;
+} culoss__lvp_layout;
+culoss__lvp_layout culoss__lvp_plan(int64_t n, int64_t d, int64_t v_local, culoss_dtype dtype,
+                                    int64_t block_bytes, int ranks);
 
 /* ---------------------------------------------------- the CUDA backend */
 #ifdef CULOSS_HAVE_CUDA
@@ -202,6 +211,7 @@ culoss_status culoss__cuda_elementwise(culoss_context *ctx, const void *ew_args)
 culoss_status culoss__cuda_multi_margin(culoss_context *ctx, const void *mm_args);
 culoss_status culoss__cuda_linear_cross_entropy(culoss_context *ctx, const void *lce_args);
 culoss_status culoss__cuda_vocab_parallel(culoss_context *ctx, const void *vp_args);
+culoss_status culoss__cuda_linear_vocab_parallel(culoss_context *ctx, const void *lce_args);
 /* Context-wide set-up and release (cuda/context.cu): kernel attributes and
    the cuBLAS handle with its fixed workspace. Release is safe after a
    partial set-up. */

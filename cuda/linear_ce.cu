@@ -34,6 +34,7 @@
 
 #include "backend.h"
 #include "cross_entropy.cuh"
+#include "vocab_parallel.cuh"
 #include "dtype.cuh"
 #include "launch.cuh"
 #include "loss_math.h"
@@ -281,6 +282,111 @@ template <typename T> culoss_status run(culoss_context *ctx, const culoss__lce_a
   return culoss__finish_reduction(ctx, n > 0 ? (int)grid : 0, a->loss, (int)a->o.reduction, p.div);
 }
 
+/* Vocabulary-parallel: this rank's weight rows [v_begin, v_begin + v)
+   (vocab_parallel.cuh's kernels on each block of logits). Pass 1: each
+   block's logits and records; the caller's all-gather; pass 2: each
+   block's logits again (unless one block holds every row), the loss and the
+   slice's gradient written over them, the gradient GEMMs. grad_weight (if
+   any) is fp32 here (host/vocab_parallel.c refuses a 16-bit one). */
+template <typename T> culoss_status run_vp(culoss_context *ctx, const culoss__lce_args *a) {
+  const cudaStream_t stream = (cudaStream_t)ctx->stream;
+  const cublasHandle_t h = (cublasHandle_t)ctx->cublas;
+  const cudaDataType_t ty = cuda_type<T>();
+  const int64_t n = a->n, d = a->d, v = a->v;
+  const culoss__lvp_layout LV =
+      culoss__lvp_plan(n, d, v, a->dtype, ctx->lce_block_bytes, a->vp->ranks);
+  const culoss__lce_layout &L = LV.lce;
+  unsigned char *ws = static_cast<unsigned char *>(a->workspace);
+  T *tile = reinterpret_cast<T *>(ws + L.off_logits);
+  float *row_loss = reinterpret_cast<float *>(ws + L.off_row_loss);
+  float *bias_acc = reinterpret_cast<float *>(ws + L.off_bias_acc);
+  float *mine = reinterpret_cast<float *>(ws + LV.off_records);
+  float *all = reinterpret_cast<float *>(ws + LV.off_gathered);
+  const T *H = static_cast<const T *>(a->hidden);
+  const T *W = static_cast<const T *>(a->weight);
+  const T *B = static_cast<const T *>(a->bias);
+  const bool reduced = a->o.reduction != CULOSS_REDUCTION_NONE;
+  const bool direct = a->gw_dtype == CULOSS_F32;
+  const bool want_grad = a->grad_hidden || a->grad_weight || a->grad_bias;
+  const bool one_block = L.rows >= n;
+  const size_t tsz = a->ttype == CULOSS_I32 ? 4 : 8, gsz = culoss__dtype_size(a->gw_dtype);
+  const char *targets = static_cast<const char *>(a->targets);
+  CL_TRY(culoss__cublas_status(cublasSetStream(h, stream), "cublasSetStream"));
+
+  culoss__vp_args va;
+  memset(&va, 0, sizeof va);
+  va.o = a->o, va.vp = a->vp, va.n = n, va.c_local = v, va.ld = v, va.dtype = a->dtype;
+  va.ttype = a->ttype, va.targets = a->targets, va.stats = mine, va.gathered = all;
+  vp_params p = vp_fill(ctx, &va); /* rec_n = n */
+  p.rows_out = 1;
+  auto logits = [&](int64_t r0, int64_t nr) -> culoss_status {
+    if (B)
+      CU_TRY(launch(bias_fill_kernel<T>, dim3(blocks_for(v), (unsigned)nr), dim3(LT), 0, stream,
+                    tile, B, v, v),
+             "launch of bias_fill_kernel");
+    return gemm(h, CUBLAS_OP_T, CUBLAS_OP_N, v, nr, d, W, ty, d, H + r0 * d, ty, d, B ? 1.0f : 0.0f,
+                tile, ty, v, "cublasGemmEx(logits)");
+  };
+
+  /* ---- pass 1: records ---- */
+  for (int64_t r0 = 0; r0 < n; r0 += L.rows) {
+    const int64_t nr = n - r0 < L.rows ? n - r0 : L.rows;
+    CL_TRY(logits(r0, nr));
+    p.n = nr, p.row0 = r0, p.x = tile, p.targets = targets + (size_t)r0 * tsz;
+    CL_TRY(vp_launch_stats(ctx, p, (int)a->dtype, stream));
+  }
+  p.n = n, p.row0 = 0, p.targets = a->targets;
+  CL_TRY(vp_launch_slice(p, stream));
+  /* ---- the one collective ---- */
+  if (a->vp->allgather(a->vp->user, mine, all, (size_t)(n + 1) * CULOSS_VOCAB_PARALLEL_RECORD_BYTES,
+                       stream) != 0)
+    return culoss__error(CULOSS_ERROR_INTERNAL,
+                         "culoss_linear_cross_entropy_vocab_parallel: vp->allgather returned an "
+                         "error");
+  CL_TRY(vp_launch_prep(p, stream));
+  if (n == 0 && !a->accumulate) {
+    if (a->grad_weight)
+      CU_TRY(cudaMemsetAsync(a->grad_weight, 0, (size_t)(v * d) * gsz, stream), "cudaMemsetAsync");
+    if (a->grad_bias)
+      CU_TRY(cudaMemsetAsync(a->grad_bias, 0, (size_t)v * gsz, stream), "cudaMemsetAsync");
+  }
+  /* ---- pass 2: loss and gradients ---- */
+  int64_t grid = 0;
+  for (int64_t r0 = 0; r0 < n; r0 += L.rows) {
+    const int64_t nr = n - r0 < L.rows ? n - r0 : L.rows;
+    if (!one_block) CL_TRY(logits(r0, nr));
+    p.n = nr, p.row0 = r0, p.x = tile, p.grad = want_grad ? tile : nullptr;
+    p.targets = targets + (size_t)r0 * tsz;
+    p.loss = (reduced ? row_loss : a->loss) + r0;
+    p.grad_loss = a->grad_loss && !reduced ? a->grad_loss + r0 : a->grad_loss;
+    CL_TRY(vp_launch_finish(ctx, p, (int)a->dtype, &grid, stream));
+    const bool first = r0 == 0 && !a->accumulate;
+    if (a->grad_hidden) /* this slice's part of grad_hidden [nr, d] = dlogits @ W */
+      CL_TRY(gemm(h, CUBLAS_OP_N, CUBLAS_OP_N, d, nr, v, W, ty, d, tile, ty, v, 0.0f,
+                  static_cast<T *>(a->grad_hidden) + r0 * d, ty, d, "cublasGemmEx(grad_hidden)"));
+    if (a->grad_weight) /* fp32 grad_weight [v, d] (+)= dlogits^T @ Hr */
+      CL_TRY(gemm(h, CUBLAS_OP_N, CUBLAS_OP_T, d, v, nr, H + r0 * d, ty, d, tile, ty, v,
+                  first ? 0.0f : 1.0f, a->grad_weight, CUDA_R_32F, d, "cublasGemmEx(grad_weight)"));
+    if (a->grad_bias)
+      CU_TRY(launch(colsum_kernel<T>, dim3(blocks_for(v)), dim3(LT), 0, stream, tile, nr, v, v,
+                    direct ? static_cast<float *>(a->grad_bias) : bias_acc,
+                    (int)(direct ? first : r0 == 0)),
+             "launch of colsum_kernel");
+  }
+  if (a->grad_bias && !direct && n > 0)
+    CU_TRY(launch(convert_kernel<T>, dim3(blocks_for(v)), dim3(LT), 0, stream,
+                  (const float *)bias_acc, static_cast<T *>(a->grad_bias), v, a->accumulate),
+           "launch of convert_kernel");
+  if (!reduced) return CULOSS_OK;
+  const int64_t rgrid = capped_grid(ctx, (n + LT - 1) / LT);
+  if (n > 0)
+    CU_TRY(launch(row_loss_sum_kernel, dim3((unsigned)rgrid), dim3(LT), 0, stream,
+                  (const float *)row_loss, n, ctx->scratch->partial_loss),
+           "launch of row_loss_sum_kernel");
+  (void)grid;
+  return culoss__finish_reduction(ctx, n > 0 ? (int)rgrid : 0, a->loss, (int)a->o.reduction, p.div);
+}
+
 } // namespace
 } // namespace culoss_dev
 
@@ -289,4 +395,9 @@ using namespace culoss_dev;
 extern "C" culoss_status culoss__cuda_linear_cross_entropy(culoss_context *ctx, const void *args) {
   const culoss__lce_args *a = static_cast<const culoss__lce_args *>(args);
   return with_dtype(a->dtype, [&](auto t) { return run<decltype(t)>(ctx, a); });
+}
+
+extern "C" culoss_status culoss__cuda_linear_vocab_parallel(culoss_context *ctx, const void *args) {
+  const culoss__lce_args *a = static_cast<const culoss__lce_args *>(args);
+  return with_dtype(a->dtype, [&](auto t) { return run_vp<decltype(t)>(ctx, a); });
 }

@@ -30,31 +30,13 @@
 #include "launch.cuh"
 #include "loss_math.h"
 #include "reduce.cuh"
+#include "vocab_parallel.cuh"
 
 namespace culoss_dev {
 namespace {
 
 constexpr int VP_THREADS = 256, VP_ROWS = VP_THREADS / 32;
 enum { F_M, F_S, F_SX, F_SY, F_XT, F_WT, F_OWNED, F_PAD, NF };
-
-struct vp_params {
-  int64_t n, c, ld, v_begin, v_total;
-  int ranks;
-  const void *x;
-  const void *targets;
-  int ttype;
-  int64_t ignore_index;
-  const float *class_weight; /* this slice's, [c] */
-  float eps, z, cap;
-  float *stats;          /* STATS: [n + 1][NF] */
-  const float *gathered; /* FINISH: [ranks][n + 1][NF] */
-  float *loss;
-  void *grad;
-  const float *grad_loss;
-  int reduction;
-  divisor_src div;
-  culoss__scratch *scratch;
-};
 
 /* The statistics a record carries, and their merge: lse state plus the
    smoothing sums relative to the running maximum. */
@@ -114,7 +96,7 @@ __global__ void __launch_bounds__(VP_THREADS) vp_stats_kernel(vp_params p) {
     }
     if (lane == 0) {
       const int64_t t = culoss__target_at(p.targets, p.ttype, row);
-      float *r = p.stats + row * NF;
+      float *r = p.stats + (p.row0 + row) * NF;
       const bool owned = t != p.ignore_index && t >= p.v_begin && t < p.v_begin + c;
       r[F_M] = acc.lse.m, r[F_S] = acc.lse.s, r[F_SX] = acc.sx, r[F_SY] = acc.sy;
       r[F_XT] = owned ? culoss__softcap(to_f32(xr[t - p.v_begin]), p.cap) : 0.0f;
@@ -131,7 +113,7 @@ __global__ void __launch_bounds__(VP_THREADS) vp_slice_kernel(vp_params p) {
   for (int64_t j = threadIdx.x; j < p.c; j += VP_THREADS) w += cw_at(p, j);
   store_block_sum<VP_THREADS>(w, &p.scratch->prep_wsum[0]);
   if (threadIdx.x == 0) {
-    float *r = p.stats + p.n * NF;
+    float *r = p.stats + p.rec_n * NF;
     r[0] = (float)p.scratch->prep_wsum[0], r[1] = (float)p.c;
     for (int k = 2; k < NF; k++) r[k] = 0.0f;
   }
@@ -151,7 +133,7 @@ __device__ __forceinline__ vp_row merge_row(const vp_params &p, int64_t row) {
   r.acc.sx = r.acc.sy = 0.0f;
   r.xt = 0.0f, r.wt = 1.0f, r.owners = 0;
   for (int k = 0; k < p.ranks; k++) { /* rank order */
-    const float *q = p.gathered + ((int64_t)k * (p.n + 1) + row) * NF;
+    const float *q = p.gathered + ((int64_t)k * (p.rec_n + 1) + p.row0 + row) * NF;
     vp_acc b;
     b.lse.m = q[F_M], b.lse.s = q[F_S], b.sx = q[F_SX], b.sy = q[F_SY];
     r.acc = vp_merge(r.acc, b);
@@ -169,7 +151,7 @@ __global__ void __launch_bounds__(VP_THREADS) vp_prep_kernel(vp_params p) {
     const int64_t t = culoss__target_at(p.targets, p.ttype, i);
     if (t == p.ignore_index || t < 0 || t >= p.v_total) continue;
     for (int k = 0; k < p.ranks; k++) {
-      const float *q = p.gathered + ((int64_t)k * (p.n + 1) + i) * NF;
+      const float *q = p.gathered + ((int64_t)k * (p.rec_n + 1) + i) * NF;
       if (q[F_OWNED] != 0.0f) d += q[F_WT];
     }
   }
@@ -177,7 +159,7 @@ __global__ void __launch_bounds__(VP_THREADS) vp_prep_kernel(vp_params p) {
   if (blockIdx.x == 0 && threadIdx.x == 0) {
     double w = 0.0, width = 0.0;
     for (int k = 0; k < p.ranks; k++) {
-      const float *q = p.gathered + ((int64_t)k * (p.n + 1) + p.n) * NF;
+      const float *q = p.gathered + ((int64_t)k * (p.rec_n + 1) + p.rec_n) * NF;
       w += q[0], width += q[1];
     }
     p.scratch->prep_wsum[0] = w;
@@ -199,7 +181,7 @@ __global__ void __launch_bounds__(VP_THREADS) vp_finish_kernel(vp_params p) {
   }
   __syncthreads();
   const float red_scale = consts[0], wsum = consts[1];
-  const bool per_row = p.reduction == CULOSS_REDUCTION_NONE;
+  const bool per_row = p.reduction == CULOSS_REDUCTION_NONE || p.rows_out;
   double block_sum = 0.0;
   for (int64_t row = (int64_t)blockIdx.x * VP_ROWS + warp; row < p.n;
        row += (int64_t)gridDim.x * VP_ROWS) {
@@ -209,7 +191,8 @@ __global__ void __launch_bounds__(VP_THREADS) vp_finish_kernel(vp_params p) {
     const bool bad = !ignored && (t < 0 || t >= p.v_total);
     const bool torn = !ignored && !bad && r.owners != 1; /* overlapping or missing slices */
     const bool live = !ignored && !bad && !torn;
-    const float scale = per_row ? (p.grad_loss ? p.grad_loss[row] : 1.0f) : red_scale;
+    const float scale =
+        p.reduction == CULOSS_REDUCTION_NONE ? (p.grad_loss ? p.grad_loss[row] : 1.0f) : red_scale;
     const float lse = culoss__lse_value(r.acc.lse), m = r.acc.lse.m, log_s = logf(r.acc.lse.s);
     const float tw = (1.0f - eps) * r.wt;
     const float coef_a = tw + eps / C * wsum + 2.0f * p.z * lse;
@@ -254,16 +237,12 @@ __global__ void __launch_bounds__(VP_THREADS) vp_finish_kernel(vp_params p) {
 }
 
 } // namespace
-} // namespace culoss_dev
 
-extern "C" culoss_status culoss__cuda_vocab_parallel(culoss_context *ctx, const void *args) {
-  using namespace culoss_dev;
-  const culoss__vp_args *a = static_cast<const culoss__vp_args *>(args);
-  const cudaStream_t s = (cudaStream_t)ctx->stream;
-  const size_t es = culoss__dtype_size(a->dtype);
+vp_params vp_fill(culoss_context *ctx, const culoss__vp_args *a) {
   vp_params p;
   p.n = a->n, p.c = a->c_local, p.ld = a->ld, p.v_begin = a->vp->v_begin;
-  p.v_total = a->vp->v_total, p.ranks = a->vp->ranks;
+  p.v_total = a->vp->v_total, p.row0 = 0, p.rec_n = a->n, p.rows_out = 0;
+  p.ranks = a->vp->ranks;
   p.x = a->x, p.targets = a->targets, p.ttype = (int)a->ttype;
   p.ignore_index = a->o.ignore_index, p.class_weight = a->o.class_weight;
   p.eps = a->o.label_smoothing, p.z = a->o.z_loss, p.cap = a->o.logit_softcap;
@@ -274,34 +253,69 @@ extern "C" culoss_status culoss__cuda_vocab_parallel(culoss_context *ctx, const 
   p.div = count_divisor(0.0);
   p.div.normalizer = a->o.normalizer;
   p.scratch = ctx->scratch;
-  const bool vec = aligned16(p.x) && aligned16(p.grad) && ((p.ld * (int64_t)es) % 16) == 0;
+  return p;
+}
+
+static bool vec_ok(const vp_params &p, int dtype) {
+  const int64_t es = (int64_t)culoss__dtype_size((culoss_dtype)dtype);
+  return aligned16(p.x) && aligned16(p.grad) && (p.ld * es) % 16 == 0;
+}
+
+culoss_status vp_launch_stats(culoss_context *ctx, const vp_params &p, int dtype, cudaStream_t s) {
+  if (p.n == 0) return CULOSS_OK;
+  const bool vec = vec_ok(p, dtype);
   const int64_t grid = capped_grid(ctx, (p.n + VP_ROWS - 1) / VP_ROWS);
-  cudaError_t e;
-  if (a->phase == CULOSS__VP_STATS) {
-    if (p.n > 0) {
-      e = with_dtype(a->dtype, [&](auto t) {
-        typedef decltype(t) T;
-        return launch(vec ? vp_stats_kernel<T, vec16<T>::value> : vp_stats_kernel<T, 1>,
-                      dim3((unsigned)grid), dim3(VP_THREADS), 0, s, p);
-      });
-      if (e != cudaSuccess) return culoss__cuda_status(e, "launch of vp_stats_kernel");
-    }
-    e = launch(vp_slice_kernel, dim3(1), dim3(VP_THREADS), 0, s, p);
-    return e == cudaSuccess ? CULOSS_OK : culoss__cuda_status(e, "launch of vp_slice_kernel");
-  }
-  int64_t prep = (p.n + VP_THREADS - 1) / VP_THREADS;
+  const cudaError_t e = with_dtype(dtype, [&](auto t) {
+    typedef decltype(t) T;
+    return launch(vec ? vp_stats_kernel<T, vec16<T>::value> : vp_stats_kernel<T, 1>,
+                  dim3((unsigned)grid), dim3(VP_THREADS), 0, s, p);
+  });
+  return e == cudaSuccess ? CULOSS_OK : culoss__cuda_status(e, "launch of vp_stats_kernel");
+}
+
+culoss_status vp_launch_slice(const vp_params &p, cudaStream_t s) {
+  const cudaError_t e = launch(vp_slice_kernel, dim3(1), dim3(VP_THREADS), 0, s, p);
+  return e == cudaSuccess ? CULOSS_OK : culoss__cuda_status(e, "launch of vp_slice_kernel");
+}
+
+culoss_status vp_launch_prep(vp_params &p, cudaStream_t s) {
+  int64_t prep = (p.rec_n + VP_THREADS - 1) / VP_THREADS;
   if (prep < 1) prep = 1;
   if (prep > CULOSS_MAX_PREP_BLOCKS) prep = CULOSS_MAX_PREP_BLOCKS;
   if (!p.div.normalizer) p.div.prep = p.scratch->prep_denom, p.div.prep_count = (int)prep;
-  e = launch(vp_prep_kernel, dim3((unsigned)prep), dim3(VP_THREADS), 0, s, p);
-  if (e != cudaSuccess) return culoss__cuda_status(e, "launch of vp_prep_kernel");
-  if (p.n > 0) {
-    e = with_dtype(a->dtype, [&](auto t) {
-      typedef decltype(t) T;
-      return launch(vec ? vp_finish_kernel<T, vec16<T>::value> : vp_finish_kernel<T, 1>,
-                    dim3((unsigned)grid), dim3(VP_THREADS), 0, s, p);
-    });
-    if (e != cudaSuccess) return culoss__cuda_status(e, "launch of vp_finish_kernel");
+  const cudaError_t e = launch(vp_prep_kernel, dim3((unsigned)prep), dim3(VP_THREADS), 0, s, p);
+  return e == cudaSuccess ? CULOSS_OK : culoss__cuda_status(e, "launch of vp_prep_kernel");
+}
+
+culoss_status vp_launch_finish(culoss_context *ctx, const vp_params &p, int dtype,
+                               int64_t *grid_out, cudaStream_t s) {
+  *grid_out = 0;
+  if (p.n == 0) return CULOSS_OK;
+  const bool vec = vec_ok(p, dtype);
+  const int64_t grid = capped_grid(ctx, (p.n + VP_ROWS - 1) / VP_ROWS);
+  *grid_out = grid;
+  const cudaError_t e = with_dtype(dtype, [&](auto t) {
+    typedef decltype(t) T;
+    return launch(vec ? vp_finish_kernel<T, vec16<T>::value> : vp_finish_kernel<T, 1>,
+                  dim3((unsigned)grid), dim3(VP_THREADS), 0, s, p);
+  });
+  return e == cudaSuccess ? CULOSS_OK : culoss__cuda_status(e, "launch of vp_finish_kernel");
+}
+
+} // namespace culoss_dev
+
+extern "C" culoss_status culoss__cuda_vocab_parallel(culoss_context *ctx, const void *args) {
+  using namespace culoss_dev;
+  const culoss__vp_args *a = static_cast<const culoss__vp_args *>(args);
+  const cudaStream_t s = (cudaStream_t)ctx->stream;
+  vp_params p = vp_fill(ctx, a);
+  if (a->phase == CULOSS__VP_STATS) {
+    const culoss_status st = vp_launch_stats(ctx, p, (int)a->dtype, s);
+    return st != CULOSS_OK ? st : vp_launch_slice(p, s);
   }
-  return culoss__finish_reduction(ctx, p.n > 0 ? (int)grid : 0, p.loss, p.reduction, p.div);
+  culoss_status st = vp_launch_prep(p, s);
+  if (st != CULOSS_OK) return st;
+  int64_t grid = 0;
+  if ((st = vp_launch_finish(ctx, p, (int)a->dtype, &grid, s)) != CULOSS_OK) return st;
+  return culoss__finish_reduction(ctx, (int)grid, p.loss, p.reduction, p.div);
 }

@@ -65,6 +65,7 @@ void culoss__device_leave(const culoss_context *ctx, int prev);
 #define culoss__cuda_multi_margin NULL
 #define culoss__cuda_linear_cross_entropy NULL
 #define culoss__cuda_vocab_parallel NULL
+#define culoss__cuda_linear_vocab_parallel NULL
 #endif
 
 /* -------------------------------------------------------- CPU references */
@@ -74,6 +75,7 @@ culoss_status culoss__cpu_elementwise(const culoss__ew_args *a);
 culoss_status culoss__cpu_multi_margin(const culoss__mm_args *a);
 culoss_status culoss__cpu_linear_cross_entropy(const culoss__lce_args *a);
 culoss_status culoss__cpu_vocab_parallel(const culoss__vp_args *a);
+culoss_status culoss__cpu_linear_vocab_parallel(const culoss__lce_args *a);
 
 /* Pieces of the CPU cross-entropy reference that linear CE's reuses
    (host/cross_entropy_ref.c). */

@@ -7,6 +7,7 @@
  */
 #include <math.h>
 #include <stdlib.h>
+#include <string.h>
 
 #include "internal.h"
 
@@ -174,5 +175,75 @@ culoss_status culoss__cpu_vocab_parallel(const culoss__vp_args *a) {
   else
     st = finish(a, x);
   free(x);
+  return st;
+}
+
+/* Vocabulary-parallel linear + CE on the CPU: this slice's logits in double
+   (rounded to fp32, the records' precision), the two phases above around
+   the caller's all-gather, then the gradients' products in double. */
+culoss_status culoss__cpu_linear_vocab_parallel(const culoss__lce_args *a) {
+  const int64_t n = a->n, d = a->d, v = a->v;
+  const size_t rec = (size_t)(n + 1) * NF;
+  float *x = malloc((size_t)(n * v > 0 ? n * v : 1) * sizeof *x);
+  float *g = malloc((size_t)(n * v > 0 ? n * v : 1) * sizeof *g);
+  float *mine = malloc(rec * sizeof *mine);
+  float *all = malloc(rec * (size_t)a->vp->ranks * sizeof *all);
+  double *acc = malloc((size_t)(v * d) * sizeof *acc);
+  culoss__vp_args va;
+  culoss_status st = CULOSS_OK;
+  int64_t i, j, k;
+  if (!x || !g || !mine || !all || !acc) {
+    st = culoss__error(CULOSS_ERROR_OUT_OF_MEMORY, "cpu linear vocab-parallel: out of memory");
+    goto done;
+  }
+  for (i = 0; i < n; i++)
+    for (j = 0; j < v; j++) {
+      double z = a->bias ? (double)culoss__load_f32(a->bias, a->dtype, j) : 0.0;
+      for (k = 0; k < d; k++)
+        z += (double)culoss__load_f32(a->hidden, a->dtype, i * d + k) *
+             (double)culoss__load_f32(a->weight, a->dtype, j * d + k);
+      x[i * v + j] = (float)z;
+    }
+  memset(&va, 0, sizeof va);
+  va.phase = CULOSS__VP_STATS, va.o = a->o, va.vp = a->vp, va.n = n, va.c_local = v, va.ld = v;
+  va.dtype = CULOSS_F32, va.ttype = a->ttype, va.x = x, va.targets = a->targets, va.stats = mine;
+  if ((st = culoss__cpu_vocab_parallel(&va)) != CULOSS_OK) goto done;
+  if (a->vp->allgather(a->vp->user, mine, all, rec * sizeof *mine, NULL) != 0) {
+    st = culoss__error(CULOSS_ERROR_INTERNAL,
+                       "culoss_linear_cross_entropy_vocab_parallel: vp->allgather returned an "
+                       "error");
+    goto done;
+  }
+  va.phase = CULOSS__VP_FINISH, va.stats = NULL, va.gathered = all;
+  va.loss = a->loss, va.grad = g, va.grad_loss = a->grad_loss;
+  if ((st = culoss__cpu_vocab_parallel(&va)) != CULOSS_OK) goto done;
+  if (a->grad_hidden) /* this slice's part of d loss / d hidden */
+    for (i = 0; i < n; i++)
+      for (k = 0; k < d; k++) {
+        double s = 0.0;
+        for (j = 0; j < v; j++)
+          s += (double)g[i * v + j] * (double)culoss__load_f32(a->weight, a->dtype, j * d + k);
+        culoss__store_f32(a->grad_hidden, a->dtype, i * d + k, (float)s);
+      }
+  if (a->grad_weight) {
+    for (j = 0; j < v * d; j++) acc[j] = 0.0;
+    for (i = 0; i < n; i++)
+      for (j = 0; j < v; j++)
+        for (k = 0; k < d; k++)
+          acc[j * d + k] +=
+              (double)g[i * v + j] * (double)culoss__load_f32(a->hidden, a->dtype, i * d + k);
+    for (j = 0; j < v * d; j++) {
+      const double old = a->accumulate ? culoss__load_f32(a->grad_weight, a->gw_dtype, j) : 0.0;
+      culoss__store_f32(a->grad_weight, a->gw_dtype, j, (float)(old + acc[j]));
+    }
+  }
+  if (a->grad_bias)
+    for (j = 0; j < v; j++) {
+      double s = a->accumulate ? culoss__load_f32(a->grad_bias, a->gw_dtype, j) : 0.0;
+      for (i = 0; i < n; i++) s += g[i * v + j];
+      culoss__store_f32(a->grad_bias, a->gw_dtype, j, (float)s);
+    }
+done:
+  free(x), free(g), free(mine), free(all), free(acc);
   return st;
 }

@@ -8,6 +8,7 @@
 #include <criterion/criterion.h>
 #include <math.h>
 #include <pthread.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -311,4 +312,168 @@ Test(cpu_vp, bad_arguments) {
                CULOSS_ERROR_INVALID_VALUE);
   cr_assert(strstr(culoss_last_error(), "v_total") != NULL, "%s", culoss_last_error());
   cr_assert_eq(loss[0], -9.0f, "nothing written");
+}
+
+/* ---- vocabulary-parallel linear + CE: ranks as threads ---- */
+
+typedef struct {
+  pthread_barrier_t *bar;
+  unsigned char *shared;
+  int rank, ranks;
+} lgather;
+
+static int lthread_allgather(void *user, const void *send, void *recv, size_t bytes, void *stream) {
+  lgather *u = user;
+  if (stream != NULL) return 1;
+  memcpy(u->shared + (size_t)u->rank * bytes, send, bytes);
+  pthread_barrier_wait(u->bar);
+  memcpy(recv, u->shared, (size_t)u->ranks * bytes);
+  pthread_barrier_wait(u->bar);
+  return 0;
+}
+
+enum { LN = 19, LD = 6, LV = 41 };
+
+typedef struct {
+  lgather g;
+  int64_t begin, width;
+  culoss_dtype dt;
+  const unsigned char *h, *w, *b; /* full, in dt */
+  const int64_t *t;
+  const culoss_cross_entropy_options *o;
+  int accumulate;
+  float loss[LN];
+  float gh[LN * LD], gw[LV * LD], gb[LV]; /* fp32: grad_hidden unpacked; gw/gb fp32 */
+  culoss_status st;
+  char err[200];
+} lrank;
+
+static void *lrank_main(void *p) {
+  lrank *j = p;
+  culoss_context *c = NULL;
+  const size_t es = dtype_bytes(j->dt);
+  culoss_vocab_parallel vp = {j->g.rank, j->g.ranks, j->begin, LV, lthread_allgather, &j->g};
+  culoss_linear_ce_options lo;
+  culoss_linear_ce_options_init(&lo);
+  lo.grad_weight_dtype = CULOSS_F32;
+  lo.accumulate = j->accumulate;
+  culoss_cross_entropy_options o = *j->o;
+  if (o.class_weight) o.class_weight += j->begin;
+  unsigned char gh[LN * LD * 4];
+  j->st = culoss_create(&c, CULOSS_BACKEND_CPU, 0);
+  if (j->st == CULOSS_OK)
+    j->st = culoss_linear_cross_entropy_vocab_parallel(
+        c, &o, &lo, &vp, LN, LD, j->width, j->dt, j->h, j->w + (size_t)(j->begin * LD) * es,
+        j->b + (size_t)j->begin * es, CULOSS_I64, j->t, j->loss, gh, j->gw + j->begin * LD,
+        j->gb + j->begin, NULL, NULL, 0);
+  if (j->st != CULOSS_OK) snprintf(j->err, sizeof j->err, "%s", culoss_last_error());
+  unpack_dtype(j->gh, gh, LN * LD, j->dt);
+  culoss_destroy(c);
+  return NULL;
+}
+
+static void linear_case(int ranks, culoss_dtype dt, int variant, uint64_t seed) {
+  rng_t r = rng_seeded(seed);
+  float h[LN * LD], w[LV * LD], b[LV], cw[LV];
+  int64_t t[LN], begin[MAXR], width[MAXR];
+  for (int i = 0; i < LN * LD; i++) h[i] = (float)rng_normal(&r);
+  for (int i = 0; i < LV * LD; i++) w[i] = (float)(0.8 * rng_normal(&r));
+  for (int j = 0; j < LV; j++)
+    b[j] = (float)(0.3 * rng_normal(&r)), cw[j] = (float)(0.5 + rng_uniform(&r));
+  for (int i = 0; i < LN; i++) t[i] = i % 6 == 1 ? -100 : rng_int(&r, 0, LV - 1);
+  round_through(h, LN * LD, dt), round_through(w, LV * LD, dt), round_through(b, LV, dt);
+  unsigned char hh[LN * LD * 4], wh[LV * LD * 4], bh[LV * 4];
+  pack_dtype(hh, h, LN * LD, dt), pack_dtype(wh, w, LV * LD, dt), pack_dtype(bh, b, LV, dt);
+  culoss_cross_entropy_options o;
+  culoss_cross_entropy_options_init(&o);
+  o.reduction = (culoss_reduction)(variant % 3);
+  if (variant & 1) o.label_smoothing = 0.1f, o.class_weight = cw;
+  if (variant & 2) o.z_loss = 1e-3f, o.logit_softcap = 5.0f;
+  const int accumulate = variant >= 4;
+  /* the single-device reference, on fp32 copies of the rounded inputs */
+  float ref_l[LN], ref_gh[LN * LD], ref_gw[LV * LD], ref_gb[LV];
+  cr_assert_eq(culoss_linear_cross_entropy(ctx, &o, LN, LD, LV, CULOSS_F32, h, w, b, CULOSS_I64, t,
+                                           ref_l, ref_gh, ref_gw, ref_gb, NULL, NULL, 0),
+               CULOSS_OK, "%s", culoss_last_error());
+  slices(ranks, LV, begin, width);
+  pthread_barrier_t bar;
+  pthread_barrier_init(&bar, NULL, (unsigned)ranks);
+  unsigned char *shared = malloc((size_t)ranks * (LN + 1) * CULOSS_VOCAB_PARALLEL_RECORD_BYTES);
+  static lrank jobs[MAXR];
+  pthread_t th[MAXR];
+  float old_w[LV * LD], old_b[LV];
+  for (int i = 0; i < LV * LD; i++) old_w[i] = accumulate ? (float)(0.01 * rng_normal(&r)) : 0.0f;
+  for (int j = 0; j < LV; j++) old_b[j] = accumulate ? (float)(0.01 * rng_normal(&r)) : 0.0f;
+  for (int q = 0; q < ranks; q++) {
+    memset(&jobs[q], 0, sizeof jobs[q]);
+    jobs[q].g = (lgather){&bar, shared, q, ranks};
+    jobs[q].begin = begin[q], jobs[q].width = width[q], jobs[q].dt = dt;
+    jobs[q].h = hh, jobs[q].w = wh, jobs[q].b = bh, jobs[q].t = t, jobs[q].o = &o;
+    jobs[q].accumulate = accumulate;
+    memcpy(jobs[q].gw, old_w, sizeof old_w), memcpy(jobs[q].gb, old_b, sizeof old_b);
+    pthread_create(&th[q], NULL, lrank_main, &jobs[q]);
+  }
+  for (int q = 0; q < ranks; q++) pthread_join(th[q], NULL);
+  const int64_t nl = o.reduction == CULOSS_REDUCTION_NONE ? LN : 1;
+  float gh_sum[LN * LD] = {0}, gh_abs[LN * LD] = {0};
+  const double ulp = dt == CULOSS_F32 ? 1.2e-7 : (dt == CULOSS_F16 ? 1.0 / 1024 : 1.0 / 256);
+  for (int q = 0; q < ranks; q++) {
+    cr_assert_eq(jobs[q].st, CULOSS_OK, "rank %d: %s", q, jobs[q].err);
+    for (int64_t i = 0; i < nl; i++) {
+      cr_assert(memcmp(&jobs[q].loss[i], &jobs[0].loss[i], 4) == 0, "rank %d loss[%lld]", q,
+                (long long)i);
+      cr_assert(close_enough(jobs[q].loss[i], ref_l[i], 1e-5, 1e-5),
+                "%d ranks v%d loss[%lld] %.9g vs %.9g", ranks, variant, (long long)i,
+                (double)jobs[q].loss[i], (double)ref_l[i]);
+    }
+    for (int64_t j = begin[q] * LD; j < (begin[q] + width[q]) * LD; j++)
+      cr_assert(close_enough(jobs[q].gw[j] - old_w[j], ref_gw[j], 1e-6, 1e-4),
+                "%d ranks v%d grad_weight[%lld] %.9g vs %.9g", ranks, variant, (long long)j,
+                (double)(jobs[q].gw[j] - old_w[j]), (double)ref_gw[j]);
+    for (int64_t j = begin[q]; j < begin[q] + width[q]; j++)
+      cr_assert(close_enough(jobs[q].gb[j] - old_b[j], ref_gb[j], 1e-6, 1e-4), "grad_bias[%lld]",
+                (long long)j);
+    for (int i = 0; i < LN * LD; i++) gh_sum[i] += jobs[q].gh[i], gh_abs[i] += fabsf(jobs[q].gh[i]);
+  }
+  /* the ranks' partial grad_hidden sum to the whole (what the caller's all-reduce does), each
+     partial rounded once to the dtype */
+  for (int i = 0; i < LN * LD; i++)
+    cr_assert(fabs(gh_sum[i] - ref_gh[i]) <= 1e-6 + ulp * gh_abs[i] + 1e-5 * fabs(ref_gh[i]),
+              "%d ranks v%d grad_hidden[%d] %.9g vs %.9g", ranks, variant, i, (double)gh_sum[i],
+              (double)ref_gh[i]);
+  pthread_barrier_destroy(&bar);
+  free(shared);
+}
+
+Test(cpu_vp, linear_matches_single_device_on_1_3_8_ranks) {
+  static const int rank_counts[] = {1, 3, 8};
+  uint64_t seed = 900;
+  for (int ri = 0; ri < 3; ri++)
+    for (int variant = 0; variant < 6; variant++)
+      linear_case(rank_counts[ri], variant == 5 ? CULOSS_BF16 : CULOSS_F32, variant, seed++);
+}
+
+Test(cpu_vp, linear_refusals) {
+  culoss_vocab_parallel vp = {0, 1, 0, 4, lthread_allgather, NULL};
+  culoss_linear_ce_options lo;
+  culoss_linear_ce_options_init(&lo);
+  uint16_t h[8] = {0}, w[8] = {0}, gw[8];
+  int64_t t[4] = {0, 1, 2, 3};
+  float loss, lse[4];
+  /* a 16-bit grad_weight is not offered here */
+  cr_assert_eq(culoss_linear_cross_entropy_vocab_parallel(ctx, NULL, &lo, &vp, 4, 2, 4, CULOSS_BF16,
+                                                          h, w, NULL, CULOSS_I64, t, &loss, NULL,
+                                                          gw, NULL, NULL, NULL, 0),
+               CULOSS_ERROR_NOT_SUPPORTED);
+  cr_assert(strstr(culoss_last_error(), "grad_weight_dtype") != NULL, "%s", culoss_last_error());
+  lo.lse = lse;
+  cr_assert_eq(culoss_linear_cross_entropy_vocab_parallel(ctx, NULL, &lo, &vp, 4, 2, 4, CULOSS_BF16,
+                                                          h, w, NULL, CULOSS_I64, t, &loss, NULL,
+                                                          NULL, NULL, NULL, NULL, 0),
+               CULOSS_ERROR_NOT_SUPPORTED);
+  vp.allgather = NULL;
+  cr_assert_eq(culoss_linear_cross_entropy_vocab_parallel(ctx, NULL, NULL, &vp, 4, 2, 4,
+                                                          CULOSS_BF16, h, w, NULL, CULOSS_I64, t,
+                                                          &loss, NULL, NULL, NULL, NULL, NULL, 0),
+               CULOSS_ERROR_INVALID_VALUE);
 }

@@ -300,3 +300,185 @@ Test(gpu_vp, one_call_over_threads_and_streams) {
   culoss_free(gpu, shared);
 }
 #endif
+
+#ifdef CULOSS_HAVE_CUDA
+/* ---- vocabulary-parallel linear + CE: ranks as threads, a stream each ---- */
+
+enum { LN = 45, LD = 16, LV = 203 };
+
+typedef struct {
+  gather_user user;
+  int64_t begin, width;
+  culoss_dtype dt;
+  const unsigned char *h, *w, *b; /* full, in dt */
+  const int64_t *t;
+  const float *cw; /* full class weights or NULL */
+  culoss_cross_entropy_options o;
+  float *gw, *gb; /* host fp32 [LV * LD], [LV]: old values in, results out (own slice) */
+  int accumulate;
+  float loss[LN];
+  float gh[LN * LD];
+  culoss_status st;
+  char err[256];
+} lrank_job;
+
+static void *lrank_main(void *p) {
+  lrank_job *j = p;
+  culoss_context *c = NULL;
+  cudaStream_t s = NULL;
+  const size_t es = dtype_bytes(j->dt), nl = j->o.reduction == CULOSS_REDUCTION_NONE ? LN : 1;
+  culoss_vocab_parallel vp = {j->user.rank, j->user.ranks, j->begin, LV, dev_allgather, &j->user};
+  culoss_linear_ce_options lo;
+  culoss_linear_ce_options_init(&lo);
+  lo.grad_weight_dtype = CULOSS_F32;
+  lo.accumulate = j->accumulate;
+  void *d_h = NULL, *d_w = NULL, *d_b = NULL, *d_t = NULL, *d_cw = NULL, *d_gh = NULL;
+  void *d_gw = NULL, *d_gb = NULL, *d_ws = NULL, *d_l = NULL;
+  size_t wsb = 0;
+  unsigned char gh[LN * LD * 4];
+#define STEP(e)                                                                                    \
+  if (j->st == CULOSS_OK) j->st = (e)
+  j->st = culoss_create(&c, CULOSS_BACKEND_CUDA, 0);
+  STEP(cudaStreamCreate(&s) == cudaSuccess ? CULOSS_OK : CULOSS_ERROR_CUDA);
+  STEP(culoss_set_stream(c, s));
+  STEP(culoss_linear_cross_entropy_vocab_parallel_workspace_size(c, &lo, &vp, LN, LD, j->width,
+                                                                 j->dt, &wsb));
+  STEP(culoss_malloc(c, &d_h, (size_t)(LN * LD) * es));
+  STEP(culoss_malloc(c, &d_w, (size_t)(j->width * LD) * es));
+  STEP(culoss_malloc(c, &d_b, (size_t)j->width * es));
+  STEP(culoss_malloc(c, &d_t, (size_t)LN * 8));
+  STEP(culoss_malloc(c, &d_cw, (size_t)j->width * 4));
+  STEP(culoss_malloc(c, &d_gh, (size_t)(LN * LD) * es));
+  STEP(culoss_malloc(c, &d_gw, (size_t)(j->width * LD) * 4));
+  STEP(culoss_malloc(c, &d_gb, (size_t)j->width * 4));
+  STEP(culoss_malloc(c, &d_ws, wsb));
+  STEP(culoss_malloc(c, &d_l, nl * 4));
+  STEP(culoss_upload(c, d_h, j->h, (size_t)(LN * LD) * es));
+  STEP(culoss_upload(c, d_w, j->w + (size_t)(j->begin * LD) * es, (size_t)(j->width * LD) * es));
+  STEP(culoss_upload(c, d_b, j->b + (size_t)j->begin * es, (size_t)j->width * es));
+  STEP(culoss_upload(c, d_t, j->t, (size_t)LN * 8));
+  if (j->cw) STEP(culoss_upload(c, d_cw, j->cw + j->begin, (size_t)j->width * 4));
+  STEP(culoss_upload(c, d_gw, j->gw + j->begin * LD, (size_t)(j->width * LD) * 4));
+  STEP(culoss_upload(c, d_gb, j->gb + j->begin, (size_t)j->width * 4));
+  culoss_cross_entropy_options o = j->o;
+  o.class_weight = j->cw ? d_cw : NULL;
+  STEP(culoss_linear_cross_entropy_vocab_parallel(c, &o, &lo, &vp, LN, LD, j->width, j->dt, d_h,
+                                                  d_w, d_b, CULOSS_I64, d_t, d_l, d_gh, d_gw, d_gb,
+                                                  NULL, d_ws, wsb));
+  STEP(culoss_synchronize(c));
+  STEP(culoss_download(c, j->loss, d_l, nl * 4));
+  STEP(culoss_download(c, gh, d_gh, (size_t)(LN * LD) * es));
+  STEP(culoss_download(c, j->gw + j->begin * LD, d_gw, (size_t)(j->width * LD) * 4));
+  STEP(culoss_download(c, j->gb + j->begin, d_gb, (size_t)j->width * 4));
+#undef STEP
+  if (j->st != CULOSS_OK)
+    snprintf(j->err, sizeof j->err, "%s", culoss_last_error());
+  else
+    unpack_dtype(j->gh, gh, LN * LD, j->dt);
+  void *bufs[] = {d_h, d_w, d_b, d_t, d_cw, d_gh, d_gw, d_gb, d_ws, d_l};
+  for (int k = 0; k < 10; k++) culoss_free(c, bufs[k]);
+  culoss_destroy(c);
+  if (s) cudaStreamDestroy(s);
+  return NULL;
+}
+
+static void linear_case(int ranks, culoss_dtype dt, int variant, uint64_t seed) {
+  rng_t r = rng_seeded(seed);
+  float h[LN * LD], w[LV * LD], b[LV], cw[LV], gw[LV * LD], gb[LV], old_w[LV * LD], old_b[LV];
+  int64_t t[LN], begin[MAXR], width[MAXR];
+  for (int i = 0; i < LN * LD; i++) h[i] = (float)rng_normal(&r);
+  for (int i = 0; i < LV * LD; i++) w[i] = (float)(0.5 * rng_normal(&r));
+  for (int j = 0; j < LV; j++)
+    b[j] = (float)(0.3 * rng_normal(&r)), cw[j] = (float)(0.5 + rng_uniform(&r));
+  for (int i = 0; i < LN; i++) t[i] = i % 6 == 1 ? -100 : rng_int(&r, 0, LV - 1);
+  round_through(h, LN * LD, dt), round_through(w, LV * LD, dt), round_through(b, LV, dt);
+  unsigned char hh[LN * LD * 4], wh[LV * LD * 4], bh[LV * 4];
+  pack_dtype(hh, h, LN * LD, dt), pack_dtype(wh, w, LV * LD, dt), pack_dtype(bh, b, LV, dt);
+  culoss_cross_entropy_options o;
+  culoss_cross_entropy_options_init(&o);
+  o.reduction = (culoss_reduction)(variant % 3);
+  if (variant & 1) o.label_smoothing = 0.1f;
+  if (variant & 2) o.z_loss = 1e-3f, o.logit_softcap = 5.0f;
+  const int accumulate = variant >= 3, weights = variant % 2 == 0;
+  if (weights) o.class_weight = cw;
+  float ref_l[LN], ref_gh[LN * LD], ref_gw[LV * LD], ref_gb[LV];
+  cr_assert_eq(culoss_linear_cross_entropy(cpu, &o, LN, LD, LV, CULOSS_F32, h, w, b, CULOSS_I64, t,
+                                           ref_l, ref_gh, ref_gw, ref_gb, NULL, NULL, 0),
+               CULOSS_OK, "%s", culoss_last_error());
+  for (int i = 0; i < LV * LD; i++)
+    old_w[i] = gw[i] = accumulate ? (float)(0.01 * rng_normal(&r)) : 0;
+  for (int j = 0; j < LV; j++) old_b[j] = gb[j] = accumulate ? (float)(0.01 * rng_normal(&r)) : 0;
+  slices(ranks, LV, begin, width);
+  pthread_barrier_t bar;
+  pthread_barrier_init(&bar, NULL, (unsigned)ranks);
+  void *shared = dev_alloc((size_t)ranks * (LN + 1) * CULOSS_VOCAB_PARALLEL_RECORD_BYTES);
+  static lrank_job jobs[MAXR];
+  pthread_t th[MAXR];
+  for (int q = 0; q < ranks; q++) {
+    memset(&jobs[q], 0, sizeof jobs[q]);
+    jobs[q].user = (gather_user){&bar, shared, q, ranks};
+    jobs[q].begin = begin[q], jobs[q].width = width[q], jobs[q].dt = dt;
+    jobs[q].h = hh, jobs[q].w = wh, jobs[q].b = bh, jobs[q].t = t;
+    jobs[q].cw = weights ? cw : NULL, jobs[q].o = o, jobs[q].gw = gw, jobs[q].gb = gb;
+    jobs[q].accumulate = accumulate;
+    pthread_create(&th[q], NULL, lrank_main, &jobs[q]);
+  }
+  for (int q = 0; q < ranks; q++) pthread_join(th[q], NULL);
+  pthread_barrier_destroy(&bar);
+  culoss_free(gpu, shared);
+  const double tol = dt == CULOSS_F32 ? 1e-4 : 2e-2; /* 16-bit: logits rounded to the dtype */
+  const int64_t nl = o.reduction == CULOSS_REDUCTION_NONE ? LN : 1;
+  float gh_sum[LN * LD] = {0};
+  for (int q = 0; q < ranks; q++) {
+    cr_assert_eq(jobs[q].st, CULOSS_OK, "rank %d: %s", q, jobs[q].err);
+    for (int64_t i = 0; i < nl; i++) {
+      cr_assert(memcmp(&jobs[q].loss[i], &jobs[0].loss[i], 4) == 0, "rank %d loss[%lld]", q,
+                (long long)i);
+      cr_assert(close_enough(jobs[q].loss[i], ref_l[i], tol, tol),
+                "%d ranks v%d loss[%lld] %.9g vs %.9g", ranks, variant, (long long)i,
+                (double)jobs[q].loss[i], (double)ref_l[i]);
+    }
+    for (int i = 0; i < LN * LD; i++) gh_sum[i] += jobs[q].gh[i];
+  }
+  double num = 0, den = 0; /* relative norms: GEMMs sum in another order */
+  for (int i = 0; i < LV * LD; i++) {
+    const double e = (double)gw[i] - old_w[i] - ref_gw[i];
+    num += e * e, den += (double)ref_gw[i] * ref_gw[i];
+  }
+  cr_assert(sqrt(num / den) <= tol, "%d ranks v%d grad_weight: %.3g", ranks, variant,
+            sqrt(num / den));
+  num = den = 0;
+  for (int j = 0; j < LV; j++) {
+    const double e = (double)gb[j] - old_b[j] - ref_gb[j];
+    num += e * e, den += (double)ref_gb[j] * ref_gb[j];
+  }
+  cr_assert(sqrt(num / den) <= tol, "%d ranks v%d grad_bias: %.3g", ranks, variant,
+            sqrt(num / den));
+  num = den = 0;
+  for (int i = 0; i < LN * LD; i++) {
+    const double e = (double)gh_sum[i] - ref_gh[i];
+    num += e * e, den += (double)ref_gh[i] * ref_gh[i];
+  }
+  cr_assert(sqrt(num / den) <= tol, "%d ranks v%d grad_hidden (all-reduced): %.3g", ranks, variant,
+            sqrt(num / den));
+}
+
+Test(gpu_vp, linear_over_threads_1_3_8_ranks) {
+  REQUIRE_GPU();
+  static const int rank_counts[] = {1, 3, 8};
+  uint64_t seed = 700;
+  for (int ri = 0; ri < 3; ri++)
+    for (int variant = 0; variant < 6; variant++)
+      linear_case(rank_counts[ri], (culoss_dtype)(variant % 3), variant, seed++);
+}
+
+/* Small logits blocks: pass 2 recomputes each block's logits. */
+Test(gpu_vp, linear_many_blocks) {
+  REQUIRE_GPU();
+  setenv("CULOSS_LINEAR_CE_BLOCK_BYTES", "2048", 1); /* the rank contexts read it at create */
+  uint64_t seed = 800;
+  for (int variant = 0; variant < 6; variant++)
+    linear_case(3, (culoss_dtype)(variant % 3), variant, seed++);
+  unsetenv("CULOSS_LINEAR_CE_BLOCK_BYTES");
+}
+#endif
