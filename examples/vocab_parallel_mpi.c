@@ -8,7 +8,9 @@
  * columns of its own, uneven slice of the vocabulary, and runs
  * culoss_cross_entropy_vocab_parallel; then it checks its loss against the
  * unsharded culoss_cross_entropy on the whole logits (and against rank 0's
- * loss, bitwise) and its gradient slice against the unsharded gradient.
+ * loss, bitwise) and its gradient slice against the unsharded gradient;
+ * then the same for fused linear + CE with this rank's rows of the weight
+ * (grad_hidden all-reduced across the ranks).
  * Exits 0 when every rank agrees. ctest runs it with 4 processes where MPI
  * is found.
  */
@@ -22,8 +24,8 @@
 
 static int mpi_allgather(void *user, const void *send, void *recv, size_t bytes, void *stream) {
   (void)stream; /* the CPU backend: host buffers, complete on return */
-  return MPI_Allgather(send, (int)bytes, MPI_BYTE, recv, (int)bytes, MPI_BYTE,
-                       *(MPI_Comm *)user) == MPI_SUCCESS
+  return MPI_Allgather(send, (int)bytes, MPI_BYTE, recv, (int)bytes, MPI_BYTE, *(MPI_Comm *)user) ==
+                 MPI_SUCCESS
              ? 0
              : 1;
 }
@@ -69,8 +71,8 @@ int main(int argc, char **argv) {
       culoss_malloc(ctx, &ws, wsb) != CULOSS_OK ||
       culoss_cross_entropy(ctx, &o, N, V, CULOSS_F32, x, V, CULOSS_I64, t, &ref_loss, ref_g,
                            NULL) != CULOSS_OK ||
-      culoss_cross_entropy_vocab_parallel(ctx, &o, &vp, N, width, CULOSS_F32, xs, width,
-                                          CULOSS_I64, t, &loss, xs, NULL, ws, wsb) != CULOSS_OK) {
+      culoss_cross_entropy_vocab_parallel(ctx, &o, &vp, N, width, CULOSS_F32, xs, width, CULOSS_I64,
+                                          t, &loss, xs, NULL, ws, wsb) != CULOSS_OK) {
     fprintf(stderr, "rank %d: %s\n", rank, culoss_last_error());
     MPI_Abort(comm, 2);
   }
@@ -86,6 +88,38 @@ int main(int argc, char **argv) {
   printf("rank %d of %d: classes [%lld, %lld), loss %.7f (unsharded %.7f): %s\n", rank, ranks,
          (long long)begin, (long long)(begin + width), (double)loss, (double)ref_loss,
          bad ? "MISMATCH" : "ok");
+
+  /* Linear + CE: hidden [N, D] on every rank, this rank's rows of the LM
+     head; grad_hidden comes back as this rank's partial sum, all-reduced
+     here as a tensor-parallel trainer would. */
+  enum { D = 16 };
+  float *h = malloc(sizeof(float) * N * D), *w = malloc(sizeof(float) * V * D);
+  float *gw_ref = malloc(sizeof(float) * V * D), *gw = malloc(sizeof(float) * (size_t)width * D);
+  float gh_ref[N * D], gh[N * D], gh_all[N * D], lin_ref, lin;
+  for (int i = 0; i < N * D; i++) h[i] = (float)(2.0 * rnd(&seed) - 1.0);
+  for (int i = 0; i < V * D; i++) w[i] = (float)(rnd(&seed) - 0.5);
+  culoss_linear_ce_options lo;
+  culoss_linear_ce_options_init(&lo);
+  lo.grad_weight_dtype = CULOSS_F32;
+  if (culoss_linear_cross_entropy(ctx, &o, N, D, V, CULOSS_F32, h, w, NULL, CULOSS_I64, t, &lin_ref,
+                                  gh_ref, gw_ref, NULL, NULL, NULL, 0) != CULOSS_OK ||
+      culoss_linear_cross_entropy_vocab_parallel(ctx, &o, &lo, &vp, N, D, width, CULOSS_F32, h,
+                                                 w + begin * D, NULL, CULOSS_I64, t, &lin, gh, gw,
+                                                 NULL, NULL, NULL, 0) != CULOSS_OK) {
+    fprintf(stderr, "rank %d: %s\n", rank, culoss_last_error());
+    MPI_Abort(comm, 2);
+  }
+  MPI_Allreduce(gh, gh_all, N * D, MPI_FLOAT, MPI_SUM, comm);
+  int lbad = fabs((double)lin - lin_ref) > 1e-5 * (1.0 + fabs(lin_ref));
+  for (int i = 0; i < N * D; i++)
+    if (fabs((double)gh_all[i] - gh_ref[i]) > 1e-6 + 1e-4 * fabs(gh_ref[i])) lbad = 1;
+  for (int64_t j = 0; j < width * D; j++)
+    if (fabs((double)gw[j] - gw_ref[begin * D + j]) > 1e-7 + 1e-5 * fabs(gw_ref[begin * D + j]))
+      lbad = 1;
+  printf("rank %d of %d: linear + CE loss %.7f (unsharded %.7f), grad_hidden all-reduced: %s\n",
+         rank, ranks, (double)lin, (double)lin_ref, lbad ? "MISMATCH" : "ok");
+  bad |= lbad;
+  free(h), free(w), free(gw_ref), free(gw);
   int any = 0;
   MPI_Allreduce(&bad, &any, 1, MPI_INT, MPI_MAX, comm);
   culoss_free(ctx, ws);
