@@ -482,3 +482,87 @@ Test(gpu_vp, linear_many_blocks) {
   unsetenv("CULOSS_LINEAR_CE_BLOCK_BYTES");
 }
 #endif
+
+#ifdef CULOSS_HAVE_CUDA
+/* A one-rank all-gather that is one stream-ordered device copy: as
+   capturable as ncclAllGather. */
+static int copy_allgather(void *user, const void *send, void *recv, size_t bytes, void *stream) {
+  (void)user;
+  return cudaMemcpyAsync(recv, send, bytes, cudaMemcpyDeviceToDevice, (cudaStream_t)stream) ==
+                 cudaSuccess
+             ? 0
+             : 1;
+}
+
+/* Both one-call forms recorded in a CUDA graph (the collective included)
+   and replayed on new logits: each replay equals an eager call on them. */
+Test(gpu_vp, one_call_forms_are_capture_safe) {
+  REQUIRE_GPU();
+  enum { n = 33, v = 150, d = 8 };
+  cudaStream_t s;
+  cr_assert_eq(cudaStreamCreate(&s), cudaSuccess);
+  cr_assert_eq(culoss_set_stream(gpu, s), CULOSS_OK);
+  culoss_vocab_parallel vp = {0, 1, 0, v, copy_allgather, NULL};
+  culoss_linear_ce_options lo;
+  culoss_linear_ce_options_init(&lo);
+  lo.grad_weight_dtype = CULOSS_F32;
+  culoss_cross_entropy_options o;
+  culoss_cross_entropy_options_init(&o);
+  o.label_smoothing = 0.1f;
+  rng_t r = rng_seeded(5);
+  float x[n * v], h[n * d], w[v * d];
+  int64_t t[n];
+  for (int i = 0; i < n; i++) t[i] = i % 5 == 0 ? -100 : rng_int(&r, 0, v);
+  for (int i = 0; i < n * d; i++) h[i] = (float)rng_normal(&r);
+  for (int i = 0; i < v * d; i++) w[i] = (float)(0.5 * rng_normal(&r));
+  size_t ws1, ws2;
+  cr_assert_eq(culoss_vocab_parallel_workspace_size(gpu, &vp, n, &ws1), CULOSS_OK);
+  cr_assert_eq(culoss_linear_cross_entropy_vocab_parallel_workspace_size(gpu, &lo, &vp, n, d, v,
+                                                                         CULOSS_F32, &ws2),
+               CULOSS_OK);
+  float *d_x = dev_alloc(sizeof x), *d_g = dev_alloc(sizeof x), *d_l = dev_alloc(2 * 4);
+  float *d_h = dev_from(h, sizeof h), *d_w = dev_from(w, sizeof w), *d_gw = dev_alloc(sizeof w);
+  int64_t *d_t = dev_from(t, sizeof t);
+  void *d_ws1 = dev_alloc(ws1), *d_ws2 = dev_alloc(ws2);
+#define CALLS()                                                                                    \
+  (culoss_cross_entropy_vocab_parallel(gpu, &o, &vp, n, v, CULOSS_F32, d_x, v, CULOSS_I64, d_t,    \
+                                       d_l, d_g, NULL, d_ws1, ws1) == CULOSS_OK &&                 \
+   culoss_linear_cross_entropy_vocab_parallel(gpu, &o, &lo, &vp, n, d, v, CULOSS_F32, d_h, d_w,    \
+                                              NULL, CULOSS_I64, d_t, d_l + 1, NULL, d_gw, NULL,    \
+                                              NULL, d_ws2, ws2) == CULOSS_OK)
+  for (int i = 0; i < n * v; i++) x[i] = (float)rng_normal(&r);
+  cr_assert_eq(culoss_upload(gpu, d_x, x, sizeof x), CULOSS_OK);
+  cr_assert(CALLS(), "%s", culoss_last_error()); /* eager, outside capture, first */
+  cudaGraph_t graph;
+  cudaGraphExec_t exec;
+  cr_assert_eq(cudaStreamBeginCapture(s, cudaStreamCaptureModeGlobal), cudaSuccess);
+  const int ok = CALLS();
+  const cudaError_t end = cudaStreamEndCapture(s, &graph);
+  cr_assert(ok, "a call failed under capture: %s", culoss_last_error());
+  cr_assert_eq(end, cudaSuccess, "capture broken: %s", cudaGetErrorString(end));
+  cr_assert_eq(cudaGraphInstantiate(&exec, graph, 0), cudaSuccess);
+  for (int rep = 0; rep < 2; rep++) {
+    float le[2], lg[2], ge[n * v], gg[n * v];
+    for (int i = 0; i < n * v; i++) x[i] = (float)(2.0 * rng_normal(&r));
+    cr_assert_eq(culoss_upload(gpu, d_x, x, sizeof x), CULOSS_OK);
+    cr_assert(CALLS(), "%s", culoss_last_error());
+    cr_assert_eq(culoss_synchronize(gpu), CULOSS_OK, "%s", culoss_last_error());
+    to_host(le, d_l, sizeof le), to_host(ge, d_g, sizeof ge);
+    dev_poison(d_l, sizeof le), dev_poison(d_g, sizeof ge);
+    cr_assert_eq(cudaGraphLaunch(exec, s), cudaSuccess);
+    cr_assert_eq(culoss_synchronize(gpu), CULOSS_OK, "%s", culoss_last_error());
+    to_host(lg, d_l, sizeof lg), to_host(gg, d_g, sizeof gg);
+    cr_assert(memcmp(le, lg, sizeof le) == 0, "replay %d: losses %g %g vs eager %g %g", rep,
+              (double)lg[0], (double)lg[1], (double)le[0], (double)le[1]);
+    cr_assert(memcmp(ge, gg, sizeof ge) == 0, "replay %d: the gradient differs", rep);
+  }
+#undef CALLS
+  cudaGraphExecDestroy(exec);
+  cudaGraphDestroy(graph);
+  cr_assert_eq(culoss_set_stream(gpu, NULL), CULOSS_OK);
+  cudaStreamDestroy(s);
+  culoss_free(gpu, d_x), culoss_free(gpu, d_g), culoss_free(gpu, d_l), culoss_free(gpu, d_h);
+  culoss_free(gpu, d_w), culoss_free(gpu, d_gw), culoss_free(gpu, d_t), culoss_free(gpu, d_ws1);
+  culoss_free(gpu, d_ws2);
+}
+#endif
