@@ -200,7 +200,7 @@ typedef struct {
   size_t off_records, off_gathered, total;
 } culoss__lvp_layout;
 culoss__lvp_layout culoss__lvp_plan(int64_t n, int64_t d, int64_t v_local, culoss_dtype dtype,
-                                    int64_t block_bytes, int ranks);
+                                    int64_t block_bytes, int ranks, int slices);
 
 /* ---------------------------------------------------- the CUDA backend */
 #ifdef CULOSS_HAVE_CUDA

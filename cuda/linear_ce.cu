@@ -293,8 +293,9 @@ template <typename T> culoss_status run_vp(culoss_context *ctx, const culoss__lc
   const cublasHandle_t h = (cublasHandle_t)ctx->cublas;
   const cudaDataType_t ty = cuda_type<T>();
   const int64_t n = a->n, d = a->d, v = a->v;
+  const bool direct = a->gw_dtype == CULOSS_F32;
   const culoss__lvp_layout LV =
-      culoss__lvp_plan(n, d, v, a->dtype, ctx->lce_block_bytes, a->vp->ranks);
+      culoss__lvp_plan(n, d, v, a->dtype, ctx->lce_block_bytes, a->vp->ranks, !direct);
   const culoss__lce_layout &L = LV.lce;
   unsigned char *ws = static_cast<unsigned char *>(a->workspace);
   T *tile = reinterpret_cast<T *>(ws + L.off_logits);
@@ -306,9 +307,9 @@ template <typename T> culoss_status run_vp(culoss_context *ctx, const culoss__lc
   const T *W = static_cast<const T *>(a->weight);
   const T *B = static_cast<const T *>(a->bias);
   const bool reduced = a->o.reduction != CULOSS_REDUCTION_NONE;
-  const bool direct = a->gw_dtype == CULOSS_F32;
   const bool want_grad = a->grad_hidden || a->grad_weight || a->grad_bias;
   const bool one_block = L.rows >= n;
+  float *gw_acc = reinterpret_cast<float *>(ws + L.off_gw_acc);
   const size_t tsz = a->ttype == CULOSS_I32 ? 4 : 8, gsz = culoss__dtype_size(a->gw_dtype);
   const char *targets = static_cast<const char *>(a->targets);
   CL_TRY(culoss__cublas_status(cublasSetStream(h, stream), "cublasSetStream"));
@@ -364,7 +365,7 @@ template <typename T> culoss_status run_vp(culoss_context *ctx, const culoss__lc
     if (a->grad_hidden) /* this slice's part of grad_hidden [nr, d] = dlogits @ W */
       CL_TRY(gemm(h, CUBLAS_OP_N, CUBLAS_OP_N, d, nr, v, W, ty, d, tile, ty, v, 0.0f,
                   static_cast<T *>(a->grad_hidden) + r0 * d, ty, d, "cublasGemmEx(grad_hidden)"));
-    if (a->grad_weight) /* fp32 grad_weight [v, d] (+)= dlogits^T @ Hr */
+    if (a->grad_weight && direct) /* fp32 grad_weight [v, d] (+)= dlogits^T @ Hr */
       CL_TRY(gemm(h, CUBLAS_OP_N, CUBLAS_OP_T, d, v, nr, H + r0 * d, ty, d, tile, ty, v,
                   first ? 0.0f : 1.0f, a->grad_weight, CUDA_R_32F, d, "cublasGemmEx(grad_weight)"));
     if (a->grad_bias)
@@ -377,6 +378,35 @@ template <typename T> culoss_status run_vp(culoss_context *ctx, const culoss__lc
     CU_TRY(launch(convert_kernel<T>, dim3(blocks_for(v)), dim3(LT), 0, stream,
                   (const float *)bias_acc, static_cast<T *>(a->grad_bias), v, a->accumulate),
            "launch of convert_kernel");
+  /* ---- pass B, a 16-bit grad_weight: fp32 sums by vocabulary slices ---- */
+  if (a->grad_weight && !direct && n > 0) {
+    p.grad_only = 1, p.rows_out = 1;
+    for (int64_t c0 = 0; c0 < v; c0 += L.vslice) {
+      const int64_t vc = v - c0 < L.vslice ? v - c0 : L.vslice;
+      const int64_t rb = (int64_t)(L.off_row_loss / ((size_t)vc * sizeof(T)));
+      const int64_t rows_b = rb < 1 ? 1 : (rb > 32768 ? 32768 : rb);
+      for (int64_t r0 = 0; r0 < n; r0 += rows_b) {
+        const int64_t nr = n - r0 < rows_b ? n - r0 : rows_b;
+        if (B)
+          CU_TRY(launch(bias_fill_kernel<T>, dim3(blocks_for(vc), (unsigned)nr), dim3(LT), 0,
+                        stream, tile, B + c0, vc, vc),
+                 "launch of bias_fill_kernel");
+        CL_TRY(gemm(h, CUBLAS_OP_T, CUBLAS_OP_N, vc, nr, d, W + c0 * d, ty, d, H + r0 * d, ty, d,
+                    B ? 1.0f : 0.0f, tile, ty, vc, "cublasGemmEx(logits slice)"));
+        p.n = nr, p.row0 = r0, p.c = vc, p.ld = vc, p.col0 = c0, p.x = tile, p.grad = tile;
+        p.targets = targets + (size_t)r0 * tsz;
+        p.grad_loss = a->grad_loss && !reduced ? a->grad_loss + r0 : a->grad_loss;
+        CL_TRY(vp_launch_finish(ctx, p, (int)a->dtype, &grid, stream));
+        CL_TRY(gemm(h, CUBLAS_OP_N, CUBLAS_OP_T, d, vc, nr, H + r0 * d, ty, d, tile, ty, vc,
+                    r0 == 0 ? 0.0f : 1.0f, gw_acc, CUDA_R_32F, d,
+                    "cublasGemmEx(grad_weight slice)"));
+      }
+      CU_TRY(launch(convert_kernel<T>, dim3(blocks_for(vc * d)), dim3(LT), 0, stream,
+                    (const float *)gw_acc, static_cast<T *>(a->grad_weight) + c0 * d, vc * d,
+                    a->accumulate),
+             "launch of convert_kernel");
+    }
+  }
   if (!reduced) return CULOSS_OK;
   const int64_t rgrid = capped_grid(ctx, (n + LT - 1) / LT);
   if (n > 0)

@@ -196,7 +196,7 @@ __global__ void __launch_bounds__(VP_THREADS) vp_finish_kernel(vp_params p) {
     const float lse = culoss__lse_value(r.acc.lse), m = r.acc.lse.m, log_s = logf(r.acc.lse.s);
     const float tw = (1.0f - eps) * r.wt;
     const float coef_a = tw + eps / C * wsum + 2.0f * p.z * lse;
-    if (lane == 0) {
+    if (lane == 0 && !p.grad_only) {
       float l = 0.0f;
       if (bad || torn) {
         l = culoss__nan();
@@ -218,8 +218,8 @@ __global__ void __launch_bounds__(VP_THREADS) vp_finish_kernel(vp_params p) {
     auto grad_at = [&](float xv, int64_t j) -> T {
       if (!live) return from_f32<T>(0.0f);
       const float xs = culoss__softcap(xv, p.cap);
-      float b = p.v_begin + j == t ? tw : 0.0f;
-      if (eps > 0.0f) b += eps / C * cw_at(p, j);
+      float b = p.v_begin + p.col0 + j == t ? tw : 0.0f;
+      if (eps > 0.0f) b += eps / C * cw_at(p, p.col0 + j);
       return from_f32<T>(
           culoss__ce_grad(xs, m, log_s, coef_a, b, scale, culoss__softcap_grad(xs, p.cap)));
     };
@@ -232,7 +232,7 @@ __global__ void __launch_bounds__(VP_THREADS) vp_finish_kernel(vp_params p) {
     }
     for (int64_t j = nvec * VEC + lane; j < c; j += 32) gr[j] = grad_at(to_f32(xr[j]), j);
   }
-  if (!per_row)
+  if (!per_row && !p.grad_only)
     store_block_sum<VP_THREADS>(lane == 0 ? block_sum : 0.0, &p.scratch->partial_loss[blockIdx.x]);
 }
 
@@ -242,6 +242,7 @@ vp_params vp_fill(culoss_context *ctx, const culoss__vp_args *a) {
   vp_params p;
   p.n = a->n, p.c = a->c_local, p.ld = a->ld, p.v_begin = a->vp->v_begin;
   p.v_total = a->vp->v_total, p.row0 = 0, p.rec_n = a->n, p.rows_out = 0;
+  p.col0 = 0, p.grad_only = 0;
   p.ranks = a->vp->ranks;
   p.x = a->x, p.targets = a->targets, p.ttype = (int)a->ttype;
   p.ignore_index = a->o.ignore_index, p.class_weight = a->o.class_weight;

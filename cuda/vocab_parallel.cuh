@@ -18,6 +18,8 @@ struct vp_params {
   int64_t n, c, ld, v_begin, v_total;
   int64_t row0, rec_n; /* these n rows are rows row0.. of the rec_n rows the records hold */
   int rows_out;        /* 1: loss[row] per row even when reduced (linear CE's blocks) */
+  int64_t col0;        /* these c columns are this slice's classes col0.. (linear CE's pass B) */
+  int grad_only;       /* 1: the gradient only, no loss (pass B) */
   int ranks;
   const void *x;
   const void *targets;

@@ -131,14 +131,19 @@ culoss_status culoss_cross_entropy_vocab_parallel(
 /* ---- vocabulary-parallel fused linear + cross-entropy ---- */
 
 culoss__lvp_layout culoss__lvp_plan(int64_t n, int64_t d, int64_t v_local, culoss_dtype dtype,
-                                    int64_t block_bytes, int ranks) {
+                                    int64_t block_bytes, int ranks, int slices) {
   culoss__lvp_layout L;
   const size_t part = round256((size_t)(n + 1) * RECORD);
-  L.lce = culoss__lce_plan(n, d, v_local, dtype, block_bytes, 0);
+  L.lce = culoss__lce_plan(n, d, v_local, dtype, block_bytes, slices);
   L.off_records = L.lce.total;
   L.off_gathered = L.off_records + part;
   L.total = L.off_gathered + part * (size_t)ranks;
   return L;
+}
+
+/* A 16-bit grad_weight, built by vocabulary slices (the single-device rule). */
+static int uses_slices(culoss_dtype dtype, const culoss_linear_ce_options *lo) {
+  return dtype != CULOSS_F32 && (lo == NULL || lo->grad_weight_dtype != CULOSS_F32);
 }
 
 static culoss_status check_lvp(culoss_context *ctx, const char *fn,
@@ -181,7 +186,9 @@ culoss_status culoss_linear_cross_entropy_vocab_parallel_workspace_size(
   const char *fn = "culoss_linear_cross_entropy_vocab_parallel_workspace_size";
   CULOSS__TRY(check_lvp(ctx, fn, lo, vp, n, d, v_local, dtype));
   if (bytes == NULL) return CULOSS__BAD("%s: bytes is NULL", fn);
-  *bytes = culoss__lvp_plan(n, d, v_local, dtype, ctx->lce_block_bytes, vp->ranks).total;
+  *bytes = culoss__lvp_plan(n, d, v_local, dtype, ctx->lce_block_bytes, vp->ranks,
+                            uses_slices(dtype, lo))
+               .total;
   return CULOSS_OK;
 }
 
@@ -204,11 +211,6 @@ culoss_status culoss_linear_cross_entropy_vocab_parallel(
   CULOSS__TRY(culoss__check_ce_options(fn, &a.o));
   a.gw_dtype = lo != NULL && lo->grad_weight_dtype == CULOSS_F32 ? CULOSS_F32 : dtype;
   a.accumulate = lo != NULL ? lo->accumulate : 0;
-  if (grad_weight != NULL && dtype != CULOSS_F32 && a.gw_dtype != CULOSS_F32)
-    return culoss__error(CULOSS_ERROR_NOT_SUPPORTED,
-                         "%s: a 16-bit grad_weight is not offered vocabulary-parallel; set "
-                         "grad_weight_dtype = CULOSS_F32 (an fp32 grad_weight and grad_bias)",
-                         fn);
   if (loss == NULL) return CULOSS__BAD("%s: loss is NULL", fn);
   if (weight == NULL) return CULOSS__BAD("%s: weight is NULL", fn);
   if (n > 0 && hidden == NULL) return CULOSS__BAD("%s: hidden is NULL", fn);
@@ -226,8 +228,9 @@ culoss_status culoss_linear_cross_entropy_vocab_parallel(
     return culoss__cpu_linear_vocab_parallel(&a);
   }
   {
-    const size_t need =
-        culoss__lvp_plan(n, d, v_local, dtype, ctx->lce_block_bytes, vp->ranks).total;
+    const size_t need = culoss__lvp_plan(n, d, v_local, dtype, ctx->lce_block_bytes, vp->ranks,
+                                         uses_slices(dtype, lo))
+                            .total;
     if (workspace_bytes < need)
       return CULOSS__BAD("%s: workspace_bytes = %zu is less than the %zu bytes its "
                          "workspace-size query gives",

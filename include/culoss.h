@@ -630,19 +630,20 @@ CULOSS_API culoss_status culoss_cross_entropy_vocab_parallel_finish(
  * The loss is the full loss (the same on every rank); grad_weight and
  * grad_bias are this rank's slice; grad_hidden is this rank's PARTIAL sum
  * over its classes, which the caller all-reduces (sums) across ranks to get
- * the gradient of hidden. `lo` is culoss_linear_cross_entropy_ex's, except
- * that lse and entropy must be NULL and, for fp16/bf16 inputs with
- * grad_weight, grad_weight_dtype must be CULOSS_F32 (the 16-bit
- * slice-by-slice accumulation is not offered here); otherwise
- * CULOSS_ERROR_NOT_SUPPORTED.
+ * the gradient of hidden. `lo` is culoss_linear_cross_entropy_ex's (its
+ * grad_weight dtypes and accumulate), except that lse and entropy must be
+ * NULL (else CULOSS_ERROR_NOT_SUPPORTED).
  *
  * The logits exist one block of rows at a time, as in the single-device
  * call, and the call makes one all-gather of the per-row records: pass 1
  * computes each block's logits and records, the gather runs, pass 2
  * recomputes each block's logits (unless one block holds all n rows) and
  * writes loss and gradients: 8 n d v_local FLOPs (6 when one block
- * suffices). Workspace: the logits block, 4 n bytes of row losses and
- * (ranks + 1) (n + 1) records, each rounded up to 256 bytes. */
+ * suffices), plus 2 n d v_local for a 16-bit grad_weight, summed in fp32 by
+ * vocabulary slices as in the single-device call. Workspace: the
+ * single-device rule's regions (with its grad_weight slice and statistics
+ * only for a 16-bit grad_weight) and (ranks + 1) (n + 1) records, each
+ * rounded up to 256 bytes. */
 CULOSS_API culoss_status culoss_linear_cross_entropy_vocab_parallel_workspace_size(
     culoss_context *ctx, const culoss_linear_ce_options *lo, const culoss_vocab_parallel *vp,
     int64_t n, int64_t d, int64_t v_local, culoss_dtype dtype, size_t *bytes);

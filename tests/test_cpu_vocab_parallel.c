@@ -341,9 +341,9 @@ typedef struct {
   const unsigned char *h, *w, *b; /* full, in dt */
   const int64_t *t;
   const culoss_cross_entropy_options *o;
-  int accumulate;
+  int accumulate, gw16; /* gw16: grad_weight / grad_bias in the input dtype */
   float loss[LN];
-  float gh[LN * LD], gw[LV * LD], gb[LV]; /* fp32: grad_hidden unpacked; gw/gb fp32 */
+  float gh[LN * LD], gw[LV * LD], gb[LV]; /* fp32 (unpacked) */
   culoss_status st;
   char err[200];
 } lrank;
@@ -355,24 +355,28 @@ static void *lrank_main(void *p) {
   culoss_vocab_parallel vp = {j->g.rank, j->g.ranks, j->begin, LV, lthread_allgather, &j->g};
   culoss_linear_ce_options lo;
   culoss_linear_ce_options_init(&lo);
-  lo.grad_weight_dtype = CULOSS_F32;
+  const culoss_dtype gdt = j->gw16 ? j->dt : CULOSS_F32;
+  lo.grad_weight_dtype = j->gw16 ? CULOSS_DTYPE_INPUT : CULOSS_F32;
   lo.accumulate = j->accumulate;
   culoss_cross_entropy_options o = *j->o;
   if (o.class_weight) o.class_weight += j->begin;
-  unsigned char gh[LN * LD * 4];
+  unsigned char gh[LN * LD * 4], gw[LV * LD * 4], gb[LV * 4];
+  pack_dtype(gw, j->gw + j->begin * LD, j->width * LD, gdt);
+  pack_dtype(gb, j->gb + j->begin, j->width, gdt);
   j->st = culoss_create(&c, CULOSS_BACKEND_CPU, 0);
   if (j->st == CULOSS_OK)
     j->st = culoss_linear_cross_entropy_vocab_parallel(
         c, &o, &lo, &vp, LN, LD, j->width, j->dt, j->h, j->w + (size_t)(j->begin * LD) * es,
-        j->b + (size_t)j->begin * es, CULOSS_I64, j->t, j->loss, gh, j->gw + j->begin * LD,
-        j->gb + j->begin, NULL, NULL, 0);
+        j->b + (size_t)j->begin * es, CULOSS_I64, j->t, j->loss, gh, gw, gb, NULL, NULL, 0);
   if (j->st != CULOSS_OK) snprintf(j->err, sizeof j->err, "%s", culoss_last_error());
   unpack_dtype(j->gh, gh, LN * LD, j->dt);
+  unpack_dtype(j->gw + j->begin * LD, gw, j->width * LD, gdt);
+  unpack_dtype(j->gb + j->begin, gb, j->width, gdt);
   culoss_destroy(c);
   return NULL;
 }
 
-static void linear_case(int ranks, culoss_dtype dt, int variant, uint64_t seed) {
+static void linear_case(int ranks, culoss_dtype dt, int variant, int gw16, uint64_t seed) {
   rng_t r = rng_seeded(seed);
   float h[LN * LD], w[LV * LD], b[LV], cw[LV];
   int64_t t[LN], begin[MAXR], width[MAXR];
@@ -404,12 +408,16 @@ static void linear_case(int ranks, culoss_dtype dt, int variant, uint64_t seed) 
   float old_w[LV * LD], old_b[LV];
   for (int i = 0; i < LV * LD; i++) old_w[i] = accumulate ? (float)(0.01 * rng_normal(&r)) : 0.0f;
   for (int j = 0; j < LV; j++) old_b[j] = accumulate ? (float)(0.01 * rng_normal(&r)) : 0.0f;
+  const culoss_dtype gdt = gw16 ? dt : CULOSS_F32;
+  round_through(old_w, LV * LD, gdt), round_through(old_b, LV, gdt);
+  /* grad_weight / grad_bias: the sum rounded once to their dtype */
+  const double gwr = gdt == CULOSS_F32 ? 1e-4 : (gdt == CULOSS_F16 ? 2.0 / 1024 : 2.0 / 256);
   for (int q = 0; q < ranks; q++) {
     memset(&jobs[q], 0, sizeof jobs[q]);
     jobs[q].g = (lgather){&bar, shared, q, ranks};
     jobs[q].begin = begin[q], jobs[q].width = width[q], jobs[q].dt = dt;
     jobs[q].h = hh, jobs[q].w = wh, jobs[q].b = bh, jobs[q].t = t, jobs[q].o = &o;
-    jobs[q].accumulate = accumulate;
+    jobs[q].accumulate = accumulate, jobs[q].gw16 = gw16;
     memcpy(jobs[q].gw, old_w, sizeof old_w), memcpy(jobs[q].gb, old_b, sizeof old_b);
     pthread_create(&th[q], NULL, lrank_main, &jobs[q]);
   }
@@ -427,12 +435,14 @@ static void linear_case(int ranks, culoss_dtype dt, int variant, uint64_t seed) 
                 (double)jobs[q].loss[i], (double)ref_l[i]);
     }
     for (int64_t j = begin[q] * LD; j < (begin[q] + width[q]) * LD; j++)
-      cr_assert(close_enough(jobs[q].gw[j] - old_w[j], ref_gw[j], 1e-6, 1e-4),
+      cr_assert(fabs(jobs[q].gw[j] - old_w[j] - ref_gw[j]) <=
+                    1e-6 + gwr * (fabs(ref_gw[j]) + fabs(old_w[j])),
                 "%d ranks v%d grad_weight[%lld] %.9g vs %.9g", ranks, variant, (long long)j,
                 (double)(jobs[q].gw[j] - old_w[j]), (double)ref_gw[j]);
     for (int64_t j = begin[q]; j < begin[q] + width[q]; j++)
-      cr_assert(close_enough(jobs[q].gb[j] - old_b[j], ref_gb[j], 1e-6, 1e-4), "grad_bias[%lld]",
-                (long long)j);
+      cr_assert(fabs(jobs[q].gb[j] - old_b[j] - ref_gb[j]) <=
+                    1e-6 + gwr * (fabs(ref_gb[j]) + fabs(old_b[j])),
+                "grad_bias[%lld]", (long long)j);
     for (int i = 0; i < LN * LD; i++) gh_sum[i] += jobs[q].gh[i], gh_abs[i] += fabsf(jobs[q].gh[i]);
   }
   /* the ranks' partial grad_hidden sum to the whole (what the caller's all-reduce does), each
@@ -450,7 +460,10 @@ Test(cpu_vp, linear_matches_single_device_on_1_3_8_ranks) {
   uint64_t seed = 900;
   for (int ri = 0; ri < 3; ri++)
     for (int variant = 0; variant < 6; variant++)
-      linear_case(rank_counts[ri], variant == 5 ? CULOSS_BF16 : CULOSS_F32, variant, seed++);
+      linear_case(rank_counts[ri], variant == 5 ? CULOSS_BF16 : CULOSS_F32, variant, 0, seed++);
+  for (int dt = 1; dt <= 2; dt++) /* a 16-bit grad_weight and grad_bias */
+    for (int variant = 0; variant < 6; variant += 3)
+      linear_case(3, (culoss_dtype)dt, variant + 1, 1, seed++);
 }
 
 Test(cpu_vp, linear_refusals) {
@@ -460,12 +473,13 @@ Test(cpu_vp, linear_refusals) {
   uint16_t h[8] = {0}, w[8] = {0}, gw[8];
   int64_t t[4] = {0, 1, 2, 3};
   float loss, lse[4];
-  /* a 16-bit grad_weight is not offered here */
+  lo.grad_weight_dtype = CULOSS_F16; /* neither the input's (bf16) nor fp32 */
   cr_assert_eq(culoss_linear_cross_entropy_vocab_parallel(ctx, NULL, &lo, &vp, 4, 2, 4, CULOSS_BF16,
                                                           h, w, NULL, CULOSS_I64, t, &loss, NULL,
                                                           gw, NULL, NULL, NULL, 0),
-               CULOSS_ERROR_NOT_SUPPORTED);
+               CULOSS_ERROR_INVALID_VALUE);
   cr_assert(strstr(culoss_last_error(), "grad_weight_dtype") != NULL, "%s", culoss_last_error());
+  culoss_linear_ce_options_init(&lo);
   lo.lse = lse;
   cr_assert_eq(culoss_linear_cross_entropy_vocab_parallel(ctx, NULL, &lo, &vp, 4, 2, 4, CULOSS_BF16,
                                                           h, w, NULL, CULOSS_I64, t, &loss, NULL,

@@ -314,8 +314,8 @@ typedef struct {
   const int64_t *t;
   const float *cw; /* full class weights or NULL */
   culoss_cross_entropy_options o;
-  float *gw, *gb; /* host fp32 [LV * LD], [LV]: old values in, results out (own slice) */
-  int accumulate;
+  float *gw, *gb;       /* host fp32 [LV * LD], [LV]: old values in, results out (own slice) */
+  int accumulate, gw16; /* gw16: grad_weight / grad_bias in the input dtype */
   float loss[LN];
   float gh[LN * LD];
   culoss_status st;
@@ -330,8 +330,13 @@ static void *lrank_main(void *p) {
   culoss_vocab_parallel vp = {j->user.rank, j->user.ranks, j->begin, LV, dev_allgather, &j->user};
   culoss_linear_ce_options lo;
   culoss_linear_ce_options_init(&lo);
-  lo.grad_weight_dtype = CULOSS_F32;
+  const culoss_dtype gdt = j->gw16 ? j->dt : CULOSS_F32;
+  const size_t gs = dtype_bytes(gdt);
+  lo.grad_weight_dtype = j->gw16 ? CULOSS_DTYPE_INPUT : CULOSS_F32;
   lo.accumulate = j->accumulate;
+  unsigned char gwp[LV * LD * 4], gbp[LV * 4];
+  pack_dtype(gwp, j->gw + j->begin * LD, j->width * LD, gdt);
+  pack_dtype(gbp, j->gb + j->begin, j->width, gdt);
   void *d_h = NULL, *d_w = NULL, *d_b = NULL, *d_t = NULL, *d_cw = NULL, *d_gh = NULL;
   void *d_gw = NULL, *d_gb = NULL, *d_ws = NULL, *d_l = NULL;
   size_t wsb = 0;
@@ -349,8 +354,8 @@ static void *lrank_main(void *p) {
   STEP(culoss_malloc(c, &d_t, (size_t)LN * 8));
   STEP(culoss_malloc(c, &d_cw, (size_t)j->width * 4));
   STEP(culoss_malloc(c, &d_gh, (size_t)(LN * LD) * es));
-  STEP(culoss_malloc(c, &d_gw, (size_t)(j->width * LD) * 4));
-  STEP(culoss_malloc(c, &d_gb, (size_t)j->width * 4));
+  STEP(culoss_malloc(c, &d_gw, (size_t)(j->width * LD) * gs));
+  STEP(culoss_malloc(c, &d_gb, (size_t)j->width * gs));
   STEP(culoss_malloc(c, &d_ws, wsb));
   STEP(culoss_malloc(c, &d_l, nl * 4));
   STEP(culoss_upload(c, d_h, j->h, (size_t)(LN * LD) * es));
@@ -358,8 +363,8 @@ static void *lrank_main(void *p) {
   STEP(culoss_upload(c, d_b, j->b + (size_t)j->begin * es, (size_t)j->width * es));
   STEP(culoss_upload(c, d_t, j->t, (size_t)LN * 8));
   if (j->cw) STEP(culoss_upload(c, d_cw, j->cw + j->begin, (size_t)j->width * 4));
-  STEP(culoss_upload(c, d_gw, j->gw + j->begin * LD, (size_t)(j->width * LD) * 4));
-  STEP(culoss_upload(c, d_gb, j->gb + j->begin, (size_t)j->width * 4));
+  STEP(culoss_upload(c, d_gw, gwp, (size_t)(j->width * LD) * gs));
+  STEP(culoss_upload(c, d_gb, gbp, (size_t)j->width * gs));
   culoss_cross_entropy_options o = j->o;
   o.class_weight = j->cw ? d_cw : NULL;
   STEP(culoss_linear_cross_entropy_vocab_parallel(c, &o, &lo, &vp, LN, LD, j->width, j->dt, d_h,
@@ -368,13 +373,16 @@ static void *lrank_main(void *p) {
   STEP(culoss_synchronize(c));
   STEP(culoss_download(c, j->loss, d_l, nl * 4));
   STEP(culoss_download(c, gh, d_gh, (size_t)(LN * LD) * es));
-  STEP(culoss_download(c, j->gw + j->begin * LD, d_gw, (size_t)(j->width * LD) * 4));
-  STEP(culoss_download(c, j->gb + j->begin, d_gb, (size_t)j->width * 4));
+  STEP(culoss_download(c, gwp, d_gw, (size_t)(j->width * LD) * gs));
+  STEP(culoss_download(c, gbp, d_gb, (size_t)j->width * gs));
 #undef STEP
   if (j->st != CULOSS_OK)
     snprintf(j->err, sizeof j->err, "%s", culoss_last_error());
-  else
+  else {
     unpack_dtype(j->gh, gh, LN * LD, j->dt);
+    unpack_dtype(j->gw + j->begin * LD, gwp, j->width * LD, gdt);
+    unpack_dtype(j->gb + j->begin, gbp, j->width, gdt);
+  }
   void *bufs[] = {d_h, d_w, d_b, d_t, d_cw, d_gh, d_gw, d_gb, d_ws, d_l};
   for (int k = 0; k < 10; k++) culoss_free(c, bufs[k]);
   culoss_destroy(c);
@@ -382,7 +390,7 @@ static void *lrank_main(void *p) {
   return NULL;
 }
 
-static void linear_case(int ranks, culoss_dtype dt, int variant, uint64_t seed) {
+static void linear_case(int ranks, culoss_dtype dt, int variant, int gw16, uint64_t seed) {
   rng_t r = rng_seeded(seed);
   float h[LN * LD], w[LV * LD], b[LV], cw[LV], gw[LV * LD], gb[LV], old_w[LV * LD], old_b[LV];
   int64_t t[LN], begin[MAXR], width[MAXR];
@@ -405,9 +413,11 @@ static void linear_case(int ranks, culoss_dtype dt, int variant, uint64_t seed) 
   cr_assert_eq(culoss_linear_cross_entropy(cpu, &o, LN, LD, LV, CULOSS_F32, h, w, b, CULOSS_I64, t,
                                            ref_l, ref_gh, ref_gw, ref_gb, NULL, NULL, 0),
                CULOSS_OK, "%s", culoss_last_error());
-  for (int i = 0; i < LV * LD; i++)
-    old_w[i] = gw[i] = accumulate ? (float)(0.01 * rng_normal(&r)) : 0;
-  for (int j = 0; j < LV; j++) old_b[j] = gb[j] = accumulate ? (float)(0.01 * rng_normal(&r)) : 0;
+  const culoss_dtype gdt = gw16 ? dt : CULOSS_F32;
+  for (int i = 0; i < LV * LD; i++) old_w[i] = accumulate ? (float)(0.01 * rng_normal(&r)) : 0;
+  for (int j = 0; j < LV; j++) old_b[j] = accumulate ? (float)(0.01 * rng_normal(&r)) : 0;
+  round_through(old_w, LV * LD, gdt), round_through(old_b, LV, gdt);
+  memcpy(gw, old_w, sizeof gw), memcpy(gb, old_b, sizeof gb);
   slices(ranks, LV, begin, width);
   pthread_barrier_t bar;
   pthread_barrier_init(&bar, NULL, (unsigned)ranks);
@@ -420,7 +430,7 @@ static void linear_case(int ranks, culoss_dtype dt, int variant, uint64_t seed) 
     jobs[q].begin = begin[q], jobs[q].width = width[q], jobs[q].dt = dt;
     jobs[q].h = hh, jobs[q].w = wh, jobs[q].b = bh, jobs[q].t = t;
     jobs[q].cw = weights ? cw : NULL, jobs[q].o = o, jobs[q].gw = gw, jobs[q].gb = gb;
-    jobs[q].accumulate = accumulate;
+    jobs[q].accumulate = accumulate, jobs[q].gw16 = gw16;
     pthread_create(&th[q], NULL, lrank_main, &jobs[q]);
   }
   for (int q = 0; q < ranks; q++) pthread_join(th[q], NULL);
@@ -469,7 +479,10 @@ Test(gpu_vp, linear_over_threads_1_3_8_ranks) {
   uint64_t seed = 700;
   for (int ri = 0; ri < 3; ri++)
     for (int variant = 0; variant < 6; variant++)
-      linear_case(rank_counts[ri], (culoss_dtype)(variant % 3), variant, seed++);
+      linear_case(rank_counts[ri], (culoss_dtype)(variant % 3), variant, 0, seed++);
+  for (int dt = 1; dt <= 2; dt++) /* a 16-bit grad_weight and grad_bias: pass B */
+    for (int variant = 1; variant < 6; variant += 3)
+      linear_case(3, (culoss_dtype)dt, variant, 1, seed++);
 }
 
 /* Small logits blocks: pass 2 recomputes each block's logits. */
@@ -478,7 +491,7 @@ Test(gpu_vp, linear_many_blocks) {
   setenv("CULOSS_LINEAR_CE_BLOCK_BYTES", "2048", 1); /* the rank contexts read it at create */
   uint64_t seed = 800;
   for (int variant = 0; variant < 6; variant++)
-    linear_case(3, (culoss_dtype)(variant % 3), variant, seed++);
+    linear_case(3, (culoss_dtype)(variant % 3), variant, variant % 3 != 0 && variant >= 3, seed++);
   unsetenv("CULOSS_LINEAR_CE_BLOCK_BYTES");
 }
 #endif
