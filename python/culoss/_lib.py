@@ -109,10 +109,14 @@ class KLOptions(ctypes.Structure):
     _fields_ = [("reduction", _int), ("log_target", _int)]
 
 
+class LinearCEOptions(ctypes.Structure):
+    _fields_ = [("grad_weight_dtype", _int), ("accumulate", _int), ("lse", _P), ("entropy", _P)]
+
+
 class VocabParallel(ctypes.Structure):
-    """culoss_vocab_parallel: this rank's slice of the classes. The Python
-    binding runs the collective itself between the two phases, so
-    `allgather` stays NULL."""
+    """culoss_vocab_parallel: this rank's slice of the classes. The CE
+    binding runs the collective itself between the two phases (allgather
+    NULL); the linear one passes a callback over torch.distributed."""
     _fields_ = [("rank", _int), ("ranks", _int), ("v_begin", _i64), ("v_total", _i64),
                 ("allgather", _P), ("user", _P)]
 
@@ -121,7 +125,7 @@ VOCAB_PARALLEL_RECORD_FLOATS = 8  # CULOSS_VOCAB_PARALLEL_RECORD_BYTES / 4
 
 _OPTIONS = {"cross_entropy": CEOptions, "bce": BCEOptions, "hinge": HingeOptions,
             "multi_margin": MultiMarginOptions, "regression": RegressionOptions,
-            "kl_div": KLOptions}
+            "kl_div": KLOptions, "linear_ce": LinearCEOptions}
 for _name, _st in _OPTIONS.items():
     getattr(lib, f"culoss_{_name}_options_init").argtypes = [ctypes.POINTER(_st)]
     getattr(lib, f"culoss_{_name}_options_init").restype = None
@@ -152,6 +156,10 @@ _SIGS = {
                                     _P, _P, _P, _P, _P, _size],
     "culoss_linear_cross_entropy_workspace_size": [_P, _i64, _i64, _i64, _int,
                                                    ctypes.POINTER(_size)],
+    "culoss_linear_cross_entropy_vocab_parallel_workspace_size": [_P, _P, _P, _i64, _i64, _i64,
+                                                                  _int, ctypes.POINTER(_size)],
+    "culoss_linear_cross_entropy_vocab_parallel": [_P, _P, _P, _P, _i64, _i64, _i64, _int, _P, _P,
+                                                   _P, _int, _P, _P, _P, _P, _P, _P, _P, _size],
     "culoss_cross_entropy_vocab_parallel_stats": [_P, _P, _P, _i64, _i64, _int, _P, _i64, _int,
                                                   _P, _P],
     "culoss_cross_entropy_vocab_parallel_finish": [_P, _P, _P, _i64, _i64, _int, _P, _i64,

@@ -12,7 +12,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
-from culoss.torch.distributed import vocab_parallel_cross_entropy
+from culoss.torch.distributed import (vocab_parallel_cross_entropy,
+                                      vocab_parallel_linear_cross_entropy)
 
 N, V = 37, 301
 CASES = [dict(reduction="mean"), dict(reduction="sum", label_smoothing=0.25),
@@ -30,6 +31,22 @@ def _data(seed, ignore_index=-100):
     t[11] = 7  # a valid class, ignored when ignore_index is 7
     w = torch.rand(V, generator=g, dtype=torch.float64) + 0.25
     return x, t, w
+
+
+LINEAR_CASES = [dict(reduction="mean", dtype=torch.float32),
+                dict(reduction="none", dtype=torch.float32, weighted=True, label_smoothing=0.25),
+                dict(reduction="sum", dtype=torch.bfloat16, label_smoothing=0.125)]
+
+
+def _linear_data(seed, dtype, d=8):
+    g = torch.Generator().manual_seed(seed)
+    h = torch.randn(N, d, generator=g).to(dtype)
+    w = (torch.randn(V, d, generator=g) * 0.5).to(dtype)
+    bias = (torch.randn(V, generator=g) * 0.3).to(dtype)
+    t = torch.randint(0, V, (N,), generator=g)
+    t[::7] = -100
+    cw = torch.rand(V, generator=g) + 0.25
+    return h, w, bias, t, cw
 
 
 def _slices(ranks):
@@ -67,7 +84,20 @@ def _rank_run(rank, ranks, init_file, out_dir):
                                   dtype=torch.float32) + 0.5
             loss.backward(upstream)
             results.append((loss.detach(), xs.grad))
-        torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
+        linear = []
+        for i, case in enumerate(LINEAR_CASES):
+            h, w, bias, t, cw = _linear_data(200 + i, case["dtype"])
+            hs = h.clone().requires_grad_(True)
+            ws = w[b:b + c].clone().requires_grad_(True)
+            bs = bias[b:b + c].clone().requires_grad_(True)
+            loss = vocab_parallel_linear_cross_entropy(
+                hs, ws, t, v_begin=b, v_total=V, linear_bias=bs,
+                weight=cw[b:b + c] if case.get("weighted") else None,
+                reduction=case["reduction"], label_smoothing=case.get("label_smoothing", 0.0))
+            upstream = torch.rand(loss.shape, generator=torch.Generator().manual_seed(50 + i)) + 0.5
+            loss.backward(upstream.to(loss.dtype))
+            linear.append((loss.detach(), hs.grad, ws.grad, bs.grad))
+        torch.save((results, linear), os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
 
@@ -77,8 +107,27 @@ def test_three_processes_match_the_unsharded_loss():
     with tempfile.TemporaryDirectory() as d:
         mp.start_processes(_rank_run, args=(ranks, os.path.join(d, "init"), d), nprocs=ranks,
                            join=True, start_method="spawn")
-        per_rank = [torch.load(os.path.join(d, f"rank{r}.pt")) for r in range(ranks)]
+        saved = [torch.load(os.path.join(d, f"rank{r}.pt")) for r in range(ranks)]
+    per_rank = [s[0] for s in saved]
     begins, widths = _slices(ranks)
+    for i, case in enumerate(LINEAR_CASES):
+        h, w, bias, t, cw = _linear_data(200 + i, case["dtype"])
+        h64, w64, b64 = (z.to(torch.float64).requires_grad_(True) for z in (h, w, bias))
+        ref = F.cross_entropy(F.linear(h64, w64, b64), t, reduction=case["reduction"],
+                              weight=cw.to(torch.float64) if case.get("weighted") else None,
+                              label_smoothing=case.get("label_smoothing", 0.0))
+        upstream = torch.rand(ref.shape, generator=torch.Generator().manual_seed(50 + i)) + 0.5
+        ref.backward(upstream.to(torch.float64))
+        tol = dict(rtol=2e-5, atol=1e-6) if case["dtype"] == torch.float32 else \
+            dict(rtol=2e-2, atol=2e-3)
+        for r in range(ranks):
+            loss, gh, gw, gb = saved[r][1][i]
+            assert torch.equal(loss, saved[0][1][i][0]), f"linear case {i}: rank {r}'s loss"
+            torch.testing.assert_close(loss.to(torch.float64), ref.detach(), **tol)
+            torch.testing.assert_close(gh.to(torch.float64), h64.grad, **tol)
+            b, c = begins[r], widths[r]
+            torch.testing.assert_close(gw.to(torch.float64), w64.grad[b:b + c], **tol)
+            torch.testing.assert_close(gb.to(torch.float64), b64.grad[b:b + c], **tol)
     for i, case in enumerate(CASES):
         x, t, w = _data(100 + i, case.get("ignore_index", -100))
         x32 = x.to(torch.float32).to(torch.float64)  # the inputs as the ranks saw them
