@@ -120,6 +120,45 @@ CULOSS_HD int64_t culoss__target_at(const void *targets, int ttype, int64_t i) {
 CULOSS_HD float culoss__nan(void) { return culoss__f32_from_bits(0x7fc00000u); }
 
 /* ---------------------------------------------------------------------- */
+/* vocabulary-parallel records (common/backend.h)                          */
+/* ---------------------------------------------------------------------- */
+
+/* The record after a rank's row records: {W_r, 0, v_begin, c_local, 0, 0}
+   with the two integers stored exactly, as int64 in float slots 2-3, 4-5. */
+CULOSS_HD void culoss__vp_slice_record(float *r, float wsum, int64_t v_begin, int64_t c_local) {
+  int k;
+  for (k = 0; k < 8; k++) r[k] = 0.0f;
+  r[0] = wsum;
+  memcpy(r + 2, &v_begin, sizeof v_begin);
+  memcpy(r + 4, &c_local, sizeof c_local);
+}
+CULOSS_HD int64_t culoss__vp_record_i64(const float *r, int slot) {
+  int64_t v;
+  memcpy(&v, r + slot, sizeof v);
+  return v;
+}
+/* Whether the ranks' slices (their slice records, rank k's at
+   gathered + (k (rec_n + 1) + rec_n) 8) tile [0, v_total) exactly: each
+   inside it, pairwise disjoint, widths summing to v_total. */
+CULOSS_HD int culoss__vp_slices_tile(const float *gathered, int ranks, int64_t rec_n,
+                                     int64_t v_total) {
+  int64_t sum = 0;
+  int k, q;
+  for (k = 0; k < ranks; k++) {
+    const float *rk = gathered + ((int64_t)k * (rec_n + 1) + rec_n) * 8;
+    const int64_t bk = culoss__vp_record_i64(rk, 2), ck = culoss__vp_record_i64(rk, 4);
+    if (ck < 1 || bk < 0 || bk > v_total - ck) return 0;
+    sum += ck;
+    for (q = 0; q < k; q++) {
+      const float *rq = gathered + ((int64_t)q * (rec_n + 1) + rec_n) * 8;
+      const int64_t bq = culoss__vp_record_i64(rq, 2), cq = culoss__vp_record_i64(rq, 4);
+      if (bk < bq + cq && bq < bk + ck) return 0;
+    }
+  }
+  return sum == v_total;
+}
+
+/* ---------------------------------------------------------------------- */
 /* online log-sum-exp                                                      */
 /* ---------------------------------------------------------------------- */
 
@@ -191,9 +230,10 @@ CULOSS_HD float culoss__ent_rebase(float u, float s, float m_old, float m_new) {
   f = culoss__exp_diff(m_old, m_new);
   return f == 0.0f ? 0.0f : f * (u - (m_new - m_old) * s);
 }
-/* One value's term of u, given e = exp(x - m): a -inf value adds nothing. */
+/* One value's term of u, given e = exp(x - m): a -inf value adds nothing,
+   and neither does one whose x - m overflows (e is 0 there: 0 * -inf). */
 CULOSS_HD float culoss__ent_term(float e, float x, float m) {
-  return x == -INFINITY ? 0.0f : e * (x - m);
+  return x == -INFINITY || e == 0.0f ? 0.0f : e * (x - m);
 }
 CULOSS_HD float culoss__ent_value(float u, float s) { return logf(s) - u / s; }
 

@@ -113,9 +113,7 @@ __global__ void __launch_bounds__(VP_THREADS) vp_slice_kernel(vp_params p) {
   for (int64_t j = threadIdx.x; j < p.c; j += VP_THREADS) w += cw_at(p, j);
   store_block_sum<VP_THREADS>(w, &p.scratch->prep_wsum[0]);
   if (threadIdx.x == 0) {
-    float *r = p.stats + p.rec_n * NF;
-    r[0] = (float)p.scratch->prep_wsum[0], r[1] = (float)p.c;
-    for (int k = 2; k < NF; k++) r[k] = 0.0f;
+    culoss__vp_slice_record(p.stats + p.rec_n * NF, (float)p.scratch->prep_wsum[0], p.v_begin, p.c);
   }
 }
 
@@ -157,13 +155,11 @@ __global__ void __launch_bounds__(VP_THREADS) vp_prep_kernel(vp_params p) {
   }
   store_block_sum<VP_THREADS>(d, &p.scratch->prep_denom[blockIdx.x]);
   if (blockIdx.x == 0 && threadIdx.x == 0) {
-    double w = 0.0, width = 0.0;
-    for (int k = 0; k < p.ranks; k++) {
-      const float *q = p.gathered + ((int64_t)k * (p.rec_n + 1) + p.rec_n) * NF;
-      w += q[0], width += q[1];
-    }
+    double w = 0.0;
+    for (int k = 0; k < p.ranks; k++) w += p.gathered[((int64_t)k * (p.rec_n + 1) + p.rec_n) * NF];
     p.scratch->prep_wsum[0] = w;
-    if (width != (double)p.v_total) atomicOr(&p.scratch->error_flag, CULOSS__FLAG_SLICES);
+    if (!culoss__vp_slices_tile(p.gathered, p.ranks, p.rec_n, p.v_total))
+      atomicOr(&p.scratch->error_flag, CULOSS__FLAG_SLICES);
   }
 }
 

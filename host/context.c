@@ -296,8 +296,11 @@ static culoss_status sync_cuda(culoss_context *ctx, const void *unused) {
   if (*flag & CULOSS__FLAG_TARGET)
     st = culoss__error(CULOSS_ERROR_TARGET_OUT_OF_RANGE,
                        "culoss_synchronize: a kernel met a class target outside [0, c) that was "
-                       "not ignore_index (its rows got NaN loss and zero gradient)%s",
-                       *flag & CULOSS__FLAG_DOMAIN ? "; also an input outside its domain" : "");
+                       "not ignore_index (its rows got NaN loss and zero gradient)%s%s",
+                       *flag & CULOSS__FLAG_DOMAIN ? "; also an input outside its domain" : "",
+                       *flag & CULOSS__FLAG_SLICES
+                           ? "; also vocabulary-parallel slices that do not tile v_total"
+                           : "");
   else if (*flag & CULOSS__FLAG_SLICES)
     st = culoss__error(CULOSS_ERROR_INVALID_VALUE,
                        "culoss_synchronize: vocabulary-parallel cross-entropy met slices that do "

@@ -57,7 +57,7 @@ culoss_status culoss_vocab_parallel_workspace_size(culoss_context *ctx,
   if (n < 0) return CULOSS__BAD("%s: n = %lld is negative", fn, (long long)n);
   if (n >= INT64_MAX / RECORD / ((int64_t)vp->ranks + 1) - 1)
     return CULOSS__BAD("%s: n = %lld records overflow", fn, (long long)n);
-  *bytes = round256((size_t)(n + 1) * RECORD) * (size_t)(vp->ranks + 1);
+  *bytes = round256((size_t)(n + 1) * RECORD) * ((size_t)vp->ranks + 1);
   return CULOSS_OK;
 }
 

@@ -62,9 +62,7 @@ static void stats(const culoss__vp_args *a, double *x) {
     }
   }
   for (j = 0; j < c; j++) wr += class_w(o, j);
-  rec[a->n * NF + 0] = (float)wr;
-  rec[a->n * NF + 1] = (float)c;
-  for (j = 2; j < NF; j++) rec[a->n * NF + j] = 0.0f;
+  culoss__vp_slice_record(rec + a->n * NF, (float)wr, v0, c);
 }
 
 /* Row i's records merged in rank order. */
@@ -104,17 +102,14 @@ static culoss_status finish(const culoss__vp_args *a, double *x) {
   const int64_t stride = (a->n + 1) * NF, c = a->c_local, v0 = a->vp->v_begin;
   const double C = (double)a->vp->v_total, eps = o->label_smoothing, z = o->z_loss;
   const double cap = o->logit_softcap;
-  double wsum = 0.0, width = 0.0, denom = 0.0, gl = 1.0, total = 0.0;
+  double wsum = 0.0, denom = 0.0, gl = 1.0, total = 0.0;
   int64_t i, j;
   int k;
-  for (k = 0; k < a->vp->ranks; k++) {
-    wsum += g[k * stride + a->n * NF + 0];
-    width += g[k * stride + a->n * NF + 1];
-  }
-  if (width != C)
-    return CULOSS__BAD("culoss_cross_entropy_vocab_parallel: the ranks' slices hold %.0f classes, "
-                       "not v_total = %.0f",
-                       width, C);
+  for (k = 0; k < a->vp->ranks; k++) wsum += g[k * stride + a->n * NF + 0];
+  if (!culoss__vp_slices_tile(g, a->vp->ranks, a->n, a->vp->v_total))
+    return CULOSS__BAD("culoss_cross_entropy_vocab_parallel: the ranks' slices do not tile "
+                       "[0, v_total = %lld) (they overlap, leave a gap or fall outside)",
+                       (long long)a->vp->v_total);
   for (i = 0; i < a->n; i++) { /* MEAN's D, and who owns each target */
     const int64_t t = culoss__target_at(a->targets, a->ttype, i);
     const merged r = merge(a, i);
@@ -188,11 +183,11 @@ culoss_status culoss__cpu_linear_vocab_parallel(const culoss__lce_args *a) {
   float *g = malloc((size_t)(n * v > 0 ? n * v : 1) * sizeof *g);
   float *mine = malloc(rec * sizeof *mine);
   float *all = malloc(rec * (size_t)a->vp->ranks * sizeof *all);
-  double *acc = malloc((size_t)(v * d) * sizeof *acc);
+  double *acc = a->grad_weight ? malloc((size_t)(v * d) * sizeof *acc) : NULL;
   culoss__vp_args va;
   culoss_status st = CULOSS_OK;
   int64_t i, j, k;
-  if (!x || !g || !mine || !all || !acc) {
+  if (!x || !g || !mine || !all || (a->grad_weight && !acc)) {
     st = culoss__error(CULOSS_ERROR_OUT_OF_MEMORY, "cpu linear vocab-parallel: out of memory");
     goto done;
   }

@@ -157,7 +157,12 @@ CULOSS_API culoss_status culoss_download(culoss_context *ctx, void *host_dst, co
 
 /* Element type of inputs and gradients. F16 is IEEE binary16, BF16 bfloat16,
    both passed as 16-bit storage (e.g. uint16_t arrays on the CPU backend). */
-typedef enum { CULOSS_F32 = 0, CULOSS_F16 = 1, CULOSS_BF16 = 2 } culoss_dtype;
+typedef enum {
+  CULOSS_DTYPE_INPUT = -1, /* not an element type: "the input's", where an option takes a dtype */
+  CULOSS_F32 = 0,
+  CULOSS_F16 = 1,
+  CULOSS_BF16 = 2
+} culoss_dtype;
 
 /* Element type of class-index targets. */
 typedef enum { CULOSS_I32 = 0, CULOSS_I64 = 1 } culoss_index_type;
@@ -461,7 +466,8 @@ CULOSS_API culoss_status culoss_kl_div(culoss_context *ctx, const culoss_kl_div_
  *   fp32 grad_bias  4 * v; for a 16-bit grad_weight, one vocabulary slice of
  *                   it in fp32: vs rows, vs * d * 4 <= the logits block
  * each region rounded up to 256 bytes: O(r * v + n), never O(n * v), and
- * with r fixed by v, bounded independently of n apart from the 36 n term.
+ * with r fixed by v, bounded independently of n apart from the per-row
+ * terms (4 n, or 36 n with the saved statistics).
  * (A 16-bit grad_weight: fp16/bf16 inputs with grad_weight_dtype the input
  * dtype, the only choice of culoss_linear_cross_entropy.)
  * grad_hidden must not alias hidden (hidden is read again after
@@ -522,7 +528,6 @@ CULOSS_API culoss_status culoss_linear_cross_entropy(
  *                      rows whose target is out of range get NaN.
  * `o` and every other argument are culoss_linear_cross_entropy's; with the
  * defaults the two calls are the same. */
-#define CULOSS_DTYPE_INPUT ((culoss_dtype)-1) /* grad_weight_dtype: the input's */
 typedef struct {
   culoss_dtype grad_weight_dtype; /* default CULOSS_DTYPE_INPUT; or CULOSS_F32 */
   int accumulate;                 /* default 0: overwrite grad_weight / grad_bias; 1: add */
@@ -553,7 +558,9 @@ CULOSS_API culoss_status culoss_linear_cross_entropy_ex(
  * Each of `ranks` processes (or threads, or devices) holds the logits of a
  * slice of the classes: columns [v_begin, v_begin + c_local) of a v_total-class
  * problem (slices may differ in size; together they cover every class once).
- * Every rank writes the same full loss, bitwise identical across ranks, and
+ * Every rank writes the same full loss, bitwise identical across ranks (when
+ * every rank's context has the same grid limit and tuning variables, which
+ * fix the order of summation), and
  * the gradient of its own slice only; culoss never moves data between ranks
  * itself: the caller's `allgather` does (ncclAllGather, MPI_Allgather,
  * torch.distributed.all_gather_into_tensor).
@@ -583,17 +590,18 @@ typedef struct {
   int64_t v_begin; /* global index of this rank's first class */
   int64_t v_total; /* classes over all ranks */
   /* Gathers `bytes` from every rank into recv (ranks * bytes, rank order).
-     CUDA backend: device buffers, enqueued on `stream` (a cudaStream_t):
-     ncclAllGather fits. CPU backend: host buffers, complete on return,
-     stream NULL. Returns 0 on success (anything else fails the call with
-     CULOSS_ERROR_INTERNAL naming the callback). */
+     CUDA backend: device buffers, enqueued on `stream` (a cudaStream_t;
+     NULL is the legacy default stream, so NULL does not tell the backends
+     apart): ncclAllGather fits. CPU backend: host buffers, complete on
+     return, stream NULL. Returns 0 on success (anything else fails the call
+     with CULOSS_ERROR_INTERNAL naming the callback). */
   int (*allgather)(void *user, const void *send, void *recv, size_t bytes, void *stream);
   void *user;
 } culoss_vocab_parallel;
 
-/* Workspace of culoss_cross_entropy_vocab_parallel: (ranks + 1) * (n + 1)
-   records (this rank's, and everyone's gathered), rounded up to 256 bytes.
-   `bytes` is host memory. */
+/* Workspace of culoss_cross_entropy_vocab_parallel: ranks + 1 parts (this
+   rank's records, then everyone's gathered), each part (n + 1) records
+   rounded up to 256 bytes. `bytes` is host memory. */
 CULOSS_API culoss_status culoss_vocab_parallel_workspace_size(culoss_context *ctx,
                                                               const culoss_vocab_parallel *vp,
                                                               int64_t n, size_t *bytes);

@@ -31,10 +31,15 @@ static inline int culoss_nccl_allgather(void *comm, const void *send, void *recv
              : 1;
 }
 
-/* Points vp's collective at `comm` (which must outlive the calls). */
-static inline void culoss_vocab_parallel_use_nccl(culoss_vocab_parallel *vp, ncclComm_t comm) {
+/* Points vp's collective at `comm` (which must outlive the calls). Returns
+   0, or -1 when the communicator's size is not vp->ranks (NCCL would gather
+   more records than the workspace holds). */
+static inline int culoss_vocab_parallel_use_nccl(culoss_vocab_parallel *vp, ncclComm_t comm) {
+  int count = 0;
+  if (ncclCommCount(comm, &count) != ncclSuccess || count != vp->ranks) return -1;
   vp->allgather = culoss_nccl_allgather;
   vp->user = (void *)comm;
+  return 0;
 }
 
 #endif /* CULOSS_NCCL_H */

@@ -312,6 +312,21 @@ Test(cpu_vp, bad_arguments) {
                CULOSS_ERROR_INVALID_VALUE);
   cr_assert(strstr(culoss_last_error(), "v_total") != NULL, "%s", culoss_last_error());
   cr_assert_eq(loss[0], -9.0f, "nothing written");
+  /* widths that add up but overlap ([0, 6) and [4, 8) of 10), every target
+     owned once: still refused */
+  culoss_vocab_parallel vo = {1, 2, 4, 10, NULL, NULL};
+  int64_t t2[4] = {0, 1, 6, 7};
+  cr_assert_eq(culoss_cross_entropy_vocab_parallel_stats(ctx, NULL, &vp, 4, 6, CULOSS_F32, x, 6,
+                                                         CULOSS_I64, t2, rec),
+               CULOSS_OK);
+  cr_assert_eq(culoss_cross_entropy_vocab_parallel_stats(ctx, NULL, &vo, 4, 4, CULOSS_F32, x, 6,
+                                                         CULOSS_I64, t2, rec + (4 + 1) * REC),
+               CULOSS_OK);
+  cr_assert_eq(culoss_cross_entropy_vocab_parallel_finish(ctx, NULL, &vp, 4, 6, CULOSS_F32, x, 6,
+                                                          CULOSS_I64, t2, rec, loss, NULL, NULL),
+               CULOSS_ERROR_INVALID_VALUE);
+  cr_assert(strstr(culoss_last_error(), "tile") != NULL, "%s", culoss_last_error());
+  cr_assert_eq(loss[0], -9.0f, "nothing written");
 }
 
 /* ---- vocabulary-parallel linear + CE: ranks as threads ---- */
@@ -340,6 +355,7 @@ typedef struct {
   culoss_dtype dt;
   const unsigned char *h, *w, *b; /* full, in dt */
   const int64_t *t;
+  const float *gl; /* upstream gradient [LN] (reduction none) or NULL */
   const culoss_cross_entropy_options *o;
   int accumulate, gw16; /* gw16: grad_weight / grad_bias in the input dtype */
   float loss[LN];
@@ -367,7 +383,7 @@ static void *lrank_main(void *p) {
   if (j->st == CULOSS_OK)
     j->st = culoss_linear_cross_entropy_vocab_parallel(
         c, &o, &lo, &vp, LN, LD, j->width, j->dt, j->h, j->w + (size_t)(j->begin * LD) * es,
-        j->b + (size_t)j->begin * es, CULOSS_I64, j->t, j->loss, gh, gw, gb, NULL, NULL, 0);
+        j->b + (size_t)j->begin * es, CULOSS_I64, j->t, j->loss, gh, gw, gb, j->gl, NULL, 0);
   if (j->st != CULOSS_OK) snprintf(j->err, sizeof j->err, "%s", culoss_last_error());
   unpack_dtype(j->gh, gh, LN * LD, j->dt);
   unpack_dtype(j->gw + j->begin * LD, gw, j->width * LD, gdt);
@@ -394,10 +410,13 @@ static void linear_case(int ranks, culoss_dtype dt, int variant, int gw16, uint6
   if (variant & 1) o.label_smoothing = 0.1f, o.class_weight = cw;
   if (variant & 2) o.z_loss = 1e-3f, o.logit_softcap = 5.0f;
   const int accumulate = variant >= 4;
+  float glv[LN]; /* an upstream gradient for reduction none */
+  for (int i = 0; i < LN; i++) glv[i] = (float)(0.5 + rng_uniform(&r));
+  const float *gl = o.reduction == CULOSS_REDUCTION_NONE ? glv : NULL;
   /* the single-device reference, on fp32 copies of the rounded inputs */
   float ref_l[LN], ref_gh[LN * LD], ref_gw[LV * LD], ref_gb[LV];
   cr_assert_eq(culoss_linear_cross_entropy(ctx, &o, LN, LD, LV, CULOSS_F32, h, w, b, CULOSS_I64, t,
-                                           ref_l, ref_gh, ref_gw, ref_gb, NULL, NULL, 0),
+                                           ref_l, ref_gh, ref_gw, ref_gb, gl, NULL, 0),
                CULOSS_OK, "%s", culoss_last_error());
   slices(ranks, LV, begin, width);
   pthread_barrier_t bar;
@@ -416,7 +435,7 @@ static void linear_case(int ranks, culoss_dtype dt, int variant, int gw16, uint6
     memset(&jobs[q], 0, sizeof jobs[q]);
     jobs[q].g = (lgather){&bar, shared, q, ranks};
     jobs[q].begin = begin[q], jobs[q].width = width[q], jobs[q].dt = dt;
-    jobs[q].h = hh, jobs[q].w = wh, jobs[q].b = bh, jobs[q].t = t, jobs[q].o = &o;
+    jobs[q].h = hh, jobs[q].w = wh, jobs[q].b = bh, jobs[q].t = t, jobs[q].o = &o, jobs[q].gl = gl;
     jobs[q].accumulate = accumulate, jobs[q].gw16 = gw16;
     memcpy(jobs[q].gw, old_w, sizeof old_w), memcpy(jobs[q].gb, old_b, sizeof old_b);
     pthread_create(&th[q], NULL, lrank_main, &jobs[q]);

@@ -77,7 +77,7 @@ int main(void) {
   culoss_vocab_parallel vp[MAXG];
   for (int g = 0; g < ng; g++) {
     vp[g] = (culoss_vocab_parallel){g, ng, begin[g], V, NULL, NULL};
-    culoss_vocab_parallel_use_nccl(&vp[g], comms[g]);
+    if (culoss_vocab_parallel_use_nccl(&vp[g], comms[g]) != 0) FAIL("communicator size");
     OK(culoss_cross_entropy_vocab_parallel_stats(ctx[g], &o, &vp[g], N, width[g], CULOSS_F32,
                                                  d_x[g], width[g], CULOSS_I64, d_t[g], d_rec[g]));
   }

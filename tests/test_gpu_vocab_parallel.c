@@ -147,8 +147,9 @@ Test(gpu_vp, matches_unsharded_on_1_2_3_8_ranks) {
                (culoss_reduction)((variant + ri) % 3), variant, seed++);
 }
 
-/* A slice layout with a gap (no rank owns some classes): NaN loss for those
-   rows and the deferred error, never a wrong value. */
+/* A slice layout with a gap (no rank owns some classes): NaN loss for the
+   rows whose target lies in it, and the deferred error for the call (the
+   other rows' losses miss the gap's classes: only the error says so). */
 Test(gpu_vp, slices_that_leave_a_gap_are_a_deferred_error) {
   REQUIRE_GPU();
   enum { n = 6, v = 20 };
@@ -312,6 +313,7 @@ typedef struct {
   culoss_dtype dt;
   const unsigned char *h, *w, *b; /* full, in dt */
   const int64_t *t;
+  const float *gl; /* host upstream gradient [LN] (reduction none) or NULL */
   const float *cw; /* full class weights or NULL */
   culoss_cross_entropy_options o;
   float *gw, *gb;       /* host fp32 [LV * LD], [LV]: old values in, results out (own slice) */
@@ -338,7 +340,7 @@ static void *lrank_main(void *p) {
   pack_dtype(gwp, j->gw + j->begin * LD, j->width * LD, gdt);
   pack_dtype(gbp, j->gb + j->begin, j->width, gdt);
   void *d_h = NULL, *d_w = NULL, *d_b = NULL, *d_t = NULL, *d_cw = NULL, *d_gh = NULL;
-  void *d_gw = NULL, *d_gb = NULL, *d_ws = NULL, *d_l = NULL;
+  void *d_gw = NULL, *d_gb = NULL, *d_ws = NULL, *d_l = NULL, *d_gl = NULL;
   size_t wsb = 0;
   unsigned char gh[LN * LD * 4];
 #define STEP(e)                                                                                    \
@@ -358,6 +360,8 @@ static void *lrank_main(void *p) {
   STEP(culoss_malloc(c, &d_gb, (size_t)j->width * gs));
   STEP(culoss_malloc(c, &d_ws, wsb));
   STEP(culoss_malloc(c, &d_l, nl * 4));
+  STEP(culoss_malloc(c, &d_gl, LN * 4));
+  if (j->gl) STEP(culoss_upload(c, d_gl, j->gl, LN * 4));
   STEP(culoss_upload(c, d_h, j->h, (size_t)(LN * LD) * es));
   STEP(culoss_upload(c, d_w, j->w + (size_t)(j->begin * LD) * es, (size_t)(j->width * LD) * es));
   STEP(culoss_upload(c, d_b, j->b + (size_t)j->begin * es, (size_t)j->width * es));
@@ -369,7 +373,7 @@ static void *lrank_main(void *p) {
   o.class_weight = j->cw ? d_cw : NULL;
   STEP(culoss_linear_cross_entropy_vocab_parallel(c, &o, &lo, &vp, LN, LD, j->width, j->dt, d_h,
                                                   d_w, d_b, CULOSS_I64, d_t, d_l, d_gh, d_gw, d_gb,
-                                                  NULL, d_ws, wsb));
+                                                  j->gl ? d_gl : NULL, d_ws, wsb));
   STEP(culoss_synchronize(c));
   STEP(culoss_download(c, j->loss, d_l, nl * 4));
   STEP(culoss_download(c, gh, d_gh, (size_t)(LN * LD) * es));
@@ -383,8 +387,8 @@ static void *lrank_main(void *p) {
     unpack_dtype(j->gw + j->begin * LD, gwp, j->width * LD, gdt);
     unpack_dtype(j->gb + j->begin, gbp, j->width, gdt);
   }
-  void *bufs[] = {d_h, d_w, d_b, d_t, d_cw, d_gh, d_gw, d_gb, d_ws, d_l};
-  for (int k = 0; k < 10; k++) culoss_free(c, bufs[k]);
+  void *bufs[] = {d_h, d_w, d_b, d_t, d_cw, d_gh, d_gw, d_gb, d_ws, d_l, d_gl};
+  for (int k = 0; k < 11; k++) culoss_free(c, bufs[k]);
   culoss_destroy(c);
   if (s) cudaStreamDestroy(s);
   return NULL;
@@ -408,10 +412,13 @@ static void linear_case(int ranks, culoss_dtype dt, int variant, int gw16, uint6
   if (variant & 1) o.label_smoothing = 0.1f;
   if (variant & 2) o.z_loss = 1e-3f, o.logit_softcap = 5.0f;
   const int accumulate = variant >= 3, weights = variant % 2 == 0;
+  float glv[LN]; /* an upstream gradient for reduction none */
+  for (int i = 0; i < LN; i++) glv[i] = (float)(0.5 + rng_uniform(&r));
+  const float *gl = o.reduction == CULOSS_REDUCTION_NONE ? glv : NULL;
   if (weights) o.class_weight = cw;
   float ref_l[LN], ref_gh[LN * LD], ref_gw[LV * LD], ref_gb[LV];
   cr_assert_eq(culoss_linear_cross_entropy(cpu, &o, LN, LD, LV, CULOSS_F32, h, w, b, CULOSS_I64, t,
-                                           ref_l, ref_gh, ref_gw, ref_gb, NULL, NULL, 0),
+                                           ref_l, ref_gh, ref_gw, ref_gb, gl, NULL, 0),
                CULOSS_OK, "%s", culoss_last_error());
   const culoss_dtype gdt = gw16 ? dt : CULOSS_F32;
   for (int i = 0; i < LV * LD; i++) old_w[i] = accumulate ? (float)(0.01 * rng_normal(&r)) : 0;
@@ -428,7 +435,7 @@ static void linear_case(int ranks, culoss_dtype dt, int variant, int gw16, uint6
     memset(&jobs[q], 0, sizeof jobs[q]);
     jobs[q].user = (gather_user){&bar, shared, q, ranks};
     jobs[q].begin = begin[q], jobs[q].width = width[q], jobs[q].dt = dt;
-    jobs[q].h = hh, jobs[q].w = wh, jobs[q].b = bh, jobs[q].t = t;
+    jobs[q].h = hh, jobs[q].w = wh, jobs[q].b = bh, jobs[q].t = t, jobs[q].gl = gl;
     jobs[q].cw = weights ? cw : NULL, jobs[q].o = o, jobs[q].gw = gw, jobs[q].gb = gb;
     jobs[q].accumulate = accumulate, jobs[q].gw16 = gw16;
     pthread_create(&th[q], NULL, lrank_main, &jobs[q]);

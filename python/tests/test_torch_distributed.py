@@ -190,3 +190,35 @@ def test_needs_an_initialised_group():
     x, t, _ = _data(7)
     with pytest.raises(RuntimeError, match="not initialised"):
         vocab_parallel_cross_entropy(x.to(torch.float32), t, v_begin=0, v_total=V)
+
+
+def test_row_strided_logits(one_rank_group):
+    """A padded vocabulary's view logits[:, :V]: read and written with its
+    row stride (a contiguous gradient buffer would be written past its end)."""
+    x, t, _ = _data(8)
+    padded = torch.randn(N, V + 27, dtype=torch.float32)
+    padded[:, :V] = x.to(torch.float32)
+    p = padded.clone().requires_grad_(True)
+    loss = vocab_parallel_cross_entropy(p[:, :V], t, v_begin=0, v_total=V, reduction="sum")
+    loss.backward()
+    ref_loss, ref_grad = _reference(dict(reduction="sum"), padded[:, :V].to(torch.float64), t,
+                                    None, torch.tensor(1.0, dtype=torch.float64))
+    torch.testing.assert_close(loss.to(torch.float64), ref_loss, rtol=2e-6, atol=1e-5)
+    torch.testing.assert_close(p.grad[:, :V].to(torch.float64), ref_grad, rtol=1e-5, atol=1e-7)
+    assert torch.all(p.grad[:, V:] == 0)
+
+
+def test_linear_bad_devices_and_shapes(one_rank_group):
+    h = torch.randn(4, 8)
+    w = torch.randn(10, 8)
+    t = torch.tensor([1, 2, 3, 4])
+    with pytest.raises(ValueError, match="agree on D"):
+        vocab_parallel_linear_cross_entropy(h, w[:, :7], t, v_begin=0, v_total=10)
+    with pytest.raises(ValueError, match="linear_bias"):
+        vocab_parallel_linear_cross_entropy(h, w, t, v_begin=0, v_total=10,
+                                            linear_bias=torch.zeros(9))
+    with pytest.raises(TypeError, match="share"):
+        vocab_parallel_linear_cross_entropy(h, w.double(), t, v_begin=0, v_total=10)
+    loss = vocab_parallel_linear_cross_entropy(h, w, t, v_begin=0, v_total=10)
+    ref = F.cross_entropy(F.linear(h.double(), w.double()), t)
+    torch.testing.assert_close(loss.double(), ref, rtol=2e-6, atol=1e-6)

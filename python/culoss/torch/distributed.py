@@ -16,7 +16,7 @@ import torch.distributed as dist
 
 from .. import _lib
 from . import _runtime as rt
-from ._ops import _loss_out, _scaled
+from ._ops import _grad_out, _loss_out, _scaled
 
 __all__ = ["vocab_parallel_cross_entropy", "vocab_parallel_linear_cross_entropy"]
 
@@ -41,7 +41,7 @@ def _call_phases(input, target, weight, v_begin, v_total, group, reduction, igno
     _lib.call("cross_entropy_vocab_parallel_stats", ctx, o, vp, *args, rt.ptr(stats))
     dist.all_gather_into_tensor(gathered, stats, group=group)
     loss = _loss_out(input, n, reduction)
-    grad = torch.empty_like(input) if want_grad else None
+    grad = _grad_out(input, True) if want_grad else None  # input's row stride, as ld says
     _lib.call("cross_entropy_vocab_parallel_finish", ctx, o, vp, *args, rt.ptr(gathered),
               rt.ptr(loss), rt.ptr(grad), None)
     return loss, grad
@@ -160,7 +160,10 @@ def _lvp_call(a, grad_loss, want):
     size = ctypes.c_size_t()
     _lib.call("linear_cross_entropy_vocab_parallel_workspace_size", cctx.h, lo, vp, n, d, v,
               rt.dtype_code(x), ctypes.byref(size))
-    ws = torch.empty(size.value, dtype=torch.uint8, device=x.device)
+    if x.is_cuda:
+        ws = torch.empty(size.value, dtype=torch.uint8, device=x.device)
+    else:  # the CPU reference keeps its own buffers: no workspace
+        ws, size.value = torch.empty(0, dtype=torch.uint8), 0
     cb, errors = _gather_into(ws, group)
     vp.allgather = ctypes.cast(cb, ctypes.c_void_p)
     gh = torch.empty_like(x) if want[0] else None
@@ -239,6 +242,10 @@ def vocab_parallel_linear_cross_entropy(input, linear_weight, target, *, v_begin
                         f"float16, bfloat16")
     if target.dim() != 1 or target.shape[0] != input.shape[0] or target.dtype not in rt.INDEX_TYPES:
         raise ValueError(f"{fname}: target must be int32/int64 [N] with N = {input.shape[0]}")
+    others = [t for t in (linear_weight, target, linear_bias, weight) if t is not None]
+    if any(t.device != input.device for t in others):
+        raise ValueError(f"{fname}: input, linear_weight, target, linear_bias and weight must be "
+                         f"on one device")
     if linear_bias is not None and tuple(linear_bias.shape) != (linear_weight.shape[0],):
         raise ValueError(f"{fname}: linear_bias must be [V_local] = [{linear_weight.shape[0]}]")
     if weight is not None and tuple(weight.shape) != (linear_weight.shape[0],):
