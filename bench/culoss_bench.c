@@ -617,18 +617,23 @@ static int lce_fused(void *p) {
   return 0;
 }
 
-/* The GEMM floor: the three GEMMs of 6 n d v FLOPs alone (logits, then
-   grad_hidden and grad_weight from them, grad_weight in grad_weight's
-   dtype), no cross-entropy: what the fused call is measured against. */
-static int lce_gemms(void *p) {
-  lce_state *s = p;
+/* The three GEMMs of 6 n d v FLOPs: logits, then grad_hidden and
+   grad_weight (in grad_weight's dtype) from them; with_ce runs
+   culoss_cross_entropy in place on the full logits between them (the
+   unfused baseline), without it they are the GEMM floor the fused call is
+   measured against. */
+static int lce_three_gemms(lce_state *s, int with_ce) {
   const float one = 1.0f, zero = 0.0f;
   const cudaDataType_t ty =
       s->dt == CULOSS_BF16 ? CUDA_R_16BF : (s->dt == CULOSS_F16 ? CUDA_R_16F : CUDA_R_32F);
   if (cublasGemmEx(s->h, CUBLAS_OP_T, CUBLAS_OP_N, (int)s->v, (int)s->n, (int)s->d, &one, s->w, ty,
                    (int)s->d, s->hid, ty, (int)s->d, &zero, s->logits, ty, (int)s->v,
-                   CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT) != CUBLAS_STATUS_SUCCESS ||
-      cublasGemmEx(s->h, CUBLAS_OP_N, CUBLAS_OP_N, (int)s->d, (int)s->n, (int)s->v, &one, s->w, ty,
+                   CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT) != CUBLAS_STATUS_SUCCESS)
+    return -1;
+  if (with_ce)
+    CL(culoss_cross_entropy(s->ctx, NULL, s->n, s->v, s->dt, s->logits, s->v, CULOSS_I64, s->t,
+                            s->loss, s->logits, NULL));
+  if (cublasGemmEx(s->h, CUBLAS_OP_N, CUBLAS_OP_N, (int)s->d, (int)s->n, (int)s->v, &one, s->w, ty,
                    (int)s->d, s->logits, ty, (int)s->v, &zero, s->gh, ty, (int)s->d,
                    CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT) != CUBLAS_STATUS_SUCCESS ||
       cublasGemmEx(s->h, CUBLAS_OP_N, CUBLAS_OP_T, (int)s->d, (int)s->v, (int)s->n, &one, s->hid,
@@ -639,30 +644,8 @@ static int lce_gemms(void *p) {
   return 0;
 }
 
-/* The unfused baseline: full logits from one GEMM, culoss_cross_entropy in
-   place, then the two backward GEMMs (fp32 accumulation inside cuBLAS). */
-static int lce_unfused(void *p) {
-  lce_state *s = p;
-  const float one = 1.0f, zero = 0.0f;
-  const cudaDataType_t ty =
-      s->dt == CULOSS_BF16 ? CUDA_R_16BF : (s->dt == CULOSS_F16 ? CUDA_R_16F : CUDA_R_32F);
-  if (cublasGemmEx(s->h, CUBLAS_OP_T, CUBLAS_OP_N, (int)s->v, (int)s->n, (int)s->d, &one, s->w, ty,
-                   (int)s->d, s->hid, ty, (int)s->d, &zero, s->logits, ty, (int)s->v,
-                   CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT) != CUBLAS_STATUS_SUCCESS)
-    return -1;
-  CL(culoss_cross_entropy(s->ctx, NULL, s->n, s->v, s->dt, s->logits, s->v, CULOSS_I64, s->t,
-                          s->loss, s->logits, NULL));
-  if (cublasGemmEx(s->h, CUBLAS_OP_N, CUBLAS_OP_N, (int)s->d, (int)s->n, (int)s->v, &one, s->w, ty,
-                   (int)s->d, s->logits, ty, (int)s->v, &zero, s->gh, ty, (int)s->d,
-                   CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT) != CUBLAS_STATUS_SUCCESS)
-    return -1;
-  if (cublasGemmEx(s->h, CUBLAS_OP_N, CUBLAS_OP_T, (int)s->d, (int)s->v, (int)s->n, &one, s->hid,
-                   ty, (int)s->d, s->logits, ty, (int)s->v, &zero, s->gw,
-                   s->gw_f32 ? CUDA_R_32F : ty, (int)s->d, CUBLAS_COMPUTE_32F,
-                   CUBLAS_GEMM_DEFAULT) != CUBLAS_STATUS_SUCCESS)
-    return -1;
-  return 0;
-}
+static int lce_gemms(void *p) { return lce_three_gemms(p, 0); }
+static int lce_unfused(void *p) { return lce_three_gemms(p, 1); }
 
 /* Fused linear + CE against the unfused baseline, side by side: time,
    TFLOP/s against the 6 n d v floor, extra device memory (workspace vs the

@@ -78,6 +78,15 @@ double culoss__cpu_ce_row(const culoss_cross_entropy_options *o, int64_t c, cons
   return row_loss;
 }
 
+void culoss__cpu_put_row_stats(float *lse, float *entropy, int64_t i, int ignored, int64_t c,
+                               const double *x) {
+  double l = 0.0, e = 0.0;
+  if (lse == NULL && entropy == NULL) return;
+  if (!ignored) culoss__cpu_row_stats(c, x, &l, &e);
+  if (lse) lse[i] = (float)l;
+  if (entropy) entropy[i] = (float)e;
+}
+
 void culoss__cpu_row_stats(int64_t c, const double *x, double *lse, double *entropy) {
   double m = -INFINITY, s = 0.0, u = 0.0;
   int has_nan = 0;
@@ -175,12 +184,7 @@ culoss_status culoss__cpu_cross_entropy(const culoss__ce_args *a) {
     } else {
       row_loss = culoss__cpu_ce_row(o, c, x, t, y, wsum, scale, g);
     }
-    if (a->lse || a->entropy) { /* ignored rows: 0 (INDEX mode only) */
-      double lse = 0.0, ent = 0.0;
-      if (t != o->ignore_index) culoss__cpu_row_stats(c, x, &lse, &ent);
-      if (a->lse) a->lse[i] = (float)lse;
-      if (a->entropy) a->entropy[i] = (float)ent;
-    }
+    culoss__cpu_put_row_stats(a->lse, a->entropy, i, t == o->ignore_index, c, x);
     if (o->reduction == CULOSS_REDUCTION_NONE)
       a->loss[i] = (float)row_loss;
     else

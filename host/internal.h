@@ -86,6 +86,9 @@ double culoss__cpu_ce_row(const culoss_cross_entropy_options *o, int64_t c, cons
                           int64_t t, const double *y, double wsum, double scale, double *g);
 /* A row's log-sum-exp and softmax entropy lse - sum_j p_j x_j, in double. */
 void culoss__cpu_row_stats(int64_t c, const double *x, double *lse, double *entropy);
+/* Row i's of each of lse, entropy that is not NULL: 0 for an ignored row. */
+void culoss__cpu_put_row_stats(float *lse, float *entropy, int64_t i, int ignored, int64_t c,
+                               const double *x);
 /* MEAN's denominator: *normalizer, n (soft), or the sum of target weights. */
 double culoss__cpu_ce_denominator(const culoss_cross_entropy_options *o, int soft, int64_t n,
                                   const void *targets, culoss_index_type ttype);

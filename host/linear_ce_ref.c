@@ -37,12 +37,7 @@ culoss_status culoss__cpu_linear_cross_entropy(const culoss__lce_args *a) {
       g[j] = 0.0;
     }
     if (t != o->ignore_index) row_loss = culoss__cpu_ce_row(o, v, x, t, NULL, wsum, scale, g);
-    if (a->lse || a->entropy) { /* ignored rows: 0 (targets are in range here) */
-      double lse = 0.0, ent = 0.0;
-      if (t != o->ignore_index) culoss__cpu_row_stats(v, x, &lse, &ent);
-      if (a->lse) a->lse[i] = (float)lse;
-      if (a->entropy) a->entropy[i] = (float)ent;
-    }
+    culoss__cpu_put_row_stats(a->lse, a->entropy, i, t == o->ignore_index, v, x);
     if (o->reduction == CULOSS_REDUCTION_NONE)
       a->loss[i] = (float)row_loss;
     else
