@@ -510,3 +510,58 @@ Test(cpu_vp, linear_refusals) {
                                                           &loss, NULL, NULL, NULL, NULL, NULL, 0),
                CULOSS_ERROR_INVALID_VALUE);
 }
+
+/* int32 targets, and n == 0 (MEAN: NaN, SUM: 0, as the unsharded call). */
+Test(cpu_vp, int32_targets_and_empty_batches) {
+  enum { n = 9, v = 20 };
+  rng_t r = rng_seeded(31);
+  float x[n * v], ref_l[n], l[n], g[n * v], ref_g[n * v];
+  int32_t t32[n];
+  float rec[2 * (n + 1) * REC];
+  for (int i = 0; i < n * v; i++) x[i] = (float)rng_normal(&r);
+  for (int i = 0; i < n; i++) t32[i] = i == 4 ? -100 : (int32_t)rng_int(&r, 0, v);
+  culoss_cross_entropy_options o;
+  culoss_cross_entropy_options_init(&o);
+  o.reduction = CULOSS_REDUCTION_NONE;
+  cr_assert_eq(
+      culoss_cross_entropy(ctx, &o, n, v, CULOSS_F32, x, v, CULOSS_I32, t32, ref_l, ref_g, NULL),
+      CULOSS_OK);
+  /* two ranks over the same row-major buffer: columns [0, 12) and [12, 20), row stride v */
+  culoss_vocab_parallel v0 = {0, 2, 0, v, NULL, NULL}, v1 = {1, 2, 12, v, NULL, NULL};
+  cr_assert_eq(culoss_cross_entropy_vocab_parallel_stats(ctx, &o, &v0, n, 12, CULOSS_F32, x, v,
+                                                         CULOSS_I32, t32, rec),
+               CULOSS_OK);
+  cr_assert_eq(culoss_cross_entropy_vocab_parallel_stats(ctx, &o, &v1, n, 8, CULOSS_F32, x + 12, v,
+                                                         CULOSS_I32, t32, rec + (n + 1) * REC),
+               CULOSS_OK);
+  memcpy(g, x, sizeof g);
+  cr_assert_eq(culoss_cross_entropy_vocab_parallel_finish(ctx, &o, &v0, n, 12, CULOSS_F32, x, v,
+                                                          CULOSS_I32, t32, rec, l, g, NULL),
+               CULOSS_OK);
+  cr_assert_eq(culoss_cross_entropy_vocab_parallel_finish(ctx, &o, &v1, n, 8, CULOSS_F32, x + 12, v,
+                                                          CULOSS_I32, t32, rec, l, g + 12, NULL),
+               CULOSS_OK);
+  for (int i = 0; i < n; i++) {
+    cr_assert(close_enough(l[i], ref_l[i], 1e-6, 1e-6), "loss[%d] %g vs %g", i, (double)l[i],
+              (double)ref_l[i]);
+    for (int j = 0; j < v; j++)
+      cr_assert(close_enough(g[i * v + j], ref_g[i * v + j], 1e-7, 1e-5), "grad[%d][%d]", i, j);
+  }
+  /* n == 0 */
+  for (int red = 1; red <= 2; red++) {
+    float e = -9.0f;
+    o.reduction = (culoss_reduction)red;
+    culoss_vocab_parallel one = {0, 1, 0, v, NULL, NULL};
+    cr_assert_eq(culoss_cross_entropy_vocab_parallel_stats(ctx, &o, &one, 0, v, CULOSS_F32, NULL, v,
+                                                           CULOSS_I32, NULL, rec),
+                 CULOSS_OK);
+    cr_assert_eq(culoss_cross_entropy_vocab_parallel_finish(ctx, &o, &one, 0, v, CULOSS_F32, NULL,
+                                                            v, CULOSS_I32, NULL, rec, &e, NULL,
+                                                            NULL),
+                 CULOSS_OK, "%s", culoss_last_error());
+    if (red == CULOSS_REDUCTION_SUM)
+      cr_assert_eq(e, 0.0f);
+    else
+      cr_assert(isnan(e), "MEAN of no rows: %g", (double)e);
+  }
+}

@@ -586,3 +586,67 @@ Test(gpu_vp, one_call_forms_are_capture_safe) {
   culoss_free(gpu, d_ws2);
 }
 #endif
+
+/* int32 targets on two ranks sharing one row-strided buffer, against the
+   CPU backend's unsharded call; n == 0 (MEAN: NaN, SUM: 0). */
+Test(gpu_vp, int32_targets_strided_slices_and_empty_batches) {
+  REQUIRE_GPU();
+  enum { n = 9, v = 20 };
+  rng_t r = rng_seeded(32);
+  float x[n * v], ref_l[n], l[n], ref_g[n * v], g[n * v];
+  int32_t t32[n];
+  for (int i = 0; i < n * v; i++) x[i] = (float)rng_normal(&r);
+  for (int i = 0; i < n; i++) t32[i] = i == 4 ? -100 : (int32_t)rng_int(&r, 0, v);
+  culoss_cross_entropy_options o;
+  culoss_cross_entropy_options_init(&o);
+  o.reduction = CULOSS_REDUCTION_NONE;
+  o.label_smoothing = 0.25f;
+  cr_assert_eq(
+      culoss_cross_entropy(cpu, &o, n, v, CULOSS_F32, x, v, CULOSS_I32, t32, ref_l, ref_g, NULL),
+      CULOSS_OK);
+  float *d_x = dev_from(x, sizeof x), *d_l = dev_alloc(sizeof l);
+  float *d_rec = dev_alloc(2 * (n + 1) * REC * 4);
+  int32_t *d_t = dev_from(t32, sizeof t32);
+  culoss_vocab_parallel v0 = {0, 2, 0, v, NULL, NULL}, v1 = {1, 2, 12, v, NULL, NULL};
+  cr_assert_eq(culoss_cross_entropy_vocab_parallel_stats(gpu, &o, &v0, n, 12, CULOSS_F32, d_x, v,
+                                                         CULOSS_I32, d_t, d_rec),
+               CULOSS_OK);
+  cr_assert_eq(culoss_cross_entropy_vocab_parallel_stats(gpu, &o, &v1, n, 8, CULOSS_F32, d_x + 12,
+                                                         v, CULOSS_I32, d_t, d_rec + (n + 1) * REC),
+               CULOSS_OK);
+  cr_assert_eq(culoss_cross_entropy_vocab_parallel_finish(gpu, &o, &v0, n, 12, CULOSS_F32, d_x, v,
+                                                          CULOSS_I32, d_t, d_rec, d_l, d_x, NULL),
+               CULOSS_OK);
+  cr_assert_eq(culoss_cross_entropy_vocab_parallel_finish(gpu, &o, &v1, n, 8, CULOSS_F32, d_x + 12,
+                                                          v, CULOSS_I32, d_t, d_rec, d_l, d_x + 12,
+                                                          NULL),
+               CULOSS_OK);
+  cr_assert_eq(culoss_synchronize(gpu), CULOSS_OK, "%s", culoss_last_error());
+  to_host(l, d_l, sizeof l), to_host(g, d_x, sizeof g);
+  for (int i = 0; i < n; i++) {
+    cr_assert(close_enough(l[i], ref_l[i], 2e-5, 2e-5), "loss[%d] %g vs %g", i, (double)l[i],
+              (double)ref_l[i]);
+    for (int j = 0; j < v; j++)
+      cr_assert(close_enough(g[i * v + j], ref_g[i * v + j], 1e-6, 2e-4), "grad[%d][%d]", i, j);
+  }
+  for (int red = 1; red <= 2; red++) {
+    float e = -9.0f;
+    o.reduction = (culoss_reduction)red;
+    culoss_vocab_parallel one = {0, 1, 0, v, NULL, NULL};
+    dev_poison(d_l, 4);
+    cr_assert_eq(culoss_cross_entropy_vocab_parallel_stats(gpu, &o, &one, 0, v, CULOSS_F32, NULL, v,
+                                                           CULOSS_I32, NULL, d_rec),
+                 CULOSS_OK);
+    cr_assert_eq(culoss_cross_entropy_vocab_parallel_finish(gpu, &o, &one, 0, v, CULOSS_F32, NULL,
+                                                            v, CULOSS_I32, NULL, d_rec, d_l, NULL,
+                                                            NULL),
+                 CULOSS_OK, "%s", culoss_last_error());
+    cr_assert_eq(culoss_synchronize(gpu), CULOSS_OK, "%s", culoss_last_error());
+    to_host(&e, d_l, 4);
+    if (red == CULOSS_REDUCTION_SUM)
+      cr_assert_eq(e, 0.0f);
+    else
+      cr_assert(isnan(e), "MEAN of no rows: %g", (double)e);
+  }
+  culoss_free(gpu, d_x), culoss_free(gpu, d_l), culoss_free(gpu, d_rec), culoss_free(gpu, d_t);
+}
