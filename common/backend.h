@@ -161,10 +161,11 @@ typedef struct {
    STATS writes this rank's n + 1 records to `stats`; FINISH merges the
    ranks' records in `gathered` (rank-major, n + 1 each) and writes loss and
    gradient. A record is 8 floats: for row i, {m, s, sx, sy, x_t, w_t, owned,
-   0} of this rank's slice (m its maximum, s = sum e^(x - m), sx/sy the
+   u} of this rank's slice (m its maximum, s = sum e^(x - m), sx/sy the
    smoothing sums of culoss__sx_rebase, x_t and w_t the target's logit and
-   weight where this rank owns it, owned 1 there); record n is {W_r, c_local,
-   0, ...}: the slice's class-weight sum and width. */
+   weight where this rank owns it, owned 1 there, u the entropy sum of
+   culoss__ent_rebase); record n is culoss__vp_slice_record's: the slice's
+   class-weight sum, v_begin and width. */
 typedef enum { CULOSS__VP_STATS = 0, CULOSS__VP_FINISH = 1 } culoss__vp_phase;
 typedef struct {
   culoss__vp_phase phase;
@@ -179,6 +180,7 @@ typedef struct {
   float *loss;
   void *grad;
   const float *grad_loss;
+  float *lse, *entropy; /* FINISH: [n] per-row statistics or NULL */
 } culoss__vp_args;
 
 /* The workspace layout of linear CE: byte offsets of each region and the

@@ -360,6 +360,8 @@ template <typename T> culoss_status run_vp(culoss_context *ctx, const culoss__lc
     p.targets = targets + (size_t)r0 * tsz;
     p.loss = (reduced ? row_loss : a->loss) + r0;
     p.grad_loss = a->grad_loss && !reduced ? a->grad_loss + r0 : a->grad_loss;
+    p.lse_out = a->lse ? a->lse + r0 : nullptr;
+    p.ent_out = a->entropy ? a->entropy + r0 : nullptr;
     CL_TRY(vp_launch_finish(ctx, p, (int)a->dtype, &grid, stream));
     const bool first = r0 == 0 && !a->accumulate;
     if (a->grad_hidden) /* this slice's part of grad_hidden [nr, d] = dlogits @ W */
@@ -380,7 +382,7 @@ template <typename T> culoss_status run_vp(culoss_context *ctx, const culoss__lc
            "launch of convert_kernel");
   /* ---- pass B, a 16-bit grad_weight: fp32 sums by vocabulary slices ---- */
   if (a->grad_weight && !direct && n > 0) {
-    p.grad_only = 1, p.rows_out = 1;
+    p.grad_only = 1, p.rows_out = 1, p.lse_out = p.ent_out = nullptr;
     for (int64_t c0 = 0; c0 < v; c0 += L.vslice) {
       const int64_t vc = v - c0 < L.vslice ? v - c0 : L.vslice;
       const int64_t rb = (int64_t)(L.off_row_loss / ((size_t)vc * sizeof(T)));

@@ -36,13 +36,13 @@ namespace culoss_dev {
 namespace {
 
 constexpr int VP_THREADS = 256, VP_ROWS = VP_THREADS / 32;
-enum { F_M, F_S, F_SX, F_SY, F_XT, F_WT, F_OWNED, F_PAD, NF };
+enum { F_M, F_S, F_SX, F_SY, F_XT, F_WT, F_OWNED, F_U, NF };
 
 /* The statistics a record carries, and their merge: lse state plus the
-   smoothing sums relative to the running maximum. */
+   smoothing sums and the entropy sum u, relative to the running maximum. */
 struct vp_acc {
   culoss__lse_state lse;
-  float sx, sy;
+  float sx, sy, u;
 };
 __device__ __forceinline__ vp_acc vp_merge(const vp_acc &a, const vp_acc &b) {
   vp_acc r;
@@ -50,6 +50,8 @@ __device__ __forceinline__ vp_acc vp_merge(const vp_acc &a, const vp_acc &b) {
   r.sx = culoss__sx_rebase(a.sx, a.sy, a.lse.m, r.lse.m) +
          culoss__sx_rebase(b.sx, b.sy, b.lse.m, r.lse.m);
   r.sy = a.sy + b.sy;
+  r.u = culoss__ent_rebase(a.u, a.lse.s, a.lse.m, r.lse.m) +
+        culoss__ent_rebase(b.u, b.lse.s, b.lse.m, r.lse.m);
   return r;
 }
 
@@ -68,10 +70,12 @@ __global__ void __launch_bounds__(VP_THREADS) vp_stats_kernel(vp_params p) {
     const T *xr = static_cast<const T *>(p.x) + row * p.ld; /* 64-bit offsets */
     vp_acc acc;
     acc.lse = culoss__lse_empty();
-    acc.sx = acc.sy = 0.0f;
+    acc.sx = acc.sy = acc.u = 0.0f;
     auto add = [&](float xv, int64_t j) {
       const float x = culoss__softcap(xv, p.cap);
       const float m = fmaxf(acc.lse.m, x);
+      acc.u = culoss__ent_rebase(acc.u, acc.lse.s, acc.lse.m, m) +
+              culoss__ent_term(culoss__exp_diff(x, m), x, m);
       if (smooth) {
         const float w = cw_at(p, j);
         acc.sx = culoss__sx_rebase(acc.sx, acc.sy, acc.lse.m, m) + culoss__sx_term(w, x, m);
@@ -92,6 +96,7 @@ __global__ void __launch_bounds__(VP_THREADS) vp_stats_kernel(vp_params p) {
       o.lse.s = __shfl_xor_sync(0xffffffffu, acc.lse.s, off);
       o.sx = __shfl_xor_sync(0xffffffffu, acc.sx, off);
       o.sy = __shfl_xor_sync(0xffffffffu, acc.sy, off);
+      o.u = __shfl_xor_sync(0xffffffffu, acc.u, off);
       acc = vp_merge(acc, o);
     }
     if (lane == 0) {
@@ -102,7 +107,7 @@ __global__ void __launch_bounds__(VP_THREADS) vp_stats_kernel(vp_params p) {
       r[F_XT] = owned ? culoss__softcap(to_f32(xr[t - p.v_begin]), p.cap) : 0.0f;
       r[F_WT] = owned ? cw_at(p, t - p.v_begin) : 0.0f;
       r[F_OWNED] = owned ? 1.0f : 0.0f;
-      r[F_PAD] = 0.0f;
+      r[F_U] = acc.u;
     }
   }
 }
@@ -128,12 +133,12 @@ struct vp_row {
 __device__ __forceinline__ vp_row merge_row(const vp_params &p, int64_t row) {
   vp_row r;
   r.acc.lse = culoss__lse_empty();
-  r.acc.sx = r.acc.sy = 0.0f;
+  r.acc.sx = r.acc.sy = r.acc.u = 0.0f;
   r.xt = 0.0f, r.wt = 1.0f, r.owners = 0;
   for (int k = 0; k < p.ranks; k++) { /* rank order */
     const float *q = p.gathered + ((int64_t)k * (p.rec_n + 1) + p.row0 + row) * NF;
     vp_acc b;
-    b.lse.m = q[F_M], b.lse.s = q[F_S], b.sx = q[F_SX], b.sy = q[F_SY];
+    b.lse.m = q[F_M], b.lse.s = q[F_S], b.sx = q[F_SX], b.sy = q[F_SY], b.u = q[F_U];
     r.acc = vp_merge(r.acc, b);
     if (q[F_OWNED] != 0.0f) r.xt = q[F_XT], r.wt = q[F_WT], r.owners++;
   }
@@ -206,6 +211,9 @@ __global__ void __launch_bounds__(VP_THREADS) vp_finish_kernel(vp_params p) {
         p.loss[row] = l;
       else
         block_sum += l;
+      const float none = bad || torn ? culoss__nan() : 0.0f;
+      if (p.lse_out) p.lse_out[row] = live ? lse : none;
+      if (p.ent_out) p.ent_out[row] = live ? culoss__ent_value(r.acc.u, r.acc.lse.s) : none;
     }
     if (p.grad == nullptr) continue;
     const T *xr = static_cast<const T *>(p.x) + row * p.ld;
@@ -246,6 +254,7 @@ vp_params vp_fill(culoss_context *ctx, const culoss__vp_args *a) {
   p.stats = static_cast<float *>(a->stats);
   p.gathered = static_cast<const float *>(a->gathered);
   p.loss = a->loss, p.grad = a->grad, p.grad_loss = a->grad_loss;
+  p.lse_out = a->lse, p.ent_out = a->entropy;
   p.reduction = (int)a->o.reduction;
   p.div = count_divisor(0.0);
   p.div.normalizer = a->o.normalizer;

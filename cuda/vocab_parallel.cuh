@@ -20,6 +20,7 @@ struct vp_params {
   int rows_out;        /* 1: loss[row] per row even when reduced (linear CE's blocks) */
   int64_t col0;        /* these c columns are this slice's classes col0.. (linear CE's pass B) */
   int grad_only;       /* 1: the gradient only, no loss (pass B) */
+  float *lse_out, *ent_out; /* NULL or [n]: per-row lse / entropy (0 ignored, NaN bad) */
   int ranks;
   const void *x;
   const void *targets;

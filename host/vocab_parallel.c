@@ -172,11 +172,6 @@ static culoss_status check_lvp(culoss_context *ctx, const char *fn,
                        fn, (int)lo->grad_weight_dtype, (int)dtype);
   if (lo != NULL && lo->accumulate != 0 && lo->accumulate != 1)
     return CULOSS__BAD("%s: accumulate = %d must be 0 or 1", fn, lo->accumulate);
-  if (lo != NULL && (lo->lse != NULL || lo->entropy != NULL))
-    return culoss__error(CULOSS_ERROR_NOT_SUPPORTED,
-                         "%s: per-row lse and entropy are not offered vocabulary-parallel yet "
-                         "(they must be NULL)",
-                         fn);
   return CULOSS_OK;
 }
 
@@ -211,6 +206,7 @@ culoss_status culoss_linear_cross_entropy_vocab_parallel(
   CULOSS__TRY(culoss__check_ce_options(fn, &a.o));
   a.gw_dtype = lo != NULL && lo->grad_weight_dtype == CULOSS_F32 ? CULOSS_F32 : dtype;
   a.accumulate = lo != NULL ? lo->accumulate : 0;
+  a.lse = lo != NULL ? lo->lse : NULL, a.entropy = lo != NULL ? lo->entropy : NULL;
   if (loss == NULL) return CULOSS__BAD("%s: loss is NULL", fn);
   if (weight == NULL) return CULOSS__BAD("%s: weight is NULL", fn);
   if (n > 0 && hidden == NULL) return CULOSS__BAD("%s: hidden is NULL", fn);

@@ -11,7 +11,7 @@
 
 #include "internal.h"
 
-enum { F_M, F_S, F_SX, F_SY, F_XT, F_WT, F_OWNED, F_PAD, NF };
+enum { F_M, F_S, F_SX, F_SY, F_XT, F_WT, F_OWNED, F_U, NF };
 
 static double class_w(const culoss_cross_entropy_options *o, int64_t j) {
   return o->class_weight ? (double)o->class_weight[j] : 1.0;
@@ -36,7 +36,7 @@ static void stats(const culoss__vp_args *a, double *x) {
   for (i = 0; i < a->n; i++) {
     const int64_t t = culoss__target_at(a->targets, a->ttype, i);
     float *r = rec + i * NF;
-    double m = -INFINITY, s = 0.0, sx = 0.0, sy = 0.0;
+    double m = -INFINITY, s = 0.0, sx = 0.0, sy = 0.0, u = 0.0;
     int has_nan = 0;
     load_row(a, i, x);
     for (j = 0; j < c; j++) {
@@ -48,7 +48,8 @@ static void stats(const culoss__vp_args *a, double *x) {
     if (has_nan)
       m = NAN, s = NAN;
     else if (m != -INFINITY)
-      for (j = 0; j < c; j++) s += exp(x[j] - m);
+      for (j = 0; j < c; j++)
+        if (x[j] != -INFINITY) s += exp(x[j] - m), u += exp(x[j] - m) * (x[j] - m);
     if (o->label_smoothing > 0.0f)
       for (j = 0; j < c; j++) { /* non-negative terms; a -inf logit's is w * inf */
         const double w = class_w(o, j);
@@ -56,7 +57,7 @@ static void stats(const culoss__vp_args *a, double *x) {
         sx += x[j] == -INFINITY ? w * INFINITY : w * (m - x[j]);
       }
     r[F_M] = (float)m, r[F_S] = (float)s, r[F_SX] = (float)sx, r[F_SY] = (float)sy;
-    r[F_XT] = 0.0f, r[F_WT] = 0.0f, r[F_OWNED] = 0.0f, r[F_PAD] = 0.0f;
+    r[F_XT] = 0.0f, r[F_WT] = 0.0f, r[F_OWNED] = 0.0f, r[F_U] = (float)u;
     if (t != o->ignore_index && t >= v0 && t < v0 + c) {
       r[F_XT] = (float)x[t - v0], r[F_WT] = (float)class_w(o, t - v0), r[F_OWNED] = 1.0f;
     }
@@ -67,15 +68,15 @@ static void stats(const culoss__vp_args *a, double *x) {
 
 /* Row i's records merged in rank order. */
 typedef struct {
-  double m, log_s, sx, sy, xt, wt;
+  double m, log_s, sx, sy, xt, wt, u_over_s;
   int owners;
 } merged;
 
 static merged merge(const culoss__vp_args *a, int64_t i) {
   const float *g = (const float *)a->gathered;
   const int64_t stride = (a->n + 1) * NF;
-  merged r = {-INFINITY, 0.0, 0.0, 0.0, 0.0, 1.0, 0};
-  double s = 0.0;
+  merged r = {-INFINITY, 0.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0};
+  double s = 0.0, u = 0.0;
   int nan = 0, k;
   for (k = 0; k < a->vp->ranks; k++) {
     const double m = g[k * stride + i * NF + F_M];
@@ -85,13 +86,17 @@ static merged merge(const culoss__vp_args *a, int64_t i) {
   for (k = 0; k < a->vp->ranks; k++) {
     const float *q = g + k * stride + i * NF;
     const double m = q[F_M], sy = q[F_SY];
-    if (m != -INFINITY) s += (double)q[F_S] * exp(m - r.m);
+    if (m != -INFINITY) { /* u_k relative to m: e^(m - M) (u_k - (M - m) s_k) */
+      s += (double)q[F_S] * exp(m - r.m);
+      u += exp(m - r.m) * ((double)q[F_U] - (r.m - m) * (double)q[F_S]);
+    }
     r.sx += q[F_SX];
     if (sy != 0.0 && m != r.m) r.sx += m == -INFINITY ? sy * INFINITY : sy * (r.m - m);
     r.sy += sy;
     if (q[F_OWNED] != 0.0f) r.xt = q[F_XT], r.wt = q[F_WT], r.owners++;
   }
   r.log_s = nan ? NAN : log(s);
+  r.u_over_s = nan ? NAN : u / s;
   if (nan) r.m = NAN;
   return r;
 }
@@ -137,6 +142,8 @@ static culoss_status finish(const culoss__vp_args *a, double *x) {
       l = tw * ((r.m - r.xt) + r.log_s);
       if (eps > 0.0) l += eps / C * (r.sx + r.sy * r.log_s);
       l += z * lse * lse;
+      if (a->lse) a->lse[i] = (float)lse;
+      if (a->entropy) a->entropy[i] = (float)(r.log_s - r.u_over_s);
       if (a->grad)
         for (j = 0; j < c; j++) {
           const double p = x[j] == -INFINITY && !isnan(r.m) ? 0.0 : exp(x[j] - r.m - r.log_s);
@@ -145,8 +152,11 @@ static culoss_status finish(const culoss__vp_args *a, double *x) {
           culoss__store_f32(a->grad, a->dtype, i * a->ld + j,
                             (float)(scale * (p * coef_a - b) * cg));
         }
-    } else if (a->grad) {
-      for (j = 0; j < c; j++) culoss__store_f32(a->grad, a->dtype, i * a->ld + j, 0.0f);
+    } else {
+      if (a->lse) a->lse[i] = 0.0f;
+      if (a->entropy) a->entropy[i] = 0.0f;
+      if (a->grad)
+        for (j = 0; j < c; j++) culoss__store_f32(a->grad, a->dtype, i * a->ld + j, 0.0f);
     }
     if (o->reduction == CULOSS_REDUCTION_NONE)
       a->loss[i] = (float)l;
@@ -211,6 +221,7 @@ culoss_status culoss__cpu_linear_vocab_parallel(const culoss__lce_args *a) {
   }
   va.phase = CULOSS__VP_FINISH, va.stats = NULL, va.gathered = all;
   va.loss = a->loss, va.grad = g, va.grad_loss = a->grad_loss;
+  va.lse = a->lse, va.entropy = a->entropy;
   if ((st = culoss__cpu_vocab_parallel(&va)) != CULOSS_OK) goto done;
   if (a->grad_hidden) /* this slice's part of d loss / d hidden */
     for (i = 0; i < n; i++)

@@ -638,9 +638,10 @@ CULOSS_API culoss_status culoss_cross_entropy_vocab_parallel_finish(
  * The loss is the full loss (the same on every rank); grad_weight and
  * grad_bias are this rank's slice; grad_hidden is this rank's PARTIAL sum
  * over its classes, which the caller all-reduces (sums) across ranks to get
- * the gradient of hidden. `lo` is culoss_linear_cross_entropy_ex's (its
- * grad_weight dtypes and accumulate), except that lse and entropy must be
- * NULL (else CULOSS_ERROR_NOT_SUPPORTED).
+ * the gradient of hidden. `lo` is culoss_linear_cross_entropy_ex's: its
+ * grad_weight dtypes, accumulate, and the per-row lse and entropy over all
+ * v_total classes (the same on every rank; 0 for ignored rows, NaN on CUDA
+ * for a target out of range or slices that do not tile v_total).
  *
  * The logits exist one block of rows at a time, as in the single-device
  * call, and the call makes one all-gather of the per-row records: pass 1

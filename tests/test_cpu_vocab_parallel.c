@@ -360,6 +360,7 @@ typedef struct {
   int accumulate, gw16; /* gw16: grad_weight / grad_bias in the input dtype */
   float loss[LN];
   float gh[LN * LD], gw[LV * LD], gb[LV]; /* fp32 (unpacked) */
+  float lse[LN], ent[LN];
   culoss_status st;
   char err[200];
 } lrank;
@@ -374,6 +375,7 @@ static void *lrank_main(void *p) {
   const culoss_dtype gdt = j->gw16 ? j->dt : CULOSS_F32;
   lo.grad_weight_dtype = j->gw16 ? CULOSS_DTYPE_INPUT : CULOSS_F32;
   lo.accumulate = j->accumulate;
+  lo.lse = j->lse, lo.entropy = j->ent;
   culoss_cross_entropy_options o = *j->o;
   if (o.class_weight) o.class_weight += j->begin;
   unsigned char gh[LN * LD * 4], gw[LV * LD * 4], gb[LV * 4];
@@ -414,9 +416,13 @@ static void linear_case(int ranks, culoss_dtype dt, int variant, int gw16, uint6
   for (int i = 0; i < LN; i++) glv[i] = (float)(0.5 + rng_uniform(&r));
   const float *gl = o.reduction == CULOSS_REDUCTION_NONE ? glv : NULL;
   /* the single-device reference, on fp32 copies of the rounded inputs */
-  float ref_l[LN], ref_gh[LN * LD], ref_gw[LV * LD], ref_gb[LV];
-  cr_assert_eq(culoss_linear_cross_entropy(ctx, &o, LN, LD, LV, CULOSS_F32, h, w, b, CULOSS_I64, t,
-                                           ref_l, ref_gh, ref_gw, ref_gb, gl, NULL, 0),
+  float ref_l[LN], ref_gh[LN * LD], ref_gw[LV * LD], ref_gb[LV], ref_lse[LN], ref_ent[LN];
+  culoss_linear_ce_options rlo;
+  culoss_linear_ce_options_init(&rlo);
+  rlo.lse = ref_lse, rlo.entropy = ref_ent;
+  cr_assert_eq(culoss_linear_cross_entropy_ex(ctx, &o, &rlo, LN, LD, LV, CULOSS_F32, h, w, b,
+                                              CULOSS_I64, t, ref_l, ref_gh, ref_gw, ref_gb, gl,
+                                              NULL, 0),
                CULOSS_OK, "%s", culoss_last_error());
   slices(ranks, LV, begin, width);
   pthread_barrier_t bar;
@@ -463,6 +469,12 @@ static void linear_case(int ranks, culoss_dtype dt, int variant, int gw16, uint6
                     1e-6 + gwr * (fabs(ref_gb[j]) + fabs(old_b[j])),
                 "grad_bias[%lld]", (long long)j);
     for (int i = 0; i < LN * LD; i++) gh_sum[i] += jobs[q].gh[i], gh_abs[i] += fabsf(jobs[q].gh[i]);
+    for (int i = 0; i < LN; i++) {
+      cr_assert(close_enough(jobs[q].lse[i], ref_lse[i], 1e-5, 1e-5), "rank %d lse[%d] %g vs %g", q,
+                i, (double)jobs[q].lse[i], (double)ref_lse[i]);
+      cr_assert(close_enough(jobs[q].ent[i], ref_ent[i], 1e-5, 1e-4),
+                "rank %d entropy[%d] %g vs %g", q, i, (double)jobs[q].ent[i], (double)ref_ent[i]);
+    }
   }
   /* the ranks' partial grad_hidden sum to the whole (what the caller's all-reduce does), each
      partial rounded once to the dtype */
@@ -491,7 +503,7 @@ Test(cpu_vp, linear_refusals) {
   culoss_linear_ce_options_init(&lo);
   uint16_t h[8] = {0}, w[8] = {0}, gw[8];
   int64_t t[4] = {0, 1, 2, 3};
-  float loss, lse[4];
+  float loss;
   lo.grad_weight_dtype = CULOSS_F16; /* neither the input's (bf16) nor fp32 */
   cr_assert_eq(culoss_linear_cross_entropy_vocab_parallel(ctx, NULL, &lo, &vp, 4, 2, 4, CULOSS_BF16,
                                                           h, w, NULL, CULOSS_I64, t, &loss, NULL,
@@ -499,11 +511,6 @@ Test(cpu_vp, linear_refusals) {
                CULOSS_ERROR_INVALID_VALUE);
   cr_assert(strstr(culoss_last_error(), "grad_weight_dtype") != NULL, "%s", culoss_last_error());
   culoss_linear_ce_options_init(&lo);
-  lo.lse = lse;
-  cr_assert_eq(culoss_linear_cross_entropy_vocab_parallel(ctx, NULL, &lo, &vp, 4, 2, 4, CULOSS_BF16,
-                                                          h, w, NULL, CULOSS_I64, t, &loss, NULL,
-                                                          NULL, NULL, NULL, NULL, 0),
-               CULOSS_ERROR_NOT_SUPPORTED);
   vp.allgather = NULL;
   cr_assert_eq(culoss_linear_cross_entropy_vocab_parallel(ctx, NULL, NULL, &vp, 4, 2, 4,
                                                           CULOSS_BF16, h, w, NULL, CULOSS_I64, t,

@@ -320,6 +320,7 @@ typedef struct {
   int accumulate, gw16; /* gw16: grad_weight / grad_bias in the input dtype */
   float loss[LN];
   float gh[LN * LD];
+  float lse[LN], ent[LN];
   culoss_status st;
   char err[256];
 } lrank_job;
@@ -336,6 +337,7 @@ static void *lrank_main(void *p) {
   const size_t gs = dtype_bytes(gdt);
   lo.grad_weight_dtype = j->gw16 ? CULOSS_DTYPE_INPUT : CULOSS_F32;
   lo.accumulate = j->accumulate;
+  void *d_lse = NULL, *d_ent = NULL;
   unsigned char gwp[LV * LD * 4], gbp[LV * 4];
   pack_dtype(gwp, j->gw + j->begin * LD, j->width * LD, gdt);
   pack_dtype(gbp, j->gb + j->begin, j->width, gdt);
@@ -361,6 +363,9 @@ static void *lrank_main(void *p) {
   STEP(culoss_malloc(c, &d_ws, wsb));
   STEP(culoss_malloc(c, &d_l, nl * 4));
   STEP(culoss_malloc(c, &d_gl, LN * 4));
+  STEP(culoss_malloc(c, &d_lse, LN * 4));
+  STEP(culoss_malloc(c, &d_ent, LN * 4));
+  lo.lse = (float *)d_lse, lo.entropy = (float *)d_ent;
   if (j->gl) STEP(culoss_upload(c, d_gl, j->gl, LN * 4));
   STEP(culoss_upload(c, d_h, j->h, (size_t)(LN * LD) * es));
   STEP(culoss_upload(c, d_w, j->w + (size_t)(j->begin * LD) * es, (size_t)(j->width * LD) * es));
@@ -376,6 +381,8 @@ static void *lrank_main(void *p) {
                                                   j->gl ? d_gl : NULL, d_ws, wsb));
   STEP(culoss_synchronize(c));
   STEP(culoss_download(c, j->loss, d_l, nl * 4));
+  STEP(culoss_download(c, j->lse, d_lse, LN * 4));
+  STEP(culoss_download(c, j->ent, d_ent, LN * 4));
   STEP(culoss_download(c, gh, d_gh, (size_t)(LN * LD) * es));
   STEP(culoss_download(c, gwp, d_gw, (size_t)(j->width * LD) * gs));
   STEP(culoss_download(c, gbp, d_gb, (size_t)j->width * gs));
@@ -387,8 +394,8 @@ static void *lrank_main(void *p) {
     unpack_dtype(j->gw + j->begin * LD, gwp, j->width * LD, gdt);
     unpack_dtype(j->gb + j->begin, gbp, j->width, gdt);
   }
-  void *bufs[] = {d_h, d_w, d_b, d_t, d_cw, d_gh, d_gw, d_gb, d_ws, d_l, d_gl};
-  for (int k = 0; k < 11; k++) culoss_free(c, bufs[k]);
+  void *bufs[] = {d_h, d_w, d_b, d_t, d_cw, d_gh, d_gw, d_gb, d_ws, d_l, d_gl, d_lse, d_ent};
+  for (int k = 0; k < 13; k++) culoss_free(c, bufs[k]);
   culoss_destroy(c);
   if (s) cudaStreamDestroy(s);
   return NULL;
@@ -416,9 +423,13 @@ static void linear_case(int ranks, culoss_dtype dt, int variant, int gw16, uint6
   for (int i = 0; i < LN; i++) glv[i] = (float)(0.5 + rng_uniform(&r));
   const float *gl = o.reduction == CULOSS_REDUCTION_NONE ? glv : NULL;
   if (weights) o.class_weight = cw;
-  float ref_l[LN], ref_gh[LN * LD], ref_gw[LV * LD], ref_gb[LV];
-  cr_assert_eq(culoss_linear_cross_entropy(cpu, &o, LN, LD, LV, CULOSS_F32, h, w, b, CULOSS_I64, t,
-                                           ref_l, ref_gh, ref_gw, ref_gb, gl, NULL, 0),
+  float ref_l[LN], ref_gh[LN * LD], ref_gw[LV * LD], ref_gb[LV], ref_lse[LN], ref_ent[LN];
+  culoss_linear_ce_options rlo;
+  culoss_linear_ce_options_init(&rlo);
+  rlo.lse = ref_lse, rlo.entropy = ref_ent;
+  cr_assert_eq(culoss_linear_cross_entropy_ex(cpu, &o, &rlo, LN, LD, LV, CULOSS_F32, h, w, b,
+                                              CULOSS_I64, t, ref_l, ref_gh, ref_gw, ref_gb, gl,
+                                              NULL, 0),
                CULOSS_OK, "%s", culoss_last_error());
   const culoss_dtype gdt = gw16 ? dt : CULOSS_F32;
   for (int i = 0; i < LV * LD; i++) old_w[i] = accumulate ? (float)(0.01 * rng_normal(&r)) : 0;
@@ -456,6 +467,13 @@ static void linear_case(int ranks, culoss_dtype dt, int variant, int gw16, uint6
                 (double)jobs[q].loss[i], (double)ref_l[i]);
     }
     for (int i = 0; i < LN * LD; i++) gh_sum[i] += jobs[q].gh[i];
+    for (int i = 0; i < LN; i++) {
+      cr_assert(close_enough(jobs[q].lse[i], ref_lse[i], tol, tol), "rank %d lse[%d] %g vs %g", q,
+                i, (double)jobs[q].lse[i], (double)ref_lse[i]);
+      cr_assert(close_enough(jobs[q].ent[i], ref_ent[i], 2 * tol, 2 * tol),
+                "rank %d entropy[%d] %g vs %g", q, i, (double)jobs[q].ent[i], (double)ref_ent[i]);
+      cr_assert(memcmp(&jobs[q].lse[i], &jobs[0].lse[i], 4) == 0, "rank %d's lse differs", q);
+    }
   }
   double num = 0, den = 0; /* relative norms: GEMMs sum in another order */
   for (int i = 0; i < LV * LD; i++) {
