@@ -17,6 +17,19 @@ static double class_w(const culoss_cross_entropy_options *o, int64_t j) {
   return o->class_weight ? (double)o->class_weight[j] : 1.0;
 }
 
+double culoss__cpu_row_max(int64_t c, const double *x, int *has_nan) {
+  double m = -INFINITY;
+  int64_t j;
+  *has_nan = 0;
+  for (j = 0; j < c; j++) {
+    if (isnan(x[j]))
+      *has_nan = 1;
+    else if (x[j] > m)
+      m = x[j];
+  }
+  return m;
+}
+
 /* One row's loss and gradient. Everything comes from the maximum m and the
  * sum s = sum_j exp(x_j - m), never from exp(x - lse) or lse - x: at
  * |x| >~ 1e11 the double lse = m + log s rounds back to m, which would give
@@ -29,12 +42,7 @@ double culoss__cpu_ce_row(const culoss_cross_entropy_options *o, int64_t c, cons
   double m = -INFINITY, s = 0.0, log_s, lse, coef_a, row_loss = 0.0;
   int has_nan = 0;
   int64_t j;
-  for (j = 0; j < c; j++) {
-    if (isnan(x[j]))
-      has_nan = 1;
-    else if (x[j] > m)
-      m = x[j];
-  }
+  m = culoss__cpu_row_max(c, x, &has_nan);
   if (has_nan) {
     m = NAN, s = NAN; /* every value of the row comes out NaN */
   } else if (m != -INFINITY) {
@@ -91,12 +99,7 @@ void culoss__cpu_row_stats(int64_t c, const double *x, double *lse, double *entr
   double m = -INFINITY, s = 0.0, u = 0.0;
   int has_nan = 0;
   int64_t j;
-  for (j = 0; j < c; j++) {
-    if (isnan(x[j]))
-      has_nan = 1;
-    else if (x[j] > m)
-      m = x[j];
-  }
+  m = culoss__cpu_row_max(c, x, &has_nan);
   if (has_nan || m == -INFINITY) { /* NaN: NaN; every logit -inf: lse -inf, entropy NaN */
     *lse = has_nan ? NAN : -INFINITY;
     *entropy = NAN;

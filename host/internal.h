@@ -84,6 +84,9 @@ culoss_status culoss__cpu_linear_vocab_parallel(const culoss__lce_args *a);
    included) to g and returns the row loss. */
 double culoss__cpu_ce_row(const culoss_cross_entropy_options *o, int64_t c, const double *x,
                           int64_t t, const double *y, double wsum, double scale, double *g);
+/* The largest non-NaN value of a row (-inf for none); *has_nan says whether
+   one was NaN. */
+double culoss__cpu_row_max(int64_t c, const double *x, int *has_nan);
 /* A row's log-sum-exp and softmax entropy lse - sum_j p_j x_j, in double. */
 void culoss__cpu_row_stats(int64_t c, const double *x, double *lse, double *entropy);
 /* Row i's of each of lse, entropy that is not NULL: 0 for an ignored row. */

@@ -39,12 +39,7 @@ static void stats(const culoss__vp_args *a, double *x) {
     double m = -INFINITY, s = 0.0, sx = 0.0, sy = 0.0, u = 0.0;
     int has_nan = 0;
     load_row(a, i, x);
-    for (j = 0; j < c; j++) {
-      if (isnan(x[j]))
-        has_nan = 1;
-      else if (x[j] > m)
-        m = x[j];
-    }
+    m = culoss__cpu_row_max(c, x, &has_nan);
     if (has_nan)
       m = NAN, s = NAN;
     else if (m != -INFINITY)
