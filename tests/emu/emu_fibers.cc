@@ -311,8 +311,13 @@ void run_kernel(const char *sig, dim3 grid, dim3 block, size_t smem,
   r.fibers.resize((size_t)r.nthreads);
   r.warps.resize((size_t)(r.nthreads + 31) / 32);
   r.body = &body;
-  std::vector<unsigned char> dyn(smem + 16);
-  unsigned char *dyn16 = dyn.data() + ((16 - ((uintptr_t)dyn.data() & 15)) & 15);
+  unsigned char *dyn16 = smem_acquire(smem);
+  if (!dyn16) {
+    report("%s: cannot map %zu bytes of dynamic shared memory", sig, smem);
+    fault(cudaErrorMemoryAllocation);
+    g_kernel = nullptr;
+    return;
+  }
   const uint64_t nblocks = (uint64_t)grid.x * grid.y * grid.z;
   std::vector<uint64_t> blocks; /* in the schedule's order, like the threads */
   order(blocks, (size_t)nblocks);
@@ -322,7 +327,7 @@ void run_kernel(const char *sig, dim3 grid, dim3 block, size_t smem,
   r.sched.bottom = nullptr; /* the calling thread's stack: learnt at the first switch back */
   r.sched.size = 0;
   g_sched_ctx = &r.sched;
-  bool ok = true;
+  bool ok = true, redzone = false;
   for (uint64_t b : blocks) {
     const uint3 bid = {(unsigned)(b % grid.x), (unsigned)((b / grid.x) % grid.y),
                        (unsigned)(b / ((uint64_t)grid.x * grid.y))};
@@ -341,11 +346,20 @@ void run_kernel(const char *sig, dim3 grid, dim3 block, size_t smem,
       ok = false;
       break;
     }
+    if (!smem_redzone_ok()) {
+      report("%s, block (%u,%u,%u): write past the end of its %zu bytes of dynamic shared memory",
+             sig, bid.x, bid.y, bid.z, smem);
+      redzone = true;
+      break;
+    }
   }
+  smem_release();
   g_run = prev;
   g_sched_ctx = prev_sched;
   if (!ok) {
     fault(cudaErrorLaunchFailure);
+  } else if (redzone) {
+    fault(cudaErrorIllegalAddress);
   } else {
     check_canaries(sig);
   }

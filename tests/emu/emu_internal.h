@@ -14,6 +14,9 @@
  *     random[:seed]); launch configurations are validated as CUDA does
  *     (block size, grid limits, dynamic shared memory above 48 KiB only
  *     after cudaFuncSetAttribute);
+ *   - dynamic shared memory is exactly the launch's size, followed by a
+ *     canary redzone checked after every block (a write there is
+ *     cudaErrorIllegalAddress) and a guard page;
  *   - memory: cudaMalloc returns poisoned memory (0xFF bytes: NaN in every
  *     float format) that ends at a PROT_NONE guard page, with the bytes up to
  *     the 256-byte boundary canary-checked after every kernel and at free; a
@@ -98,6 +101,13 @@ constexpr unsigned char POISON = 0xff, CANARY = 0xa5;
 bool in_device(const void *p, size_t bytes);
 /* Reports (and faults on) every allocation whose canary was overwritten. */
 void check_canaries(const char *when);
+/* A launch's dynamic shared memory: exactly `size` bytes (16-byte aligned)
+   followed by a redzone, a write into which smem_redzone_ok reports; farther
+   beyond, a guard page (or, under AddressSanitizer, ASan's own poisoning).
+   One launch at a time: released before the next. nullptr if out of memory. */
+unsigned char *smem_acquire(size_t size);
+bool smem_redzone_ok();
+void smem_release();
 
 /* ---- the emulated device's limits (emu_fibers.cc checks launches) ---- */
 

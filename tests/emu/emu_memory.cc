@@ -31,6 +31,14 @@ struct allocation {
 };
 std::map<uintptr_t, allocation> g_allocs; /* by ptr */
 
+/* The running launch's dynamic shared memory (smem_acquire): `size` bytes
+   at ptr (16-byte aligned), then a canary redzone of the rest of the
+   16-byte pack plus SMEM_REDZONE bytes, then (outside AddressSanitizer) a
+   PROT_NONE guard page. Under AddressSanitizer the redzone is poisoned
+   instead, so ASan reports the access itself. */
+constexpr size_t SMEM_REDZONE = 64;
+allocation g_smem = {nullptr, 0, nullptr, 0, 0};
+
 const allocation *find_alloc(const void *p) {
   auto it = g_allocs.upper_bound((uintptr_t)p);
   if (it == g_allocs.begin()) return nullptr;
@@ -59,6 +67,12 @@ void segv_handler(int sig, siginfo_t *si, void *) {
       break;
     }
   }
+  if (g_smem.map && addr >= (uintptr_t)g_smem.map && addr < (uintptr_t)g_smem.map + g_smem.map_len)
+    fprintf(stderr,
+            "culoss CUDA emulator: invalid access at %p, byte offset %ld of the %zu bytes of "
+            "dynamic shared memory (%s)\n",
+            (void *)addr, (long)(addr - (uintptr_t)g_smem.ptr), g_smem.size,
+            g_kernel ? g_kernel : "host code");
   signal(sig, SIG_DFL); /* the access faults again and the process dies */
 }
 
@@ -98,6 +112,54 @@ void check_canaries(const char *when) {
       fault(cudaErrorIllegalAddress);
       memset(kv.second.ptr + kv.second.size, CANARY, kv.second.slack); /* report once */
     }
+}
+
+unsigned char *smem_acquire(size_t size) {
+  const size_t body = (size + 15) & ~(size_t)15;
+  allocation a;
+  a.size = size;
+  a.slack = body - size + SMEM_REDZONE;
+#ifdef EMU_ASAN
+  a.map_len = body + SMEM_REDZONE;
+  a.map = static_cast<unsigned char *>(aligned_alloc(16, a.map_len));
+  if (!a.map) return nullptr;
+  a.ptr = a.map;
+  __asan_poison_memory_region(a.ptr + size, a.slack);
+#else
+  install_segv_handler();
+  const size_t pages = (body + SMEM_REDZONE + PAGE - 1) & ~(PAGE - 1);
+  a.map_len = pages + PAGE;
+  void *m = mmap(nullptr, a.map_len, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+  if (m == MAP_FAILED) return nullptr;
+  a.map = static_cast<unsigned char *>(m);
+  if (mprotect(a.map, pages, PROT_READ | PROT_WRITE) != 0) {
+    munmap(m, a.map_len);
+    return nullptr;
+  }
+  a.ptr = a.map + pages - body - SMEM_REDZONE; /* the redzone ends at the guard page */
+  memset(a.ptr + size, CANARY, a.slack);
+#endif
+  g_smem = a;
+  return a.ptr;
+}
+
+bool smem_redzone_ok() {
+#ifdef EMU_ASAN
+  return true; /* ASan has reported (and stopped at) any access there */
+#else
+  return canary_ok(g_smem);
+#endif
+}
+
+void smem_release() {
+  if (!g_smem.map) return;
+#ifdef EMU_ASAN
+  __asan_unpoison_memory_region(g_smem.map, g_smem.map_len);
+  free(g_smem.map);
+#else
+  munmap(g_smem.map, g_smem.map_len);
+#endif
+  g_smem = allocation{nullptr, 0, nullptr, 0, 0};
 }
 
 } // namespace culoss_emu::internal

@@ -62,6 +62,19 @@ __global__ void partial_warp_shuffle(float *out) {
 
 __global__ void write_at(float *p, int64_t i) { p[i] = 1.0f; }
 
+/* Thread 0 writes dynamic shared memory at byte offset `at` (a float),
+   after every thread has filled the first `fill` bytes. */
+__global__ void dynamic_smem_write(float *out, int64_t fill, int64_t at) {
+  CULOSS_DYNAMIC_SMEM(raw);
+  for (int64_t i = threadIdx.x; i < fill; i += blockDim.x) raw[i] = 1;
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    float v = 2.0f;
+    memcpy(raw + at, &v, sizeof v);
+    out[blockIdx.x] = (float)raw[0];
+  }
+}
+
 /* One past the end of a __shared__ array (index from the caller so the
    compiler cannot see it). */
 __global__ void shared_overrun(float *out, int i) {
@@ -181,6 +194,58 @@ Test(emu, write_just_past_an_allocation_is_caught) {
   cudaFree(p);
 }
 
+/* Dynamic shared memory is exactly the launch's size: one float past it
+   (at a 16-byte multiple, where a pack-sized slack would hide it, and
+   mid-pack for an odd size) fails the launch (the tests below); the last
+   float inside is fine, in every block. */
+Test(emu, last_float_of_dynamic_shared_memory_is_fine) {
+  SKIP_UNDER_ASAN();
+  float *o = dmalloc(4);
+  const struct {
+    size_t bytes;
+    int64_t at;
+  } inside[] = {{400, 396}, {36, 32}, {4, 0}};
+  for (const auto &k : inside) {
+    cr_assert_eq(culoss_dev::launch(dynamic_smem_write, dim3(4), dim3(B), k.bytes, nullptr, o,
+                                    (int64_t)k.bytes, k.at),
+                 cudaSuccess);
+    cr_assert_eq(cudaDeviceSynchronize(), cudaSuccess, "%zu bytes, float at %lld", k.bytes,
+                 (long long)k.at);
+  }
+  cudaFree(o);
+}
+
+/* Each failing case in its own process: the fault is sticky. */
+static void smem_overrun(size_t bytes, int64_t at) {
+  float *o = dmalloc(4);
+  cr_assert_eq(culoss_dev::launch(dynamic_smem_write, dim3(4), dim3(B), bytes, nullptr, o,
+                                  (int64_t)bytes, at),
+               cudaSuccess);
+  cr_assert_eq(cudaDeviceSynchronize(), cudaErrorIllegalAddress, "%zu bytes, float at %lld",
+               bytes, (long long)at);
+  cr_assert_eq(cudaGetLastError(), cudaErrorIllegalAddress);
+}
+Test(emu, dynamic_smem_one_pack_short) {
+  SKIP_UNDER_ASAN();
+  smem_overrun(400, 400);
+}
+Test(emu, dynamic_smem_mid_pack) {
+  SKIP_UNDER_ASAN();
+  smem_overrun(36, 36);
+}
+Test(emu, dynamic_smem_none_requested) {
+  SKIP_UNDER_ASAN();
+  smem_overrun(0, 0);
+}
+
+#if !defined(__SANITIZE_ADDRESS__)
+Test(emu, dynamic_smem_far_past_hits_the_guard, .signal = SIGSEGV) {
+  float *o = dmalloc(4);
+  (void)culoss_dev::launch(dynamic_smem_write, dim3(1), dim3(B), (size_t)400, nullptr, o,
+                           (int64_t)400, (int64_t)400 + 4096);
+}
+#endif
+
 #if !defined(__SANITIZE_ADDRESS__)
 Test(emu, access_beyond_the_guard_faults, .signal = SIGSEGV) {
   float *p = dmalloc(1024); /* 4096 bytes: the guard page starts right after */
@@ -248,5 +313,12 @@ extern "C" const char *__asan_default_options() { return "abort_on_error=1"; }
 Test(emu, shared_memory_overrun_is_caught_by_asan, .signal = SIGABRT) {
   float *o = dmalloc(1);
   (void)culoss_dev::launch(shared_overrun, dim3(1), dim3(B), 0, nullptr, o, B + 4);
+}
+
+Test(emu, dynamic_smem_overrun_is_caught_by_asan, .signal = SIGABRT) {
+  float *o = dmalloc(1);
+  (void)culoss_dev::launch(dynamic_smem_write, dim3(1), dim3(B), (size_t)400, nullptr, o,
+                           (int64_t)400, (int64_t)400);
+  (void)cudaDeviceSynchronize();
 }
 #endif
