@@ -66,6 +66,7 @@ struct culoss_context {
   size_t smem_optin;  /* max dynamic shared memory per block */
   void *cublas;       /* cublasHandle_t, created with the context */
   void *cublas_ws;    /* its fixed workspace: nothing allocates during capture */
+  void *stream_event; /* cudaEvent_t: culoss_set_stream orders the new stream after the old */
   /* Tuning knobs, read from the environment once, at culoss_create (README,
      "Tuning"): a call never reads the environment. */
   int ce_tpr;              /* CULOSS_CE_SHAPE: CE threads per row; 0 = chosen by c */
@@ -161,7 +162,8 @@ typedef struct {
    STATS writes this rank's n + 1 records to `stats`; FINISH merges the
    ranks' records in `gathered` (rank-major, n + 1 each) and writes loss and
    gradient. A record is 8 floats: for row i, {m, s, sx, sy, x_t, w_t, owned,
-   u} of this rank's slice (m its maximum, s = sum e^(x - m), sx/sy the
+   u} of this rank's slice (m its maximum, s = sum e^(x - m) without the
+   top's 1 (culoss__lse_state: log1p keeps confident rows), sx/sy the
    smoothing sums of culoss__sx_rebase, x_t and w_t the target's logit and
    weight where this rank owns it, owned 1 there, u the entropy sum of
    culoss__ent_rebase); record n is culoss__vp_slice_record's: the slice's

@@ -60,13 +60,20 @@ extern "C" culoss_status culoss__cublas_status(int status, const char *what) {
 }
 
 extern "C" culoss_status culoss__cuda_context_init(culoss_context *ctx) {
-  const culoss_status st = kernel_attributes(ctx);
-  return st != CULOSS_OK ? st : cublas_create(ctx);
+  culoss_status st = kernel_attributes(ctx);
+  if (st != CULOSS_OK) return st;
+  cudaEvent_t ev = nullptr;
+  const cudaError_t e = cudaEventCreateWithFlags(&ev, cudaEventDisableTiming);
+  if (e != cudaSuccess) return culoss__cuda_status(e, "cudaEventCreateWithFlags");
+  ctx->stream_event = ev;
+  return cublas_create(ctx);
 }
 
 extern "C" void culoss__cuda_context_release(culoss_context *ctx) {
   if (ctx->cublas) cublasDestroy((cublasHandle_t)ctx->cublas);
   if (ctx->cublas_ws) cudaFree(ctx->cublas_ws);
+  if (ctx->stream_event) cudaEventDestroy((cudaEvent_t)ctx->stream_event);
   ctx->cublas = nullptr;
   ctx->cublas_ws = nullptr;
+  ctx->stream_event = nullptr;
 }

@@ -125,6 +125,45 @@ static culoss_status read_tuning(culoss_context *c) {
     }                                                                                              \
   } while (0)
 
+/* Whether stream s is being captured: 1, 0, or -1 with *st set on error.
+   The legacy stream during another stream's global-mode capture answers
+   cudaErrorStreamCaptureImplicit, not an error of the caller's: counted as
+   capturing (and the error cleared, as it is not sticky). */
+static int stream_capturing(cudaStream_t s, culoss_status *st) {
+  enum cudaStreamCaptureStatus cs = cudaStreamCaptureStatusNone;
+  const cudaError_t e = cudaStreamIsCapturing(s, &cs);
+  if (e == cudaErrorStreamCaptureImplicit) {
+    (void)cudaGetLastError();
+    return 1;
+  }
+  if (e != cudaSuccess) {
+    *st = culoss__cuda_status(e, "culoss_set_stream: cudaStreamIsCapturing");
+    return -1;
+  }
+  return cs != cudaStreamCaptureStatusNone;
+}
+
+/* culoss_set_stream's switch: the new stream waits (an event recorded on
+   the old one) for the context's enqueued work, which uses its scratch, so
+   work on the two streams never overlaps on it; nothing waits on the host,
+   and recording and waiting are legal in a capture. While either stream is
+   captured, nothing is added: a wait would pull the new stream into the
+   capture (or an un-captured stream into a graph), and inside a capture the
+   caller orders its streams (include/culoss.h). */
+static culoss_status switch_stream_cuda(culoss_context *ctx, const void *next_stream) {
+  culoss_status st = CULOSS_OK;
+  const cudaStream_t old = (cudaStream_t)ctx->stream, next = (cudaStream_t)next_stream;
+  const int a = stream_capturing(old, &st), b = a < 0 ? -1 : stream_capturing(next, &st);
+  if (a < 0 || b < 0) return st;
+  if (!a && !b) {
+    CUDA_TRY(cudaEventRecord((cudaEvent_t)ctx->stream_event, old));
+    CUDA_TRY(cudaStreamWaitEvent(next, (cudaEvent_t)ctx->stream_event, 0));
+  }
+  ctx->stream = (void *)next;
+done:
+  return st;
+}
+
 /* Whether a CUDA driver is installed at all. Without one the runtime says
    "driver version is insufficient", exactly as it does for a driver that is
    too old: only the first is "no device"; the second is a broken setup. */
@@ -253,8 +292,13 @@ culoss_status culoss_set_stream(culoss_context *ctx, void *cuda_stream) {
                            "culoss_set_stream: the CPU backend has no streams");
     return CULOSS_OK;
   }
+#ifdef CULOSS_HAVE_CUDA
+  if (cuda_stream == ctx->stream) return CULOSS_OK;
+  return culoss__dispatch_cuda(ctx, "culoss_set_stream", switch_stream_cuda, cuda_stream);
+#else
   ctx->stream = cuda_stream;
   return CULOSS_OK;
+#endif
 }
 
 culoss_status culoss_set_grid_limit(culoss_context *ctx, int64_t max_blocks) {

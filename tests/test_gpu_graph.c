@@ -367,3 +367,71 @@ Test(gpu_graph, every_loss_on_a_non_default_stream_matches_the_cpu) {
   cr_skip_test("skipped: no CUDA device (a CPU-only build)");
 #endif
 }
+
+/* culoss_set_stream between two streams, call after call, on one context:
+   each call's MEAN goes through the context's scratch (partials and
+   denominator), so without the switch's event the calls on the two streams
+   could overlap on it (on a GPU; the emulator, synchronous, only checks the
+   results and the calls). During a capture the switch must add nothing:
+   the un-captured stream is not pulled into the capture. */
+Test(gpu_graph, set_stream_alternation_is_ordered) {
+  REQUIRE_GPU();
+#ifdef CULOSS_HAVE_CUDA
+  enum { K = 8, AN = 96, AC = 3000 };
+  rng_t r = rng_seeded(777);
+  float *x = malloc((size_t)AN * AC * 4), rl[K], l[K];
+  int64_t t[K][AN];
+  cr_assert(x);
+  fill_logits(&r, x, AN, AC, AC, 2.0, 1, NULL);
+  for (int k = 0; k < K; k++)
+    for (int i = 0; i < AN; i++) t[k][i] = i % 5 == k % 5 ? -100 : rng_int(&r, 0, AC);
+  culoss_cross_entropy_options o;
+  culoss_cross_entropy_options_init(&o);
+  for (int k = 0; k < K; k++)
+    cr_assert_eq(culoss_cross_entropy(cpu, &o, AN, AC, CULOSS_F32, x, AC, CULOSS_I64, t[k], &rl[k],
+                                      NULL, NULL),
+                 CULOSS_OK);
+  float *d_x = dev_from(x, (size_t)AN * AC * 4), *d_l = dev_alloc(sizeof l);
+  float *d_g = dev_alloc((size_t)AN * AC * 4);
+  int64_t *d_t = dev_from(t, sizeof t);
+  dev_poison(d_l, sizeof l);
+  cudaStream_t s[2];
+  for (int i = 0; i < 2; i++)
+    cr_assert_eq(cudaStreamCreateWithFlags(&s[i], cudaStreamNonBlocking), cudaSuccess);
+  for (int k = 0; k < K; k++) {
+    cr_assert_eq(culoss_set_stream(gpu, s[k % 2]), CULOSS_OK, "%s", culoss_last_error());
+    cr_assert_eq(culoss_cross_entropy(gpu, &o, AN, AC, CULOSS_F32, d_x, AC, CULOSS_I64, d_t + k * AN,
+                                      d_l + k, d_g, NULL),
+                 CULOSS_OK, "%s", culoss_last_error());
+  }
+  cr_assert_eq(culoss_synchronize(gpu), CULOSS_OK, "%s", culoss_last_error());
+  to_host(l, d_l, sizeof l);
+  for (int k = 0; k < K; k++)
+    cr_assert(close_enough(l[k], rl[k], 1e-6, 2e-5), "call %d: %g vs %g", k, (double)l[k],
+              (double)rl[k]);
+  /* capture on s[0]; switching to s[1] and back must leave s[1] out of it */
+  cr_assert_eq(culoss_set_stream(gpu, s[0]), CULOSS_OK);
+  cudaGraph_t graph = NULL;
+  cr_assert_eq(cudaStreamBeginCapture(s[0], cudaStreamCaptureModeGlobal), cudaSuccess);
+  cr_assert_eq(culoss_cross_entropy(gpu, &o, AN, AC, CULOSS_F32, d_x, AC, CULOSS_I64, d_t, d_l,
+                                    NULL, NULL),
+               CULOSS_OK);
+  const culoss_status sw1 = culoss_set_stream(gpu, s[1]);
+  enum cudaStreamCaptureStatus cs = cudaStreamCaptureStatusActive;
+  const cudaError_t q = cudaStreamIsCapturing(s[1], &cs);
+  const culoss_status sw2 = culoss_set_stream(gpu, s[0]);
+  const cudaError_t end = cudaStreamEndCapture(s[0], &graph);
+  cr_assert_eq(sw1, CULOSS_OK, "%s", culoss_last_error());
+  cr_assert_eq(sw2, CULOSS_OK, "%s", culoss_last_error());
+  cr_assert(q == cudaSuccess && cs == cudaStreamCaptureStatusNone,
+            "set_stream pulled the other stream into the capture");
+  cr_assert_eq(end, cudaSuccess, "capture broken: %s", cudaGetErrorString(end));
+  cudaGraphDestroy(graph);
+  cr_assert_eq(culoss_set_stream(gpu, NULL), CULOSS_OK);
+  for (int i = 0; i < 2; i++) cudaStreamDestroy(s[i]);
+  culoss_free(gpu, d_x), culoss_free(gpu, d_l), culoss_free(gpu, d_g), culoss_free(gpu, d_t);
+  free(x);
+#else
+  cr_skip_test("skipped: no CUDA device (a CPU-only build)");
+#endif
+}

@@ -24,6 +24,10 @@ struct CUstream_st {
   unsigned flags = 0;
   bool capturing = false;
   bool invalidated = false;
+  /* A stream joined to another's capture (it waited on an event recorded
+     in that capture): its work goes into the origin's graph, and it stops
+     capturing when the origin's capture ends. */
+  CUstream_st *origin = nullptr;
   std::vector<std::function<void()>> ops;
 };
 struct CUgraph_st {
@@ -35,6 +39,7 @@ struct CUgraphExec_st {
 struct CUevent_st {
   double ms = 0.0; /* host time when the stream reached the record */
   bool recorded = false;
+  CUstream_st *capture = nullptr; /* the capture (origin stream) it was recorded into */
 };
 
 #pragma GCC visibility push(hidden)
@@ -96,7 +101,7 @@ cudaError_t submit(cudaStream_t s, std::function<void()> op) {
     return cudaErrorStreamCaptureImplicit;
   }
   if (st->capturing) {
-    st->ops.push_back(std::move(op));
+    (st->origin ? st->origin : st)->ops.push_back(std::move(op));
     return cudaSuccess;
   }
   op();
@@ -274,7 +279,7 @@ cudaError_t cudaStreamCreate(cudaStream_t *s) { return cudaStreamCreateWithFlags
 cudaError_t cudaStreamDestroy(cudaStream_t s) {
   LOCK;
   if (!g_streams.count(s)) return set_error(cudaErrorInvalidResourceHandle);
-  if (s->capturing) g_global_captures--;
+  if (s->capturing && !s->origin) g_global_captures--;
   g_streams.erase(s);
   delete s;
   return cudaSuccess;
@@ -314,9 +319,11 @@ cudaError_t cudaStreamEndCapture(cudaStream_t s, cudaGraph_t *graph) {
   LOCK;
   CUstream_st *st = stream_of(s);
   if (!st || !graph) return set_error(cudaErrorInvalidValue);
-  if (!st->capturing) return set_error(cudaErrorIllegalState);
+  if (!st->capturing || st->origin) return set_error(cudaErrorIllegalState);
   st->capturing = false;
   g_global_captures--;
+  for (CUstream_st *j : g_streams)
+    if (j->origin == st) j->capturing = false, j->origin = nullptr;
   if (st->invalidated) {
     *graph = nullptr;
     st->ops.clear();
@@ -386,10 +393,43 @@ cudaError_t cudaEventDestroy(cudaEvent_t e) {
 cudaError_t cudaEventRecord(cudaEvent_t e, cudaStream_t s) {
   LOCK;
   if (!e) return set_error(cudaErrorInvalidResourceHandle);
+  CUstream_st *st = stream_of(s);
+  e->capture = st && st->capturing ? (st->origin ? st->origin : st) : nullptr;
   return set_error(submit(s, [e]() {
     e->ms = now_ms();
     e->recorded = true;
   }));
+}
+
+/* Work on one stream runs synchronously, so every wait is already met;
+   checked: the handles, and the sticky error. As in CUDA, a stream that
+   waits on an event recorded in another stream's capture joins that
+   capture (cudaStreamIsCapturing says so, its work is recorded into it). */
+cudaError_t cudaStreamWaitEvent(cudaStream_t s, cudaEvent_t e, unsigned int flags) {
+  LOCK;
+  if (!e || flags != 0) return set_error(!e ? cudaErrorInvalidResourceHandle : cudaErrorInvalidValue);
+  CUstream_st *st = stream_of(s);
+  if (!st) return set_error(cudaErrorInvalidResourceHandle);
+  if (e->capture && !st->capturing) {
+    if (st == &g_default_stream) return set_error(cudaErrorStreamCaptureImplicit);
+    st->capturing = true;
+    st->origin = e->capture;
+  }
+  return set_error(submit(s, []() {}));
+}
+
+/* The legacy stream during a global-mode capture answers
+   cudaErrorStreamCaptureImplicit, as CUDA does. */
+cudaError_t cudaStreamIsCapturing(cudaStream_t s, enum cudaStreamCaptureStatus *status) {
+  LOCK;
+  CUstream_st *st = stream_of(s);
+  if (!st || !status) return set_error(!st ? cudaErrorInvalidResourceHandle : cudaErrorInvalidValue);
+  if (st == &g_default_stream && g_global_captures > 0)
+    return set_error(cudaErrorStreamCaptureImplicit);
+  *status = st->capturing ? (st->invalidated ? cudaStreamCaptureStatusInvalidated
+                                             : cudaStreamCaptureStatusActive)
+                          : cudaStreamCaptureStatusNone;
+  return cudaSuccess;
 }
 
 cudaError_t cudaEventSynchronize(cudaEvent_t e) {
