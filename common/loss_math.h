@@ -162,8 +162,16 @@ CULOSS_HD int culoss__vp_slices_tile(const float *gathered, int ranks, int64_t r
 /* online log-sum-exp                                                      */
 /* ---------------------------------------------------------------------- */
 
-/* State of a running log-sum-exp over some values: m = their maximum, s = sum
-   of exp(v - m). The empty set (or only -inf values) is {-inf, 0}. */
+/* State of a running log-sum-exp over some values: m = their maximum and
+   s = the sum of exp(v - m) over every value but one that equals m (the
+   "top", whose term is exactly 1 and is kept implicit): the sum of exps is
+   1 + s, so log-sum-exp = m + log1p(s). Kept apart, a confident row (all
+   others far below the top, s tiny) keeps its digits: in fp32, 1 + s rounds
+   s away below 6e-8, and log(1 + s) and the top's p - 1 = -s / (1 + s) would
+   lose them; every addition to s is of a positive term (merges included).
+   The empty set (or only -inf values) is {-inf, 0}: there is no top, and s
+   is the whole (zero) sum. A NaN value makes s NaN; a +inf maximum too (its
+   exp(inf - inf) is NaN, as PyTorch's). */
 typedef struct {
   float m;
   float s;
@@ -180,21 +188,54 @@ CULOSS_HD culoss__lse_state culoss__lse_empty(void) {
    exp(NaN): a tile or lane that saw only -inf (masked classes, padding)
    contributes nothing rather than poisoning the row. */
 CULOSS_HD float culoss__exp_diff(float a, float b) {
-  return (a == -INFINITY) ? 0.0f : exp2f((a - b) * CULOSS_LOG2E);
+  return (a == -INFINITY) ? 0.0f : expf(a - b);
+}
+
+/* The whole sum of exp(v - m), the top's 1 included. */
+CULOSS_HD float culoss__lse_total(culoss__lse_state a) {
+  return a.m == -INFINITY ? a.s : 1.0f + a.s;
+}
+
+/* s, but NaN for a +inf maximum (its exp(inf - inf)). */
+CULOSS_HD float culoss__lse_rest(culoss__lse_state a) {
+  return a.m == INFINITY ? culoss__nan() : a.s;
+}
+
+/* log of the whole sum, log1p(s). */
+CULOSS_HD float culoss__lse_log_s(culoss__lse_state a) {
+  return a.m == -INFINITY ? logf(a.s) : log1pf(culoss__lse_rest(a));
+}
+
+/* The state of values whose maximum is m and whose whole sum of
+   exp(v - m) is total (a record that carries the total). */
+CULOSS_HD culoss__lse_state culoss__lse_from_total(float m, float total) {
+  culoss__lse_state a;
+  a.m = m;
+  a.s = m == -INFINITY ? total : total - 1.0f;
+  return a;
 }
 
 /* Merge two states; associative and commutative up to rounding, and the
-   kernels always merge in a fixed order so results are deterministic.
-   NaN propagates through s. +inf gives NaN (inf - inf), as PyTorch does. */
+   kernels always merge in a fixed order so results are deterministic. The
+   state holding the larger maximum (a on ties) keeps its top; the other's
+   whole sum, rescaled, joins s. NaN propagates through s. */
 CULOSS_HD culoss__lse_state culoss__lse_merge(culoss__lse_state a, culoss__lse_state b) {
-  culoss__lse_state r;
+  culoss__lse_state r, t, o;
   r.m = fmaxf(a.m, b.m);
   if (r.m == -INFINITY) {
     r.s = a.s + b.s; /* both empty; keeps a NaN if one was already there */
     return r;
   }
-  r.s = a.s * culoss__exp_diff(a.m, r.m) + b.s * culoss__exp_diff(b.m, r.m);
+  t = a.m == r.m ? a : b;
+  o = a.m == r.m ? b : a;
+  r.s = t.s + culoss__lse_total(o) * culoss__exp_diff(o.m, r.m);
   return r;
+}
+
+/* The new s when a state's maximum m_old rises to m_new > m_old: its whole
+   sum, rescaled (a new value at m_new becomes the top). */
+CULOSS_HD float culoss__lse_rescale(culoss__lse_state a, float m_new) {
+  return culoss__lse_total(a) * culoss__exp_diff(a.m, m_new);
 }
 
 /* w (a - b) for a >= b, finite when the product is: a - b overflows fp32
@@ -223,7 +264,8 @@ CULOSS_HD float culoss__sx_term(float w, float x, float m) {
    u = sum_j e^(x_j - m) (x_j - m); then H = lse - sum_j p_j x_j =
    log s - u / s, with no cancellation at large common offsets. Moving to a
    larger maximum m_new multiplies by e^-(m_new - m) and subtracts
-   (m_new - m) s; a state with no values (m = -inf) has u = 0. */
+   (m_new - m) s, s the whole sum (culoss__lse_total); a state with no values
+   (m = -inf) has u = 0. */
 CULOSS_HD float culoss__ent_rebase(float u, float s, float m_old, float m_new) {
   float f;
   if (m_new == m_old || m_old == -INFINITY) return u;
@@ -235,21 +277,23 @@ CULOSS_HD float culoss__ent_rebase(float u, float s, float m_old, float m_new) {
 CULOSS_HD float culoss__ent_term(float e, float x, float m) {
   return x == -INFINITY || e == 0.0f ? 0.0f : e * (x - m);
 }
-CULOSS_HD float culoss__ent_value(float u, float s) { return logf(s) - u / s; }
+/* H from u and the state (log1p and 1 + s: see culoss__lse_state). */
+CULOSS_HD float culoss__ent_value(float u, culoss__lse_state a) {
+  return culoss__lse_log_s(a) - u / culoss__lse_total(a);
+}
 
 /* Add one value to a state. */
 CULOSS_HD culoss__lse_state culoss__lse_add(culoss__lse_state a, float v) {
   culoss__lse_state b;
   b.m = v;
-  b.s = (v == v) ? 1.0f : v; /* a NaN value makes s NaN */
-  if (v == -INFINITY) b.s = 0.0f;
+  b.s = (v == v) ? 0.0f : v; /* v alone is its own top; a NaN value makes s NaN */
   return culoss__lse_merge(a, b);
 }
 
 /* log-sum-exp of the state's values: -inf for the empty set. */
 CULOSS_HD float culoss__lse_value(culoss__lse_state a) {
   if (a.m == -INFINITY) return (a.s == a.s) ? -INFINITY : a.s;
-  return a.m + logf(a.s);
+  return a.m + culoss__lse_log_s(a);
 }
 
 /* ---------------------------------------------------------------------- */
@@ -270,34 +314,64 @@ CULOSS_HD float culoss__softcap_grad(float y, float cap) {
   return 1.0f - t * t;
 }
 
+/* A coefficient of culoss__ce_grad in two parts, w + k: the target-weight
+   part and the smoothing / z-loss part, so that the top column's
+   a - b = (a.w - b.w) + (a.k - b.k) stays exact where the weights cancel. */
+typedef struct {
+  float w, k;
+} culoss__ce_coef;
+
 /* Gradient of one logit of a cross-entropy row, in fp32:
- *   g = scale * (p * a - b) * capgrad,   p = exp((x - m) - log_s)
- * with lse = m + log_s split into the row maximum m and log of the rescaled
- * sum: x - m is exact for the large logits that matter, so p keeps fp32
- * accuracy even when the logits are in the thousands (x - lse would lose
- * the ulp of lse, 1e-3 at 1e4).
- * where the per-row constants are
- *   a = (1-eps) w_y + (eps/c) W + 2 z lse      (index targets)
- *   a = sum_c w_c y'_c + 2 z lse               (soft targets)
- * and the per-element one is
- *   b = (1-eps) w_y [j == y] + (eps/c) w_j     (index targets)
- *   b = w_j y'_j                               (soft targets).
+ *   g = scale * (p * a - b) * capgrad,   p = exp(x - m) / (1 + s)
+ * from the row maximum m and s, the row's culoss__lse_state sum without its
+ * top (culoss__lse_rest): x - m is exact for the large logits that matter,
+ * so p keeps fp32 accuracy even when the logits are in the thousands
+ * (x - lse would lose the ulp of lse, 1e-3 at 1e4), and for confident rows
+ * (exp(x - m - log_s) would lose the ulp of the argument, d 6e-8 relative
+ * at x - m = -d). A logit at the maximum has p = 1 / (1 + s): while s < 1 its
+ * p a - b is formed as a (p - 1) + (a - b) with p - 1 = -s / (1 + s), so a
+ * confident row's target gradient keeps its digits instead of rounding p
+ * to 1 (p - 1 = 0 for s < 6e-8 in fp32), and a - b from the parts of a and
+ * b, so z-loss's 2 z lse is not lost to (1 + 2 z lse) - 1.
+ * The per-row constants are a = a.w + a.k with
+ *   a.w = (1-eps) w_y, a.k = (eps/c) W + 2 z lse   (index targets)
+ *   a.w = sum_c w_c y'_c, a.k = 2 z lse            (soft targets)
+ * and the per-element one is b = b.w + b.k with
+ *   b.w = (1-eps) w_y [j == y], b.k = (eps/c) w_j  (index targets)
+ *   b.w = w_j y'_j, b.k = 0                        (soft targets).
  * The target column's p*a - b is formed in fp32 before any rounding to the
  * output dtype, so bf16/fp16 gradients do not lose it to cancellation.
  * p of a -inf logit is exactly 0. */
-CULOSS_HD float culoss__ce_grad(float x, float m, float log_s, float a, float b, float scale,
-                                float capgrad) {
-  float p = (x == -INFINITY) ? 0.0f : exp2f(((x - m) - log_s) * CULOSS_LOG2E);
-  return scale * (p * a - b) * capgrad;
+CULOSS_HD float culoss__ce_grad(float x, float m, float s, culoss__ce_coef a, culoss__ce_coef b,
+                                float scale, float capgrad) {
+  float p;
+  if (x == m && m != -INFINITY && s < 1.0f) /* s is NaN for m = +inf */
+    return scale * ((a.w + a.k) * (-s / (1.0f + s)) + ((a.w - b.w) + (a.k - b.k))) * capgrad;
+  p = (x == -INFINITY) ? 0.0f : expf(x - m) / (1.0f + s);
+  return scale * (p * (a.w + a.k) - (b.w + b.k)) * capgrad;
 }
 
 /* b of culoss__ce_grad for class-index targets at column j of a row of c
-   with target t: tw = (1-eps) w_t at the target, plus (eps/c) w_j; the class
-   weight (NULL: all ones) is read only when smoothing needs it. */
+   with target t: w = tw = (1-eps) w_t at the target, k = (eps/c) w_j; the
+   class weight (NULL: all ones) is read only when smoothing needs it. */
+CULOSS_HD culoss__ce_coef culoss__ce_index_b2(int64_t j, int64_t t, float tw, float eps, int64_t c,
+                                              const float *class_weight) {
+  culoss__ce_coef b;
+  b.w = j == t ? tw : 0.0f;
+  b.k = eps > 0.0f ? eps / (float)c * (class_weight ? class_weight[j] : 1.0f) : 0.0f;
+  return b;
+}
+/* Their sum, b. */
 CULOSS_HD float culoss__ce_index_b(int64_t j, int64_t t, float tw, float eps, int64_t c,
                                    const float *class_weight) {
-  float b = j == t ? tw : 0.0f;
-  if (eps > 0.0f) b += eps / (float)c * (class_weight ? class_weight[j] : 1.0f);
+  const culoss__ce_coef b = culoss__ce_index_b2(j, t, tw, eps, c, class_weight);
+  return b.w + b.k;
+}
+/* A coefficient with no second part. */
+CULOSS_HD culoss__ce_coef culoss__ce_coef1(float w) {
+  culoss__ce_coef b;
+  b.w = w;
+  b.k = 0.0f;
   return b;
 }
 

@@ -94,8 +94,8 @@ struct row_acc_merge {
            culoss__sx_rebase(b.sx, b.sy, b.lse.m, r.lse.m);
     r.sy = a.sy + b.sy;
     r.xt = a.xt + b.xt;
-    r.su = culoss__ent_rebase(a.su, a.lse.s, a.lse.m, r.lse.m) +
-           culoss__ent_rebase(b.su, b.lse.s, b.lse.m, r.lse.m);
+    r.su = culoss__ent_rebase(a.su, culoss__lse_total(a.lse), a.lse.m, r.lse.m) +
+           culoss__ent_rebase(b.su, culoss__lse_total(b.lse), b.lse.m, r.lse.m);
     return r;
   }
 };
@@ -313,12 +313,18 @@ __device__ __forceinline__ row_acc pass1(const ce_params &p, const row_job &job,
       vmax = fmaxf(vmax, xv[k]);
     }
     const float m = fmaxf(acc.lse.m, vmax);
-    float s = m == acc.lse.m ? acc.lse.s : acc.lse.s * culoss__exp_diff(acc.lse.m, m);
-    if (want_ent) acc.su = culoss__ent_rebase(acc.su, acc.lse.s, acc.lse.m, m);
+    /* A new maximum: the old sum joins s, and the pack's first value at m
+       becomes the top (its 1 implicit: culoss__lse_state). */
+    bool top = m != acc.lse.m;
+    float s = top ? culoss__lse_rescale(acc.lse, m) : acc.lse.s;
+    if (want_ent) acc.su = culoss__ent_rebase(acc.su, culoss__lse_total(acc.lse), acc.lse.m, m);
 #pragma unroll
     for (int k = 0; k < VEC; k++) {
       const float e = culoss__exp_diff(xv[k], m);
-      s += e;
+      if (top && xv[k] == m)
+        top = false;
+      else
+        s += e;
       if (want_ent) acc.su += culoss__ent_term(e, xv[k], m);
     }
     if (want_sx) { /* sx follows the running maximum (culoss__sx_rebase) */
@@ -348,7 +354,7 @@ __device__ __forceinline__ row_acc pass1(const ce_params &p, const row_job &job,
     const float m = fmaxf(acc.lse.m, xj);
     if (want_sx) acc.sx = culoss__sx_rebase(acc.sx, acc.sy, acc.lse.m, m);
     if (want_ent)
-      acc.su = culoss__ent_rebase(acc.su, acc.lse.s, acc.lse.m, m) +
+      acc.su = culoss__ent_rebase(acc.su, culoss__lse_total(acc.lse), acc.lse.m, m) +
                culoss__ent_term(culoss__exp_diff(xj, m), xj, m);
     acc.lse = culoss__lse_add(acc.lse, xj);
     if constexpr (MODE == CULOSS__CE_SOFT) {
@@ -369,7 +375,8 @@ __device__ __forceinline__ row_acc pass1(const ce_params &p, const row_job &job,
 /* The per-row constants of culoss__ce_grad. */
 struct row_grad {
   float lse_m, log_s; /* lse = m + log_s, kept apart for accuracy with large logits */
-  float coef_a;       /* a of culoss__ce_grad */
+  float rest;         /* the state's s: log_s = log1p(rest) (culoss__lse_rest) */
+  culoss__ce_coef a;  /* a of culoss__ce_grad */
   float tw;           /* (1-eps) w_t: the target column's extra b */
 };
 
@@ -384,12 +391,11 @@ __device__ __forceinline__ row_grad finish_row(const ce_params &p, const row_job
   const float lse = culoss__lse_value(r.lse);
   row_grad g;
   g.lse_m = r.lse.m;
-  g.log_s = logf(r.lse.s);
+  g.log_s = culoss__lse_log_s(r.lse);
+  g.rest = culoss__lse_rest(r.lse);
   g.tw = (1.0f - eps) * job.wt;
-  if constexpr (MODE == CULOSS__CE_INDEX)
-    g.coef_a = g.tw + eps / (float)p.c * wsum + 2.0f * p.z * lse;
-  else
-    g.coef_a = r.sy + 2.0f * p.z * lse;
+  g.a.w = MODE == CULOSS__CE_INDEX ? g.tw : r.sy;
+  g.a.k = (MODE == CULOSS__CE_INDEX ? eps / (float)p.c * wsum : 0.0f) + 2.0f * p.z * lse;
   if (lane == 0) {
     float l;
     if constexpr (MODE == CULOSS__CE_INDEX) {
@@ -403,10 +409,10 @@ __device__ __forceinline__ row_grad finish_row(const ce_params &p, const row_job
     l += p.z * lse * lse;
     emit_loss(p, per_row, job.row, l, block_sum);
     if (p.lse_out) p.lse_out[job.row] = lse;
-    if (p.ent_out) p.ent_out[job.row] = culoss__ent_value(r.su, r.lse.s);
+    if (p.ent_out) p.ent_out[job.row] = culoss__ent_value(r.su, r.lse);
     if (p.row_stats) {
-      p.row_stats[2 * job.row] = make_float4(g.lse_m, g.log_s, g.coef_a, g.tw);
-      p.row_stats[2 * job.row + 1] = make_float4(job.scale, 0.0f, 0.0f, 0.0f);
+      p.row_stats[2 * job.row] = make_float4(g.lse_m, g.log_s, g.a.k, g.tw);
+      p.row_stats[2 * job.row + 1] = make_float4(job.scale, g.rest, 0.0f, 0.0f);
     }
   }
   return g;
@@ -426,12 +432,12 @@ __device__ __forceinline__ void grad_pass(const ce_params &p, const row_job &job
   T *gr = static_cast<T *>(p.grad) + job.row * p.ld;
   auto grad_at = [&](float x, float y, int64_t j) -> T {
     const float xs = culoss__softcap(x, cap);
-    float b;
+    culoss__ce_coef b;
     if constexpr (MODE == CULOSS__CE_SOFT)
-      b = culoss__ce_soft_b(class_w(p, j), y, eps, c);
+      b = culoss__ce_coef1(culoss__ce_soft_b(class_w(p, j), y, eps, c));
     else
-      b = culoss__ce_index_b(j, job.t, g.tw, eps, c, p.class_weight);
-    return from_f32<T>(culoss__ce_grad(xs, g.lse_m, g.log_s, g.coef_a, b, job.scale,
+      b = culoss__ce_index_b2(j, job.t, g.tw, eps, c, p.class_weight);
+    return from_f32<T>(culoss__ce_grad(xs, g.lse_m, g.rest, g.a, b, job.scale,
                                        culoss__softcap_grad(xs, cap)));
   };
 #pragma unroll 4

@@ -39,8 +39,9 @@ struct ce_params {
   int rows_out;       /* 1: loss[row] per row even for SUM/MEAN (no partials) */
   float *lse_out;     /* NULL, or [n]: each row's lse (0 ignored, NaN out of range) */
   float *ent_out;     /* NULL, or [n]: each row's softmax entropy (likewise) */
-  float4 *row_stats;  /* NULL, or per row two float4: {m, log_s, coef_a, (1-eps) w_y},
-                         {grad scale, 0, 0, 0} (lse = m + log_s) */
+  float4 *row_stats;  /* NULL, or per row two float4: {m, log_s, a.k, (1-eps) w_y},
+                         {grad scale, s, 0, 0} (lse = m + log_s, log_s =
+                         log1p(s), s the culoss__lse_state sum without its top) */
   culoss__scratch *scratch;
 };
 

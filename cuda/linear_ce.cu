@@ -104,8 +104,8 @@ __global__ void __launch_bounds__(LT)
                            const float4 *stats, const void *targets, int ttype,
                            const float *class_weight, float eps, float cap) {
   const int64_t i = blockIdx.y;
-  const float4 st = stats[2 * i]; /* m, log_s, coef_a, (1-eps) w_y */
-  const float scale = stats[2 * i + 1].x;
+  const float4 st = stats[2 * i]; /* m, log_s, a.k, (1-eps) w_y = a.w */
+  const float scale = stats[2 * i + 1].x, rest = stats[2 * i + 1].y;
   const int64_t t = culoss__target_at(targets, ttype, i);
   T *row = tile + i * ld;
   for (int64_t jj = (int64_t)blockIdx.x * LT + threadIdx.x; jj < cols;
@@ -114,8 +114,9 @@ __global__ void __launch_bounds__(LT)
     float g = 0.0f;
     if (scale != 0.0f) { /* scale 0: ignored or out-of-range row */
       const float xs = culoss__softcap(to_f32(row[jj]), cap);
-      const float b = culoss__ce_index_b(j, t, st.w, eps, v, class_weight);
-      g = culoss__ce_grad(xs, st.x, st.y, st.z, b, scale, culoss__softcap_grad(xs, cap));
+      const culoss__ce_coef a = {st.w, st.z};
+      const culoss__ce_coef b = culoss__ce_index_b2(j, t, st.w, eps, v, class_weight);
+      g = culoss__ce_grad(xs, st.x, rest, a, b, scale, culoss__softcap_grad(xs, cap));
     }
     row[jj] = from_f32<T>(g);
   }

@@ -50,8 +50,8 @@ __device__ __forceinline__ vp_acc vp_merge(const vp_acc &a, const vp_acc &b) {
   r.sx = culoss__sx_rebase(a.sx, a.sy, a.lse.m, r.lse.m) +
          culoss__sx_rebase(b.sx, b.sy, b.lse.m, r.lse.m);
   r.sy = a.sy + b.sy;
-  r.u = culoss__ent_rebase(a.u, a.lse.s, a.lse.m, r.lse.m) +
-        culoss__ent_rebase(b.u, b.lse.s, b.lse.m, r.lse.m);
+  r.u = culoss__ent_rebase(a.u, culoss__lse_total(a.lse), a.lse.m, r.lse.m) +
+        culoss__ent_rebase(b.u, culoss__lse_total(b.lse), b.lse.m, r.lse.m);
   return r;
 }
 
@@ -74,7 +74,7 @@ __global__ void __launch_bounds__(VP_THREADS) vp_stats_kernel(vp_params p) {
     auto add = [&](float xv, int64_t j) {
       const float x = culoss__softcap(xv, p.cap);
       const float m = fmaxf(acc.lse.m, x);
-      acc.u = culoss__ent_rebase(acc.u, acc.lse.s, acc.lse.m, m) +
+      acc.u = culoss__ent_rebase(acc.u, culoss__lse_total(acc.lse), acc.lse.m, m) +
               culoss__ent_term(culoss__exp_diff(x, m), x, m);
       if (smooth) {
         const float w = cw_at(p, j);
@@ -194,9 +194,10 @@ __global__ void __launch_bounds__(VP_THREADS) vp_finish_kernel(vp_params p) {
     const bool live = !ignored && !bad && !torn;
     const float scale =
         p.reduction == CULOSS_REDUCTION_NONE ? (p.grad_loss ? p.grad_loss[row] : 1.0f) : red_scale;
-    const float lse = culoss__lse_value(r.acc.lse), m = r.acc.lse.m, log_s = logf(r.acc.lse.s);
+    const float lse = culoss__lse_value(r.acc.lse), m = r.acc.lse.m;
+    const float log_s = culoss__lse_log_s(r.acc.lse), rest = culoss__lse_rest(r.acc.lse);
     const float tw = (1.0f - eps) * r.wt;
-    const float coef_a = tw + eps / C * wsum + 2.0f * p.z * lse;
+    const culoss__ce_coef coef_a = {tw, eps / C * wsum + 2.0f * p.z * lse};
     if (lane == 0 && !p.grad_only) {
       float l = 0.0f;
       if (bad || torn) {
@@ -213,7 +214,7 @@ __global__ void __launch_bounds__(VP_THREADS) vp_finish_kernel(vp_params p) {
         block_sum += l;
       const float none = bad || torn ? culoss__nan() : 0.0f;
       if (p.lse_out) p.lse_out[row] = live ? lse : none;
-      if (p.ent_out) p.ent_out[row] = live ? culoss__ent_value(r.acc.u, r.acc.lse.s) : none;
+      if (p.ent_out) p.ent_out[row] = live ? culoss__ent_value(r.acc.u, r.acc.lse) : none;
     }
     if (p.grad == nullptr) continue;
     const T *xr = static_cast<const T *>(p.x) + row * p.ld;
@@ -222,10 +223,11 @@ __global__ void __launch_bounds__(VP_THREADS) vp_finish_kernel(vp_params p) {
     auto grad_at = [&](float xv, int64_t j) -> T {
       if (!live) return from_f32<T>(0.0f);
       const float xs = culoss__softcap(xv, p.cap);
-      float b = p.v_begin + p.col0 + j == t ? tw : 0.0f;
-      if (eps > 0.0f) b += eps / C * cw_at(p, p.col0 + j);
+      culoss__ce_coef b;
+      b.w = p.v_begin + p.col0 + j == t ? tw : 0.0f;
+      b.k = eps > 0.0f ? eps / C * cw_at(p, p.col0 + j) : 0.0f;
       return from_f32<T>(
-          culoss__ce_grad(xs, m, log_s, coef_a, b, scale, culoss__softcap_grad(xs, p.cap)));
+          culoss__ce_grad(xs, m, rest, coef_a, b, scale, culoss__softcap_grad(xs, p.cap)));
     };
     for (int64_t v = lane; v < nvec; v += 32) {
       const pack<T, VEC> pk = load_pack<T, VEC>(xr + v * VEC);

@@ -30,27 +30,56 @@ double culoss__cpu_row_max(int64_t c, const double *x, int *has_nan) {
   return m;
 }
 
+/* The sum of exp(x_j - m) over a row with finite maximum m, without the
+ * first maximum's term (exactly 1): the whole sum is 1 + rest, and
+ * log1p(rest) and the maximum's p - 1 = -rest / (1 + rest) keep their
+ * digits for a confident row, where 1 + rest rounds rest away (below 1e-16
+ * in double: a target logit 37 ahead). u, if not NULL, gets
+ * sum_j exp(x_j - m) (x_j - m). */
+static double row_rest(int64_t c, const double *x, double m, double *u) {
+  double rest = 0.0, uu = 0.0;
+  int top = 1;
+  int64_t j;
+  for (j = 0; j < c; j++) {
+    if (x[j] == -INFINITY) continue;
+    if (x[j] == m && top) {
+      top = 0;
+      continue;
+    }
+    rest += exp(x[j] - m);
+    uu += exp(x[j] - m) * (x[j] - m);
+  }
+  if (u) *u = uu;
+  return rest;
+}
+
 /* One row's loss and gradient. Everything comes from the maximum m and the
- * sum s = sum_j exp(x_j - m), never from exp(x - lse) or lse - x: at
- * |x| >~ 1e11 the double lse = m + log s rounds back to m, which would give
- * every tied class p = 1 and a zero loss. So p_j = exp(x_j - m) / s and
- * lse - x_j = (m - x_j) + log s, a sum of two non-negative terms (no
+ * sum s = sum_j exp(x_j - m) = 1 + rest, never from exp(x - lse) or lse - x:
+ * at |x| >~ 1e11 the double lse = m + log s rounds back to m, which would
+ * give every tied class p = 1 and a zero loss. So p_j = exp(x_j - m) / s and
+ * lse - x_j = (m - x_j) + log1p(rest), a sum of two non-negative terms (no
  * cancellation; docs/semantics.md section 0). */
 double culoss__cpu_ce_row(const culoss_cross_entropy_options *o, int64_t c, const double *x,
                           int64_t t, const double *y, double wsum, double scale, double *g) {
   const double eps = o->label_smoothing, z = o->z_loss;
-  double m = -INFINITY, s = 0.0, log_s, lse, coef_a, row_loss = 0.0;
+  double m = -INFINITY, s = 0.0, rest = 0.0, log_s, lse, coef_a, row_loss = 0.0;
   int has_nan = 0;
   int64_t j;
   m = culoss__cpu_row_max(c, x, &has_nan);
-  if (has_nan) {
-    m = NAN, s = NAN; /* every value of the row comes out NaN */
+  if (has_nan || m == INFINITY) { /* every value of the row comes out NaN */
+    s = NAN, rest = NAN;
+    if (has_nan) m = NAN;
   } else if (m != -INFINITY) {
-    for (j = 0; j < c; j++) s += exp(x[j] - m);
+    rest = row_rest(c, x, m, NULL);
+    s = 1.0 + rest;
   } /* every logit -inf: m = -inf, s = 0, the loss comes out NaN below */
-  log_s = log(s);
+  log_s = m == -INFINITY ? log(s) : log1p(rest);
   lse = m + log_s;
+  /* p_j, and p_j a - b with p - 1 = -rest / s at the maximum */
 #define CULOSS__P(j) (x[j] == -INFINITY && !has_nan ? 0.0 : exp(x[j] - m) / s)
+#define CULOSS__PA_B(j, a, b)                                                                      \
+  (x[j] == m && isfinite(m) && rest < 1.0 ? (a) * (-rest / s) + ((a) - (b))                        \
+                                          : CULOSS__P(j) * (a) - (b))
 #define CULOSS__LSE_MINUS_X(j) ((m - x[j]) + log_s)
   if (y == NULL) { /* class index t */
     const double wt = class_w(o, t);
@@ -63,7 +92,7 @@ double culoss__cpu_ce_row(const culoss_cross_entropy_options *o, int64_t c, cons
     coef_a = (1.0 - eps) * wt + eps / (double)c * wsum + 2.0 * z * lse;
     for (j = 0; j < c; j++) {
       const double b = (j == t ? (1.0 - eps) * wt : 0.0) + eps / (double)c * class_w(o, j);
-      g[j] = scale * (CULOSS__P(j) * coef_a - b);
+      g[j] = scale * CULOSS__PA_B(j, coef_a, b);
     }
   } else { /* probability targets y */
     double swy = 0.0;
@@ -74,9 +103,10 @@ double culoss__cpu_ce_row(const culoss_cross_entropy_options *o, int64_t c, cons
       if (wy != 0.0) row_loss += wy * CULOSS__LSE_MINUS_X(j); /* 0 * -inf counts as 0 */
     }
     coef_a = swy + 2.0 * z * lse;
-    for (j = 0; j < c; j++) g[j] = scale * (CULOSS__P(j) * coef_a - g[j]);
+    for (j = 0; j < c; j++) g[j] = scale * CULOSS__PA_B(j, coef_a, g[j]);
   }
 #undef CULOSS__P
+#undef CULOSS__PA_B
 #undef CULOSS__LSE_MINUS_X
   row_loss += z * lse * lse;
   if (o->logit_softcap > 0.0) {
@@ -96,25 +126,23 @@ void culoss__cpu_put_row_stats(float *lse, float *entropy, int64_t i, int ignore
 }
 
 void culoss__cpu_row_stats(int64_t c, const double *x, double *lse, double *entropy) {
-  double m = -INFINITY, s = 0.0, u = 0.0;
+  double m = -INFINITY, rest, u = 0.0;
   int has_nan = 0;
-  int64_t j;
   m = culoss__cpu_row_max(c, x, &has_nan);
-  if (has_nan || m == -INFINITY) { /* NaN: NaN; every logit -inf: lse -inf, entropy NaN */
+  if (has_nan || m == INFINITY) {
+    *lse = *entropy = NAN;
+    return;
+  }
+  if (m == -INFINITY) { /* NaN: NaN; every logit -inf: lse -inf, entropy NaN */
     *lse = has_nan ? NAN : -INFINITY;
     *entropy = NAN;
     return;
   }
   /* H = lse - sum_j p_j x_j = log s - sum_j p_j (x_j - m): no cancellation at
      large common offsets; a -inf logit has p = 0 and adds nothing */
-  for (j = 0; j < c; j++)
-    if (x[j] != -INFINITY) {
-      const double e = exp(x[j] - m);
-      s += e;
-      u += e * (x[j] - m);
-    }
-  *lse = m + log(s);
-  *entropy = log(s) - u / s;
+  rest = row_rest(c, x, m, &u);
+  *lse = m + log1p(rest);
+  *entropy = log1p(rest) - u / (1.0 + rest);
 }
 
 double culoss__cpu_ce_denominator(const culoss_cross_entropy_options *o, int soft, int64_t n,

@@ -40,11 +40,17 @@ static void stats(const culoss__vp_args *a, double *x) {
     int has_nan = 0;
     load_row(a, i, x);
     m = culoss__cpu_row_max(c, x, &has_nan);
-    if (has_nan)
-      m = NAN, s = NAN;
-    else if (m != -INFINITY)
+    if (has_nan || m == INFINITY) { /* +inf: exp(inf - inf), NaN as PyTorch's */
+      s = NAN;
+      if (has_nan) m = NAN;
+    } else if (m != -INFINITY) { /* s without the top's 1 (culoss__lse_state) */
+      int top = 1;
       for (j = 0; j < c; j++)
-        if (x[j] != -INFINITY) s += exp(x[j] - m), u += exp(x[j] - m) * (x[j] - m);
+        if (x[j] == m && top)
+          top = 0;
+        else if (x[j] != -INFINITY)
+          s += exp(x[j] - m), u += exp(x[j] - m) * (x[j] - m);
+    }
     if (o->label_smoothing > 0.0f)
       for (j = 0; j < c; j++) { /* non-negative terms; a -inf logit's is w * inf */
         const double w = class_w(o, j);
@@ -63,35 +69,38 @@ static void stats(const culoss__vp_args *a, double *x) {
 
 /* Row i's records merged in rank order. */
 typedef struct {
-  double m, log_s, sx, sy, xt, wt, u_over_s;
+  double m, log_s, rest, sx, sy, xt, wt, u_over_s; /* log_s = log1p(rest) */
   int owners;
 } merged;
 
 static merged merge(const culoss__vp_args *a, int64_t i) {
   const float *g = (const float *)a->gathered;
   const int64_t stride = (a->n + 1) * NF;
-  merged r = {-INFINITY, 0.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0};
-  double s = 0.0, u = 0.0;
-  int nan = 0, k;
+  merged r = {-INFINITY, 0.0, 0.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0};
+  double s = 0.0, u = 0.0; /* s: the sum without the top's 1, as the records */
+  int nan = 0, k, top = -1;
   for (k = 0; k < a->vp->ranks; k++) {
     const double m = g[k * stride + i * NF + F_M];
     if (isnan(m) || isnan((double)g[k * stride + i * NF + F_S])) nan = 1;
-    if (m > r.m) r.m = m;
+    if (m > r.m) r.m = m, top = k;
   }
   for (k = 0; k < a->vp->ranks; k++) {
     const float *q = g + k * stride + i * NF;
     const double m = q[F_M], sy = q[F_SY];
-    if (m != -INFINITY) { /* u_k relative to m: e^(m - M) (u_k - (M - m) s_k) */
-      s += (double)q[F_S] * exp(m - r.m);
-      u += exp(m - r.m) * ((double)q[F_U] - (r.m - m) * (double)q[F_S]);
+    if (m != -INFINITY) { /* u_k relative to m: e^(m - M) (u_k - (M - m) S_k), S_k = 1 + s_k */
+      const double sk = 1.0 + (double)q[F_S];
+      s += k == top ? (double)q[F_S] : sk * exp(m - r.m);
+      u += exp(m - r.m) * ((double)q[F_U] - (r.m - m) * sk);
     }
     r.sx += q[F_SX];
     if (sy != 0.0 && m != r.m) r.sx += m == -INFINITY ? sy * INFINITY : sy * (r.m - m);
     r.sy += sy;
     if (q[F_OWNED] != 0.0f) r.xt = q[F_XT], r.wt = q[F_WT], r.owners++;
   }
-  r.log_s = nan ? NAN : log(s);
-  r.u_over_s = nan ? NAN : u / s;
+  r.rest = s;
+  if (top < 0) s -= 1.0; /* every slice empty (all -inf): no top */
+  r.log_s = nan ? NAN : log1p(s);
+  r.u_over_s = nan ? NAN : u / (1.0 + s);
   if (nan) r.m = NAN;
   return r;
 }
@@ -144,8 +153,11 @@ static culoss_status finish(const culoss__vp_args *a, double *x) {
           const double p = x[j] == -INFINITY && !isnan(r.m) ? 0.0 : exp(x[j] - r.m - r.log_s);
           const double b = (v0 + j == t ? tw : 0.0) + eps / C * class_w(o, j);
           const double cg = cap > 0.0 ? 1.0 - (x[j] / cap) * (x[j] / cap) : 1.0;
-          culoss__store_f32(a->grad, a->dtype, i * a->ld + j,
-                            (float)(scale * (p * coef_a - b) * cg));
+          /* at the maximum p - 1 = -rest / (1 + rest): no cancellation */
+          const double pab = x[j] == r.m && isfinite(r.m) && r.rest < 1.0
+                                 ? coef_a * (-r.rest / (1.0 + r.rest)) + (coef_a - b)
+                                 : p * coef_a - b;
+          culoss__store_f32(a->grad, a->dtype, i * a->ld + j, (float)(scale * pab * cg));
         }
     } else {
       if (a->lse) a->lse[i] = 0.0f;

@@ -1,7 +1,8 @@
 #define _POSIX_C_SOURCE 200809L
 /* test_gpu_ce.c: the CUDA backend against the CPU reference on fresh random
    inputs (large-magnitude and -inf logits included), every dtype, sizes from
-   c = 2 to c = 256K, strided rows, in-place gradients, poisoned outputs,
+   c = 2 to c = 256K, strided rows (every case also runs with a padded row
+   pitch), in-place gradients, poisoned outputs,
    determinism, deferred out-of-range errors and a case with n * c past 2^31.
    Every test skips visibly ("skipped: no CUDA device") without a GPU. */
 #include <criterion/criterion.h>
@@ -77,7 +78,7 @@ static void adversarial_rows(rng_t *r, float *x, const int64_t *t, int64_t n, in
 }
 
 /* Runs one case on both backends and compares. Returns nothing: asserts. */
-static void run_case(const gcase *k) {
+static void run_case_once(const gcase *k) {
   char what[400];
   describe(k, what, sizeof what);
   rng_t r = rng_seeded(k->seed);
@@ -238,6 +239,20 @@ static void run_case(const gcase *k) {
   if (k->grad && !k->in_place) culoss_free(gpu, d_g);
   free(xf), free(yf), free(xh), free(yh), free(t), free(t32), free(w), free(gl);
   free(ref_loss), free(ref_grad), free(loss);
+}
+
+/* Every case runs as given and, where its rows are dense (ld == c), again
+   with a padded row pitch: 8 elements (16-byte packs stay aligned) for odd
+   seeds, 5 (the scalar path) for even ones, so a kernel that strides by c
+   instead of ld fails everywhere, not in one test. */
+static void run_case(const gcase *k) {
+  run_case_once(k);
+  if (k->ld == k->c && k->n > 0) {
+    gcase p = *k;
+    p.ld = k->c + (k->seed % 2 ? 8 : 5);
+    p.seed = k->seed ^ 0x9e3779b9u;
+    run_case_once(&p);
+  }
 }
 
 static gcase base_case(int64_t n, int64_t c, culoss_dtype dt, uint64_t seed) {
@@ -838,4 +853,113 @@ Test(gpu_ce, cross_entropy_ex_row_outputs_every_shape) {
       culoss_free(gpu, d_ent), culoss_free(gpu, d_l);
       free(x), free(xh);
     }
+}
+
+/* Confident rows (issue 16, item 7): row i's target logit is d = 6 + i
+   ahead of every other (d = 6..30), the others on a 1/16 grid so that x - m
+   is exact in fp32. 1 + s rounds s = sum e^-(d..) away from d ~ 17 on, so a
+   kernel that takes log(1 + s) or p - 1 of the target loses every digit
+   there (torch's fp32 error: 6e-2 relative at d = 16); kept apart, the loss
+   and gradient stay within a few fp32 ulps of float64. The CPU reference
+   itself is checked against the closed form of the two-class rows first.
+   Every shape (c from 2 to 20000), dtype and option. Tolerances: 1.5e-6
+   relative (fp32 loss and gradient); 16-bit gradients one ulp of their
+   dtype; with the soft-cap, whose fp32 tanh carries an ulp of the capped
+   logit (2e-6 at 30) into exp, 1e-5; with label smoothing, an fp32 ulp of
+   eps/c more (p_j a - eps/c cancels wherever p_j ~ eps/c, confident or not),
+   and with z-loss an ulp of 2 z lse at the target. */
+static double elem_f32(const void *p, culoss_dtype dt, int64_t i) {
+  float f;
+  unpack_dtype(&f, (const char *)p + (size_t)i * dtype_bytes(dt), 1, dt);
+  return f;
+}
+
+Test(gpu_ce, confident_rows_keep_fp32_accuracy) {
+  REQUIRE_GPU();
+  static const int64_t cs[] = {2, 100, 1000, 5000, 20000};
+  enum { N = 25, OPTS = 6 };
+  uint64_t seed = 4200;
+  for (int si = 0; si < 5; si++)
+    for (int d = 0; d < 3; d++)
+      for (int opt = 0; opt < OPTS; opt++) {
+        const int64_t n = N, c = cs[si], ld = c + (opt % 2 ? 8 : 0); /* padded pitch too */
+        const culoss_dtype dt = (culoss_dtype)d;
+        const int soft = opt == 5;
+        const size_t es = dtype_bytes(dt), xbytes = (size_t)(n * ld) * es;
+        rng_t r = rng_seeded(seed++);
+        float *x = malloc((size_t)(n * ld) * 4), *y = malloc((size_t)(n * ld) * 4);
+        float *w = malloc((size_t)c * 4);
+        int64_t t[N];
+        cr_assert(x && y && w);
+        for (int64_t j = 0; j < c; j++) w[j] = (float)(0.5 + rng_int(&r, 0, 8) / 4.0);
+        for (int64_t i = 0; i < n; i++) {
+          t[i] = rng_int(&r, 0, c);
+          for (int64_t j = 0; j < ld; j++) {
+            x[i * ld + j] = j == t[i] ? (float)(6 + i) : -(float)rng_int(&r, 0, 16) / 16.0f;
+            y[i * ld + j] = j == t[i] ? 1.0f : 0.0f;
+          }
+        }
+        void *xh = malloc(xbytes), *yh = malloc(xbytes);
+        pack_dtype(xh, x, n * ld, dt), pack_dtype(yh, y, n * ld, dt);
+        culoss_cross_entropy_options o;
+        culoss_cross_entropy_options_init(&o);
+        o.reduction = CULOSS_REDUCTION_NONE;
+        if (opt == 1) o.label_smoothing = 0.1f;
+        if (opt == 2) o.z_loss = 1e-4f;
+        if (opt == 3) o.logit_softcap = 50.0f;
+        if (opt == 4) o.class_weight = w;
+        float ref_l[N], l[N];
+        void *ref_g = malloc(xbytes), *g = malloc(xbytes);
+        memcpy(ref_g, xh, xbytes);
+        culoss_status st =
+            soft ? culoss_cross_entropy_soft(cpu, &o, n, c, dt, xh, ld, yh, ref_l, ref_g, NULL)
+                 : culoss_cross_entropy(cpu, &o, n, c, dt, xh, ld, CULOSS_I64, t, ref_l, ref_g,
+                                        NULL);
+        cr_assert_eq(st, CULOSS_OK, "%s", culoss_last_error());
+        if (c == 2 && dt == CULOSS_F32 && (opt == 0 || opt == 5))
+          for (int64_t i = 0; i < n; i++) { /* the oracle: log1p(e^-D), -e^-D / (1 + e^-D) */
+            const double e = exp(-((double)x[i * ld + t[i]] - x[i * ld + (1 - t[i])]));
+            const double gt = elem_f32(ref_g, dt, i * ld + t[i]);
+            cr_assert(fabs(ref_l[i] - log1p(e)) <= 1e-7 * log1p(e), "cpu row %lld: %.9g vs %.9g",
+                      (long long)i, (double)ref_l[i], log1p(e));
+            cr_assert(fabs(gt + e / (1 + e)) <= 1e-7 * e, "cpu grad row %lld: %.9g vs %.9g",
+                      (long long)i, gt, -e / (1 + e));
+          }
+        void *d_x = dev_from(xh, xbytes), *d_y = dev_from(yh, xbytes);
+        int64_t *d_t = dev_from(t, sizeof t);
+        float *d_w = dev_from(w, (size_t)c * 4), *d_l = dev_alloc(sizeof l);
+        void *d_g = dev_from(xh, xbytes);
+        for (int64_t i = 0; i < n; i++) dev_poison((char *)d_g + (size_t)(i * ld) * es, (size_t)c * es);
+        dev_poison(d_l, sizeof l);
+        if (opt == 4) o.class_weight = d_w;
+        st = soft ? culoss_cross_entropy_soft(gpu, &o, n, c, dt, d_x, ld, d_y, d_l, d_g, NULL)
+                  : culoss_cross_entropy(gpu, &o, n, c, dt, d_x, ld, CULOSS_I64, d_t, d_l, d_g,
+                                         NULL);
+        cr_assert_eq(st, CULOSS_OK, "%s", culoss_last_error());
+        cr_assert_eq(culoss_synchronize(gpu), CULOSS_OK, "%s", culoss_last_error());
+        to_host(l, d_l, sizeof l), to_host(g, d_g, xbytes);
+        const double lt = opt == 3 ? 1e-5 : 1.5e-6;
+        const double gt = dt == CULOSS_F32 ? lt : (dt == CULOSS_F16 ? 1.0 / 1024 : 1.0 / 128);
+        for (int64_t i = 0; i < n; i++) {
+          cr_assert(fabs(l[i] - ref_l[i]) <= lt * fabs(ref_l[i]),
+                    "c %lld dt %d opt %d row %lld (d %lld): loss %.9g vs %.9g", (long long)c, d,
+                    opt, (long long)i, (long long)(6 + i), (double)l[i], (double)ref_l[i]);
+          for (int64_t j = 0; j < ld; j++) {
+            const double a = elem_f32(g, dt, i * ld + j), b = elem_f32(ref_g, dt, i * ld + j);
+            /* with smoothing, p_j a - eps/c cancels where p_j ~ eps/c (any row),
+               and z-loss's target p - 1 + 2 z lse where s ~ 2 z lse: an fp32
+               ulp or two of the terms it subtracts, on top */
+            double bj = j < c && opt == 1 ? o.label_smoothing / (double)c : 0.0;
+            if (j == t[i] && opt == 2) bj = 2.0 * o.z_loss * (7 + i); /* 2 z lse, lse < d + 1 */
+            const double sub = dt == CULOSS_F16 ? 6e-8 : 1e-30; /* fp16 subnormal ulp */
+            cr_assert(fabs(a - b) <= gt * fabs(b) + 5e-7 * bj + sub,
+                      "c %lld dt %d opt %d row %lld (d %lld) col %lld%s: grad %.9g vs %.9g",
+                      (long long)c, d, opt, (long long)i, (long long)(6 + i), (long long)j,
+                      j == t[i] ? " (target)" : "", a, b);
+          }
+        }
+        culoss_free(gpu, d_x), culoss_free(gpu, d_y), culoss_free(gpu, d_t);
+        culoss_free(gpu, d_w), culoss_free(gpu, d_l), culoss_free(gpu, d_g);
+        free(x), free(y), free(w), free(xh), free(yh), free(ref_g), free(g);
+      }
 }

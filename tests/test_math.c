@@ -154,20 +154,68 @@ Test(math, ce_grad_closed_form) {
   const float x[3] = {1.0f, 2.0f, 3.0f};
   for (int j = 0; j < 3; j++) {
     double p = exp(x[j] - lse);
-    float g = culoss__ce_grad(x[j], 3.0f, (float)log_s, 1.0f, j == 2 ? 1.0f : 0.0f, 0.5f, 1.0f);
+    const float rest = (float)(exp(-2.0) + exp(-1.0));
+    float g = culoss__ce_grad(x[j], 3.0f, rest, culoss__ce_coef1(1.0f),
+                              culoss__ce_coef1(j == 2 ? 1.0f : 0.0f), 0.5f, 1.0f);
     cr_assert(close_enough(g, 0.5 * (p - (j == 2)), 1e-7, 1e-5), "j=%d %g", j, (double)g);
   }
   /* a -inf logit has p = 0 exactly, whatever lse is */
-  cr_assert_eq(culoss__ce_grad(-INFINITY, 3.0f, 0.5f, 1.0f, 0.0f, 1.0f, 1.0f), 0.0f);
-  cr_assert_eq(culoss__ce_grad(-INFINITY, -INFINITY, 0.0f, 1.0f, 0.25f, 2.0f, 1.0f), -0.5f);
+  cr_assert_eq(culoss__ce_grad(-INFINITY, 3.0f, 0.6f, culoss__ce_coef1(1.0f),
+                               culoss__ce_coef1(0.0f), 1.0f, 1.0f), 0.0f);
+  cr_assert_eq(culoss__ce_grad(-INFINITY, -INFINITY, 0.0f, culoss__ce_coef1(1.0f),
+                               culoss__ce_coef1(0.25f), 2.0f, 1.0f), -0.5f);
   /* large logits: with lse split as m + log_s, p keeps fp32 accuracy at 1e4 */
   const float big[3] = {20000.0f, 19999.0f, 19990.0f};
   const double bls = log(1.0 + exp(-1.0) + exp(-10.0));
   for (int j = 0; j < 3; j++) {
     const double p = exp((double)big[j] - 20000.0 - bls);
-    const float g = culoss__ce_grad(big[j], 20000.0f, (float)bls, 1.0f, 0.0f, 1.0f, 1.0f);
+    const float g = culoss__ce_grad(big[j], 20000.0f, (float)(exp(-1.0) + exp(-10.0)),
+                                    culoss__ce_coef1(1.0f), culoss__ce_coef1(0.0f), 1.0f, 1.0f);
     cr_assert(close_enough(g, p, 1e-9, 2e-6), "j=%d: %.9g vs %.9g", j, (double)g, p);
   }
+}
+
+/* A confident row, in fp32: the top logit d ahead of k others. Its loss
+   log(1 + k e^-d) and its gradient p - 1 = -k e^-d / (1 + k e^-d) keep fp32
+   relative accuracy where 1 + s would round s away (d >= 17): online, with
+   the values in any order and merged from lanes in any split. */
+Test(math, confident_rows_keep_their_digits) {
+  for (int d = 2; d <= 60; d += 2)
+    for (int k = 1; k <= 5; k += 4)
+      for (int pos = 0; pos <= k; pos++) {
+        float v[6];
+        for (int i = 0; i <= k; i++) v[i] = i == pos ? 5.0f + (float)d : 5.0f;
+        culoss__lse_state seq = culoss__lse_empty(), a = culoss__lse_empty(),
+                          b = culoss__lse_empty();
+        for (int i = 0; i <= k; i++) seq = culoss__lse_add(seq, v[i]);
+        for (int i = 0; i <= k; i++) {
+          if (i % 2)
+            a = culoss__lse_add(a, v[i]);
+          else
+            b = culoss__lse_add(b, v[i]);
+        }
+        const double r = k * exp(-(double)d), want_ls = log1p(r), want_g = -r / (1.0 + r);
+        const culoss__lse_state sts[3] = {seq, culoss__lse_merge(a, b), culoss__lse_merge(b, a)};
+        for (int q = 0; q < 3; q++) {
+          const float ls = culoss__lse_log_s(sts[q]);
+          const culoss__ce_coef one = culoss__ce_coef1(1.0f), zero = culoss__ce_coef1(0.0f);
+          const float g = culoss__ce_grad(v[pos], sts[q].m, sts[q].s, one, one, 1.0f, 1.0f);
+          const int other = pos == 0 ? 1 : 0; /* a non-top column: p = e^-d / (1 + r) */
+          const float go = culoss__ce_grad(v[other], sts[q].m, sts[q].s, one, zero, 1.0f, 1.0f);
+          const double want_go = exp(-(double)d) / (1.0 + r);
+          cr_assert(fabs(go - want_go) <= 4e-7 * want_go, "d %d k %d pos %d q %d: %.9g vs %.9g", d,
+                    k, pos, q, (double)go, want_go);
+          cr_assert_eq(sts[q].m, 5.0f + (float)d);
+          cr_assert(fabs(ls - want_ls) <= 4e-7 * want_ls, "d %d k %d pos %d q %d: %.9g vs %.9g",
+                    d, k, pos, q, (double)ls, want_ls);
+          cr_assert(fabs(g - want_g) <= 4e-7 * fabs(want_g), "d %d k %d pos %d q %d: %.9g vs %.9g",
+                    d, k, pos, q, (double)g, want_g);
+        }
+      }
+  /* ties: two values at the maximum, s counts the second */
+  culoss__lse_state t = culoss__lse_add(culoss__lse_add(culoss__lse_empty(), 3.0f), 3.0f);
+  cr_assert_eq(t.s, 1.0f);
+  cr_assert_float_eq(culoss__lse_value(t), 3.0f + (float)log(2.0), 1e-6);
 }
 
 /* The fp32 elementwise helpers the kernels call, against the CPU backend's
@@ -263,15 +311,16 @@ Test(math, entropy_online_matches_double) {
     for (int i = 0; i < nv; i++) {
       const int l = i % 4;
       const float m = fmaxf(st[l].m, x[i]);
-      u[l] = culoss__ent_rebase(u[l], st[l].s, st[l].m, m) +
+      u[l] = culoss__ent_rebase(u[l], culoss__lse_total(st[l]), st[l].m, m) +
              culoss__ent_term(culoss__exp_diff(x[i], m), x[i], m);
       st[l] = culoss__lse_add(st[l], x[i]);
     }
     for (int step = 1; step < 4; step *= 2)
       for (int l = 0; l + step < 4; l += 2 * step) {
         const culoss__lse_state mm = culoss__lse_merge(st[l], st[l + step]);
-        u[l] = culoss__ent_rebase(u[l], st[l].s, st[l].m, mm.m) +
-               culoss__ent_rebase(u[l + step], st[l + step].s, st[l + step].m, mm.m);
+        u[l] = culoss__ent_rebase(u[l], culoss__lse_total(st[l]), st[l].m, mm.m) +
+               culoss__ent_rebase(u[l + step], culoss__lse_total(st[l + step]), st[l + step].m,
+                                  mm.m);
         st[l] = mm;
       }
     double m = -INFINITY, s = 0.0, px = 0.0;
@@ -279,7 +328,7 @@ Test(math, entropy_online_matches_double) {
     for (int i = 0; i < nv; i++)
       if (x[i] != -INFINITY) s += exp((double)x[i] - m), px += exp((double)x[i] - m) * (x[i] - m);
     const double want = log(s) - px / s;
-    const float got = culoss__ent_value(u[0], st[0].s);
+    const float got = culoss__ent_value(u[0], st[0]);
     cr_assert(fabs(got - want) <= 1e-4 + 1e-5 * fabs(want), "trial %d n %d: %.9g vs %.9g", trial,
               nv, (double)got, want);
   }
