@@ -274,8 +274,8 @@ Test(gpu_ew, deterministic_bitwise) {
 }
 
 static int mm_int32; /* mm_case passes int32 targets to both backends */
-static void mm_case(int64_t n, int64_t c, int64_t ld, culoss_dtype dt, int p, culoss_reduction red,
-                    int weights, int in_place, uint64_t seed) {
+static void mm_case_once(int64_t n, int64_t c, int64_t ld, culoss_dtype dt, int p,
+                         culoss_reduction red, int weights, int in_place, uint64_t seed) {
   rng_t r = rng_seeded(seed);
   const size_t es = dtype_bytes(dt), bytes = (size_t)(n * ld) * es;
   const int64_t nl = red == CULOSS_REDUCTION_NONE ? n : 1;
@@ -322,6 +322,16 @@ static void mm_case(int64_t n, int64_t c, int64_t ld, culoss_dtype dt, int p, cu
   if (!in_place) culoss_free(gpu, d_g);
   free(x), free(w), free(gl), free(t), free(xh), free(ref_g), free(g), free(ref_l), free(l);
   free(gf), free(rf);
+}
+
+/* Each case as given and, for dense rows, again with a padded row pitch
+   (8 or 5 elements by seed), so a kernel striding by c instead of ld fails
+   in every multi-margin case. */
+static void mm_case(int64_t n, int64_t c, int64_t ld, culoss_dtype dt, int p, culoss_reduction red,
+                    int weights, int in_place, uint64_t seed) {
+  mm_case_once(n, c, ld, dt, p, red, weights, in_place, seed);
+  if (ld == c)
+    mm_case_once(n, c, c + (seed % 2 ? 8 : 5), dt, p, red, weights, in_place, seed ^ 0x9e3779b9u);
 }
 
 /* Issue 19: one and two blocks for the whole array: every thread strides
