@@ -41,6 +41,7 @@
 #include "helpers.h"
 #include "ew_call.h"
 #include "loss_math.h"
+#include "model.h"
 
 #ifdef CULOSS_HAVE_CUDA
 #include <cublas_v2.h>
@@ -883,6 +884,7 @@ static int run_gpu(culoss_context *ctx, const bench_opts *bo) {
 
 int main(int argc, char **argv) {
   bench_opts bo = {0, 0, 0, 50, 0, NULL};
+  int model = 0, model_check = 0;
   for (int i = 1; i < argc; i++) {
     if (!strcmp(argv[i], "--quick"))
       bo.quick = 1, bo.repeats = 15;
@@ -898,12 +900,19 @@ int main(int argc, char **argv) {
       bo.tiny = 1, bo.repeats = 3;
     else if (!strcmp(argv[i], "--cpu"))
       bo.repeats = -1;
+    else if (!strcmp(argv[i], "--model"))
+      model = 1;
+    else if (!strcmp(argv[i], "--check"))
+      model_check = 1;
     else {
-      fprintf(stderr, "usage: %s [--quick | --tiny] [--csv | --json] [--only ce|ew|lce] [--cpu]\n",
-              argv[0]);
+      fprintf(stderr,
+              "usage: %s [--quick | --tiny] [--csv | --json] [--only ce|ew|lce] [--cpu]\n"
+              "       %s --model [--check]   (the traffic model; emulator builds)\n",
+              argv[0], argv[0]);
       return 2;
     }
   }
+  if (model) return culoss_bench_model(model_check);
 #ifdef CULOSS_CUDA_EMULATOR
   if (bo.repeats >= 0) {
     printf("culoss-bench built against the CPU emulator of CUDA (tests/emu): it checks the\n"

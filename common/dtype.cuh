@@ -51,13 +51,34 @@ inline bool aligned16(const void *ptr) { return ptr == nullptr || ((uintptr_t)pt
 
 /* Plain (coherent) loads, not ld.global.nc: with an in-place gradient the
    logits are overwritten during the kernel, so they are not read-only. */
+/* Global loads and stores of the big arrays (logits, targets' rows,
+   gradients) go through these four, so that the emulator's traffic model
+   counts them (tests/emu/emu_traffic.h); on a GPU they are plain accesses. */
+#if defined(CULOSS_CUDA_EMULATOR)
+#define CULOSS__COUNT(p, bytes, write) culoss_emu::count_global(p, bytes, write)
+#else
+#define CULOSS__COUNT(p, bytes, write) ((void)0)
+#endif
+
 template <typename T, int VEC> __device__ __forceinline__ pack<T, VEC> load_pack(const T *p) {
+  CULOSS__COUNT(p, sizeof(pack<T, VEC>), false);
   return *reinterpret_cast<const pack<T, VEC> *>(p);
 }
 
 template <typename T, int VEC>
 __device__ __forceinline__ void store_pack(T *p, const pack<T, VEC> &v) {
+  CULOSS__COUNT(p, sizeof(pack<T, VEC>), true);
   *reinterpret_cast<pack<T, VEC> *>(p) = v;
+}
+
+/* One element (the partial pack at a row's end, a target's logit). */
+template <typename T> __device__ __forceinline__ T ld_elem(const T *p) {
+  CULOSS__COUNT(p, sizeof(T), false);
+  return *p;
+}
+template <typename T> __device__ __forceinline__ void st_elem(T *p, T v) {
+  CULOSS__COUNT(p, sizeof(T), true);
+  *p = v;
 }
 
 } // namespace culoss_dev

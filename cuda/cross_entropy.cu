@@ -282,7 +282,7 @@ __device__ __forceinline__ void skip_row(const ce_params &p, const row_job &job,
 #pragma unroll
   for (int k = 0; k < VEC; k++) zero.v[k] = from_f32<T>(0.0f);
   for (int64_t v = lane; v < nvec; v += TPR) store_pack<T, VEC>(gr + v * VEC, zero);
-  for (int64_t j = nvec * VEC + lane; j < p.c; j += TPR) gr[j] = from_f32<T>(0.0f);
+  for (int64_t j = nvec * VEC + lane; j < p.c; j += TPR) st_elem(gr + j, from_f32<T>(0.0f));
 }
 
 /* Pass 1 over this lane's share of a ROW_LIVE row: the online log-sum-exp
@@ -331,6 +331,7 @@ __device__ __forceinline__ row_acc pass1(const ce_params &p, const row_job &job,
       acc.sx = culoss__sx_rebase(acc.sx, acc.sy, acc.lse.m, m);
       if constexpr (MODE == CULOSS__CE_SOFT) {
         const pack_t yk = load_pack<T, VEC>(yr + v * VEC);
+        if (v < p.cache_vecs) cache[p.cache_vecs + v] = yk; /* after the row's logits */
 #pragma unroll
         for (int k = 0; k < VEC; k++) {
           const float wy = culoss__ce_soft_b(class_w(p, v * VEC + k), to_f32(yk.v[k]), eps, c);
@@ -350,7 +351,7 @@ __device__ __forceinline__ row_acc pass1(const ce_params &p, const row_job &job,
     acc.lse.s = s;
   }
   for (int64_t j = nvec * VEC + lane; j < c; j += TPR) { /* the partial pack */
-    const float xj = culoss__softcap(to_f32(xr[j]), cap);
+    const float xj = culoss__softcap(to_f32(ld_elem(xr + j)), cap);
     const float m = fmaxf(acc.lse.m, xj);
     if (want_sx) acc.sx = culoss__sx_rebase(acc.sx, acc.sy, acc.lse.m, m);
     if (want_ent)
@@ -358,7 +359,7 @@ __device__ __forceinline__ row_acc pass1(const ce_params &p, const row_job &job,
                culoss__ent_term(culoss__exp_diff(xj, m), xj, m);
     acc.lse = culoss__lse_add(acc.lse, xj);
     if constexpr (MODE == CULOSS__CE_SOFT) {
-      const float wy = culoss__ce_soft_b(class_w(p, j), to_f32(yr[j]), eps, c);
+      const float wy = culoss__ce_soft_b(class_w(p, j), to_f32(ld_elem(yr + j)), eps, c);
       acc.sy += wy;
       if (wy != 0.0f) acc.sx += culoss__sx_term(wy, xj, m);
     } else if (want_sx) {
@@ -368,7 +369,7 @@ __device__ __forceinline__ row_acc pass1(const ce_params &p, const row_job &job,
     }
   }
   if constexpr (MODE == CULOSS__CE_INDEX)
-    if (lane == 0) acc.xt = culoss__softcap(to_f32(xr[job.t]), cap);
+    if (lane == 0) acc.xt = culoss__softcap(to_f32(ld_elem(xr + job.t)), cap);
   return acc;
 }
 
@@ -443,14 +444,17 @@ __device__ __forceinline__ void grad_pass(const ce_params &p, const row_job &job
 #pragma unroll 4
   for (int64_t v = lane; v < nvec; v += TPR) {
     const pack_t pk = v < p.cache_vecs ? cache[v] : load_pack<T, VEC>(xr + v * VEC);
-    const pack_t yk = MODE == CULOSS__CE_SOFT ? load_pack<T, VEC>(yr + v * VEC) : pk;
+    const pack_t yk = MODE != CULOSS__CE_SOFT ? pk
+                      : v < p.cache_vecs      ? cache[p.cache_vecs + v]
+                                              : load_pack<T, VEC>(yr + v * VEC);
     pack_t o;
 #pragma unroll
     for (int k = 0; k < VEC; k++) o.v[k] = grad_at(to_f32(pk.v[k]), to_f32(yk.v[k]), v * VEC + k);
     store_pack<T, VEC>(gr + v * VEC, o);
   }
   for (int64_t j = nvec * VEC + lane; j < c; j += TPR)
-    gr[j] = grad_at(to_f32(xr[j]), MODE == CULOSS__CE_SOFT ? to_f32(yr[j]) : 0.0f, j);
+    st_elem(gr + j, grad_at(to_f32(ld_elem(xr + j)),
+                            MODE == CULOSS__CE_SOFT ? to_f32(ld_elem(yr + j)) : 0.0f, j));
 }
 
 /* ------------------------------------------------------------------------ */
@@ -468,7 +472,11 @@ __global__ void __launch_bounds__(BLOCK) ce_kernel(ce_params p) {
      calls (one greduce::run, one greduce::sync) whatever its row's kind. */
   constexpr int GPW = TPR > 1 && TPR < 32 ? 32 / TPR : 1; /* groups per warp */
   const int grp = threadIdx.x / TPR, lane = threadIdx.x % TPR;
-  pack<T, VEC> *cache = reinterpret_cast<pack<T, VEC> *>(smem_raw) + (int64_t)grp * p.cache_vecs;
+  /* the group's row cache: cache_vecs packs of logits (soft targets: then as
+     many of probabilities) */
+  constexpr int64_t CACHED = MODE == CULOSS__CE_SOFT ? 2 : 1;
+  pack<T, VEC> *cache =
+      reinterpret_cast<pack<T, VEC> *>(smem_raw) + (int64_t)grp * CACHED * p.cache_vecs;
   const call_consts k = load_call_consts(p);
   const bool per_row = p.reduction == CULOSS_REDUCTION_NONE || p.rows_out;
   double block_sum = 0.0; /* lane 0 of each group: its rows' losses, in row order */
@@ -511,7 +519,7 @@ __global__ void __launch_bounds__(NLL_THREADS) nll_kernel(ce_params p) {
     const row_job job = begin_row<CULOSS__NLL>(p, row, k.red_scale);
     const T *xr = static_cast<const T *>(p.x) + row * p.ld;
     float l = job.bad ? culoss__nan() : 0.0f;
-    if (lane == 0 && job.kind == ROW_LIVE) l = -job.wt * to_f32(xr[job.t]);
+    if (lane == 0 && job.kind == ROW_LIVE) l = -job.wt * to_f32(ld_elem(xr + job.t));
     __syncwarp();
     if (lane == 0) {
       if (job.bad) atomicOr(&p.scratch->error_flag, CULOSS__FLAG_TARGET);
@@ -526,7 +534,8 @@ __global__ void __launch_bounds__(NLL_THREADS) nll_kernel(ce_params p) {
       for (int q = 0; q < VEC; q++) o.v[q] = from_f32<T>(v * VEC + q == job.t ? gt : 0.0f);
       store_pack<T, VEC>(gr + v * VEC, o);
     }
-    for (int64_t j = nvec * VEC + lane; j < c; j += 32) gr[j] = from_f32<T>(j == job.t ? gt : 0.0f);
+    for (int64_t j = nvec * VEC + lane; j < c; j += 32)
+      st_elem(gr + j, from_f32<T>(j == job.t ? gt : 0.0f));
   }
   if (!per_row)
     store_block_sum<NLL_THREADS>(lane == 0 ? block_sum : 0.0, &p.scratch->partial_loss[blockIdx.x]);
@@ -655,17 +664,19 @@ culoss_status ce_launch_main(culoss_context *ctx, ce_params &p, int mode, int dt
   const int s = pick_shape(ctx, p.c);
   const int rows = CE_SHAPES[s].block / CE_SHAPES[s].tpr;
   /* With a gradient, as much of each row as fits stays in shared memory
-     for the gradient pass (capped by CULOSS_CE_CACHE_BYTES). */
+     for the gradient pass (capped by CULOSS_CE_CACHE_BYTES): its logits and,
+     for soft targets, its probabilities too (each pack cached takes both). */
+  const size_t cached = mode == CULOSS__CE_SOFT ? 2 : 1;
   if (p.grad) {
     size_t budget = ctx->smem_optin - CE_STATIC_SMEM_RESERVE;
     if (ctx->ce_cache_cap < budget) budget = ctx->ce_cache_cap;
-    const int64_t fit = (int64_t)(budget / ((size_t)rows * pack_bytes));
+    const int64_t fit = (int64_t)(budget / ((size_t)rows * pack_bytes * cached));
     const int64_t nvec = p.c / (int64_t)(pack_bytes / esize);
     p.cache_vecs = nvec < fit ? nvec : fit;
   }
   *grid_out = capped_grid(ctx, (p.n + rows - 1) / rows);
   e = launch(select_ce_kernel(dtype, mode, s, vec), dim3((unsigned)*grid_out),
-             dim3(CE_SHAPES[s].block), (size_t)p.cache_vecs * rows * pack_bytes, stream, p);
+             dim3(CE_SHAPES[s].block), (size_t)p.cache_vecs * rows * pack_bytes * cached, stream, p);
   return e == cudaSuccess ? CULOSS_OK : culoss__cuda_status(e, "launch of ce_kernel");
 }
 

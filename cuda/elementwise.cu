@@ -119,8 +119,8 @@ __global__ void __launch_bounds__(EW_THREADS) ew_kernel(ew_params p) {
     if (grad) store_pack<T, VEC>(grad + v * VEC, g);
   }
   for (int64_t i = npack * VEC + tid; i < p.m; i += stride) { /* the partial pack */
-    const float gi = one(to_f32(x[i]), to_f32(y[i]), i, cols ? i % p.c : 0);
-    if (grad) grad[i] = from_f32<T>(gi);
+    const float gi = one(to_f32(ld_elem(x + i)), to_f32(ld_elem(y + i)), i, cols ? i % p.c : 0);
+    if (grad) st_elem(grad + i, from_f32<T>(gi));
   }
   if (any_bad) atomicOr(&p.scratch->error_flag, CULOSS__FLAG_DOMAIN);
   if (reduced) store_block_sum<EW_THREADS>(acc, &p.scratch->partial_loss[blockIdx.x]);

@@ -75,6 +75,13 @@ int lane_id();
 
 inline unsigned char *dynamic_smem() { return current->smem; }
 
+/* The traffic counters (emu_traffic.h): on only inside a counting window. */
+extern bool traffic_on;
+void traffic_add(const void *p, size_t bytes, bool write);
+inline void count_global(const void *p, size_t bytes, bool write) {
+  if (traffic_on) traffic_add(p, bytes, write);
+}
+
 /* Runs or (while the stream is captured) records a kernel. */
 cudaError_t submit_kernel(const void *fn, const char *signature, dim3 grid, dim3 block, size_t smem,
                           cudaStream_t stream, std::function<void()> body);

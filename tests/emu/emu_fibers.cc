@@ -311,6 +311,7 @@ void run_kernel(const char *sig, dim3 grid, dim3 block, size_t smem,
   r.fibers.resize((size_t)r.nthreads);
   r.warps.resize((size_t)(r.nthreads + 31) / 32);
   r.body = &body;
+  traffic_launch();
   unsigned char *dyn16 = smem_acquire(smem);
   if (!dyn16) {
     report("%s: cannot map %zu bytes of dynamic shared memory", sig, smem);

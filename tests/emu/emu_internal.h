@@ -106,6 +106,8 @@ void check_canaries(const char *when);
    beyond, a guard page (or, under AddressSanitizer, ASan's own poisoning).
    One launch at a time: released before the next. nullptr if out of memory. */
 unsigned char *smem_acquire(size_t size);
+/* Counts a launch in the traffic window (emu_traffic.h), if one is open. */
+void traffic_launch();
 bool smem_redzone_ok();
 void smem_release();
 

@@ -15,7 +15,10 @@
 #include <sys/mman.h>
 
 #include <map>
+#include <unordered_set>
 #include <vector>
+
+#include "emu_traffic.h"
 
 /* ------------------------------------------------------------------ */
 /* device memory                                                        */
@@ -164,6 +167,51 @@ void smem_release() {
 
 } // namespace culoss_emu::internal
 #pragma GCC visibility pop
+
+/* ------------------------------------------------------------------ */
+/* traffic counters (emu_traffic.h)                                     */
+/* ------------------------------------------------------------------ */
+
+namespace {
+culoss_emu_traffic g_traffic;
+std::unordered_set<uintptr_t> g_read_sectors, g_write_sectors;
+} // namespace
+
+namespace culoss_emu {
+bool traffic_on = false;
+
+void traffic_add(const void *p, size_t bytes, bool write) {
+  if (bytes == 0) return;
+  const uintptr_t a = (uintptr_t)p;
+  std::unordered_set<uintptr_t> &set = write ? g_write_sectors : g_read_sectors;
+  (write ? g_traffic.write_bytes : g_traffic.read_bytes) += bytes;
+  for (uintptr_t s = a >> 5; s <= (a + bytes - 1) >> 5; s++) set.insert(s);
+}
+} // namespace culoss_emu
+
+#pragma GCC visibility push(hidden)
+namespace culoss_emu::internal {
+void traffic_launch() {
+  if (culoss_emu::traffic_on) g_traffic.launches++;
+}
+} // namespace culoss_emu::internal
+#pragma GCC visibility pop
+
+extern "C" void culoss_emu_traffic_begin(void) {
+  LOCK;
+  g_traffic = culoss_emu_traffic{};
+  g_read_sectors.clear();
+  g_write_sectors.clear();
+  culoss_emu::traffic_on = true;
+}
+
+extern "C" void culoss_emu_traffic_end(culoss_emu_traffic *out) {
+  LOCK;
+  culoss_emu::traffic_on = false;
+  g_traffic.read_sectors = g_read_sectors.size();
+  g_traffic.write_sectors = g_write_sectors.size();
+  if (out) *out = g_traffic;
+}
 
 /* ==================================================================== */
 /* the CUDA runtime API: memory                                          */
