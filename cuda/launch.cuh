@@ -36,6 +36,31 @@ inline cudaError_t launch(void (*kernel)(Params...), dim3 grid, dim3 block, size
 #endif
 }
 
+/* The same for a grid of clusters of `cluster` blocks along x (sm_90:
+   cudaLaunchKernelEx with the cluster dimension attribute; grid.x must be a
+   multiple of it). The emulator runs each cluster's blocks together. */
+template <typename... Params, typename... Args>
+inline cudaError_t launch_cluster(void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem,
+                                  cudaStream_t stream, unsigned cluster, Args... args) {
+#ifdef CULOSS_CUDA_EMULATOR
+  return culoss_emu::launch_cluster(kernel, grid, block, smem, stream, cluster, args...);
+#else
+  cudaLaunchConfig_t cfg = {};
+  cudaLaunchAttribute attr[1];
+  attr[0].id = cudaLaunchAttributeClusterDimension;
+  attr[0].val.clusterDim.x = cluster;
+  attr[0].val.clusterDim.y = 1;
+  attr[0].val.clusterDim.z = 1;
+  cfg.gridDim = grid;
+  cfg.blockDim = block;
+  cfg.dynamicSmemBytes = smem;
+  cfg.stream = stream;
+  cfg.attrs = attr;
+  cfg.numAttrs = 1;
+  return cudaLaunchKernelEx(&cfg, kernel, args...);
+#endif
+}
+
 } // namespace culoss_dev
 
 #endif /* CULOSS_LAUNCH_CUH */

@@ -60,6 +60,10 @@ struct thread_view {
   dim3 block_dim;
   dim3 grid_dim;
   unsigned char *smem;
+  size_t smem_size;
+  /* thread-block clusters (a plain launch is a cluster of one) */
+  unsigned cluster_rank, cluster_size;
+  unsigned char *const *cluster_smem; /* every block's dynamic shared memory, by rank */
 };
 
 /* The running fiber's view (set by the scheduler before each switch). */
@@ -72,6 +76,11 @@ void syncwarp(unsigned mask);
    8 bytes src_lane deposited (src_lane must be in mask). */
 uint64_t shfl_exchange(unsigned mask, uint64_t bits, int src_lane);
 int lane_id();
+/* cluster.sync(): a barrier over every thread of the cluster's blocks. */
+void cluster_sync();
+/* cluster.map_shared_rank: addr in this block's dynamic shared memory, the
+   same offset in block `rank`'s (checked). */
+void *map_shared_rank(const void *addr, unsigned rank);
 
 inline unsigned char *dynamic_smem() { return current->smem; }
 
@@ -84,7 +93,7 @@ inline void count_global(const void *p, size_t bytes, bool write) {
 
 /* Runs or (while the stream is captured) records a kernel. */
 cudaError_t submit_kernel(const void *fn, const char *signature, dim3 grid, dim3 block, size_t smem,
-                          cudaStream_t stream, std::function<void()> body);
+                          cudaStream_t stream, std::function<void()> body, unsigned cluster = 1);
 
 template <typename... Params, typename... Args>
 cudaError_t launch(void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem,
@@ -94,6 +103,18 @@ cudaError_t launch(void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem
   std::tuple<std::decay_t<Params>...> params(args...);
   return submit_kernel(reinterpret_cast<const void *>(kernel), __PRETTY_FUNCTION__, grid, block,
                        smem, stream, [kernel, params]() { std::apply(kernel, params); });
+}
+
+/* A launch in clusters of `cluster` blocks along x (cudaLaunchKernelEx with
+   cudaLaunchAttributeClusterDimension): the blocks of a cluster run
+   together, with cluster_sync as their barrier. */
+template <typename... Params, typename... Args>
+cudaError_t launch_cluster(void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem,
+                           cudaStream_t stream, unsigned cluster, Args... args) {
+  std::tuple<std::decay_t<Params>...> params(args...);
+  return submit_kernel(
+      reinterpret_cast<const void *>(kernel), __PRETTY_FUNCTION__, grid, block, smem, stream,
+      [kernel, params]() { std::apply(kernel, params); }, cluster);
 }
 
 template <typename T> inline uint64_t to_bits(T v) {

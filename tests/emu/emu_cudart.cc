@@ -150,6 +150,7 @@ cudaError_t cudaDeviceGetAttribute(int *value, enum cudaDeviceAttr attr, int dev
   case cudaDevAttrWarpSize: *value = 32; break;
   case cudaDevAttrComputeCapabilityMajor: *value = 9; break;
   case cudaDevAttrComputeCapabilityMinor: *value = 0; break;
+  case cudaDevAttrClusterLaunch: *value = 1; break;
   default: return set_error(cudaErrorInvalidValue);
   }
   return cudaSuccess;

@@ -120,7 +120,7 @@ inline void fiber_started() {
 #endif
 }
 
-enum fiber_state { RUNNABLE, AT_BLOCK_BARRIER, AT_WARP_OP, DONE, FAILED };
+enum fiber_state { RUNNABLE, AT_BLOCK_BARRIER, AT_WARP_OP, DONE, FAILED, AT_CLUSTER_BARRIER };
 enum warp_kind { WARP_SYNC = 1, WARP_SHFL = 2 };
 
 struct fiber {
@@ -136,7 +136,9 @@ struct warp {
   uint64_t buf[2][32];
 };
 
+struct cluster_run;
 struct block_run {
+  cluster_run *cluster = nullptr; /* in a cluster launch */
   std::vector<fiber> fibers;
   std::vector<warp> warps;
   int nthreads = 0, at_barrier = 0, done = 0;
@@ -146,6 +148,14 @@ struct block_run {
   bool failed = false;
 };
 block_run *g_run = nullptr;
+
+/* The blocks of one cluster, run together: each until all its threads wait
+   at the cluster barrier (or exit), then the next, in the schedule's order. */
+struct cluster_run {
+  std::vector<block_run> blocks;
+  std::vector<unsigned char *> smem; /* by rank */
+  int total = 0, at_barrier = 0;
+};
 
 constexpr size_t STACK_BYTES = (size_t)256 << 10;
 std::vector<unsigned char *> g_stacks; /* each with a guard page below */
@@ -236,6 +246,7 @@ const char *state_name(fiber_state s) {
   case AT_BLOCK_BARRIER: return "at __syncthreads";
   case AT_WARP_OP: return "at a warp operation";
   case DONE: return "exited";
+  case AT_CLUSTER_BARRIER: return "at cluster.sync()";
   default: return "failed";
   }
 }
@@ -296,13 +307,62 @@ bool run_block(block_run &r) {
   return true;
 }
 
+/* Runs one cluster to completion (its fibers initialised); false on a
+   kernel error or a deadlock (reported). */
+bool run_cluster(cluster_run &c) {
+  std::vector<int> idx, bidx;
+  const int K = (int)c.blocks.size();
+  for (;;) {
+    bool progressed = false, all_done = true;
+    order(bidx, (size_t)K);
+    for (int b : bidx) {
+      block_run &r = c.blocks[(size_t)b];
+      g_run = &r;
+      g_sched_ctx = &r.sched;
+      for (bool ran = true; ran;) { /* until every thread of the block waits */
+        ran = false;
+        order(idx, (size_t)r.nthreads);
+        for (int i : idx) {
+          fiber &f = r.fibers[(size_t)i];
+          if (f.state != RUNNABLE) continue;
+          switch_into(r, f);
+          ran = progressed = true;
+          if (r.failed) return false;
+        }
+      }
+      if (r.done < r.nthreads) all_done = false;
+    }
+    if (all_done) return true;
+    if (!progressed) {
+      report("%s, cluster of %d blocks from block %u: deadlock (barrier divergence)", g_kernel, K,
+             c.blocks[0].fibers[0].view.block_idx.x);
+      for (int b = 0; b < K; b++) {
+        int count[6] = {0, 0, 0, 0, 0, 0};
+        for (fiber &f : c.blocks[(size_t)b].fibers) count[f.state]++;
+        report("  rank %d: %d threads %s, %d %s, %d %s, %d %s", b, count[AT_CLUSTER_BARRIER],
+               state_name(AT_CLUSTER_BARRIER), count[AT_BLOCK_BARRIER],
+               state_name(AT_BLOCK_BARRIER), count[AT_WARP_OP], state_name(AT_WARP_OP),
+               count[DONE], state_name(DONE));
+      }
+      return false;
+    }
+  }
+}
+
 struct func_attrs {
   int max_dynamic_smem = 48 << 10;
 };
 std::map<const void *, func_attrs> g_funcs;
 
+void run_clusters(const char *sig, dim3 grid, dim3 block, size_t smem, unsigned K,
+                  const std::function<void()> &body);
+
 void run_kernel(const char *sig, dim3 grid, dim3 block, size_t smem,
-                const std::function<void()> &body) {
+                const std::function<void()> &body, unsigned cluster) {
+  if (cluster > 1) {
+    run_clusters(sig, grid, block, smem, cluster, body);
+    return;
+  }
   std::lock_guard<std::recursive_mutex> lock(g_mutex);
   if (g_sticky != cudaSuccess) return;
   g_kernel = sig;
@@ -342,6 +402,10 @@ void run_kernel(const char *sig, dim3 grid, dim3 block, size_t smem,
       f.view.block_dim = block;
       f.view.grid_dim = grid;
       f.view.smem = dyn16;
+      f.view.smem_size = smem;
+      f.view.cluster_rank = 0;
+      f.view.cluster_size = 1;
+      f.view.cluster_smem = &dyn16;
     }
     if (!run_block(r)) {
       ok = false;
@@ -367,6 +431,100 @@ void run_kernel(const char *sig, dim3 grid, dim3 block, size_t smem,
   g_kernel = nullptr;
 }
 
+/* A launch in clusters of K blocks along x: each cluster's blocks get their
+   own fibers and dynamic shared memory and run together (run_cluster);
+   clusters run one after another, in the schedule's order. */
+void run_clusters(const char *sig, dim3 grid, dim3 block, size_t smem, unsigned K,
+                  const std::function<void()> &body) {
+  std::lock_guard<std::recursive_mutex> lock(g_mutex);
+  if (g_sticky != cudaSuccess) return;
+  g_kernel = sig;
+  traffic_launch();
+  const int nthreads = (int)(block.x * block.y * block.z);
+  cluster_run c;
+  c.blocks.resize(K);
+  c.smem.resize(K);
+  c.total = (int)K * nthreads;
+  bool ok = true, redzone = false;
+  for (unsigned k = 0; k < K && ok; k++)
+    if (!(c.smem[k] = smem_acquire(smem))) ok = false;
+  if (!ok) {
+    report("%s: cannot map %u x %zu bytes of dynamic shared memory", sig, K, smem);
+    smem_release();
+    fault(cudaErrorMemoryAllocation);
+    g_kernel = nullptr;
+    return;
+  }
+  for (unsigned k = 0; k < K; k++) {
+    block_run &r = c.blocks[k];
+    r.cluster = &c;
+    r.nthreads = nthreads;
+    r.fibers.resize((size_t)nthreads);
+    r.warps.resize((size_t)(nthreads + 31) / 32);
+    r.body = &body;
+    r.sched.bottom = nullptr;
+    r.sched.size = 0;
+  }
+  const uint64_t nclusters = (uint64_t)grid.x * grid.y * grid.z / K;
+  std::vector<uint64_t> clusters;
+  order(clusters, (size_t)nclusters);
+  block_run *prev = g_run;
+  exec_ctx *prev_sched = g_sched_ctx;
+  for (uint64_t cid : clusters) {
+    c.at_barrier = 0;
+    for (unsigned k = 0; k < K; k++) {
+      const uint64_t b = cid * K + k; /* K divides grid.x: one y, z per cluster */
+      const uint3 bid = {(unsigned)(b % grid.x), (unsigned)((b / grid.x) % grid.y),
+                         (unsigned)(b / ((uint64_t)grid.x * grid.y))};
+      block_run &r = c.blocks[k];
+      memset(c.smem[k], POISON, smem);
+      r.at_barrier = r.done = 0;
+      r.failed = false;
+      for (warp &w : r.warps) {
+        w.arrived = w.mask = w.gen = 0;
+        w.kind = 0;
+      }
+      for (int t = 0; t < nthreads; t++) {
+        fiber &f = r.fibers[(size_t)t];
+        init_fiber(f, (int)k * nthreads + t);
+        f.tid = t;
+        f.view.thread_idx = {(unsigned)t % block.x, ((unsigned)t / block.x) % block.y,
+                             (unsigned)t / (block.x * block.y)};
+        f.view.block_idx = bid;
+        f.view.block_dim = block;
+        f.view.grid_dim = grid;
+        f.view.smem = c.smem[k];
+        f.view.smem_size = smem;
+        f.view.cluster_rank = k;
+        f.view.cluster_size = K;
+        f.view.cluster_smem = c.smem.data();
+      }
+    }
+    g_sched_ctx = &c.blocks[0].sched;
+    if (!run_cluster(c)) {
+      ok = false;
+      break;
+    }
+    if (!smem_redzone_ok()) {
+      report("%s, cluster from block %llu: write past the end of a block's %zu bytes of dynamic "
+             "shared memory",
+             sig, (unsigned long long)(cid * K), smem);
+      redzone = true;
+      break;
+    }
+  }
+  smem_release();
+  g_run = prev;
+  g_sched_ctx = prev_sched;
+  if (!ok)
+    fault(cudaErrorLaunchFailure);
+  else if (redzone)
+    fault(cudaErrorIllegalAddress);
+  else
+    check_canaries(sig);
+  g_kernel = nullptr;
+}
+
 } // namespace
 
 /* ==================================================================== */
@@ -387,6 +545,36 @@ void syncthreads() {
       if (o.state == AT_BLOCK_BARRIER) o.state = RUNNABLE;
   }
   yield_to_scheduler();
+}
+
+void cluster_sync() {
+  block_run &r = *g_run;
+  if (!r.cluster) { /* a plain launch is a cluster of one block */
+    syncthreads();
+    return;
+  }
+  cluster_run &c = *r.cluster;
+  r.running->state = AT_CLUSTER_BARRIER;
+  if (++c.at_barrier == c.total) {
+    c.at_barrier = 0;
+    for (block_run &b : c.blocks)
+      for (fiber &o : b.fibers)
+        if (o.state == AT_CLUSTER_BARRIER) o.state = RUNNABLE;
+  }
+  yield_to_scheduler();
+}
+
+void *map_shared_rank(const void *addr, unsigned rank) {
+  const thread_view *v = current;
+  const uintptr_t a = (uintptr_t)addr, base = (uintptr_t)v->smem;
+  if (rank >= v->cluster_size)
+    kernel_fail("map_shared_rank: rank %u of a cluster of %u blocks", rank, v->cluster_size);
+  if (a < base || a > base + v->smem_size)
+    kernel_fail("map_shared_rank(%p): not in this block's %zu bytes of dynamic shared memory "
+                "(the emulator's static __shared__ variables are one per program: what other "
+                "blocks of a cluster read must be in dynamic shared memory)",
+                addr, v->smem_size);
+  return v->cluster_smem[rank] + (a - base);
 }
 
 static uint64_t warp_op(unsigned mask, int kind, uint64_t bits, int src) {
@@ -433,7 +621,7 @@ uint64_t shfl_exchange(unsigned mask, uint64_t bits, int src_lane) {
 }
 
 cudaError_t submit_kernel(const void *fn, const char *signature, dim3 grid, dim3 block, size_t smem,
-                          cudaStream_t stream, std::function<void()> body) {
+                          cudaStream_t stream, std::function<void()> body, unsigned cluster) {
   std::lock_guard<std::recursive_mutex> lock(g_mutex);
   if (g_sticky != cudaSuccess) return set_error(g_sticky);
   /* "kernel(<parameter types>)" from the launch template's signature */
@@ -459,8 +647,14 @@ cudaError_t submit_kernel(const void *fn, const char *signature, dim3 grid, dim3
            smem, limit, sig.c_str());
     return set_error(cudaErrorInvalidValue);
   }
-  cudaError_t e = submit(stream, [sig, grid, block, smem, body]() {
-    run_kernel(sig.c_str(), grid, block, smem, body);
+  if (cluster == 0 || cluster > 8 || grid.x % cluster != 0) {
+    report("cluster of %u blocks for a grid of %u along x: not a portable cluster size (1..8) "
+           "dividing the grid, for %s",
+           cluster, grid.x, sig.c_str());
+    return set_error(cudaErrorInvalidClusterSize);
+  }
+  cudaError_t e = submit(stream, [sig, grid, block, smem, body, cluster]() {
+    run_kernel(sig.c_str(), grid, block, smem, body, cluster);
   });
   return set_error(e);
 }

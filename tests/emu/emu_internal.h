@@ -101,10 +101,12 @@ constexpr unsigned char POISON = 0xff, CANARY = 0xa5;
 bool in_device(const void *p, size_t bytes);
 /* Reports (and faults on) every allocation whose canary was overwritten. */
 void check_canaries(const char *when);
-/* A launch's dynamic shared memory: exactly `size` bytes (16-byte aligned)
-   followed by a redzone, a write into which smem_redzone_ok reports; farther
-   beyond, a guard page (or, under AddressSanitizer, ASan's own poisoning).
-   One launch at a time: released before the next. nullptr if out of memory. */
+/* A block's dynamic shared memory: exactly `size` bytes (16-byte aligned)
+   followed by a redzone, a write into which smem_redzone_ok reports (for
+   every region acquired); farther beyond, a guard page (or, under
+   AddressSanitizer, ASan's own poisoning). One region per block running at
+   once (one, or a cluster's); smem_release frees them all. nullptr if out
+   of memory. */
 unsigned char *smem_acquire(size_t size);
 /* Counts a launch in the traffic window (emu_traffic.h), if one is open. */
 void traffic_launch();

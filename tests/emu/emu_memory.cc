@@ -40,7 +40,7 @@ std::map<uintptr_t, allocation> g_allocs; /* by ptr */
    PROT_NONE guard page. Under AddressSanitizer the redzone is poisoned
    instead, so ASan reports the access itself. */
 constexpr size_t SMEM_REDZONE = 64;
-allocation g_smem = {nullptr, 0, nullptr, 0, 0};
+std::vector<allocation> g_smem; /* one per block running (a cluster's blocks) */
 
 const allocation *find_alloc(const void *p) {
   auto it = g_allocs.upper_bound((uintptr_t)p);
@@ -70,12 +70,13 @@ void segv_handler(int sig, siginfo_t *si, void *) {
       break;
     }
   }
-  if (g_smem.map && addr >= (uintptr_t)g_smem.map && addr < (uintptr_t)g_smem.map + g_smem.map_len)
-    fprintf(stderr,
-            "culoss CUDA emulator: invalid access at %p, byte offset %ld of the %zu bytes of "
-            "dynamic shared memory (%s)\n",
-            (void *)addr, (long)(addr - (uintptr_t)g_smem.ptr), g_smem.size,
-            g_kernel ? g_kernel : "host code");
+  for (const allocation &a : g_smem)
+    if (addr >= (uintptr_t)a.map && addr < (uintptr_t)a.map + a.map_len)
+      fprintf(stderr,
+              "culoss CUDA emulator: invalid access at %p, byte offset %ld of the %zu bytes of "
+              "dynamic shared memory (%s)\n",
+              (void *)addr, (long)(addr - (uintptr_t)a.ptr), a.size,
+              g_kernel ? g_kernel : "host code");
   signal(sig, SIG_DFL); /* the access faults again and the process dies */
 }
 
@@ -142,7 +143,7 @@ unsigned char *smem_acquire(size_t size) {
   a.ptr = a.map + pages - body - SMEM_REDZONE; /* the redzone ends at the guard page */
   memset(a.ptr + size, CANARY, a.slack);
 #endif
-  g_smem = a;
+  g_smem.push_back(a);
   return a.ptr;
 }
 
@@ -150,19 +151,22 @@ bool smem_redzone_ok() {
 #ifdef EMU_ASAN
   return true; /* ASan has reported (and stopped at) any access there */
 #else
-  return canary_ok(g_smem);
+  for (const allocation &a : g_smem)
+    if (!canary_ok(a)) return false;
+  return true;
 #endif
 }
 
 void smem_release() {
-  if (!g_smem.map) return;
+  for (allocation &a : g_smem) {
 #ifdef EMU_ASAN
-  __asan_unpoison_memory_region(g_smem.map, g_smem.map_len);
-  free(g_smem.map);
+    __asan_unpoison_memory_region(a.map, a.map_len);
+    free(a.map);
 #else
-  munmap(g_smem.map, g_smem.map_len);
+    munmap(a.map, a.map_len);
 #endif
-  g_smem = allocation{nullptr, 0, nullptr, 0, 0};
+  }
+  g_smem.clear();
 }
 
 } // namespace culoss_emu::internal

@@ -9,6 +9,7 @@
 #include <signal.h>
 #include <stdlib.h>
 
+#include <cooperative_groups.h>
 #include <cub/block/block_reduce.cuh>
 
 #include "launch.cuh"
@@ -61,6 +62,29 @@ __global__ void partial_warp_shuffle(float *out) {
 }
 
 __global__ void write_at(float *p, int64_t i) { p[i] = 1.0f; }
+
+/* Each block of a cluster writes B values into its dynamic shared memory,
+   then (after cluster.sync when with_sync) every thread reads its
+   neighbour rank's value through map_shared_rank; out gets rank sums. */
+__global__ void cluster_ring(float *out, int with_sync, int extra) {
+  namespace cg = cooperative_groups;
+  cg::cluster_group cl = cg::this_cluster();
+  CULOSS_DYNAMIC_SMEM(raw);
+  float *mine = reinterpret_cast<float *>(raw);
+  const unsigned rank = cl.block_rank(), n = cl.num_blocks();
+  mine[threadIdx.x] = (float)(rank * 1000 + threadIdx.x);
+  if (with_sync) cl.sync();
+  const float *theirs = cl.map_shared_rank(mine, (rank + 1) % (n + (unsigned)extra));
+  out[blockIdx.x * B + threadIdx.x] = theirs[threadIdx.x];
+  if (with_sync) cl.sync(); /* no block leaves while another reads its memory */
+}
+
+/* A cluster.sync() that rank 0 skips. */
+__global__ void cluster_divergent(float *out) {
+  namespace cg = cooperative_groups;
+  if (cg::this_cluster().block_rank() != 0) cg::this_cluster().sync();
+  out[blockIdx.x] = 1.0f;
+}
 
 /* Thread 0 writes dynamic shared memory at byte offset `at` (a float),
    after every thread has filled the first `fill` bytes. */
@@ -236,6 +260,56 @@ Test(emu, dynamic_smem_mid_pack) {
 Test(emu, dynamic_smem_none_requested) {
   SKIP_UNDER_ASAN();
   smem_overrun(0, 0);
+}
+
+/* Thread-block clusters: the blocks of a cluster run together; with the
+   barrier, every block reads its neighbour's values under any schedule;
+   without it, a schedule that runs the reader first reads poison. */
+static void cluster_ring_once(const char *sched, int with_sync, float *host) {
+  setenv("CULOSS_EMU_SCHEDULE", sched, 1);
+  float *o = dmalloc(8 * B);
+  cr_assert_eq(culoss_dev::launch_cluster(cluster_ring, dim3(8), dim3(B), B * sizeof(float),
+                                          nullptr, 4u, o, with_sync, 0),
+               cudaSuccess);
+  cr_assert_eq(cudaDeviceSynchronize(), cudaSuccess);
+  cr_assert_eq(cudaMemcpy(host, o, 8 * B * sizeof(float), cudaMemcpyDeviceToHost), cudaSuccess);
+  cudaFree(o);
+}
+Test(emu, cluster_blocks_share_dynamic_smem_after_sync) {
+  float h[8 * B];
+  cluster_ring_once("reverse", 1, h);
+  for (int b = 0; b < 8; b++)
+    for (int t = 0; t < B; t++)
+      cr_assert_eq(h[b * B + t], (float)(((b % 4 + 1) % 4) * 1000 + t), "block %d thread %d", b, t);
+}
+Test(emu, cluster_missing_sync_is_a_wrong_answer) {
+  float h[8 * B];
+  cluster_ring_once("reverse", 0, h); /* rank 3 runs first and reads rank 0's poison */
+  int wrong = 0;
+  for (int b = 0; b < 8; b++)
+    for (int t = 0; t < B; t++) wrong += h[b * B + t] != (float)(((b % 4 + 1) % 4) * 1000 + t);
+  cr_assert(wrong > 0, "a missing cluster.sync went unnoticed");
+}
+Test(emu, cluster_rank_out_of_range_is_a_launch_failure) {
+  float *o = dmalloc(8 * B);
+  cr_assert_eq(culoss_dev::launch_cluster(cluster_ring, dim3(4), dim3(B), B * sizeof(float),
+                                          nullptr, 4u, o, 1, 1), /* rank 3 reads rank 4 */
+               cudaSuccess);
+  cr_assert_eq(cudaDeviceSynchronize(), cudaErrorLaunchFailure);
+}
+Test(emu, cluster_divergent_sync_is_a_launch_failure) {
+  float *o = dmalloc(8);
+  cr_assert_eq(culoss_dev::launch_cluster(cluster_divergent, dim3(4), dim3(B), 0, nullptr, 2u, o),
+               cudaSuccess);
+  cr_assert_eq(cudaDeviceSynchronize(), cudaErrorLaunchFailure);
+}
+Test(emu, cluster_size_is_validated) {
+  float *o = dmalloc(8);
+  cr_assert_eq(culoss_dev::launch_cluster(cluster_divergent, dim3(6), dim3(B), 0, nullptr, 4u, o),
+               cudaErrorInvalidClusterSize, "4 does not divide 6");
+  cr_assert_eq(culoss_dev::launch_cluster(cluster_divergent, dim3(16), dim3(B), 0, nullptr, 16u, o),
+               cudaErrorInvalidClusterSize, "16 is not portable");
+  cudaFree(o);
 }
 
 #if !defined(__SANITIZE_ADDRESS__)
