@@ -70,6 +70,8 @@ struct culoss_context {
   /* Tuning knobs, read from the environment once, at culoss_create (README,
      "Tuning"): a call never reads the environment. */
   int ce_tpr;              /* CULOSS_CE_SHAPE: CE threads per row; 0 = chosen by c */
+  int ce_cluster;          /* CULOSS_CE_CLUSTER: 1 = split long rows over a cluster (sm_90) */
+  int cluster_launch;      /* the device supports thread-block clusters */
   size_t ce_cache_cap;     /* CULOSS_CE_CACHE_BYTES: cap on the row cache; SIZE_MAX = none */
   int64_t lce_block_bytes; /* CULOSS_LINEAR_CE_BLOCK_BYTES: linear CE logits block */
   struct culoss_context *next_live; /* the live-context list (host/context.c) */

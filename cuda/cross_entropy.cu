@@ -14,10 +14,15 @@
  * logit and lse in registers, in fp32, and rounded once to the output type,
  * so the target column's p - 1 does not cancel in bf16.
  *
- * Traffic: one read of the logits and one write of the gradient when the
- * row fits in shared memory (c * sizeof(T) up to the per-block limit, about
- * 227 KB on Hopper); otherwise the uncached tail of the row is read twice,
- * the second time mostly from L2.
+ * Traffic: one read of the logits (and of soft targets' probabilities) and
+ * one write of the gradient when the row fits in shared memory (c *
+ * sizeof(T), twice that for soft targets, up to the per-block limit, about
+ * 227 KB on Hopper). A longer row, on sm_90, is split over a thread-block
+ * cluster of 2 to 8 blocks that each keep their slice (ce_cluster_kernel):
+ * still one read, up to 8 x 227 KB per row (fp32 V = 450K); past that, or
+ * without clusters (older GPUs, CULOSS_CE_CLUSTER=0), the uncached part of
+ * each row or slice is read twice, the second time from L2 if it stays
+ * there (bench/NOTES.md, "Traffic model").
  *
  * Reductions over rows (SUM, MEAN) are deterministic: each block sums its
  * rows in a fixed order into a per-block partial in the context scratch, and
@@ -34,6 +39,7 @@
  */
 #include <cuda_runtime.h>
 
+#include <cooperative_groups.h>
 #include <cub/block/block_reduce.cuh>
 
 #include "backend.h"
@@ -216,6 +222,18 @@ __device__ __forceinline__ call_consts load_call_consts(const ce_params &p) {
   return k;
 }
 
+/* The part of a row one group walks: packs [v0, v1) and, if tail, the
+   partial pack at the row's end. A whole row for ce_kernel; a cluster
+   block's slice for ce_cluster_kernel. The group's row cache holds the
+   slice's packs from v0 on. */
+struct row_span {
+  int64_t v0, v1;
+  bool tail;
+};
+template <int VEC> __device__ __forceinline__ row_span whole_row(const ce_params &p) {
+  return row_span{0, p.c / VEC, true};
+}
+
 /* What a group knows of its row before reading it. */
 enum row_kind {
   ROW_LIVE, /* a row to compute */
@@ -261,11 +279,13 @@ __device__ __forceinline__ void emit_loss(const ce_params &p, bool per_row, int6
 }
 
 /* A ROW_SKIP row: its loss (0, or NaN and the deferred flag), zero
-   statistics for linear CE and a zero gradient row; nothing is read. */
+   statistics for linear CE (by the thread that emits) and a zero gradient
+   over the span; nothing is read. */
 template <typename T, int TPR, int VEC>
 __device__ __forceinline__ void skip_row(const ce_params &p, const row_job &job, int lane,
-                                         bool per_row, double &block_sum) {
-  if (lane == 0) {
+                                         bool emit, bool per_row, double &block_sum,
+                                         row_span sp) {
+  if (emit) {
     if (job.bad) atomicOr(&p.scratch->error_flag, CULOSS__FLAG_TARGET);
     emit_loss(p, per_row, job.row, job.bad ? culoss__nan() : 0.0f, block_sum);
     if (p.lse_out) p.lse_out[job.row] = job.bad ? culoss__nan() : 0.0f;
@@ -281,17 +301,19 @@ __device__ __forceinline__ void skip_row(const ce_params &p, const row_job &job,
   pack<T, VEC> zero;
 #pragma unroll
   for (int k = 0; k < VEC; k++) zero.v[k] = from_f32<T>(0.0f);
-  for (int64_t v = lane; v < nvec; v += TPR) store_pack<T, VEC>(gr + v * VEC, zero);
-  for (int64_t j = nvec * VEC + lane; j < p.c; j += TPR) st_elem(gr + j, from_f32<T>(0.0f));
+  for (int64_t v = sp.v0 + lane; v < sp.v1; v += TPR) store_pack<T, VEC>(gr + v * VEC, zero);
+  if (sp.tail)
+    for (int64_t j = nvec * VEC + lane; j < p.c; j += TPR) st_elem(gr + j, from_f32<T>(0.0f));
 }
 
 /* Pass 1 over this lane's share of a ROW_LIVE row: the online log-sum-exp
    of the (soft-capped) logits and, for smoothing or soft targets, sx and sy;
    the packs that fit are parked in the group's row cache for the gradient
-   pass. Lane 0 also takes the target logit. */
+   pass. Lane 0 of the group whose span starts the row also takes the
+   target logit. */
 template <typename T, int MODE, int TPR, int VEC>
 __device__ __forceinline__ row_acc pass1(const ce_params &p, const row_job &job, int lane,
-                                         pack<T, VEC> *cache) {
+                                         pack<T, VEC> *cache, row_span sp) {
   typedef pack<T, VEC> pack_t;
   const int64_t c = p.c, nvec = c / VEC;
   const float eps = p.eps, cap = p.cap;
@@ -302,9 +324,10 @@ __device__ __forceinline__ row_acc pass1(const ce_params &p, const row_job &job,
   const bool want_ent = p.ent_out != nullptr;
   row_acc acc = empty_acc();
 #pragma unroll 4
-  for (int64_t v = lane; v < nvec; v += TPR) {
+  for (int64_t v = sp.v0 + lane; v < sp.v1; v += TPR) {
     const pack_t pk = load_pack<T, VEC>(xr + v * VEC);
-    if (v < p.cache_vecs) cache[v] = pk;
+    const int64_t cv = v - sp.v0; /* its slot in the row cache */
+    if (cv < p.cache_vecs) cache[cv] = pk;
     float xv[VEC];
     float vmax = -INFINITY;
 #pragma unroll
@@ -331,7 +354,7 @@ __device__ __forceinline__ row_acc pass1(const ce_params &p, const row_job &job,
       acc.sx = culoss__sx_rebase(acc.sx, acc.sy, acc.lse.m, m);
       if constexpr (MODE == CULOSS__CE_SOFT) {
         const pack_t yk = load_pack<T, VEC>(yr + v * VEC);
-        if (v < p.cache_vecs) cache[p.cache_vecs + v] = yk; /* after the row's logits */
+        if (cv < p.cache_vecs) cache[p.cache_vecs + cv] = yk; /* after the row's logits */
 #pragma unroll
         for (int k = 0; k < VEC; k++) {
           const float wy = culoss__ce_soft_b(class_w(p, v * VEC + k), to_f32(yk.v[k]), eps, c);
@@ -350,7 +373,7 @@ __device__ __forceinline__ row_acc pass1(const ce_params &p, const row_job &job,
     acc.lse.m = m;
     acc.lse.s = s;
   }
-  for (int64_t j = nvec * VEC + lane; j < c; j += TPR) { /* the partial pack */
+  for (int64_t j = nvec * VEC + lane; sp.tail && j < c; j += TPR) { /* the partial pack */
     const float xj = culoss__softcap(to_f32(ld_elem(xr + j)), cap);
     const float m = fmaxf(acc.lse.m, xj);
     if (want_sx) acc.sx = culoss__sx_rebase(acc.sx, acc.sy, acc.lse.m, m);
@@ -369,7 +392,7 @@ __device__ __forceinline__ row_acc pass1(const ce_params &p, const row_job &job,
     }
   }
   if constexpr (MODE == CULOSS__CE_INDEX)
-    if (lane == 0) acc.xt = culoss__softcap(to_f32(ld_elem(xr + job.t)), cap);
+    if (lane == 0 && sp.v0 == 0) acc.xt = culoss__softcap(to_f32(ld_elem(xr + job.t)), cap);
   return acc;
 }
 
@@ -423,7 +446,7 @@ __device__ __forceinline__ row_grad finish_row(const ce_params &p, const row_job
    from the cached packs (or a re-read of the rest). */
 template <typename T, int MODE, int TPR, int VEC>
 __device__ __forceinline__ void grad_pass(const ce_params &p, const row_job &job, const row_grad &g,
-                                          int lane, const pack<T, VEC> *cache) {
+                                          int lane, const pack<T, VEC> *cache, row_span sp) {
   typedef pack<T, VEC> pack_t;
   const int64_t c = p.c, nvec = c / VEC;
   const float eps = p.eps, cap = p.cap;
@@ -442,17 +465,18 @@ __device__ __forceinline__ void grad_pass(const ce_params &p, const row_job &job
                                        culoss__softcap_grad(xs, cap)));
   };
 #pragma unroll 4
-  for (int64_t v = lane; v < nvec; v += TPR) {
-    const pack_t pk = v < p.cache_vecs ? cache[v] : load_pack<T, VEC>(xr + v * VEC);
+  for (int64_t v = sp.v0 + lane; v < sp.v1; v += TPR) {
+    const int64_t cv = v - sp.v0;
+    const pack_t pk = cv < p.cache_vecs ? cache[cv] : load_pack<T, VEC>(xr + v * VEC);
     const pack_t yk = MODE != CULOSS__CE_SOFT ? pk
-                      : v < p.cache_vecs      ? cache[p.cache_vecs + v]
+                      : cv < p.cache_vecs     ? cache[p.cache_vecs + cv]
                                               : load_pack<T, VEC>(yr + v * VEC);
     pack_t o;
 #pragma unroll
     for (int k = 0; k < VEC; k++) o.v[k] = grad_at(to_f32(pk.v[k]), to_f32(yk.v[k]), v * VEC + k);
     store_pack<T, VEC>(gr + v * VEC, o);
   }
-  for (int64_t j = nvec * VEC + lane; j < c; j += TPR)
+  for (int64_t j = nvec * VEC + lane; sp.tail && j < c; j += TPR)
     st_elem(gr + j, grad_at(to_f32(ld_elem(xr + j)),
                             MODE == CULOSS__CE_SOFT ? to_f32(ld_elem(yr + j)) : 0.0f, j));
 }
@@ -486,20 +510,89 @@ __global__ void __launch_bounds__(BLOCK) ce_kernel(ce_params p) {
     const row_job job = begin_row<MODE>(p, base + grp % GPW, k.red_scale);
     row_acc acc = empty_acc();
     if (job.kind == ROW_LIVE)
-      acc = pass1<T, MODE, TPR, VEC>(p, job, lane, cache);
+      acc = pass1<T, MODE, TPR, VEC>(p, job, lane, cache, whole_row<VEC>(p));
     else if (job.kind == ROW_SKIP)
-      skip_row<T, TPR, VEC>(p, job, lane, per_row, block_sum);
+      skip_row<T, TPR, VEC>(p, job, lane, lane == 0, per_row, block_sum, whole_row<VEC>(p));
     /* also orders every lane's pass-1 reads before any gradient write: the
        gradient may overwrite the logits */
     const row_acc r = greduce::run(acc, gstore);
     if (job.kind == ROW_LIVE) {
       const row_grad g = finish_row<MODE>(p, job, r, k.wsum, lane, per_row, block_sum);
-      if (p.grad) grad_pass<T, MODE, TPR, VEC>(p, job, g, lane, cache);
+      if (p.grad) grad_pass<T, MODE, TPR, VEC>(p, job, g, lane, cache, whole_row<VEC>(p));
     }
     greduce::sync(); /* the broadcast slot and TempStorage are reused next row */
   }
   if (!per_row)
     store_block_sum<BLOCK>(lane == 0 ? block_sum : 0.0, &p.scratch->partial_loss[blockIdx.x]);
+}
+
+/* ------------------------------------------------------------------------ */
+/* ce_cluster_kernel: rows too long for one block's row cache (with a       */
+/* gradient), split over a thread-block cluster of K = 2..8 blocks (sm_90). */
+/* Block rank r walks packs [r P, (r + 1) P) of the row (P = ceil(packs /   */
+/* K); the last rank also the partial pack) and keeps them in its own       */
+/* shared memory, so every row is read from DRAM once. Each block reduces   */
+/* its slice, parks the result in its shared memory (a slot per row parity) */
+/* and, after one cluster barrier, every block merges the K results through */
+/* distributed shared memory in rank order: bitwise the same row statistics */
+/* in every block, and the same order of merges in every run. Rank 0 writes */
+/* the row's loss and statistics; each block writes its slice's gradient.   */
+/* One cluster barrier per row: the next row's results go to the other      */
+/* slot, and a block can only get two rows ahead once every block has       */
+/* passed the barrier between. A last barrier keeps every block's shared    */
+/* memory alive until the others have read it.                              */
+/* Shared memory: the two slots, then the slice cache (ce_cluster_smem).    */
+/* ------------------------------------------------------------------------ */
+constexpr int CL_BLOCK = 1024, CL_MAX = 8;
+constexpr size_t CL_SLOTS = 2 * ((sizeof(row_acc) + 15) / 16 * 16);
+
+template <typename T, int MODE, int VEC>
+__global__ void __launch_bounds__(CL_BLOCK) ce_cluster_kernel(ce_params p) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 900
+  __trap(); /* never launched below sm_90: ce_launch_main checks the device */
+#else
+  namespace cg = cooperative_groups;
+  typedef group_reduce<CL_BLOCK, CL_BLOCK> greduce;
+  /* used only between two cluster barriers (the emulator's rule) */
+  __shared__ typename greduce::storage gstore;
+  CULOSS_DYNAMIC_SMEM(smem_raw);
+  const cg::cluster_group cluster = cg::this_cluster();
+  const unsigned rank = cluster.block_rank(), K = cluster.num_blocks();
+  pack<T, VEC> *cache = reinterpret_cast<pack<T, VEC> *>(smem_raw + CL_SLOTS);
+  const int lane = threadIdx.x;
+  const call_consts k = load_call_consts(p);
+  const bool per_row = p.reduction == CULOSS_REDUCTION_NONE || p.rows_out;
+  const int64_t nvec = p.c / VEC, per = (nvec + K - 1) / K;
+  const row_span sp{(int64_t)rank * per < nvec ? (int64_t)rank * per : nvec,
+                    (int64_t)(rank + 1) * per < nvec ? (int64_t)(rank + 1) * per : nvec,
+                    rank == K - 1};
+  /* rank 0's lane 0 emits the row's loss; the others pass a lane no thread has */
+  const int emit_lane = rank == 0 ? lane : -1;
+  double block_sum = 0.0;
+  int parity = 0;
+  for (int64_t row = blockIdx.x / K; row < p.n; row += gridDim.x / K, parity ^= 1) {
+    const row_job job = begin_row<MODE>(p, row, k.red_scale);
+    row_acc acc = empty_acc();
+    if (job.kind == ROW_LIVE)
+      acc = pass1<T, MODE, CL_BLOCK, VEC>(p, job, lane, cache, sp);
+    else
+      skip_row<T, CL_BLOCK, VEC>(p, job, lane, emit_lane == 0, per_row, block_sum, sp);
+    const row_acc mine = greduce::run(acc, gstore); /* ends with __syncthreads */
+    row_acc *my_slot = reinterpret_cast<row_acc *>(smem_raw + (CL_SLOTS / 2) * parity);
+    if (lane == 0) *my_slot = mine;
+    cluster.sync(); /* every block's slice result is in its slot */
+    if (job.kind == ROW_LIVE) {
+      row_acc r = *cluster.map_shared_rank(my_slot, 0);
+      const row_acc_merge merge;
+      for (unsigned q = 1; q < K; q++) r = merge(r, *cluster.map_shared_rank(my_slot, q));
+      const row_grad g = finish_row<MODE>(p, job, r, k.wsum, emit_lane, per_row, block_sum);
+      if (p.grad) grad_pass<T, MODE, CL_BLOCK, VEC>(p, job, g, lane, cache, sp);
+    }
+  }
+  cluster.sync(); /* no block's shared memory goes while another reads it */
+  if (!per_row)
+    store_block_sum<CL_BLOCK>(lane == 0 ? block_sum : 0.0, &p.scratch->partial_loss[blockIdx.x]);
+#endif
 }
 
 /* ------------------------------------------------------------------------ */
@@ -572,6 +665,21 @@ ce_kernel_t select_ce_kernel(int dtype, int mode, int s, bool vec) {
   });
 }
 
+template <typename T, int MODE, int VEC> ce_kernel_t ce_cluster_kernel_at() {
+  return ce_cluster_kernel<T, MODE, VEC>;
+}
+ce_kernel_t select_ce_cluster_kernel(int dtype, int mode, bool vec) {
+  return with_dtype(dtype, [&](auto t) -> ce_kernel_t {
+    typedef decltype(t) T;
+    constexpr int V = vec16<T>::value;
+    if (mode == CULOSS__CE_SOFT)
+      return vec ? ce_cluster_kernel_at<T, CULOSS__CE_SOFT, V>()
+                 : ce_cluster_kernel_at<T, CULOSS__CE_SOFT, 1>();
+    return vec ? ce_cluster_kernel_at<T, CULOSS__CE_INDEX, V>()
+               : ce_cluster_kernel_at<T, CULOSS__CE_INDEX, 1>();
+  });
+}
+
 /* The context's CULOSS_CE_SHAPE (threads per row) if set, else the first
    shape whose c_max holds c. */
 int pick_shape(const culoss_context *ctx, int64_t c) {
@@ -582,10 +690,14 @@ int pick_shape(const culoss_context *ctx, int64_t c) {
 
 } // namespace
 
-int ce_kernel_count() { return 3 * 2 * CE_NSHAPES * 2; }
+int ce_kernel_count() { return 3 * 2 * CE_NSHAPES * 2 + 3 * 2 * 2; }
 
 const void *ce_kernel_address(int i) {
   const bool vec = i % 2 != 0;
+  if (i >= 3 * 2 * CE_NSHAPES * 2) { /* the cluster kernels */
+    const int j = (i - 3 * 2 * CE_NSHAPES * 2) / 2;
+    return reinterpret_cast<const void *>(select_ce_cluster_kernel(j / 2, j % 2, vec));
+  }
   const int s = i / 2 % CE_NSHAPES, mode = i / 2 / CE_NSHAPES % 2, dtype = i / 2 / CE_NSHAPES / 2;
   /* the C API, which takes a kernel's address as const void * */
   return reinterpret_cast<const void *>(select_ce_kernel(dtype, mode, s, vec));
@@ -671,8 +783,32 @@ culoss_status ce_launch_main(culoss_context *ctx, ce_params &p, int mode, int dt
     size_t budget = ctx->smem_optin - CE_STATIC_SMEM_RESERVE;
     if (ctx->ce_cache_cap < budget) budget = ctx->ce_cache_cap;
     const int64_t fit = (int64_t)(budget / ((size_t)rows * pack_bytes * cached));
-    const int64_t nvec = p.c / (int64_t)(pack_bytes / esize);
-    p.cache_vecs = nvec < fit ? nvec : fit;
+    const int64_t nvec_row = p.c / (int64_t)(pack_bytes / esize);
+    p.cache_vecs = nvec_row < fit ? nvec_row : fit;
+  }
+  /* A row too long for one block's cache, on a GPU with clusters: a cluster
+     of K blocks, each caching its 1/K of the row (ce_cluster_kernel); K as
+     small as holds the whole row, at most CL_MAX (longer rows re-read the
+     rest of each slice). Not when the shape is forced (CULOSS_CE_SHAPE). */
+  const int64_t nvec = p.c / (int64_t)(pack_bytes / esize);
+  size_t cl_budget = ctx->smem_optin - CE_STATIC_SMEM_RESERVE - CL_SLOTS;
+  if (ctx->ce_cache_cap < cl_budget) cl_budget = ctx->ce_cache_cap;
+  const int64_t fit = (int64_t)(cl_budget / (pack_bytes * cached));
+  if (p.grad && p.cache_vecs < nvec && fit > 0 && s == CE_NSHAPES - 1 && ctx->ce_tpr == 0 &&
+      ctx->ce_cluster && ctx->cluster_launch) {
+    int64_t K = (nvec + fit - 1) / fit;
+    if (K < 2) K = 2;
+    if (K > CL_MAX) K = CL_MAX;
+    const int64_t per = (nvec + K - 1) / K;
+    p.cache_vecs = per < fit ? per : fit;
+    const int64_t cap = ctx->grid_limit > 0 ? ctx->grid_limit : CULOSS_MAX_PARTIALS;
+    int64_t clusters = cap / K < p.n ? cap / K : p.n;
+    if (clusters < 1) clusters = 1;
+    *grid_out = clusters * K;
+    e = launch_cluster(select_ce_cluster_kernel(dtype, mode, vec), dim3((unsigned)*grid_out),
+                       dim3(CL_BLOCK), CL_SLOTS + (size_t)p.cache_vecs * pack_bytes * cached,
+                       stream, (unsigned)K, p);
+    return e == cudaSuccess ? CULOSS_OK : culoss__cuda_status(e, "launch of ce_cluster_kernel");
   }
   *grid_out = capped_grid(ctx, (p.n + rows - 1) / rows);
   e = launch(select_ce_kernel(dtype, mode, s, vec), dim3((unsigned)*grid_out),

@@ -88,6 +88,7 @@ static culoss_status read_tuning(culoss_context *c) {
   unsigned long long b;
   size_t i;
   c->ce_tpr = 0;
+  c->ce_cluster = 1;
   c->ce_cache_cap = SIZE_MAX;
   c->lce_block_bytes = (int64_t)1 << 28;
   if (e != NULL && *e != '\0') {
@@ -97,6 +98,12 @@ static culoss_status read_tuning(culoss_context *c) {
       return CULOSS__BAD("culoss_create: CULOSS_CE_SHAPE = \"%s\" is not one of thread (or 1), "
                          "8, warp (or 32), 256, 1024",
                          e);
+  }
+  e = getenv("CULOSS_CE_CLUSTER");
+  if (e != NULL && *e != '\0') {
+    if (strcmp(e, "0") != 0 && strcmp(e, "1") != 0)
+      return CULOSS__BAD("culoss_create: CULOSS_CE_CLUSTER = \"%s\" is not 0 or 1", e);
+    c->ce_cluster = e[0] == '1';
   }
   e = getenv("CULOSS_CE_CACHE_BYTES");
   if (e != NULL && *e != '\0') {
@@ -206,6 +213,7 @@ static culoss_status create_cuda(culoss_context *c, int device) {
     CUDA_TRY(cudaDeviceGetAttribute(&c->sm_count, cudaDevAttrMultiProcessorCount, device));
     CUDA_TRY(cudaDeviceGetAttribute(&smem, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
     c->smem_optin = (size_t)smem;
+    CUDA_TRY(cudaDeviceGetAttribute(&c->cluster_launch, cudaDevAttrClusterLaunch, device));
   }
   CUDA_TRY(cudaMalloc((void **)&c->scratch, sizeof(culoss__scratch)));
   CUDA_TRY(cudaMemset(c->scratch, 0, sizeof(culoss__scratch)));

@@ -14,6 +14,9 @@
 #   scripts/gpu-check.sh run tests     # only some steps (tests, sanitize, bench, torch),
 #                                      # to fit the device tool's 10-minute calls
 #   BENCH_ARGS="--only ce" scripts/gpu-check.sh run bench   # one family (ce, ew, lce)
+#                                 # (bench also reruns the CE cases with
+#                                 # CULOSS_CE_CLUSTER=0: the cluster path against
+#                                 # one block per row)
 #   scripts/gpu-check.sh all      # both, on a GPU machine that has the tools
 #
 # The GPU machines of this project have nvcc and compute-sanitizer but no
@@ -100,6 +103,11 @@ run() {
   "$bun/bin/culoss-bench" ${BENCH_ARGS:-} >"$out/bench.txt" 2>&1
   step $? "culoss-bench:"
   cat "$out/bench.txt"
+  # the cluster path for rows too long for one block (issue 16, item 4)
+  # against one block per row: the CE cases again with CULOSS_CE_CLUSTER=0
+  CULOSS_CE_CLUSTER=0 "$bun/bin/culoss-bench" --only ce ${BENCH_ARGS:-} >"$out/bench-nocluster.txt" 2>&1
+  step $? "culoss-bench --only ce with CULOSS_CE_CLUSTER=0 (one block per row):"
+  cat "$out/bench-nocluster.txt"
   fi
   if [[ $steps == *torch* ]]; then
   CULOSS_LIBRARY="$PWD/$bun/lib/libculoss.so.0" python3 bench/compare_torch.py \

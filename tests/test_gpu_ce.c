@@ -526,6 +526,51 @@ Test(gpu_ce, every_shape_and_cache_budget) {
   gpu_reopen(&gpu);
 }
 
+/* Rows too long for one block's row cache (with a gradient) go to the
+   cluster kernel on a device with thread-block clusters (the emulator has
+   them): cluster sizes 2 (bf16, 250 KB rows), 5 (fp32, 1 MB rows) and 8
+   with a capped cache (the rest of each slice re-read), rows with a partial
+   pack (odd c, the last rank's tail; an odd pitch, the scalar path), every
+   target kind and option, in place, every reduction, more rows than
+   clusters (a grid limit of 4 blocks: each cluster walks several rows, its
+   two result slots alternating); and CULOSS_CE_CLUSTER=0 (one block per
+   row) once. */
+Test(gpu_ce, rows_split_over_a_cluster) {
+  REQUIRE_GPU();
+  static const struct {
+    int64_t c;
+    culoss_dtype dt;
+    const char *cache;
+  } cs[] = {{128256, CULOSS_BF16, ""},   {262147, CULOSS_F32, ""}, {70001, CULOSS_F16, ""},
+            {100000, CULOSS_F32, "65536"}, {131075, CULOSS_BF16, "40000"}};
+  uint64_t seed = 5100;
+  for (int cl = 1; cl >= 0; cl--)
+    for (size_t ci = 0; ci < sizeof cs / sizeof cs[0]; ci++) {
+      setenv("CULOSS_CE_CLUSTER", cl ? "1" : "0", 1);
+      setenv("CULOSS_CE_CACHE_BYTES", cs[ci].cache, 1);
+      gpu_reopen(&gpu);
+      /* a grid of 4 blocks: one or two clusters, each walking several rows */
+      if (ci != 3) cr_assert_eq(culoss_set_grid_limit(gpu, 4), CULOSS_OK);
+      for (int mode = 0; mode < 2; mode++) {
+        gcase k = base_case(test_quick() ? 3 : 5, cs[ci].c, cs[ci].dt, seed++);
+        k.mode = mode;
+        k.eps = mode == 0 ? 0.1f : 0.0f;
+        k.z = ci % 2 ? 1e-3f : 0.0f;
+        k.cap = ci == 2 ? 30.0f : 0.0f;
+        k.weights = ci != 1;
+        k.in_place = (int)(ci + mode) % 2;
+        k.red = (culoss_reduction)((ci + mode) % 3);
+        k.grad_loss = k.red == CULOSS_REDUCTION_NONE;
+        if (ci == 4) k.ld = k.c + 1; /* no 16-byte packs */
+        run_case(&k);
+      }
+      if (!cl) break; /* one case without clusters is enough to compare paths */
+    }
+  unsetenv("CULOSS_CE_CLUSTER");
+  unsetenv("CULOSS_CE_CACHE_BYTES");
+  gpu_reopen(&gpu);
+}
+
 Test(gpu_ce, large_magnitude_logits) {
   REQUIRE_GPU();
   for (int d = 0; d < 3; d++) {

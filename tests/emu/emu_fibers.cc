@@ -154,6 +154,8 @@ block_run *g_run = nullptr;
 struct cluster_run {
   std::vector<block_run> blocks;
   std::vector<unsigned char *> smem; /* by rank */
+  std::vector<char> exited;          /* by rank: its shared memory is gone */
+  size_t smem_bytes = 0;
   int total = 0, at_barrier = 0;
 };
 
@@ -330,7 +332,12 @@ bool run_cluster(cluster_run &c) {
           if (r.failed) return false;
         }
       }
-      if (r.done < r.nthreads) all_done = false;
+      if (r.done < r.nthreads) {
+        all_done = false;
+      } else if (!c.exited[(size_t)b]) { /* as on a GPU, an exited block's shared memory is gone */
+        c.exited[(size_t)b] = 1;
+        memset(c.smem[(size_t)b], POISON, c.smem_bytes);
+      }
     }
     if (all_done) return true;
     if (!progressed) {
@@ -444,6 +451,8 @@ void run_clusters(const char *sig, dim3 grid, dim3 block, size_t smem, unsigned 
   cluster_run c;
   c.blocks.resize(K);
   c.smem.resize(K);
+  c.exited.resize(K);
+  c.smem_bytes = smem;
   c.total = (int)K * nthreads;
   bool ok = true, redzone = false;
   for (unsigned k = 0; k < K && ok; k++)
@@ -472,6 +481,7 @@ void run_clusters(const char *sig, dim3 grid, dim3 block, size_t smem, unsigned 
   exec_ctx *prev_sched = g_sched_ctx;
   for (uint64_t cid : clusters) {
     c.at_barrier = 0;
+    std::fill(c.exited.begin(), c.exited.end(), 0);
     for (unsigned k = 0; k < K; k++) {
       const uint64_t b = cid * K + k; /* K divides grid.x: one y, z per cluster */
       const uint3 bid = {(unsigned)(b % grid.x), (unsigned)((b / grid.x) % grid.y),
@@ -574,6 +584,10 @@ void *map_shared_rank(const void *addr, unsigned rank) {
                 "(the emulator's static __shared__ variables are one per program: what other "
                 "blocks of a cluster read must be in dynamic shared memory)",
                 addr, v->smem_size);
+  if (g_run->cluster && g_run->cluster->exited[rank])
+    kernel_fail("map_shared_rank: block rank %u of the cluster has exited: its shared memory is "
+                "gone (a cluster.sync() before exiting keeps it)",
+                rank);
   return v->cluster_smem[rank] + (a - base);
 }
 
