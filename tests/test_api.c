@@ -307,6 +307,8 @@ Test(api, grid_limit_is_validated) {
 Test(api, tuning_knobs_are_read_at_create) {
   static const char *bad[][2] = {{"CULOSS_CE_SHAPE", "64"},
                                  {"CULOSS_CE_SHAPE", "warps"},
+                                 {"CULOSS_CE_CLUSTER", "2"},
+                                 {"CULOSS_CE_CLUSTER", "yes"},
                                  {"CULOSS_CE_CACHE_BYTES", "12k"},
                                  {"CULOSS_CE_CACHE_BYTES", "-1"},
                                  {"CULOSS_CE_CACHE_BYTES", "99999999999999999999999"},
@@ -321,12 +323,14 @@ Test(api, tuning_knobs_are_read_at_create) {
                                   {"CULOSS_CE_SHAPE", "256"},
                                   {"CULOSS_CE_SHAPE", "1024"},
                                   {"CULOSS_CE_CACHE_BYTES", "0"},
+                                  {"CULOSS_CE_CLUSTER", "0"},
+                                  {"CULOSS_CE_CLUSTER", "1"},
                                   {"CULOSS_LINEAR_CE_BLOCK_BYTES", "1024"}};
   culoss_context *ctx = NULL, *small = NULL;
   size_t def = 0, got = 0;
   /* the caller's environment must not decide the outcome */
   unsetenv("CULOSS_CE_SHAPE"), unsetenv("CULOSS_CE_CACHE_BYTES");
-  unsetenv("CULOSS_LINEAR_CE_BLOCK_BYTES");
+  unsetenv("CULOSS_LINEAR_CE_BLOCK_BYTES"), unsetenv("CULOSS_CE_CLUSTER");
   for (size_t i = 0; i < sizeof good / sizeof good[0]; i++) {
     setenv(good[i][0], good[i][1], 1);
     cr_assert_eq(culoss_create(&ctx, CULOSS_BACKEND_CPU, 0), CULOSS_OK, "%s=%s: %s", good[i][0],
