@@ -28,7 +28,10 @@
  * rows in a fixed order into a per-block partial in the context scratch, and
  * a one-block kernel sums the partials in a fixed order (reduce.cuh). The
  * grid size depends only on n, c (and the context's grid limit and shape
- * knob), never on the device. MEAN's
+ * knob), never on the device, but for rows split over a cluster: whether
+ * they are, and into how many slices, depends on the device's cluster
+ * support and shared memory per block (fp32 rounding-level differences
+ * between GPUs; bitwise the same run to run on one). MEAN's
  * denominator (the sum of target weights) depends only on the targets, so a
  * small kernel computes it first and the fused kernel can scale the gradient
  * in the same pass. No floating-point atomics (the only atomic is the
