@@ -108,7 +108,11 @@ typedef enum {
   CULOSS__EW_L1 = 4,
   CULOSS__EW_HUBER = 5,
   CULOSS__EW_SMOOTH_L1 = 6,
-  CULOSS__EW_KL = 7
+  CULOSS__EW_KL = 7,
+  CULOSS__EW_HINGE_EMBEDDING = 8,
+  CULOSS__EW_SOFT_MARGIN = 9,
+  CULOSS__EW_POISSON_NLL = 10,
+  CULOSS__EW_SIGMOID_FOCAL = 11
 } culoss__ew_op;
 
 typedef struct {
@@ -122,8 +126,10 @@ typedef struct {
   const void *y;           /* target, same dtype */
   const float *weight;     /* [m] or NULL (BCE) */
   const float *pos_weight; /* [c] or NULL (BCE with logits) */
-  float a;                 /* margin (hinge), delta (huber), beta (smooth_l1) */
-  int flag;                /* squared (hinge), log_target (kl) */
+  float a; /* margin (hinge, hinge embedding), delta (huber), beta (smooth_l1), eps (poisson),
+              alpha (focal) */
+  float b; /* gamma (focal) */
+  int flag; /* squared (hinge), log_target (kl), log_input | 2 full (poisson) */
   float *loss;
   void *grad;
   const float *grad_loss;

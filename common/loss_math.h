@@ -469,6 +469,61 @@ CULOSS_HD float culoss__smooth_l1(float x, float y, float beta, float *d) {
    log_target == 0: xlogy(t, t) - t x, with 0 log 0 = 0 (t < 0 gives NaN);
    log_target != 0: exp(t) (t - x) (t = -inf gives NaN: 0 * -inf).
    Gradient with respect to x: -t or -exp(t). */
+/* Hinge embedding: [y != 1] max(0, margin - x) + [y != -1] x; subgradient
+   0 at the kink and at a NaN z (PyTorch 2.15). */
+CULOSS_HD float culoss__hinge_embedding(float x, float y, float margin, float *d) {
+  const float z = margin - x;
+  float l = 0.0f, g = 0.0f;
+  if (y != 1.0f) {
+    l += z > 0.0f || z != z ? z : 0.0f;
+    if (z > 0.0f) g -= 1.0f;
+  }
+  if (y != -1.0f) {
+    l += x;
+    g += 1.0f;
+  }
+  *d = g;
+  return l;
+}
+
+/* Soft margin log(1 + exp(-y x)) as softplus(z), z = -y x: finite for any
+   finite z (PyTorch's overflows past z ~ 88.7). */
+CULOSS_HD float culoss__soft_margin(float x, float y, float *d) {
+  const float z = -y * x;
+  *d = -y * culoss__sigmoid(z);
+  return fmaxf(z, 0.0f) + log1pf(expf(-fabsf(z)));
+}
+
+/* Poisson NLL; flags: 1 log_input, 2 full (the Stirling term where y > 1). */
+CULOSS_HD float culoss__poisson_nll(float x, float y, float eps, int flags, float *d) {
+  float l;
+  if (flags & 1) {
+    const float e = expf(x);
+    l = e - y * x;
+    *d = e - y;
+  } else {
+    l = x - y * logf(x + eps);
+    *d = 1.0f - y / (x + eps);
+  }
+  if ((flags & 2) && y > 1.0f) l += y * logf(y) - y + 0.5f * logf(6.2831853071795865f * y);
+  return l;
+}
+
+/* Sigmoid focal loss (torchvision's formula); 1 - p_t from sigmoid(-x)
+   directly, and the modulating factor's derivative written so that
+   1 - p_t = 0 gives 0 rather than 0 * inf for gamma < 1. */
+CULOSS_HD float culoss__sigmoid_focal(float x, float y, float alpha, float gamma, float *d) {
+  const float p = culoss__sigmoid(x), q = culoss__sigmoid(-x); /* q = 1 - p */
+  const float ce = fmaxf(x, 0.0f) - x * y + log1pf(expf(-fabsf(x)));
+  const float omp = y * q + (1.0f - y) * p; /* 1 - p_t */
+  const float at = alpha >= 0.0f ? alpha * y + (1.0f - alpha) * (1.0f - y) : 1.0f;
+  const float mod = gamma == 0.0f ? 1.0f : powf(omp, gamma);
+  const float dmod = gamma == 0.0f || !(omp > 0.0f) ? 0.0f : gamma * powf(omp, gamma - 1.0f);
+  /* d(1 - p_t)/dx = (1 - 2y) p q; d ce/dx = p - y */
+  *d = at * ((p - y) * mod + ce * dmod * (1.0f - 2.0f * y) * p * q);
+  return at * ce * mod;
+}
+
 CULOSS_HD float culoss__kl_div(float x, float t, int log_target, float *d) {
   if (log_target) {
     const float e = expf(t);

@@ -39,7 +39,7 @@ struct ew_params {
   void *grad;
   const float *grad_loss;
   int reduction;
-  float a;
+  float a, b;
   int flag;
   divisor_src div;
   culoss__scratch *scratch;
@@ -69,6 +69,14 @@ __device__ __forceinline__ float eval(const ew_params &p, float x, float y, int6
     return culoss__huber(x, y, p.a, d);
   } else if constexpr (OP == CULOSS__EW_SMOOTH_L1) {
     return culoss__smooth_l1(x, y, p.a, d);
+  } else if constexpr (OP == CULOSS__EW_HINGE_EMBEDDING) {
+    return culoss__hinge_embedding(x, y, p.a, d);
+  } else if constexpr (OP == CULOSS__EW_SOFT_MARGIN) {
+    return culoss__soft_margin(x, y, d);
+  } else if constexpr (OP == CULOSS__EW_POISSON_NLL) {
+    return culoss__poisson_nll(x, y, p.a, p.flag, d);
+  } else if constexpr (OP == CULOSS__EW_SIGMOID_FOCAL) {
+    return culoss__sigmoid_focal(x, y, p.a, p.b, d);
   } else {
     return culoss__kl_div(x, y, p.flag, d);
   }
@@ -142,6 +150,11 @@ cudaError_t launch_op(int op, const ew_params &p, bool vec, unsigned grid, cudaS
   case CULOSS__EW_L1: return launch_vec<T, CULOSS__EW_L1>(p, vec, grid, s);
   case CULOSS__EW_HUBER: return launch_vec<T, CULOSS__EW_HUBER>(p, vec, grid, s);
   case CULOSS__EW_SMOOTH_L1: return launch_vec<T, CULOSS__EW_SMOOTH_L1>(p, vec, grid, s);
+  case CULOSS__EW_HINGE_EMBEDDING:
+    return launch_vec<T, CULOSS__EW_HINGE_EMBEDDING>(p, vec, grid, s);
+  case CULOSS__EW_SOFT_MARGIN: return launch_vec<T, CULOSS__EW_SOFT_MARGIN>(p, vec, grid, s);
+  case CULOSS__EW_POISSON_NLL: return launch_vec<T, CULOSS__EW_POISSON_NLL>(p, vec, grid, s);
+  case CULOSS__EW_SIGMOID_FOCAL: return launch_vec<T, CULOSS__EW_SIGMOID_FOCAL>(p, vec, grid, s);
   default: return launch_vec<T, CULOSS__EW_KL>(p, vec, grid, s);
   }
 }
@@ -167,6 +180,7 @@ extern "C" culoss_status culoss__cuda_elementwise(culoss_context *ctx, const voi
   p.grad_loss = a->grad_loss;
   p.reduction = (int)a->reduction;
   p.a = a->a;
+  p.b = a->b;
   p.flag = a->flag;
   p.div = count_divisor(a->divisor);
   p.scratch = ctx->scratch;

@@ -171,6 +171,99 @@ culoss_status culoss_smooth_l1(culoss_context *ctx, const culoss_regression_opti
                     grad_input, grad_loss);
 }
 
+void culoss_hinge_embedding_options_init(culoss_hinge_embedding_options *o) {
+  if (o == NULL) return;
+  o->reduction = CULOSS_REDUCTION_MEAN;
+  o->margin = 1.0f;
+}
+
+void culoss_soft_margin_options_init(culoss_soft_margin_options *o) {
+  if (o == NULL) return;
+  o->reduction = CULOSS_REDUCTION_MEAN;
+}
+
+void culoss_poisson_nll_options_init(culoss_poisson_nll_options *o) {
+  if (o == NULL) return;
+  o->reduction = CULOSS_REDUCTION_MEAN;
+  o->log_input = 1;
+  o->full = 0;
+  o->eps = 1e-8f;
+}
+
+void culoss_sigmoid_focal_options_init(culoss_sigmoid_focal_options *o) {
+  if (o == NULL) return;
+  o->reduction = CULOSS_REDUCTION_NONE;
+  o->alpha = 0.25f;
+  o->gamma = 2.0f;
+}
+
+culoss_status culoss_hinge_embedding(culoss_context *ctx, const culoss_hinge_embedding_options *o,
+                                     int64_t n, culoss_dtype dtype, const void *input,
+                                     const void *target, float *loss, void *grad_input,
+                                     const float *grad_loss) {
+  const char *fn = "culoss_hinge_embedding";
+  culoss_hinge_embedding_options d;
+  culoss__ew_args a = {0};
+  if (o == NULL) culoss_hinge_embedding_options_init(&d), o = &d;
+  if (!isfinite(o->margin))
+    return CULOSS__BAD("%s: margin = %g must be finite", fn, (double)o->margin);
+  a.op = CULOSS__EW_HINGE_EMBEDDING, a.reduction = o->reduction, a.dtype = dtype;
+  a.x = input, a.y = target, a.a = o->margin;
+  a.loss = loss, a.grad = grad_input, a.grad_loss = grad_loss;
+  return run_ew(ctx, fn, &a, n, 1, "input", "target");
+}
+
+culoss_status culoss_soft_margin(culoss_context *ctx, const culoss_soft_margin_options *o,
+                                 int64_t n, culoss_dtype dtype, const void *input,
+                                 const void *target, float *loss, void *grad_input,
+                                 const float *grad_loss) {
+  culoss_soft_margin_options d;
+  culoss__ew_args a = {0};
+  if (o == NULL) culoss_soft_margin_options_init(&d), o = &d;
+  a.op = CULOSS__EW_SOFT_MARGIN, a.reduction = o->reduction, a.dtype = dtype;
+  a.x = input, a.y = target;
+  a.loss = loss, a.grad = grad_input, a.grad_loss = grad_loss;
+  return run_ew(ctx, "culoss_soft_margin", &a, n, 1, "input", "target");
+}
+
+culoss_status culoss_poisson_nll(culoss_context *ctx, const culoss_poisson_nll_options *o,
+                                 int64_t n, culoss_dtype dtype, const void *input,
+                                 const void *target, float *loss, void *grad_input,
+                                 const float *grad_loss) {
+  const char *fn = "culoss_poisson_nll";
+  culoss_poisson_nll_options d;
+  culoss__ew_args a = {0};
+  if (o == NULL) culoss_poisson_nll_options_init(&d), o = &d;
+  if (o->log_input != 0 && o->log_input != 1)
+    return CULOSS__BAD("%s: log_input = %d must be 0 or 1", fn, o->log_input);
+  if (o->full != 0 && o->full != 1)
+    return CULOSS__BAD("%s: full = %d must be 0 or 1", fn, o->full);
+  if (!(o->eps >= 0.0f && isfinite(o->eps)))
+    return CULOSS__BAD("%s: eps = %g must be finite and >= 0", fn, (double)o->eps);
+  a.op = CULOSS__EW_POISSON_NLL, a.reduction = o->reduction, a.dtype = dtype;
+  a.x = input, a.y = target, a.a = o->eps, a.flag = o->log_input | (o->full << 1);
+  a.loss = loss, a.grad = grad_input, a.grad_loss = grad_loss;
+  return run_ew(ctx, fn, &a, n, 1, "input", "target");
+}
+
+culoss_status culoss_sigmoid_focal(culoss_context *ctx, const culoss_sigmoid_focal_options *o,
+                                   int64_t n, culoss_dtype dtype, const void *inputs,
+                                   const void *targets, float *loss, void *grad_inputs,
+                                   const float *grad_loss) {
+  const char *fn = "culoss_sigmoid_focal";
+  culoss_sigmoid_focal_options d;
+  culoss__ew_args a = {0};
+  if (o == NULL) culoss_sigmoid_focal_options_init(&d), o = &d;
+  if (!isfinite(o->alpha))
+    return CULOSS__BAD("%s: alpha = %g must be finite", fn, (double)o->alpha);
+  if (!(o->gamma >= 0.0f && isfinite(o->gamma)))
+    return CULOSS__BAD("%s: gamma = %g must be finite and >= 0", fn, (double)o->gamma);
+  a.op = CULOSS__EW_SIGMOID_FOCAL, a.reduction = o->reduction, a.dtype = dtype;
+  a.x = inputs, a.y = targets, a.a = o->alpha, a.b = o->gamma;
+  a.loss = loss, a.grad = grad_inputs, a.grad_loss = grad_loss;
+  return run_ew(ctx, fn, &a, n, 1, "inputs", "targets");
+}
+
 culoss_status culoss_kl_div(culoss_context *ctx, const culoss_kl_div_options *o, int64_t n,
                             int64_t c, culoss_dtype dtype, const void *input_logprobs,
                             const void *target, float *loss, void *grad_input,

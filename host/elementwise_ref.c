@@ -57,6 +57,36 @@ static double element(const culoss__ew_args *a, int64_t i, double *d) {
     }
     *d = r / p;
     return 0.5 * r * r / p;
+  case CULOSS__EW_HINGE_EMBEDDING: { /* both terms for a y other than +-1 */
+    const double z = p - x;
+    *d = (y != -1.0 ? 1.0 : 0.0) - (y != 1.0 && z > 0 ? 1.0 : 0.0);
+    return (y != 1.0 ? ((z > 0 || isnan(z)) ? z : 0.0) : 0.0) + (y != -1.0 ? x : 0.0);
+  }
+  case CULOSS__EW_SOFT_MARGIN: { /* log(1 + e^z), z = -y x, as softplus */
+    const double z = -y * x;
+    *d = -y * sigmoid(z);
+    return fmax(z, 0.0) + log1p(exp(-fabs(z)));
+  }
+  case CULOSS__EW_POISSON_NLL:
+    if (a->flag & 1) {
+      *d = exp(x) - y;
+      l = exp(x) - y * x;
+    } else {
+      *d = 1.0 - y / (x + p);
+      l = x - y * log(x + p);
+    }
+    if ((a->flag & 2) && y > 1.0) l += y * log(y) - y + 0.5 * log(2.0 * 3.14159265358979324 * y);
+    return l;
+  case CULOSS__EW_SIGMOID_FOCAL: { /* torchvision: section 9 */
+    const double alpha = p, gamma = (double)a->b, s = sigmoid(x), s1 = sigmoid(-x);
+    const double ce = (1.0 - y) * x - log_sigmoid(x);
+    const double omp = y * s1 + (1.0 - y) * s; /* 1 - p_t, p_t = s y + (1 - s)(1 - y) */
+    const double at = alpha >= 0.0 ? alpha * y + (1.0 - alpha) * (1.0 - y) : 1.0;
+    const double pw = gamma == 0.0 ? 1.0 : pow(omp, gamma);
+    const double pw1 = gamma == 0.0 || !(omp > 0.0) ? 0.0 : gamma * pow(omp, gamma - 1.0);
+    *d = at * ((s - y) * pw - pw1 * (2.0 * y - 1.0) * s * s1 * ce);
+    return at * ce * pw;
+  }
   case CULOSS__EW_KL:
     if (a->flag) {
       const double e = exp(y);

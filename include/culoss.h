@@ -458,6 +458,87 @@ CULOSS_API culoss_status culoss_kl_div(culoss_context *ctx, const culoss_kl_div_
                                        void *grad_input, const float *grad_loss);
 
 /* ------------------------------------------------------------------------ */
+/* More elementwise losses (torch.nn's, and torchvision's focal loss)       */
+/* ------------------------------------------------------------------------ */
+/*
+ * Each takes n elements of input x and target y (contiguous, one dtype),
+ * follows the family conventions above (fp32 loss: [n] for NONE, else one
+ * value; MEAN divides by n; optional grad_input, which may alias x; the
+ * upstream gradient g: [n] for NONE, else a scalar; NULL = 1), and has
+ * PyTorch 2.15's semantics (docs/semantics.md sections 5, 9 and 11).
+ */
+typedef struct {
+  culoss_reduction reduction; /* default MEAN */
+  float margin;               /* default 1; finite */
+} culoss_hinge_embedding_options;
+CULOSS_API void culoss_hinge_embedding_options_init(culoss_hinge_embedding_options *o);
+
+/* Hinge embedding: l = [y != 1] max(0, margin - x) + [y != -1] x, so y = 1
+ * gives x, y = -1 the hinge, and any other y (0, say) both, as PyTorch.
+ * Gradient: [y != -1] - [y != 1] [margin - x > 0] (0 at the kink x = margin,
+ * as PyTorch 2.15). */
+CULOSS_API culoss_status culoss_hinge_embedding(culoss_context *ctx,
+                                                const culoss_hinge_embedding_options *o, int64_t n,
+                                                culoss_dtype dtype, const void *input,
+                                                const void *target, float *loss, void *grad_input,
+                                                const float *grad_loss);
+
+typedef struct {
+  culoss_reduction reduction; /* default MEAN */
+} culoss_soft_margin_options;
+CULOSS_API void culoss_soft_margin_options_init(culoss_soft_margin_options *o);
+
+/* Soft margin: l = log(1 + exp(-y x)), gradient -y sigmoid(-y x). Computed
+ * overflow-free (softplus), so l = -y x and the gradient -y where -y x is
+ * large: PyTorch's log1p(exp(-y x)) is inf there (past -y x ~ 88.7 in fp32)
+ * and its gradient NaN. Targets are any floats (+-1 intended). */
+CULOSS_API culoss_status culoss_soft_margin(culoss_context *ctx,
+                                            const culoss_soft_margin_options *o, int64_t n,
+                                            culoss_dtype dtype, const void *input,
+                                            const void *target, float *loss, void *grad_input,
+                                            const float *grad_loss);
+
+typedef struct {
+  culoss_reduction reduction; /* default MEAN */
+  int log_input;              /* default 1: x is log(rate) */
+  int full;                   /* default 0: 1 adds the Stirling term */
+  float eps;                  /* default 1e-8 (log_input 0 only); finite, >= 0 */
+} culoss_poisson_nll_options;
+CULOSS_API void culoss_poisson_nll_options_init(culoss_poisson_nll_options *o);
+
+/* Poisson negative log-likelihood of counts y:
+ *   log_input 1: l = exp(x) - y x,            gradient exp(x) - y
+ *   log_input 0: l = x - y log(x + eps),      gradient 1 - y / (x + eps)
+ *   full: l += y log y - y + log(2 pi y) / 2 where y > 1 (no gradient). */
+CULOSS_API culoss_status culoss_poisson_nll(culoss_context *ctx,
+                                            const culoss_poisson_nll_options *o, int64_t n,
+                                            culoss_dtype dtype, const void *input,
+                                            const void *target, float *loss, void *grad_input,
+                                            const float *grad_loss);
+
+typedef struct {
+  culoss_reduction reduction; /* default NONE (torchvision's) */
+  float alpha;                /* default 0.25; < 0 turns the class weighting off */
+  float gamma;                /* default 2; finite, >= 0 */
+} culoss_sigmoid_focal_options;
+CULOSS_API void culoss_sigmoid_focal_options_init(culoss_sigmoid_focal_options *o);
+
+/* Sigmoid focal loss (torchvision.ops.sigmoid_focal_loss), on logits x and
+ * targets y (0/1 intended; any float accepted):
+ *   p = sigmoid(x), ce = BCE-with-logits(x, y), 1 - p_t = y (1 - p) + (1 - y) p,
+ *   l = alpha_t ce (1 - p_t)^gamma, alpha_t = alpha y + (1 - alpha)(1 - y)
+ *   (1 where alpha < 0);
+ *   gradient alpha_t [(p - y)(1 - p_t)^gamma
+ *                     - gamma (1 - p_t)^(gamma - 1) (2y - 1) p (1 - p) ce].
+ * 1 - p_t is formed from sigmoid(-x) directly, so a confident prediction
+ * keeps its (small) loss where torchvision's 1 - p_t rounds to 0. */
+CULOSS_API culoss_status culoss_sigmoid_focal(culoss_context *ctx,
+                                              const culoss_sigmoid_focal_options *o, int64_t n,
+                                              culoss_dtype dtype, const void *inputs,
+                                              const void *targets, float *loss, void *grad_inputs,
+                                              const float *grad_loss);
+
+/* ------------------------------------------------------------------------ */
 /* Large vocabulary: fused linear + cross-entropy                           */
 /* ------------------------------------------------------------------------ */
 /*

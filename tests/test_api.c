@@ -208,6 +208,10 @@ Test(api, every_entry_point_rejects_null_ctx) {
   culoss_multi_margin_options_init(NULL);
   culoss_regression_options_init(NULL);
   culoss_kl_div_options_init(NULL);
+  culoss_hinge_embedding_options_init(NULL);
+  culoss_soft_margin_options_init(NULL);
+  culoss_poisson_nll_options_init(NULL);
+  culoss_sigmoid_focal_options_init(NULL);
 }
 
 /* Extreme class targets, both index types; the context stays usable. */

@@ -34,6 +34,20 @@ Test(cpu_ew, option_defaults) {
             m.class_weight == NULL);
   cr_assert(r.reduction == CULOSS_REDUCTION_MEAN && r.delta == 1.0f && r.beta == 1.0f);
   cr_assert(k.reduction == CULOSS_REDUCTION_MEAN && k.log_target == 0);
+  /* issue 20's: PyTorch's (torchvision's for focal) defaults */
+  culoss_hinge_embedding_options he;
+  culoss_soft_margin_options sm;
+  culoss_poisson_nll_options po;
+  culoss_sigmoid_focal_options fo;
+  memset(&he, 0x5a, sizeof he), memset(&sm, 0x5a, sizeof sm), memset(&po, 0x5a, sizeof po);
+  memset(&fo, 0x5a, sizeof fo);
+  culoss_hinge_embedding_options_init(&he), culoss_soft_margin_options_init(&sm);
+  culoss_poisson_nll_options_init(&po), culoss_sigmoid_focal_options_init(&fo);
+  cr_assert(he.reduction == CULOSS_REDUCTION_MEAN && he.margin == 1.0f);
+  cr_assert(sm.reduction == CULOSS_REDUCTION_MEAN);
+  cr_assert(po.reduction == CULOSS_REDUCTION_MEAN && po.log_input == 1 && po.full == 0 &&
+            po.eps == 1e-8f);
+  cr_assert(fo.reduction == CULOSS_REDUCTION_NONE && fo.alpha == 0.25f && fo.gamma == 2.0f);
 }
 
 /* r = x - y = {0.5, -1, 2, 0} */
@@ -288,7 +302,11 @@ Test(cpu_ew, gradients_match_finite_differences) {
       if (red == CULOSS_REDUCTION_BATCHMEAN && op != T_KL && op != T_KL_LOG) continue;
       ew_fill(&r, (t_op)op, x, y, M, 0.05);
       t_opts t = {(culoss_reduction)red, op <= T_BCE ? w : NULL, op == T_BCE_LOGITS ? pw : NULL,
-                  op == T_HUBER ? 1.7f : (op == T_SMOOTH_L1 ? 0.6f : 0.0f)};
+                  op == T_HUBER         ? 1.7f
+                  : op == T_SMOOTH_L1   ? 0.6f
+                  : op == T_FOCAL       ? 1.5f /* a fractional gamma */
+                  : op == T_HINGE_EMB ? 0.8f
+                                        : 0.0f};
       cr_assert_eq(ew_call(ctx, (t_op)op, &t, N, C, CULOSS_F32, x, y, loss, g, gl), CULOSS_OK,
                    "%s: %s", t_op_name[op], culoss_last_error());
       for (int k = 0; k < M; k++) {
@@ -476,4 +494,95 @@ Test(cpu_ew, bad_arguments) {
   cr_assert(strstr(culoss_last_error(), "delta") != NULL, "%s", culoss_last_error());
   culoss_mse(ctx, NULL, 4, CULOSS_F32, NULL, x, loss, g, NULL);
   cr_assert(strstr(culoss_last_error(), "input is NULL") != NULL, "%s", culoss_last_error());
+}
+
+/* The losses of issue 20, against values worked out by hand (and checked
+   in double precision): hinge embedding with y = 1, -1 (both sides of the
+   margin and the kink, where the subgradient is 0) and 0 (both terms);
+   soft margin where PyTorch overflows (-y x = 100: loss 100, gradient -1);
+   Poisson with log rates, and with rates plus the Stirling term; focal
+   loss at p = 1/2, on a negative, and with the weighting off (alpha < 0)
+   and gamma = 1/2. */
+Test(cpu_ew, issue20_hand_values) {
+  float l[5], g[5];
+  culoss_hinge_embedding_options he;
+  culoss_hinge_embedding_options_init(&he);
+  he.reduction = CULOSS_REDUCTION_NONE;
+  const float hx[5] = {0.3f, 2.0f, 0.3f, 1.0f, 0.3f}, hy[5] = {1, -1, -1, -1, 0};
+  const double hl[5] = {0.3, 0.0, 0.7, 0.0, 1.0}, hg[5] = {1, 0, -1, 0, 0};
+  cr_assert_eq(culoss_hinge_embedding(ctx, &he, 5, CULOSS_F32, hx, hy, l, g, NULL), CULOSS_OK);
+  for (int i = 0; i < 5; i++)
+    cr_assert(close_enough(l[i], hl[i], 1e-7, 1e-6) && g[i] == (float)hg[i],
+              "hinge_embedding %d: %g %g", i, (double)l[i], (double)g[i]);
+
+  culoss_soft_margin_options sm;
+  culoss_soft_margin_options_init(&sm);
+  sm.reduction = CULOSS_REDUCTION_NONE;
+  const float sx[2] = {2.0f, -100.0f}, sy[2] = {1, 1};
+  cr_assert_eq(culoss_soft_margin(ctx, &sm, 2, CULOSS_F32, sx, sy, l, g, NULL), CULOSS_OK);
+  cr_assert(close_enough(l[0], 0.1269280110429725, 1e-8, 1e-6), "%g", (double)l[0]);
+  cr_assert(close_enough(g[0], -0.11920292202211755, 1e-8, 1e-6), "%g", (double)g[0]);
+  cr_assert(l[1] == 100.0f && g[1] == -1.0f, "overflow-free: %g %g", (double)l[1], (double)g[1]);
+
+  culoss_poisson_nll_options po;
+  culoss_poisson_nll_options_init(&po);
+  po.reduction = CULOSS_REDUCTION_NONE;
+  const float px[1] = {0.5f}, py[1] = {2.0f};
+  cr_assert_eq(culoss_poisson_nll(ctx, &po, 1, CULOSS_F32, px, py, l, g, NULL), CULOSS_OK);
+  cr_assert(close_enough(l[0], 0.6487212707001282, 1e-8, 1e-6), "%g", (double)l[0]);
+  cr_assert(close_enough(g[0], -0.3512787292998718, 1e-8, 1e-6), "%g", (double)g[0]);
+  po.log_input = 0, po.full = 1;
+  const float qx[2] = {3.0f, 3.0f}, qy[2] = {4.0f, 1.0f}; /* y = 1: no Stirling term */
+  cr_assert_eq(culoss_poisson_nll(ctx, &po, 2, CULOSS_F32, qx, qy, l, g, NULL), CULOSS_OK);
+  cr_assert(close_enough(l[0], 1.7628139902384086, 1e-8, 1e-6), "%g", (double)l[0]);
+  cr_assert(close_enough(g[0], -0.3333333288888889, 1e-8, 1e-6), "%g", (double)g[0]);
+  cr_assert(close_enough(l[1], 3.0 - log(3.0 + 1e-8), 1e-8, 1e-6), "%g", (double)l[1]);
+
+  culoss_sigmoid_focal_options fo;
+  culoss_sigmoid_focal_options_init(&fo);
+  cr_assert_eq(fo.reduction, CULOSS_REDUCTION_NONE);
+  const float fx[2] = {0.0f, 2.0f}, fy[2] = {1.0f, 0.0f};
+  cr_assert_eq(culoss_sigmoid_focal(ctx, &fo, 2, CULOSS_F32, fx, fy, l, g, NULL), CULOSS_OK);
+  cr_assert(close_enough(l[0], 0.04332169878499658, 1e-8, 1e-6), "%g", (double)l[0]);
+  cr_assert(close_enough(g[0], -0.07457169878499659, 1e-8, 1e-6), "%g", (double)g[0]);
+  cr_assert(close_enough(l[1], 1.2375586345660565, 1e-8, 1e-6), "%g", (double)l[1]);
+  cr_assert(close_enough(g[1], 0.8075352978363615, 1e-8, 1e-6), "%g", (double)g[1]);
+  fo.alpha = -1.0f, fo.gamma = 0.5f;
+  const float f2x[1] = {-1.5f}, f2y[1] = {1.0f};
+  cr_assert_eq(culoss_sigmoid_focal(ctx, &fo, 1, CULOSS_F32, f2x, f2y, l, g, NULL), CULOSS_OK);
+  cr_assert(close_enough(l[0], 1.5384149093166632, 1e-8, 1e-6), "%g", (double)l[0]);
+  cr_assert(close_enough(g[0], -0.8795724838533904, 1e-8, 1e-6), "%g", (double)g[0]);
+}
+
+/* Bad options of the issue-20 losses: a named INVALID_VALUE, nothing written. */
+Test(cpu_ew, issue20_bad_options) {
+  const float x[2] = {1, 2}, y[2] = {1, -1};
+  float l[2] = {7, 7};
+  culoss_hinge_embedding_options he;
+  culoss_hinge_embedding_options_init(&he);
+  he.margin = INFINITY;
+  cr_assert_eq(culoss_hinge_embedding(ctx, &he, 2, CULOSS_F32, x, y, l, NULL, NULL),
+               CULOSS_ERROR_INVALID_VALUE);
+  culoss_poisson_nll_options po;
+  culoss_poisson_nll_options_init(&po);
+  po.eps = -1.0f;
+  cr_assert_eq(culoss_poisson_nll(ctx, &po, 2, CULOSS_F32, x, y, l, NULL, NULL),
+               CULOSS_ERROR_INVALID_VALUE);
+  cr_assert(strstr(culoss_last_error(), "eps") != NULL, "%s", culoss_last_error());
+  culoss_poisson_nll_options_init(&po);
+  po.full = 2;
+  cr_assert_eq(culoss_poisson_nll(ctx, &po, 2, CULOSS_F32, x, y, l, NULL, NULL),
+               CULOSS_ERROR_INVALID_VALUE);
+  culoss_sigmoid_focal_options fo;
+  culoss_sigmoid_focal_options_init(&fo);
+  fo.gamma = -0.5f;
+  cr_assert_eq(culoss_sigmoid_focal(ctx, &fo, 2, CULOSS_F32, x, y, l, NULL, NULL),
+               CULOSS_ERROR_INVALID_VALUE);
+  cr_assert(strstr(culoss_last_error(), "gamma") != NULL, "%s", culoss_last_error());
+  fo.gamma = 2.0f, fo.alpha = NAN;
+  cr_assert_eq(culoss_sigmoid_focal(ctx, &fo, 2, CULOSS_F32, x, y, l, NULL, NULL),
+               CULOSS_ERROR_INVALID_VALUE);
+  cr_assert_eq(culoss_soft_margin(ctx, NULL, 2, CULOSS_F32, NULL, y, l, NULL, NULL),
+               CULOSS_ERROR_INVALID_VALUE);
+  cr_assert(l[0] == 7.0f && l[1] == 7.0f, "nothing written on an error");
 }

@@ -233,7 +233,12 @@ static float hd_eval(t_op op, float x, float y, float w, float pw, float param, 
   case T_HUBER: return culoss__huber(x, y, param, d);
   case T_SMOOTH_L1: return culoss__smooth_l1(x, y, param, d);
   case T_KL: return culoss__kl_div(x, y, 0, d);
-  default: return culoss__kl_div(x, y, 1, d);
+  case T_KL_LOG: return culoss__kl_div(x, y, 1, d);
+  case T_HINGE_EMB: return culoss__hinge_embedding(x, y, param != 0 ? param : 1.0f, d);
+  case T_SOFT_MARGIN: return culoss__soft_margin(x, y, d);
+  case T_POISSON: return culoss__poisson_nll(x, y, 1e-8f, 1, d);
+  case T_POISSON_FULL: return culoss__poisson_nll(x, y, 1e-8f, 2, d);
+  default: return culoss__sigmoid_focal(x, y, 0.25f, param != 0 ? param : 2.0f, d);
   }
 }
 
@@ -247,7 +252,10 @@ Test(math, elementwise_helpers_match_cpu_reference) {
     ew_fill(&r, (t_op)op, x, y, M, 0.0);
     for (int i = 0; i < M; i++) w[i] = (float)(0.5 + rng_uniform(&r));
     pw[0] = 2.5f;
-    const float param = op == T_HUBER ? 0.8f : (op == T_SMOOTH_L1 ? 1.2f : 0.0f);
+    const float param = op == T_HUBER       ? 0.8f
+                        : op == T_SMOOTH_L1 ? 1.2f
+                        : op == T_FOCAL     ? 0.7f
+                                            : 0.0f;
     t_opts t = {CULOSS_REDUCTION_NONE, op <= T_BCE ? w : NULL, op == T_BCE_LOGITS ? pw : NULL,
                 param};
     cr_assert_eq(ew_call(ctx, (t_op)op, &t, M, 1, CULOSS_F32, x, y, loss, g, NULL), CULOSS_OK);
