@@ -109,6 +109,22 @@ class KLOptions(ctypes.Structure):
     _fields_ = [("reduction", _int), ("log_target", _int)]
 
 
+class HingeEmbeddingOptions(ctypes.Structure):
+    _fields_ = [("reduction", _int), ("margin", ctypes.c_float)]
+
+
+class SoftMarginOptions(ctypes.Structure):
+    _fields_ = [("reduction", _int)]
+
+
+class PoissonNLLOptions(ctypes.Structure):
+    _fields_ = [("reduction", _int), ("log_input", _int), ("full", _int), ("eps", ctypes.c_float)]
+
+
+class SigmoidFocalOptions(ctypes.Structure):
+    _fields_ = [("reduction", _int), ("alpha", ctypes.c_float), ("gamma", ctypes.c_float)]
+
+
 class LinearCEOptions(ctypes.Structure):
     _fields_ = [("grad_weight_dtype", _int), ("accumulate", _int), ("lse", _P), ("entropy", _P)]
 
@@ -125,7 +141,9 @@ VOCAB_PARALLEL_RECORD_FLOATS = 8  # CULOSS_VOCAB_PARALLEL_RECORD_BYTES / 4
 
 _OPTIONS = {"cross_entropy": CEOptions, "bce": BCEOptions, "hinge": HingeOptions,
             "multi_margin": MultiMarginOptions, "regression": RegressionOptions,
-            "kl_div": KLOptions, "linear_ce": LinearCEOptions}
+            "kl_div": KLOptions, "linear_ce": LinearCEOptions,
+            "hinge_embedding": HingeEmbeddingOptions, "soft_margin": SoftMarginOptions,
+            "poisson_nll": PoissonNLLOptions, "sigmoid_focal": SigmoidFocalOptions}
 for _name, _st in _OPTIONS.items():
     getattr(lib, f"culoss_{_name}_options_init").argtypes = [ctypes.POINTER(_st)]
     getattr(lib, f"culoss_{_name}_options_init").restype = None
@@ -165,7 +183,8 @@ _SIGS = {
     "culoss_cross_entropy_vocab_parallel_finish": [_P, _P, _P, _i64, _i64, _int, _P, _i64,
                                                    _int, _P, _P, _P, _P, _P],
 }
-for _f in ("mse", "l1", "huber", "smooth_l1"):
+for _f in ("mse", "l1", "huber", "smooth_l1", "hinge_embedding", "soft_margin", "poisson_nll",
+           "sigmoid_focal"):
     _SIGS[f"culoss_{_f}"] = [_P, _P, _i64, _int, _P, _P, _P, _P, _P]
 for _f, _a in _SIGS.items():
     getattr(lib, _f).argtypes = _a

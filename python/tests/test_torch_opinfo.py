@@ -28,6 +28,9 @@ OPS = {
     "nn.functional.smooth_l1_loss": cl.smooth_l1_loss,
     "nn.functional.kl_div": cl.kl_div,
     "nn.functional.linear_cross_entropy": cl.linear_cross_entropy,
+    "nn.functional.hinge_embedding_loss": cl.hinge_embedding_loss,
+    "nn.functional.soft_margin_loss": cl.soft_margin_loss,
+    "nn.functional.poisson_nll_loss": cl.poisson_nll_loss,
 }
 # Refusals (a clear error instead of a value) this suite accepts: none.
 ALLOWED_REFUSALS = set()
@@ -95,6 +98,10 @@ def test_opinfo_samples(entry, dtype):
                 refusals.append((what, f"{type(e).__name__}: {e}"))
                 continue
         args64, kwargs64 = to64(args), to64(s.kwargs)
+        # culoss's scalar options (margin, delta, eps, ...) are float32 in its
+        # C API: the reference gets them rounded so, like the tensors
+        kwargs64 = {k: float(torch.tensor(v, dtype=torch.float32)) if isinstance(v, float) else v
+                    for k, v in kwargs64.items()}
         ref = _reference(entry.name, args64, kwargs64, dtype)
         assert out.dtype == dtype, f"{what}: loss dtype {out.dtype}"
         atol = 0.0

@@ -344,6 +344,79 @@ def _reg_backward(ctx, grad_loss, _grad_grad):
 regression.register_autograd(_reg_backward, setup_context=_reg_setup)
 
 
+POINTWISE = {0: "hinge_embedding", 1: "soft_margin", 2: "poisson_nll", 3: "sigmoid_focal"}
+
+
+@torch.library.custom_op("culoss::pointwise", mutates_args=())
+def pointwise(input: Tensor, target: Tensor, kind: int, reduction: int, a: float, b: float,
+              flags: int, compute_grad: bool) -> Tuple[Tensor, Tensor]:
+    """hinge_embedding (kind 0: a = margin), soft_margin (1), poisson_nll (2:
+    a = eps, flags = log_input | 2 full), sigmoid_focal (3: a = alpha, b =
+    gamma) over contiguous input and target of one shape and dtype; the
+    gradient is the input's only."""
+    name = POINTWISE[kind]
+    if kind == 0:
+        o = _lib.options(name, reduction=reduction, margin=a)
+    elif kind == 1:
+        o = _lib.options(name, reduction=reduction)
+    elif kind == 2:
+        o = _lib.options(name, reduction=reduction, eps=a, log_input=flags & 1,
+                         full=(flags >> 1) & 1)
+    else:
+        o = _lib.options(name, reduction=reduction, alpha=a, gamma=b)
+    return _flat_call(name, o, input, target, reduction, compute_grad)
+
+
+@pointwise.register_fake
+def _(input, target, kind, reduction, a, b, flags, compute_grad):
+    return _ew_loss_out(input, reduction), _grad_out(input, compute_grad)
+
+
+def _pw_target_grad(kind, x, y, a, b, flags):
+    """d loss / d target of poisson_nll (kind 2) and sigmoid_focal (3), per
+    element, in float64 torch ops (the backward's, off the fused path: a
+    target that needs a gradient is rare; the terms cancel, so float64)."""
+    x, y = x.double(), y.double()
+    if kind == 2:
+        d = -x if flags & 1 else -torch.log(x + a)
+        if flags & 2:  # the Stirling term's where y > 1; times 0 elsewhere, as torch's
+            # masked_fill backward: NaN where y <= 0 (log y, 1/y), 0 for 0 < y <= 1
+            d = d + (y > 1).to(y.dtype) * (torch.log(y) + 0.5 / y)
+        return d
+    p, q = torch.sigmoid(x), torch.sigmoid(-x)
+    ce = torch.clamp_min(x, 0) - x * y + torch.log1p(torch.exp(-x.abs()))
+    omp = y * q + (1 - y) * p
+    at = a * y + (1 - a) * (1 - y) if a >= 0 else torch.ones_like(y)
+    dat = 2 * a - 1 if a >= 0 else 0.0
+    mod = omp ** b if b != 0 else torch.ones_like(y)
+    dmod = b * torch.where(omp > 0, omp ** (b - 1), torch.zeros_like(y)) if b != 0 else 0.0
+    return dat * ce * mod - at * x * mod + at * ce * dmod * (q - p)
+
+
+def _pw_setup(ctx, inputs, output):
+    ctx.kind, ctx.reduction, ctx.a, ctx.b, ctx.flags = inputs[2], inputs[3], inputs[4], \
+        inputs[5], inputs[6]
+    ctx.save_for_backward(output[1], inputs[0], inputs[1])
+
+
+def _pw_backward(ctx, grad_loss, _grad_grad):
+    grad, x, y = ctx.saved_tensors
+    gx = _scaled(grad, grad_loss, ctx.reduction) if ctx.needs_input_grad[0] else None
+    gy = None
+    if ctx.needs_input_grad[1]:
+        if ctx.kind not in (2, 3):
+            raise RuntimeError(f"culoss::pointwise: {POINTWISE[ctx.kind]} has no gradient with "
+                               "respect to the target")
+        d = _pw_target_grad(ctx.kind, x, y, ctx.a, ctx.b, ctx.flags)
+        if ctx.reduction == MEAN:
+            d = d / max(y.numel(), 1)
+        gy = (d * grad_loss.float()).to(y.dtype)
+    return gx, gy, None, None, None, None, None, None
+
+
+pointwise.register_autograd(_pw_backward, setup_context=_pw_setup)
+
+
 @torch.library.custom_op("culoss::hinge", mutates_args=())
 def hinge(input: Tensor, target: Tensor, reduction: int, margin: float, squared: bool,
           compute_grad: bool) -> Tuple[Tensor, Tensor]:

@@ -28,13 +28,15 @@ from . import _ops
 
 NONE, SUM, MEAN, BATCHMEAN = _ops.NONE, _ops.SUM, _ops.MEAN, _ops.BATCHMEAN
 _RED = {"none": NONE, "sum": SUM, "mean": MEAN}
+_RED_NAME = {v: k for k, v in _RED.items()}
 _C_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _warned = set()
 
 __all__ = [
     "cross_entropy", "nll_loss", "binary_cross_entropy_with_logits", "binary_cross_entropy",
     "multi_margin_loss", "mse_loss", "l1_loss", "huber_loss", "smooth_l1_loss", "kl_div",
-    "hinge_loss", "linear_cross_entropy",
+    "hinge_loss", "linear_cross_entropy", "hinge_embedding_loss", "soft_margin_loss",
+    "poisson_nll_loss", "sigmoid_focal_loss",
 ]
 
 # --------------------------------------------------------------------------- shared checks
@@ -559,6 +561,111 @@ def hinge_loss(input, target, *, margin=1.0, squared=False, reduction="mean"):
     loss, _ = torch.ops.culoss.hinge(input.contiguous(), target.to(input.dtype).contiguous(), red,
                                      float(margin), bool(squared), _wants_grad(input))
     return _out_dtype(loss, input)
+
+# --------------------------------------------------------------------------- more pointwise losses
+
+
+def _pointwise(fname, kind, input, target, reduction, torch_call, a=0.0, b=0.0, flags=0,
+               target_grad=False, same_shape_as_input=False):
+    """culoss::pointwise with F's broadcasting and type promotion; torch's op
+    where culoss does not apply: a float64 result. target_grad: True, the
+    target is differentiated (culoss's backward, off the fused path); False,
+    it only selects (no gradient, as torch's where); None, torch's op when
+    the target needs a gradient (torch refuses it, so culoss does the same
+    by running it)."""
+    red = reduction
+    _tensor("target", target)
+    if not _native(fname, input):
+        return torch_call()
+    _device(fname, input, target=target)
+    dt = torch.promote_types(input.dtype, target.dtype)
+    if dt not in _C_DTYPES or (target_grad is None and _wants_grad(target)):
+        return torch_call()
+    if same_shape_as_input and torch.broadcast_shapes(input.shape, target.shape) != input.shape:
+        raise RuntimeError(f"output with shape {list(input.shape)} doesn't match the broadcast "
+                           f"shape {list(torch.broadcast_shapes(input.shape, target.shape))}")
+    x, y = torch.broadcast_tensors(input.to(dt), target.to(dt))
+    if not target_grad:  # the loss is not differentiable in the target (it only selects)
+        y = y.detach()
+    loss, _ = torch.ops.culoss.pointwise(x.contiguous(), y.contiguous(), kind, red, float(a),
+                                         float(b), int(flags), _wants_grad(x))
+    if torch.is_autocast_enabled(input.device.type):
+        return loss
+    return loss.to(dt)
+
+
+def hinge_embedding_loss(input, target, margin=1.0, size_average=None, reduce=None,
+                         reduction="mean"):
+    """Hinge embedding loss, as ``torch.nn.functional.hinge_embedding_loss``:
+    ``input`` where y = 1, ``max(0, margin - input)`` where y = -1, both for
+    any other y; subgradient 0 at the kink (torch 2.15). Broadcasts as
+    torch does; the target gets no gradient (it only selects)."""
+    red = _reduction(reduction, size_average, reduce)
+    return _pointwise("hinge_embedding_loss", 0, input, target, red,
+                      lambda: torch.nn.functional.hinge_embedding_loss(
+                          input, target, margin, reduction=_RED_NAME[red]),
+                      a=margin)
+
+
+def soft_margin_loss(input, target, size_average=None, reduce=None, reduction="mean"):
+    """Soft margin loss ``log(1 + exp(-y * input))``, as
+    ``torch.nn.functional.soft_margin_loss``, but overflow-free: where
+    ``-y * input`` is large culoss gives ``-y * input`` and gradient ``-y``,
+    torch inf and NaN. A target that requires grad: torch's op (which
+    refuses to differentiate it)."""
+    red = _reduction(reduction, size_average, reduce)
+    return _pointwise("soft_margin_loss", 1, input, target, red,
+                      lambda: torch.nn.functional.soft_margin_loss(
+                          input, target, reduction=_RED_NAME[red]),
+                      target_grad=None, same_shape_as_input=True)
+
+
+def poisson_nll_loss(input, target, log_input=True, full=False, size_average=None, eps=1e-8,
+                     reduce=None, reduction="mean"):
+    """Poisson negative log-likelihood, as
+    ``torch.nn.functional.poisson_nll_loss`` (``log_input``: ``exp(input) -
+    target * input``; else ``input - target * log(input + eps)``; ``full``:
+    the Stirling term where target > 1). The target is differentiated too,
+    as torch's composite does."""
+    red = _reduction(reduction, size_average, reduce)
+    return _pointwise("poisson_nll_loss", 2, input, target, red,
+                      lambda: torch.nn.functional.poisson_nll_loss(
+                          input, target, log_input, full, eps=eps, reduction=_RED_NAME[red]),
+                      a=eps, flags=int(bool(log_input)) | (int(bool(full)) << 1),
+                      target_grad=True)
+
+
+def _focal_composite(inputs, targets, alpha, gamma, reduction):
+    """torchvision.ops.sigmoid_focal_loss's formula, in torch ops."""
+    p = torch.sigmoid(inputs)
+    ce = torch.nn.functional.binary_cross_entropy_with_logits(inputs, targets, reduction="none")
+    p_t = p * targets + (1 - p) * (1 - targets)
+    loss = ce * ((1 - p_t) ** gamma)
+    if alpha >= 0:
+        loss = (alpha * targets + (1 - alpha) * (1 - targets)) * loss
+    return {"none": loss, "mean": loss.mean(), "sum": loss.sum()}[reduction]
+
+
+def sigmoid_focal_loss(inputs, targets, alpha=0.25, gamma=2.0, reduction="none"):
+    """Sigmoid focal loss, as ``torchvision.ops.sigmoid_focal_loss`` (its
+    signature and default ``reduction="none"``): ``alpha_t * ce * (1 -
+    p_t) ** gamma`` with ``alpha < 0`` turning the weighting off; ``1 -
+    p_t`` formed from ``sigmoid(-inputs)``, so confident predictions keep
+    their small loss. ``gamma`` must be >= 0. The targets are differentiated
+    too, as the composite does."""
+    if reduction not in ("none", "mean", "sum"):
+        raise ValueError(f"Invalid Value for arg 'reduction': '{reduction} \n Supported "
+                         "reduction modes: 'none', 'mean', 'sum'")
+    if not gamma >= 0:
+        raise ValueError(f"sigmoid_focal_loss: gamma = {gamma} must be >= 0")
+    _tensor("inputs", inputs)
+    _tensor("targets", targets)
+    if tuple(inputs.shape) != tuple(targets.shape):
+        raise ValueError(f"sigmoid_focal_loss: inputs {tuple(inputs.shape)} and targets "
+                         f"{tuple(targets.shape)} must have the same shape")
+    return _pointwise("sigmoid_focal_loss", 3, inputs, targets, _RED[reduction],
+                      lambda: _focal_composite(inputs, targets, alpha, gamma, reduction),
+                      a=alpha, b=gamma, target_grad=True)
 
 # --------------------------------------------------------------------------- linear + CE
 

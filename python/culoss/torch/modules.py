@@ -8,6 +8,7 @@ from . import functional as F
 __all__ = [
     "CrossEntropyLoss", "NLLLoss", "BCEWithLogitsLoss", "BCELoss", "MultiMarginLoss", "MSELoss",
     "L1Loss", "HuberLoss", "SmoothL1Loss", "KLDivLoss", "HingeLoss", "LinearCrossEntropyLoss",
+    "HingeEmbeddingLoss", "SoftMarginLoss", "PoissonNLLLoss", "SigmoidFocalLoss",
 ]
 
 
@@ -160,6 +161,49 @@ class HingeLoss(_Loss):
     def forward(self, input, target):
         return F.hinge_loss(input, target, margin=self.margin, squared=self.squared,
                             reduction=self.reduction)
+
+
+class HingeEmbeddingLoss(_Loss):
+    """``torch.nn.HingeEmbeddingLoss`` (see :func:`culoss.torch.hinge_embedding_loss`)."""
+
+    def __init__(self, margin=1.0, size_average=None, reduce=None, reduction="mean"):
+        super().__init__(size_average, reduce, reduction)
+        self.margin = margin
+
+    def forward(self, input, target):
+        return F.hinge_embedding_loss(input, target, margin=self.margin, reduction=self.reduction)
+
+
+class SoftMarginLoss(_Loss):
+    """``torch.nn.SoftMarginLoss``, overflow-free (see :func:`culoss.torch.soft_margin_loss`)."""
+
+    def forward(self, input, target):
+        return F.soft_margin_loss(input, target, reduction=self.reduction)
+
+
+class PoissonNLLLoss(_Loss):
+    """``torch.nn.PoissonNLLLoss`` (see :func:`culoss.torch.poisson_nll_loss`)."""
+
+    def __init__(self, log_input=True, full=False, size_average=None, eps=1e-8, reduce=None,
+                 reduction="mean"):
+        super().__init__(size_average, reduce, reduction)
+        self.log_input, self.full, self.eps = log_input, full, eps
+
+    def forward(self, log_input, target):
+        return F.poisson_nll_loss(log_input, target, log_input=self.log_input, full=self.full,
+                                  eps=self.eps, reduction=self.reduction)
+
+
+class SigmoidFocalLoss(nn.Module):
+    """torchvision's focal loss as a module (see :func:`culoss.torch.sigmoid_focal_loss`)."""
+
+    def __init__(self, alpha=0.25, gamma=2.0, reduction="none"):
+        super().__init__()
+        self.alpha, self.gamma, self.reduction = alpha, gamma, reduction
+
+    def forward(self, inputs, targets):
+        return F.sigmoid_focal_loss(inputs, targets, alpha=self.alpha, gamma=self.gamma,
+                                    reduction=self.reduction)
 
 
 class LinearCrossEntropyLoss(nn.Module):

@@ -1,0 +1,179 @@
+"""The losses of issue 20 that culoss.torch has so far: hinge_embedding_loss,
+soft_margin_loss, poisson_nll_loss (their OpInfo samples and error inputs
+run in test_torch_opinfo.py) and sigmoid_focal_loss (torchvision's, which
+has no OpInfo entry): against float64 references on the same rounded
+inputs, every reduction, input and target gradients, the modules, where
+culoss deliberately differs (soft margin does not overflow; focal keeps the
+loss of confident predictions), bad arguments, and torch.compile."""
+import math
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import culoss.torch as cl
+from culoss.torch.functional import _focal_composite
+from test_torch_ops import DT_IDS, DTYPES, check
+
+REDS = ["none", "mean", "sum"]
+
+
+def _data(shape, dtype, seed, kind):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(shape, generator=gen, dtype=torch.float64)
+    if kind == "pm1":
+        y = torch.where(torch.rand(shape, generator=gen) < 0.5, -1.0, 1.0).double()
+    elif kind == "counts":
+        y = torch.randint(0, 7, shape, generator=gen).double()
+    else:
+        y = (torch.rand(shape, generator=gen) < 0.3).double()
+        y[..., 0] = 0.37  # a soft label
+    return (3 * x).to(dtype).requires_grad_(), y.to(dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DT_IDS)
+@pytest.mark.parametrize("reduction", REDS)
+@pytest.mark.parametrize("alpha,gamma", [(0.25, 2.0), (-1.0, 0.5), (0.6, 0.0), (0.25, 1.0)])
+def test_sigmoid_focal_against_torchvision_formula(dtype, reduction, alpha, gamma):
+    x, y = _data((7, 11), dtype, 1, "labels")
+    y.requires_grad_()  # the composite differentiates the targets too
+
+    def ref(i, t, **kw):
+        return _focal_composite(i, t, kw["alpha"], kw["gamma"], kw["reduction"])
+
+    check(cl.sigmoid_focal_loss, ref, (x, y), dict(alpha=alpha, gamma=gamma, reduction=reduction),
+          dtype)
+
+
+def test_sigmoid_focal_default_is_torchvisions():
+    x, y = _data((4, 5), torch.float32, 2, "labels")
+    got = cl.sigmoid_focal_loss(x, y)
+    assert got.shape == x.shape  # reduction "none"
+    want = _focal_composite(x.double(), y.double(), 0.25, 2.0, "none")
+    assert torch.allclose(got.double(), want, rtol=1e-5, atol=1e-7)
+
+
+def test_sigmoid_focal_keeps_confident_losses():
+    """At x = 20, y = 1 torchvision's 1 - p_t rounds to 0 in fp32 (loss 0);
+    culoss forms it from sigmoid(-x) and keeps e^-20-sized terms."""
+    x = torch.tensor([20.0, -20.0])
+    y = torch.tensor([1.0, 0.0])
+    got = cl.sigmoid_focal_loss(x, y, reduction="none")
+    want = _focal_composite(x.double(), y.double(), 0.25, 2.0, "none")
+    assert torch.allclose(got.double(), want, rtol=1e-5, atol=0), (got, want)
+    assert (_focal_composite(x, y, 0.25, 2.0, "none") == 0).all()  # torchvision's fp32
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DT_IDS)
+@pytest.mark.parametrize("reduction", REDS)
+def test_hinge_embedding_and_soft_margin(dtype, reduction):
+    x, y = _data((6, 9), dtype, 3, "pm1")
+    y = y.clone()
+    y[0, :3] = 0  # neither +1 nor -1: both terms, as torch
+    check(cl.hinge_embedding_loss, F.hinge_embedding_loss, (x, y),
+          dict(margin=0.75, reduction=reduction), dtype)
+    check(cl.soft_margin_loss, F.soft_margin_loss, (x, y), dict(reduction=reduction), dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DT_IDS)
+@pytest.mark.parametrize("reduction", REDS)
+@pytest.mark.parametrize("log_input,full", [(True, False), (True, True), (False, True)])
+def test_poisson_nll_with_target_grad(dtype, reduction, log_input, full):
+    x, y = _data((5, 8), dtype, 4, "counts")
+    if not log_input:
+        x = (x.detach().abs() + 0.2).requires_grad_()
+    y = (y + 2).requires_grad_()  # counts above 1: the Stirling term's gradient is finite
+    check(cl.poisson_nll_loss, F.poisson_nll_loss, (x, y),
+          dict(log_input=log_input, full=full, reduction=reduction), dtype)
+
+
+def test_soft_margin_does_not_overflow():
+    x = torch.tensor([-200.0, 200.0], requires_grad=True)
+    y = torch.tensor([1.0, -1.0])
+    got = cl.soft_margin_loss(x, y, reduction="none")
+    (g,) = torch.autograd.grad(got.sum(), x)
+    assert torch.equal(got.detach(), torch.tensor([200.0, 200.0]))
+    assert torch.equal(g, torch.tensor([-1.0, 1.0]))
+    assert torch.isinf(F.soft_margin_loss(x, y, reduction="none")).all()  # torch's overflow
+
+
+def test_soft_margin_target_grad_is_refused_as_torch():
+    x, y = _data((3, 4), torch.float32, 5, "pm1")
+    y.requires_grad_()
+    with pytest.raises(RuntimeError, match="not differentiable"):
+        cl.soft_margin_loss(x, y).backward()
+
+
+def test_hinge_embedding_broadcasts_and_gives_the_target_no_grad():
+    x, y = _data((4, 6), torch.float32, 6, "pm1")
+    y = y[0].clone().requires_grad_()  # [6], broadcast over the rows
+    got = cl.hinge_embedding_loss(x, y)
+    want = F.hinge_embedding_loss(x, y)
+    assert torch.allclose(got, want, rtol=1e-6)
+    got.backward()
+    assert y.grad is None
+
+
+def test_modules():
+    x, y = _data((5, 6), torch.float32, 7, "pm1")
+    c, _ = _data((5, 6), torch.float32, 8, "counts")
+    lab = (y.detach() > 0).float()
+    pairs = [
+        (cl.HingeEmbeddingLoss(margin=0.5, reduction="sum"),
+         torch.nn.HingeEmbeddingLoss(margin=0.5, reduction="sum"), (x, y)),
+        (cl.SoftMarginLoss(), torch.nn.SoftMarginLoss(), (x, y)),
+        (cl.PoissonNLLLoss(log_input=True, full=True), torch.nn.PoissonNLLLoss(full=True),
+         (x, c.detach())),
+        (cl.SigmoidFocalLoss(alpha=0.3, gamma=1.5, reduction="mean"),
+         lambda i, t: _focal_composite(i, t, 0.3, 1.5, "mean"), (x, lab)),
+    ]
+    for ours, theirs, args in pairs:
+        got, want = ours(*args), theirs(*args)
+        assert torch.allclose(got, want, rtol=1e-5, atol=1e-6), type(ours).__name__
+        ga = torch.autograd.grad(got, x)[0]
+        gb = torch.autograd.grad(want, x)[0]
+        assert torch.allclose(ga, gb, rtol=1e-4, atol=1e-6), type(ours).__name__
+
+
+def test_bad_arguments():
+    x, y = _data((3, 4), torch.float32, 9, "labels")
+    with pytest.raises(ValueError, match="gamma"):
+        cl.sigmoid_focal_loss(x, y, gamma=-1.0)
+    with pytest.raises(ValueError, match="same shape"):
+        cl.sigmoid_focal_loss(x, y[0])
+    with pytest.raises(ValueError, match="reduction"):
+        cl.sigmoid_focal_loss(x, y, reduction="batchmean")
+    with pytest.raises(ValueError):
+        cl.poisson_nll_loss(x, y, reduction="avg")
+    with pytest.raises(RuntimeError, match="broadcast"):
+        cl.soft_margin_loss(x[0], y)
+    with pytest.raises(TypeError):
+        cl.hinge_embedding_loss(x.detach().long(), y)
+
+
+def test_float64_runs_torchs_op():
+    x, y = _data((3, 4), torch.float64, 10, "pm1")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        got = cl.soft_margin_loss(x, y)
+    assert got.dtype == torch.float64
+    assert torch.allclose(got, F.soft_margin_loss(x, y))
+
+
+def test_compile_fullgraph():
+    torch._dynamo.reset()
+    x, y = _data((6, 5), torch.float32, 11, "pm1")
+    c = torch.randint(0, 5, (6, 5)).float()
+    lab = (y > 0).float()
+
+    def f(x):
+        return (cl.hinge_embedding_loss(x, y) + cl.soft_margin_loss(x, y) +
+                cl.poisson_nll_loss(x, c) + cl.sigmoid_focal_loss(x, lab, reduction="mean"))
+
+    eager = f(x)
+    ge = torch.autograd.grad(eager, x)[0]
+    comp = torch.compile(f, fullgraph=True)(x)
+    gc = torch.autograd.grad(comp, x)[0]
+    assert torch.allclose(eager, comp, rtol=1e-5) and torch.allclose(ge, gc, rtol=1e-4, atol=1e-6)
+    assert math.isfinite(float(eager))
