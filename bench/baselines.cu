@@ -59,6 +59,11 @@ __global__ void fill_kernel(T *x, T *y, int64_t count, uint64_t seed, int op) {
     case 3: yv = u < 0.5f ? -1.0f : 1.0f, xv = 2.0f * a; break;                     /* hinge */
     case 8: xv = -3.0f * u - 0.01f, yv = b < -0.8f ? 0.0f : fabsf(b) * 0.3f; break; /* kl */
     case 9: xv = -3.0f * u - 0.01f, yv = -4.0f * fabsf(b); break; /* kl, log target */
+    case 10: yv = u < 0.5f ? -1.0f : 1.0f, xv = 2.0f * a; break;  /* hinge embedding */
+    case 11: yv = u < 0.5f ? -1.0f : 1.0f, xv = 3.0f * a; break;  /* soft margin */
+    case 12: xv = 0.8f * a, yv = floorf(6.0f * u); break;         /* poisson, log rates */
+    case 13: xv = 0.1f + 5.0f * u, yv = floorf(6.0f * fabsf(b) / 2.5f); break; /* rates */
+    case 14: xv = 3.0f * a, yv = u < 0.3f ? 1.0f : 0.0f; break;   /* focal */
     default: yv = b, xv = b + 2.0f * a; break;                    /* regression */
     }
     x[i] = from_f32<T>(xv);
@@ -210,7 +215,12 @@ __global__ void naive_kernel(const T *x, const T *y, int64_t m, int op, float in
   case 6: l = culoss__huber(a, b, 1.0f, &d); break;
   case 7: l = culoss__smooth_l1(a, b, 1.0f, &d); break;
   case 8: l = culoss__kl_div(a, b, 0, &d); break;
-  default: l = culoss__kl_div(a, b, 1, &d); break;
+  case 9: l = culoss__kl_div(a, b, 1, &d); break;
+  case 10: l = culoss__hinge_embedding(a, b, 1.0f, &d); break;
+  case 11: l = culoss__soft_margin(a, b, &d); break;
+  case 12: l = culoss__poisson_nll(a, b, 1e-8f, 1, &d); break;
+  case 13: l = culoss__poisson_nll(a, b, 1e-8f, 2, &d); break;
+  default: l = culoss__sigmoid_focal(a, b, 0.25f, 2.0f, &d); break;
   }
   g[i] = from_f32<T>(d * inv_m);
   atomicAdd(loss, l * inv_m);

@@ -496,6 +496,9 @@ static int bench_ce(culoss_context *ctx, const bench_opts *bo, int kind, int64_t
 }
 
 /* ---------------------------------------------------------------- elementwise */
+/* bench/baselines.cu's fill_kernel and naive_kernel have a case for each
+   t_op of tests/ew_call.h, by number */
+_Static_assert(T_NUM_OPS == 15, "extend baselines.cu's fill_kernel and naive_kernel");
 typedef struct {
   culoss_context *ctx;
   t_op op;
