@@ -63,8 +63,8 @@ __global__ void fill_kernel(T *x, T *y, int64_t count, uint64_t seed, int op) {
     case 11: yv = u < 0.5f ? -1.0f : 1.0f, xv = 3.0f * a; break;  /* soft margin */
     case 12: xv = 0.8f * a, yv = floorf(6.0f * u); break;         /* poisson, log rates */
     case 13: xv = 0.1f + 5.0f * u, yv = floorf(6.0f * fabsf(b) / 2.5f); break; /* rates */
-    case 14: xv = 3.0f * a, yv = u < 0.3f ? 1.0f : 0.0f; break;   /* focal */
-    default: yv = b, xv = b + 2.0f * a; break;                    /* regression */
+    case 14: xv = 3.0f * a, yv = u < 0.3f ? 1.0f : 0.0f; break;                /* focal */
+    default: yv = b, xv = b + 2.0f * a; break;                                 /* regression */
     }
     x[i] = from_f32<T>(xv);
     if (y) y[i] = from_f32<T>(yv);

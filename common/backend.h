@@ -126,9 +126,9 @@ typedef struct {
   const void *y;           /* target, same dtype */
   const float *weight;     /* [m] or NULL (BCE) */
   const float *pos_weight; /* [c] or NULL (BCE with logits) */
-  float a; /* margin (hinge, hinge embedding), delta (huber), beta (smooth_l1), eps (poisson),
+  float a;  /* margin (hinge, hinge embedding), delta (huber), beta (smooth_l1), eps (poisson),
               alpha (focal) */
-  float b; /* gamma (focal) */
+  float b;  /* gamma (focal) */
   int flag; /* squared (hinge), log_target (kl), log_input | 2 full (poisson) */
   float *loss;
   void *grad;

@@ -26,9 +26,6 @@
 #define CULOSS_HD static inline
 #endif
 
-/* log2(e): exp(x) == exp2(x * LOG2E); kernels use exp2f so the exponent is
-   one FMA plus one MUFU.EX2 instruction. */
-#define CULOSS_LOG2E 1.4426950408889634f
 #define CULOSS_LN2 0.6931471805599453f
 
 /* ---------------------------------------------------------------------- */
@@ -170,8 +167,10 @@ CULOSS_HD int culoss__vp_slices_tile(const float *gathered, int ranks, int64_t r
    s away below 6e-8, and log(1 + s) and the top's p - 1 = -s / (1 + s) would
    lose them; every addition to s is of a positive term (merges included).
    The empty set (or only -inf values) is {-inf, 0}: there is no top, and s
-   is the whole (zero) sum. A NaN value makes s NaN; a +inf maximum too (its
-   exp(inf - inf) is NaN, as PyTorch's). */
+   is the whole (zero) sum. A NaN value makes s NaN. A +inf maximum does
+   not (one +inf alone leaves s = 0): its NaN (PyTorch's exp(inf - inf))
+   comes from culoss__lse_rest and culoss__lse_log_s, which every reader of
+   a finished state must use instead of .s. */
 typedef struct {
   float m;
   float s;
@@ -187,9 +186,7 @@ CULOSS_HD culoss__lse_state culoss__lse_empty(void) {
 /* exp(a - b) where b >= a, written so that a == b == -inf gives 0 instead of
    exp(NaN): a tile or lane that saw only -inf (masked classes, padding)
    contributes nothing rather than poisoning the row. */
-CULOSS_HD float culoss__exp_diff(float a, float b) {
-  return (a == -INFINITY) ? 0.0f : expf(a - b);
-}
+CULOSS_HD float culoss__exp_diff(float a, float b) { return (a == -INFINITY) ? 0.0f : expf(a - b); }
 
 /* The whole sum of exp(v - m), the top's 1 included. */
 CULOSS_HD float culoss__lse_total(culoss__lse_state a) {
@@ -204,15 +201,6 @@ CULOSS_HD float culoss__lse_rest(culoss__lse_state a) {
 /* log of the whole sum, log1p(s). */
 CULOSS_HD float culoss__lse_log_s(culoss__lse_state a) {
   return a.m == -INFINITY ? logf(a.s) : log1pf(culoss__lse_rest(a));
-}
-
-/* The state of values whose maximum is m and whose whole sum of
-   exp(v - m) is total (a record that carries the total). */
-CULOSS_HD culoss__lse_state culoss__lse_from_total(float m, float total) {
-  culoss__lse_state a;
-  a.m = m;
-  a.s = m == -INFINITY ? total : total - 1.0f;
-  return a;
 }
 
 /* Merge two states; associative and commutative up to rounding, and the

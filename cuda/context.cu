@@ -14,7 +14,7 @@ namespace {
 
 constexpr size_t CUBLAS_WS_BYTES = (size_t)32 << 20;
 
-culoss_status kernel_attributes(const culoss_context *ctx) {
+culoss_status kernel_attributes(culoss_context *ctx) {
   using culoss_dev::CE_STATIC_SMEM_RESERVE;
   if (ctx->smem_optin <= CE_STATIC_SMEM_RESERVE)
     return culoss__error(CULOSS_ERROR_NOT_SUPPORTED, "device shared memory per block too small");
@@ -23,6 +23,10 @@ culoss_status kernel_attributes(const culoss_context *ctx) {
     cudaFuncAttributes attr;
     cudaError_t e = cudaFuncGetAttributes(&attr, k);
     if (e != cudaSuccess) return culoss__cuda_status(e, "cudaFuncGetAttributes(ce_kernel)");
+    /* The cluster kernel's body is sm_90 code: a binary whose code for this
+       GPU comes from older PTX (built for sm_80 only, JIT-compiled on an
+       H100) has a trap there, so the context keeps one block per row. */
+    if (culoss_dev::ce_kernel_is_cluster(i) && attr.ptxVersion < 90) ctx->cluster_launch = 0;
     if (attr.sharedSizeBytes > CE_STATIC_SMEM_RESERVE)
       return culoss__error(CULOSS_ERROR_INTERNAL,
                            "ce_kernel static shared memory %zu exceeds the reserve %zu",

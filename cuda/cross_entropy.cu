@@ -286,8 +286,7 @@ __device__ __forceinline__ void emit_loss(const ce_params &p, bool per_row, int6
    over the span; nothing is read. */
 template <typename T, int TPR, int VEC>
 __device__ __forceinline__ void skip_row(const ce_params &p, const row_job &job, int lane,
-                                         bool emit, bool per_row, double &block_sum,
-                                         row_span sp) {
+                                         bool emit, bool per_row, double &block_sum, row_span sp) {
   if (emit) {
     if (job.bad) atomicOr(&p.scratch->error_flag, CULOSS__FLAG_TARGET);
     emit_loss(p, per_row, job.row, job.bad ? culoss__nan() : 0.0f, block_sum);
@@ -464,8 +463,8 @@ __device__ __forceinline__ void grad_pass(const ce_params &p, const row_job &job
       b = culoss__ce_coef1(culoss__ce_soft_b(class_w(p, j), y, eps, c));
     else
       b = culoss__ce_index_b2(j, job.t, g.tw, eps, c, p.class_weight);
-    return from_f32<T>(culoss__ce_grad(xs, g.lse_m, g.rest, g.a, b, job.scale,
-                                       culoss__softcap_grad(xs, cap)));
+    return from_f32<T>(
+        culoss__ce_grad(xs, g.lse_m, g.rest, g.a, b, job.scale, culoss__softcap_grad(xs, cap)));
   };
 #pragma unroll 4
   for (int64_t v = sp.v0 + lane; v < sp.v1; v += TPR) {
@@ -695,6 +694,8 @@ int pick_shape(const culoss_context *ctx, int64_t c) {
 
 int ce_kernel_count() { return 3 * 2 * CE_NSHAPES * 2 + 3 * 2 * 2; }
 
+bool ce_kernel_is_cluster(int i) { return i >= 3 * 2 * CE_NSHAPES * 2; }
+
 const void *ce_kernel_address(int i) {
   const bool vec = i % 2 != 0;
   if (i >= 3 * 2 * CE_NSHAPES * 2) { /* the cluster kernels */
@@ -792,30 +793,38 @@ culoss_status ce_launch_main(culoss_context *ctx, ce_params &p, int mode, int dt
   /* A row too long for one block's cache, on a GPU with clusters: a cluster
      of K blocks, each caching its 1/K of the row (ce_cluster_kernel); K as
      small as holds the whole row, at most CL_MAX (longer rows re-read the
-     rest of each slice). Not when the shape is forced (CULOSS_CE_SHAPE). */
+     rest of each slice). Not when the shape is forced (CULOSS_CE_SHAPE), nor
+     when the grid limit (culoss_set_grid_limit) is below K. */
   const int64_t nvec = p.c / (int64_t)(pack_bytes / esize);
   size_t cl_budget = ctx->smem_optin - CE_STATIC_SMEM_RESERVE - CL_SLOTS;
   if (ctx->ce_cache_cap < cl_budget) cl_budget = ctx->ce_cache_cap;
   const int64_t fit = (int64_t)(cl_budget / (pack_bytes * cached));
+  int64_t K = fit > 0 ? (nvec + fit - 1) / fit : 0;
+  if (K < 2) K = 2;
+  if (K > CL_MAX) K = CL_MAX;
   if (p.grad && p.cache_vecs < nvec && fit > 0 && s == CE_NSHAPES - 1 && ctx->ce_tpr == 0 &&
-      ctx->ce_cluster && ctx->cluster_launch) {
-    int64_t K = (nvec + fit - 1) / fit;
-    if (K < 2) K = 2;
-    if (K > CL_MAX) K = CL_MAX;
-    const int64_t per = (nvec + K - 1) / K;
+      ctx->ce_cluster && ctx->cluster_launch && (ctx->grid_limit == 0 || ctx->grid_limit >= K)) {
+    const int64_t one_block_cache = p.cache_vecs, per = (nvec + K - 1) / K;
     p.cache_vecs = per < fit ? per : fit;
     const int64_t cap = ctx->grid_limit > 0 ? ctx->grid_limit : CULOSS_MAX_PARTIALS;
-    int64_t clusters = cap / K < p.n ? cap / K : p.n;
-    if (clusters < 1) clusters = 1;
+    const int64_t clusters = cap / K < p.n ? cap / K : p.n;
     *grid_out = clusters * K;
     e = launch_cluster(select_ce_cluster_kernel(dtype, mode, vec), dim3((unsigned)*grid_out),
                        dim3(CL_BLOCK), CL_SLOTS + (size_t)p.cache_vecs * pack_bytes * cached,
                        stream, (unsigned)K, p);
-    return e == cudaSuccess ? CULOSS_OK : culoss__cuda_status(e, "launch of ce_cluster_kernel");
+    if (e == cudaSuccess) return CULOSS_OK;
+    if (e != cudaErrorLaunchOutOfResources)
+      return culoss__cuda_status(e, "launch of ce_cluster_kernel");
+    /* K blocks of this much shared memory cannot be resident together here
+       (a partitioned GPU, say): one block per row instead. A launch's
+       configuration error is not sticky; clear it. */
+    (void)cudaGetLastError();
+    p.cache_vecs = one_block_cache;
   }
   *grid_out = capped_grid(ctx, (p.n + rows - 1) / rows);
   e = launch(select_ce_kernel(dtype, mode, s, vec), dim3((unsigned)*grid_out),
-             dim3(CE_SHAPES[s].block), (size_t)p.cache_vecs * rows * pack_bytes * cached, stream, p);
+             dim3(CE_SHAPES[s].block), (size_t)p.cache_vecs * rows * pack_bytes * cached, stream,
+             p);
   return e == cudaSuccess ? CULOSS_OK : culoss__cuda_status(e, "launch of ce_kernel");
 }
 

@@ -49,6 +49,8 @@ struct ce_params {
    set-up (cuda/context.cu): the address of number i in [0, count). */
 int ce_kernel_count();
 const void *ce_kernel_address(int i);
+/* Whether number i is a ce_cluster_kernel (sm_90 code only). */
+bool ce_kernel_is_cluster(int i);
 
 /* Fills p from validated arguments (no launch). */
 void ce_fill_params(culoss_context *ctx, const culoss__ce_args *a, ce_params *p);

@@ -236,8 +236,7 @@ culoss_status culoss_poisson_nll(culoss_context *ctx, const culoss_poisson_nll_o
   if (o == NULL) culoss_poisson_nll_options_init(&d), o = &d;
   if (o->log_input != 0 && o->log_input != 1)
     return CULOSS__BAD("%s: log_input = %d must be 0 or 1", fn, o->log_input);
-  if (o->full != 0 && o->full != 1)
-    return CULOSS__BAD("%s: full = %d must be 0 or 1", fn, o->full);
+  if (o->full != 0 && o->full != 1) return CULOSS__BAD("%s: full = %d must be 0 or 1", fn, o->full);
   if (!(o->eps >= 0.0f && isfinite(o->eps)))
     return CULOSS__BAD("%s: eps = %g must be finite and >= 0", fn, (double)o->eps);
   a.op = CULOSS__EW_POISSON_NLL, a.reduction = o->reduction, a.dtype = dtype;

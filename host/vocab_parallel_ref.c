@@ -23,7 +23,9 @@ static void load_row(const culoss__vp_args *a, int64_t i, double *x) {
   int64_t j;
   for (j = 0; j < a->c_local; j++) {
     const double v = (double)culoss__load_f32(a->x, a->dtype, i * a->ld + j);
-    x[j] = cap > 0.0 ? cap * tanh(v / cap) : v;
+    /* soft-capped in float, as the kernels do: the record carries m in
+       float, and the maximum's column must compare equal to it */
+    x[j] = cap > 0.0 ? (double)(float)(cap * tanh(v / cap)) : v;
   }
 }
 

@@ -126,8 +126,9 @@ CULOSS_API culoss_status culoss_destroy(culoss_context *ctx);
    the switch adds no dependency (it would pull the other stream into the
    capture): there the caller orders the streams itself, and a graph that
    holds a context's calls must not run concurrently with other calls on
-   that context. CPU backend: NULL is accepted (no-op); anything else returns
-   CULOSS_ERROR_NOT_SUPPORTED. */
+   that context. Destroy the old stream only after switching away from it
+   (the switch records an event on it). CPU backend: NULL is accepted
+   (no-op); anything else returns CULOSS_ERROR_NOT_SUPPORTED. */
 CULOSS_API culoss_status culoss_set_stream(culoss_context *ctx, void *cuda_stream);
 
 /* Waits for all work enqueued on the context's stream, then reports deferred

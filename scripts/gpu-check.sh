@@ -105,7 +105,7 @@ run() {
   cat "$out/bench.txt"
   # the cluster path for rows too long for one block (issue 16, item 4)
   # against one block per row: the CE cases again with CULOSS_CE_CLUSTER=0
-  CULOSS_CE_CLUSTER=0 "$bun/bin/culoss-bench" --only ce ${BENCH_ARGS:-} >"$out/bench-nocluster.txt" 2>&1
+  CULOSS_CE_CLUSTER=0 "$bun/bin/culoss-bench" ${BENCH_ARGS:-} --only ce >"$out/bench-nocluster.txt" 2>&1
   step $? "culoss-bench --only ce with CULOSS_CE_CLUSTER=0 (one block per row):"
   cat "$out/bench-nocluster.txt"
   fi

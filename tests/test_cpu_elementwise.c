@@ -302,11 +302,11 @@ Test(cpu_ew, gradients_match_finite_differences) {
       if (red == CULOSS_REDUCTION_BATCHMEAN && op != T_KL && op != T_KL_LOG) continue;
       ew_fill(&r, (t_op)op, x, y, M, 0.05);
       t_opts t = {(culoss_reduction)red, op <= T_BCE ? w : NULL, op == T_BCE_LOGITS ? pw : NULL,
-                  op == T_HUBER         ? 1.7f
-                  : op == T_SMOOTH_L1   ? 0.6f
-                  : op == T_FOCAL       ? 1.5f /* a fractional gamma */
+                  op == T_HUBER       ? 1.7f
+                  : op == T_SMOOTH_L1 ? 0.6f
+                  : op == T_FOCAL     ? 1.5f /* a fractional gamma */
                   : op == T_HINGE_EMB ? 0.8f
-                                        : 0.0f};
+                                      : 0.0f};
       cr_assert_eq(ew_call(ctx, (t_op)op, &t, N, C, CULOSS_F32, x, y, loss, g, gl), CULOSS_OK,
                    "%s: %s", t_op_name[op], culoss_last_error());
       for (int k = 0; k < M; k++) {

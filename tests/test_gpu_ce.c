@@ -530,7 +530,8 @@ Test(gpu_ce, every_shape_and_cache_budget) {
    cluster kernel on a device with thread-block clusters (the emulator has
    them): cluster sizes 2 (bf16, 250 KB rows), 5 (fp32, 1 MB rows) and 8
    with a capped cache (the rest of each slice re-read), rows with a partial
-   pack (odd c, the last rank's tail; an odd pitch, the scalar path), every
+   pack (c = 131077 on a pitch of 131080: 16-byte packs, then the last
+   rank's partial pack; an odd pitch, the scalar path), every
    target kind and option, in place, every reduction, more rows than
    clusters (a grid limit of 4 blocks: each cluster walks several rows, its
    two result slots alternating); and CULOSS_CE_CLUSTER=0 (one block per
@@ -541,16 +542,18 @@ Test(gpu_ce, rows_split_over_a_cluster) {
     int64_t c;
     culoss_dtype dt;
     const char *cache;
-  } cs[] = {{128256, CULOSS_BF16, ""},   {262147, CULOSS_F32, ""}, {70001, CULOSS_F16, ""},
-            {100000, CULOSS_F32, "65536"}, {131075, CULOSS_BF16, "40000"}};
+  } cs[] = {{128256, CULOSS_BF16, ""},      {262147, CULOSS_F32, ""},
+            {70001, CULOSS_F16, ""},        {100000, CULOSS_F32, "65536"},
+            {131075, CULOSS_BF16, "40000"}, {131077, CULOSS_BF16, ""}};
   uint64_t seed = 5100;
   for (int cl = 1; cl >= 0; cl--)
     for (size_t ci = 0; ci < sizeof cs / sizeof cs[0]; ci++) {
       setenv("CULOSS_CE_CLUSTER", cl ? "1" : "0", 1);
       setenv("CULOSS_CE_CACHE_BYTES", cs[ci].cache, 1);
       gpu_reopen(&gpu);
-      /* a grid of 4 blocks: one or two clusters, each walking several rows */
-      if (ci != 3) cr_assert_eq(culoss_set_grid_limit(gpu, 4), CULOSS_OK);
+      /* a grid of 8 blocks: one to four clusters, each walking several rows
+         (a limit below the cluster size would take one block per row) */
+      if (ci != 3) cr_assert_eq(culoss_set_grid_limit(gpu, 8), CULOSS_OK);
       for (int mode = 0; mode < 2; mode++) {
         gcase k = base_case(test_quick() ? 3 : 5, cs[ci].c, cs[ci].dt, seed++);
         k.mode = mode;
@@ -562,6 +565,7 @@ Test(gpu_ce, rows_split_over_a_cluster) {
         k.red = (culoss_reduction)((ci + mode) % 3);
         k.grad_loss = k.red == CULOSS_REDUCTION_NONE;
         if (ci == 4) k.ld = k.c + 1; /* no 16-byte packs */
+        if (ci == 5) k.ld = 131080;  /* packs, and a partial one at the last rank's end */
         run_case(&k);
       }
       if (!cl) break; /* one case without clusters is enough to compare paths */
@@ -907,7 +911,8 @@ Test(gpu_ce, cross_entropy_ex_row_outputs_every_shape) {
    there (torch's fp32 error: 6e-2 relative at d = 16); kept apart, the loss
    and gradient stay within a few fp32 ulps of float64. The CPU reference
    itself is checked against the closed form of the two-class rows first.
-   Every shape (c from 2 to 20000), dtype and option. Tolerances: 1.5e-6
+   Every shape (c from 2 to 20000, and 100000 split over a cluster), dtype
+   and option. Tolerances: 1.5e-6
    relative (fp32 loss and gradient); 16-bit gradients one ulp of their
    dtype; with the soft-cap, whose fp32 tanh carries an ulp of the capped
    logit (2e-6 at 30) into exp, 1e-5; with label smoothing, an fp32 ulp of
@@ -921,12 +926,14 @@ static double elem_f32(const void *p, culoss_dtype dt, int64_t i) {
 
 Test(gpu_ce, confident_rows_keep_fp32_accuracy) {
   REQUIRE_GPU();
-  static const int64_t cs[] = {2, 100, 1000, 5000, 20000};
+  /* 100000: a row split over a cluster (fp32 and bf16, three options) */
+  static const int64_t cs[] = {2, 100, 1000, 5000, 20000, 100000};
   enum { N = 25, OPTS = 6 };
   uint64_t seed = 4200;
-  for (int si = 0; si < 5; si++)
+  for (int si = 0; si < 6; si++)
     for (int d = 0; d < 3; d++)
       for (int opt = 0; opt < OPTS; opt++) {
+        if (si == 5 && (d == CULOSS_F16 || opt > 2)) continue;
         const int64_t n = N, c = cs[si], ld = c + (opt % 2 ? 8 : 0); /* padded pitch too */
         const culoss_dtype dt = (culoss_dtype)d;
         const int soft = opt == 5;
@@ -974,7 +981,8 @@ Test(gpu_ce, confident_rows_keep_fp32_accuracy) {
         int64_t *d_t = dev_from(t, sizeof t);
         float *d_w = dev_from(w, (size_t)c * 4), *d_l = dev_alloc(sizeof l);
         void *d_g = dev_from(xh, xbytes);
-        for (int64_t i = 0; i < n; i++) dev_poison((char *)d_g + (size_t)(i * ld) * es, (size_t)c * es);
+        for (int64_t i = 0; i < n; i++)
+          dev_poison((char *)d_g + (size_t)(i * ld) * es, (size_t)c * es);
         dev_poison(d_l, sizeof l);
         if (opt == 4) o.class_weight = d_w;
         st = soft ? culoss_cross_entropy_soft(gpu, &o, n, c, dt, d_x, ld, d_y, d_l, d_g, NULL)
@@ -996,7 +1004,7 @@ Test(gpu_ce, confident_rows_keep_fp32_accuracy) {
                ulp or two of the terms it subtracts, on top */
             double bj = j < c && opt == 1 ? o.label_smoothing / (double)c : 0.0;
             if (j == t[i] && opt == 2) bj = 2.0 * o.z_loss * (7 + i); /* 2 z lse, lse < d + 1 */
-            const double sub = dt == CULOSS_F16 ? 6e-8 : 1e-30; /* fp16 subnormal ulp */
+            const double sub = dt == CULOSS_F16 ? 6e-8 : 1e-30;       /* fp16 subnormal ulp */
             cr_assert(fabs(a - b) <= gt * fabs(b) + 5e-7 * bj + sub,
                       "c %lld dt %d opt %d row %lld (d %lld) col %lld%s: grad %.9g vs %.9g",
                       (long long)c, d, opt, (long long)i, (long long)(6 + i), (long long)j,

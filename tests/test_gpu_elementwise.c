@@ -79,9 +79,9 @@ static void ew_case(t_op op, int64_t n, int64_t c, culoss_dtype dt, culoss_reduc
       terms += ti, tmax = fmax(tmax, ti);
     }
     const double g0 = grad_loss ? fabs((double)gl[0]) : 1.0;
-    latol += red == CULOSS_REDUCTION_NONE ? 2.4e-7 * tmax
-                                          : 2.4e-7 * g0 * terms /
-                                                (red == CULOSS_REDUCTION_MEAN ? (double)m : 1.0);
+    latol += red == CULOSS_REDUCTION_NONE
+                 ? 2.4e-7 * tmax
+                 : 2.4e-7 * g0 * terms / (red == CULOSS_REDUCTION_MEAN ? (double)m : 1.0);
   }
   double wr = worst_ratio(l, ref_l, nl, latol, 2e-5, &where);
   cr_assert(wr <= 1.0, "%s: loss[%lld] gpu %.9g cpu %.9g", what, (long long)where, (double)l[where],

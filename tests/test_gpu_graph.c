@@ -400,8 +400,8 @@ Test(gpu_graph, set_stream_alternation_is_ordered) {
     cr_assert_eq(cudaStreamCreateWithFlags(&s[i], cudaStreamNonBlocking), cudaSuccess);
   for (int k = 0; k < K; k++) {
     cr_assert_eq(culoss_set_stream(gpu, s[k % 2]), CULOSS_OK, "%s", culoss_last_error());
-    cr_assert_eq(culoss_cross_entropy(gpu, &o, AN, AC, CULOSS_F32, d_x, AC, CULOSS_I64, d_t + k * AN,
-                                      d_l + k, d_g, NULL),
+    cr_assert_eq(culoss_cross_entropy(gpu, &o, AN, AC, CULOSS_F32, d_x, AC, CULOSS_I64,
+                                      d_t + k * AN, d_l + k, d_g, NULL),
                  CULOSS_OK, "%s", culoss_last_error());
   }
   cr_assert_eq(culoss_synchronize(gpu), CULOSS_OK, "%s", culoss_last_error());
@@ -413,9 +413,9 @@ Test(gpu_graph, set_stream_alternation_is_ordered) {
   cr_assert_eq(culoss_set_stream(gpu, s[0]), CULOSS_OK);
   cudaGraph_t graph = NULL;
   cr_assert_eq(cudaStreamBeginCapture(s[0], cudaStreamCaptureModeGlobal), cudaSuccess);
-  cr_assert_eq(culoss_cross_entropy(gpu, &o, AN, AC, CULOSS_F32, d_x, AC, CULOSS_I64, d_t, d_l,
-                                    NULL, NULL),
-               CULOSS_OK);
+  cr_assert_eq(
+      culoss_cross_entropy(gpu, &o, AN, AC, CULOSS_F32, d_x, AC, CULOSS_I64, d_t, d_l, NULL, NULL),
+      CULOSS_OK);
   const culoss_status sw1 = culoss_set_stream(gpu, s[1]);
   enum cudaStreamCaptureStatus cs = cudaStreamCaptureStatusActive;
   const cudaError_t q = cudaStreamIsCapturing(s[1], &cs);

@@ -161,9 +161,11 @@ Test(math, ce_grad_closed_form) {
   }
   /* a -inf logit has p = 0 exactly, whatever lse is */
   cr_assert_eq(culoss__ce_grad(-INFINITY, 3.0f, 0.6f, culoss__ce_coef1(1.0f),
-                               culoss__ce_coef1(0.0f), 1.0f, 1.0f), 0.0f);
+                               culoss__ce_coef1(0.0f), 1.0f, 1.0f),
+               0.0f);
   cr_assert_eq(culoss__ce_grad(-INFINITY, -INFINITY, 0.0f, culoss__ce_coef1(1.0f),
-                               culoss__ce_coef1(0.25f), 2.0f, 1.0f), -0.5f);
+                               culoss__ce_coef1(0.25f), 2.0f, 1.0f),
+               -0.5f);
   /* large logits: with lse split as m + log_s, p keeps fp32 accuracy at 1e4 */
   const float big[3] = {20000.0f, 19999.0f, 19990.0f};
   const double bls = log(1.0 + exp(-1.0) + exp(-10.0));
@@ -206,8 +208,8 @@ Test(math, confident_rows_keep_their_digits) {
           cr_assert(fabs(go - want_go) <= 4e-7 * want_go, "d %d k %d pos %d q %d: %.9g vs %.9g", d,
                     k, pos, q, (double)go, want_go);
           cr_assert_eq(sts[q].m, 5.0f + (float)d);
-          cr_assert(fabs(ls - want_ls) <= 4e-7 * want_ls, "d %d k %d pos %d q %d: %.9g vs %.9g",
-                    d, k, pos, q, (double)ls, want_ls);
+          cr_assert(fabs(ls - want_ls) <= 4e-7 * want_ls, "d %d k %d pos %d q %d: %.9g vs %.9g", d,
+                    k, pos, q, (double)ls, want_ls);
           cr_assert(fabs(g - want_g) <= 4e-7 * fabs(want_g), "d %d k %d pos %d q %d: %.9g vs %.9g",
                     d, k, pos, q, (double)g, want_g);
         }
@@ -326,9 +328,9 @@ Test(math, entropy_online_matches_double) {
     for (int step = 1; step < 4; step *= 2)
       for (int l = 0; l + step < 4; l += 2 * step) {
         const culoss__lse_state mm = culoss__lse_merge(st[l], st[l + step]);
-        u[l] = culoss__ent_rebase(u[l], culoss__lse_total(st[l]), st[l].m, mm.m) +
-               culoss__ent_rebase(u[l + step], culoss__lse_total(st[l + step]), st[l + step].m,
-                                  mm.m);
+        u[l] =
+            culoss__ent_rebase(u[l], culoss__lse_total(st[l]), st[l].m, mm.m) +
+            culoss__ent_rebase(u[l + step], culoss__lse_total(st[l + step]), st[l + step].m, mm.m);
         st[l] = mm;
       }
     double m = -INFINITY, s = 0.0, px = 0.0;

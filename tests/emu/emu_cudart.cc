@@ -408,9 +408,12 @@ cudaError_t cudaEventRecord(cudaEvent_t e, cudaStream_t s) {
    capture (cudaStreamIsCapturing says so, its work is recorded into it). */
 cudaError_t cudaStreamWaitEvent(cudaStream_t s, cudaEvent_t e, unsigned int flags) {
   LOCK;
-  if (!e || flags != 0) return set_error(!e ? cudaErrorInvalidResourceHandle : cudaErrorInvalidValue);
+  if (!e || flags != 0)
+    return set_error(!e ? cudaErrorInvalidResourceHandle : cudaErrorInvalidValue);
   CUstream_st *st = stream_of(s);
   if (!st) return set_error(cudaErrorInvalidResourceHandle);
+  if (e->capture && (!g_streams.count(e->capture) || !e->capture->capturing))
+    e->capture = nullptr; /* that capture has ended: the event holds no capture work now */
   if (e->capture && !st->capturing) {
     if (st == &g_default_stream) return set_error(cudaErrorStreamCaptureImplicit);
     st->capturing = true;
@@ -424,7 +427,8 @@ cudaError_t cudaStreamWaitEvent(cudaStream_t s, cudaEvent_t e, unsigned int flag
 cudaError_t cudaStreamIsCapturing(cudaStream_t s, enum cudaStreamCaptureStatus *status) {
   LOCK;
   CUstream_st *st = stream_of(s);
-  if (!st || !status) return set_error(!st ? cudaErrorInvalidResourceHandle : cudaErrorInvalidValue);
+  if (!st || !status)
+    return set_error(!st ? cudaErrorInvalidResourceHandle : cudaErrorInvalidValue);
   if (st == &g_default_stream && g_global_captures > 0)
     return set_error(cudaErrorStreamCaptureImplicit);
   *status = st->capturing ? (st->invalidated ? cudaStreamCaptureStatusInvalidated

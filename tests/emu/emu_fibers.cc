@@ -348,8 +348,8 @@ bool run_cluster(cluster_run &c) {
         for (fiber &f : c.blocks[(size_t)b].fibers) count[f.state]++;
         report("  rank %d: %d threads %s, %d %s, %d %s, %d %s", b, count[AT_CLUSTER_BARRIER],
                state_name(AT_CLUSTER_BARRIER), count[AT_BLOCK_BARRIER],
-               state_name(AT_BLOCK_BARRIER), count[AT_WARP_OP], state_name(AT_WARP_OP),
-               count[DONE], state_name(DONE));
+               state_name(AT_BLOCK_BARRIER), count[AT_WARP_OP], state_name(AT_WARP_OP), count[DONE],
+               state_name(DONE));
       }
       return false;
     }

@@ -245,8 +245,8 @@ static void smem_overrun(size_t bytes, int64_t at) {
   cr_assert_eq(culoss_dev::launch(dynamic_smem_write, dim3(4), dim3(B), bytes, nullptr, o,
                                   (int64_t)bytes, at),
                cudaSuccess);
-  cr_assert_eq(cudaDeviceSynchronize(), cudaErrorIllegalAddress, "%zu bytes, float at %lld",
-               bytes, (long long)at);
+  cr_assert_eq(cudaDeviceSynchronize(), cudaErrorIllegalAddress, "%zu bytes, float at %lld", bytes,
+               (long long)at);
   cr_assert_eq(cudaGetLastError(), cudaErrorIllegalAddress);
 }
 Test(emu, dynamic_smem_one_pack_short) {
