@@ -248,6 +248,7 @@ static void smem_overrun(size_t bytes, int64_t at) {
   cr_assert_eq(cudaDeviceSynchronize(), cudaErrorIllegalAddress, "%zu bytes, float at %lld", bytes,
                (long long)at);
   cr_assert_eq(cudaGetLastError(), cudaErrorIllegalAddress);
+  cudaFree(o);
 }
 Test(emu, dynamic_smem_one_pack_short) {
   SKIP_UNDER_ASAN();
@@ -274,6 +275,7 @@ static cudaError_t cluster_ring_once(const char *sched, int with_sync, float *ho
   const cudaError_t e = cudaDeviceSynchronize();
   if (e == cudaSuccess)
     cr_assert_eq(cudaMemcpy(host, o, 8 * B * sizeof(float), cudaMemcpyDeviceToHost), cudaSuccess);
+  cudaFree(o);
   return e;
 }
 Test(emu, cluster_blocks_share_dynamic_smem_after_sync) {
@@ -300,12 +302,14 @@ Test(emu, cluster_rank_out_of_range_is_a_launch_failure) {
                                           nullptr, 4u, o, 1, 1), /* rank 3 reads rank 4 */
                cudaSuccess);
   cr_assert_eq(cudaDeviceSynchronize(), cudaErrorLaunchFailure);
+  cudaFree(o);
 }
 Test(emu, cluster_divergent_sync_is_a_launch_failure) {
   float *o = dmalloc(8);
   cr_assert_eq(culoss_dev::launch_cluster(cluster_divergent, dim3(4), dim3(B), 0, nullptr, 2u, o),
                cudaSuccess);
   cr_assert_eq(cudaDeviceSynchronize(), cudaErrorLaunchFailure);
+  cudaFree(o);
 }
 Test(emu, cluster_size_is_validated) {
   float *o = dmalloc(8);
