@@ -89,9 +89,12 @@ double culoss__cpu_ce_row(const culoss_cross_entropy_options *o, int64_t c, cons
       for (j = 0; j < c; j++) sw += class_w(o, j) * CULOSS__LSE_MINUS_X(j);
       row_loss += eps / (double)c * sw;
     }
-    coef_a = (1.0 - eps) * wt + eps / (double)c * wsum + 2.0 * z * lse;
+    /* the smoothing terms only with smoothing: eps = 0 with an infinite
+       class weight would make them 0 * inf (the kernels guard them too) */
+    coef_a = (1.0 - eps) * wt + (eps > 0.0 ? eps / (double)c * wsum : 0.0) + 2.0 * z * lse;
     for (j = 0; j < c; j++) {
-      const double b = (j == t ? (1.0 - eps) * wt : 0.0) + eps / (double)c * class_w(o, j);
+      const double b =
+          (j == t ? (1.0 - eps) * wt : 0.0) + (eps > 0.0 ? eps / (double)c * class_w(o, j) : 0.0);
       g[j] = scale * CULOSS__PA_B(j, coef_a, b);
     }
   } else { /* probability targets y */

@@ -459,3 +459,25 @@ Test(cpu_ce, row_offsets_past_2_pow_31) {
   cr_assert(memcmp(x + ld, g + c, c * 2) == 0, "in-place gradient of the far row differs");
   munmap(x, bytes);
 }
+
+/* Found by the CUDA-path fuzzer: without label smoothing an infinite class
+   weight elsewhere must not reach the gradient (the smoothing terms were
+   0 * inf = NaN in every column); PyTorch's w_t (softmax - onehot). */
+Test(cpu_ce, infinite_weight_of_another_class_without_smoothing) {
+  culoss_context *c;
+  cr_assert_eq(culoss_create(&c, CULOSS_BACKEND_CPU, 0), CULOSS_OK);
+  const float x[3] = {1, 2, 3}, w[3] = {1, 1, INFINITY};
+  const int64_t t[1] = {0};
+  float loss, g[3];
+  culoss_cross_entropy_options o;
+  culoss_cross_entropy_options_init(&o);
+  o.class_weight = w, o.reduction = CULOSS_REDUCTION_SUM;
+  cr_assert_eq(culoss_cross_entropy(c, &o, 1, 3, CULOSS_F32, x, 3, CULOSS_I64, t, &loss, g, NULL),
+               CULOSS_OK);
+  const double s = exp(1.0) + exp(2.0) + exp(3.0);
+  cr_assert(fabs(loss - (log(s) - 1.0)) < 1e-6, "loss %g", (double)loss);
+  for (int j = 0; j < 3; j++)
+    cr_assert(fabs(g[j] - (exp((double)x[j]) / s - (j == 0))) < 1e-6, "grad[%d] = %g", j,
+              (double)g[j]);
+  culoss_destroy(c);
+}
