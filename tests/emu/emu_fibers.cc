@@ -272,14 +272,40 @@ void init_fiber(fiber &f, int i) {
 }
 
 /* Runs one block to completion; false on a kernel error (reported). */
-bool run_block(block_run &r) {
+/* A block's fibers and warps fresh for block b (linear index) of the
+   grid: rank `rank` of a cluster of K whose dynamic shared memory is
+   smem_by_rank (a plain launch: rank 0 of 1), its stacks from stack_base. */
+void start_block(block_run &r, uint64_t b, dim3 grid, dim3 block,
+                 unsigned char *const *smem_by_rank, size_t smem, unsigned rank, unsigned K,
+                 int stack_base) {
+  const uint3 bid = {(unsigned)(b % grid.x), (unsigned)((b / grid.x) % grid.y),
+                     (unsigned)(b / ((uint64_t)grid.x * grid.y))};
+  memset(smem_by_rank[rank], POISON, smem);
   r.at_barrier = r.done = 0;
   r.failed = false;
   for (warp &w : r.warps) {
     w.arrived = w.mask = w.gen = 0;
     w.kind = 0;
   }
-  for (int i = 0; i < r.nthreads; i++) init_fiber(r.fibers[(size_t)i], i);
+  for (int t = 0; t < r.nthreads; t++) {
+    fiber &f = r.fibers[(size_t)t];
+    init_fiber(f, stack_base + t);
+    f.tid = t;
+    f.view.thread_idx = {(unsigned)t % block.x, ((unsigned)t / block.x) % block.y,
+                         (unsigned)t / (block.x * block.y)};
+    f.view.block_idx = bid;
+    f.view.block_dim = block;
+    f.view.grid_dim = grid;
+    f.view.smem = smem_by_rank[rank];
+    f.view.smem_size = smem;
+    f.view.cluster_rank = rank;
+    f.view.cluster_size = K;
+    f.view.cluster_smem = smem_by_rank;
+  }
+}
+
+/* Runs a started block to completion; false on a kernel error (reported). */
+bool run_block(block_run &r) {
   std::vector<int> idx;
   while (r.done < r.nthreads) {
     bool progressed = false;
@@ -397,30 +423,15 @@ void run_kernel(const char *sig, dim3 grid, dim3 block, size_t smem,
   g_sched_ctx = &r.sched;
   bool ok = true, redzone = false;
   for (uint64_t b : blocks) {
-    const uint3 bid = {(unsigned)(b % grid.x), (unsigned)((b / grid.x) % grid.y),
-                       (unsigned)(b / ((uint64_t)grid.x * grid.y))};
-    memset(dyn16, POISON, smem);
-    for (int t = 0; t < r.nthreads; t++) {
-      fiber &f = r.fibers[(size_t)t];
-      f.tid = t;
-      f.view.thread_idx = {(unsigned)t % block.x, ((unsigned)t / block.x) % block.y,
-                           (unsigned)t / (block.x * block.y)};
-      f.view.block_idx = bid;
-      f.view.block_dim = block;
-      f.view.grid_dim = grid;
-      f.view.smem = dyn16;
-      f.view.smem_size = smem;
-      f.view.cluster_rank = 0;
-      f.view.cluster_size = 1;
-      f.view.cluster_smem = &dyn16;
-    }
+    start_block(r, b, grid, block, &dyn16, smem, 0, 1, 0);
     if (!run_block(r)) {
       ok = false;
       break;
     }
     if (!smem_redzone_ok()) {
       report("%s, block (%u,%u,%u): write past the end of its %zu bytes of dynamic shared memory",
-             sig, bid.x, bid.y, bid.z, smem);
+             sig, r.fibers[0].view.block_idx.x, r.fibers[0].view.block_idx.y,
+             r.fibers[0].view.block_idx.z, smem);
       redzone = true;
       break;
     }
@@ -482,34 +493,9 @@ void run_clusters(const char *sig, dim3 grid, dim3 block, size_t smem, unsigned 
   for (uint64_t cid : clusters) {
     c.at_barrier = 0;
     std::fill(c.exited.begin(), c.exited.end(), 0);
-    for (unsigned k = 0; k < K; k++) {
-      const uint64_t b = cid * K + k; /* K divides grid.x: one y, z per cluster */
-      const uint3 bid = {(unsigned)(b % grid.x), (unsigned)((b / grid.x) % grid.y),
-                         (unsigned)(b / ((uint64_t)grid.x * grid.y))};
-      block_run &r = c.blocks[k];
-      memset(c.smem[k], POISON, smem);
-      r.at_barrier = r.done = 0;
-      r.failed = false;
-      for (warp &w : r.warps) {
-        w.arrived = w.mask = w.gen = 0;
-        w.kind = 0;
-      }
-      for (int t = 0; t < nthreads; t++) {
-        fiber &f = r.fibers[(size_t)t];
-        init_fiber(f, (int)k * nthreads + t);
-        f.tid = t;
-        f.view.thread_idx = {(unsigned)t % block.x, ((unsigned)t / block.x) % block.y,
-                             (unsigned)t / (block.x * block.y)};
-        f.view.block_idx = bid;
-        f.view.block_dim = block;
-        f.view.grid_dim = grid;
-        f.view.smem = c.smem[k];
-        f.view.smem_size = smem;
-        f.view.cluster_rank = k;
-        f.view.cluster_size = K;
-        f.view.cluster_smem = c.smem.data();
-      }
-    }
+    for (unsigned k = 0; k < K; k++) /* K divides grid.x: one y, z per cluster */
+      start_block(c.blocks[k], cid * K + k, grid, block, c.smem.data(), smem, k, K,
+                  (int)k * nthreads);
     g_sched_ctx = &c.blocks[0].sched;
     if (!run_cluster(c)) {
       ok = false;
