@@ -467,18 +467,21 @@ static row_info ce_row(const fcase *k, const void *xs, const float *yrow_f, int6
   /* soft-capped logits carry fp32's error of cap * tanhf(x / cap), about
      2 ulp of |y|: an absolute error in m - y_j of the loss's terms */
   const double cap_ulp = cap > 0.0 ? 4.8e-7 : 0.0;
-#define TERM(j, coef)                                                                              \
+  /* sub_w: what multiplies the term's subnormal factor besides (lse - x_j)
+     (the class weight w_j behind eps / c) */
+#define TERM_W(j, coef, sub_w)                                                                     \
   ((coef) == 0.0 ? 0.0                                                                             \
                  : (ri.cap_abs += fabs(coef) * cap_ulp * (fabs(m) + fabs(xv[j])),                  \
-                    ri.sub_amp += fabs(m - xv[j]) + fabs(log_s) + 1.0,                             \
+                    ri.sub_amp += (sub_w) * (fabs(m - xv[j]) + fabs(log_s) + 1.0),                 \
                     fabs(coef) * (fabs(m - xv[j]) + fabs(log_s) + 1.0)))
+#define TERM(j, coef) TERM_W(j, coef, 1.0)
   if (!soft) {
     const double wt = w ? w[t] : 1.0;
     mag += TERM(t, (1.0 - eps) * wt);
     if (eps > 0.0) {
       double unscaled = 0.0; /* the kernel's sum of w_j (m - x_j), before eps / c */
       for (int64_t j = 0; j < c; j++) {
-        mag += TERM(j, eps / (double)c * (w ? w[j] : 1.0));
+        mag += TERM_W(j, eps / (double)c * (w ? w[j] : 1.0), w ? fabs(w[j]) : 1.0);
         const double keep = ri.cap_abs, keep_sub = ri.sub_amp;
         unscaled += TERM(j, w ? w[j] : 1.0);
         ri.cap_abs = keep, ri.sub_amp = keep_sub;
@@ -496,8 +499,11 @@ static row_info ce_row(const fcase *k, const void *xs, const float *yrow_f, int6
     }
   }
 #undef TERM
+#undef TERM_W
   if (z != 0.0) {
     mag += fabs(z) * (lse * lse + fabs(lse) + 1.0);
+    /* the kernel's (z lse) lse: a subnormal z lse's rounding, times lse */
+    if (isfinite(lse)) ri.sub_amp += fabs(lse) + 1.0;
     ri.cap_abs += 2.0 * fabs(z) * fabs(lse) * cap_ulp * fabs(m);
     a += 2.0 * fabs(z) * fabs(lse);
   }
