@@ -112,7 +112,9 @@ typedef enum {
   CULOSS__EW_HINGE_EMBEDDING = 8,
   CULOSS__EW_SOFT_MARGIN = 9,
   CULOSS__EW_POISSON_NLL = 10,
-  CULOSS__EW_SIGMOID_FOCAL = 11
+  CULOSS__EW_SIGMOID_FOCAL = 11,
+  CULOSS__EW_MARGIN_RANKING = 12, /* x2: input2 */
+  CULOSS__EW_GAUSSIAN_NLL = 13    /* x2: var */
 } culoss__ew_op;
 
 typedef struct {
@@ -126,12 +128,14 @@ typedef struct {
   const void *y;           /* target, same dtype */
   const float *weight;     /* [m] or NULL (BCE) */
   const float *pos_weight; /* [c] or NULL (BCE with logits) */
-  float a;  /* margin (hinge, hinge embedding), delta (huber), beta (smooth_l1), eps (poisson),
-              alpha (focal) */
+  const void *x2;          /* the second differentiable input (ops 12, 13), same dtype */
+  float a;  /* margin (hinge, hinge embedding, margin ranking), delta (huber), beta (smooth_l1),
+              eps (poisson, gaussian), alpha (focal) */
   float b;  /* gamma (focal) */
-  int flag; /* squared (hinge), log_target (kl), log_input | 2 full (poisson) */
+  int flag; /* squared (hinge), log_target (kl), log_input | 2 full (poisson), full (gaussian) */
   float *loss;
   void *grad;
+  void *grad2; /* x2's gradient or NULL */
   const float *grad_loss;
 } culoss__ew_args;
 
@@ -147,6 +151,23 @@ typedef struct {
   void *grad;
   const float *grad_loss;
 } culoss__mm_args;
+
+/* Embedding losses (host/embedding.c): rows of pairs and triplets. */
+typedef enum { CULOSS__EMB_COSINE = 0, CULOSS__EMB_TRIPLET = 1 } culoss__emb_op;
+
+typedef struct {
+  culoss__emb_op op;
+  culoss_reduction reduction;
+  int64_t n, d, ld;
+  culoss_dtype dtype;
+  const void *x[3];    /* cosine: input1, input2; triplet: anchor, positive, negative */
+  const float *target; /* cosine: [n] */
+  float margin, p, eps;
+  int swap;
+  float *loss;
+  void *grad[3];
+  const float *grad_loss;
+} culoss__emb_args;
 
 /* Fused linear + cross-entropy (host/linear_ce.c). */
 typedef struct {
@@ -221,6 +242,7 @@ culoss__lvp_layout culoss__lvp_plan(int64_t n, int64_t d, int64_t v_local, culos
 culoss_status culoss__cuda_cross_entropy(culoss_context *ctx, const void *ce_args);
 culoss_status culoss__cuda_elementwise(culoss_context *ctx, const void *ew_args);
 culoss_status culoss__cuda_multi_margin(culoss_context *ctx, const void *mm_args);
+culoss_status culoss__cuda_embedding(culoss_context *ctx, const void *emb_args);
 culoss_status culoss__cuda_linear_cross_entropy(culoss_context *ctx, const void *lce_args);
 culoss_status culoss__cuda_vocab_parallel(culoss_context *ctx, const void *vp_args);
 culoss_status culoss__cuda_linear_vocab_parallel(culoss_context *ctx, const void *lce_args);

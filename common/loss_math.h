@@ -512,6 +512,26 @@ CULOSS_HD float culoss__sigmoid_focal(float x, float y, float alpha, float gamma
   return at * ce * mod;
 }
 
+/* Margin ranking max(0, margin - y (x1 - x2)); *d = dl/dx1 (dl/dx2 is
+   -*d); subgradient 0 at the kink and at a NaN z (clamp_min). */
+CULOSS_HD float culoss__margin_ranking(float x1, float x2, float y, float margin, float *d) {
+  const float z = margin - y * (x1 - x2);
+  *d = z > 0.0f ? -y : 0.0f;
+  return z > 0.0f || z != z ? z : 0.0f;
+}
+
+/* Gaussian NLL (log v + r^2 / v) / 2 (+ log(2 pi) / 2), v = max(var, eps)
+   with a NaN var kept; *d = dl/dx = r / v, *dv = dl/dvar = (1 - r^2/v)/(2v).
+   r^2 / v is formed as r (r / v), which overflows only where the value does
+   (v >= eps > 0). */
+CULOSS_HD float culoss__gaussian_nll(float x, float y, float var, float eps, int full, float *d,
+                                     float *dv) {
+  const float v = var < eps ? eps : var, r = x - y, q = r / v, rq = r * q;
+  *d = q;
+  *dv = 0.5f * (1.0f - rq) / v;
+  return 0.5f * (logf(v) + rq) + (full ? 0.918938533204672742f : 0.0f);
+}
+
 CULOSS_HD float culoss__kl_div(float x, float t, int log_target, float *d) {
   if (log_target) {
     const float e = expf(t);

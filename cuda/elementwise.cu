@@ -1,7 +1,8 @@
 /*
  * elementwise.cu: BCE (logits and probabilities), binary hinge, MSE, L1,
- * Huber, smooth-L1 and KL divergence: loss and gradient in one streaming
- * pass.
+ * Huber, smooth-L1, KL divergence, hinge embedding, soft margin, Poisson and
+ * Gaussian NLL, sigmoid focal and margin ranking: loss and gradient(s) in
+ * one streaming pass.
  *
  * Each thread walks 16-byte packs of input and target (grid-stride), evaluates
  * the loss and its derivative per element with the fp32 helpers of
@@ -9,7 +10,8 @@
  * loss; for SUM/MEAN/BATCHMEAN it accumulates its losses in double, in a
  * fixed order, and the block's sum goes to the shared deterministic
  * reduction (reduce.cuh). Traffic: one read of input and target (and of the
- * weights when given), one write of the gradient.
+ * weights, or of the second input x2, when given), one write of each
+ * gradient.
  *
  * The gradient scale of a reduced loss (g / m or g / n) is known before the
  * pass, so nothing needs a second pass. Domain errors (a BCE probability
@@ -35,8 +37,9 @@ struct ew_params {
   const void *y;
   const float *weight;
   const float *pos_weight;
+  const void *x2; /* margin ranking's input2, gaussian's var */
   float *loss;
-  void *grad;
+  void *grad, *grad2;
   const float *grad_loss;
   int reduction;
   float a, b;
@@ -45,12 +48,18 @@ struct ew_params {
   culoss__scratch *scratch;
 };
 
-/* One element (index i, column j = i % c): loss, derivative, and whether
-   the element is outside the loss's domain. */
+/* The ops with a second differentiable input x2 (and gradient grad2). */
+template <int OP> constexpr bool has_x2() {
+  return OP == CULOSS__EW_MARGIN_RANKING || OP == CULOSS__EW_GAUSSIAN_NLL;
+}
+
+/* One element (index i, column j = i % c): loss, derivatives (d to x, d2 to
+   x2), and whether the element is outside the loss's domain. */
 template <int OP>
-__device__ __forceinline__ float eval(const ew_params &p, float x, float y, int64_t i, int64_t j,
-                                      float *d, bool *bad) {
+__device__ __forceinline__ float eval(const ew_params &p, float x, float y, float x2, int64_t i,
+                                      int64_t j, float *d, float *d2, bool *bad) {
   *bad = false;
+  *d2 = 0.0f;
   if constexpr (OP == CULOSS__EW_BCE_LOGITS) {
     const float w = p.weight ? p.weight[i] : 1.0f;
     const float pw = p.pos_weight ? p.pos_weight[j] : 1.0f;
@@ -77,6 +86,13 @@ __device__ __forceinline__ float eval(const ew_params &p, float x, float y, int6
     return culoss__poisson_nll(x, y, p.a, p.flag, d);
   } else if constexpr (OP == CULOSS__EW_SIGMOID_FOCAL) {
     return culoss__sigmoid_focal(x, y, p.a, p.b, d);
+  } else if constexpr (OP == CULOSS__EW_MARGIN_RANKING) {
+    const float l = culoss__margin_ranking(x, x2, y, p.a, d);
+    *d2 = -*d;
+    return l;
+  } else if constexpr (OP == CULOSS__EW_GAUSSIAN_NLL) {
+    *bad = x2 < 0.0f;
+    return culoss__gaussian_nll(x, y, x2, p.a, p.flag, d, d2);
   } else {
     return culoss__kl_div(x, y, p.flag, d);
   }
@@ -89,7 +105,9 @@ __global__ void __launch_bounds__(EW_THREADS) ew_kernel(ew_params p) {
   const float red_scale = reduced ? reduced_grad_scale(p.reduction, p.grad_loss, p.div) : 1.0f;
   const T *x = static_cast<const T *>(p.x);
   const T *y = static_cast<const T *>(p.y);
+  const T *x2 = static_cast<const T *>(p.x2);
   T *grad = static_cast<T *>(p.grad);
+  T *grad2 = has_x2<OP>() ? static_cast<T *>(p.grad2) : nullptr;
   const int64_t tid = (int64_t)blockIdx.x * EW_THREADS + threadIdx.x;
   const int64_t stride = (int64_t)gridDim.x * EW_THREADS;
   const int64_t npack = p.m / VEC;
@@ -98,37 +116,49 @@ __global__ void __launch_bounds__(EW_THREADS) ew_kernel(ew_params p) {
 
   /* pos_weight's column: one 64-bit modulo per pack, not per element */
   const bool cols = OP == CULOSS__EW_BCE_LOGITS && p.pos_weight != nullptr;
-  auto one = [&](float xv, float yv, int64_t i, int64_t j) -> float {
-    float d;
+  /* the gradient to x; *g2 the one to x2 */
+  auto one = [&](float xv, float yv, float x2v, int64_t i, int64_t j, float *g2) -> float {
+    float d, d2;
     bool bad;
-    float l = eval<OP>(p, xv, yv, i, j, &d, &bad);
+    float l = eval<OP>(p, xv, yv, x2v, i, j, &d, &d2, &bad);
     if (bad) {
       any_bad = true;
       l = culoss__nan();
-      d = 0.0f;
+      d = d2 = 0.0f;
     }
     if (reduced)
       acc += (double)l;
     else
       p.loss[i] = l;
-    return d * (reduced ? red_scale : (p.grad_loss ? p.grad_loss[i] : 1.0f));
+    const float s = reduced ? red_scale : (p.grad_loss ? p.grad_loss[i] : 1.0f);
+    *g2 = d2 * s;
+    return d * s;
   };
 
   for (int64_t v = tid; v < npack; v += stride) {
     const pack_t xp = load_pack<T, VEC>(x + v * VEC);
     const pack_t yp = load_pack<T, VEC>(y + v * VEC);
-    pack_t g;
+    pack_t x2p{};
+    if constexpr (has_x2<OP>()) x2p = load_pack<T, VEC>(x2 + v * VEC);
+    pack_t g, g2;
     int64_t j = cols ? (v * VEC) % p.c : 0;
 #pragma unroll
     for (int k = 0; k < VEC; k++) {
-      g.v[k] = from_f32<T>(one(to_f32(xp.v[k]), to_f32(yp.v[k]), v * VEC + k, j));
+      float h2;
+      g.v[k] = from_f32<T>(one(to_f32(xp.v[k]), to_f32(yp.v[k]),
+                               has_x2<OP>() ? to_f32(x2p.v[k]) : 0.0f, v * VEC + k, j, &h2));
+      g2.v[k] = from_f32<T>(h2);
       if (cols && ++j == p.c) j = 0;
     }
     if (grad) store_pack<T, VEC>(grad + v * VEC, g);
+    if (grad2) store_pack<T, VEC>(grad2 + v * VEC, g2);
   }
   for (int64_t i = npack * VEC + tid; i < p.m; i += stride) { /* the partial pack */
-    const float gi = one(to_f32(ld_elem(x + i)), to_f32(ld_elem(y + i)), i, cols ? i % p.c : 0);
+    float h2;
+    const float gi = one(to_f32(ld_elem(x + i)), to_f32(ld_elem(y + i)),
+                         has_x2<OP>() ? to_f32(ld_elem(x2 + i)) : 0.0f, i, cols ? i % p.c : 0, &h2);
     if (grad) st_elem(grad + i, from_f32<T>(gi));
+    if (grad2) st_elem(grad2 + i, from_f32<T>(h2));
   }
   if (any_bad) atomicOr(&p.scratch->error_flag, CULOSS__FLAG_DOMAIN);
   if (reduced) store_block_sum<EW_THREADS>(acc, &p.scratch->partial_loss[blockIdx.x]);
@@ -155,6 +185,8 @@ cudaError_t launch_op(int op, const ew_params &p, bool vec, unsigned grid, cudaS
   case CULOSS__EW_SOFT_MARGIN: return launch_vec<T, CULOSS__EW_SOFT_MARGIN>(p, vec, grid, s);
   case CULOSS__EW_POISSON_NLL: return launch_vec<T, CULOSS__EW_POISSON_NLL>(p, vec, grid, s);
   case CULOSS__EW_SIGMOID_FOCAL: return launch_vec<T, CULOSS__EW_SIGMOID_FOCAL>(p, vec, grid, s);
+  case CULOSS__EW_MARGIN_RANKING: return launch_vec<T, CULOSS__EW_MARGIN_RANKING>(p, vec, grid, s);
+  case CULOSS__EW_GAUSSIAN_NLL: return launch_vec<T, CULOSS__EW_GAUSSIAN_NLL>(p, vec, grid, s);
   default: return launch_vec<T, CULOSS__EW_KL>(p, vec, grid, s);
   }
 }
@@ -175,8 +207,10 @@ extern "C" culoss_status culoss__cuda_elementwise(culoss_context *ctx, const voi
   p.y = a->y;
   p.weight = a->weight;
   p.pos_weight = a->pos_weight;
+  p.x2 = a->x2;
   p.loss = a->loss;
   p.grad = a->grad;
+  p.grad2 = a->grad2;
   p.grad_loss = a->grad_loss;
   p.reduction = (int)a->reduction;
   p.a = a->a;
@@ -187,7 +221,8 @@ extern "C" culoss_status culoss__cuda_elementwise(culoss_context *ctx, const voi
 
   int64_t grid = 0;
   if (p.m > 0) {
-    const bool vec = aligned16(p.x) && aligned16(p.y) && aligned16(p.grad);
+    const bool vec = aligned16(p.x) && aligned16(p.y) && aligned16(p.grad) && aligned16(p.x2) &&
+                     aligned16(p.grad2);
     const int64_t packs = vec ? p.m / vec_elems : p.m;
     grid = capped_grid(ctx, (packs + EW_THREADS - 1) / EW_THREADS);
     const cudaError_t e = with_dtype(a->dtype, [&](auto t) {

@@ -45,6 +45,12 @@ static culoss_status check_domain_cpu(const char *fn, const culoss__ew_args *a) 
       if (!(y >= 0.0f && y <= 1.0f))
         return CULOSS__BAD("%s: targets[%lld] = %g is outside [0, 1]", fn, (long long)i, (double)y);
     }
+  } else if (a->op == CULOSS__EW_GAUSSIAN_NLL) {
+    for (i = 0; i < a->m; i++) {
+      float v = culoss__load_f32(a->x2, a->dtype, i);
+      if (v < 0.0f)
+        return CULOSS__BAD("%s: var[%lld] = %g is negative", fn, (long long)i, (double)v);
+    }
   } else if (a->op == CULOSS__EW_HINGE) {
     for (i = 0; i < a->m; i++) {
       float y = culoss__load_f32(a->y, a->dtype, i);
@@ -70,6 +76,8 @@ static culoss_status run_ew(culoss_context *ctx, const char *fn, culoss__ew_args
   if (a->m > 0) {
     if (a->x == NULL) return CULOSS__BAD("%s: %s is NULL", fn, xname);
     if (a->y == NULL) return CULOSS__BAD("%s: %s is NULL", fn, yname);
+    if ((a->op == CULOSS__EW_MARGIN_RANKING || a->op == CULOSS__EW_GAUSSIAN_NLL) && a->x2 == NULL)
+      return CULOSS__BAD("%s: %s is NULL", fn, a->op == CULOSS__EW_GAUSSIAN_NLL ? "var" : "input2");
   }
   if (ctx->backend == CULOSS_BACKEND_CPU) {
     CULOSS__TRY(check_domain_cpu(fn, a));
@@ -277,4 +285,50 @@ culoss_status culoss_kl_div(culoss_context *ctx, const culoss_kl_div_options *o,
   a.y = target, a.flag = o->log_target;
   a.loss = loss, a.grad = grad_input, a.grad_loss = grad_loss;
   return run_ew(ctx, fn, &a, n, c, "input_logprobs", "target");
+}
+
+void culoss_margin_ranking_options_init(culoss_margin_ranking_options *o) {
+  if (o == NULL) return;
+  o->reduction = CULOSS_REDUCTION_MEAN;
+  o->margin = 0.0f;
+}
+
+void culoss_gaussian_nll_options_init(culoss_gaussian_nll_options *o) {
+  if (o == NULL) return;
+  o->reduction = CULOSS_REDUCTION_MEAN;
+  o->full = 0;
+  o->eps = 1e-6f;
+}
+
+culoss_status culoss_margin_ranking(culoss_context *ctx, const culoss_margin_ranking_options *o,
+                                    int64_t n, culoss_dtype dtype, const void *input1,
+                                    const void *input2, const void *target, float *loss,
+                                    void *grad_input1, void *grad_input2, const float *grad_loss) {
+  const char *fn = "culoss_margin_ranking";
+  culoss_margin_ranking_options d;
+  culoss__ew_args a = {0};
+  if (o == NULL) culoss_margin_ranking_options_init(&d), o = &d;
+  if (!isfinite(o->margin))
+    return CULOSS__BAD("%s: margin = %g must be finite", fn, (double)o->margin);
+  a.op = CULOSS__EW_MARGIN_RANKING, a.reduction = o->reduction, a.dtype = dtype;
+  a.x = input1, a.x2 = input2, a.y = target, a.a = o->margin;
+  a.loss = loss, a.grad = grad_input1, a.grad2 = grad_input2, a.grad_loss = grad_loss;
+  return run_ew(ctx, fn, &a, n, 1, "input1", "target");
+}
+
+culoss_status culoss_gaussian_nll(culoss_context *ctx, const culoss_gaussian_nll_options *o,
+                                  int64_t n, culoss_dtype dtype, const void *input,
+                                  const void *target, const void *var, float *loss,
+                                  void *grad_input, void *grad_var, const float *grad_loss) {
+  const char *fn = "culoss_gaussian_nll";
+  culoss_gaussian_nll_options d;
+  culoss__ew_args a = {0};
+  if (o == NULL) culoss_gaussian_nll_options_init(&d), o = &d;
+  if (o->full != 0 && o->full != 1) return CULOSS__BAD("%s: full = %d must be 0 or 1", fn, o->full);
+  if (!(o->eps >= 0.0f && isfinite(o->eps)))
+    return CULOSS__BAD("%s: eps = %g must be finite and >= 0", fn, (double)o->eps);
+  a.op = CULOSS__EW_GAUSSIAN_NLL, a.reduction = o->reduction, a.dtype = dtype;
+  a.x = input, a.y = target, a.x2 = var, a.a = o->eps, a.flag = o->full;
+  a.loss = loss, a.grad = grad_input, a.grad2 = grad_var, a.grad_loss = grad_loss;
+  return run_ew(ctx, fn, &a, n, 1, "input", "target");
 }

@@ -17,8 +17,9 @@ static double sigmoid(double x) {
 /* torch's sign: sign(0) = 0 and sign(NaN) = 0 (the L1 subgradient). */
 static double sign0(double r) { return r > 0 ? 1.0 : (r < 0 ? -1.0 : 0.0); }
 
-/* Loss of element i and its derivative with respect to the input. */
-static double element(const culoss__ew_args *a, int64_t i, double *d) {
+/* Loss of element i and its derivatives with respect to the input (d) and,
+   for the ops with a second differentiable input, to x2 (d2). */
+static double element(const culoss__ew_args *a, int64_t i, double *d, double *d2) {
   const double x = culoss__load_f32(a->x, a->dtype, i);
   const double y = culoss__load_f32(a->y, a->dtype, i);
   const double w = a->weight ? (double)a->weight[i] : 1.0;
@@ -87,6 +88,20 @@ static double element(const culoss__ew_args *a, int64_t i, double *d) {
     *d = at * ((s - y) * pw - pw1 * (2.0 * y - 1.0) * s * s1 * ce);
     return at * ce * pw;
   }
+  case CULOSS__EW_MARGIN_RANKING: { /* clamp_min: 0 at the kink and at NaN */
+    const double z = -y * (x - (double)culoss__load_f32(a->x2, a->dtype, i)) + p;
+    *d = z > 0 ? -y : 0.0;
+    *d2 = -*d;
+    return (z > 0 || isnan(z)) ? z : 0.0;
+  }
+  case CULOSS__EW_GAUSSIAN_NLL: { /* v = max(var, eps), NaN kept */
+    const double var = culoss__load_f32(a->x2, a->dtype, i), v = var < p ? p : var;
+    *d = r / v;
+    *d2 = 0.5 * (1.0 - r * r / v) / v;
+    l = 0.5 * (log(v) + r * r / v);
+    if (a->flag) l += 0.5 * log(2.0 * 3.14159265358979324);
+    return l;
+  }
   case CULOSS__EW_KL:
     if (a->flag) {
       const double e = exp(y);
@@ -110,8 +125,8 @@ culoss_status culoss__cpu_elementwise(const culoss__ew_args *a) {
     scale = a->reduction == CULOSS_REDUCTION_SUM ? g : (a->divisor == 0 ? 0.0 : g / a->divisor);
   }
   for (i = 0; i < a->m; i++) {
-    double d;
-    const double l = element(a, i, &d); /* reads x[i] before grad[i] is written */
+    double d, d2 = 0.0;
+    const double l = element(a, i, &d, &d2); /* reads x[i] before grad[i] is written */
     if (reduced)
       total += l;
     else
@@ -119,6 +134,10 @@ culoss_status culoss__cpu_elementwise(const culoss__ew_args *a) {
     if (a->grad) {
       const double s = reduced ? scale : (a->grad_loss ? (double)a->grad_loss[i] : 1.0);
       culoss__store_f32(a->grad, a->dtype, i, (float)(d * s));
+    }
+    if (a->grad2) {
+      const double s = reduced ? scale : (a->grad_loss ? (double)a->grad_loss[i] : 1.0);
+      culoss__store_f32(a->grad2, a->dtype, i, (float)(d2 * s));
     }
   }
   if (a->reduction == CULOSS_REDUCTION_SUM)

@@ -63,6 +63,7 @@ void culoss__device_leave(const culoss_context *ctx, int prev);
 #define culoss__cuda_cross_entropy NULL
 #define culoss__cuda_elementwise NULL
 #define culoss__cuda_multi_margin NULL
+#define culoss__cuda_embedding NULL
 #define culoss__cuda_linear_cross_entropy NULL
 #define culoss__cuda_vocab_parallel NULL
 #define culoss__cuda_linear_vocab_parallel NULL
@@ -73,6 +74,7 @@ void culoss__device_leave(const culoss_context *ctx, int prev);
 culoss_status culoss__cpu_cross_entropy(const culoss__ce_args *a);
 culoss_status culoss__cpu_elementwise(const culoss__ew_args *a);
 culoss_status culoss__cpu_multi_margin(const culoss__mm_args *a);
+culoss_status culoss__cpu_embedding(const culoss__emb_args *a);
 culoss_status culoss__cpu_linear_cross_entropy(const culoss__lce_args *a);
 culoss_status culoss__cpu_vocab_parallel(const culoss__vp_args *a);
 culoss_status culoss__cpu_linear_vocab_parallel(const culoss__lce_args *a);

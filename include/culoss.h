@@ -539,6 +539,105 @@ CULOSS_API culoss_status culoss_sigmoid_focal(culoss_context *ctx,
                                               const void *targets, float *loss, void *grad_inputs,
                                               const float *grad_loss);
 
+typedef struct {
+  culoss_reduction reduction; /* default MEAN */
+  float margin;               /* default 0; finite */
+} culoss_margin_ranking_options;
+CULOSS_API void culoss_margin_ranking_options_init(culoss_margin_ranking_options *o);
+
+/* Margin ranking over n elements of input1, input2 and target y (one dtype):
+ *   l = max(0, -y (x1 - x2) + margin),
+ *   gradient -y to x1 and +y to x2 where the hinge is active (> 0; 0 at the
+ *   kink, as PyTorch 2.15), times g (/ n for MEAN).
+ * grad_input1 and grad_input2 may each be NULL, and may alias input1 and
+ * input2 respectively. A NaN gives a NaN loss and a zero gradient. Targets
+ * are any floats (+-1 intended; PyTorch checks nothing either). */
+CULOSS_API culoss_status culoss_margin_ranking(culoss_context *ctx,
+                                               const culoss_margin_ranking_options *o, int64_t n,
+                                               culoss_dtype dtype, const void *input1,
+                                               const void *input2, const void *target, float *loss,
+                                               void *grad_input1, void *grad_input2,
+                                               const float *grad_loss);
+
+typedef struct {
+  culoss_reduction reduction; /* default MEAN */
+  int full;                   /* default 0: 1 adds log(2 pi) / 2 */
+  float eps;                  /* default 1e-6; finite, >= 0 */
+} culoss_gaussian_nll_options;
+CULOSS_API void culoss_gaussian_nll_options_init(culoss_gaussian_nll_options *o);
+
+/* Gaussian negative log-likelihood of target y under N(x, var), n elements
+ * of input x, target y and var (one dtype, var of the input's shape: the
+ * torch front end broadcasts a var with one dim fewer and sums its gradient):
+ *   v = max(var, eps),  l = (log v + (x - y)^2 / v) / 2  (+ log(2 pi) / 2),
+ *   gradient (x - y) / v to x and (1 - (x - y)^2 / v) / (2 v) to var,
+ * times g (/ n for MEAN). As PyTorch, the clamp does not cut var's
+ * gradient (torch clamps a copy under no_grad); the target's gradient is
+ * minus the input's. A negative var is a domain error (PyTorch raises):
+ * INVALID_VALUE on the CPU backend before anything is written; on the CUDA
+ * backend a NaN loss and zero gradients for that element and a deferred
+ * INVALID_VALUE at culoss_synchronize. A NaN var gives a NaN loss. */
+CULOSS_API culoss_status culoss_gaussian_nll(culoss_context *ctx,
+                                             const culoss_gaussian_nll_options *o, int64_t n,
+                                             culoss_dtype dtype, const void *input,
+                                             const void *target, const void *var, float *loss,
+                                             void *grad_input, void *grad_var,
+                                             const float *grad_loss);
+
+/* ------------------------------------------------------------------------ */
+/* Embedding losses: rows of pairs and triplets                             */
+/* ------------------------------------------------------------------------ */
+/*
+ * Each takes n rows of d features (row stride ld >= d, shared by every input
+ * and gradient; d >= 1), one dtype, and follows the family conventions: fp32
+ * loss ([n] for NONE, else one value; MEAN divides by n), optional gradients
+ * (NULL = skip; each may alias its own input), upstream gradient g ([n] for
+ * NONE, else a scalar; NULL = 1). One pass: a warp reads a row of every
+ * input once, reduces its dot products / norms in registers and writes the
+ * gradients. PyTorch 2.15's semantics (docs/semantics.md section 11).
+ */
+typedef struct {
+  culoss_reduction reduction; /* default MEAN */
+  float margin;               /* default 0; finite */
+} culoss_cosine_embedding_options;
+CULOSS_API void culoss_cosine_embedding_options_init(culoss_cosine_embedding_options *o);
+
+/* Cosine embedding with target [n] (fp32; 1 = similar, -1 = dissimilar):
+ *   cos = <x1, x2> / sqrt((|x1|^2 + 1e-12)(|x2|^2 + 1e-12)),
+ *   l = 1 - cos (y = 1), max(0, cos - margin) (y = -1), 0 for any other y
+ *   (as PyTorch);
+ *   dcos/dx1 = x2 / den - cos x1 / (|x1|^2 + 1e-12) (and symmetrically), with
+ *   dl/dcos = -1, [cos - margin > 0] or 0. The norms' product is formed as
+ *   a product of square roots, so it does not overflow where torch's does. */
+CULOSS_API culoss_status culoss_cosine_embedding(
+    culoss_context *ctx, const culoss_cosine_embedding_options *o, int64_t n, int64_t d,
+    culoss_dtype dtype, const void *input1, const void *input2, int64_t ld, const float *target,
+    float *loss, void *grad_input1, void *grad_input2, const float *grad_loss);
+
+typedef struct {
+  culoss_reduction reduction; /* default MEAN */
+  float margin;               /* default 1; finite, > 0 (PyTorch raises otherwise) */
+  float p;                    /* default 2; the norm's degree, finite, >= 1 */
+  float eps;                  /* default 1e-6; finite; added to the difference */
+  int swap;                   /* default 0; 1 = distance swap */
+} culoss_triplet_margin_options;
+CULOSS_API void culoss_triplet_margin_options_init(culoss_triplet_margin_options *o);
+
+/* Triplet margin with anchor a, positive p and negative q:
+ *   d(u, v) = |u - v + eps|_p (pairwise_distance),
+ *   l = max(d(a, p) - d(a, q) + margin, 0); with swap, d(a, q) is replaced by
+ *   min(d(a, q), d(p, q)) (a tie splits the gradient in halves, as
+ *   torch.minimum). Gradients to all three where l > 0 (0 at the kink);
+ *   a zero distance contributes no gradient (torch's norm backward). The
+ *   torch front end runs p < 1 and p = inf through torch's composite. */
+CULOSS_API culoss_status culoss_triplet_margin(culoss_context *ctx,
+                                               const culoss_triplet_margin_options *o, int64_t n,
+                                               int64_t d, culoss_dtype dtype, const void *anchor,
+                                               const void *positive, const void *negative,
+                                               int64_t ld, float *loss, void *grad_anchor,
+                                               void *grad_positive, void *grad_negative,
+                                               const float *grad_loss);
+
 /* ------------------------------------------------------------------------ */
 /* Large vocabulary: fused linear + cross-entropy                           */
 /* ------------------------------------------------------------------------ */

@@ -72,8 +72,9 @@ run() {
   [ -z "$missing" ] || note "WARNING: unresolved libraries (extend LD_LIBRARY_PATH): $missing"
   local t rc
   if [[ $steps == *tests* ]]; then
-  for t in test_math test_api test_cpu_ce test_cpu_elementwise test_cpu_linear_ce test_cpu_vocab_parallel \
-           test_gpu_ce test_gpu_elementwise test_gpu_linear_ce test_gpu_graph test_gpu_vocab_parallel; do
+  for t in test_math test_api test_cpu_ce test_cpu_elementwise test_cpu_more_losses test_cpu_linear_ce \
+           test_cpu_vocab_parallel test_gpu_ce test_gpu_elementwise test_gpu_more_losses test_gpu_linear_ce \
+           test_gpu_graph test_gpu_vocab_parallel; do
     "$bun/bin/$t" --jobs 1 >"$out/$t.log" 2>&1
     rc=$?
     if [ "$rc" -eq 0 ] && grep -q "skipped: no CUDA device" "$out/$t.log"; then rc=77; fi
@@ -83,7 +84,8 @@ run() {
   local tool
   if [[ $steps == *sanitize* ]]; then
   for tool in memcheck racecheck initcheck synccheck; do
-    for t in test_gpu_ce test_gpu_elementwise test_gpu_linear_ce test_gpu_graph test_gpu_vocab_parallel; do
+    for t in test_gpu_ce test_gpu_elementwise test_gpu_more_losses test_gpu_linear_ce test_gpu_graph \
+             test_gpu_vocab_parallel; do
       CULOSS_TEST_QUICK=1 timeout 600 compute-sanitizer --tool "$tool" --target-processes all \
         --error-exitcode 99 "$bun/bin/$t" --jobs 1 >"$out/sanitizer-$tool-$t.log" 2>&1
       rc=$?

@@ -106,6 +106,13 @@ HOT: List[Tuple[str, bool, str]] = [
      "CE tiny rows, element-at-a-time (c * sizeof(T) not a multiple of 16)"),
     (r"ew_kernel<(f32|f16|bf16),\d+,1>", False,
      "elementwise, element-at-a-time (buffers not 16-byte aligned)"),
+    (r"emb_kernel<(f32|f16|bf16),[01],[48],[1-9]>", True,
+     "embedding rows (cuda/embedding.cu) in the register cache: cosine d <= 1024, triplet "
+     "d <= 512"),
+    (r"emb_kernel<(f32|f16|bf16),[01],[48],0>", True,
+     "embedding rows past the register cache: two passes, the second from L2"),
+    (r"emb_kernel<(f32|f16|bf16),[01],1,0>", False,
+     "embedding rows, element-at-a-time (pitch or buffers not 16-byte aligned)"),
 ]
 
 # (pattern, check, limit, reason): reviewed decisions, each visible here.

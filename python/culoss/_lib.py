@@ -125,6 +125,23 @@ class SigmoidFocalOptions(ctypes.Structure):
     _fields_ = [("reduction", _int), ("alpha", ctypes.c_float), ("gamma", ctypes.c_float)]
 
 
+class MarginRankingOptions(ctypes.Structure):
+    _fields_ = [("reduction", _int), ("margin", ctypes.c_float)]
+
+
+class GaussianNLLOptions(ctypes.Structure):
+    _fields_ = [("reduction", _int), ("full", _int), ("eps", ctypes.c_float)]
+
+
+class CosineEmbeddingOptions(ctypes.Structure):
+    _fields_ = [("reduction", _int), ("margin", ctypes.c_float)]
+
+
+class TripletMarginOptions(ctypes.Structure):
+    _fields_ = [("reduction", _int), ("margin", ctypes.c_float), ("p", ctypes.c_float),
+                ("eps", ctypes.c_float), ("swap", _int)]
+
+
 class LinearCEOptions(ctypes.Structure):
     _fields_ = [("grad_weight_dtype", _int), ("accumulate", _int), ("lse", _P), ("entropy", _P)]
 
@@ -143,7 +160,9 @@ _OPTIONS = {"cross_entropy": CEOptions, "bce": BCEOptions, "hinge": HingeOptions
             "multi_margin": MultiMarginOptions, "regression": RegressionOptions,
             "kl_div": KLOptions, "linear_ce": LinearCEOptions,
             "hinge_embedding": HingeEmbeddingOptions, "soft_margin": SoftMarginOptions,
-            "poisson_nll": PoissonNLLOptions, "sigmoid_focal": SigmoidFocalOptions}
+            "poisson_nll": PoissonNLLOptions, "sigmoid_focal": SigmoidFocalOptions,
+            "margin_ranking": MarginRankingOptions, "gaussian_nll": GaussianNLLOptions,
+            "cosine_embedding": CosineEmbeddingOptions, "triplet_margin": TripletMarginOptions}
 for _name, _st in _OPTIONS.items():
     getattr(lib, f"culoss_{_name}_options_init").argtypes = [ctypes.POINTER(_st)]
     getattr(lib, f"culoss_{_name}_options_init").restype = None
@@ -186,6 +205,10 @@ _SIGS = {
 for _f in ("mse", "l1", "huber", "smooth_l1", "hinge_embedding", "soft_margin", "poisson_nll",
            "sigmoid_focal"):
     _SIGS[f"culoss_{_f}"] = [_P, _P, _i64, _int, _P, _P, _P, _P, _P]
+_SIGS["culoss_margin_ranking"] = [_P, _P, _i64, _int, _P, _P, _P, _P, _P, _P, _P]
+_SIGS["culoss_gaussian_nll"] = [_P, _P, _i64, _int, _P, _P, _P, _P, _P, _P, _P]
+_SIGS["culoss_cosine_embedding"] = [_P, _P, _i64, _i64, _int, _P, _P, _i64, _P, _P, _P, _P, _P]
+_SIGS["culoss_triplet_margin"] = [_P, _P, _i64, _i64, _int, _P, _P, _P, _i64, _P, _P, _P, _P, _P]
 for _f, _a in _SIGS.items():
     getattr(lib, _f).argtypes = _a
     getattr(lib, _f).restype = _int

@@ -1,10 +1,12 @@
 """The losses of issue 20 that culoss.torch has so far: hinge_embedding_loss,
-soft_margin_loss, poisson_nll_loss (their OpInfo samples and error inputs
-run in test_torch_opinfo.py) and sigmoid_focal_loss (torchvision's, which
-has no OpInfo entry): against float64 references on the same rounded
-inputs, every reduction, input and target gradients, the modules, where
-culoss deliberately differs (soft margin does not overflow; focal keeps the
-loss of confident predictions), bad arguments, and torch.compile."""
+soft_margin_loss, poisson_nll_loss, margin_ranking_loss, gaussian_nll_loss,
+cosine_embedding_loss, triplet_margin_loss (their OpInfo samples and error
+inputs run in test_torch_opinfo.py) and sigmoid_focal_loss (torchvision's,
+which has no OpInfo entry): against float64 references on the same rounded
+inputs, every reduction, input and target gradients, shapes and broadcasts
+beyond the OpInfo samples, the modules, where culoss deliberately differs
+(soft margin does not overflow; focal keeps the loss of confident
+predictions), bad arguments, and torch.compile."""
 import math
 import warnings
 
@@ -177,3 +179,160 @@ def test_compile_fullgraph():
     gc = torch.autograd.grad(comp, x)[0]
     assert torch.allclose(eager, comp, rtol=1e-5) and torch.allclose(ge, gc, rtol=1e-4, atol=1e-6)
     assert math.isfinite(float(eager))
+
+
+def _rows(shape, dtype, seed, count=3, scale=1.0):
+    gen = torch.Generator().manual_seed(seed)
+    return [(scale * torch.randn(shape, generator=gen, dtype=torch.float64)).to(dtype)
+            .requires_grad_() for _ in range(count)]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DT_IDS)
+@pytest.mark.parametrize("reduction", REDS)
+def test_margin_ranking_with_every_gradient(dtype, reduction):
+    x1, x2 = _rows((6, 7), dtype, 12, 2)
+    y = torch.where(torch.rand(6, 7, generator=torch.Generator().manual_seed(1)) < 0.5, -1.0,
+                    1.0).to(dtype)
+    y[0, :2] = 0.0  # any float target: torch's formula
+    y.requires_grad_()  # torch differentiates the target too
+    check(cl.margin_ranking_loss, F.margin_ranking_loss, (x1, x2, y),
+          dict(margin=0.25, reduction=reduction), dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DT_IDS)
+@pytest.mark.parametrize("reduction", REDS)
+@pytest.mark.parametrize("var_shape", [(5, 6), (5, 1), (5,)], ids=["full", "col", "short"])
+def test_gaussian_nll_with_input_target_and_var_gradients(dtype, reduction, var_shape):
+    x, t = _rows((5, 6), dtype, 13, 2)
+    gen = torch.Generator().manual_seed(2)
+    var = (0.2 + torch.rand(var_shape, generator=gen, dtype=torch.float64)).to(dtype)
+    var.view(-1)[0] = 1e-9  # clamped to eps; the gradient still flows (torch's clamp is no_grad)
+    var.requires_grad_()
+    eps = 0.05 if dtype == torch.float16 else 1e-4  # var's gradient ~ 1/eps^2: fp16's range
+    check(cl.gaussian_nll_loss, F.gaussian_nll_loss, (x, t, var),
+          dict(full=True, eps=eps, reduction=reduction), dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DT_IDS)
+@pytest.mark.parametrize("reduction", REDS)
+@pytest.mark.parametrize("d", [2, 7, 300, 2500])  # d = 1: cos = +-1, a gradient of ~1e-12 noise
+def test_cosine_embedding_rows(dtype, reduction, d):
+    a, b = _rows((9, d), dtype, 14, 2)
+    y = torch.tensor([1, -1, 1, -1, 0, 1, -1, 2, 1], dtype=torch.float32)  # 0, 2: no loss
+    check(cl.cosine_embedding_loss, F.cosine_embedding_loss, (a, b, y),
+          dict(margin=-0.1, reduction=reduction), dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DT_IDS)
+@pytest.mark.parametrize("reduction", REDS)
+@pytest.mark.parametrize("p,swap", [(2, False), (2, True), (1, True), (3, False), (1.5, True)])
+def test_triplet_margin_rows(dtype, reduction, p, swap):
+    a, pos, neg = _rows((8, 33), dtype, 15, 3)
+    with torch.no_grad():  # some active, some inactive rows
+        neg[:3] = a[:3] + 0.1 * neg[:3]
+    check(cl.triplet_margin_loss, F.triplet_margin_loss, (a, pos, neg),
+          dict(margin=2.0, p=p, swap=swap, reduction=reduction), dtype)
+
+
+def test_embedding_shapes_beyond_the_samples():
+    a, b, c = _rows((2, 3, 5), torch.float32, 16)
+    # triplet over any leading dims, and broadcast rows
+    for args in [(a, b, c), (a, b[:1], c), (a[0, 0], b[0, 0], c[0, 0])]:
+        got = cl.triplet_margin_loss(*args, reduction="none")
+        want = F.triplet_margin_loss(*args, reduction="none")
+        assert got.shape == want.shape and torch.allclose(got, want, rtol=1e-5, atol=1e-6)
+        gs = torch.autograd.grad(got.sum(), args)
+        ws = torch.autograd.grad(want.sum(), args)
+        for g, w in zip(gs, ws):
+            assert g.shape == w.shape and torch.allclose(g, w, rtol=1e-4, atol=1e-6)
+    # cosine: unbatched with a 0-dim target; a [1, D] row broadcast
+    x1, x2 = a[0], b[0]
+    y = torch.tensor([1.0, -1.0, 1.0])
+    for args in [(x1[0], x2[0], torch.tensor(-1.0)), (x1, x2[:1], y)]:
+        got = cl.cosine_embedding_loss(*args, margin=0.2, reduction="none")
+        want = F.cosine_embedding_loss(*args, margin=0.2, reduction="none")
+        assert got.shape == want.shape and torch.allclose(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_embedding_fallbacks_and_errors_match_torch():
+    a, b, c = _rows((4, 6), torch.float32, 17)
+    y = torch.tensor([1.0, -1.0, 1.0, -1.0])
+    # p < 1 and p = inf run torch's composite (culoss's kernel takes p >= 1)
+    for p in (0.5, math.inf):
+        assert torch.allclose(cl.triplet_margin_loss(a, b, c, p=p),
+                              F.triplet_margin_loss(a, b, c, p=p))
+    with pytest.raises(ValueError, match="margin must be greater than 0"):
+        cl.triplet_margin_loss(a, b, c, margin=0.0)
+    with pytest.raises(ValueError):
+        cl.TripletMarginLoss(margin=-1.0)
+    with pytest.raises(RuntimeError, match="same number of dimensions"):
+        cl.triplet_margin_loss(a, b[0], c)
+    with pytest.raises(RuntimeError):
+        cl.cosine_embedding_loss(a, b, y[:3])
+    with pytest.raises(RuntimeError, match="1D target tensor expects 2D input"):
+        cl.cosine_embedding_loss(a[0], b[0], y)
+    with pytest.raises(ValueError, match="is not a valid value"):
+        cl.cosine_embedding_loss(a, b, y, reduction="avg")
+
+
+def test_gaussian_nll_checks_as_torch():
+    x, t = _rows((4, 3), torch.float32, 18, 2)
+    with pytest.raises(ValueError, match="var has negative entry"):
+        cl.gaussian_nll_loss(x, t, torch.tensor([1.0, -1.0, 1.0, 1.0]).reshape(4, 1))
+    with pytest.raises(ValueError, match="var has negative entry"):
+        cl.gaussian_nll_loss(x, t, -1.0)
+    with pytest.raises(ValueError, match="var is of incorrect size"):
+        cl.gaussian_nll_loss(x, t, torch.ones(4, 2))
+    with pytest.raises(ValueError, match="abc is not valid"):
+        cl.gaussian_nll_loss(x, t, torch.ones(4, 3), reduction="abc")
+    got = cl.gaussian_nll_loss(x, t, 0.5)  # a float var
+    assert torch.allclose(got, F.gaussian_nll_loss(x, t, 0.5), rtol=1e-6)
+    # a NaN var gives a NaN loss (the clamp keeps NaN), as torch
+    v = torch.ones(4, 3)
+    v[1, 1] = math.nan
+    got = cl.gaussian_nll_loss(x, t, v, reduction="none")
+    want = F.gaussian_nll_loss(x, t, v, reduction="none")
+    assert torch.equal(got.isnan(), want.isnan()) and got.isnan().sum() == 1
+
+
+def test_more_modules():
+    a, b, c = _rows((5, 6), torch.float32, 19)
+    y = torch.tensor([1.0, -1.0, 1.0, 1.0, -1.0])
+    ys = torch.where(a.detach() > b.detach(), 1.0, -1.0)
+    var = (torch.rand(5, 1) + 0.5).requires_grad_()
+    pairs = [
+        (cl.MarginRankingLoss(margin=0.1), torch.nn.MarginRankingLoss(margin=0.1), (a, b, -ys)),
+        (cl.GaussianNLLLoss(full=True), torch.nn.GaussianNLLLoss(full=True), (a, b, var)),
+        (cl.CosineEmbeddingLoss(margin=0.3, reduction="sum"),
+         torch.nn.CosineEmbeddingLoss(margin=0.3, reduction="sum"), (a, b, y)),
+        (cl.TripletMarginLoss(margin=3.0, p=1.0, swap=True),
+         torch.nn.TripletMarginLoss(margin=3.0, p=1.0, swap=True), (a, b, c)),
+    ]
+    for ours, theirs, args in pairs:
+        got, want = ours(*args), theirs(*args)
+        assert torch.allclose(got, want, rtol=1e-5, atol=1e-6), type(ours).__name__
+        ga = torch.autograd.grad(got, a)[0]
+        gb = torch.autograd.grad(want, a)[0]
+        assert torch.allclose(ga, gb, rtol=1e-4, atol=1e-6), type(ours).__name__
+
+
+def test_more_losses_compile_fullgraph():
+    torch._dynamo.reset()
+    a, b, c = _rows((6, 8), torch.float32, 20)
+    y = torch.tensor([1.0, -1.0, 1.0, -1.0, 1.0, -1.0])
+    var = torch.rand(6, 1) + 0.5
+
+    def f(a):
+        return (cl.margin_ranking_loss(a[:, 0], b[:, 0], y, margin=0.2) +
+                cl.gaussian_nll_loss(a, b, var) + cl.cosine_embedding_loss(a, b, y) +
+                cl.triplet_margin_loss(a, b, c, swap=True))
+
+    eager = f(a)
+    ge = torch.autograd.grad(eager, a)[0]
+    comp = torch.compile(f, fullgraph=True)(a)
+    gc = torch.autograd.grad(comp, a)[0]
+    assert torch.allclose(eager, comp, rtol=1e-5) and torch.allclose(ge, gc, rtol=1e-4, atol=1e-6)
+    # the negative-var check, compiled: the C call's ValueError
+    g = torch.compile(lambda v: cl.gaussian_nll_loss(a, b, v), fullgraph=True)
+    with pytest.raises(ValueError, match="negative"):
+        g(-var)

@@ -417,6 +417,123 @@ def _pw_backward(ctx, grad_loss, _grad_grad):
 pointwise.register_autograd(_pw_backward, setup_context=_pw_setup)
 
 
+POINTWISE3 = {0: "margin_ranking", 1: "gaussian_nll"}
+
+
+@torch.library.custom_op("culoss::pointwise3", mutates_args=())
+def pointwise3(input: Tensor, input2: Tensor, target: Tensor, kind: int, reduction: int, a: float,
+               flags: int, grad_mask: int) -> Tuple[Tensor, Tensor, Tensor]:
+    """margin_ranking (kind 0: input2 = x2, a = margin) and gaussian_nll (1:
+    input2 = var, a = eps, flags = full) over contiguous tensors of one shape
+    and dtype: (loss, d/d input, d/d input2), bit k of grad_mask asking for
+    the k-th gradient (else an empty tensor)."""
+    name = POINTWISE3[kind]
+    if kind == 0:
+        o = _lib.options(name, reduction=reduction, margin=a)
+    else:
+        o = _lib.options(name, reduction=reduction, eps=a, full=flags & 1)
+    loss = _ew_loss_out(input, reduction)
+    g1, g2 = _grad_out(input, grad_mask & 1), _grad_out(input2, grad_mask & 2)
+    ctx = rt.context(input)
+    p1, p2 = (rt.ptr(g) if g.numel() else None for g in (g1, g2))
+    if kind == 0:
+        _lib.call(name, ctx.h, o, input.numel(), rt.dtype_code(input), rt.ptr(input),
+                  rt.ptr(input2), rt.ptr(target), rt.ptr(loss), p1, p2, None)
+    else:
+        _lib.call(name, ctx.h, o, input.numel(), rt.dtype_code(input), rt.ptr(input),
+                  rt.ptr(target), rt.ptr(input2), rt.ptr(loss), p1, p2, None)
+    return loss, g1, g2
+
+
+@pointwise3.register_fake
+def _(input, input2, target, kind, reduction, a, flags, grad_mask):
+    return (_ew_loss_out(input, reduction), _grad_out(input, grad_mask & 1),
+            _grad_out(input2, grad_mask & 2))
+
+
+def _pw3_setup(ctx, inputs, output):
+    ctx.kind, ctx.reduction, ctx.a = inputs[3], inputs[4], inputs[5]
+    ctx.target_grad = inputs[2].requires_grad
+    saved = (output[1], output[2])
+    if ctx.target_grad and ctx.kind == 0:
+        saved = saved + (inputs[0], inputs[1], inputs[2])
+    ctx.save_for_backward(*saved)
+
+
+def _pw3_backward(ctx, grad_loss, _g1, _g2):
+    saved = ctx.saved_tensors
+    g1, g2 = saved[0], saved[1]
+    n1 = ctx.needs_input_grad
+    gx = _scaled(g1, grad_loss, ctx.reduction) if n1[0] else None
+    gx2 = _scaled(g2, grad_loss, ctx.reduction) if n1[1] else None
+    gy = None
+    if n1[2]:
+        if ctx.kind == 1:  # d/dy (x - y)^2 / (2 v) = -(x - y) / v: minus the input's
+            gy = -_scaled(g1, grad_loss, ctx.reduction)
+        else:  # d/dy max(0, margin - y (x1 - x2)) = -(x1 - x2) where active
+            x1, x2, y = (_acc(t) for t in saved[2:5])
+            r = x1 - x2
+            d = torch.where(ctx.a - y * r > 0, -r, torch.zeros_like(r))
+            if ctx.reduction == MEAN:
+                d = d / max(y.numel(), 1)
+            gy = (d * grad_loss.to(d.dtype)).to(saved[4].dtype)
+    return gx, gx2, gy, None, None, None, None, None
+
+
+pointwise3.register_autograd(_pw3_backward, setup_context=_pw3_setup)
+
+EMBEDDING = {0: "cosine_embedding", 1: "triplet_margin"}
+
+
+@torch.library.custom_op("culoss::embedding", mutates_args=())
+def embedding(x0: Tensor, x1: Tensor, x2: Optional[Tensor], target: Optional[Tensor], kind: int,
+              reduction: int, margin: float, p: float, eps: float, swap: bool,
+              grad_mask: int) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """cosine_embedding (kind 0: rows x0, x1 [n, d], fp32 target codes [n] in
+    {1, -1, 0}) and triplet_margin (1: anchor x0, positive x1, negative x2),
+    contiguous, one dtype: (loss, gradients of x0, x1, x2; bit k of
+    grad_mask asks for the k-th, else an empty tensor)."""
+    n, d = x0.shape
+    loss = _loss_out(x0, n, reduction)
+    xs = (x0, x1, x2 if x2 is not None else x0)
+    gs = tuple(_grad_out(xs[k], (grad_mask >> k) & 1 and (k < 2 or x2 is not None))
+               for k in range(3))
+    gp = [rt.ptr(g) if g.numel() else None for g in gs]
+    ctx = rt.context(x0)
+    if kind == 0:
+        o = _lib.options("cosine_embedding", reduction=reduction, margin=margin)
+        _lib.call("cosine_embedding", ctx.h, o, n, d, rt.dtype_code(x0), rt.ptr(x0), rt.ptr(x1),
+                  d, rt.ptr(target), rt.ptr(loss), gp[0], gp[1], None)
+    else:
+        o = _lib.options("triplet_margin", reduction=reduction, margin=margin, p=p, eps=eps,
+                         swap=int(swap))
+        _lib.call("triplet_margin", ctx.h, o, n, d, rt.dtype_code(x0), rt.ptr(x0), rt.ptr(x1),
+                  rt.ptr(x2), d, rt.ptr(loss), gp[0], gp[1], gp[2], None)
+    return (loss,) + gs
+
+
+@embedding.register_fake
+def _(x0, x1, x2, target, kind, reduction, margin, p, eps, swap, grad_mask):
+    xs = (x0, x1, x2 if x2 is not None else x0)
+    return (_loss_out(x0, x0.shape[0], reduction),) + tuple(
+        _grad_out(xs[k], (grad_mask >> k) & 1 and (k < 2 or x2 is not None)) for k in range(3))
+
+
+def _emb_setup(ctx, inputs, output):
+    ctx.reduction = inputs[5]
+    ctx.save_for_backward(*output[1:])
+
+
+def _emb_backward(ctx, grad_loss, *_):
+    gs = ctx.saved_tensors
+    out = [_scaled(g, grad_loss, ctx.reduction) if ctx.needs_input_grad[k] and g.numel() else None
+           for k, g in enumerate(gs)]
+    return out[0], out[1], out[2], None, None, None, None, None, None, None, None
+
+
+embedding.register_autograd(_emb_backward, setup_context=_emb_setup)
+
+
 @torch.library.custom_op("culoss::hinge", mutates_args=())
 def hinge(input: Tensor, target: Tensor, reduction: int, margin: float, squared: bool,
           compute_grad: bool) -> Tuple[Tensor, Tensor]:

@@ -20,6 +20,7 @@ gradient (input-sized) is what lives until the backward. Layouts the C calls
 cannot read directly (a class dimension that is not last, as in K-dimensional
 cross-entropy ``[N, C, d1, ...]``) cost one transposed copy of the input.
 """
+import math
 import warnings
 
 import torch
@@ -36,7 +37,8 @@ __all__ = [
     "cross_entropy", "nll_loss", "binary_cross_entropy_with_logits", "binary_cross_entropy",
     "multi_margin_loss", "mse_loss", "l1_loss", "huber_loss", "smooth_l1_loss", "kl_div",
     "hinge_loss", "linear_cross_entropy", "hinge_embedding_loss", "soft_margin_loss",
-    "poisson_nll_loss", "sigmoid_focal_loss",
+    "poisson_nll_loss", "sigmoid_focal_loss", "margin_ranking_loss", "gaussian_nll_loss",
+    "cosine_embedding_loss", "triplet_margin_loss",
 ]
 
 # --------------------------------------------------------------------------- shared checks
@@ -666,6 +668,210 @@ def sigmoid_focal_loss(inputs, targets, alpha=0.25, gamma=2.0, reduction="none")
     return _pointwise("sigmoid_focal_loss", 3, inputs, targets, _RED[reduction],
                       lambda: _focal_composite(inputs, targets, alpha, gamma, reduction),
                       a=alpha, b=gamma, target_grad=True)
+
+class _BroadcastTo(torch.autograd.Function):
+    """t expanded to `shape` (a contiguous copy); the backward sums the
+    broadcast gradient in float64: float32 sums of its terms cancel (a var or
+    target with a dim of size 1 gets the sum of a whole row's gradients)."""
+
+    @staticmethod
+    def forward(ctx, t, shape):
+        ctx.in_shape = t.shape
+        return t.expand(shape).contiguous()
+
+    @staticmethod
+    def backward(ctx, g):
+        return g.to(torch.float64).sum_to_size(ctx.in_shape).to(g.dtype), None
+
+
+def _bcast(t, shape):
+    """t as a contiguous tensor of `shape` (broadcast), for the fused ops."""
+    if tuple(t.shape) == tuple(shape):
+        return t.contiguous()
+    return _BroadcastTo.apply(t, tuple(shape))
+
+
+def _op_dtype(dt, shape, *ts):
+    """The dtype the fused op runs in: float32 for a 16-bit dt where a tensor
+    that needs a gradient is broadcast (its gradient is a sum of terms that
+    would be rounded to 16 bits first), else dt."""
+    if dt != torch.float32 and any(_wants_grad(t) and tuple(t.shape) != tuple(shape) for t in ts):
+        return torch.float32
+    return dt
+
+
+def _promote(*ts):
+    dt = ts[0].dtype
+    for t in ts[1:]:
+        dt = torch.promote_types(dt, t.dtype)
+    return dt
+
+
+def margin_ranking_loss(input1, input2, target, margin=0.0, size_average=None, reduce=None,
+                        reduction="mean"):
+    """Margin ranking loss ``max(0, -target * (input1 - input2) + margin)``, as
+    ``torch.nn.functional.margin_ranking_loss`` (the three broadcast; the
+    subgradient is 0 at the kink, torch 2.15). Gradients to both inputs and
+    to the target, where they require grad."""
+    red = _reduction(reduction, size_average, reduce)
+    for name, t in (("input1", input1), ("input2", input2), ("target", target)):
+        _tensor(name, t)
+
+    def torch_call():
+        return torch.nn.functional.margin_ranking_loss(input1, input2, target, margin,
+                                                       reduction=_RED_NAME[red])
+
+    if input1.dim() != input2.dim() or input1.dim() != target.dim():
+        return torch_call()  # torch's error
+    dt = _promote(input1, input2, target)
+    if not _native("margin_ranking_loss", input1) or dt not in _C_DTYPES or \
+            not math.isfinite(margin):
+        return torch_call()
+    _device("margin_ranking_loss", input1, input2=input2, target=target)
+    shape = torch.broadcast_shapes(input1.shape, input2.shape, target.shape)
+    cdt = _op_dtype(dt, shape, input1, input2, target)
+    x1, x2, y = (_bcast(t.to(dt).to(cdt), shape) for t in (input1, input2, target))
+    mask = int(_wants_grad(x1)) | (int(_wants_grad(x2)) << 1)
+    loss = torch.ops.culoss.pointwise3(x1, x2, y, 0, red, float(margin), 0, mask)[0]
+    return loss if torch.is_autocast_enabled(input1.device.type) else loss.to(dt)
+
+
+def gaussian_nll_loss(input, target, var, full=False, eps=1e-6, reduction="mean"):
+    """Gaussian negative log-likelihood ``(log v + (input - target)^2 / v) / 2``
+    with ``v = max(var, eps)``, as ``torch.nn.functional.gaussian_nll_loss``:
+    its checks and errors (a negative var, a var of the wrong size, the
+    reduction), var with one dim fewer or one mismatched dim of size 1
+    (broadcast; its gradient summed in float64), a float var; the clamp does
+    not cut var's gradient (as torch). Gradients to input, target and var.
+    Under torch.compile the negative-var check is the C call's (no
+    data-dependent branch in the graph, so fullgraph=True works; torch's own
+    op breaks the graph there)."""
+    _tensor("input", input)
+    _tensor("target", target)
+    if isinstance(var, float):
+        if var < 0:
+            raise ValueError("var has negative entry/entries")
+        var = var * torch.ones_like(input)
+    else:
+        _tensor("var", var)
+        # eager: torch's check (a device sync, as torch's); compiled, the C
+        # call checks (CPU: a ValueError; CUDA: NaN and a deferred error at
+        # culoss.torch.synchronize), so the graph has no data-dependent branch
+        if not torch.compiler.is_compiling() and torch.any(var < 0):
+            raise ValueError("var has negative entry/entries")
+    if var.size() != input.size():
+        if input.size()[:-1] == var.size():
+            var = torch.unsqueeze(var, -1)
+        elif input.ndim == var.ndim and \
+                sum(y for x, y in zip(input.size(), var.size()) if x != y) == 1:
+            pass
+        else:
+            raise ValueError("var is of incorrect size")
+    if reduction not in ("none", "mean", "sum"):
+        raise ValueError(reduction + " is not valid")
+    red = _RED[reduction]
+
+    def torch_call():
+        return torch.nn.functional.gaussian_nll_loss(input, target, var, full, eps, reduction)
+
+    dt = _promote(input, target, var)
+    if not _native("gaussian_nll_loss", input) or dt not in _C_DTYPES or \
+            not (math.isfinite(eps) and eps >= 0):
+        return torch_call()
+    _device("gaussian_nll_loss", input, target=target, var=var)
+    shape = torch.broadcast_shapes(input.shape, target.shape, var.shape)
+    cdt = _op_dtype(dt, shape, input, target, var)
+    x, y, v = (_bcast(t.to(dt).to(cdt), shape) for t in (input, target, var))
+    mask = int(_wants_grad(x, y)) | (int(_wants_grad(v)) << 1)
+    loss = torch.ops.culoss.pointwise3(x, v, y, 1, red, float(eps), int(bool(full)), mask)[0]
+    return loss if torch.is_autocast_enabled(input.device.type) else loss.to(dt)
+
+
+def cosine_embedding_loss(input1, input2, target, margin=0.0, size_average=None, reduce=None,
+                          reduction="mean"):
+    """Cosine embedding loss, as ``torch.nn.functional.cosine_embedding_loss``:
+    ``1 - cos`` where target = 1, ``max(0, cos - margin)`` where target = -1,
+    0 for any other target; cos over the last dim of [N, D] (target [N]) or
+    [D] (target 0-dim), with torch's 1e-12 in each squared norm. One fused
+    row pass; gradients to both inputs (the target only selects)."""
+    red = _reduction(reduction, size_average, reduce)
+    for name, t in (("input1", input1), ("input2", input2), ("target", target)):
+        _tensor(name, t)
+
+    def torch_call():
+        return torch.nn.functional.cosine_embedding_loss(input1, input2, target, margin,
+                                                         reduction=_RED_NAME[red])
+
+    td = target.dim()
+    if td not in (0, 1) or input1.dim() != td + 1 or input2.dim() != td + 1:
+        return torch_call()  # torch's error
+    dt = torch.promote_types(input1.dtype, input2.dtype)
+    if not _native("cosine_embedding_loss", input1) or dt not in _C_DTYPES or \
+            not math.isfinite(margin):
+        return torch_call()
+    _device("cosine_embedding_loss", input1, input2=input2, target=target)
+    try:
+        shape = torch.broadcast_shapes(input1.shape, input2.shape)
+        n = shape[0] if td == 1 else 1
+        if torch.broadcast_shapes(target.shape, (n,) if td == 1 else ()) != ((n,) if td else ()):
+            return torch_call()  # a target longer than the rows: torch's broadcast
+    except RuntimeError:
+        return torch_call()
+    if shape[-1] == 0:
+        return torch_call()
+    cdt = _op_dtype(dt, shape, input1, input2)
+    x1, x2 = (_bcast(t.to(dt).to(cdt), shape).reshape(-1, shape[-1]) for t in (input1, input2))
+    t = target.detach().reshape(-1).expand(x1.shape[0])
+    code = torch.where(t == 1, 1.0, torch.where(t == -1, -1.0, 0.0)).to(torch.float32)
+    mask = int(_wants_grad(x1)) | (int(_wants_grad(x2)) << 1)
+    loss = torch.ops.culoss.embedding(x1, x2, None, code.contiguous(), 0, red, float(margin), 2.0,
+                                      0.0, False, mask)[0]
+    if red == NONE and td == 0:
+        loss = loss.reshape(())
+    return loss if torch.is_autocast_enabled(input1.device.type) else loss.to(dt)
+
+
+def triplet_margin_loss(anchor, positive, negative, margin=1.0, p=2, eps=1e-6, swap=False,
+                        size_average=None, reduce=None, reduction="mean"):
+    """Triplet margin loss ``max(d(a, p) - d(a, n) + margin, 0)`` with
+    ``d(x, y) = |x - y + eps|_p`` over the last dim, as
+    ``torch.nn.functional.triplet_margin_loss`` (swap: d(a, n) replaced by
+    min(d(a, n), d(p, n)), a tie splitting the gradient; margin <= 0
+    raises). One fused row pass; gradients to all three. p < 1 or p = inf:
+    torch's composite."""
+    red = _reduction(reduction, size_average, reduce)
+    if margin <= 0:
+        raise ValueError(f"margin must be greater than 0, got {margin}")
+    for name, t in (("anchor", anchor), ("positive", positive), ("negative", negative)):
+        _tensor(name, t)
+
+    def torch_call():
+        return torch.nn.functional.triplet_margin_loss(anchor, positive, negative, margin, p, eps,
+                                                       swap, reduction=_RED_NAME[red])
+
+    if anchor.dim() != positive.dim() or anchor.dim() != negative.dim() or anchor.dim() == 0:
+        return torch_call()  # torch's error
+    dt = _promote(anchor, positive, negative)
+    if not _native("triplet_margin_loss", anchor) or dt not in _C_DTYPES or \
+            not (math.isfinite(p) and p >= 1 and math.isfinite(eps) and math.isfinite(margin)):
+        return torch_call()
+    _device("triplet_margin_loss", anchor, positive=positive, negative=negative)
+    try:
+        shape = torch.broadcast_shapes(anchor.shape, positive.shape, negative.shape)
+    except RuntimeError:
+        return torch_call()
+    if shape[-1] == 0:
+        return torch_call()
+    cdt = _op_dtype(dt, shape, anchor, positive, negative)
+    xs = [_bcast(t.to(dt).to(cdt), shape).reshape(-1, shape[-1])
+          for t in (anchor, positive, negative)]
+    mask = sum(int(_wants_grad(x)) << k for k, x in enumerate(xs))
+    loss = torch.ops.culoss.embedding(xs[0], xs[1], xs[2], None, 1, red, float(margin), float(p),
+                                      float(eps), bool(swap), mask)[0]
+    if red == NONE:
+        loss = loss.reshape(shape[:-1])
+    return loss if torch.is_autocast_enabled(anchor.device.type) else loss.to(dt)
+
 
 # --------------------------------------------------------------------------- linear + CE
 

@@ -9,6 +9,7 @@ __all__ = [
     "CrossEntropyLoss", "NLLLoss", "BCEWithLogitsLoss", "BCELoss", "MultiMarginLoss", "MSELoss",
     "L1Loss", "HuberLoss", "SmoothL1Loss", "KLDivLoss", "HingeLoss", "LinearCrossEntropyLoss",
     "HingeEmbeddingLoss", "SoftMarginLoss", "PoissonNLLLoss", "SigmoidFocalLoss",
+    "MarginRankingLoss", "GaussianNLLLoss", "CosineEmbeddingLoss", "TripletMarginLoss",
 ]
 
 
@@ -204,6 +205,58 @@ class SigmoidFocalLoss(nn.Module):
     def forward(self, inputs, targets):
         return F.sigmoid_focal_loss(inputs, targets, alpha=self.alpha, gamma=self.gamma,
                                     reduction=self.reduction)
+
+
+class MarginRankingLoss(_Loss):
+    """``torch.nn.MarginRankingLoss`` (see :func:`culoss.torch.margin_ranking_loss`)."""
+
+    def __init__(self, margin=0.0, size_average=None, reduce=None, reduction="mean"):
+        super().__init__(size_average, reduce, reduction)
+        self.margin = margin
+
+    def forward(self, input1, input2, target):
+        return F.margin_ranking_loss(input1, input2, target, margin=self.margin,
+                                     reduction=self.reduction)
+
+
+class GaussianNLLLoss(_Loss):
+    """``torch.nn.GaussianNLLLoss`` (see :func:`culoss.torch.gaussian_nll_loss`)."""
+
+    def __init__(self, *, full=False, eps=1e-6, reduction="mean"):
+        super().__init__(None, None, reduction)
+        self.full, self.eps = full, eps
+
+    def forward(self, input, target, var):
+        return F.gaussian_nll_loss(input, target, var, full=self.full, eps=self.eps,
+                                   reduction=self.reduction)
+
+
+class CosineEmbeddingLoss(_Loss):
+    """``torch.nn.CosineEmbeddingLoss`` (see :func:`culoss.torch.cosine_embedding_loss`)."""
+
+    def __init__(self, margin=0.0, size_average=None, reduce=None, reduction="mean"):
+        super().__init__(size_average, reduce, reduction)
+        self.margin = margin
+
+    def forward(self, input1, input2, target):
+        return F.cosine_embedding_loss(input1, input2, target, margin=self.margin,
+                                       reduction=self.reduction)
+
+
+class TripletMarginLoss(_Loss):
+    """``torch.nn.TripletMarginLoss`` (see :func:`culoss.torch.triplet_margin_loss`)."""
+
+    def __init__(self, margin=1.0, p=2.0, eps=1e-6, swap=False, size_average=None, reduce=None,
+                 reduction="mean"):
+        super().__init__(size_average, reduce, reduction)
+        if margin <= 0:
+            raise ValueError(f"TripletMarginLoss: expected margin to be greater than 0, got "
+                             f"{margin} instead")
+        self.margin, self.p, self.eps, self.swap = margin, p, eps, swap
+
+    def forward(self, anchor, positive, negative):
+        return F.triplet_margin_loss(anchor, positive, negative, margin=self.margin, p=self.p,
+                                     eps=self.eps, swap=self.swap, reduction=self.reduction)
 
 
 class LinearCrossEntropyLoss(nn.Module):
