@@ -12,7 +12,14 @@
  *   - NLL and multi-margin, naive: one thread per element (multi-margin's
  *     target column from per-row float atomics and a second kernel).
  *   - elementwise losses, naive: one thread per element, no vector loads,
- *     the loss summed with a float atomicAdd.
+ *     the loss summed with a float atomicAdd (margin ranking and Gaussian NLL
+ *     too: three inputs, two gradients).
+ *   - cosine embedding and triplet margin (p = 2, no swap), two-pass: a block
+ *     per row computes the row's dot products / squared distances, then an
+ *     elementwise kernel reads every input again and writes the gradients:
+ *     what an implementation without a register row cache does (PyTorch's
+ *     composite launches more kernels and materialises the differences:
+ *     bench/compare_torch.py measures it).
  */
 #include <cuda_runtime.h>
 #include <stdint.h>
@@ -226,6 +233,81 @@ __global__ void naive_kernel(const T *x, const T *y, int64_t m, int op, float in
   atomicAdd(loss, l * inv_m);
 }
 
+/* ---- three-input elementwise, naive: op 0 margin ranking (x2 = input2),
+   1 Gaussian NLL (x2 = var) ---- */
+template <typename T>
+__global__ void naive3_kernel(const T *x, const T *x2, const T *y, int64_t m, int op, float inv_m,
+                              T *g, T *g2, float *loss) {
+  const int64_t i = (int64_t)blockIdx.x * BT + threadIdx.x;
+  if (i >= m) return;
+  const float a = to_f32(x[i]), b = to_f32(x2[i]), c = to_f32(y[i]);
+  float d, d2, l;
+  if (op == 0) {
+    l = culoss__margin_ranking(a, b, c, 0.0f, &d);
+    d2 = -d;
+  } else {
+    l = culoss__gaussian_nll(a, c, b, 1e-6f, 0, &d, &d2);
+  }
+  g[i] = from_f32<T>(d * inv_m);
+  g2[i] = from_f32<T>(d2 * inv_m);
+  atomicAdd(loss, l * inv_m);
+}
+
+/* ---- embedding rows, two-pass: op 0 cosine (y: fp32 targets), 1 triplet ---- */
+template <typename T>
+__global__ void emb_stats_kernel(const T *a, const T *b, const T *c, int64_t d, int op,
+                                 float *stats) {
+  __shared__ float red[3][BT];
+  const int64_t row = blockIdx.x, off = row * d;
+  float s0 = 0.0f, s1 = 0.0f, s2 = 0.0f;
+  for (int64_t j = threadIdx.x; j < d; j += BT) {
+    const float u = to_f32(a[off + j]), v = to_f32(b[off + j]);
+    if (op == 0) {
+      s0 += u * v, s1 += u * u, s2 += v * v;
+    } else {
+      const float w = to_f32(c[off + j]), e = u - v + 1e-6f, f = u - w + 1e-6f;
+      s0 += e * e, s1 += f * f;
+    }
+  }
+  red[0][threadIdx.x] = s0, red[1][threadIdx.x] = s1, red[2][threadIdx.x] = s2;
+  __syncthreads();
+  for (unsigned k = BT / 2; k > 0; k >>= 1) {
+    if (threadIdx.x < k)
+      for (int q = 0; q < 3; q++) red[q][threadIdx.x] += red[q][threadIdx.x + k];
+    __syncthreads();
+  }
+  if (threadIdx.x < 3) stats[3 * row + threadIdx.x] = red[threadIdx.x][0];
+}
+
+template <typename T>
+__global__ void emb_grad_kernel(const T *a, const T *b, const T *c, const float *y,
+                                const float *stats, int64_t n, int64_t d, int op, float inv_n,
+                                T *ga, T *gb, T *gc, float *loss) {
+  for (int64_t e = (int64_t)blockIdx.x * BT + threadIdx.x; e < n * d;
+       e += (int64_t)gridDim.x * BT) {
+    const int64_t row = e / d;
+    const float *st = stats + 3 * row;
+    const float u = to_f32(a[e]), v = to_f32(b[e]);
+    if (op == 0) {
+      const float n1 = st[1] + 1e-12f, n2 = st[2] + 1e-12f, den = sqrtf(n1 * n2);
+      const float cs = st[0] / den, t = y[row];
+      const float dl = t == 1.0f ? -1.0f : (t == -1.0f && cs > 0.0f ? 1.0f : 0.0f);
+      const float k = dl * inv_n;
+      ga[e] = from_f32<T>(k * (v / den - cs * u / n1));
+      gb[e] = from_f32<T>(k * (u / den - cs * v / n2));
+      if (e % d == 0) atomicAdd(loss, (t == 1.0f ? 1.0f - cs : fmaxf(cs, 0.0f)) * inv_n);
+    } else {
+      const float w = to_f32(c[e]), dap = sqrtf(st[0]), dan = sqrtf(st[1]);
+      const float z = dap - dan + 1.0f, k = z > 0.0f ? inv_n : 0.0f;
+      const float gap = (u - v + 1e-6f) / dap, gan = (u - w + 1e-6f) / dan;
+      ga[e] = from_f32<T>(k * (gap - gan));
+      gb[e] = from_f32<T>(-k * gap);
+      gc[e] = from_f32<T>(k * gan);
+      if (e % d == 0) atomicAdd(loss, fmaxf(z, 0.0f) * inv_n);
+    }
+  }
+}
+
 unsigned grid_for(int64_t count) {
   const int64_t b = (count + BT - 1) / BT;
   return (unsigned)(b > 65535 * 16 ? 65535 * 16 : (b < 1 ? 1 : b));
@@ -338,4 +420,34 @@ extern "C" int bench_ew_naive(int op, const void *x, const void *y, int dtype, i
                               float *loss) {
   return (int)with_dtype(dtype,
                          [&](auto d) { return ew_naive<decltype(d)>(op, x, y, m, g, loss); });
+}
+
+extern "C" int bench_ew3_naive(int op, const void *x, const void *x2, const void *y, int dtype,
+                               int64_t m, void *g, void *g2, float *loss) {
+  return (int)with_dtype(dtype, [&](auto t) {
+    typedef decltype(t) T;
+    const cudaError_t e = cudaMemsetAsync(loss, 0, sizeof(float));
+    if (e != cudaSuccess) return e;
+    return launch(naive3_kernel<T>, dim3((unsigned)((m + BT - 1) / BT)), dim3(BT), 0, nullptr,
+                  (const T *)x, (const T *)x2, (const T *)y, m, op, 1.0f / (float)m, (T *)g,
+                  (T *)g2, loss);
+  });
+}
+
+/* stats: 3 n floats of scratch; c, gc unused for cosine (op 0). */
+extern "C" int bench_emb_two_pass(int op, const void *a, const void *b, const void *c,
+                                  const float *y, int dtype, int64_t n, int64_t d, float *stats,
+                                  void *ga, void *gb, void *gc, float *loss) {
+  return (int)with_dtype(dtype, [&](auto t) {
+    typedef decltype(t) T;
+    cudaError_t e = cudaMemsetAsync(loss, 0, sizeof(float));
+    if (e == cudaSuccess)
+      e = launch(emb_stats_kernel<T>, dim3((unsigned)n), dim3(BT), 0, nullptr, (const T *)a,
+                 (const T *)b, (const T *)c, d, op, stats);
+    if (e == cudaSuccess)
+      e = launch(emb_grad_kernel<T>, dim3(grid_for(n * d)), dim3(BT), 0, nullptr, (const T *)a,
+                 (const T *)b, (const T *)c, y, (const float *)stats, n, d, op, 1.0f / (float)n,
+                 (T *)ga, (T *)gb, (T *)gc, loss);
+    return e;
+  });
 }

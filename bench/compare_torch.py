@@ -119,6 +119,29 @@ def elementwise_case(name, m, dt, dev):
     return x, y, ref, ours
 
 
+def embedding_case(name, n, d, dt, dev):
+    """Triplet margin / cosine embedding through culoss.torch (autograd) against
+    torch's composite (pairwise_distance or the products, clamp, mean and
+    their backward kernels) on the inputs upcast to float32, as the other
+    cases' references: torch's fp16 composite loses eps and its sums' bits."""
+    import culoss.torch as cl
+    a, p, q = (torch.randn(n, d, device=dev).to(dt) for _ in range(3))
+    y = torch.where(torch.rand(n, device=dev) < 0.5, -1.0, 1.0)
+    if name == "triplet_margin":
+        xs, tfn, ofn = (a, p, q), F.triplet_margin_loss, cl.triplet_margin_loss
+    else:
+        xs, tfn, ofn = (a, p), F.cosine_embedding_loss, cl.cosine_embedding_loss
+
+    def fwd_bwd(fn, cast):
+        def run():
+            ins = [t.detach().requires_grad_() for t in xs]
+            loss = fn(*[cast(t) for t in ins], *(() if name == "triplet_margin" else (y,)))
+            loss.backward()
+            return loss.detach(), torch.cat([t.grad.flatten() for t in ins])
+        return run
+    return fwd_bwd(tfn, lambda t: t.float()), fwd_bwd(ofn, lambda t: t)
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true")
@@ -156,6 +179,9 @@ def main():
             cases.append((ename, (m,), dt))
     cases.append(("linear_cross_entropy", (128, 64, 1000) if cpu else (4096, 2048, 32000),
                   torch.float32 if cpu else torch.bfloat16))
+    for ename in ("triplet_margin", "cosine_embedding"):
+        for dt in dts:
+            cases.append((ename, (256, 64) if cpu else (65536, 1024), dt))
     bad = 0
     for cname, shape, dt in cases:
         if cname == "linear_cross_entropy":
@@ -177,6 +203,10 @@ def main():
                 return loss, torch.cat([gh.flatten(), gw.flatten()])
             x, call_args = h, (h, w, y)
             label = f"linear_cross_entropy n={n} d={d} v={v}"
+        elif cname in ("triplet_margin", "cosine_embedding"):
+            ref_fn, ours = embedding_case(cname, *shape, dt, dev)
+            call_args = ()
+            label = f"{cname} n={shape[0]} d={shape[1]}"
         else:
             if cname in ("cross_entropy", "cross_entropy_soft", "nll", "multi_margin"):
                 x, y, tref, tours = row_case(cname, *shape, dt, dev)

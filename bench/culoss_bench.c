@@ -40,6 +40,7 @@
 #include "culoss.h"
 #include "helpers.h"
 #include "ew_call.h"
+#include "more_losses_call.h"
 #include "loss_math.h"
 #include "model.h"
 
@@ -51,7 +52,7 @@
 typedef struct {
   int quick, csv, json, repeats;
   int tiny;         /* smallest sizes: a check of the tool's GPU path, not a measurement */
-  const char *only; /* NULL, "ce", "ew" or "lce": one family of cases */
+  const char *only; /* NULL, "ce", "ew", "more" or "lce": one family of cases */
 } bench_opts;
 
 static int wanted(const bench_opts *bo, const char *family) {
@@ -194,6 +195,11 @@ int bench_nll_naive(const void *x, int dtype, int64_t n, int64_t v, const int64_
                     float *loss);
 int bench_mm_naive(const void *x, int dtype, int64_t n, int64_t v, const int64_t *t, void *g,
                    float *row_h, float *loss);
+int bench_ew3_naive(int op, const void *x, const void *x2, const void *y, int dtype, int64_t m,
+                    void *g, void *g2, float *loss);
+int bench_emb_two_pass(int op, const void *a, const void *b, const void *c, const float *y,
+                       int dtype, int64_t n, int64_t d, float *stats, void *ga, void *gb, void *gc,
+                       float *loss);
 
 static int flush_l2(void) {
   CK(cudaMemsetAsync(flush_buf, (int)(urand() * 255), flush_bytes, 0));
@@ -261,7 +267,7 @@ typedef struct {
   int ok;
 } result_t;
 
-static result_t results[256];
+static result_t results[512];
 static int nresults, total_cases, case_no;
 static double copy_bw;
 
@@ -274,7 +280,7 @@ static void progress(const char *what, int64_t n, int64_t v, culoss_dtype d) {
 
 static int record(const bench_opts *bo, const char *name, int64_t n, int64_t v, culoss_dtype d,
                   const float *ms, const float *base, double bytes, double err, double tol) {
-  result_t *r = &results[nresults < 255 ? nresults++ : 255];
+  result_t *r = &results[nresults < 511 ? nresults++ : 511];
   const int reps = bo->repeats;
   snprintf(r->name, sizeof r->name, "%s", name);
   r->n = n, r->v = v, r->d = d;
@@ -594,6 +600,140 @@ static int bench_ew(culoss_context *ctx, const bench_opts *bo, t_op op, int64_t 
   if (free_all(ctx, bufs, 4)) return -1;
   return bad;
 }
+/* -------------------------------------- margin ranking, Gaussian, embedding */
+/* tests/more_losses_call.h's l_kind: margin ranking and Gaussian NLL over m
+   elements (d = 1), cosine and triplet over n rows of d. */
+typedef struct {
+  culoss_context *ctx;
+  l_kind k;
+  l_opts o;
+  int64_t n, d;
+  culoss_dtype dt;
+  void *x[3], *g[3];
+  float *yt, *stats, *loss;
+} more_state;
+
+static int more_launch(void *p) {
+  more_state *s = p;
+  const void *in[3] = {s->x[0], s->x[1], s->x[2]};
+  CL(l_call(s->ctx, s->k, &s->o, s->n, s->d, s->d, s->dt, in, s->yt, s->loss, s->g, NULL));
+  return 0;
+}
+
+static int more_baseline(void *p) {
+  more_state *s = p;
+  if (l_rows(s->k))
+    CK((cudaError_t)bench_emb_two_pass(s->k == L_TRIPLET, s->x[0], s->x[1], s->x[2], s->yt,
+                                       (int)s->dt, s->n, s->d, s->stats, s->g[0], s->g[1], s->g[2],
+                                       s->loss));
+  else /* x[2] is the target: (x1, x2, y) and (input, var, target) */
+    CK((cudaError_t)bench_ew3_naive(s->k == L_GAUSS, s->x[0], s->x[1], s->x[2], (int)s->dt, s->n,
+                                    s->g[0], s->g[1], s->loss));
+  return 0;
+}
+
+/* The mean loss over everything, and every gradient of the first rows (2^20
+   elements at most), against the CPU reference. */
+static double more_check(const more_state *s) {
+  culoss_context *cpu;
+  const size_t es = s->dt == CULOSS_F32 ? 4 : 2, all = (size_t)(s->n * s->d) * es;
+  const int ni = l_ninputs(s->k);
+  int64_t rows = ((int64_t)1 << 20) / s->d;
+  if (rows > s->n) rows = s->n;
+  if (rows < 1) rows = 1;
+  const size_t part = (size_t)(rows * s->d) * es;
+  void *h[3], *g[3], *r[3];
+  float *yt = malloc((size_t)s->n * 4), loss, ref_loss, part_loss;
+  double worst = 0.0;
+  if (culoss_create(&cpu, CULOSS_BACKEND_CPU, 0) != CULOSS_OK) return INFINITY;
+  for (int q = 0; q < 3; q++) {
+    h[q] = malloc(all), g[q] = malloc(part), r[q] = malloc(part);
+    if (!h[q] || !g[q] || !r[q] || cudaMemcpy(h[q], s->x[q], all, cudaMemcpyDeviceToHost))
+      return INFINITY;
+    if (q < ni && cudaMemcpy(g[q], s->g[q], part, cudaMemcpyDeviceToHost)) return INFINITY;
+  }
+  if (cudaMemcpy(yt, s->yt, (size_t)s->n * 4, cudaMemcpyDeviceToHost) ||
+      cudaMemcpy(&loss, s->loss, 4, cudaMemcpyDeviceToHost))
+    return INFINITY;
+  const void *in[3] = {h[0], h[1], h[2]};
+  void *none[3] = {NULL, NULL, NULL};
+  l_opts sum = s->o;
+  sum.red = CULOSS_REDUCTION_SUM;
+  const float inv_n = (float)(1.0 / (double)s->n);
+  if (l_call(cpu, s->k, &s->o, s->n, s->d, s->d, s->dt, in, yt, &ref_loss, none, NULL) ||
+      l_call(cpu, s->k, &sum, rows, s->d, s->d, s->dt, in, yt, &part_loss, r, &inv_n))
+    return INFINITY;
+  worst = fabs((double)loss - ref_loss) / (fabs((double)ref_loss) + 1e-30);
+  for (int q = 0; q < ni; q++)
+    for (int64_t e = 0; e < rows * s->d; e++) {
+      const double a = to_f_host(g[q], s->dt, e), b = to_f_host(r[q], s->dt, e);
+      /* floored at 1% of the gradient's scale 1/n: cancelling terms */
+      const double err = fabs(a - b) / (fabs(b) + 1e-2 * inv_n);
+      if (!(err <= worst)) worst = err;
+    }
+  culoss_destroy(cpu);
+  for (int q = 0; q < 3; q++) free(h[q]), free(g[q]), free(r[q]);
+  free(yt);
+  return worst;
+}
+
+static int bench_more(culoss_context *ctx, const bench_opts *bo, l_kind k, int64_t n, int64_t d,
+                      culoss_dtype dt) {
+  const size_t es = dt == CULOSS_F32 ? 4 : 2, bytes = (size_t)(n * d) * es;
+  const int ni = l_ninputs(k);
+  char name[32];
+  snprintf(name, sizeof name, "%s fwd+bwd", l_name[k]);
+  progress(name, n, d, dt);
+  if (!fits(6 * bytes)) {
+    if (!bo->json)
+      printf("%-22s %10lld %7lld %5s skipped: not enough device memory\n", name, (long long)n,
+             (long long)d, dtype_name(dt));
+    return 0;
+  }
+  more_state s;
+  memset(&s, 0, sizeof s);
+  s.ctx = ctx, s.k = k, s.o = l_defaults(k, CULOSS_REDUCTION_MEAN), s.n = n, s.d = d, s.dt = dt;
+  for (int q = 0; q < 3; q++) {
+    CL(culoss_malloc(ctx, &s.x[q], bytes));
+    if (q < ni) CL(culoss_malloc(ctx, &s.g[q], bytes));
+  }
+  CL(culoss_malloc(ctx, (void **)&s.yt, (size_t)n * 4));
+  CL(culoss_malloc(ctx, (void **)&s.stats, (size_t)n * 12));
+  CL(culoss_malloc(ctx, (void **)&s.loss, sizeof(float)));
+  /* rows and inputs N(0, 1) (x 3 for the elementwise), hinge +-1 targets,
+     var uniform in [0, 1) (clamped at eps); the gradients are scratch here.
+     Triplet rows of independent N(0, 1): d(a, p) - d(a, n) ~ N(0, 1), so
+     with margin 1 most rows are active, some not */
+  const int64_t m = n * d;
+  if (k == L_MRANK) {
+    CK((cudaError_t)bench_fill(s.x[0], s.x[2], (int)dt, m, 201, 2));
+    CK((cudaError_t)bench_fill(s.x[1], s.g[0], (int)dt, m, 202, -3));
+  } else if (k == L_GAUSS) {
+    CK((cudaError_t)bench_fill(s.x[0], s.x[1], (int)dt, m, 203, 0));
+    CK((cudaError_t)bench_fill(s.x[2], s.g[0], (int)dt, m, 204, -3));
+  } else {
+    for (int q = 0; q < ni; q++)
+      CK((cudaError_t)bench_fill(s.x[q], s.g[0], (int)dt, m, 205 + (uint64_t)q, -3));
+  }
+  float *yt = malloc((size_t)n * 4);
+  for (int64_t i = 0; i < n; i++) yt[i] = urand() < 0.5 ? 1.0f : -1.0f;
+  CL(culoss_upload(ctx, s.yt, yt, (size_t)n * 4));
+  free(yt);
+  if (more_launch(&s)) return -1;
+  CL(culoss_synchronize(ctx));
+  const double err = more_check(&s);
+  float ms[256], base[256];
+  if (time_it(more_launch, &s, bo->repeats, ms)) return -1;
+  if (time_it(more_baseline, &s, bo->repeats, base)) return -1;
+  CL(culoss_synchronize(ctx));
+  const double moved = (double)bytes * (k == L_TRIPLET ? 6.0 : (k == L_COSINE ? 4.0 : 5.0)) +
+                       (k == L_COSINE ? 4.0 * (double)n : 0.0);
+  const int bad = record(bo, name, n, d, dt, ms, base, moved, err, dt == CULOSS_F32 ? 1e-4 : 2e-2);
+  void *const bufs[] = {s.x[0], s.x[1], s.x[2], s.g[0], s.g[1], s.g[2], s.yt, s.stats, s.loss};
+  if (free_all(ctx, bufs, 9)) return -1;
+  return bad;
+}
+
 /* ---------------------------------------------------------------- linear CE */
 typedef struct {
   culoss_context *ctx;
@@ -812,8 +952,17 @@ static int run_gpu(culoss_context *ctx, const bench_opts *bo) {
   const culoss_dtype dts_quick[] = {CULOSS_F32, CULOSS_BF16};
   const culoss_dtype *dts = bo->quick ? dts_quick : dts_full;
   const int nd = bo->quick ? 2 : 3;
+  /* margin ranking / Gaussian: the elementwise sizes; cosine / triplet:
+     (rows, d) with d in the register cache (1024 cosine, 512 triplet) and
+     past it (triplet 1024 bf16: the L2 re-read path; 4096) */
+  const int64_t rows_full[][2] = {{65536, 1024}, {65536, 512}, {16384, 4096}};
+  const int64_t rows_tiny[][2] = {{1000, 100}};
+  const int nr = bo->tiny ? 1 : (bo->quick ? 2 : 3);
+  const int64_t(*rws)[2] = bo->tiny ? rows_tiny : rows_full;
   total_cases = (wanted(bo, "ce") ? (nn * nv + (ROW_KINDS - 1) * nrv) * nd : 0) +
-                (wanted(bo, "ew") ? nm * T_NUM_OPS * nd : 0) + (wanted(bo, "lce") ? 2 * nl : 0);
+                (wanted(bo, "ew") ? nm * T_NUM_OPS * nd : 0) +
+                (wanted(bo, "more") ? (2 * nm + 2 * nr) * nd : 0) +
+                (wanted(bo, "lce") ? 2 * nl : 0);
   if (bo->csv)
     printf("# device,%s,copy_GBps,%.1f\ncase,n,v,dtype,median_ms,min_ms,max_ms,baseline_ms,GBps,"
            "pct_copy,max_rel_err,check\n",
@@ -845,6 +994,14 @@ static int run_gpu(culoss_context *ctx, const bench_opts *bo) {
     for (int mi = 0; mi < nm; mi++)
       for (int di = 0; di < nd; di++) {
         if ((rc = bench_ew(ctx, bo, (t_op)op, ms[mi], dts[di])) < 0) return 1;
+        bad |= rc;
+      }
+  for (int k = 0; k < (wanted(bo, "more") ? (int)L_NUM : 0); k++)
+    for (int si = 0; si < (l_rows((l_kind)k) ? nr : nm); si++)
+      for (int di = 0; di < nd; di++) {
+        const int64_t n = l_rows((l_kind)k) ? rws[si][0] : ms[si];
+        const int64_t d = l_rows((l_kind)k) ? rws[si][1] : 1;
+        if ((rc = bench_more(ctx, bo, (l_kind)k, n, d, dts[di])) < 0) return 1;
         bad |= rc;
       }
   if (!bo->csv && !bo->json && wanted(bo, "lce"))
@@ -897,7 +1054,7 @@ int main(int argc, char **argv) {
       bo.json = 1;
     else if (!strcmp(argv[i], "--only") && i + 1 < argc &&
              (!strcmp(argv[i + 1], "ce") || !strcmp(argv[i + 1], "ew") ||
-              !strcmp(argv[i + 1], "lce")))
+              !strcmp(argv[i + 1], "more") || !strcmp(argv[i + 1], "lce")))
       bo.only = argv[++i];
     else if (!strcmp(argv[i], "--tiny"))
       bo.tiny = 1, bo.repeats = 3;
@@ -909,7 +1066,7 @@ int main(int argc, char **argv) {
       model_check = 1;
     else {
       fprintf(stderr,
-              "usage: %s [--quick | --tiny] [--csv | --json] [--only ce|ew|lce] [--cpu]\n"
+              "usage: %s [--quick | --tiny] [--csv | --json] [--only ce|ew|more|lce] [--cpu]\n"
               "       %s --model [--check]   (the traffic model; emulator builds)\n",
               argv[0], argv[0]);
       return 2;

@@ -62,11 +62,12 @@ int culoss_bench_model(int check) {
 typedef struct {
   const char *name;
   culoss_dtype dt;
-  int64_t n, v;  /* rows x classes (elementwise: n elements, v = 1) */
-  double floor;  /* bytes */
-  double limit;  /* the ratio --check holds it to; 0: reported only */
-  int64_t full;  /* rows (elements) of the full-size prediction */
-  int row_cache; /* a row loss: re-read set and L2 verdict apply */
+  int64_t n, v;          /* rows x classes (elementwise: n elements, v = 1) */
+  double floor;          /* bytes */
+  double limit;          /* the ratio --check holds it to; 0: reported only */
+  int64_t full;          /* rows (elements) of the full-size prediction */
+  int row_cache;         /* a row loss: re-read set and L2 verdict apply */
+  double rows_in_flight; /* rows resident at once on an H100 (the re-read set's multiplier) */
 } mcase;
 
 static int fail(const char *what, culoss_status st) {
@@ -84,10 +85,13 @@ static int run(culoss_context *g, const mcase *k, int kind, culoss_emu_traffic *
   int64_t *tg = malloc((size_t)k->n * 8);
   void *xh = malloc(bytes), *yh = malloc(bytes);
   void *dx = NULL, *dy = NULL, *dg = NULL, *dt = NULL, *dl = NULL;
+  void *dz = NULL, *dg2 = NULL, *dg3 = NULL, *dyt = NULL; /* the row and 3-input losses' */
+  float *yt = malloc((size_t)k->n * 4);
   culoss_status st;
   int rc = 1;
-  if (!x || !y || !tg || !xh || !yh) goto done;
-  if (kind == 2) {
+  if (!x || !y || !tg || !xh || !yh || !yt) goto done;
+  for (int64_t i = 0; i < k->n; i++) yt[i] = i % 3 ? 1.0f : -1.0f;
+  if (kind >= 2) {
     for (int64_t i = 0; i < m; i++) x[i] = (float)rng_normal(&r), y[i] = (float)rng_uniform(&r);
   } else {
     fill_logits(&r, x, k->n, k->v, k->v, 2.0, 1, NULL);
@@ -103,6 +107,14 @@ static int run(culoss_context *g, const mcase *k, int kind, culoss_emu_traffic *
     rc = fail("set-up", st);
     goto done;
   }
+  if (kind >= 3 &&
+      ((st = culoss_malloc(g, &dz, bytes)) || (st = culoss_malloc(g, &dg2, bytes)) ||
+       (st = culoss_malloc(g, &dg3, bytes)) || (st = culoss_malloc(g, &dyt, (size_t)k->n * 4)) ||
+       (st = culoss_upload(g, dz, xh, bytes)) ||
+       (st = culoss_upload(g, dyt, yt, (size_t)k->n * 4)) || (st = culoss_synchronize(g)))) {
+    rc = fail("set-up", st);
+    goto done;
+  }
   culoss_emu_traffic_begin();
   if (kind == 0 || kind == 1) {
     culoss_cross_entropy_options o;
@@ -111,10 +123,23 @@ static int run(culoss_context *g, const mcase *k, int kind, culoss_emu_traffic *
         kind == 0
             ? culoss_cross_entropy(g, &o, k->n, k->v, k->dt, dx, k->v, CULOSS_I64, dt, dl, dg, NULL)
             : culoss_cross_entropy_soft(g, &o, k->n, k->v, k->dt, dx, k->v, dy, dl, dg, NULL);
-  } else {
+  } else if (kind == 2) {
     culoss_regression_options o;
     culoss_regression_options_init(&o);
     st = culoss_mse(g, &o, m, k->dt, dx, dy, dl, dg, NULL);
+  } else if (kind == 3) {
+    culoss_triplet_margin_options o;
+    culoss_triplet_margin_options_init(&o);
+    st = culoss_triplet_margin(g, &o, k->n, k->v, k->dt, dx, dy, dz, k->v, dl, dg, dg2, dg3, NULL);
+  } else if (kind == 4) {
+    culoss_cosine_embedding_options o;
+    culoss_cosine_embedding_options_init(&o);
+    st = culoss_cosine_embedding(g, &o, k->n, k->v, k->dt, dx, dy, k->v, (const float *)dyt, dl, dg,
+                                 dg2, NULL);
+  } else { /* var = y in [0, 1) (clamped at eps) */
+    culoss_gaussian_nll_options o;
+    culoss_gaussian_nll_options_init(&o);
+    st = culoss_gaussian_nll(g, &o, m, k->dt, dx, dz, dy, dl, dg, dg2, NULL);
   }
   if (st == CULOSS_OK) st = culoss_synchronize(g);
   culoss_emu_traffic_end(t);
@@ -125,8 +150,9 @@ static int run(culoss_context *g, const mcase *k, int kind, culoss_emu_traffic *
   rc = 0;
 done:
   culoss_free(g, dx), culoss_free(g, dy), culoss_free(g, dg), culoss_free(g, dt);
-  culoss_free(g, dl);
-  free(x), free(y), free(tg), free(xh), free(yh);
+  culoss_free(g, dl), culoss_free(g, dz), culoss_free(g, dg2), culoss_free(g, dg3);
+  culoss_free(g, dyt);
+  free(x), free(y), free(tg), free(xh), free(yh), free(yt);
   return rc;
 }
 
@@ -134,7 +160,8 @@ int culoss_bench_model(int check) {
   culoss_context *g = NULL;
   culoss_status st = culoss_create(&g, CULOSS_BACKEND_CUDA, 0);
   if (st != CULOSS_OK) return fail("culoss_create", st);
-  /* kind 0: CE (class indices) fwd+bwd; 1: CE soft targets; 2: MSE */
+  /* kind 0: CE (class indices) fwd+bwd; 1: CE soft targets; 2: MSE; 3: triplet margin (rows of
+     d = v); 4: cosine embedding; 5: Gaussian NLL (three inputs, two gradients) */
   static const struct {
     int kind;
     const char *name;
@@ -154,6 +181,15 @@ int culoss_bench_model(int check) {
       {1, "ce_soft fwd+bwd", CULOSS_F32, 8, 128256, 1.02},
       {2, "mse fwd+bwd", CULOSS_BF16, 1 << 20, 1, 1.01},
       {2, "mse fwd+bwd", CULOSS_F32, 1 << 20, 1, 1.01},
+      {5, "gaussian_nll fwd+bwd", CULOSS_BF16, 1 << 20, 1, 1.01},
+      /* rows in registers: one read of each input, one write of each gradient */
+      {3, "triplet fwd+bwd", CULOSS_BF16, 512, 512, 1.01},
+      {3, "triplet fwd+bwd", CULOSS_F32, 512, 512, 1.01},
+      {4, "cosine fwd+bwd", CULOSS_BF16, 512, 1024, 1.01},
+      {4, "cosine fwd+bwd", CULOSS_F32, 512, 1024, 1.01},
+      /* past the register cache: a second read (of L2, if the verdict holds); reported */
+      {3, "triplet fwd+bwd", CULOSS_BF16, 128, 1024, 0.0},
+      {4, "cosine fwd+bwd", CULOSS_F32, 128, 4096, 0.0},
   };
   int bad = 0;
   printf("culoss traffic MODEL (the emulator's counts of global loads and stores, turned into\n"
@@ -165,10 +201,17 @@ int culoss_bench_model(int check) {
   for (size_t i = 0; i < sizeof spec / sizeof spec[0]; i++) {
     mcase k;
     k.name = spec[i].name, k.dt = spec[i].dt, k.n = spec[i].n, k.v = spec[i].v;
-    k.limit = spec[i].limit, k.row_cache = spec[i].kind != 2;
+    const int kd = spec[i].kind;
+    k.limit = spec[i].limit, k.row_cache = kd != 2 && kd != 5;
+    /* CE: a 1024-thread block per long row, one per SM; embedding: a warp
+       per row, about 32 resident warps per SM (registers permitting) */
+    k.rows_in_flight = kd >= 3 ? 32.0 * H100_SMS : H100_SMS;
     const double es = (double)dtype_bytes(k.dt), m = (double)(k.n * k.v);
-    k.floor = m * es * (spec[i].kind == 1 ? 3.0 : (spec[i].kind == 2 ? 3.0 : 2.0));
-    k.full = spec[i].kind == 2 ? ((int64_t)1 << 28) : 16384;
+    /* floor: each input read once, each output written once (the cosine
+       target's 4 bytes per row included) */
+    static const double per_elem[] = {2.0, 3.0, 3.0, 6.0, 4.0, 5.0};
+    k.floor = m * es * per_elem[kd] + (kd == 4 ? 4.0 * (double)k.n : 0.0);
+    k.full = kd == 2 || kd == 5 ? ((int64_t)1 << 28) : (kd >= 3 ? 65536 : 16384);
     culoss_emu_traffic t;
     if (run(g, &k, spec[i].kind, &t)) {
       culoss_destroy(g);
@@ -179,7 +222,7 @@ int culoss_bench_model(int check) {
     const double ratio = req / k.floor, dratio = dist / k.floor;
     /* per row: what the gradient pass read again */
     const double reread_row = k.row_cache ? fmax(0.0, req - dist) / (double)k.n : 0.0;
-    const double set = reread_row * H100_SMS;
+    const double set = reread_row * k.rows_in_flight;
     const int hits = 2.0 * set <= H100_L2;
     const double full_elems = (double)k.full * (double)(k.row_cache ? k.v : 1);
     const double full_floor = k.floor / m * full_elems;
@@ -202,7 +245,8 @@ int culoss_bench_model(int check) {
   }
   printf("\nratio: requested bytes / floor; distinct: distinct sectors x 32 / floor (what DRAM\n"
          "moves if every re-read hits L2). t hit / t miss: predicted time of the full-size case\n"
-         "(16384 rows; 2^28 elements) with re-reads from L2 / from DRAM. A MODEL.\n");
+         "(CE 16384 rows; embedding 65536 rows; 2^28 elements) with re-reads from L2 / from\n"
+         "DRAM. A MODEL.\n");
   culoss_destroy(g);
   return bad;
 }
