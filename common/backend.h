@@ -139,8 +139,11 @@ typedef struct {
   const float *grad_loss;
 } culoss__ew_args;
 
-/* Multi-class hinge (host/multi_margin.c): rows with class targets. */
+/* Multi-class hinge (host/multi_margin.c): rows with class targets; and
+   the multi-label margin (multilabel: targets [n, c], contiguous, each row's
+   list of classes ended by the first -1; only o.reduction is used). */
 typedef struct {
+  int multilabel;
   culoss_multi_margin_options o;
   int64_t n, c, ld;
   culoss_dtype dtype;
@@ -153,7 +156,11 @@ typedef struct {
 } culoss__mm_args;
 
 /* Embedding losses (host/embedding.c): rows of pairs and triplets. */
-typedef enum { CULOSS__EMB_COSINE = 0, CULOSS__EMB_TRIPLET = 1 } culoss__emb_op;
+typedef enum {
+  CULOSS__EMB_COSINE = 0,
+  CULOSS__EMB_TRIPLET = 1,
+  CULOSS__EMB_ML_SOFT = 2 /* multi-label soft margin: x[0] input, x[1] targets */
+} culoss__emb_op;
 
 typedef struct {
   culoss__emb_op op;
@@ -162,6 +169,8 @@ typedef struct {
   culoss_dtype dtype;
   const void *x[3];    /* cosine: input1, input2; triplet: anchor, positive, negative */
   const float *target; /* cosine: [n] */
+  const float *weight; /* multi-label soft margin: NULL, [d], or [n, ld] (weight_per_row) */
+  int weight_per_row;
   float margin, p, eps;
   int swap;
   float *loss;

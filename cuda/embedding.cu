@@ -1,6 +1,7 @@
 /*
  * embedding.cu: the embedding losses (cosine embedding, triplet margin):
- * loss and every input's gradient in one pass over each row.
+ * loss and every input's gradient in one pass over each row; and the
+ * multi-label soft margin (mlsm_kernel: one streaming pass, below).
  *
  * A warp owns a row of every input (2 or 3 rows of d features at the same
  * offset). Pass 1 reads the row's 16-byte packs once, keeping them in
@@ -38,6 +39,8 @@ struct emb_params {
   int64_t n, d, ld;
   const void *x[3];
   const float *target;
+  const float *weight; /* multi-label soft margin */
+  int weight_per_row;
   float *loss;
   void *grad[3];
   const float *grad_loss;
@@ -293,6 +296,58 @@ __global__ void __launch_bounds__(EMB_THREADS) emb_kernel(emb_params p) {
     store_block_sum<EMB_THREADS>(lane == 0 ? my_loss : 0.0, &p.scratch->partial_loss[blockIdx.x]);
 }
 
+/* Multi-label soft margin: the gradient needs no row statistic, so one
+   streaming pass writes it (x and y read once, g written once) while the
+   warp sums the row's loss terms. */
+template <typename T, int VEC>
+__global__ void __launch_bounds__(EMB_THREADS) mlsm_kernel(emb_params p) {
+  typedef pack<T, VEC> pack_t;
+  const int grp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const bool reduced = p.reduction != CULOSS_REDUCTION_NONE;
+  const float red_scale = reduced ? reduced_grad_scale(p.reduction, p.grad_loss, p.div) : 1.0f;
+  const int64_t d = p.d, nvec = d / VEC, tail0 = nvec * VEC;
+  const float inv_c = 1.0f / (float)d;
+  double my_loss = 0.0;
+  for (int64_t row = (int64_t)blockIdx.x * EMB_ROWS + grp; row < p.n;
+       row += (int64_t)gridDim.x * EMB_ROWS) {
+    const int64_t base = row * p.ld;
+    const T *xr = static_cast<const T *>(p.x[0]) + base;
+    const T *yr = static_cast<const T *>(p.x[1]) + base;
+    T *gr = p.grad[0] ? static_cast<T *>(p.grad[0]) + base : nullptr;
+    const float *wr = p.weight ? p.weight + (p.weight_per_row ? base : 0) : nullptr;
+    const float hw = (reduced ? red_scale : (p.grad_loss ? p.grad_loss[row] : 1.0f)) * inv_c;
+    float acc = 0.0f;
+    /* w ((1 - y) x - log sigmoid(x)), gradient w (sigmoid(x) - y): no
+       pos_weight term, so an infinite target gives +-inf as the reference */
+    auto term = [&](float x, float y, int64_t j) -> float {
+      const float w = wr ? wr[j] : 1.0f;
+      acc += w * ((1.0f - y) * x - culoss__log_sigmoid(x));
+      return hw * (w * (culoss__sigmoid(x) - y));
+    };
+    for (int64_t pv = lane; pv < nvec; pv += 32) {
+      const pack_t xp = load_pack<T, VEC>(xr + pv * VEC), yp = load_pack<T, VEC>(yr + pv * VEC);
+      pack_t g;
+#pragma unroll
+      for (int e = 0; e < VEC; e++)
+        g.v[e] = from_f32<T>(term(to_f32(xp.v[e]), to_f32(yp.v[e]), pv * VEC + e));
+      if (gr) store_pack<T, VEC>(gr + pv * VEC, g);
+    }
+    for (int64_t j = tail0 + lane; j < d; j += 32) {
+      const float g = term(to_f32(ld_elem(xr + j)), to_f32(ld_elem(yr + j)), j);
+      if (gr) st_elem(gr + j, from_f32<T>(g));
+    }
+    acc = warp_allsum(acc);
+    if (lane == 0) {
+      if (reduced)
+        my_loss += acc * inv_c;
+      else
+        p.loss[row] = acc * inv_c;
+    }
+  }
+  if (reduced)
+    store_block_sum<EMB_THREADS>(lane == 0 ? my_loss : 0.0, &p.scratch->partial_loss[blockIdx.x]);
+}
+
 /* Packs per lane the register cache holds: 64 fp32 values per lane in all
    (ptxas keeps the cached packs converted to fp32 between the passes), so
    rows up to 32 * NPL * VEC = 1024 (cosine) or 512 (triplet) features stay
@@ -321,7 +376,7 @@ extern "C" culoss_status culoss__cuda_embedding(culoss_context *ctx, const void 
   const culoss__emb_args *a = static_cast<const culoss__emb_args *>(args);
   const cudaStream_t stream = (cudaStream_t)ctx->stream;
   const size_t es = culoss__dtype_size(a->dtype);
-  const int ni = a->op == CULOSS__EMB_TRIPLET ? 3 : 2;
+  const int ni = a->op == CULOSS__EMB_TRIPLET ? 3 : 2; /* inputs read */
   emb_params p;
   p.n = a->n;
   p.d = a->d;
@@ -331,6 +386,8 @@ extern "C" culoss_status culoss__cuda_embedding(culoss_context *ctx, const void 
     p.grad[q] = q < ni ? a->grad[q] : nullptr;
   }
   p.target = a->target;
+  p.weight = a->weight;
+  p.weight_per_row = a->weight_per_row;
   p.loss = a->loss;
   p.grad_loss = a->grad_loss;
   p.margin = a->margin;
@@ -347,6 +404,11 @@ extern "C" culoss_status culoss__cuda_embedding(culoss_context *ctx, const void 
     grid = capped_grid(ctx, (p.n + EMB_ROWS - 1) / EMB_ROWS);
     const cudaError_t e = with_dtype(a->dtype, [&](auto t) {
       typedef decltype(t) T;
+      if (a->op == CULOSS__EMB_ML_SOFT)
+        return vec ? launch(mlsm_kernel<T, vec16<T>::value>, dim3((unsigned)grid),
+                            dim3(EMB_THREADS), 0, stream, p)
+                   : launch(mlsm_kernel<T, 1>, dim3((unsigned)grid), dim3(EMB_THREADS), 0, stream,
+                            p);
       return a->op == CULOSS__EMB_TRIPLET
                  ? launch_emb<T, CULOSS__EMB_TRIPLET>(p, vec, (unsigned)grid, stream)
                  : launch_emb<T, CULOSS__EMB_COSINE>(p, vec, (unsigned)grid, stream);

@@ -8,7 +8,8 @@
  * every violated margin z_j = margin - x_y + x_j > 0 (0 elsewhere) while
  * summing the loss terms and the h_j. A fixed-order warp reduction gives the
  * row's loss and -sum h_j, which lane 0 writes at the target column last.
- * Reduced losses go through the shared deterministic reduction.
+ * Reduced losses go through the shared deterministic reduction. The
+ * multi-label margin (mlm_kernel) is below.
  */
 #include <cuda_runtime.h>
 
@@ -118,6 +119,108 @@ __global__ void __launch_bounds__(MM_THREADS) mm_kernel(mm_params p) {
     store_block_sum<MM_THREADS>(lane == 0 ? my_loss : 0.0, &p.scratch->partial_loss[blockIdx.x]);
 }
 
+/* Multi-label margin: a block per row (grid-stride). The row's target list
+   (up to the first -1), the targets' scores, a bit per class and a counter
+   per list entry live in dynamic shared memory; each thread takes classes
+   j (strided), adds max(0, 1 - x_t + x_j) over the list for a non-target
+   j, writes g/c times its active pairs as j's gradient and counts each
+   entry's active pairs (shared int atomics: the counts, hence the result,
+   do not depend on their order); after a barrier the targets' gradients are
+   -g/c times their entries' counts. Every score is read once (the targets'
+   in the first step, before any gradient is written: in place is safe). */
+template <typename T> __global__ void __launch_bounds__(MM_THREADS) mlm_kernel(mm_params p) {
+  CULOSS_DYNAMIC_SMEM(mlm_smem);
+  const int64_t c = p.c, nw = (c + 31) / 32;
+  uint32_t *mask = reinterpret_cast<uint32_t *>(mlm_smem);
+  float *xt = reinterpret_cast<float *>(mask + nw);
+  int *list = reinterpret_cast<int *>(xt + c), *cnt = list + c;
+  __shared__ int s_k;
+  __shared__ double s_sum;
+  const bool reduced = p.reduction != CULOSS_REDUCTION_NONE;
+  const float red_scale = reduced ? reduced_grad_scale(p.reduction, p.grad_loss, p.div) : 1.0f;
+  const float inv_c = 1.0f / (float)c;
+  const T *x = static_cast<const T *>(p.x);
+  T *grad = static_cast<T *>(p.grad);
+  double my_loss = 0.0;
+  for (int64_t row = blockIdx.x; row < p.n; row += gridDim.x) {
+    const T *xr = x + row * p.ld;
+    T *gr = grad ? grad + row * p.ld : nullptr;
+    /* the list's length (the first -1) and the entries' range, every entry */
+    if (threadIdx.x == 0) s_k = (int)c;
+    __syncthreads();
+    int first = (int)c, bad = 0;
+    for (int64_t j = threadIdx.x; j < c; j += MM_THREADS) {
+      const int64_t t = culoss__target_at(p.targets, p.ttype, row * c + j);
+      if (t == -1 && j < first) first = (int)j;
+      bad |= t < -1 || t >= c;
+    }
+    if (first < (int)c) atomicMin(&s_k, first);
+    bad = __syncthreads_or(bad);
+    const int k = s_k;
+    if (bad) { /* block-uniform */
+      if (threadIdx.x == 0) {
+        atomicOr(&p.scratch->error_flag, CULOSS__FLAG_TARGET);
+        if (reduced)
+          my_loss += culoss__nan();
+        else
+          p.loss[row] = culoss__nan();
+      }
+      if (gr)
+        for (int64_t j = threadIdx.x; j < c; j += MM_THREADS) gr[j] = from_f32<T>(0.0f);
+      __syncthreads(); /* s_k is rewritten by the next row */
+      continue;
+    }
+    for (int64_t w = threadIdx.x; w < nw; w += MM_THREADS) mask[w] = 0u;
+    __syncthreads();
+    for (int q = threadIdx.x; q < k; q += MM_THREADS) {
+      const int t = (int)culoss__target_at(p.targets, p.ttype, row * c + q);
+      list[q] = t;
+      xt[q] = to_f32(ld_elem(xr + t));
+      cnt[q] = 0;
+      atomicOr(&mask[t >> 5], 1u << (t & 31));
+    }
+    __syncthreads(); /* every target score read before any gradient is written */
+    const float hw = (reduced ? red_scale : (p.grad_loss ? p.grad_loss[row] : 1.0f)) * inv_c;
+    float l = 0.0f;
+    for (int64_t j = threadIdx.x; j < c; j += MM_THREADS) {
+      if (mask[j >> 5] >> (j & 31) & 1u) continue;
+      const float xj = to_f32(ld_elem(xr + j));
+      int active = 0;
+      for (int q = 0; q < k; q++) {
+        const float z = 1.0f - xt[q] + xj;
+        if (z > 0.0f) { /* PyTorch's test: a NaN pair adds nothing */
+          l += z;
+          active++;
+          atomicAdd(&cnt[q], 1);
+        }
+      }
+      if (gr) st_elem(gr + j, from_f32<T>((float)active * hw));
+    }
+    __syncthreads(); /* the counts are complete */
+    if (gr)
+      for (int64_t j = threadIdx.x; j < c; j += MM_THREADS) {
+        if (!(mask[j >> 5] >> (j & 31) & 1u)) continue;
+        int pairs = 0;
+        for (int q = 0; q < k; q++) pairs += list[q] == (int)j ? cnt[q] : 0;
+        st_elem(gr + j, from_f32<T>(-(float)pairs * hw));
+      }
+    store_block_sum<MM_THREADS>((double)l, &s_sum); /* ends with a barrier */
+    if (threadIdx.x == 0) {
+      const float row_loss = (float)(s_sum * (double)inv_c);
+      if (reduced)
+        my_loss += row_loss;
+      else
+        p.loss[row] = row_loss;
+    }
+  }
+  if (reduced)
+    store_block_sum<MM_THREADS>(threadIdx.x == 0 ? my_loss : 0.0,
+                                &p.scratch->partial_loss[blockIdx.x]);
+}
+
+/* Dynamic shared memory of mlm_kernel for c classes. */
+inline size_t mlm_smem_bytes(int64_t c) { return (size_t)(4 * ((c + 31) / 32) + 12 * c); }
+
 template <typename T>
 cudaError_t launch_mm(const mm_params &p, bool vec, unsigned grid, cudaStream_t s) {
   if (vec) return launch(mm_kernel<T, vec16<T>::value>, dim3(grid), dim3(MM_THREADS), 0, s, p);
@@ -150,7 +253,28 @@ extern "C" culoss_status culoss__cuda_multi_margin(culoss_context *ctx, const vo
   p.div = count_divisor((double)a->n);
   p.scratch = ctx->scratch;
   int64_t grid = 0;
-  if (p.n > 0) {
+  if (a->multilabel && p.n > 0) {
+    const size_t smem = mlm_smem_bytes(p.c);
+    /* the kernel's static shared memory (cub's reduction, two words) is
+       well under 1 KiB */
+    if (smem + 1024 > ctx->smem_optin)
+      return culoss__error(CULOSS_ERROR_INVALID_VALUE,
+                           "culoss_multilabel_margin: c = %lld needs %zu bytes of shared memory "
+                           "per block on the CUDA backend, more than the device's %zu",
+                           (long long)p.c, smem, ctx->smem_optin);
+    grid = capped_grid(ctx, p.n);
+    const cudaError_t e = with_dtype(a->dtype, [&](auto t) {
+      typedef decltype(t) T;
+      if (smem > 48 * 1024) {
+        const cudaError_t ea =
+            cudaFuncSetAttribute(reinterpret_cast<const void *>(mlm_kernel<T>),
+                                 cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
+        if (ea != cudaSuccess) return ea;
+      }
+      return launch(mlm_kernel<T>, dim3((unsigned)grid), dim3(MM_THREADS), smem, stream, p);
+    });
+    if (e != cudaSuccess) return culoss__cuda_status(e, "launch of mlm_kernel");
+  } else if (p.n > 0) {
     const bool vec = aligned16(p.x) && aligned16(p.grad) && ((p.ld * (int64_t)es) % 16) == 0;
     grid = capped_grid(ctx, (p.n + MM_ROWS - 1) / MM_ROWS);
     const cudaError_t e = with_dtype(

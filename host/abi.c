@@ -91,6 +91,12 @@ FIELD(culoss_triplet_margin_options, margin, 4);
 FIELD(culoss_triplet_margin_options, p, 8);
 FIELD(culoss_triplet_margin_options, eps, 12);
 FIELD(culoss_triplet_margin_options, swap, 16);
+PIN(sizeof(culoss_multilabel_margin_options) == 4);
+FIELD(culoss_multilabel_margin_options, reduction, 0);
+PIN(sizeof(culoss_multilabel_soft_margin_options) == 24);
+FIELD(culoss_multilabel_soft_margin_options, reduction, 0);
+FIELD(culoss_multilabel_soft_margin_options, weight, 8);
+FIELD(culoss_multilabel_soft_margin_options, weight_per_row, 16);
 
 PIN(sizeof(culoss_linear_ce_options) == 24);
 FIELD(culoss_linear_ce_options, grad_weight_dtype, 0);

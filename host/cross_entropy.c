@@ -45,7 +45,8 @@ static culoss_status validate(const culoss_context *ctx, const char *fn, culoss_
       (o->label_smoothing != 0.0f || o->z_loss != 0.0f || o->logit_softcap != 0.0f))
     return CULOSS__BAD(
         "%s: label_smoothing, z_loss and logit_softcap do not apply to NLL; they must be 0", fn);
-  if (a->loss == NULL) return CULOSS__BAD("%s: loss is NULL", fn);
+  if (a->loss == NULL && !(a->n == 0 && a->o.reduction == CULOSS_REDUCTION_NONE))
+    return CULOSS__BAD("%s: loss is NULL", fn);
   if (a->n > 0) {
     if (a->x == NULL) return CULOSS__BAD("%s: %s is NULL", fn, xname);
     if (a->mode == CULOSS__CE_SOFT && a->probs == NULL)

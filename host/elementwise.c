@@ -69,7 +69,8 @@ static culoss_status run_ew(culoss_context *ctx, const char *fn, culoss__ew_args
   CULOSS__TRY(culoss__check_rows(fn, rows, cols, cols));
   CULOSS__TRY(culoss__check_dtype(fn, a->dtype));
   CULOSS__TRY(culoss__check_reduction(fn, a->reduction, a->op == CULOSS__EW_KL));
-  if (a->loss == NULL) return CULOSS__BAD("%s: loss is NULL", fn);
+  if (a->loss == NULL && !(rows * cols == 0 && a->reduction == CULOSS_REDUCTION_NONE))
+    return CULOSS__BAD("%s: loss is NULL", fn);
   a->m = rows * cols;
   a->c = cols;
   a->divisor = a->reduction == CULOSS_REDUCTION_BATCHMEAN ? (double)rows : (double)a->m;

@@ -39,6 +39,17 @@ static double ddist(const culoss__emb_args *a, int ku, int kv, int64_t e, double
 static double row(const culoss__emb_args *a, int64_t i, double s, double *gbuf) {
   const int64_t off = i * a->ld, d = a->d;
   double l;
+  if (a->op == CULOSS__EMB_ML_SOFT) { /* (1/c) sum_j w_j BCE-with-logits(x_j, y_j) */
+    l = 0.0;
+    for (int64_t j = 0; j < d; j++) {
+      const double x = ld_at(a, 0, off + j), y = ld_at(a, 1, off + j);
+      const double w = a->weight ? (double)a->weight[a->weight_per_row ? off + j : j] : 1.0;
+      const double e = exp(-fabs(x)), sg = x >= 0 ? 1.0 / (1.0 + e) : e / (1.0 + e);
+      l += w * (fmax(x, 0.0) - x * y + log1p(e));
+      gbuf[j] = s * w * (sg - y) / (double)d;
+    }
+    return l / (double)d;
+  }
   if (a->op == CULOSS__EMB_COSINE) {
     double dot = 0.0, n1 = 0.0, n2 = 0.0;
     for (int64_t j = 0; j < d; j++) {
@@ -90,14 +101,17 @@ static double row(const culoss__emb_args *a, int64_t i, double s, double *gbuf) 
 
 culoss_status culoss__cpu_embedding(const culoss__emb_args *a) {
   const int reduced = a->reduction != CULOSS_REDUCTION_NONE;
-  const int ninputs = a->op == CULOSS__EMB_TRIPLET ? 3 : 2;
+  const int ninputs = a->op == CULOSS__EMB_TRIPLET ? 3 : (a->op == CULOSS__EMB_ML_SOFT ? 1 : 2);
   double total = 0.0, scale = 1.0;
   double *gbuf = NULL;
   if (a->n > 0) {
     gbuf = malloc((size_t)(3 * a->d) * sizeof *gbuf);
     if (gbuf == NULL)
-      return culoss__error(CULOSS_ERROR_OUT_OF_MEMORY, "culoss_%s: CPU reference row buffer",
-                           a->op == CULOSS__EMB_COSINE ? "cosine_embedding" : "triplet_margin");
+      return culoss__error(
+          CULOSS_ERROR_OUT_OF_MEMORY, "culoss_%s: CPU reference row buffer",
+          a->op == CULOSS__EMB_COSINE
+              ? "cosine_embedding"
+              : (a->op == CULOSS__EMB_TRIPLET ? "triplet_margin" : "multilabel_soft_margin"));
   }
   if (reduced) {
     const double g = a->grad_loss ? (double)a->grad_loss[0] : 1.0;

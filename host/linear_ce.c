@@ -127,7 +127,8 @@ static culoss_status run(culoss_context *ctx, const char *fn, culoss__lce_args *
   if (lo->accumulate != 0 && lo->accumulate != 1)
     return CULOSS__BAD("%s: accumulate = %d must be 0 or 1", fn, lo->accumulate);
   a->accumulate = lo->accumulate, a->lse = lo->lse, a->entropy = lo->entropy;
-  if (a->loss == NULL) return CULOSS__BAD("%s: loss is NULL", fn);
+  if (a->loss == NULL && !(a->n == 0 && a->o.reduction == CULOSS_REDUCTION_NONE))
+    return CULOSS__BAD("%s: loss is NULL", fn);
   if (a->weight == NULL) return CULOSS__BAD("%s: weight is NULL", fn);
   if (a->n > 0 && a->hidden == NULL) return CULOSS__BAD("%s: hidden is NULL", fn);
   if (a->n > 0 && a->targets == NULL) return CULOSS__BAD("%s: targets is NULL", fn);

@@ -93,7 +93,8 @@ culoss_status culoss_cross_entropy_vocab_parallel_finish(
   a.loss = loss, a.grad = grad_logits, a.grad_loss = grad_loss;
   CULOSS__TRY(check_call(ctx, fn, &a, o, 0));
   if (gathered == NULL) return CULOSS__BAD("%s: gathered is NULL", fn);
-  if (loss == NULL) return CULOSS__BAD("%s: loss is NULL", fn);
+  if (loss == NULL && !(n == 0 && o != NULL && o->reduction == CULOSS_REDUCTION_NONE))
+    return CULOSS__BAD("%s: loss is NULL", fn);
   return phase(ctx, fn, &a);
 }
 
@@ -110,7 +111,8 @@ culoss_status culoss_cross_entropy_vocab_parallel(
   a.vp = vp, a.n = n, a.c_local = c_local, a.ld = ld, a.dtype = dtype, a.ttype = ttype;
   a.x = logits, a.targets = targets, a.loss = loss, a.grad = grad_logits, a.grad_loss = grad_loss;
   CULOSS__TRY(check_call(ctx, fn, &a, o, 1));
-  if (loss == NULL) return CULOSS__BAD("%s: loss is NULL", fn);
+  if (loss == NULL && !(n == 0 && o != NULL && o->reduction == CULOSS_REDUCTION_NONE))
+    return CULOSS__BAD("%s: loss is NULL", fn);
   CULOSS__TRY(culoss_vocab_parallel_workspace_size(ctx, vp, n, &need));
   if (workspace_bytes < need)
     return CULOSS__BAD("%s: workspace_bytes = %zu is less than the %zu bytes "
@@ -207,7 +209,8 @@ culoss_status culoss_linear_cross_entropy_vocab_parallel(
   a.gw_dtype = lo != NULL && lo->grad_weight_dtype == CULOSS_F32 ? CULOSS_F32 : dtype;
   a.accumulate = lo != NULL ? lo->accumulate : 0;
   a.lse = lo != NULL ? lo->lse : NULL, a.entropy = lo != NULL ? lo->entropy : NULL;
-  if (loss == NULL) return CULOSS__BAD("%s: loss is NULL", fn);
+  if (loss == NULL && !(n == 0 && a.o.reduction == CULOSS_REDUCTION_NONE))
+    return CULOSS__BAD("%s: loss is NULL", fn);
   if (weight == NULL) return CULOSS__BAD("%s: weight is NULL", fn);
   if (n > 0 && hidden == NULL) return CULOSS__BAD("%s: hidden is NULL", fn);
   if (n > 0 && targets == NULL) return CULOSS__BAD("%s: targets is NULL", fn);

@@ -22,6 +22,8 @@
  *   - sizes and indices are int64_t; every pointer is in the context's memory
  *     space (device memory for the CUDA backend, host memory for the CPU
  *     backend) unless its comment says "host".
+ *   - the loss output is required, except when it has no elements (n = 0
+ *     with reduction NONE), where it may be NULL.
  *
  * Stream semantics (CUDA backend): every loss call is enqueued on the
  * context's stream (culoss_set_stream; default: the legacy default stream)
@@ -407,6 +409,31 @@ CULOSS_API culoss_status culoss_multi_margin(culoss_context *ctx,
                                              const float *grad_loss);
 
 typedef struct {
+  culoss_reduction reduction; /* default MEAN (over rows) */
+} culoss_multilabel_margin_options;
+CULOSS_API void culoss_multilabel_margin_options_init(culoss_multilabel_margin_options *o);
+
+/* Multi-label margin (torch.nn.functional.multilabel_margin_loss) over rows
+ * of scores [n, c] (row stride ld >= c) with targets [n, c] (contiguous,
+ * ttype): row i's classes are its targets up to the first -1, T_i (a class
+ * listed twice counts twice, as PyTorch); every target entry must be in
+ * [-1, c), as PyTorch checks:
+ *   l_i = (1/c) sum_{t in T_i} sum_{j not in T_i} max(0, 1 - x_t + x_j),
+ *   gradient g/c at j per active pair, -g/c at t per active pair (0 at the
+ *   kink; a pair with a NaN score adds nothing, PyTorch's z > 0 test).
+ *   MEAN divides by n. An entry outside [-1, c) behaves as an
+ *   out-of-range class target of culoss_multi_margin (CPU:
+ *   TARGET_OUT_OF_RANGE before writing; CUDA: NaN loss and zero gradient
+ *   for the row, deferred). The CUDA kernel takes a block per row with the
+ *   row's target flags and scores in shared memory: c is limited by the
+ *   device's shared memory per block (about 18000 classes on an H100;
+ *   INVALID_VALUE above). O(|T_i| c) work per row. */
+CULOSS_API culoss_status culoss_multilabel_margin(
+    culoss_context *ctx, const culoss_multilabel_margin_options *o, int64_t n, int64_t c,
+    culoss_dtype dtype, const void *scores, int64_t ld, culoss_index_type ttype,
+    const void *targets, float *loss, void *grad_scores, const float *grad_loss);
+
+typedef struct {
   culoss_reduction reduction; /* default MEAN */
   float delta;                /* huber only, default 1; > 0 and finite */
   float beta;                 /* smooth_l1 only, default 1; >= 0 and finite */
@@ -637,6 +664,27 @@ CULOSS_API culoss_status culoss_triplet_margin(culoss_context *ctx,
                                                int64_t ld, float *loss, void *grad_anchor,
                                                void *grad_positive, void *grad_negative,
                                                const float *grad_loss);
+
+typedef struct {
+  culoss_reduction reduction; /* default MEAN (over rows) */
+  const float *weight;        /* default NULL; [c] class weights, or [n, ld] (weight_per_row) */
+  int weight_per_row;         /* default 0; 1: weight has a value per element (row stride ld) */
+} culoss_multilabel_soft_margin_options;
+CULOSS_API void
+culoss_multilabel_soft_margin_options_init(culoss_multilabel_soft_margin_options *o);
+
+/* Multi-label soft margin over n rows of c logits x and targets y (one
+ * dtype, row stride ld >= c for both and the gradient; y in [0, 1] intended,
+ * any float accepted, as PyTorch):
+ *   l_i = (1/c) sum_j w_j [ (1 - y_j) x_j - log sigmoid(x_j) ]
+ *       = -(1/c) sum_j w_j [ y_j log sigmoid(x_j) + (1 - y_j) log sigmoid(-x_j) ],
+ *   computed overflow-free (softplus); gradient g w_j (sigmoid(x_j) - y_j) / c
+ *   (/ n for MEAN). One streaming pass, a warp per row. The gradient may
+ *   alias x. The torch front end differentiates the targets too (-w x / c). */
+CULOSS_API culoss_status culoss_multilabel_soft_margin(
+    culoss_context *ctx, const culoss_multilabel_soft_margin_options *o, int64_t n, int64_t c,
+    culoss_dtype dtype, const void *input, const void *target, int64_t ld, float *loss,
+    void *grad_input, const float *grad_loss);
 
 /* ------------------------------------------------------------------------ */
 /* Large vocabulary: fused linear + cross-entropy                           */

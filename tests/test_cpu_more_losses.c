@@ -207,6 +207,102 @@ Test(cpu_more, triplet_margin_hand_values) {
   NEAR(l, 0.0 - 1.0 + 1.0, 0, "a = p, d(a, q) = 1: %g", (double)l);
 }
 
+/* torch 2.15, float64: F.multilabel_soft_margin_loss(x, y, weight=w,
+   reduction='none') and the gradient of its sum */
+Test(cpu_more, multilabel_soft_margin_hand_values) {
+  const float x[6] = {1, -2, 0.5f, 0, 3, -1}, y[6] = {1, 0, 1, 0, 1, 0.5f}, w[3] = {1, 2, 0.5f};
+  const double wl[2] = {0.2680520672, 0.3989842425};
+  const double wg[6] = {-0.0896471405, 0.0794686147,  -0.0629234448,
+                        0.1666666667,  -0.0316172488, -0.0385097631};
+  float l[2], g[6], s;
+  culoss_multilabel_soft_margin_options o;
+  culoss_multilabel_soft_margin_options_init(&o);
+  cr_assert(o.reduction == CULOSS_REDUCTION_MEAN && o.weight == NULL && o.weight_per_row == 0);
+  o.reduction = CULOSS_REDUCTION_NONE, o.weight = w;
+  cr_assert_eq(culoss_multilabel_soft_margin(ctx, &o, 2, 3, CULOSS_F32, x, y, 3, l, g, NULL),
+               CULOSS_OK);
+  for (int i = 0; i < 2; i++) NEAR(l[i], wl[i], 1e-7, "loss[%d] %.9g", i, (double)l[i]);
+  for (int i = 0; i < 6; i++) NEAR(g[i], wg[i], 1e-7, "grad[%d] %.9g", i, (double)g[i]);
+  /* a weight per element equal to the class weights gives the same; MEAN
+     divides by the rows */
+  const float we[6] = {1, 2, 0.5f, 1, 2, 0.5f};
+  o.weight = we, o.weight_per_row = 1, o.reduction = CULOSS_REDUCTION_MEAN;
+  cr_assert_eq(culoss_multilabel_soft_margin(ctx, &o, 2, 3, CULOSS_F32, x, y, 3, &s, g, NULL),
+               CULOSS_OK);
+  NEAR(s, (wl[0] + wl[1]) / 2, 1e-7, "mean %.9g", (double)s);
+  for (int i = 0; i < 6; i++) NEAR(g[i], wg[i] / 2, 1e-7, "mean grad[%d]", i);
+  /* overflow-free: x = +-200 gives 200-sized losses, not inf */
+  const float big[2] = {200, -200}, yb[2] = {0, 1};
+  o.weight = NULL, o.weight_per_row = 0, o.reduction = CULOSS_REDUCTION_NONE;
+  cr_assert_eq(culoss_multilabel_soft_margin(ctx, &o, 1, 2, CULOSS_F32, big, yb, 2, l, g, NULL),
+               CULOSS_OK);
+  NEAR(l[0], 200.0, 1e-4, "softplus(200) + softplus(200) over 2: %g", (double)l[0]);
+  NEAR(g[0], 0.5, 1e-7, "grad %g", (double)g[0]);
+  NEAR(g[1], -0.5, 1e-7, "grad %g", (double)g[1]);
+  /* bad options */
+  o.weight_per_row = 2;
+  cr_assert_eq(culoss_multilabel_soft_margin(ctx, &o, 2, 3, CULOSS_F32, x, y, 3, l, g, NULL),
+               CULOSS_ERROR_INVALID_VALUE);
+  o.weight_per_row = 1;
+  cr_assert_eq(culoss_multilabel_soft_margin(ctx, &o, 2, 3, CULOSS_F32, x, y, 3, l, g, NULL),
+               CULOSS_ERROR_INVALID_VALUE, "weight_per_row without a weight");
+  cr_assert(strstr(culoss_last_error(), "without a weight") != NULL, "%s", culoss_last_error());
+  o.weight_per_row = 0;
+  cr_assert_eq(culoss_multilabel_soft_margin(ctx, &o, 2, 3, CULOSS_F32, x, NULL, 3, l, g, NULL),
+               CULOSS_ERROR_INVALID_VALUE);
+  cr_assert(strstr(culoss_last_error(), "target is NULL") != NULL, "%s", culoss_last_error());
+  cr_assert_eq(
+      culoss_multilabel_soft_margin(ctx, &o, 2, 3, CULOSS_F32, x, y, 3, l, (void *)y, NULL),
+      CULOSS_ERROR_INVALID_VALUE, "the gradient over the targets");
+}
+
+/* torch 2.15: F.multilabel_margin_loss([[.1, .2, .4, .8]], [[3, 0, -1, 1]])
+   = 0.85, grad (-0.5, 0.5, 0.5, -0.5); a listed class twice counts twice;
+   a NaN score's pairs add nothing (torch: 0.475, grad (-0.25, 0, 0.5,
+   -0.25) with x_1 = NaN); an empty list gives 0 */
+Test(cpu_more, multilabel_margin_hand_values) {
+  const float x[12] = {0.1f, 0.2f, 0.4f, 0.8f, 0.1f, 0.2f, 0.4f, 0.8f, 0.1f, NAN, 0.4f, 0.8f};
+  const int64_t t[12] = {3, 0, -1, 1, 1, 1, -1, 0, 3, 0, -1, 1};
+  const int32_t t32[12] = {3, 0, -1, 1, 1, 1, -1, 0, 3, 0, -1, 1};
+  const float wl[3] = {0.85f, 1.85f, 0.475f};
+  const float wg[12] = {-0.5f, 0.5f, 0.5f, -0.5f, 0.5f, -1.5f, 0.5f, 0.5f, -0.25f, 0, 0.5f, -0.25f};
+  float l[3], g[12], s;
+  culoss_multilabel_margin_options o;
+  culoss_multilabel_margin_options_init(&o);
+  cr_assert_eq(o.reduction, CULOSS_REDUCTION_MEAN);
+  o.reduction = CULOSS_REDUCTION_NONE;
+  for (int it = 0; it < 2; it++) {
+    cr_assert_eq(culoss_multilabel_margin(ctx, &o, 3, 4, CULOSS_F32, x, 4,
+                                          it ? CULOSS_I32 : CULOSS_I64,
+                                          it ? (const void *)t32 : (const void *)t, l, g, NULL),
+                 CULOSS_OK, "%s", culoss_last_error());
+    for (int i = 0; i < 3; i++) NEAR(l[i], wl[i], 1e-6, "loss[%d] %.9g", i, (double)l[i]);
+    for (int i = 0; i < 12; i++) NEAR(g[i], wg[i], 1e-6, "grad[%d] %.9g", i, (double)g[i]);
+  }
+  const int64_t none[4] = {-1, 2, 3, 0};
+  o.reduction = CULOSS_REDUCTION_SUM;
+  cr_assert_eq(
+      culoss_multilabel_margin(ctx, &o, 1, 4, CULOSS_F32, x, 4, CULOSS_I64, none, &s, g, NULL),
+      CULOSS_OK);
+  cr_assert(s == 0.0f && g[0] == 0.0f && g[3] == 0.0f, "an empty list: %g", (double)s);
+  /* every entry is checked, after the -1 too (as torch); nothing written */
+  const int64_t bad[4] = {3, -1, 2, -2};
+  poison(l, sizeof l);
+  cr_assert_eq(
+      culoss_multilabel_margin(ctx, &o, 1, 4, CULOSS_F32, x, 4, CULOSS_I64, bad, l, g, NULL),
+      CULOSS_ERROR_TARGET_OUT_OF_RANGE);
+  cr_assert(is_poison_f32(l[0]));
+  cr_assert_eq(culoss_multilabel_margin(ctx, &o, 1, 4, CULOSS_F32, x, 3, CULOSS_I64, t, l, g, NULL),
+               CULOSS_ERROR_INVALID_VALUE, "ld < c");
+  cr_assert_eq(culoss_multilabel_margin(ctx, &o, 1, 4, CULOSS_F32, x, 4, (culoss_index_type)7, t, l,
+                                        g, NULL),
+               CULOSS_ERROR_INVALID_VALUE);
+  cr_assert_eq(
+      culoss_multilabel_margin(ctx, &o, 1, 4, CULOSS_F32, x, 4, CULOSS_I64, NULL, l, g, NULL),
+      CULOSS_ERROR_INVALID_VALUE);
+  cr_assert(strstr(culoss_last_error(), "targets is NULL") != NULL, "%s", culoss_last_error());
+}
+
 /* Each gradient against central differences of the reference's own loss
    (SUM with a random upstream gradient), on random inputs. */
 Test(cpu_more, gradients_match_finite_differences) {
@@ -335,8 +431,9 @@ Test(cpu_more, bad_arguments_are_named_and_write_nothing) {
   cr_assert_eq(
       culoss_triplet_margin(ctx, NULL, 2, 4, CULOSS_F32, a, b, c, 4, &l1, NULL, NULL, NULL, NULL),
       CULOSS_OK);
-  cr_assert_eq(l_call(ctx, L_TRIPLET, &(l_opts){CULOSS_REDUCTION_MEAN, 1.0f, 2.0f, 1e-6f, 0, 0}, 2,
-                      4, 4, CULOSS_F32, in, yt, &l2, gp, NULL),
+  cr_assert_eq(l_call(ctx, L_TRIPLET,
+                      &(l_opts){CULOSS_REDUCTION_MEAN, 1.0f, 2.0f, 1e-6f, 0, 0, NULL, 0}, 2, 4, 4,
+                      CULOSS_F32, in, yt, &l2, gp, NULL),
                CULOSS_OK);
   cr_assert_eq(l1, l2);
 }
@@ -364,4 +461,39 @@ Test(cpu_more, nan_inputs_propagate_as_torch) {
       culoss_triplet_margin(ctx, &t, 2, 2, CULOSS_F32, a, p, q, 2, l, NULL, NULL, NULL, NULL),
       CULOSS_OK);
   cr_assert(isnan(l[0]) && !isnan(l[1]));
+}
+
+/* n = 0 with reduction NONE: the loss has no elements and may be NULL, in
+   every family (culoss.torch passes NULL for an empty tensor); any other
+   reduction still needs it. */
+Test(cpu_more, empty_none_loss_may_be_null) {
+  culoss_cross_entropy_options ce;
+  culoss_cross_entropy_options_init(&ce);
+  ce.reduction = CULOSS_REDUCTION_NONE;
+  cr_assert_eq(
+      culoss_cross_entropy(ctx, &ce, 0, 5, CULOSS_F32, NULL, 5, CULOSS_I64, NULL, NULL, NULL, NULL),
+      CULOSS_OK, "%s", culoss_last_error());
+  culoss_regression_options r;
+  culoss_regression_options_init(&r);
+  r.reduction = CULOSS_REDUCTION_NONE;
+  cr_assert_eq(culoss_mse(ctx, &r, 0, CULOSS_F32, NULL, NULL, NULL, NULL, NULL), CULOSS_OK);
+  culoss_multi_margin_options mm;
+  culoss_multi_margin_options_init(&mm);
+  mm.reduction = CULOSS_REDUCTION_NONE;
+  cr_assert_eq(
+      culoss_multi_margin(ctx, &mm, 0, 5, CULOSS_F32, NULL, 5, CULOSS_I64, NULL, NULL, NULL, NULL),
+      CULOSS_OK);
+  for (int k = 0; k < L_NUM; k++) {
+    l_opts o = l_defaults((l_kind)k, CULOSS_REDUCTION_NONE);
+    const void *in[3] = {NULL, NULL, NULL};
+    void *g[3] = {NULL, NULL, NULL};
+    cr_assert_eq(l_call(ctx, (l_kind)k, &o, 0, 4, 4, CULOSS_F32, in, NULL, NULL, g, NULL),
+                 CULOSS_OK, "%s: %s", l_name[k], culoss_last_error());
+    o.red = CULOSS_REDUCTION_SUM;
+    cr_assert_eq(l_call(ctx, (l_kind)k, &o, 0, 4, 4, CULOSS_F32, in, NULL, NULL, g, NULL),
+                 CULOSS_ERROR_INVALID_VALUE, "%s: SUM writes loss[0]", l_name[k]);
+  }
+  r.reduction = CULOSS_REDUCTION_MEAN;
+  cr_assert_eq(culoss_mse(ctx, &r, 0, CULOSS_F32, NULL, NULL, NULL, NULL, NULL),
+               CULOSS_ERROR_INVALID_VALUE);
 }

@@ -26,6 +26,7 @@ typedef struct {
   culoss_dtype dt;
   l_opts o;
   int grad_loss, offset, inplace, gmask, specials;
+  int weighted; /* multi-label soft margin: 0 none, 1 [d], 2 [n, ld] */
   uint64_t seed;
 } mcase;
 
@@ -43,6 +44,12 @@ static void fill_row(rng_t *r, const mcase *c, float *x[3], float *yt, int64_t i
       x[2][off] = u < 0.4 ? 1.0f : (u < 0.8 ? -1.0f : (u < 0.9 ? 0.0f : 0.5f));
     } else if (c->k == L_GAUSS) {
       x[1][off] = (float)(rng_uniform(r) < 0.1 ? 1e-8 : 0.05 + 2.0 * rng_uniform(r)); /* var */
+    } else if (c->k == L_MLSOFT) { /* labels, a few soft ones */
+      for (int64_t j = 0; j < c->ld; j++) {
+        const double u = rng_uniform(r);
+        x[0][off + j] *= 2.0f;
+        x[1][off + j] = u < 0.3 ? 1.0f : (u < 0.4 ? (float)rng_uniform(r) : 0.0f);
+      }
     } else if (c->k == L_COSINE) {
       const double u = rng_uniform(r);
       yt[i] = u < 0.45 ? 1.0f : (u < 0.9 ? -1.0f : 0.0f);
@@ -54,7 +61,7 @@ static void fill_row(rng_t *r, const mcase *c, float *x[3], float *yt, int64_t i
     if (c->k == L_MRANK) {
       const double z = c->o.margin - x[2][off] * ((double)x[0][off] - x[1][off]);
       if (fabs(z) > 1e-2 * (1.0 + fabs(x[0][off]) + fabs(x[1][off]))) return;
-    } else if (c->k == L_GAUSS) {
+    } else if (c->k == L_GAUSS || c->k == L_MLSOFT) {
       return;
     } else if (c->k == L_COSINE) {
       double dot = 0, n1 = 0, n2 = 0;
@@ -106,8 +113,8 @@ static void add_specials(const mcase *c, float *x[3]) {
 
 /* fp32 error bounds, in double from the rounded inputs: *latol the loss's
    of each row, gatol[q] each gradient element's (times the scale s). */
-static void bounds(const mcase *c, float *x[3], const float *yt, const double *s, double *latol,
-                   double *gatol[3]) {
+static void bounds(const mcase *c, float *x[3], const float *yt, const float *w, const double *s,
+                   double *latol, double *gatol[3]) {
   const int64_t d = c->d, ld = c->ld;
   const double sumk = 4.0 * EPS32 * (4.0 + (double)d / 16.0); /* fp32 sums of a row */
   for (int64_t i = 0; i < c->n; i++) {
@@ -123,6 +130,14 @@ static void bounds(const mcase *c, float *x[3], const float *yt, const double *s
       latol[i] = 8.0 * EPS32 * (fabs(log(v)) + rq + 1.0);
       gatol[0][off] = 4.0 * EPS32 * si * fabs(r / v);
       gatol[1][off] = 8.0 * EPS32 * si * (1.0 + rq) / v;
+    } else if (c->k == L_MLSOFT) { /* an fp32 row sum of w_j (softplus terms) / c */
+      double terms = 0.0;
+      for (int64_t j = 0; j < d; j++) {
+        const double wj = w ? fabs(w[c->weighted == 2 ? off + j : j]) : 1.0, xj = x[0][off + j];
+        terms += wj * (fabs(xj) * (1.0 + fabs(x[1][off + j])) + 1.0);
+        gatol[0][off + j] = 4.0 * EPS32 * si * wj / (double)d;
+      }
+      latol[i] = sumk * terms / (double)d;
     } else if (c->k == L_COSINE) {
       double n1 = 1e-12, n2 = 1e-12, m1 = 0, m2 = 0;
       for (int64_t j = 0; j < d; j++) {
@@ -178,7 +193,19 @@ static void run_case(const mcase *c) {
     const double g0 = c->grad_loss ? (double)gl[reduced ? 0 : i] : 1.0;
     s[i] = !reduced || c->o.red == CULOSS_REDUCTION_SUM ? g0 : g0 / (double)n;
   }
-  bounds(c, x, yt, s, latol, gatol);
+  /* class weights (multi-label soft margin), some 0 and some large */
+  float *w = NULL, *d_w = NULL;
+  l_opts o_cpu = c->o, o_gpu = c->o;
+  if (c->weighted) {
+    const int64_t nw = c->weighted == 2 ? elems : d;
+    w = malloc((size_t)(nw + 1) * 4);
+    for (int64_t e = 0; e < nw; e++)
+      w[e] = e % 7 == 3 ? 0.0f : (float)(0.1 + 3.0 * rng_uniform(&r));
+    d_w = dev_from(w, (size_t)(nw + 1) * 4);
+    o_cpu.weight = w, o_gpu.weight = d_w;
+    o_cpu.weight_per_row = o_gpu.weight_per_row = c->weighted == 2;
+  }
+  bounds(c, x, yt, w, s, latol, gatol);
 
   /* host copies in dt at the same offset; the reference on the CPU */
   void *h[3], *hg[3];
@@ -195,7 +222,7 @@ static void run_case(const mcase *c) {
   }
   float *ref_l = malloc((size_t)(nl + 1) * 4);
   cr_assert_eq(
-      l_call(cpu, c->k, &c->o, n, d, ld, c->dt, in_c, yt, ref_l, g_c, c->grad_loss ? gl : NULL),
+      l_call(cpu, c->k, &o_cpu, n, d, ld, c->dt, in_c, yt, ref_l, g_c, c->grad_loss ? gl : NULL),
       CULOSS_OK, "%s: cpu %s", what, culoss_last_error());
 
   /* the device run: outputs poisoned, in-place gradients over the inputs */
@@ -220,7 +247,7 @@ static void run_case(const mcase *c) {
     }
   }
   cr_assert_eq(
-      l_call(gpu, c->k, &c->o, n, d, ld, c->dt, in_g, d_yt, d_l, g_g, c->grad_loss ? d_gl : NULL),
+      l_call(gpu, c->k, &o_gpu, n, d, ld, c->dt, in_g, d_yt, d_l, g_g, c->grad_loss ? d_gl : NULL),
       CULOSS_OK, "%s: gpu %s", what, culoss_last_error());
   cr_assert_eq(culoss_synchronize(gpu), CULOSS_OK, "%s: %s", what, culoss_last_error());
 
@@ -279,7 +306,8 @@ static void run_case(const mcase *c) {
     culoss_free(gpu, dx[q]);
     free(x[q]), free(h[q]), free(hg[q]), free(gatol[q]);
   }
-  culoss_free(gpu, d_yt), culoss_free(gpu, d_gl), culoss_free(gpu, d_l);
+  culoss_free(gpu, d_yt), culoss_free(gpu, d_gl), culoss_free(gpu, d_l), culoss_free(gpu, d_w);
+  free(w);
   free(yt), free(gl), free(s), free(latol), free(ref_l), free(l), free(gh), free(gf), free(rf);
   free(pad_want);
 }
@@ -308,6 +336,7 @@ Test(gpu_more, every_loss_dtype_and_reduction) {
           if (test_quick() && s == (l_rows((l_kind)k) ? 5 : 3)) continue;
           const int64_t n = l_rows((l_kind)k) ? rows[s][0] : flat[s];
           mcase c = base((l_kind)k, n, rows[s][1], (culoss_dtype)dt, (culoss_reduction)red, seed++);
+          if (k == L_MLSOFT) c.weighted = (s + red) % 3;
           /* a pitch of whole 16-byte packs with d % VEC != 0: the vector
              paths' tails (ld = d + 3 below takes the scalar path) */
           if (l_rows(c.k) && s != 0 && s != 2) c.ld = (c.d + 7) / 8 * 8;
@@ -333,6 +362,7 @@ Test(gpu_more, options_pitch_views_inplace_and_gradient_subsets) {
         if (k == L_MRANK) c.o.margin = v < 3 ? 0.5f : -0.25f;
         if (k == L_GAUSS) c.o.full = v % 2, c.o.eps = v < 3 ? 1e-6f : 0.3f;
         if (k == L_COSINE) c.o.margin = v < 3 ? 0.2f : -0.4f;
+        if (k == L_MLSOFT) c.weighted = v % 3;
         if (k == L_TRIPLET) {
           static const float ps[] = {2.0f, 1.0f, 3.0f, 1.5f, 2.0f, 1.0f};
           c.o.p = ps[v], c.o.swap = v >= 2, c.o.margin = v == 4 ? 0.1f : 1.0f;
@@ -508,4 +538,127 @@ Test(gpu_more, rows_past_2_pow_31_elements) {
             (long long)where);
   culoss_free(gpu, d1), culoss_free(gpu, d2), culoss_free(gpu, dyt), culoss_free(gpu, dl);
   free(x), free(yt), free(b1), free(b2);
+}
+
+/* Multi-label margin: random target lists (duplicates, an empty list, a
+   full one, valid entries after the -1), against the CPU reference, every
+   dtype and reduction, padded pitch, unaligned rows, in place. */
+static void mlm_case(int64_t n, int64_t c, int64_t ld, culoss_dtype dt, culoss_reduction red,
+                     int inplace, int offset, uint64_t seed) {
+  rng_t r = rng_seeded(seed);
+  const size_t es = dtype_bytes(dt), bytes = (size_t)(n * ld + offset) * es;
+  const int reduced = red != CULOSS_REDUCTION_NONE;
+  const int64_t nl = reduced ? 1 : n;
+  float *x = malloc((size_t)(n * ld + 1) * 4), *gl = malloc((size_t)(nl + 1) * 4);
+  int64_t *t = malloc((size_t)(n * c + 1) * 8);
+  for (int64_t e = 0; e < n * ld; e++) x[e] = (float)(1.5 * rng_normal(&r));
+  if (n > 1) x[ld + c - 1] = NAN; /* a NaN pair adds nothing */
+  round_through(x, n * ld, dt);
+  for (int64_t i = 0; i < n; i++) {
+    const int64_t k = i == 0 ? 0 : (i == 2 ? c : rng_int(&r, 0, c + 1));
+    for (int64_t q = 0; q < c; q++) t[i * c + q] = q < k ? rng_int(&r, 0, c) : rng_int(&r, -1, c);
+    if (k < c) t[i * c + k] = -1;
+  }
+  for (int64_t i = 0; i < nl; i++) gl[i] = (float)(0.5 + rng_uniform(&r));
+  void *xh = calloc(1, bytes + 16), *gh = malloc(bytes + 16), *ref_g = malloc(bytes + 16);
+  pack_dtype((char *)xh + (size_t)offset * es, x, n * ld, dt);
+  poison(ref_g, bytes + 16);
+  culoss_multilabel_margin_options o;
+  culoss_multilabel_margin_options_init(&o);
+  o.reduction = red;
+  float *ref_l = malloc((size_t)(nl + 1) * 4), *l = malloc((size_t)(nl + 1) * 4);
+  char what[160];
+  snprintf(what, sizeof what,
+           "multilabel_margin n=%lld c=%lld ld=%lld dt=%d red=%d inplace=%d off=%d", (long long)n,
+           (long long)c, (long long)ld, dt, red, inplace, offset);
+  cr_assert_eq(culoss_multilabel_margin(cpu, &o, n, c, dt, (char *)xh + (size_t)offset * es, ld,
+                                        CULOSS_I64, t, ref_l, (char *)ref_g + (size_t)offset * es,
+                                        gl),
+               CULOSS_OK, "%s: cpu %s", what, culoss_last_error());
+  char *dx = dev_from(xh, bytes + 16), *dg = inplace ? dx : dev_alloc(bytes + 16);
+  if (!inplace) dev_poison(dg, bytes + 16);
+  int64_t *dtg = dev_from(t, (size_t)(n * c + 1) * 8);
+  float *dl = dev_alloc((size_t)(nl + 1) * 4), *dgl = dev_from(gl, (size_t)(nl + 1) * 4);
+  dev_poison(dl, (size_t)(nl + 1) * 4);
+  cr_assert_eq(culoss_multilabel_margin(gpu, &o, n, c, dt, dx + (size_t)offset * es, ld, CULOSS_I64,
+                                        dtg, dl, dg + (size_t)offset * es, dgl),
+               CULOSS_OK, "%s: gpu %s", what, culoss_last_error());
+  cr_assert_eq(culoss_synchronize(gpu), CULOSS_OK, "%s: %s", what, culoss_last_error());
+  to_host(l, dl, (size_t)(nl + 1) * 4);
+  to_host(gh, dg, bytes + 16);
+  /* fp32 sums of up to c^2 / 4 positive terms per row (a relative error) */
+  const double lt = 4.0 * EPS32 * (4.0 + (double)c);
+  for (int64_t i = 0; i < nl; i++)
+    cr_assert(close_enough(l[i], ref_l[i], 1e-30, lt), "%s: loss[%lld] gpu %.9g cpu %.9g", what,
+              (long long)i, (double)l[i], (double)ref_l[i]);
+  float *gf = malloc((size_t)(n * ld + 1) * 4), *rf = malloc((size_t)(n * ld + 1) * 4);
+  unpack_dtype(gf, (char *)gh + (size_t)offset * es, n * ld, dt);
+  unpack_dtype(rf, (char *)ref_g + (size_t)offset * es, n * ld, dt);
+  const double rtol = dt == CULOSS_F32 ? 2e-5 : (dt == CULOSS_F16 ? 2.0 / 1024 : 2.0 / 128);
+  for (int64_t i = 0; i < n; i++)
+    for (int64_t j = 0; j < ld; j++) {
+      const int64_t e = i * ld + j;
+      if (j >= c) {
+        cr_assert(inplace ? memcmp(&gf[e], &x[e], 4) == 0 || (isnan(gf[e]) && isnan(x[e]))
+                          : isnan(gf[e]),
+                  "%s: padding (%lld, %lld) written", what, (long long)i, (long long)j);
+        continue;
+      }
+      /* counts times g / c: exact up to the output's rounding */
+      cr_assert(close_enough(gf[e], rf[e], 1e-37, rtol), "%s: grad (%lld, %lld) gpu %.9g cpu %.9g",
+                what, (long long)i, (long long)j, (double)gf[e], (double)rf[e]);
+    }
+  if (!inplace) culoss_free(gpu, dg);
+  culoss_free(gpu, dx), culoss_free(gpu, dtg), culoss_free(gpu, dl), culoss_free(gpu, dgl);
+  free(x), free(gl), free(t), free(xh), free(gh), free(ref_g), free(ref_l), free(l), free(gf);
+  free(rf);
+}
+
+Test(gpu_more, multilabel_margin) {
+  REQUIRE_GPU();
+  const int64_t cs[] = {1, 5, 37, 300, 5000}; /* 5000: past 48 KiB of shared memory */
+  uint64_t seed = 3000;
+  for (int ci = 0; ci < 5; ci++)
+    for (int dt = 0; dt < 3; dt++)
+      for (int red = 0; red < 3; red++) {
+        const int64_t c = cs[ci], n = c >= 1000 ? 3 : 11;
+        if (test_quick() && c >= 1000 && dt > 0) continue;
+        mlm_case(n, c, c + (red == 1 ? 3 : 0), (culoss_dtype)dt, (culoss_reduction)red, red == 2,
+                 dt == 1 && red == 0, seed++);
+      }
+}
+
+/* An entry outside [-1, c) (after the -1 too, as PyTorch checks): the CPU
+   refuses before writing; CUDA gives the row NaN and zero gradient and a
+   deferred TARGET_OUT_OF_RANGE; a c beyond shared memory is refused. */
+Test(gpu_more, multilabel_margin_bad_targets_and_sizes) {
+  REQUIRE_GPU();
+  const float x[8] = {0.1f, 0.2f, 0.4f, 0.8f, 1, 2, 3, 4};
+  const int64_t t[8] = {3, 0, -1, 1, 1, -1, 0, 4}; /* 4 = c: out of range */
+  culoss_multilabel_margin_options o;
+  culoss_multilabel_margin_options_init(&o);
+  o.reduction = CULOSS_REDUCTION_NONE;
+  float l[2], g[8];
+  poison(l, sizeof l);
+  cr_assert_eq(culoss_multilabel_margin(cpu, &o, 2, 4, CULOSS_F32, x, 4, CULOSS_I64, t, l, g, NULL),
+               CULOSS_ERROR_TARGET_OUT_OF_RANGE);
+  cr_assert(strstr(culoss_last_error(), "targets[1][3] = 4") != NULL, "%s", culoss_last_error());
+  cr_assert(is_poison_f32(l[0]), "the CPU wrote before refusing");
+  float *dx = dev_from(x, 32), *dl = dev_alloc(8), *dg = dev_alloc(32);
+  int64_t *dt = dev_from(t, 64);
+  cr_assert_eq(
+      culoss_multilabel_margin(gpu, &o, 2, 4, CULOSS_F32, dx, 4, CULOSS_I64, dt, dl, dg, NULL),
+      CULOSS_OK);
+  cr_assert_eq(culoss_synchronize(gpu), CULOSS_ERROR_TARGET_OUT_OF_RANGE);
+  to_host(l, dl, 8), to_host(g, dg, 32);
+  /* row 0 as torch: 0.85, gradient (-0.5, 0.5, 0.5, -0.5) */
+  cr_assert(fabs(l[0] - 0.85) < 1e-6 && isnan(l[1]), "%g %g", (double)l[0], (double)l[1]);
+  const float want[4] = {-0.5f, 0.5f, 0.5f, -0.5f};
+  for (int j = 0; j < 4; j++) cr_assert(fabs(g[j] - want[j]) < 1e-6 && g[4 + j] == 0.0f);
+  const int64_t big = 100000; /* 1.2 MB of shared memory: refused before any read */
+  cr_assert_eq(culoss_multilabel_margin(gpu, &o, 1, big, CULOSS_F32, dx, big, CULOSS_I64, dt, dl,
+                                        NULL, NULL),
+               CULOSS_ERROR_INVALID_VALUE);
+  cr_assert(strstr(culoss_last_error(), "shared memory") != NULL, "%s", culoss_last_error());
+  culoss_free(gpu, dx), culoss_free(gpu, dl), culoss_free(gpu, dg), culoss_free(gpu, dt);
 }

@@ -142,6 +142,14 @@ class TripletMarginOptions(ctypes.Structure):
                 ("eps", ctypes.c_float), ("swap", _int)]
 
 
+class MultilabelMarginOptions(ctypes.Structure):
+    _fields_ = [("reduction", _int)]
+
+
+class MultilabelSoftMarginOptions(ctypes.Structure):
+    _fields_ = [("reduction", _int), ("weight", _P), ("weight_per_row", _int)]
+
+
 class LinearCEOptions(ctypes.Structure):
     _fields_ = [("grad_weight_dtype", _int), ("accumulate", _int), ("lse", _P), ("entropy", _P)]
 
@@ -162,7 +170,9 @@ _OPTIONS = {"cross_entropy": CEOptions, "bce": BCEOptions, "hinge": HingeOptions
             "hinge_embedding": HingeEmbeddingOptions, "soft_margin": SoftMarginOptions,
             "poisson_nll": PoissonNLLOptions, "sigmoid_focal": SigmoidFocalOptions,
             "margin_ranking": MarginRankingOptions, "gaussian_nll": GaussianNLLOptions,
-            "cosine_embedding": CosineEmbeddingOptions, "triplet_margin": TripletMarginOptions}
+            "cosine_embedding": CosineEmbeddingOptions, "triplet_margin": TripletMarginOptions,
+            "multilabel_soft_margin": MultilabelSoftMarginOptions,
+            "multilabel_margin": MultilabelMarginOptions}
 for _name, _st in _OPTIONS.items():
     getattr(lib, f"culoss_{_name}_options_init").argtypes = [ctypes.POINTER(_st)]
     getattr(lib, f"culoss_{_name}_options_init").restype = None
@@ -209,6 +219,8 @@ _SIGS["culoss_margin_ranking"] = [_P, _P, _i64, _int, _P, _P, _P, _P, _P, _P, _P
 _SIGS["culoss_gaussian_nll"] = [_P, _P, _i64, _int, _P, _P, _P, _P, _P, _P, _P]
 _SIGS["culoss_cosine_embedding"] = [_P, _P, _i64, _i64, _int, _P, _P, _i64, _P, _P, _P, _P, _P]
 _SIGS["culoss_triplet_margin"] = [_P, _P, _i64, _i64, _int, _P, _P, _P, _i64, _P, _P, _P, _P, _P]
+_SIGS["culoss_multilabel_margin"] = [_P, _P, _i64, _i64, _int, _P, _i64, _int, _P, _P, _P, _P]
+_SIGS["culoss_multilabel_soft_margin"] = [_P, _P, _i64, _i64, _int, _P, _P, _i64, _P, _P, _P]
 for _f, _a in _SIGS.items():
     getattr(lib, _f).argtypes = _a
     getattr(lib, _f).restype = _int

@@ -35,6 +35,8 @@ OPS = {
     "nn.functional.gaussian_nll_loss": cl.gaussian_nll_loss,
     "nn.functional.cosine_embedding_loss": cl.cosine_embedding_loss,
     "nn.functional.triplet_margin_loss": cl.triplet_margin_loss,
+    "nn.functional.multilabel_soft_margin_loss": cl.multilabel_soft_margin_loss,
+    "nn.functional.multilabel_margin_loss": cl.multilabel_margin_loss,
 }
 # Ops whose inputs broadcast to the loss's shape with a gradient (summed).
 BROADCAST_SUMS = {"margin_ranking_loss", "gaussian_nll_loss"}
@@ -137,12 +139,13 @@ def test_opinfo_samples(entry, dtype):
                 if b is None:
                     continue
                 f = floor
-                full = torch.broadcast_shapes(*[t.shape for t in args
-                                                if isinstance(t, torch.Tensor)]).numel()
-                if entry.name.split(".")[-1] in BROADCAST_SUMS and 0 < b.numel() < full:
-                    # a broadcast input's gradient: a float32 sum of
-                    # full / b.numel() rounded terms, which may cancel
-                    f = max(floor, full / b.numel())
+                if entry.name.split(".")[-1] in BROADCAST_SUMS:
+                    full = torch.broadcast_shapes(*[t.shape for t in args
+                                                    if isinstance(t, torch.Tensor)]).numel()
+                    if 0 < b.numel() < full:
+                        # a broadcast input's gradient: a float32 sum of
+                        # full / b.numel() rounded terms, which may cancel
+                        f = max(floor, full / b.numel())
                 assert a is not None, f"{what}: no gradient for input {k}"
                 assert a.dtype == ins[k].dtype, f"{what}: grad {k} dtype {a.dtype}"
                 assert_close_ulps(a, b, dtype, grad_ulps, f"{what} grad of input {k}", f)

@@ -138,6 +138,21 @@ template <typename T> inline T from_bits(uint64_t b) {
 
 inline void __syncthreads() { culoss_emu::syncthreads(); }
 inline void __syncwarp(unsigned mask = 0xffffffffu) { culoss_emu::syncwarp(mask); }
+/* A barrier that also ORs a predicate over the block. The accumulator is
+   one static word: one block runs at a time outside cluster launches (a
+   cluster kernel must not call this; none does). The barriers around it
+   keep every read of one call before the next call's reset. */
+inline int __syncthreads_or(int pred) {
+  static int acc;
+  culoss_emu::syncthreads();
+  if (threadIdx.x == 0 && threadIdx.y == 0 && threadIdx.z == 0) acc = 0;
+  culoss_emu::syncthreads();
+  if (pred) acc = 1;
+  culoss_emu::syncthreads();
+  const int r = acc;
+  culoss_emu::syncthreads();
+  return r;
+}
 
 template <typename T> T __shfl_sync(unsigned mask, T v, int src, int width = 32) {
   const int lane = culoss_emu::lane_id();
@@ -176,6 +191,11 @@ inline unsigned atomicOr(unsigned *p, unsigned v) {
 inline int atomicAdd(int *p, int v) {
   const int old = *p;
   *p = old + v;
+  return old;
+}
+inline int atomicMin(int *p, int v) {
+  const int old = *p;
+  *p = old < v ? old : v;
   return old;
 }
 

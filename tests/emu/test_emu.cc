@@ -39,6 +39,14 @@ __global__ void neighbour_read(float *out, int with_barrier) {
   if (!with_barrier) __syncthreads(); /* the next launch's writes come after */
 }
 
+/* __syncthreads_or twice in a row: only thread `who` has the predicate in
+   the first, nobody in the second; out[t] = 2 * first + second. */
+__global__ void syncthreads_or_twice(int who, float *out) {
+  const int a = __syncthreads_or((int)threadIdx.x == who);
+  const int b = __syncthreads_or(0);
+  out[blockIdx.x * B + threadIdx.x] = (float)(2 * a + b);
+}
+
 /* __syncthreads reached by half of the block. */
 __global__ void divergent_barrier(float *out) {
   if (threadIdx.x < B / 2) __syncthreads();
@@ -171,6 +179,20 @@ Test(emu, divergent_syncthreads_is_a_launch_failure) {
   cr_assert_eq(cudaDeviceSynchronize(), cudaErrorLaunchFailure);
   cr_assert_eq(cudaMemset(o, 0, 4), cudaErrorLaunchFailure, "the fault is sticky");
   cudaFree(o); /* freed, though it reports the sticky fault */
+}
+
+Test(emu, syncthreads_or_reduces_over_the_block_under_any_schedule) {
+  const char *schedules[] = {"forward", "reverse", "random:5"};
+  for (int si = 0; si < 3; si++) {
+    setenv("CULOSS_EMU_SCHEDULE", schedules[si], 1);
+    float *o = dmalloc(2 * B), h[2 * B];
+    cr_assert_eq(culoss_dev::launch(syncthreads_or_twice, dim3(2), dim3(B), 0, nullptr, B - 1, o),
+                 cudaSuccess);
+    cr_assert_eq(cudaMemcpy(h, o, sizeof h, cudaMemcpyDeviceToHost), cudaSuccess);
+    for (int t = 0; t < 2 * B; t++)
+      cr_assert_float_eq(h[t], 2.0f, 0.0f, "%s thread %d", schedules[si], t);
+    cudaFree(o);
+  }
 }
 
 Test(emu, warp_shuffles) {

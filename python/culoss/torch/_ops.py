@@ -534,6 +534,77 @@ def _emb_backward(ctx, grad_loss, *_):
 embedding.register_autograd(_emb_backward, setup_context=_emb_setup)
 
 
+@torch.library.custom_op("culoss::multilabel_margin", mutates_args=())
+def multilabel_margin(input: Tensor, target: Tensor, reduction: int,
+                      compute_grad: bool) -> Tuple[Tensor, Tensor]:
+    """Multi-label margin over rows input [n, c] (contiguous) with int64
+    targets [n, c], each row's classes up to its first -1."""
+    n, c = input.shape
+    loss = _loss_out(input, n, reduction)
+    grad = _grad_out(input, compute_grad)
+    ctx = rt.context(input)
+    o = _lib.options("multilabel_margin", reduction=reduction)
+    _lib.call("multilabel_margin", ctx.h, o, n, c, rt.dtype_code(input), rt.ptr(input), c,
+              rt.index_code(target), rt.ptr(target), rt.ptr(loss),
+              rt.ptr(grad) if compute_grad else None, None)
+    return loss, grad
+
+
+@multilabel_margin.register_fake
+def _(input, target, reduction, compute_grad):
+    return _loss_out(input, input.shape[0], reduction), _grad_out(input, compute_grad)
+
+
+multilabel_margin.register_autograd(_input_grad_backward, setup_context=_input_grad_setup(2))
+
+
+@torch.library.custom_op("culoss::multilabel_soft_margin", mutates_args=())
+def multilabel_soft_margin(input: Tensor, target: Tensor, weight: Optional[Tensor],
+                           weight_per_row: bool, reduction: int,
+                           compute_grad: bool) -> Tuple[Tensor, Tensor]:
+    """Multi-label soft margin over rows input [n, c] (contiguous) and target
+    of the same shape and dtype; weight: fp32, [c] or (weight_per_row) [n, c]."""
+    n, c = input.shape
+    loss = _loss_out(input, n, reduction)
+    grad = _grad_out(input, compute_grad)
+    ctx = rt.context(input)
+    o = _lib.options("multilabel_soft_margin", reduction=reduction, weight=_opt_f32(weight),
+                     weight_per_row=int(weight_per_row))
+    _lib.call("multilabel_soft_margin", ctx.h, o, n, c, rt.dtype_code(input), rt.ptr(input),
+              rt.ptr(target), c, rt.ptr(loss), rt.ptr(grad) if compute_grad else None, None)
+    return loss, grad
+
+
+@multilabel_soft_margin.register_fake
+def _(input, target, weight, weight_per_row, reduction, compute_grad):
+    return _loss_out(input, input.shape[0], reduction), _grad_out(input, compute_grad)
+
+
+def _mlsm_setup(ctx, inputs, output):
+    input, target, weight, _, reduction = inputs[:5]
+    ctx.reduction = reduction
+    ctx.target_grad = target.requires_grad
+    ctx.save_for_backward(output[1], *((input, weight) if ctx.target_grad and weight is not None
+                                        else (input,) if ctx.target_grad else ()))
+
+
+def _mlsm_backward(ctx, grad_loss, _grad_grad):
+    saved = ctx.saved_tensors
+    gx = _scaled(saved[0], grad_loss, ctx.reduction) if ctx.needs_input_grad[0] else None
+    gy = None
+    if ctx.target_grad:  # d/dy = -(log sigmoid(x) - log sigmoid(-x)) w / c = -x w / c
+        x = _acc(saved[1])
+        n, c = x.shape
+        d = -x / c
+        if len(saved) > 2:
+            d = d * saved[2].to(d.dtype)
+        gy = (d * _row_scale(grad_loss.to(d.dtype), ctx.reduction, n, None)).to(saved[1].dtype)
+    return gx, gy, None, None, None, None
+
+
+multilabel_soft_margin.register_autograd(_mlsm_backward, setup_context=_mlsm_setup)
+
+
 @torch.library.custom_op("culoss::hinge", mutates_args=())
 def hinge(input: Tensor, target: Tensor, reduction: int, margin: float, squared: bool,
           compute_grad: bool) -> Tuple[Tensor, Tensor]:

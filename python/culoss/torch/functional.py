@@ -38,7 +38,8 @@ __all__ = [
     "multi_margin_loss", "mse_loss", "l1_loss", "huber_loss", "smooth_l1_loss", "kl_div",
     "hinge_loss", "linear_cross_entropy", "hinge_embedding_loss", "soft_margin_loss",
     "poisson_nll_loss", "sigmoid_focal_loss", "margin_ranking_loss", "gaussian_nll_loss",
-    "cosine_embedding_loss", "triplet_margin_loss",
+    "cosine_embedding_loss", "triplet_margin_loss", "multilabel_soft_margin_loss",
+    "multilabel_margin_loss",
 ]
 
 # --------------------------------------------------------------------------- shared checks
@@ -871,6 +872,86 @@ def triplet_margin_loss(anchor, positive, negative, margin=1.0, p=2, eps=1e-6, s
     if red == NONE:
         loss = loss.reshape(shape[:-1])
     return loss if torch.is_autocast_enabled(anchor.device.type) else loss.to(dt)
+
+
+def multilabel_soft_margin_loss(input, target, weight=None, size_average=None, reduce=None,
+                                reduction="mean"):
+    """Multi-label soft margin loss, as
+    ``torch.nn.functional.multilabel_soft_margin_loss``: per row (the last
+    dim is the classes) ``-(1/C) sum_c w_c [y log sigmoid(x) + (1 - y) log
+    sigmoid(-x)]``, overflow-free, in one fused pass; ``weight`` broadcast as
+    torch does (per class or per element). The target is differentiated too,
+    as torch's composite; a weight that requires grad runs torch's op."""
+    red = _reduction(reduction, size_average, reduce)
+    _tensor("input", input)
+    _tensor("target", target)
+
+    def torch_call():
+        return torch.nn.functional.multilabel_soft_margin_loss(input, target, weight,
+                                                               reduction=_RED_NAME[red])
+
+    if input.dim() == 0 or input.shape[-1] == 0 or not _native("multilabel_soft_margin_loss",
+                                                                input):
+        return torch_call()
+    dt = torch.promote_types(input.dtype, target.dtype)
+    if weight is not None:
+        _tensor("weight", weight)
+        dt = torch.promote_types(dt, weight.dtype)
+    if dt not in _C_DTYPES or (weight is not None and _wants_grad(weight)):
+        return torch_call()
+    _device("multilabel_soft_margin_loss", input, target=target, weight=weight)
+    shape = input.shape
+    try:
+        if torch.broadcast_shapes(shape, target.shape) != shape or (
+                weight is not None and torch.broadcast_shapes(shape, weight.shape) != shape):
+            return torch_call()  # the output's shape is the broadcast's: torch's
+    except RuntimeError:
+        return torch_call()  # torch's error
+    c = shape[-1]
+    x = input.to(dt).reshape(-1, c).contiguous()
+    y = _bcast(target.to(dt), shape).reshape(-1, c)
+    w, per_row = None, False
+    if weight is not None:
+        w = weight.detach().to(torch.float32)
+        if w.numel() == c and w.shape[-1:] == (c,):
+            w = w.reshape(c).contiguous()
+        else:
+            w, per_row = w.expand(shape).reshape(-1, c).contiguous(), True
+    loss, _ = torch.ops.culoss.multilabel_soft_margin(x, y, w, per_row, red, _wants_grad(x))
+    if red == NONE:
+        loss = loss.reshape(shape[:-1])
+    return loss if torch.is_autocast_enabled(input.device.type) else loss.to(dt)
+
+
+def multilabel_margin_loss(input, target, size_average=None, reduce=None, reduction="mean"):
+    """Multi-label margin loss, as ``torch.nn.functional.multilabel_margin_loss``:
+    input [C] or [N, C], target of the same shape (int64 class indices, each
+    row's list ended by its first -1; every entry in [-1, C));
+    ``sum_{t in list} sum_{j not in list} max(0, 1 - x_t + x_j) / C`` per row,
+    one fused block per row. Shapes torch refuses run torch's op (its error).
+    No rows: mean NaN, sum 0 (torch 2.15 returns an unwritten value for the
+    mean). A target outside [-1, C): on CPU an IndexError, on CUDA NaN rows
+    and an error at culoss.torch.synchronize."""
+    red = _reduction(reduction, size_average, reduce)
+    _tensor("input", input)
+    _tensor("target", target)
+
+    def torch_call():
+        return torch.nn.functional.multilabel_margin_loss(input, target,
+                                                          reduction=_RED_NAME[red])
+
+    if input.dim() > 2 or (input.dim() and input.shape[-1] == 0) or \
+            target.shape != input.shape or target.dtype != torch.int64 or \
+            not _native("multilabel_margin_loss", input):
+        return torch_call()
+    _device("multilabel_margin_loss", input, target=target)
+    c = input.shape[-1] if input.dim() else 1
+    x = input.reshape(-1, c).contiguous()
+    loss, _ = torch.ops.culoss.multilabel_margin(x, target.reshape(-1, c).contiguous(), red,
+                                                 _wants_grad(x))
+    if red == NONE:
+        loss = loss.reshape(input.shape[:-1] if input.dim() == 2 else ())
+    return _out_dtype(loss, input)
 
 
 # --------------------------------------------------------------------------- linear + CE
