@@ -178,6 +178,31 @@ typedef struct {
   const float *grad_loss;
 } culoss__emb_args;
 
+/* InfoNCE (host/info_nce.c): the small steps around its two linear CE
+   calls, one argument block for all. */
+typedef enum {
+  CULOSS__NCE_PREP = 0,  /* targets[i] = i, row_g[i] = the row's gradient scale; checks t */
+  CULOSS__NCE_SCALE = 1, /* out = x / t (out may be x), n x d of dtype */
+  CULOSS__NCE_AXPY = 2,  /* out += x / t */
+  CULOSS__NCE_FINISH = 3 /* loss and grad_temperature from the rows' statistics */
+} culoss__nce_step;
+
+typedef struct {
+  culoss__nce_step step;
+  int64_t n, d;
+  culoss_dtype dtype;
+  culoss_reduction reduction;
+  int symmetric;
+  const float *temperature;       /* NULL = 1 */
+  int64_t *targets;               /* PREP */
+  float *row_g;                   /* PREP writes, FINISH reads: [n] */
+  const float *grad_loss;         /* PREP */
+  const void *x;                  /* SCALE, AXPY */
+  void *out;                      /* SCALE, AXPY */
+  const float *rows;              /* FINISH: [dirs][3][n]: loss, lse, entropy per direction */
+  float *loss, *grad_temperature; /* FINISH */
+} culoss__nce_args;
+
 /* Fused linear + cross-entropy (host/linear_ce.c). */
 typedef struct {
   culoss_cross_entropy_options o;
@@ -252,6 +277,7 @@ culoss_status culoss__cuda_cross_entropy(culoss_context *ctx, const void *ce_arg
 culoss_status culoss__cuda_elementwise(culoss_context *ctx, const void *ew_args);
 culoss_status culoss__cuda_multi_margin(culoss_context *ctx, const void *mm_args);
 culoss_status culoss__cuda_embedding(culoss_context *ctx, const void *emb_args);
+culoss_status culoss__cuda_nce_step(culoss_context *ctx, const void *nce_args);
 culoss_status culoss__cuda_linear_cross_entropy(culoss_context *ctx, const void *lce_args);
 culoss_status culoss__cuda_vocab_parallel(culoss_context *ctx, const void *vp_args);
 culoss_status culoss__cuda_linear_vocab_parallel(culoss_context *ctx, const void *lce_args);

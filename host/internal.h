@@ -64,6 +64,7 @@ void culoss__device_leave(const culoss_context *ctx, int prev);
 #define culoss__cuda_elementwise NULL
 #define culoss__cuda_multi_margin NULL
 #define culoss__cuda_embedding NULL
+#define culoss__cuda_nce_step NULL
 #define culoss__cuda_linear_cross_entropy NULL
 #define culoss__cuda_vocab_parallel NULL
 #define culoss__cuda_linear_vocab_parallel NULL

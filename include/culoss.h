@@ -795,6 +795,45 @@ CULOSS_API culoss_status culoss_linear_cross_entropy_ex(
     size_t workspace_bytes);
 
 /* ------------------------------------------------------------------------ */
+/* Contrastive InfoNCE (CLIP loss) on the fused linear + CE path            */
+/* ------------------------------------------------------------------------ */
+typedef struct {
+  culoss_reduction reduction; /* default MEAN (over the n pairs) */
+  int symmetric;              /* default 0; 1: (CE(logits) + CE(logits^T)) / 2 (CLIP) */
+  const float *temperature;   /* default NULL (1); [1], context memory, > 0: read by the
+                                   call on the device, so a learned temperature needs no
+                                   host copy and a captured graph sees each step's value */
+  float *grad_temperature;    /* default NULL (skip); [1]: d loss / d temperature, written */
+} culoss_info_nce_options;
+CULOSS_API void culoss_info_nce_options_init(culoss_info_nce_options *o);
+
+/* Workspace bytes for culoss_info_nce (`bytes` host memory): two n x d
+   buffers of dtype (one without symmetric or without grad_key), O(n) per-row
+   values, and culoss_linear_cross_entropy_ex's workspace for n rows over n
+   classes: the n x n similarity matrix exists one block of rows at a time. */
+CULOSS_API culoss_status culoss_info_nce_workspace_size(culoss_context *ctx,
+                                                        const culoss_info_nce_options *o, int64_t n,
+                                                        int64_t d, culoss_dtype dtype,
+                                                        size_t *bytes);
+
+/* InfoNCE over query and key [n, d] (contiguous, dtype), positives on the
+ * diagonal of z = q k^T / t:
+ *   l_i = lse_j z_ij - z_ii; symmetric: (l_i + l'_i) / 2 with l' over z^T.
+ * Built on culoss_linear_cross_entropy_ex (hidden q / t, weight k; then
+ * k / t and q): fp32 accumulation, memory O(block x n + n x d). Gradients
+ * (each NULL = skip; neither may alias an input) to query, key and the
+ * temperature: dl_i/dt = -(1/t) (sum_j p_ij z_ij - z_ii) = -(l_i - H_i)/t
+ * with H the row's softmax entropy. loss: [n] for NONE, else one value;
+ * grad_loss as every loss. A temperature <= 0 (or NaN): INVALID_VALUE on the
+ * CPU backend before anything is written; on CUDA NaN outputs and a
+ * deferred INVALID_VALUE at culoss_synchronize. */
+CULOSS_API culoss_status culoss_info_nce(culoss_context *ctx, const culoss_info_nce_options *o,
+                                         int64_t n, int64_t d, culoss_dtype dtype,
+                                         const void *query, const void *key, float *loss,
+                                         void *grad_query, void *grad_key, const float *grad_loss,
+                                         void *workspace, size_t workspace_bytes);
+
+/* ------------------------------------------------------------------------ */
 /* Vocabulary-parallel cross-entropy (tensor parallelism)                   */
 /* ------------------------------------------------------------------------ */
 /*

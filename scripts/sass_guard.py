@@ -111,6 +111,8 @@ HOT: List[Tuple[str, bool, str]] = [
      "d <= 512"),
     (r"emb_kernel<(f32|f16|bf16),[01],[48],0>", True,
      "embedding rows past the register cache: two passes, the second from L2"),
+    (r"mlsm_kernel<(f32|f16|bf16),[48]>", True,
+     "multi-label soft margin (cuda/embedding.cu): one streaming pass, a warp per row"),
     (r"emb_kernel<(f32|f16|bf16),[01],1,0>", False,
      "embedding rows, element-at-a-time (pitch or buffers not 16-byte aligned)"),
 ]

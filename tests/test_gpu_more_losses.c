@@ -662,3 +662,119 @@ Test(gpu_more, multilabel_margin_bad_targets_and_sizes) {
   cr_assert(strstr(culoss_last_error(), "shared memory") != NULL, "%s", culoss_last_error());
   culoss_free(gpu, dx), culoss_free(gpu, dl), culoss_free(gpu, dg), culoss_free(gpu, dt);
 }
+
+/* InfoNCE (culoss_info_nce) against the CPU backend. fp32: random inputs,
+   1e-4 in norm (GEMM orders differ). 16-bit: inputs whose logits are exact
+   in every dtype and GEMM order (q, k in {0, +-1/2, +-1}, t = 1/2, d <= 16:
+   z a multiple of 1/2 below 32), so the loss must match to 2e-5 and the
+   gradients to the rounding of the logits' gradient to the dtype before its
+   GEMMs (1e-2 in norm for bf16, 2e-3 for fp16), with the temperature's;
+   random 16-bit inputs (logits rounded to the dtype) at 2e-2. */
+static double rel_norm(const void *got, const void *ref, int64_t count, culoss_dtype dt) {
+  float *a = malloc((size_t)count * 4), *b = malloc((size_t)count * 4);
+  unpack_dtype(a, got, count, dt), unpack_dtype(b, ref, count, dt);
+  double num = 0, den = 0;
+  for (int64_t i = 0; i < count; i++) {
+    if (isnan(a[i]) || isnan(b[i])) return INFINITY;
+    num += ((double)a[i] - b[i]) * ((double)a[i] - b[i]), den += (double)b[i] * b[i];
+  }
+  free(a), free(b);
+  return sqrt(num) / (sqrt(den) + 1e-30);
+}
+
+static void nce_case(int64_t n, int64_t d, culoss_dtype dt, int sym, culoss_reduction red,
+                     int exact, uint64_t seed) {
+  rng_t r = rng_seeded(seed);
+  const size_t es = dtype_bytes(dt), bytes = (size_t)(n * d) * es;
+  const int64_t nl = red == CULOSS_REDUCTION_NONE ? n : 1;
+  float *q = malloc((size_t)(n * d) * 4), *k = malloc((size_t)(n * d) * 4);
+  float *gl = malloc((size_t)nl * 4), t = exact ? 0.5f : 0.3f;
+  for (int64_t e = 0; e < n * d; e++) {
+    /* random 16-bit: |z| of a few units, since linear CE rounds 16-bit
+       logits to the dtype (an error of ulp(z) in each) */
+    const float sc = dt == CULOSS_F32 ? 1.0f : 0.25f;
+    q[e] = exact ? (float)(rng_int(&r, -2, 3)) * 0.5f : sc * (float)rng_normal(&r);
+    k[e] = exact ? (float)(rng_int(&r, -2, 3)) * 0.5f : sc * (float)rng_normal(&r) + 0.5f * q[e];
+  }
+  for (int64_t i = 0; i < nl; i++) gl[i] = (float)(0.5 + rng_uniform(&r));
+  void *qh = malloc(bytes), *kh = malloc(bytes);
+  pack_dtype(qh, q, n * d, dt), pack_dtype(kh, k, n * d, dt);
+  culoss_info_nce_options oc, og;
+  culoss_info_nce_options_init(&oc);
+  oc.reduction = red, oc.symmetric = sym;
+  float gt_c = 0.0f, gt_g = 0.0f, *d_t = dev_from(&t, 4), *d_gt = dev_alloc(4);
+  og = oc;
+  oc.temperature = &t, oc.grad_temperature = &gt_c;
+  og.temperature = d_t, og.grad_temperature = d_gt;
+  size_t wc, wg;
+  cr_assert_eq(culoss_info_nce_workspace_size(cpu, &oc, n, d, dt, &wc), CULOSS_OK);
+  cr_assert_eq(culoss_info_nce_workspace_size(gpu, &og, n, d, dt, &wg), CULOSS_OK);
+  void *w = malloc(wc), *rq = malloc(bytes), *rk = malloc(bytes), *gq = malloc(bytes);
+  void *gk = malloc(bytes);
+  float *rl = malloc((size_t)nl * 4), *l = malloc((size_t)nl * 4);
+  cr_assert_eq(culoss_info_nce(cpu, &oc, n, d, dt, qh, kh, rl, rq, rk, gl, w, wc), CULOSS_OK, "%s",
+               culoss_last_error());
+  char *dq = dev_from(qh, bytes), *dk = dev_from(kh, bytes), *dgq = dev_alloc(bytes);
+  char *dgk = dev_alloc(bytes), *dw = dev_alloc(wg + 1);
+  float *dl = dev_alloc((size_t)nl * 4), *dgl = dev_from(gl, (size_t)nl * 4);
+  dev_poison(dgq, bytes), dev_poison(dgk, bytes), dev_poison(dl, (size_t)nl * 4);
+  cr_assert_eq(culoss_info_nce(gpu, &og, n, d, dt, dq, dk, dl, dgq, dgk, dgl, dw, wg), CULOSS_OK,
+               "%s", culoss_last_error());
+  cr_assert_eq(culoss_synchronize(gpu), CULOSS_OK, "%s", culoss_last_error());
+  to_host(l, dl, (size_t)nl * 4), to_host(gq, dgq, bytes), to_host(gk, dgk, bytes);
+  to_host(&gt_g, d_gt, 4);
+  const double lt = dt == CULOSS_F32 ? 1e-4 : (exact ? 2e-5 : 2e-2);
+  const double gtol = dt == CULOSS_F32 ? 1e-4 : (!exact ? 2e-2 : (dt == CULOSS_F16 ? 2e-3 : 1e-2));
+  char what[96];
+  snprintf(what, sizeof what, "info_nce n=%lld d=%lld dt=%d sym=%d red=%d exact=%d", (long long)n,
+           (long long)d, dt, sym, red, exact);
+  for (int64_t i = 0; i < nl; i++)
+    cr_assert(close_enough(l[i], rl[i], lt, lt), "%s: loss[%lld] gpu %.9g cpu %.9g", what,
+              (long long)i, (double)l[i], (double)rl[i]);
+  cr_assert(rel_norm(gq, rq, n * d, dt) <= gtol, "%s: grad_query %.3g", what,
+            rel_norm(gq, rq, n * d, dt));
+  cr_assert(rel_norm(gk, rk, n * d, dt) <= gtol, "%s: grad_key %.3g", what,
+            rel_norm(gk, rk, n * d, dt));
+  cr_assert(close_enough(gt_g, gt_c, 1e-6, dt == CULOSS_F32 || exact ? 1e-3 : 3e-2),
+            "%s: grad_temperature gpu %.9g cpu %.9g", what, (double)gt_g, (double)gt_c);
+  culoss_free(gpu, dq), culoss_free(gpu, dk), culoss_free(gpu, dgq), culoss_free(gpu, dgk);
+  culoss_free(gpu, dw), culoss_free(gpu, dl), culoss_free(gpu, dgl), culoss_free(gpu, d_t);
+  culoss_free(gpu, d_gt);
+  free(q), free(k), free(gl), free(qh), free(kh), free(w), free(rq), free(rk), free(gq), free(gk);
+  free(rl), free(l);
+}
+
+Test(gpu_more, info_nce) {
+  REQUIRE_GPU();
+  uint64_t seed = 5000;
+  const int64_t shapes[][2] = {{1, 8}, {37, 16}, {300, 64}};
+  for (int s = 0; s < 3; s++)
+    for (int dt = 0; dt < 3; dt++)
+      for (int sym = 0; sym < 2; sym++)
+        for (int red = 0; red < 3; red++) {
+          if (test_quick() && s == 2 && dt > 0) continue;
+          const int exact = dt != CULOSS_F32 && shapes[s][1] <= 16;
+          nce_case(shapes[s][0], shapes[s][1], (culoss_dtype)dt, sym, (culoss_reduction)red, exact,
+                   seed++);
+        }
+}
+
+/* A temperature <= 0 read on the device: NaN outputs, a deferred
+   INVALID_VALUE. */
+Test(gpu_more, info_nce_bad_temperature_is_deferred) {
+  REQUIRE_GPU();
+  const float q[8] = {1, 0, 0, 1, 1, 1, 0, 0}, bad = -1.0f;
+  culoss_info_nce_options o;
+  culoss_info_nce_options_init(&o);
+  float *dq = dev_from(q, 32), *dt = dev_from(&bad, 4), *dl = dev_alloc(4), l;
+  o.temperature = dt;
+  size_t ws;
+  cr_assert_eq(culoss_info_nce_workspace_size(gpu, &o, 2, 4, CULOSS_F32, &ws), CULOSS_OK);
+  void *w = dev_alloc(ws);
+  cr_assert_eq(culoss_info_nce(gpu, &o, 2, 4, CULOSS_F32, dq, dq + 0, dl, NULL, NULL, NULL, w, ws),
+               CULOSS_OK);
+  cr_assert_eq(culoss_synchronize(gpu), CULOSS_ERROR_INVALID_VALUE);
+  to_host(&l, dl, 4);
+  cr_assert(isnan(l), "loss %g", (double)l);
+  culoss_free(gpu, dq), culoss_free(gpu, dt), culoss_free(gpu, dl), culoss_free(gpu, w);
+}

@@ -142,6 +142,11 @@ class TripletMarginOptions(ctypes.Structure):
                 ("eps", ctypes.c_float), ("swap", _int)]
 
 
+class InfoNCEOptions(ctypes.Structure):
+    _fields_ = [("reduction", _int), ("symmetric", _int), ("temperature", _P),
+                ("grad_temperature", _P)]
+
+
 class MultilabelMarginOptions(ctypes.Structure):
     _fields_ = [("reduction", _int)]
 
@@ -172,7 +177,7 @@ _OPTIONS = {"cross_entropy": CEOptions, "bce": BCEOptions, "hinge": HingeOptions
             "margin_ranking": MarginRankingOptions, "gaussian_nll": GaussianNLLOptions,
             "cosine_embedding": CosineEmbeddingOptions, "triplet_margin": TripletMarginOptions,
             "multilabel_soft_margin": MultilabelSoftMarginOptions,
-            "multilabel_margin": MultilabelMarginOptions}
+            "multilabel_margin": MultilabelMarginOptions, "info_nce": InfoNCEOptions}
 for _name, _st in _OPTIONS.items():
     getattr(lib, f"culoss_{_name}_options_init").argtypes = [ctypes.POINTER(_st)]
     getattr(lib, f"culoss_{_name}_options_init").restype = None
@@ -219,6 +224,8 @@ _SIGS["culoss_margin_ranking"] = [_P, _P, _i64, _int, _P, _P, _P, _P, _P, _P, _P
 _SIGS["culoss_gaussian_nll"] = [_P, _P, _i64, _int, _P, _P, _P, _P, _P, _P, _P]
 _SIGS["culoss_cosine_embedding"] = [_P, _P, _i64, _i64, _int, _P, _P, _i64, _P, _P, _P, _P, _P]
 _SIGS["culoss_triplet_margin"] = [_P, _P, _i64, _i64, _int, _P, _P, _P, _i64, _P, _P, _P, _P, _P]
+_SIGS["culoss_info_nce_workspace_size"] = [_P, _P, _i64, _i64, _int, ctypes.POINTER(_size)]
+_SIGS["culoss_info_nce"] = [_P, _P, _i64, _i64, _int, _P, _P, _P, _P, _P, _P, _P, _size]
 _SIGS["culoss_multilabel_margin"] = [_P, _P, _i64, _i64, _int, _P, _i64, _int, _P, _P, _P, _P]
 _SIGS["culoss_multilabel_soft_margin"] = [_P, _P, _i64, _i64, _int, _P, _P, _i64, _P, _P, _P]
 for _f, _a in _SIGS.items():

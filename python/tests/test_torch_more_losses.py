@@ -18,6 +18,7 @@ import torch.nn.functional as F
 import culoss.torch as cl
 from culoss.torch.functional import _focal_composite
 from test_torch_ops import DT_IDS, DTYPES, check
+from torch_ref import assert_close_ulps, tolerances
 
 REDS = ["none", "mean", "sum"]
 
@@ -434,3 +435,82 @@ def test_every_op_takes_an_empty_batch():
                 continue
             assert got.shape == want.shape and torch.equal(got, want.to(got.dtype)), \
                 (ours.__name__, red, got, want)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DT_IDS)
+@pytest.mark.parametrize("reduction", REDS)
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_info_nce_against_the_explicit_ce(dtype, reduction, symmetric):
+    """InfoNCE vs F.cross_entropy over the explicit q k^T / t (float64 on the
+    same rounded inputs), with the temperature's gradient (CLIP learns it)."""
+    from culoss.torch.functional import _info_nce_explicit
+    gen = torch.Generator().manual_seed(24)
+    q = (0.5 * torch.randn(11, 8, generator=gen, dtype=torch.float64)).to(dtype).requires_grad_()
+    k = (0.5 * torch.randn(11, 8, generator=gen, dtype=torch.float64)).to(dtype)
+    k = (k + 0.5 * q.detach()).requires_grad_()
+    t = torch.tensor(0.25, requires_grad=True)  # exact in every dtype
+
+    def ref(q_, k_, t_, **kw):
+        return _info_nce_explicit(q_, k_, t_, kw["symmetric"], kw["reduction"])
+
+    kw = dict(symmetric=symmetric, reduction=reduction)
+    loss_ulps, grad_ulps = tolerances(dtype)
+    out = cl.info_nce_loss(q, k, temperature=t, **kw)
+    ins64 = [x.detach().double().requires_grad_() for x in (q, k, t)]
+    want = ref(*ins64, **kw)
+    assert out.dtype == dtype and out.shape == want.shape
+    assert_close_ulps(out, want, dtype, loss_ulps, "loss")
+    g = torch.randn(out.shape, dtype=torch.float64).to(dtype)
+    got = torch.autograd.grad(out, (q, k, t), g)
+    exp = torch.autograd.grad(want, ins64, g.double())
+    # 16-bit: the logits' gradient is rounded to the dtype before its GEMMs
+    # (linear CE's), and the symmetric direction adds a second such sum: an
+    # error of up to rows / 2 ulps of the largest element where the sums
+    # cancel (as the OpInfo test allows linear_cross_entropy)
+    # (fp32: the rounding of q / t and of the intermediate gradients, sums
+    # over rows: an ulp of the largest element)
+    floor = 1.0 if dtype == torch.float32 else q.shape[0] / 2
+    for name, a, b in zip(("query", "key", "temperature"), got, exp):
+        assert_close_ulps(a, b, dtype if name != "temperature" else torch.float32,
+                          grad_ulps if name != "temperature" else 64.0, f"grad {name}",
+                          floor if name != "temperature" else 2.0 ** -12,
+                          atol=0.0 if dtype == torch.float32 or name != "temperature"
+                          else 2e-2 * float(b.abs()))
+
+
+def test_info_nce_options_module_errors_and_compile():
+    from culoss.torch.functional import _info_nce_explicit
+    gen = torch.Generator().manual_seed(25)
+    q = torch.randn(6, 4, generator=gen, requires_grad=True)
+    k = torch.randn(6, 4, generator=gen, requires_grad=True)
+    got = cl.info_nce_loss(q, k, temperature=0.5)  # a float temperature
+    assert torch.allclose(got, _info_nce_explicit(q, k, 0.5, False, "mean"), rtol=1e-5)
+    m = cl.InfoNCELoss(temperature=0.5, symmetric=True, reduction="sum")
+    assert torch.allclose(m(q, k), _info_nce_explicit(q, k, 0.5, True, "sum"), rtol=1e-5)
+    with pytest.raises(ValueError, match="must be > 0"):
+        cl.info_nce_loss(q, k, temperature=0.0)
+    with pytest.raises(ValueError, match="temperature = 0 must be > 0"):  # a tensor: the C check
+        cl.info_nce_loss(q, k, temperature=torch.tensor(0.0))
+    with pytest.raises(ValueError, match="must both be"):
+        cl.info_nce_loss(q, k[:5])
+    with pytest.raises(ValueError, match="reduction"):
+        cl.info_nce_loss(q, k, reduction="batchmean")
+    t = torch.tensor(0.5, requires_grad=True)
+    for red in ("mean", "none"):
+        torch.library.opcheck(torch.ops.culoss.info_nce.default,
+                              (q.detach().requires_grad_(), k.detach().requires_grad_(), t, None,
+                               True, {"none": 0, "mean": 2}[red], 7))
+    torch._dynamo.reset()
+
+    def f(q, k, t):
+        return cl.info_nce_loss(q, k, temperature=t, symmetric=True)
+    eager = f(q, k, t)
+    ge = torch.autograd.grad(eager, (q, t))
+    comp = torch.compile(f, fullgraph=True)(q, k, t)
+    gc = torch.autograd.grad(comp, (q, t))
+    assert torch.allclose(eager, comp) and all(torch.allclose(a, b) for a, b in zip(ge, gc))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        q64, k64 = q.double(), k.double()
+        assert torch.allclose(cl.info_nce_loss(q64, k64), _info_nce_explicit(q64, k64, 1.0, False,
+                                                                               "mean"))

@@ -534,6 +534,71 @@ def _emb_backward(ctx, grad_loss, *_):
 embedding.register_autograd(_emb_backward, setup_context=_emb_setup)
 
 
+@torch.library.custom_op("culoss::info_nce", mutates_args=())
+def info_nce(query: Tensor, key: Tensor, temperature: Tensor, grad_loss: Optional[Tensor],
+             symmetric: bool, reduction: int,
+             grad_mask: int) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """InfoNCE over query, key [n, d] (contiguous, one dtype), temperature a
+    0-dim float32 tensor: (loss, d/d query, d/d key, d/d temperature) for the
+    upstream gradient grad_loss (None: 1), bit k of grad_mask asking for the
+    k-th gradient (else an empty tensor)."""
+    n, d = query.shape
+    loss = _loss_out(query, n, reduction)
+    gq = torch.empty_like(query) if grad_mask & 1 else query.new_empty((0,))
+    gk = torch.empty_like(key) if grad_mask & 2 else query.new_empty((0,))
+    gt = torch.empty((), dtype=torch.float32, device=query.device) if grad_mask & 4 else \
+        query.new_empty((0,), dtype=torch.float32)
+    ctx = rt.context(query)
+    dt = rt.dtype_code(query)
+    o = _lib.options("info_nce", reduction=reduction, symmetric=int(symmetric),
+                     temperature=rt.ptr(temperature), grad_temperature=rt.ptr(gt))
+    size = ctypes.c_size_t()
+    _lib.call("info_nce_workspace_size", ctx.h, o, n, d, dt, ctypes.byref(size))
+    ws = torch.empty(max(size.value, 1), dtype=torch.uint8, device=query.device)
+    _lib.call("info_nce", ctx.h, o, n, d, dt, rt.ptr(query), rt.ptr(key), rt.ptr(loss),
+              rt.ptr(gq), rt.ptr(gk), _opt_f32(grad_loss), rt.ptr(ws), size.value)
+    return loss, gq, gk, gt
+
+
+@info_nce.register_fake
+def _(query, key, temperature, grad_loss, symmetric, reduction, grad_mask):
+    gq = torch.empty_like(query) if grad_mask & 1 else query.new_empty((0,))
+    gk = torch.empty_like(key) if grad_mask & 2 else query.new_empty((0,))
+    gt = torch.empty((), dtype=torch.float32, device=query.device) if grad_mask & 4 else \
+        query.new_empty((0,), dtype=torch.float32)
+    return _loss_out(query, query.shape[0], reduction), gq, gk, gt
+
+
+def _nce_setup(ctx, inputs, output):
+    query, key, temperature, _gl, symmetric, reduction, grad_mask = inputs
+    ctx.symmetric, ctx.reduction, ctx.grad_mask = symmetric, reduction, grad_mask
+    ctx.t_dtype = temperature.dtype
+    if reduction == NONE:  # the gradient is not a per-row multiple: run again with grad_loss
+        ctx.save_for_backward(query, key, temperature)
+    else:
+        ctx.save_for_backward(*output[1:])
+
+
+def _nce_backward(ctx, grad_loss, *_):
+    need = ctx.needs_input_grad
+    if ctx.reduction == NONE:
+        q, k, t = ctx.saved_tensors
+        mask = (1 if need[0] else 0) | (2 if need[1] else 0) | (4 if need[2] else 0)
+        _, gq, gk, gt = torch.ops.culoss.info_nce(q, k, t, grad_loss.float().contiguous(),
+                                                  ctx.symmetric, NONE, mask)
+    else:
+        gq, gk, gt = ctx.saved_tensors
+        s = grad_loss.float()
+        gq = gq * s.to(gq.dtype) if gq.numel() else gq
+        gk = gk * s.to(gk.dtype) if gk.numel() else gk
+        gt = gt * s if gt.numel() else gt
+    return (gq if need[0] else None, gk if need[1] else None,
+            gt.to(ctx.t_dtype) if need[2] else None, None, None, None, None)
+
+
+info_nce.register_autograd(_nce_backward, setup_context=_nce_setup)
+
+
 @torch.library.custom_op("culoss::multilabel_margin", mutates_args=())
 def multilabel_margin(input: Tensor, target: Tensor, reduction: int,
                       compute_grad: bool) -> Tuple[Tensor, Tensor]:

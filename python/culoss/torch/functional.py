@@ -39,7 +39,7 @@ __all__ = [
     "hinge_loss", "linear_cross_entropy", "hinge_embedding_loss", "soft_margin_loss",
     "poisson_nll_loss", "sigmoid_focal_loss", "margin_ranking_loss", "gaussian_nll_loss",
     "cosine_embedding_loss", "triplet_margin_loss", "multilabel_soft_margin_loss",
-    "multilabel_margin_loss",
+    "multilabel_margin_loss", "info_nce_loss",
 ]
 
 # --------------------------------------------------------------------------- shared checks
@@ -952,6 +952,55 @@ def multilabel_margin_loss(input, target, size_average=None, reduce=None, reduct
     if red == NONE:
         loss = loss.reshape(input.shape[:-1] if input.dim() == 2 else ())
     return _out_dtype(loss, input)
+
+
+def _info_nce_explicit(query, key, temperature, symmetric, reduction):
+    logits = query @ key.transpose(0, 1) / temperature
+    labels = torch.arange(query.shape[0], device=query.device)
+    loss = torch.nn.functional.cross_entropy(logits, labels, reduction=reduction)
+    if symmetric:
+        loss = 0.5 * (loss + torch.nn.functional.cross_entropy(logits.transpose(0, 1), labels,
+                                                               reduction=reduction))
+    return loss
+
+
+def info_nce_loss(query, key, *, temperature=1.0, symmetric=False, reduction="mean"):
+    """Contrastive InfoNCE (CLIP) loss: ``cross_entropy(query @ key.T /
+    temperature, arange(N))`` for query, key [N, D]; ``symmetric`` averages it
+    with the transposed direction. On the fused linear + cross-entropy path:
+    the N x N similarity matrix is never materialised (one block of rows at a
+    time), so memory is O(block x N + N x D). ``temperature`` is a float or a
+    0-dim tensor, which may require grad (CLIP's learned logit scale: pass
+    ``1 / logit_scale.exp()``); it must be > 0. Gradients to query, key and
+    temperature. float64 inputs run the explicit form in torch."""
+    red = _reduction(reduction)
+    _tensor("query", query)
+    _tensor("key", key)
+    if query.dim() != 2 or key.dim() != 2 or query.shape != key.shape:
+        raise ValueError(f"info_nce_loss: query {tuple(query.shape)} and key {tuple(key.shape)} "
+                         "must both be [N, D]")
+    if isinstance(temperature, torch.Tensor):
+        if temperature.numel() != 1:
+            raise ValueError("info_nce_loss: temperature must be a float or a 0-dim tensor")
+    elif not temperature > 0:
+        raise ValueError(f"info_nce_loss: temperature = {temperature} must be > 0")
+    dt = torch.promote_types(query.dtype, key.dtype)
+    if not _native("info_nce_loss", query) or dt not in _C_DTYPES or query.shape[1] == 0:
+        return _info_nce_explicit(query, key, temperature, symmetric, _RED_NAME[red])
+    _device("info_nce_loss", query, key=key,
+            temperature=temperature if isinstance(temperature, torch.Tensor) else None)
+    if isinstance(temperature, torch.Tensor):
+        t = temperature.reshape(()).to(torch.float32)
+    else:
+        t = torch.tensor(float(temperature), dtype=torch.float32, device=query.device)
+    q, k = query.to(dt).contiguous(), key.to(dt).contiguous()
+    mask = int(_wants_grad(q)) | (int(_wants_grad(k)) << 1) | (int(_wants_grad(t)) << 2)
+    if red == NONE:  # the backward reruns the op with the upstream gradient
+        mask_fwd = 0
+    else:
+        mask_fwd = mask
+    loss = torch.ops.culoss.info_nce(q, k, t, None, bool(symmetric), red, mask_fwd)[0]
+    return loss if torch.is_autocast_enabled(query.device.type) else loss.to(dt)
 
 
 # --------------------------------------------------------------------------- linear + CE

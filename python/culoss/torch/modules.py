@@ -10,7 +10,7 @@ __all__ = [
     "L1Loss", "HuberLoss", "SmoothL1Loss", "KLDivLoss", "HingeLoss", "LinearCrossEntropyLoss",
     "HingeEmbeddingLoss", "SoftMarginLoss", "PoissonNLLLoss", "SigmoidFocalLoss",
     "MarginRankingLoss", "GaussianNLLLoss", "CosineEmbeddingLoss", "TripletMarginLoss",
-    "MultiLabelSoftMarginLoss", "MultiLabelMarginLoss",
+    "MultiLabelSoftMarginLoss", "MultiLabelMarginLoss", "InfoNCELoss",
 ]
 
 
@@ -274,6 +274,21 @@ class MultiLabelMarginLoss(_Loss):
 
     def forward(self, input, target):
         return F.multilabel_margin_loss(input, target, reduction=self.reduction)
+
+
+class InfoNCELoss(nn.Module):
+    """Contrastive InfoNCE / CLIP loss as a module (see
+    :func:`culoss.torch.info_nce_loss`): ``forward(query, key)``; the
+    temperature a float or a tensor (a learned one may be a parameter of the
+    caller's model)."""
+
+    def __init__(self, *, temperature=1.0, symmetric=False, reduction="mean"):
+        super().__init__()
+        self.temperature, self.symmetric, self.reduction = temperature, symmetric, reduction
+
+    def forward(self, query, key):
+        return F.info_nce_loss(query, key, temperature=self.temperature,
+                               symmetric=self.symmetric, reduction=self.reduction)
 
 
 class LinearCrossEntropyLoss(nn.Module):
