@@ -317,11 +317,11 @@ __global__ void __launch_bounds__(EMB_THREADS) mlsm_kernel(emb_params p) {
     const float *wr = p.weight ? p.weight + (p.weight_per_row ? base : 0) : nullptr;
     const float hw = (reduced ? red_scale : (p.grad_loss ? p.grad_loss[row] : 1.0f)) * inv_c;
     float acc = 0.0f;
-    /* w ((1 - y) x - log sigmoid(x)), gradient w (sigmoid(x) - y): no
-       pos_weight term, so an infinite target gives +-inf as the reference */
+    /* w (y softplus(-x) + (1 - y) softplus(x)), gradient w (sigmoid(x) - y):
+       infinite logits and targets give torch's inf / NaN */
     auto term = [&](float x, float y, int64_t j) -> float {
-      const float w = wr ? wr[j] : 1.0f;
-      acc += w * ((1.0f - y) * x - culoss__log_sigmoid(x));
+      const float w = wr ? wr[j] : 1.0f, e = log1pf(expf(-fabsf(x)));
+      acc += w * (y * (fmaxf(-x, 0.0f) + e) + (1.0f - y) * (fmaxf(x, 0.0f) + e));
       return hw * (w * (culoss__sigmoid(x) - y));
     };
     for (int64_t pv = lane; pv < nvec; pv += 32) {

@@ -59,8 +59,12 @@ __global__ void __launch_bounds__(NCE_THREADS)
    rows summed in a fixed order, then a fixed-order block sum. */
 __global__ void __launch_bounds__(NCE_THREADS)
     nce_finish_kernel(int64_t n, int dirs, const float *rows, const float *row_g, int reduction,
-                      const float *temperature, float *loss, float *grad_temperature) {
+                      const float *temperature, float *loss, float *grad_temperature,
+                      culoss__scratch *scratch) {
   __shared__ double s_loss, s_gt;
+  /* the empty batch runs only this step: its check of the temperature */
+  if (threadIdx.x == 0 && n == 0 && !(temperature_of(temperature) > 0.0f))
+    atomicOr(&scratch->error_flag, CULOSS__FLAG_DOMAIN);
   double my_loss = 0.0, my_gt = 0.0;
   for (int64_t i = threadIdx.x; i < n; i += NCE_THREADS) {
     double l = 0.0;
@@ -120,7 +124,7 @@ extern "C" culoss_status culoss__cuda_nce_step(culoss_context *ctx, const void *
   case CULOSS__NCE_FINISH:
     e = launch(nce_finish_kernel, dim3(1), b, 0, s, a->n, a->symmetric ? 2 : 1, a->rows,
                (const float *)a->row_g, (int)a->reduction, a->temperature, a->loss,
-               a->grad_temperature);
+               a->grad_temperature, ctx->scratch);
     break;
   }
   return culoss__cuda_status(e, "launch of an InfoNCE step kernel");

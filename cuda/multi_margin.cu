@@ -265,7 +265,9 @@ extern "C" culoss_status culoss__cuda_multi_margin(culoss_context *ctx, const vo
     grid = capped_grid(ctx, p.n);
     const cudaError_t e = with_dtype(a->dtype, [&](auto t) {
       typedef decltype(t) T;
-      if (smem > 48 * 1024) {
+      /* always: the default limit is 48 KiB less the static shared memory
+         (cub's storage), and an earlier call's setting must not decide */
+      {
         const cudaError_t ea =
             cudaFuncSetAttribute(reinterpret_cast<const void *>(mlm_kernel<T>),
                                  cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);

@@ -80,6 +80,8 @@ static culoss_status run_ew(culoss_context *ctx, const char *fn, culoss__ew_args
     if ((a->op == CULOSS__EW_MARGIN_RANKING || a->op == CULOSS__EW_GAUSSIAN_NLL) && a->x2 == NULL)
       return CULOSS__BAD("%s: %s is NULL", fn, a->op == CULOSS__EW_GAUSSIAN_NLL ? "var" : "input2");
   }
+  if (a->grad != NULL && a->grad == a->grad2)
+    return CULOSS__BAD("%s: the two gradients are one buffer", fn);
   if (ctx->backend == CULOSS_BACKEND_CPU) {
     CULOSS__TRY(check_domain_cpu(fn, a));
     return culoss__cpu_elementwise(a);

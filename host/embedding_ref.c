@@ -45,7 +45,8 @@ static double row(const culoss__emb_args *a, int64_t i, double s, double *gbuf) 
       const double x = ld_at(a, 0, off + j), y = ld_at(a, 1, off + j);
       const double w = a->weight ? (double)a->weight[a->weight_per_row ? off + j : j] : 1.0;
       const double e = exp(-fabs(x)), sg = x >= 0 ? 1.0 / (1.0 + e) : e / (1.0 + e);
-      l += w * (fmax(x, 0.0) - x * y + log1p(e));
+      /* y softplus(-x) + (1 - y) softplus(x): +-inf logits as torch's */
+      l += w * (y * (fmax(-x, 0.0) + log1p(e)) + (1.0 - y) * (fmax(x, 0.0) + log1p(e)));
       gbuf[j] = s * w * (sg - y) / (double)d;
     }
     return l / (double)d;

@@ -24,6 +24,33 @@ void culoss_info_nce_options_init(culoss_info_nce_options *o) {
 
 static size_t round256(size_t b) { return (b + 255) & ~(size_t)255; }
 
+/* The logits block linear CE takes for InfoNCE: the context's (2^28 bytes
+   by default, or CULOSS_LINEAR_CE_BLOCK_BYTES), capped at max(n / 8, 1024)
+   rows: a square similarity matrix fits the default block whole up to
+   n ~ 11600 (bf16), which would make the block-wise form hold nearly all of
+   it. */
+static int64_t nce_block_bytes(const culoss_context *ctx, int64_t n, culoss_dtype dtype) {
+  const int64_t es = (int64_t)culoss__dtype_size(dtype);
+  int64_t rows = n / 8 < 1024 ? 1024 : n / 8;
+  if (rows > n) rows = n;
+  const int64_t cap = rows * n * es;
+  return cap > 0 && cap < ctx->lce_block_bytes ? cap : ctx->lce_block_bytes;
+}
+
+/* ctx's linear CE block set to InfoNCE's for one call, then restored (a
+   context is used by one thread at a time). */
+typedef struct {
+  culoss_context *ctx;
+  int64_t saved;
+} block_scope;
+static block_scope block_enter(culoss_context *ctx, int64_t n, culoss_dtype dtype) {
+  block_scope b;
+  b.ctx = ctx, b.saved = ctx->lce_block_bytes;
+  ctx->lce_block_bytes = nce_block_bytes(ctx, n, dtype);
+  return b;
+}
+static void block_leave(block_scope b) { b.ctx->lce_block_bytes = b.saved; }
+
 typedef struct {
   size_t hs, tmp, tgt, row_g, rows, lce, total, lce_bytes;
 } nce_layout;
@@ -35,8 +62,10 @@ static culoss_status plan(culoss_context *ctx, const char *fn, const culoss_info
   const size_t es = culoss__dtype_size(dtype), nd = (size_t)n * (size_t)d * es;
   size_t lce = 0;
   if (n > 0) {
+    const block_scope b = block_enter(ctx, n, dtype);
     const culoss_status st =
         culoss_linear_cross_entropy_ex_workspace_size(ctx, &lo, n, d, n, dtype, &lce);
+    block_leave(b);
     if (st != CULOSS_OK) return st;
   }
   (void)fn;
@@ -197,9 +226,12 @@ culoss_status culoss_info_nce(culoss_context *ctx, const culoss_info_nce_options
     CULOSS__TRY(step(ctx, &a, CULOSS__NCE_SCALE));
     lo.lse = r + n, lo.entropy = r + 2 * n;
     lo.accumulate = dir == 1; /* grad_query gets direction 1's weight gradient added */
-    CULOSS__TRY(culoss_linear_cross_entropy_ex(ctx, &ce, &lo, n, d, n, dtype, hs, classes, NULL,
-                                               CULOSS_I64, a.targets, r, g_rows, g_classes, NULL,
-                                               a.row_g, ws + L.lce, L.lce_bytes));
+    const block_scope b = block_enter(ctx, n, dtype);
+    const culoss_status st = culoss_linear_cross_entropy_ex(
+        ctx, &ce, &lo, n, d, n, dtype, hs, classes, NULL, CULOSS_I64, a.targets, r, g_rows,
+        g_classes, NULL, a.row_g, ws + L.lce, L.lce_bytes);
+    block_leave(b);
+    CULOSS__TRY(st);
     if (g_rows != NULL) { /* d/d(rows / t) to d/d rows: / t */
       a.x = g_rows, a.out = dir == 0 ? grad_query : grad_key;
       CULOSS__TRY(step(ctx, &a, dir == 0 ? CULOSS__NCE_SCALE : CULOSS__NCE_AXPY));

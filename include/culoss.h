@@ -426,7 +426,7 @@ CULOSS_API void culoss_multilabel_margin_options_init(culoss_multilabel_margin_o
  *   TARGET_OUT_OF_RANGE before writing; CUDA: NaN loss and zero gradient
  *   for the row, deferred). The CUDA kernel takes a block per row with the
  *   row's target flags and scores in shared memory: c is limited by the
- *   device's shared memory per block (about 18000 classes on an H100;
+ *   device's shared memory per block (about 19000 classes on an H100;
  *   INVALID_VALUE above). O(|T_i| c) work per row. */
 CULOSS_API culoss_status culoss_multilabel_margin(
     culoss_context *ctx, const culoss_multilabel_margin_options *o, int64_t n, int64_t c,
@@ -603,7 +603,9 @@ CULOSS_API void culoss_gaussian_nll_options_init(culoss_gaussian_nll_options *o)
  * minus the input's. A negative var is a domain error (PyTorch raises):
  * INVALID_VALUE on the CPU backend before anything is written; on the CUDA
  * backend a NaN loss and zero gradients for that element and a deferred
- * INVALID_VALUE at culoss_synchronize. A NaN var gives a NaN loss. */
+ * INVALID_VALUE at culoss_synchronize. A NaN var gives a NaN loss.
+ * (x - y)^2 / v is formed as r (r / v): finite where torch's r^2 / v
+ * overflows in fp32 but the value does not (r = 1e20, v = 1e30: 5e9). */
 CULOSS_API culoss_status culoss_gaussian_nll(culoss_context *ctx,
                                              const culoss_gaussian_nll_options *o, int64_t n,
                                              culoss_dtype dtype, const void *input,
@@ -634,8 +636,10 @@ CULOSS_API void culoss_cosine_embedding_options_init(culoss_cosine_embedding_opt
  *   l = 1 - cos (y = 1), max(0, cos - margin) (y = -1), 0 for any other y
  *   (as PyTorch);
  *   dcos/dx1 = x2 / den - cos x1 / (|x1|^2 + 1e-12) (and symmetrically), with
- *   dl/dcos = -1, [cos - margin > 0] or 0. The norms' product is formed as
- *   a product of square roots, so it does not overflow where torch's does. */
+ *   dl/dcos = -1, [cos - margin > 0] or 0. Sums and the norms (a product of
+ *   square roots) are fp32 for every dtype: where torch's fp16 composite
+ *   overflows (|x|^2 past 65504) or loses the 1e-12 (zero vectors: NaN),
+ *   culoss gives the fp32 value (1 - 0 = 1 for zero vectors with y = 1). */
 CULOSS_API culoss_status culoss_cosine_embedding(
     culoss_context *ctx, const culoss_cosine_embedding_options *o, int64_t n, int64_t d,
     culoss_dtype dtype, const void *input1, const void *input2, int64_t ld, const float *target,
@@ -678,7 +682,8 @@ culoss_multilabel_soft_margin_options_init(culoss_multilabel_soft_margin_options
  * any float accepted, as PyTorch):
  *   l_i = (1/c) sum_j w_j [ (1 - y_j) x_j - log sigmoid(x_j) ]
  *       = -(1/c) sum_j w_j [ y_j log sigmoid(x_j) + (1 - y_j) log sigmoid(-x_j) ],
- *   computed overflow-free (softplus); gradient g w_j (sigmoid(x_j) - y_j) / c
+ *   computed overflow-free as y softplus(-x) + (1 - y) softplus(x) (infinite
+ *   logits give PyTorch's inf or NaN); gradient g w_j (sigmoid(x_j) - y_j) / c
  *   (/ n for MEAN). One streaming pass, a warp per row. The gradient may
  *   alias x. The torch front end differentiates the targets too (-w x / c). */
 CULOSS_API culoss_status culoss_multilabel_soft_margin(
@@ -810,7 +815,9 @@ CULOSS_API void culoss_info_nce_options_init(culoss_info_nce_options *o);
 /* Workspace bytes for culoss_info_nce (`bytes` host memory): two n x d
    buffers of dtype (one without symmetric or without grad_key), O(n) per-row
    values, and culoss_linear_cross_entropy_ex's workspace for n rows over n
-   classes: the n x n similarity matrix exists one block of rows at a time. */
+   classes: the n x n similarity matrix exists one block of rows at a time,
+   linear CE's block (2^28 bytes, or CULOSS_LINEAR_CE_BLOCK_BYTES) capped at
+   max(n / 8, 1024) rows, so at most an eighth of the matrix once n > 8192. */
 CULOSS_API culoss_status culoss_info_nce_workspace_size(culoss_context *ctx,
                                                         const culoss_info_nce_options *o, int64_t n,
                                                         int64_t d, culoss_dtype dtype,

@@ -225,3 +225,52 @@ Test(cpu_nce, memory_is_a_small_fraction_of_the_explicit_logits) {
   culoss_destroy(c8);
   free(q), free(k), free(gq), free(gk), free(w);
 }
+
+/* 16-bit on the CPU backend against the explicit form, on inputs whose
+   logits are exact in every dtype (q, k in {0, +-1/2, +-1}, t = 1/2: q / t
+   exact, z a multiple of 1/2 below 32): the loss and the temperature's
+   gradient at fp32 accuracy, the gradients at the output dtype's rounding
+   (the CPU reference rounds the intermediate gradients: grad_hidden to the
+   dtype, then / t, then the second direction's sum). */
+Test(cpu_nce, bf16_and_fp16_match_the_explicit_form) {
+  for (int dt = 1; dt <= 2; dt++)
+    for (int sym = 0; sym < 2; sym++) {
+      const int64_t n = 23, d = 12;
+      rng_t r = rng_seeded(40 + (uint64_t)(2 * dt + sym));
+      float q[23 * 12], k[23 * 12], t = 0.5f, gt;
+      for (int e = 0; e < n * d; e++)
+        q[e] = 0.5f * (float)rng_int(&r, -2, 3), k[e] = 0.5f * (float)rng_int(&r, -2, 3);
+      uint16_t qh[23 * 12], kh[23 * 12], gq[23 * 12], gk[23 * 12];
+      pack_dtype(qh, q, n * d, (culoss_dtype)dt), pack_dtype(kh, k, n * d, (culoss_dtype)dt);
+      culoss_info_nce_options o;
+      culoss_info_nce_options_init(&o);
+      o.symmetric = sym, o.temperature = &t, o.grad_temperature = &gt;
+      size_t ws;
+      cr_assert_eq(culoss_info_nce_workspace_size(ctx, &o, n, d, (culoss_dtype)dt, &ws), CULOSS_OK);
+      void *w = malloc(ws);
+      float loss;
+      cr_assert_eq(
+          culoss_info_nce(ctx, &o, n, d, (culoss_dtype)dt, qh, kh, &loss, gq, gk, NULL, w, ws),
+          CULOSS_OK, "%s", culoss_last_error());
+      double rl, rq[23 * 12], rk[23 * 12], rt;
+      nce_explicit(n, d, q, k, t, sym, CULOSS_REDUCTION_MEAN, NULL, &rl, rq, rk, &rt);
+      cr_assert(close_enough(loss, rl, 1e-6, 1e-6), "dt %d sym %d: loss %.9g want %.9g", dt, sym,
+                (double)loss, rl);
+      cr_assert(close_enough(gt, rt, 1e-6, 1e-5), "dt %d sym %d: grad_t %.9g want %.9g", dt, sym,
+                (double)gt, rt);
+      float a[23 * 12], b[23 * 12];
+      double gmax = 0.0;
+      for (int e = 0; e < n * d; e++) gmax = fmax(gmax, fmax(fabs(rq[e]), fabs(rk[e])));
+      /* 3 roundings to the dtype of values up to gmax */
+      const double u = dt == CULOSS_BF16 ? 1.0 / 256 : 1.0 / 2048;
+      unpack_dtype(a, gq, n * d, (culoss_dtype)dt);
+      unpack_dtype(b, gk, n * d, (culoss_dtype)dt);
+      for (int e = 0; e < n * d; e++) {
+        cr_assert(fabs(a[e] - rq[e]) <= 2.0 * u * (fabs(rq[e]) + 0.5 * gmax),
+                  "dt %d sym %d: grad_query[%d] %.6g want %.6g", dt, sym, e, (double)a[e], rq[e]);
+        cr_assert(fabs(b[e] - rk[e]) <= 2.0 * u * (fabs(rk[e]) + 0.5 * gmax),
+                  "dt %d sym %d: grad_key[%d] %.6g want %.6g", dt, sym, e, (double)b[e], rk[e]);
+      }
+      free(w);
+    }
+}

@@ -212,6 +212,7 @@ Test(cpu_more, triplet_margin_hand_values) {
 Test(cpu_more, multilabel_soft_margin_hand_values) {
   const float x[6] = {1, -2, 0.5f, 0, 3, -1}, y[6] = {1, 0, 1, 0, 1, 0.5f}, w[3] = {1, 2, 0.5f};
   const double wl[2] = {0.2680520672, 0.3989842425};
+  float l4[4];
   const double wg[6] = {-0.0896471405, 0.0794686147,  -0.0629234448,
                         0.1666666667,  -0.0316172488, -0.0385097631};
   float l[2], g[6], s;
@@ -239,6 +240,13 @@ Test(cpu_more, multilabel_soft_margin_hand_values) {
   NEAR(l[0], 200.0, 1e-4, "softplus(200) + softplus(200) over 2: %g", (double)l[0]);
   NEAR(g[0], 0.5, 1e-7, "grad %g", (double)g[0]);
   NEAR(g[1], -0.5, 1e-7, "grad %g", (double)g[1]);
+  /* infinite logits as torch 2.15: (+inf, 0) and (-inf, 1) give inf,
+     (+inf, 1) and (-inf, 0) NaN */
+  const float xi[4] = {INFINITY, -INFINITY, INFINITY, -INFINITY}, yi[4] = {0, 1, 1, 0};
+  cr_assert_eq(culoss_multilabel_soft_margin(ctx, &o, 4, 1, CULOSS_F32, xi, yi, 1, l4, NULL, NULL),
+               CULOSS_OK);
+  cr_assert(isinf(l4[0]) && l4[0] > 0 && isinf(l4[1]) && l4[1] > 0 && isnan(l4[2]) && isnan(l4[3]),
+            "%g %g %g %g", (double)l4[0], (double)l4[1], (double)l4[2], (double)l4[3]);
   /* bad options */
   o.weight_per_row = 2;
   cr_assert_eq(culoss_multilabel_soft_margin(ctx, &o, 2, 3, CULOSS_F32, x, y, 3, l, g, NULL),
@@ -389,6 +397,13 @@ Test(cpu_more, bad_arguments_are_named_and_write_nothing) {
       {L_GAUSS, 8, 1, 1, 0, 14, "eps = -1"},
       {L_GAUSS, 8, 1, 1, 0, 1, "reduction"},
       {L_MRANK, -2, 1, 1, 0, 0, "n = -2"},
+      {L_MRANK, 8, 1, 1, 0, 12, "one buffer"},
+      {L_GAUSS, 8, 1, 1, 0, 12, "one buffer"},
+      {L_MLSOFT, 2, 4, 4, 0, 3, "target is NULL"},
+      {L_MLSOFT, 2, 4, 4, 0, 15, "weight_per_row = 3"},
+      {L_MLSOFT, 2, 4, 4, 0, 16, "without a weight"},
+      {L_MLSOFT, 2, 4, 4, 0, 11, "aliases"},
+      {L_MLSOFT, 2, 4, 2, 0, 0, "ld = 2"},
   };
   for (size_t t = 0; t < sizeof cases / sizeof cases[0]; t++) {
     l_opts o = l_defaults(cases[t].k, CULOSS_REDUCTION_NONE);
@@ -411,15 +426,19 @@ Test(cpu_more, bad_arguments_are_named_and_write_nothing) {
     case 12: gp[1] = g; break;
     case 13: o.full = 2; break;
     case 14: o.eps = -1.0f; break;
+    case 15: o.weight_per_row = 3; break;
+    case 16: o.weight_per_row = 1; break;
     default: break;
     }
-    poison(l, sizeof l);
+    poison(l, sizeof l), poison(g, sizeof g), poison(g2, sizeof g2);
     const culoss_status st = l_call(ctx, cases[t].k, &o, cases[t].n, cases[t].d, cases[t].ld,
                                     (culoss_dtype)cases[t].dt, in, ytp, lp, gp, NULL);
     cr_assert_eq(st, CULOSS_ERROR_INVALID_VALUE, "case %zu (%s): status %d", t, cases[t].want, st);
     cr_assert(strstr(culoss_last_error(), cases[t].want) != NULL, "case %zu: '%s' lacks '%s'", t,
               culoss_last_error(), cases[t].want);
     cr_assert(is_poison_f32(l[0]) && is_poison_f32(l[1]), "case %zu wrote the loss", t);
+    for (int e = 0; e < 8; e++)
+      cr_assert(is_poison_f32(g[e]) && is_poison_f32(g2[e]), "case %zu wrote a gradient", t);
   }
   l_opts o = l_defaults(L_COSINE, CULOSS_REDUCTION_MEAN);
   const void *in[3] = {a, b, c};

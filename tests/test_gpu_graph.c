@@ -23,10 +23,15 @@ TestSuite(gpu_graph, .init = gpu_setup, .fini = gpu_teardown, .timeout = 300);
 #ifdef CULOSS_HAVE_CUDA
 enum { N = 300, C = 5000, M = N * C };
 
+enum { SLICES = 24, LOSSES = 16 };
+
 typedef struct {
   void *x, *y, *g, *t, *w, *ws;
   float *loss;
   size_t ws_bytes;
+  void *t2, *ws2; /* multi-label margin's [N, C] targets; InfoNCE's workspace */
+  float *temp;    /* InfoNCE's temperature */
+  size_t ws2_bytes;
 } bufs_t;
 
 /* All families, once each, on the context's stream; losses into b->loss
@@ -63,6 +68,29 @@ static culoss_status all_losses(const bufs_t *b) {
   RUN(culoss_linear_cross_entropy(
       gpu, NULL, N, 64, C, CULOSS_BF16, b->x, b->y, NULL, CULOSS_I64, b->t, b->loss + 7, g + 7 * gs,
       (char *)g + 7 * gs + (size_t)N * 64 * 2, NULL, NULL, b->ws, b->ws_bytes));
+  /* issue 20's losses (x, y in the roles of their inputs; the class weights
+     as the cosine targets: not +-1, so loss 0 and zero gradients, still
+     every kernel) */
+  RUN(culoss_margin_ranking(gpu, NULL, M, CULOSS_BF16, b->x, b->y, b->x, b->loss + 8, g + 8 * gs,
+                            g + 9 * gs, NULL));
+  RUN(culoss_gaussian_nll(gpu, NULL, M, CULOSS_BF16, b->x, b->x, b->y, b->loss + 9, g + 10 * gs,
+                          g + 11 * gs, NULL));
+  RUN(culoss_cosine_embedding(gpu, NULL, N, C, CULOSS_BF16, b->x, b->y, C, (const float *)b->w,
+                              b->loss + 10, g + 12 * gs, g + 13 * gs, NULL));
+  culoss_triplet_margin_options tm;
+  culoss_triplet_margin_options_init(&tm);
+  tm.swap = 1;
+  RUN(culoss_triplet_margin(gpu, &tm, N, C, CULOSS_BF16, b->x, b->y, b->g, C, b->loss + 11,
+                            g + 14 * gs, g + 15 * gs, g + 16 * gs, NULL)); /* negative: slice 0 */
+  RUN(culoss_multilabel_soft_margin(gpu, NULL, N, C, CULOSS_BF16, b->x, b->y, C, b->loss + 12,
+                                    g + 17 * gs, NULL));
+  RUN(culoss_multilabel_margin(gpu, NULL, N, C, CULOSS_BF16, b->x, C, CULOSS_I64, b->t2,
+                               b->loss + 13, g + 18 * gs, NULL));
+  culoss_info_nce_options no;
+  culoss_info_nce_options_init(&no);
+  no.symmetric = 1, no.temperature = b->temp, no.grad_temperature = b->loss + 15;
+  RUN(culoss_info_nce(gpu, &no, N, 64, CULOSS_BF16, b->x, b->y, b->loss + 14, g + 19 * gs,
+                      g + 19 * gs + (size_t)N * 64 * 2, NULL, b->ws2, b->ws2_bytes));
 #undef RUN
   return st;
 }
@@ -83,24 +111,37 @@ Test(gpu_graph, every_loss_is_capture_safe_and_bitwise_stable) {
   bufs_t b;
   b.x = dev_from(xb, (size_t)M * 2), b.y = dev_from(yb, (size_t)M * 2);
   b.t = dev_from(t, sizeof t), b.w = dev_from(w, sizeof w);
-  b.g = dev_alloc((size_t)M * 2 * 8);
-  b.loss = dev_alloc(8 * sizeof(float));
+  b.g = dev_alloc((size_t)M * 2 * SLICES);
+  b.loss = dev_alloc(LOSSES * sizeof(float));
   cr_assert_eq(culoss_linear_cross_entropy_workspace_size(gpu, N, 64, C, CULOSS_BF16, &b.ws_bytes),
                CULOSS_OK);
   b.ws = dev_alloc(b.ws_bytes);
+  int64_t *t2 = malloc((size_t)M * 8); /* lists of 0..3 classes, then -1 */
+  for (int64_t e = 0; e < M; e++) t2[e] = e % C < (e / C) % 4 ? (e * 7919) % C : -1;
+  b.t2 = dev_from(t2, (size_t)M * 8);
+  free(t2);
+  const float temp = 0.25f;
+  b.temp = dev_from(&temp, 4);
+  culoss_info_nce_options no;
+  culoss_info_nce_options_init(&no);
+  no.symmetric = 1;
+  cr_assert_eq(culoss_info_nce_workspace_size(gpu, &no, N, 64, CULOSS_BF16, &b.ws2_bytes),
+               CULOSS_OK);
+  b.ws2 = dev_alloc(b.ws2_bytes);
   cudaStream_t s;
   cr_assert_eq(cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking), cudaSuccess);
   cr_assert_eq(culoss_set_stream(gpu, s), CULOSS_OK);
   /* direct run; every run starts from the same poison, so the bytes no call
      writes (the tail of the linear CE slice) compare equal too */
-  dev_poison(b.g, (size_t)M * 2 * 8);
-  dev_poison(b.loss, 8 * sizeof(float));
+  dev_poison(b.g, (size_t)M * 2 * SLICES);
+  dev_poison(b.loss, LOSSES * sizeof(float));
   cr_assert_eq(all_losses(&b), CULOSS_OK, "%s", culoss_last_error());
   cr_assert_eq(culoss_synchronize(gpu), CULOSS_OK, "%s", culoss_last_error());
-  float l0[8];
-  uint16_t *g0 = malloc((size_t)M * 2 * 8), *g1 = malloc((size_t)M * 2 * 8);
+  float l0[LOSSES];
+  uint16_t *g0 = malloc((size_t)M * 2 * SLICES), *g1 = malloc((size_t)M * 2 * SLICES);
   to_host(l0, b.loss, sizeof l0);
-  to_host(g0, b.g, (size_t)M * 2 * 8);
+  to_host(g0, b.g, (size_t)M * 2 * SLICES);
+  for (int k = 0; k < LOSSES; k++) cr_assert(!is_poison_f32(l0[k]), "loss %d not written", k);
   /* captured and replayed */
   cudaGraph_t graph;
   cudaGraphExec_t exec;
@@ -111,20 +152,21 @@ Test(gpu_graph, every_loss_is_capture_safe_and_bitwise_stable) {
   cr_assert_eq(end, cudaSuccess, "capture broken: %s", cudaGetErrorString(end));
   cr_assert_eq(cudaGraphInstantiate(&exec, graph, 0), cudaSuccess);
   for (int rep = 0; rep < 2; rep++) {
-    dev_poison(b.g, (size_t)M * 2 * 8);
-    dev_poison(b.loss, 8 * sizeof(float));
+    dev_poison(b.g, (size_t)M * 2 * SLICES);
+    dev_poison(b.loss, LOSSES * sizeof(float));
     cr_assert_eq(cudaGraphLaunch(exec, s), cudaSuccess);
     cr_assert_eq(culoss_synchronize(gpu), CULOSS_OK, "%s", culoss_last_error());
-    float l1[8];
+    float l1[LOSSES];
     to_host(l1, b.loss, sizeof l1);
-    to_host(g1, b.g, (size_t)M * 2 * 8);
-    for (int k = 0; k < 8; k++)
+    to_host(g1, b.g, (size_t)M * 2 * SLICES);
+    for (int k = 0; k < LOSSES; k++)
       cr_assert(memcmp(&l0[k], &l1[k], 4) == 0, "replay %d: loss %d differs (%g vs %g)", rep, k,
                 (double)l0[k], (double)l1[k]);
     size_t diff = 0;
-    while (diff < (size_t)M * 8 && g0[diff] == g1[diff]) diff++;
-    cr_assert(diff == (size_t)M * 8, "replay %d: gradient %zu differs at element %zu (%#x vs %#x)",
-              rep, diff / M, diff % M, g0[diff], g1[diff]);
+    while (diff < (size_t)M * SLICES && g0[diff] == g1[diff]) diff++;
+    cr_assert(diff == (size_t)M * SLICES,
+              "replay %d: gradient %zu differs at element %zu (%#x vs %#x)", rep, diff / M,
+              diff % M, g0[diff], g1[diff]);
   }
   cudaGraphExecDestroy(exec);
   cudaGraphDestroy(graph);
@@ -132,6 +174,7 @@ Test(gpu_graph, every_loss_is_capture_safe_and_bitwise_stable) {
   cudaStreamDestroy(s);
   culoss_free(gpu, b.x), culoss_free(gpu, b.y), culoss_free(gpu, b.t), culoss_free(gpu, b.w);
   culoss_free(gpu, b.g), culoss_free(gpu, b.loss), culoss_free(gpu, b.ws);
+  culoss_free(gpu, b.t2), culoss_free(gpu, b.ws2), culoss_free(gpu, b.temp);
   free(xf), free(yf), free(xb), free(yb), free(g0), free(g1);
 #else
   cr_skip_test("skipped: no CUDA device (a CPU-only build)");

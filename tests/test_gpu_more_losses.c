@@ -98,6 +98,8 @@ static void add_specials(const mcase *c, float *x[3]) {
       x[0][ld] = NAN;                     /* row 1: a NaN */
       x[1][2 * ld + c->d - 1] = INFINITY; /* row 2: an inf */
     }
+    if (nonfinite && c->k == L_MLSOFT) /* infinite logits: inf or NaN, as torch */
+      x[0][2 * ld] = INFINITY, x[0][3 * ld] = -INFINITY;
     if (c->k == L_TRIPLET) { /* row 3: anchor = positive, an active swap tie */
       memcpy(x[1] + 3 * ld, x[0] + 3 * ld, (size_t)c->d * 4);
       for (int64_t j = 0; j < c->d; j++)
@@ -777,4 +779,48 @@ Test(gpu_more, info_nce_bad_temperature_is_deferred) {
   to_host(&l, dl, 4);
   cr_assert(isnan(l), "loss %g", (double)l);
   culoss_free(gpu, dq), culoss_free(gpu, dt), culoss_free(gpu, dl), culoss_free(gpu, w);
+}
+
+/* The memory test of issue 20 on a GPU: InfoNCE at N = 12288, D = 1024
+   (bf16), forward and backward. Loss calls never allocate, so the device
+   memory the call needs beyond its inputs and gradients is the workspace it
+   asks for, against the explicit form's N^2 bf16 logits and their gradient
+   (bench/compare_torch.py measures torch's peak for both forms). */
+Test(gpu_more, info_nce_memory_at_12288_pairs) {
+  REQUIRE_GPU();
+  if (test_quick()) cr_skip_test("skipped: CULOSS_TEST_QUICK is set (a 6 GFLOP-per-pass case)");
+  if (test_emulated_small())
+    cr_skip_test("skipped: the CPU emulator of CUDA (its GEMMs at N = 12288, D = 1024 take "
+                 "hours; CULOSS_EMU_BIG=1 runs it)");
+  const int64_t n = 12288, d = 1024;
+  const double explicit_bytes = 2.0 * (double)n * (double)n * 2.0; /* logits + their gradient */
+  rng_t r = rng_seeded(7);
+  float *h = malloc((size_t)(n * d) * 4);
+  uint16_t *qb = malloc((size_t)(n * d) * 2), *kb = malloc((size_t)(n * d) * 2);
+  for (int64_t e = 0; e < n * d; e++) h[e] = (float)(0.03 * rng_normal(&r));
+  pack_dtype(qb, h, n * d, CULOSS_BF16);
+  for (int64_t e = 0; e < n * d; e++) h[e] += (float)(0.01 * rng_normal(&r));
+  pack_dtype(kb, h, n * d, CULOSS_BF16);
+  void *dq = dev_from(qb, (size_t)(n * d) * 2), *dk = dev_from(kb, (size_t)(n * d) * 2);
+  void *dgq = dev_alloc((size_t)(n * d) * 2), *dgk = dev_alloc((size_t)(n * d) * 2);
+  float *dl = dev_alloc(4), loss;
+  culoss_info_nce_options o;
+  culoss_info_nce_options_init(&o);
+  o.symmetric = 1;
+  size_t ws;
+  cr_assert_eq(culoss_info_nce_workspace_size(gpu, &o, n, d, CULOSS_BF16, &ws), CULOSS_OK);
+  void *w = dev_alloc(ws);
+  cr_assert_eq(culoss_info_nce(gpu, &o, n, d, CULOSS_BF16, dq, dk, dl, dgq, dgk, NULL, w, ws),
+               CULOSS_OK, "%s", culoss_last_error());
+  cr_assert_eq(culoss_synchronize(gpu), CULOSS_OK, "%s", culoss_last_error());
+  to_host(&loss, dl, 4);
+  fprintf(stderr,
+          "InfoNCE N=%lld D=%lld bf16 symmetric: workspace %.1f MB, %.1f%% of the "
+          "explicit form's %.0f MB\n",
+          (long long)n, (long long)d, ws / 1e6, 100.0 * ws / explicit_bytes, explicit_bytes / 1e6);
+  cr_assert(ws < explicit_bytes / 4, "workspace %zu bytes", ws);
+  cr_assert(isfinite(loss) && loss >= 0.0f, "loss %g", (double)loss);
+  culoss_free(gpu, dq), culoss_free(gpu, dk), culoss_free(gpu, dgq), culoss_free(gpu, dgk);
+  culoss_free(gpu, dl), culoss_free(gpu, w);
+  free(h), free(qb), free(kb);
 }

@@ -514,3 +514,14 @@ def test_info_nce_options_module_errors_and_compile():
         q64, k64 = q.double(), k.double()
         assert torch.allclose(cl.info_nce_loss(q64, k64), _info_nce_explicit(q64, k64, 1.0, False,
                                                                                "mean"))
+
+
+def test_integer_inputs_promote_as_torch():
+    a = torch.tensor([1, 2, 3])
+    b = torch.tensor([0.5, 2.5, 1.0], requires_grad=True)
+    y = torch.tensor([1.0, -1.0, 1.0])
+    got = cl.margin_ranking_loss(a, b, y, margin=0.25)
+    assert torch.allclose(got, F.margin_ranking_loss(a, b, y, margin=0.25))
+    v = torch.tensor([0.5, 1.0, 2.0])
+    got = cl.gaussian_nll_loss(a, b, v)
+    assert torch.allclose(got, F.gaussian_nll_loss(a, b, v))

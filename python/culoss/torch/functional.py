@@ -701,6 +701,16 @@ def _op_dtype(dt, shape, *ts):
     return dt
 
 
+def _native_promoted(fname, dt):
+    """_native for the promoted dtype of several inputs: a culoss dtype runs
+    culoss; float64 (warned) and the rest run torch's op, which promotes."""
+    if dt in _C_DTYPES:
+        return True
+    if dt.is_floating_point:
+        _native(fname, torch.empty(0, dtype=dt))  # the float64 warning
+    return False
+
+
 def _promote(*ts):
     dt = ts[0].dtype
     for t in ts[1:]:
@@ -724,9 +734,8 @@ def margin_ranking_loss(input1, input2, target, margin=0.0, size_average=None, r
 
     if input1.dim() != input2.dim() or input1.dim() != target.dim():
         return torch_call()  # torch's error
-    dt = _promote(input1, input2, target)
-    if not _native("margin_ranking_loss", input1) or dt not in _C_DTYPES or \
-            not math.isfinite(margin):
+    dt = _promote(input1, input2, target)  # torch promotes (an integer input1 included)
+    if not _native_promoted("margin_ranking_loss", dt) or not math.isfinite(margin):
         return torch_call()
     _device("margin_ranking_loss", input1, input2=input2, target=target)
     shape = torch.broadcast_shapes(input1.shape, input2.shape, target.shape)
@@ -776,8 +785,7 @@ def gaussian_nll_loss(input, target, var, full=False, eps=1e-6, reduction="mean"
         return torch.nn.functional.gaussian_nll_loss(input, target, var, full, eps, reduction)
 
     dt = _promote(input, target, var)
-    if not _native("gaussian_nll_loss", input) or dt not in _C_DTYPES or \
-            not (math.isfinite(eps) and eps >= 0):
+    if not _native_promoted("gaussian_nll_loss", dt) or not (math.isfinite(eps) and eps >= 0):
         return torch_call()
     _device("gaussian_nll_loss", input, target=target, var=var)
     shape = torch.broadcast_shapes(input.shape, target.shape, var.shape)
@@ -987,10 +995,9 @@ def info_nce_loss(query, key, *, temperature=1.0, symmetric=False, reduction="me
     dt = torch.promote_types(query.dtype, key.dtype)
     if not _native("info_nce_loss", query) or dt not in _C_DTYPES or query.shape[1] == 0:
         return _info_nce_explicit(query, key, temperature, symmetric, _RED_NAME[red])
-    _device("info_nce_loss", query, key=key,
-            temperature=temperature if isinstance(temperature, torch.Tensor) else None)
-    if isinstance(temperature, torch.Tensor):
-        t = temperature.reshape(()).to(torch.float32)
+    _device("info_nce_loss", query, key=key)
+    if isinstance(temperature, torch.Tensor):  # any device: a 0-dim value, as torch's formula
+        t = temperature.reshape(()).to(device=query.device, dtype=torch.float32)
     else:
         t = torch.tensor(float(temperature), dtype=torch.float32, device=query.device)
     q, k = query.to(dt).contiguous(), key.to(dt).contiguous()
