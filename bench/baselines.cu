@@ -451,3 +451,47 @@ extern "C" int bench_emb_two_pass(int op, const void *a, const void *b, const vo
     return e;
   });
 }
+
+/* ---- multi-label margin, naive: a thread per row, the list scanned for
+   each class (no shared-memory flags), float atomics for the loss ---- */
+namespace {
+template <typename T>
+__global__ void mlm_naive_kernel(const T *x, const int64_t *t, int64_t n, int64_t c, float inv_nc,
+                                 T *g, float *loss) {
+  const int64_t row = (int64_t)blockIdx.x * BT + threadIdx.x;
+  if (row >= n) return;
+  const T *xr = x + row * c;
+  const int64_t *tr = t + row * c;
+  T *gr = g + row * c;
+  int64_t k = 0;
+  while (k < c && tr[k] >= 0) k++;
+  for (int64_t i = 0; i < c; i++) gr[i] = from_f32<T>(0.0f);
+  float l = 0.0f;
+  for (int64_t q = 0; q < k; q++) {
+    const float xt = to_f32(xr[tr[q]]);
+    for (int64_t i = 0; i < c; i++) {
+      bool listed = false;
+      for (int64_t p = 0; p < k && !listed; p++) listed = tr[p] == i;
+      if (listed) continue;
+      const float z = 1.0f - xt + to_f32(xr[i]);
+      if (z > 0.0f) {
+        l += z;
+        gr[i] = from_f32<T>(to_f32(gr[i]) + inv_nc);
+        gr[tr[q]] = from_f32<T>(to_f32(gr[tr[q]]) - inv_nc);
+      }
+    }
+  }
+  atomicAdd(loss, l * inv_nc);
+}
+} // namespace
+
+extern "C" int bench_mlm_naive(const void *x, const int64_t *t, int dtype, int64_t n, int64_t c,
+                               void *g, float *loss) {
+  return (int)with_dtype(dtype, [&](auto d) {
+    typedef decltype(d) T;
+    const cudaError_t e = cudaMemsetAsync(loss, 0, sizeof(float));
+    if (e != cudaSuccess) return e;
+    return launch(mlm_naive_kernel<T>, dim3((unsigned)((n + BT - 1) / BT)), dim3(BT), 0, nullptr,
+                  (const T *)x, t, n, c, 1.0f / ((float)n * (float)c), (T *)g, loss);
+  });
+}

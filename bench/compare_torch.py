@@ -142,6 +142,41 @@ def embedding_case(name, n, d, dt, dev):
     return fwd_bwd(tfn, lambda t: t.float()), fwd_bwd(ofn, lambda t: t)
 
 
+def more_case(name, m, dt, dev):
+    """Issue 20's other losses through culoss.torch (autograd) against
+    torch.nn.functional's composite on the inputs upcast to float32: m
+    elements (rows of 1024 for the row losses)."""
+    import culoss.torch as cl
+    x = torch.randn(m, device=dev).to(dt)
+    y = torch.randn(m, device=dev).to(dt)
+    pm = torch.where(torch.rand(m, device=dev) < 0.5, -1.0, 1.0).to(dt)
+    lab = (torch.rand(m, device=dev) < 0.3).to(dt)
+    var = (torch.rand(m, device=dev) + 0.1).to(dt)
+    rows = lambda t: t.view(-1, 1024)  # noqa: E731
+    tgt = torch.randint(-1, 1024, (m // 1024, 1024), device=dev)
+    spec = {
+        "hinge_embedding": ((x, pm), F.hinge_embedding_loss, cl.hinge_embedding_loss),
+        "soft_margin": ((x, pm), F.soft_margin_loss, cl.soft_margin_loss),
+        "poisson_nll": ((x, lab * 3), F.poisson_nll_loss, cl.poisson_nll_loss),
+        "margin_ranking": ((x, y, pm), F.margin_ranking_loss, cl.margin_ranking_loss),
+        "gaussian_nll": ((x, y, var), F.gaussian_nll_loss, cl.gaussian_nll_loss),
+        "multilabel_soft_margin": ((rows(x), rows(lab)), F.multilabel_soft_margin_loss,
+                                   cl.multilabel_soft_margin_loss),
+        "multilabel_margin": ((rows(x), tgt), F.multilabel_margin_loss,
+                              cl.multilabel_margin_loss),
+    }
+    args, tfn, ofn = spec[name]
+
+    def fwd_bwd(fn, cast):
+        def run():
+            a = args[0].detach().requires_grad_()
+            loss = fn(cast(a), *[cast(t) if t.is_floating_point() else t for t in args[1:]])
+            loss.backward()
+            return loss.detach(), a.grad
+        return run
+    return fwd_bwd(tfn, lambda t: t.float()), fwd_bwd(ofn, lambda t: t)
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true")
@@ -182,6 +217,11 @@ def main():
     for ename in ("triplet_margin", "cosine_embedding"):
         for dt in dts:
             cases.append((ename, (256, 64) if cpu else (65536, 1024), dt))
+    for ename in ("hinge_embedding", "soft_margin", "poisson_nll", "margin_ranking",
+                  "gaussian_nll", "multilabel_soft_margin", "multilabel_margin"):
+        for dt in dts:
+            mm = (1 << 14) if cpu else (1 << 20 if ename == "multilabel_margin" else 1 << 26)
+            cases.append((ename, (mm,), dt))
     bad = 0
     for cname, shape, dt in cases:
         if cname == "linear_cross_entropy":
@@ -207,6 +247,11 @@ def main():
             ref_fn, ours = embedding_case(cname, *shape, dt, dev)
             call_args = ()
             label = f"{cname} n={shape[0]} d={shape[1]}"
+        elif cname in ("hinge_embedding", "soft_margin", "poisson_nll", "margin_ranking",
+                       "gaussian_nll", "multilabel_soft_margin", "multilabel_margin"):
+            ref_fn, ours = more_case(cname, shape[0], dt, dev)
+            call_args = ()
+            label = f"{cname} m={shape[0]}"
         else:
             if cname in ("cross_entropy", "cross_entropy_soft", "nll", "multi_margin"):
                 x, y, tref, tours = row_case(cname, *shape, dt, dev)

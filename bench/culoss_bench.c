@@ -195,6 +195,8 @@ int bench_nll_naive(const void *x, int dtype, int64_t n, int64_t v, const int64_
                     float *loss);
 int bench_mm_naive(const void *x, int dtype, int64_t n, int64_t v, const int64_t *t, void *g,
                    float *row_h, float *loss);
+int bench_mlm_naive(const void *x, const int64_t *t, int dtype, int64_t n, int64_t c, void *g,
+                    float *loss);
 int bench_ew3_naive(int op, const void *x, const void *x2, const void *y, int dtype, int64_t m,
                     void *g, void *g2, float *loss);
 int bench_emb_two_pass(int op, const void *a, const void *b, const void *c, const float *y,
@@ -739,6 +741,94 @@ static int bench_more(culoss_context *ctx, const bench_opts *bo, l_kind k, int64
   return bad;
 }
 
+/* ---------------------------------------------------- multi-label margin */
+typedef struct {
+  culoss_context *ctx;
+  int64_t n, c;
+  culoss_dtype dt;
+  void *x, *g;
+  int64_t *t;
+  float *loss;
+} mlm_state;
+
+static int mlm_launch(void *p) {
+  mlm_state *s = p;
+  CL(culoss_multilabel_margin(s->ctx, NULL, s->n, s->c, s->dt, s->x, s->c, CULOSS_I64, s->t,
+                              s->loss, s->g, NULL));
+  return 0;
+}
+
+static int mlm_baseline(void *p) {
+  mlm_state *s = p;
+  CK((cudaError_t)bench_mlm_naive(s->x, s->t, (int)s->dt, s->n, s->c, s->g, s->loss));
+  return 0;
+}
+
+/* n rows of c scores, each with a list of up to 8 classes (the typical
+   multi-label row): the mean loss and the first 64 rows' gradient against
+   the CPU reference. Bytes: the scores read once and the gradient written
+   once, plus the targets' 8 c bytes per row. */
+static int bench_mlm(culoss_context *ctx, const bench_opts *bo, int64_t n, int64_t c,
+                     culoss_dtype dt) {
+  const size_t es = dt == CULOSS_F32 ? 4 : 2, bytes = (size_t)(n * c) * es;
+  progress("multilabel_margin", n, c, dt);
+  if (!fits(2 * bytes + (size_t)(n * c) * 8)) return 0;
+  mlm_state s = {ctx, n, c, dt, NULL, NULL, NULL, NULL};
+  CL(culoss_malloc(ctx, &s.x, bytes));
+  CL(culoss_malloc(ctx, &s.g, bytes));
+  CL(culoss_malloc(ctx, (void **)&s.t, (size_t)(n * c) * 8));
+  CL(culoss_malloc(ctx, (void **)&s.loss, 4));
+  CK((cudaError_t)bench_fill(s.x, s.g, (int)dt, n * c, 301, -3));
+  int64_t *t = malloc((size_t)(n * c) * 8);
+  for (int64_t i = 0; i < n; i++) {
+    const int64_t k = (int64_t)(urand() * 9);
+    for (int64_t j = 0; j < c; j++)
+      t[i * c + j] = j < k ? (int64_t)(urand() * (double)c) % c : (j == k ? -1 : 0);
+  }
+  CL(culoss_upload(ctx, s.t, t, (size_t)(n * c) * 8));
+  if (mlm_launch(&s)) return -1;
+  CL(culoss_synchronize(ctx));
+  /* check: the mean, and the first rows' gradient (SUM with g = 1/n) */
+  culoss_context *cpu;
+  double err = INFINITY;
+  const int64_t rows = n < 64 ? n : 64;
+  void *xh = malloc(bytes), *gh = malloc((size_t)(rows * c) * es),
+       *rh = malloc((size_t)(rows * c) * es);
+  float loss, ref, part;
+  if (culoss_create(&cpu, CULOSS_BACKEND_CPU, 0) == CULOSS_OK &&
+      !cudaMemcpy(xh, s.x, bytes, cudaMemcpyDeviceToHost) &&
+      !cudaMemcpy(gh, s.g, (size_t)(rows * c) * es, cudaMemcpyDeviceToHost) &&
+      !cudaMemcpy(&loss, s.loss, 4, cudaMemcpyDeviceToHost) &&
+      culoss_multilabel_margin(cpu, NULL, n, c, dt, xh, c, CULOSS_I64, t, &ref, NULL, NULL) ==
+          CULOSS_OK) {
+    culoss_multilabel_margin_options o;
+    culoss_multilabel_margin_options_init(&o);
+    o.reduction = CULOSS_REDUCTION_SUM;
+    const float inv_n = (float)(1.0 / (double)n);
+    if (culoss_multilabel_margin(cpu, &o, rows, c, dt, xh, c, CULOSS_I64, t, &part, rh, &inv_n) ==
+        CULOSS_OK) {
+      err = fabs((double)loss - ref) / (fabs((double)ref) + 1e-30);
+      for (int64_t e = 0; e < rows * c; e++) {
+        const double a = to_f_host(gh, dt, e), b = to_f_host(rh, dt, e);
+        const double r = fabs(a - b) / (fabs(b) + 1e-2 * inv_n / (double)c);
+        if (!(r <= err)) err = r;
+      }
+    }
+    culoss_destroy(cpu);
+  }
+  free(xh), free(gh), free(rh), free(t);
+  float ms[256], base[256];
+  if (time_it(mlm_launch, &s, bo->repeats, ms)) return -1;
+  if (time_it(mlm_baseline, &s, bo->repeats, base)) return -1;
+  CL(culoss_synchronize(ctx));
+  const int bad =
+      record(bo, "multilabel_margin fwd+bwd", n, c, dt, ms, base,
+             2.0 * (double)bytes + 8.0 * (double)(n * c), err, dt == CULOSS_F32 ? 1e-4 : 2e-2);
+  void *const bufs[] = {s.x, s.g, s.t, s.loss};
+  if (free_all(ctx, bufs, 4)) return -1;
+  return bad;
+}
+
 /* ---------------------------------------------------------------- linear CE */
 typedef struct {
   culoss_context *ctx;
@@ -966,7 +1056,7 @@ static int run_gpu(culoss_context *ctx, const bench_opts *bo) {
   const int64_t(*rws)[2] = bo->tiny ? rows_tiny : rows_full;
   total_cases = (wanted(bo, "ce") ? (nn * nv + (ROW_KINDS - 1) * nrv) * nd : 0) +
                 (wanted(bo, "ew") ? nm * T_NUM_OPS * nd : 0) +
-                (wanted(bo, "more") ? (2 * nm + 3 * nr) * nd : 0) +
+                (wanted(bo, "more") ? (2 * nm + 3 * nr + 1) * nd : 0) +
                 (wanted(bo, "lce") ? 2 * nl : 0);
   if (bo->csv)
     printf("# device,%s,copy_GBps,%.1f\ncase,n,v,dtype,median_ms,min_ms,max_ms,baseline_ms,GBps,"
@@ -1009,6 +1099,11 @@ static int run_gpu(culoss_context *ctx, const bench_opts *bo) {
         if ((rc = bench_more(ctx, bo, (l_kind)k, n, d, dts[di])) < 0) return 1;
         bad |= rc;
       }
+  for (int di = 0; di < (wanted(bo, "more") ? nd : 0); di++) {
+    if ((rc = bench_mlm(ctx, bo, bo->tiny ? 200 : 65536, bo->tiny ? 100 : 1024, dts[di])) < 0)
+      return 1;
+    bad |= rc;
+  }
   if (!bo->csv && !bo->json && wanted(bo, "lce"))
     printf("\nfused linear + cross-entropy vs unfused (GEMM to full logits, culoss_cross_entropy, "
            "2 GEMMs); gemm_ms: the three GEMMs alone (the 6 n d v floor); TFLOP/s against 6 n d v; "
