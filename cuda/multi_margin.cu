@@ -48,6 +48,22 @@ __device__ __forceinline__ float warp_sum(float v) {
   return v;
 }
 
+/* A row with a target out of range: the deferred error, NaN loss, zero
+   gradient. Called by the `count` threads that share the row (rank 0..). */
+template <typename T>
+__device__ __forceinline__ void bad_row(const mm_params &p, int64_t row, T *gr, int rank, int count,
+                                        bool reduced, double &my_loss) {
+  if (rank == 0) {
+    atomicOr(&p.scratch->error_flag, CULOSS__FLAG_TARGET);
+    if (reduced)
+      my_loss += culoss__nan();
+    else
+      p.loss[row] = culoss__nan();
+  }
+  if (gr)
+    for (int64_t j = rank; j < p.c; j += count) gr[j] = from_f32<T>(0.0f);
+}
+
 template <typename T, int VEC>
 __global__ void __launch_bounds__(MM_THREADS) mm_kernel(mm_params p) {
   typedef pack<T, VEC> pack_t;
@@ -66,15 +82,7 @@ __global__ void __launch_bounds__(MM_THREADS) mm_kernel(mm_params p) {
     T *gr = grad ? grad + row * p.ld : nullptr;
     const int64_t t = culoss__target_at(p.targets, p.ttype, row);
     if (t < 0 || t >= c) {
-      if (lane == 0) {
-        atomicOr(&p.scratch->error_flag, CULOSS__FLAG_TARGET);
-        if (reduced)
-          my_loss += culoss__nan();
-        else
-          p.loss[row] = culoss__nan();
-      }
-      if (gr)
-        for (int64_t j = lane; j < c; j += 32) gr[j] = from_f32<T>(0.0f);
+      bad_row(p, row, gr, lane, 32, reduced, my_loss);
       continue;
     }
     const float wy = p.class_weight ? p.class_weight[t] : 1.0f;
@@ -158,15 +166,7 @@ template <typename T> __global__ void __launch_bounds__(MM_THREADS) mlm_kernel(m
     bad = __syncthreads_or(bad);
     const int k = s_k;
     if (bad) { /* block-uniform */
-      if (threadIdx.x == 0) {
-        atomicOr(&p.scratch->error_flag, CULOSS__FLAG_TARGET);
-        if (reduced)
-          my_loss += culoss__nan();
-        else
-          p.loss[row] = culoss__nan();
-      }
-      if (gr)
-        for (int64_t j = threadIdx.x; j < c; j += MM_THREADS) gr[j] = from_f32<T>(0.0f);
+      bad_row(p, row, gr, (int)threadIdx.x, MM_THREADS, reduced, my_loss);
       __syncthreads(); /* s_k is rewritten by the next row */
       continue;
     }

@@ -485,6 +485,14 @@ pointwise3.register_autograd(_pw3_backward, setup_context=_pw3_setup)
 EMBEDDING = {0: "cosine_embedding", 1: "triplet_margin"}
 
 
+def _emb_outputs(x0, x1, x2, reduction, grad_mask):
+    """embedding's outputs: loss, and the gradients of x0, x1, x2 that bit k of
+    grad_mask asks for (x2 None: cosine, no third gradient)."""
+    xs = (x0, x1, x2 if x2 is not None else x0)
+    return (_loss_out(x0, x0.shape[0], reduction),) + tuple(
+        _grad_out(xs[k], (grad_mask >> k) & 1 and (k < 2 or x2 is not None)) for k in range(3))
+
+
 @torch.library.custom_op("culoss::embedding", mutates_args=())
 def embedding(x0: Tensor, x1: Tensor, x2: Optional[Tensor], target: Optional[Tensor], kind: int,
               reduction: int, margin: float, p: float, eps: float, swap: bool,
@@ -494,11 +502,8 @@ def embedding(x0: Tensor, x1: Tensor, x2: Optional[Tensor], target: Optional[Ten
     contiguous, one dtype: (loss, gradients of x0, x1, x2; bit k of
     grad_mask asks for the k-th, else an empty tensor)."""
     n, d = x0.shape
-    loss = _loss_out(x0, n, reduction)
-    xs = (x0, x1, x2 if x2 is not None else x0)
-    gs = tuple(_grad_out(xs[k], (grad_mask >> k) & 1 and (k < 2 or x2 is not None))
-               for k in range(3))
-    gp = [rt.ptr(g) if g.numel() else None for g in gs]
+    loss, *gs = _emb_outputs(x0, x1, x2, reduction, grad_mask)
+    gp = [rt.ptr(g) for g in gs]  # None for an empty (unrequested) one
     ctx = rt.context(x0)
     if kind == 0:
         o = _lib.options("cosine_embedding", reduction=reduction, margin=margin)
@@ -509,14 +514,12 @@ def embedding(x0: Tensor, x1: Tensor, x2: Optional[Tensor], target: Optional[Ten
                          swap=int(swap))
         _lib.call("triplet_margin", ctx.h, o, n, d, rt.dtype_code(x0), rt.ptr(x0), rt.ptr(x1),
                   rt.ptr(x2), d, rt.ptr(loss), gp[0], gp[1], gp[2], None)
-    return (loss,) + gs
+    return (loss, *gs)
 
 
 @embedding.register_fake
 def _(x0, x1, x2, target, kind, reduction, margin, p, eps, swap, grad_mask):
-    xs = (x0, x1, x2 if x2 is not None else x0)
-    return (_loss_out(x0, x0.shape[0], reduction),) + tuple(
-        _grad_out(xs[k], (grad_mask >> k) & 1 and (k < 2 or x2 is not None)) for k in range(3))
+    return _emb_outputs(x0, x1, x2, reduction, grad_mask)
 
 
 def _emb_setup(ctx, inputs, output):
@@ -534,6 +537,16 @@ def _emb_backward(ctx, grad_loss, *_):
 embedding.register_autograd(_emb_backward, setup_context=_emb_setup)
 
 
+def _nce_outputs(query, key, reduction, grad_mask):
+    """info_nce's outputs: loss, and the gradients bit k of grad_mask asks for
+    (else empty)."""
+    gq = torch.empty_like(query) if grad_mask & 1 else query.new_empty((0,))
+    gk = torch.empty_like(key) if grad_mask & 2 else query.new_empty((0,))
+    gt = torch.empty((), dtype=torch.float32, device=query.device) if grad_mask & 4 else \
+        query.new_empty((0,), dtype=torch.float32)
+    return _loss_out(query, query.shape[0], reduction), gq, gk, gt
+
+
 @torch.library.custom_op("culoss::info_nce", mutates_args=())
 def info_nce(query: Tensor, key: Tensor, temperature: Tensor, grad_loss: Optional[Tensor],
              symmetric: bool, reduction: int,
@@ -543,11 +556,7 @@ def info_nce(query: Tensor, key: Tensor, temperature: Tensor, grad_loss: Optiona
     upstream gradient grad_loss (None: 1), bit k of grad_mask asking for the
     k-th gradient (else an empty tensor)."""
     n, d = query.shape
-    loss = _loss_out(query, n, reduction)
-    gq = torch.empty_like(query) if grad_mask & 1 else query.new_empty((0,))
-    gk = torch.empty_like(key) if grad_mask & 2 else query.new_empty((0,))
-    gt = torch.empty((), dtype=torch.float32, device=query.device) if grad_mask & 4 else \
-        query.new_empty((0,), dtype=torch.float32)
+    loss, gq, gk, gt = _nce_outputs(query, key, reduction, grad_mask)
     ctx = rt.context(query)
     dt = rt.dtype_code(query)
     o = _lib.options("info_nce", reduction=reduction, symmetric=int(symmetric),
@@ -562,11 +571,7 @@ def info_nce(query: Tensor, key: Tensor, temperature: Tensor, grad_loss: Optiona
 
 @info_nce.register_fake
 def _(query, key, temperature, grad_loss, symmetric, reduction, grad_mask):
-    gq = torch.empty_like(query) if grad_mask & 1 else query.new_empty((0,))
-    gk = torch.empty_like(key) if grad_mask & 2 else query.new_empty((0,))
-    gt = torch.empty((), dtype=torch.float32, device=query.device) if grad_mask & 4 else \
-        query.new_empty((0,), dtype=torch.float32)
-    return _loss_out(query, query.shape[0], reduction), gq, gk, gt
+    return _nce_outputs(query, key, reduction, grad_mask)
 
 
 def _nce_setup(ctx, inputs, output):
