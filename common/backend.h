@@ -269,6 +269,38 @@ typedef struct {
 culoss__lvp_layout culoss__lvp_plan(int64_t n, int64_t d, int64_t v_local, culoss_dtype dtype,
                                     int64_t block_bytes, int ranks, int slices);
 
+/* Distillation (host/distill.c): culoss_distill, and culoss_linear_distill
+   (the linear fields set). */
+typedef struct {
+  culoss_distill_options o;
+  int64_t n, v, ld_s, ld_t;
+  culoss_dtype dtype;
+  culoss_index_type ttype;
+  const void *s, *t, *labels; /* labels NULL: every row kept */
+  float *loss;
+  void *grad; /* [n, ld_s] or NULL */
+  const float *grad_loss;
+  /* culoss_linear_distill */
+  int64_t d_s, d_t;
+  const void *hs, *ws, *bs, *ht, *wt, *bt;
+  void *grad_hidden, *grad_weight, *grad_bias;
+  culoss_dtype gw_dtype; /* grad_weight and grad_bias: dtype or CULOSS_F32 */
+  int accumulate;
+  void *workspace;
+  size_t workspace_bytes;
+} culoss__distill_args;
+
+/* The workspace layout of culoss_linear_distill (host/distill.c's plan,
+   shared by the size query and the CUDA path): the student and teacher
+   logits blocks of `rows` rows, the per-row losses, the fp32 grad_bias
+   accumulator and (gw_acc) an fp32 [v, d_s] grad_weight accumulator. */
+typedef struct {
+  int64_t rows;
+  size_t off_s, off_t, off_row_loss, off_bias_acc, off_gw_acc, total;
+} culoss__ld_layout;
+culoss__ld_layout culoss__ld_plan(int64_t n, int64_t d_s, int64_t v, culoss_dtype dtype,
+                                  int64_t block_bytes, int gw_acc);
+
 /* ---------------------------------------------------- the CUDA backend */
 #ifdef CULOSS_HAVE_CUDA
 /* Launchers (cuda/<family>.cu): enqueue on ctx->stream, never synchronise.
@@ -281,6 +313,8 @@ culoss_status culoss__cuda_nce_step(culoss_context *ctx, const void *nce_args);
 culoss_status culoss__cuda_linear_cross_entropy(culoss_context *ctx, const void *lce_args);
 culoss_status culoss__cuda_vocab_parallel(culoss_context *ctx, const void *vp_args);
 culoss_status culoss__cuda_linear_vocab_parallel(culoss_context *ctx, const void *lce_args);
+culoss_status culoss__cuda_distill(culoss_context *ctx, const void *distill_args);
+culoss_status culoss__cuda_linear_distill(culoss_context *ctx, const void *distill_args);
 /* Context-wide set-up and release (cuda/context.cu): kernel attributes and
    the cuBLAS handle with its fixed workspace. Release is safe after a
    partial set-up. */

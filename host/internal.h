@@ -68,6 +68,8 @@ void culoss__device_leave(const culoss_context *ctx, int prev);
 #define culoss__cuda_linear_cross_entropy NULL
 #define culoss__cuda_vocab_parallel NULL
 #define culoss__cuda_linear_vocab_parallel NULL
+#define culoss__cuda_distill NULL
+#define culoss__cuda_linear_distill NULL
 #endif
 
 /* -------------------------------------------------------- CPU references */
@@ -79,6 +81,8 @@ culoss_status culoss__cpu_embedding(const culoss__emb_args *a);
 culoss_status culoss__cpu_linear_cross_entropy(const culoss__lce_args *a);
 culoss_status culoss__cpu_vocab_parallel(const culoss__vp_args *a);
 culoss_status culoss__cpu_linear_vocab_parallel(const culoss__lce_args *a);
+culoss_status culoss__cpu_distill(const culoss__distill_args *a);
+culoss_status culoss__cpu_linear_distill(const culoss__distill_args *a);
 
 /* Pieces of the CPU cross-entropy reference that linear CE's reuses
    (host/cross_entropy_ref.c). */

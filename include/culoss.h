@@ -952,6 +952,113 @@ CULOSS_API culoss_status culoss_linear_cross_entropy_vocab_parallel(
     const void *targets, float *loss, void *grad_hidden, void *grad_weight, void *grad_bias,
     const float *grad_loss, void *workspace, size_t workspace_bytes);
 
+/* ------------------------------------------------------------------------ */
+/* Distillation between a student's and a teacher's logits                  */
+/* ------------------------------------------------------------------------ */
+/*
+ * Per row of student logits s and teacher logits t over v classes, with
+ * temperature T: P = softmax(t / T) (teacher), Q = softmax(s / T) (student).
+ *   generalized JSD(beta): beta = 0 forward KL(P || Q) = sum P (log P - log Q);
+ *     beta = 1 reverse KL(Q || P); else, with M = beta P + (1 - beta) Q,
+ *     beta KL(P || M) + (1 - beta) KL(Q || M) (TRL's generalized_jsd_loss;
+ *     the ends are the KLs, not the formula's limit, which is 0).
+ *   TVD: 1/2 sum |P - Q|.
+ * Terms where a probability is 0 are 0 (a -inf teacher logit gives no NaN);
+ * a row whose logits are all -inf has no distribution and gives a NaN loss
+ * and a NaN gradient row, as does a NaN or +inf logit in either row. The
+ * gradient goes to the student only:
+ * dl/ds_j = (1/T) Q_j (u_j - sum_k Q_k u_k) with u = dl/dQ; no T^2 factor
+ * (scale grad_loss for it). Reverse KL where the teacher has probability 0
+ * and the student does not is +inf, with a non-finite gradient row (-inf,
+ * or NaN where P = 0; 0 where Q = 0), as torch's autograd of the formula.
+ *
+ * Hard loss: with weight_hard != 0 each kept row adds weight_hard times the
+ * plain cross-entropy of the untempered student logits at its label
+ * (lse(s) - s_y; labels are then required and must be in [0, v) unless
+ * ignored; out of range behaves as in culoss_cross_entropy); the divergence
+ * is scaled by weight_soft. Label smoothing, class weights and z-loss are
+ * not offered for the hard term.
+ *
+ * Labels (optional, [n] of ttype): a row whose label is ignore_index has
+ * loss 0 and gradient 0 and does not count in BATCHMEAN. Reductions:
+ * BATCHMEAN (default) divides the sum by the kept rows (n without labels;
+ * 0 kept rows give NaN and a zero gradient), SUM, MEAN divides by n * v
+ * (every element, ignored rows included: TRL's "mean"), NONE writes [n].
+ *
+ * Accuracy: probabilities come from the row maxima and the sums kept apart
+ * from the top's 1 (the log1p form of culoss_cross_entropy), the max kept in
+ * the logits' own units so (t_j - t_max) / T rounds once, near-1
+ * probabilities' differences formed as (P - 1) - (Q - 1), and the mixture's
+ * log ratios log(Q / M) from log Q - log P through log1p / expm1: confident
+ * rows and near-equal distributions keep fp32 accuracy. Log-probabilities
+ * and row sums are in fp64 (the CUDA kernel: fp32 probabilities and
+ * transcendentals, fp64 for (x - m) / T - log s and every sum). The loss is
+ * within a few 1e-6 relative of float64 on the same inputs; a gradient
+ * element within 1e-6 of its row's largest, plus ~1e-7 Q_j (1 + |l|) where
+ * its two terms cancel (reverse KL's row constant is the loss l itself).
+ * TVD's subgradient at P_j = Q_j is 0.
+ */
+typedef enum { CULOSS_DISTILL_JSD = 0, CULOSS_DISTILL_TVD = 1 } culoss_divergence;
+
+typedef struct {
+  culoss_divergence divergence; /* default CULOSS_DISTILL_JSD */
+  float beta;                   /* default 0.5; in [0, 1] (JSD only) */
+  float temperature;            /* default 1; finite and > 0 */
+  culoss_reduction reduction;   /* default BATCHMEAN; NONE, SUM, MEAN or BATCHMEAN */
+  int64_t ignore_index;         /* default -100 */
+  float weight_soft;            /* default 1; finite: the divergence's weight */
+  float weight_hard;            /* default 0; finite: the hard cross-entropy's weight */
+} culoss_distill_options;
+/* Sets the defaults above. `o` is host memory. */
+CULOSS_API void culoss_distill_options_init(culoss_distill_options *o);
+
+/* Distillation loss over student and teacher logits [n, v] of one dtype,
+ * row strides ld_s and ld_t (>= v). labels: NULL (every row kept) or [n] of
+ * ttype. loss: [n] (NONE) or [1]. grad_student: NULL, or [n, v] with row
+ * stride ld_s (may alias the student logits; must not alias the teacher's).
+ * CUDA backend: a block per row, the row pair kept in shared memory while
+ * it fits (2 v sizeof(dtype) bytes up to the per-block limit; the rest is
+ * read again, from L2 if it is still there), so the logits are read once
+ * and the gradient written once when the row pair fits. */
+CULOSS_API culoss_status culoss_distill(culoss_context *ctx, const culoss_distill_options *o,
+                                        int64_t n, int64_t v, culoss_dtype dtype,
+                                        const void *student, int64_t ld_s, const void *teacher,
+                                        int64_t ld_t, culoss_index_type ttype, const void *labels,
+                                        float *loss, void *grad_student, const float *grad_loss);
+
+/* Workspace bytes for culoss_linear_distill (`bytes` host memory; lo NULL:
+ * the defaults): two logits blocks of rows x v (student and teacher, in
+ * dtype; rows from linear CE's block budget, 2^28 bytes or
+ * CULOSS_LINEAR_CE_BLOCK_BYTES, split between the two), n per-row losses, an
+ * fp32 grad_bias accumulator [v], and, for a 16-bit grad_weight in the
+ * input dtype (grad_weight_dtype CULOSS_DTYPE_INPUT), an fp32 accumulator
+ * [v, d_s] (v d_s 4 bytes: pass grad_weight_dtype CULOSS_F32 to do without
+ * it). */
+CULOSS_API culoss_status culoss_linear_distill_workspace_size(culoss_context *ctx,
+                                                              const culoss_linear_ce_options *lo,
+                                                              int64_t n, int64_t d_s, int64_t d_t,
+                                                              int64_t v, culoss_dtype dtype,
+                                                              size_t *bytes);
+
+/* Fused linear + distillation: s = student_hidden [n, d_s] @ student_weight
+ * [v, d_s]^T (+ student_bias [v]), t = teacher_hidden [n, d_t] @
+ * teacher_weight [v, d_t]^T (+ teacher_bias), all contiguous and of dtype;
+ * the loss is culoss_distill's over s and t (weight_soft times the
+ * divergence plus weight_hard times the hard cross-entropy of s), computed
+ * one block of rows at a time (cuBLAS, fp32 accumulation), never an [n, v]
+ * buffer. Gradients (each NULL = skip) to the student hidden, weight and
+ * bias only; `lo` gives grad_weight's dtype and accumulate as in
+ * culoss_linear_cross_entropy_ex (its lse / entropy must be NULL).
+ * grad_hidden is always overwritten and must not alias student_hidden or
+ * teacher_hidden. */
+CULOSS_API culoss_status culoss_linear_distill(
+    culoss_context *ctx, const culoss_distill_options *o, const culoss_linear_ce_options *lo,
+    int64_t n, int64_t d_s, int64_t d_t, int64_t v, culoss_dtype dtype, const void *student_hidden,
+    const void *student_weight, const void *student_bias, const void *teacher_hidden,
+    const void *teacher_weight, const void *teacher_bias, culoss_index_type ttype,
+    const void *labels, float *loss, void *grad_hidden, void *grad_weight, void *grad_bias,
+    const float *grad_loss, void *workspace, size_t workspace_bytes);
+
 #ifdef __cplusplus
 } /* extern "C" */
 #endif

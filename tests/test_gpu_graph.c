@@ -23,7 +23,7 @@ TestSuite(gpu_graph, .init = gpu_setup, .fini = gpu_teardown, .timeout = 300);
 #ifdef CULOSS_HAVE_CUDA
 enum { N = 300, C = 5000, M = N * C };
 
-enum { SLICES = 24, LOSSES = 16 };
+enum { SLICES = 24, LOSSES = 18 };
 
 typedef struct {
   void *x, *y, *g, *t, *w, *ws;
@@ -32,6 +32,8 @@ typedef struct {
   void *t2, *ws2; /* multi-label margin's [N, C] targets; InfoNCE's workspace */
   float *temp;    /* InfoNCE's temperature */
   size_t ws2_bytes;
+  void *ws3; /* linear distillation's workspace */
+  size_t ws3_bytes;
 } bufs_t;
 
 /* All families, once each, on the context's stream; losses into b->loss
@@ -91,6 +93,17 @@ static culoss_status all_losses(const bufs_t *b) {
   no.symmetric = 1, no.temperature = b->temp, no.grad_temperature = b->loss + 15;
   RUN(culoss_info_nce(gpu, &no, N, 64, CULOSS_BF16, b->x, b->y, b->loss + 14, g + 19 * gs,
                       g + 19 * gs + (size_t)N * 64 * 2, NULL, b->ws2, b->ws2_bytes));
+  /* issue 21's: distillation with labels and the hard term (student x,
+     teacher y), and its linear form (student x / y, teacher y / x) */
+  culoss_distill_options dopt;
+  culoss_distill_options_init(&dopt);
+  dopt.beta = 0.25f, dopt.temperature = 2.0f, dopt.weight_hard = 0.5f;
+  RUN(culoss_distill(gpu, &dopt, N, C, CULOSS_BF16, b->x, C, b->y, C, CULOSS_I64, b->t,
+                     b->loss + 16, g + 20 * gs, NULL));
+  RUN(culoss_linear_distill(gpu, &dopt, NULL, N, 64, 64, C, CULOSS_BF16, b->x, b->y, NULL, b->y,
+                            b->x, NULL, CULOSS_I64, b->t, b->loss + 17, g + 21 * gs,
+                            (char *)g + 21 * gs + (size_t)N * 64 * 2, NULL, NULL, b->ws3,
+                            b->ws3_bytes));
 #undef RUN
   return st;
 }
@@ -128,6 +141,10 @@ Test(gpu_graph, every_loss_is_capture_safe_and_bitwise_stable) {
   cr_assert_eq(culoss_info_nce_workspace_size(gpu, &no, N, 64, CULOSS_BF16, &b.ws2_bytes),
                CULOSS_OK);
   b.ws2 = dev_alloc(b.ws2_bytes);
+  cr_assert_eq(
+      culoss_linear_distill_workspace_size(gpu, NULL, N, 64, 64, C, CULOSS_BF16, &b.ws3_bytes),
+      CULOSS_OK);
+  b.ws3 = dev_alloc(b.ws3_bytes);
   cudaStream_t s;
   cr_assert_eq(cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking), cudaSuccess);
   cr_assert_eq(culoss_set_stream(gpu, s), CULOSS_OK);
@@ -175,6 +192,7 @@ Test(gpu_graph, every_loss_is_capture_safe_and_bitwise_stable) {
   culoss_free(gpu, b.x), culoss_free(gpu, b.y), culoss_free(gpu, b.t), culoss_free(gpu, b.w);
   culoss_free(gpu, b.g), culoss_free(gpu, b.loss), culoss_free(gpu, b.ws);
   culoss_free(gpu, b.t2), culoss_free(gpu, b.ws2), culoss_free(gpu, b.temp);
+  culoss_free(gpu, b.ws3);
   free(xf), free(yf), free(xb), free(yb), free(g0), free(g1);
 #else
   cr_skip_test("skipped: no CUDA device (a CPU-only build)");
