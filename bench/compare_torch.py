@@ -284,9 +284,127 @@ def main():
         print(f"{label:34s} {dname:5s} {t_torch:9.3f} {t_comp:10.3f} "
               f"{t_ours:9.3f} {t_torch / t_ours:7.2f}x {t_comp / t_ours:7.2f}x {err:11.2e}"
               f"{'' if err <= tol else '  MISMATCH'}", flush=True)
+    bad |= distill_cases(dev, timer, reps, cpu, args.quick)
     if not cpu:
         bad |= info_nce_memory(dev, timer, reps)
+        bad |= linear_jsd_memory(dev, timer, reps)
     return 1 if bad else 0
+
+
+def _trl_jsd(s, t, beta):
+    """TRL's generalized_jsd_loss (batchmean, T = 1) in float32 torch ops."""
+    slp, tlp = F.log_softmax(s.float(), -1), F.log_softmax(t.float(), -1)
+    if beta == 0:
+        per = F.kl_div(slp, tlp, reduction="none", log_target=True)
+    else:
+        b = torch.tensor(beta, device=s.device)
+        mix = torch.logsumexp(torch.stack([slp + torch.log1p(-b), tlp + torch.log(b)]), 0)
+        per = beta * F.kl_div(mix, tlp, reduction="none", log_target=True) + \
+            (1 - beta) * F.kl_div(mix, slp, reduction="none", log_target=True)
+    return per.sum() / s.shape[0]
+
+
+def distill_cases(dev, timer, reps, cpu, quick):
+    """Generalized JSD (beta 0.5 and 0) fwd+bwd over [n, v] student and teacher
+    logits: torch's composite (TRL's formula, float32), Liger's LigerJSD
+    where liger_kernel is installed, and culoss.torch.generalized_jsd_loss."""
+    import culoss.torch as cl
+    try:
+        from liger_kernel.transformers import LigerJSD  # noqa: F401
+        have_liger = not cpu
+    except Exception:
+        have_liger = False
+    print(f"\ndistillation fwd+bwd (batchmean, T = 1){'' if have_liger else '; Liger: not installed'}")
+    print(f"{'case':34s} {'dtype':5s} {'torch_ms':>9s} {'liger_ms':>9s} {'culoss_ms':>9s} "
+          f"{'vs_torch':>8s} {'vs_liger':>8s} {'max_rel_err':>11s}")
+    n = 64 if cpu else 4096
+    vs = [1000] if cpu else ([32000, 128256] if quick else [32000, 128256, 256000])
+    dts = (torch.float32,) if cpu else (torch.float32, torch.bfloat16)
+    bad = 0
+    for v in vs:
+        for dt in dts:
+            for beta in (0.5, 0.0):
+                if not cpu and n * v * (4 if dt == torch.float32 else 2) * 6 > 40 << 30:
+                    continue
+                s = (2 * torch.randn(n, v, device=dev)).to(dt)
+                t = (2 * torch.randn(n, v, device=dev)).to(dt)
+
+                def fwd_bwd(fn):
+                    def run():
+                        a = s.detach().requires_grad_()
+                        loss = fn(a, t)
+                        loss.backward()
+                        return loss.detach(), a.grad
+                    return run
+                ref = fwd_bwd(lambda a, b: _trl_jsd(a, b, beta))
+                ours = fwd_bwd(lambda a, b: cl.generalized_jsd_loss(a, b, beta=beta))
+                rl, rg = ref()
+                ol, og = ours()
+                err = max(abs(ol.float().item() - rl.item()) / max(abs(rl.item()), 1e-30),
+                          ((og.float() - rg.float()).norm() / rg.float().norm()).item())
+                if math.isnan(err):
+                    err = float("inf")
+                t_torch = timer(ref, reps)
+                t_liger = float("nan")
+                if have_liger and beta > 0:
+                    from liger_kernel.transformers import LigerJSD
+                    # Liger's JSD takes log-probabilities (student, teacher);
+                    # at beta 0.5 its convention and TRL's agree
+                    lj = LigerJSD(beta=beta)
+                    liger = fwd_bwd(lambda a, b: lj(F.log_softmax(a.float(), -1).view(-1, v),
+                                                    F.log_softmax(b.float(), -1).view(-1, v)))
+                    try:
+                        t_liger = timer(liger, reps)
+                    except Exception as e:  # a Liger version we do not know
+                        print(f"  (LigerJSD failed: {type(e).__name__}: {e})")
+                t_ours = timer(ours, reps)
+                tol = 1e-4 if dt == torch.float32 else 2e-2
+                bad |= not (err <= tol)
+                dname = {torch.float32: "f32", torch.bfloat16: "bf16"}[dt]
+                label = f"jsd(beta={beta}) n={n} v={v}"
+                print(f"{label:34s} {dname:5s} {t_torch:9.3f} {t_liger:9.3f} {t_ours:9.3f} "
+                      f"{t_torch / t_ours:7.2f}x {t_liger / t_ours:7.2f}x {err:11.2e}"
+                      f"{'' if err <= tol else '  MISMATCH'}", flush=True)
+    return int(bad)
+
+
+def linear_jsd_memory(dev, timer, reps):
+    """Fused linear + JSD at n = 8192, d = 4096, v = 128256 bf16 against the
+    explicit form (torch: both [n, v] logits, their softmaxes and the
+    gradient): time and peak memory."""
+    import culoss.torch as cl
+    n, d, v = 8192, 4096, 128256
+    g = torch.Generator(device=dev).manual_seed(5)
+    kw = dict(device=dev, dtype=torch.bfloat16)
+    hs, ht = (0.5 * torch.randn(n, d, generator=g, **kw) for _ in range(2))
+    ws, wt = (0.02 * torch.randn(v, d, generator=g, **kw) for _ in range(2))
+    results = []
+    for name, fn in (("explicit", lambda a, w: _trl_jsd(a @ w.T, ht @ wt.T, 0.5)),
+                     ("culoss", lambda a, w: cl.linear_generalized_jsd_loss(a, w, ht, wt))):
+        def run():
+            a, w = hs.detach().requires_grad_(), ws.detach().requires_grad_()
+            loss = fn(a, w)
+            loss.backward()
+            return loss.detach(), torch.cat([a.grad.flatten(), w.grad.flatten()])
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats(dev)
+        base = torch.cuda.memory_allocated(dev)
+        try:
+            out = run()
+        except torch.cuda.OutOfMemoryError:
+            print(f"linear jsd {name}: out of memory")
+            return 0 if name == "explicit" else 1
+        torch.cuda.synchronize()
+        peak = torch.cuda.max_memory_allocated(dev) - base
+        ms = timer(run, reps)
+        results.append((name, out, peak, ms))
+    (_, (l0, g0), p0, t0), (_, (l1, g1), p1, t1) = results
+    err = max(abs(l1.float().item() - l0.float().item()) / abs(l0.float().item()),
+              ((g1.float() - g0.float()).norm() / g0.float().norm()).item())
+    print(f"\nlinear jsd n={n} d={d} v={v} bf16: explicit {t0:.3f} ms, peak {p0 / 2**20:.0f} MiB; "
+          f"culoss {t1:.3f} ms, peak {p1 / 2**20:.0f} MiB ({100 * p1 / p0:.1f}% of the explicit "
+          f"form's); max_rel_err {err:.2e}{'' if err <= 2e-2 else '  MISMATCH'}")
+    return int(not (err <= 2e-2))
 
 
 def info_nce_memory(dev, timer, reps):

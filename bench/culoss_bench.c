@@ -52,7 +52,7 @@
 typedef struct {
   int quick, csv, json, repeats;
   int tiny;         /* smallest sizes: a check of the tool's GPU path, not a measurement */
-  const char *only; /* NULL, "ce", "ew", "more" or "lce": one family of cases */
+  const char *only; /* NULL, "ce", "ew", "more", "lce" or "distill": one family of cases */
 } bench_opts;
 
 static int wanted(const bench_opts *bo, const char *family) {
@@ -1015,6 +1015,224 @@ static int bench_lce(culoss_context *ctx, const bench_opts *bo, int64_t n, int64
   return ok ? 0 : 1;
 }
 
+/* ---------------------------------------------------------------- distillation */
+/* Generalized JSD / TVD over [n, v] student and teacher logits; bytes: the
+   floor, one read of each and one write of the gradient. No in-library
+   baseline (compare_torch.py times the torch composite and Liger's). */
+typedef struct {
+  culoss_context *ctx;
+  culoss_distill_options o;
+  int64_t n, v;
+  culoss_dtype dt;
+  void *s, *t, *g;
+  float *loss;
+} dist_state;
+
+static int dist_launch(void *p) {
+  dist_state *s = p;
+  CL(culoss_distill(s->ctx, &s->o, s->n, s->v, s->dt, s->s, s->v, s->t, s->v, CULOSS_I64, NULL,
+                    s->loss, s->g, NULL));
+  return 0;
+}
+
+/* The first rows' losses (reduction NONE) against the CPU reference, and
+   the reduced loss against their mean over every row; the worst relative
+   error. */
+static double dist_check(dist_state *s, float reduced) {
+  const size_t es = s->dt == CULOSS_F32 ? 4 : 2;
+  const int64_t r = s->n < 8 ? s->n : 8;
+  culoss_context *cpu = NULL;
+  culoss_distill_options o = s->o;
+  float *rows = NULL, *hr = malloc((size_t)s->n * 4), cr[8];
+  void *hs = malloc((size_t)(r * s->v) * es), *ht = malloc((size_t)(r * s->v) * es);
+  double worst = INFINITY, mean = 0.0;
+  o.reduction = CULOSS_REDUCTION_NONE;
+  if (!hr || !hs || !ht || culoss_create(&cpu, CULOSS_BACKEND_CPU, 0) ||
+      culoss_malloc(s->ctx, (void **)&rows, (size_t)s->n * 4) ||
+      culoss_distill(s->ctx, &o, s->n, s->v, s->dt, s->s, s->v, s->t, s->v, CULOSS_I64, NULL, rows,
+                     NULL, NULL) ||
+      culoss_download(s->ctx, hr, rows, (size_t)s->n * 4) ||
+      culoss_download(s->ctx, hs, s->s, (size_t)(r * s->v) * es) ||
+      culoss_download(s->ctx, ht, s->t, (size_t)(r * s->v) * es) ||
+      culoss_distill(cpu, &o, r, s->v, s->dt, hs, s->v, ht, s->v, CULOSS_I64, NULL, cr, NULL, NULL))
+    goto done;
+  worst = 0.0;
+  for (int64_t i = 0; i < r; i++) {
+    const double e = rel_err((double)hr[i], (double)cr[i]);
+    if (!(e <= worst)) worst = e;
+  }
+  for (int64_t i = 0; i < s->n; i++) mean += (double)hr[i];
+  {
+    const double e = rel_err((double)reduced, mean / (double)s->n);
+    if (!(e <= worst)) worst = e;
+  }
+done:
+  culoss_free(s->ctx, rows);
+  culoss_destroy(cpu);
+  free(hr), free(hs), free(ht);
+  return worst;
+}
+
+static int bench_distill(culoss_context *ctx, const bench_opts *bo, int64_t n, int64_t v,
+                         culoss_dtype dt, int tvd, float beta) {
+  const size_t es = dt == CULOSS_F32 ? 4 : 2, bytes = (size_t)(n * v) * es;
+  char name[40];
+  snprintf(name, sizeof name, "%s fwd+bwd", tvd ? "tvd" : (beta == 0.0f ? "kl(P||Q)" : "jsd(0.5)"));
+  progress(name, n, v, dt);
+  if (!fits(3 * bytes + ((size_t)64 << 20))) {
+    if (!bo->json)
+      printf("%-22s %10lld %7lld %5s skipped: not enough device memory\n", name, (long long)n,
+             (long long)v, dtype_name(dt));
+    return 0;
+  }
+  dist_state s;
+  memset(&s, 0, sizeof s);
+  s.ctx = ctx, s.n = n, s.v = v, s.dt = dt;
+  culoss_distill_options_init(&s.o);
+  s.o.divergence = tvd ? CULOSS_DISTILL_TVD : CULOSS_DISTILL_JSD, s.o.beta = beta;
+  s.o.temperature = 2.0f;
+  CL(culoss_malloc(ctx, &s.s, bytes));
+  CL(culoss_malloc(ctx, &s.t, bytes));
+  CL(culoss_malloc(ctx, &s.g, bytes));
+  CL(culoss_malloc(ctx, (void **)&s.loss, 4));
+  /* logits 2 N(0, 1), independent for student and teacher (fill -4) */
+  CK((cudaError_t)bench_fill(s.s, NULL, (int)dt, n * v, 301, -4));
+  CK((cudaError_t)bench_fill(s.t, NULL, (int)dt, n * v, 302, -4));
+  if (dist_launch(&s)) return -1;
+  float l;
+  CL(culoss_download(ctx, &l, s.loss, 4));
+  const double err = dist_check(&s, l);
+  float ms[256];
+  if (time_it(dist_launch, &s, bo->repeats, ms)) return -1;
+  CL(culoss_synchronize(ctx));
+  const int bad = record(bo, name, n, v, dt, ms, NULL, 3.0 * (double)bytes, err,
+                         dt == CULOSS_F32 ? 1e-4 : 1e-3);
+  void *const bufs[] = {s.s, s.t, s.g, s.loss};
+  if (free_all(ctx, bufs, 4)) return -1;
+  return bad;
+}
+
+/* Fused linear + distillation: bf16 hidden [n, d] for student and teacher,
+   weights [v, d], against its GEMM floor (the four GEMMs alone on full
+   logits: both logits, grad_hidden, an fp32 grad_weight: 8 n d v FLOPs)
+   and, for the loss, against the explicit form (the two GEMMs, then
+   culoss_distill on the materialised logits). */
+typedef struct {
+  culoss_context *ctx;
+  cublasHandle_t h;
+  int64_t n, d, v;
+  void *hs, *ws, *ht, *wt, *gh, *gw, *work, *ls, *lt;
+  size_t work_bytes;
+  float *loss;
+} ldist_state;
+
+static int ldist_fused(void *p) {
+  ldist_state *s = p;
+  culoss_linear_ce_options lo;
+  culoss_linear_ce_options_init(&lo);
+  lo.grad_weight_dtype = CULOSS_F32;
+  CL(culoss_linear_distill(s->ctx, NULL, &lo, s->n, s->d, s->d, s->v, CULOSS_BF16, s->hs, s->ws,
+                           NULL, s->ht, s->wt, NULL, CULOSS_I64, NULL, s->loss, s->gh, s->gw, NULL,
+                           NULL, s->work, s->work_bytes));
+  return 0;
+}
+
+static int ldist_gemm(ldist_state *s, cublasOperation_t ta, cublasOperation_t tb, int64_t m,
+                      int64_t nn, int64_t k, const void *A, int64_t lda, const void *B, int64_t ldb,
+                      void *C, cudaDataType_t ct, int64_t ldc) {
+  const float one = 1.0f, zero = 0.0f;
+  return cublasGemmEx(s->h, ta, tb, (int)m, (int)nn, (int)k, &one, A, CUDA_R_16BF, (int)lda, B,
+                      CUDA_R_16BF, (int)ldb, &zero, C, ct, (int)ldc, CUBLAS_COMPUTE_32F,
+                      CUBLAS_GEMM_DEFAULT) == CUBLAS_STATUS_SUCCESS
+             ? 0
+             : -1;
+}
+
+static int ldist_logits(ldist_state *s) {
+  if (ldist_gemm(s, CUBLAS_OP_T, CUBLAS_OP_N, s->v, s->n, s->d, s->ws, s->d, s->hs, s->d, s->ls,
+                 CUDA_R_16BF, s->v) ||
+      ldist_gemm(s, CUBLAS_OP_T, CUBLAS_OP_N, s->v, s->n, s->d, s->wt, s->d, s->ht, s->d, s->lt,
+                 CUDA_R_16BF, s->v))
+    return -1;
+  return 0;
+}
+
+static int ldist_gemms(void *p) {
+  ldist_state *s = p;
+  if (ldist_logits(s) ||
+      ldist_gemm(s, CUBLAS_OP_N, CUBLAS_OP_N, s->d, s->n, s->v, s->ws, s->d, s->ls, s->v, s->gh,
+                 CUDA_R_16BF, s->d) ||
+      ldist_gemm(s, CUBLAS_OP_N, CUBLAS_OP_T, s->d, s->v, s->n, s->hs, s->d, s->ls, s->v, s->gw,
+                 CUDA_R_32F, s->d))
+    return -1;
+  return 0;
+}
+
+static int bench_ldistill(culoss_context *ctx, const bench_opts *bo, int64_t n, int64_t d,
+                          int64_t v) {
+  ldist_state s;
+  memset(&s, 0, sizeof s);
+  s.ctx = ctx, s.n = n, s.d = d, s.v = v;
+  progress("linear+distill", n, v, CULOSS_BF16);
+  const size_t logits = (size_t)(n * v) * 2;
+  if (!fits(2 * logits + (size_t)(v * d) * 8 + (size_t)(3 * n * d) * 2 + ((size_t)1 << 30))) {
+    if (!bo->json)
+      printf("lin+jsd %lld x %lld x %lld: skipped, not enough device memory\n", (long long)n,
+             (long long)d, (long long)v);
+    return 0;
+  }
+  culoss_linear_ce_options lo;
+  culoss_linear_ce_options_init(&lo);
+  lo.grad_weight_dtype = CULOSS_F32;
+  if (cublasCreate(&s.h) != CUBLAS_STATUS_SUCCESS) return -1;
+  CL(culoss_linear_distill_workspace_size(ctx, &lo, n, d, d, v, CULOSS_BF16, &s.work_bytes));
+  CL(culoss_malloc(ctx, &s.hs, (size_t)(n * d) * 2));
+  CL(culoss_malloc(ctx, &s.ht, (size_t)(n * d) * 2));
+  CL(culoss_malloc(ctx, &s.ws, (size_t)(v * d) * 2));
+  CL(culoss_malloc(ctx, &s.wt, (size_t)(v * d) * 2));
+  CL(culoss_malloc(ctx, &s.gh, (size_t)(n * d) * 2));
+  CL(culoss_malloc(ctx, &s.gw, (size_t)(v * d) * 4));
+  CL(culoss_malloc(ctx, (void **)&s.loss, 4));
+  CK((cudaError_t)bench_fill(s.hs, NULL, CULOSS_BF16, n * d, 401, -3));
+  CK((cudaError_t)bench_fill(s.ht, NULL, CULOSS_BF16, n * d, 402, -3));
+  CK((cudaError_t)bench_fill(s.ws, NULL, CULOSS_BF16, v * d, 403, -2));
+  CK((cudaError_t)bench_fill(s.wt, NULL, CULOSS_BF16, v * d, 404, -2));
+  float lf, le, ms_f[256], ms_g[256];
+  CL(culoss_malloc(ctx, &s.work, s.work_bytes));
+  if (ldist_fused(&s)) return -1;
+  CL(culoss_download(ctx, &lf, s.loss, 4));
+  if (time_it(ldist_fused, &s, bo->repeats, ms_f)) return -1;
+  CL(culoss_free(ctx, s.work));
+  /* the explicit form and the GEMM floor, on full logits */
+  CL(culoss_malloc(ctx, &s.ls, logits));
+  CL(culoss_malloc(ctx, &s.lt, logits));
+  CK(cudaDeviceSynchronize());
+  if (ldist_logits(&s)) return -1;
+  CL(culoss_distill(ctx, NULL, n, v, CULOSS_BF16, s.ls, v, s.lt, v, CULOSS_I64, NULL, s.loss, NULL,
+                    NULL));
+  CL(culoss_download(ctx, &le, s.loss, 4));
+  if (time_it(ldist_gemms, &s, bo->repeats, ms_g)) return -1;
+  CL(culoss_free(ctx, s.ls));
+  CL(culoss_free(ctx, s.lt));
+  CL(culoss_synchronize(ctx));
+  const double flops = 8.0 * (double)n * (double)d * (double)v;
+  const double tf = ms_f[bo->repeats / 2], tg = ms_g[bo->repeats / 2];
+  const double err = rel_err((double)lf, (double)le);
+  const int ok = err <= 1e-3;
+  if (isatty(2)) fprintf(stderr, "\r%80s\r", "");
+  if (!bo->json)
+    printf("%-8s %6lld %6lld %7lld %9.3f %9.3f %7.1f %7.1f %6.2fx %10.1f %10.1f %6.1f%% %9.1e %s\n",
+           "lin+jsd", (long long)n, (long long)d, (long long)v, tf, tg, flops / (tf * 1e-3) / 1e12,
+           flops / (tg * 1e-3) / 1e12, tf / tg, (double)s.work_bytes / (1 << 20),
+           2.0 * (double)logits / (1 << 20), 100.0 * (double)s.work_bytes / (2.0 * (double)logits),
+           err, ok ? "ok" : "MISMATCH");
+  fflush(stdout);
+  void *const bufs[] = {s.hs, s.ht, s.ws, s.wt, s.gh, s.gw, s.loss};
+  if (free_all(ctx, bufs, 7)) return -1;
+  if (cublasDestroy(s.h) != CUBLAS_STATUS_SUCCESS) return -1;
+  return ok ? 0 : 1;
+}
+
 static int run_gpu(culoss_context *ctx, const bench_opts *bo) {
   struct cudaDeviceProp prop;
   CK(cudaGetDeviceProperties(&prop, 0));
@@ -1057,7 +1275,7 @@ static int run_gpu(culoss_context *ctx, const bench_opts *bo) {
   total_cases = (wanted(bo, "ce") ? (nn * nv + (ROW_KINDS - 1) * nrv) * nd : 0) +
                 (wanted(bo, "ew") ? nm * T_NUM_OPS * nd : 0) +
                 (wanted(bo, "more") ? (2 * nm + 3 * nr + 1) * nd : 0) +
-                (wanted(bo, "lce") ? 2 * nl : 0);
+                (wanted(bo, "lce") ? 2 * nl : 0) + (wanted(bo, "distill") ? 3 * nl * 2 + 1 : 0);
   if (bo->csv)
     printf("# device,%s,copy_GBps,%.1f\ncase,n,v,dtype,median_ms,min_ms,max_ms,baseline_ms,GBps,"
            "pct_copy,max_rel_err,check\n",
@@ -1122,6 +1340,32 @@ static int run_gpu(culoss_context *ctx, const bench_opts *bo) {
       bad |= rc;
     }
   }
+  /* distillation: JSD(0.5), forward KL and TVD at the CE vocabularies, fp32 and bf16 */
+  const int64_t dv_full[] = {32000, 128256, 256000}, dv_tiny[] = {1000, 4099};
+  const culoss_dtype ddt[] = {CULOSS_F32, CULOSS_BF16};
+  for (int vi = 0; vi < (wanted(bo, "distill") ? (bo->tiny ? 2 : nl) : 0); vi++)
+    for (int di = 0; di < 2; di++)
+      for (int k = 0; k < 3; k++) {
+        const int64_t v = bo->tiny ? dv_tiny[vi] : dv_full[vi];
+        if ((rc = bench_distill(ctx, bo, ns[0], v, ddt[di], k == 2, k == 1 ? 0.0f : 0.5f)) < 0)
+          return 1;
+        bad |= rc;
+      }
+  if (!bo->csv && !bo->json && wanted(bo, "distill"))
+    printf("\nfused linear + generalized JSD (bf16, fp32 grad_weight) vs its GEMM floor (the two "
+           "logits GEMMs, grad_hidden and grad_weight alone on full logits: 8 n d v FLOPs); "
+           "extra memory: workspace vs the two n x v logits; max_err: the loss vs the explicit "
+           "form (GEMMs, then culoss_distill)\n"
+           "%-8s %6s %6s %7s %9s %9s %7s %7s %7s %10s %10s %7s %9s %s\n",
+           "case", "n", "d", "v", "fused_ms", "gemm_ms", "TF/s_f", "TF/s_g", "f/gemm", "ws_MiB",
+           "logit_MiB", "mem%", "max_err", "check");
+  if (wanted(bo, "distill")) {
+    if ((rc = bench_ldistill(ctx, bo, bo->tiny ? 128 : (bo->quick ? 4096 : 8192),
+                             bo->tiny ? 32 : (bo->quick ? 2048 : 4096), bo->tiny ? 1000 : 128256)) <
+        0)
+      return 1;
+    bad |= rc;
+  }
   if (bo->json) {
     printf("{\"device\": \"%s\", \"copy_GBps\": %.1f, \"results\": [\n", prop.name, copy_bw);
     for (int i = 0; i < nresults; i++) {
@@ -1154,7 +1398,8 @@ int main(int argc, char **argv) {
       bo.json = 1;
     else if (!strcmp(argv[i], "--only") && i + 1 < argc &&
              (!strcmp(argv[i + 1], "ce") || !strcmp(argv[i + 1], "ew") ||
-              !strcmp(argv[i + 1], "more") || !strcmp(argv[i + 1], "lce")))
+              !strcmp(argv[i + 1], "more") || !strcmp(argv[i + 1], "lce") ||
+              !strcmp(argv[i + 1], "distill")))
       bo.only = argv[++i];
     else if (!strcmp(argv[i], "--tiny"))
       bo.tiny = 1, bo.repeats = 3;
@@ -1165,10 +1410,11 @@ int main(int argc, char **argv) {
     else if (!strcmp(argv[i], "--check"))
       model_check = 1;
     else {
-      fprintf(stderr,
-              "usage: %s [--quick | --tiny] [--csv | --json] [--only ce|ew|more|lce] [--cpu]\n"
-              "       %s --model [--check]   (the traffic model; emulator builds)\n",
-              argv[0], argv[0]);
+      fprintf(
+          stderr,
+          "usage: %s [--quick | --tiny] [--csv | --json] [--only ce|ew|more|lce|distill] [--cpu]\n"
+          "       %s --model [--check]   (the traffic model; emulator builds)\n",
+          argv[0], argv[0]);
       return 2;
     }
   }

@@ -136,6 +136,11 @@ static int run(culoss_context *g, const mcase *k, int kind, culoss_emu_traffic *
     culoss_cosine_embedding_options_init(&o);
     st = culoss_cosine_embedding(g, &o, k->n, k->v, k->dt, dx, dy, k->v, (const float *)dyt, dl, dg,
                                  dg2, NULL);
+  } else if (kind == 6) { /* JSD(0.5): student x, teacher y (any floats are logits) */
+    culoss_distill_options o;
+    culoss_distill_options_init(&o);
+    st = culoss_distill(g, &o, k->n, k->v, k->dt, dx, k->v, dy, k->v, CULOSS_I64, NULL, dl, dg,
+                        NULL);
   } else { /* var = y in [0, 1) (clamped at eps) */
     culoss_gaussian_nll_options o;
     culoss_gaussian_nll_options_init(&o);
@@ -161,7 +166,8 @@ int culoss_bench_model(int check) {
   culoss_status st = culoss_create(&g, CULOSS_BACKEND_CUDA, 0);
   if (st != CULOSS_OK) return fail("culoss_create", st);
   /* kind 0: CE (class indices) fwd+bwd; 1: CE soft targets; 2: MSE; 3: triplet margin (rows of
-     d = v); 4: cosine embedding; 5: Gaussian NLL (three inputs, two gradients) */
+     d = v); 4: cosine embedding; 5: Gaussian NLL (three inputs, two gradients); 6: generalized
+     JSD (student and teacher logits, the student's gradient) */
   static const struct {
     int kind;
     const char *name;
@@ -190,6 +196,11 @@ int culoss_bench_model(int check) {
       /* past the register cache: a second read (of L2, if the verdict holds); reported */
       {3, "triplet fwd+bwd", CULOSS_BF16, 128, 1024, 0.0},
       {4, "cosine fwd+bwd", CULOSS_F32, 128, 4096, 0.0},
+      /* distillation: the row pair in shared memory (2 v sizeof(T) <= ~223 KB): s and t
+         read once, the gradient written once; past it, re-reads (reported) */
+      {6, "jsd fwd+bwd", CULOSS_BF16, 16, 32768, 1.02},
+      {6, "jsd fwd+bwd", CULOSS_F32, 16, 16384, 1.02},
+      {6, "jsd fwd+bwd", CULOSS_BF16, 8, 128256, 0.0},
   };
   int bad = 0;
   printf("culoss traffic MODEL (the emulator's counts of global loads and stores, turned into\n"
@@ -203,15 +214,16 @@ int culoss_bench_model(int check) {
     k.name = spec[i].name, k.dt = spec[i].dt, k.n = spec[i].n, k.v = spec[i].v;
     const int kd = spec[i].kind;
     k.limit = spec[i].limit, k.row_cache = kd != 2 && kd != 5;
-    /* CE: a 1024-thread block per long row, one per SM; embedding: a warp
-       per row, about 32 resident warps per SM (registers permitting) */
-    k.rows_in_flight = kd >= 3 ? 32.0 * H100_SMS : H100_SMS;
+    /* CE and distillation: a block per long row, one per SM; embedding: a
+       warp per row, about 32 resident warps per SM (registers permitting) */
+    const int emb = kd == 3 || kd == 4; /* distillation (6): a block per row, as CE */
+    k.rows_in_flight = emb || kd == 5 ? 32.0 * H100_SMS : H100_SMS;
     const double es = (double)dtype_bytes(k.dt), m = (double)(k.n * k.v);
     /* floor: each input read once, each output written once (the cosine
        target's 4 bytes per row included) */
-    static const double per_elem[] = {2.0, 3.0, 3.0, 6.0, 4.0, 5.0};
+    static const double per_elem[] = {2.0, 3.0, 3.0, 6.0, 4.0, 5.0, 3.0};
     k.floor = m * es * per_elem[kd] + (kd == 4 ? 4.0 * (double)k.n : 0.0);
-    k.full = kd == 2 || kd == 5 ? ((int64_t)1 << 28) : (kd >= 3 ? 65536 : 16384);
+    k.full = kd == 2 || kd == 5 ? ((int64_t)1 << 28) : (emb ? 65536 : 16384);
     culoss_emu_traffic t;
     if (run(g, &k, spec[i].kind, &t)) {
       culoss_destroy(g);

@@ -155,6 +155,12 @@ class MultilabelSoftMarginOptions(ctypes.Structure):
     _fields_ = [("reduction", _int), ("weight", _P), ("weight_per_row", _int)]
 
 
+class DistillOptions(ctypes.Structure):
+    _fields_ = [("divergence", _int), ("beta", ctypes.c_float), ("temperature", ctypes.c_float),
+                ("reduction", _int), ("ignore_index", _i64), ("weight_soft", ctypes.c_float),
+                ("weight_hard", ctypes.c_float)]
+
+
 class LinearCEOptions(ctypes.Structure):
     _fields_ = [("grad_weight_dtype", _int), ("accumulate", _int), ("lse", _P), ("entropy", _P)]
 
@@ -177,7 +183,8 @@ _OPTIONS = {"cross_entropy": CEOptions, "bce": BCEOptions, "hinge": HingeOptions
             "margin_ranking": MarginRankingOptions, "gaussian_nll": GaussianNLLOptions,
             "cosine_embedding": CosineEmbeddingOptions, "triplet_margin": TripletMarginOptions,
             "multilabel_soft_margin": MultilabelSoftMarginOptions,
-            "multilabel_margin": MultilabelMarginOptions, "info_nce": InfoNCEOptions}
+            "multilabel_margin": MultilabelMarginOptions, "info_nce": InfoNCEOptions,
+            "distill": DistillOptions}
 for _name, _st in _OPTIONS.items():
     getattr(lib, f"culoss_{_name}_options_init").argtypes = [ctypes.POINTER(_st)]
     getattr(lib, f"culoss_{_name}_options_init").restype = None
@@ -228,6 +235,11 @@ _SIGS["culoss_info_nce_workspace_size"] = [_P, _P, _i64, _i64, _int, ctypes.POIN
 _SIGS["culoss_info_nce"] = [_P, _P, _i64, _i64, _int, _P, _P, _P, _P, _P, _P, _P, _size]
 _SIGS["culoss_multilabel_margin"] = [_P, _P, _i64, _i64, _int, _P, _i64, _int, _P, _P, _P, _P]
 _SIGS["culoss_multilabel_soft_margin"] = [_P, _P, _i64, _i64, _int, _P, _P, _i64, _P, _P, _P]
+_SIGS["culoss_distill"] = [_P, _P, _i64, _i64, _int, _P, _i64, _P, _i64, _int, _P, _P, _P, _P]
+_SIGS["culoss_linear_distill_workspace_size"] = [_P, _P, _i64, _i64, _i64, _i64, _int,
+                                                 ctypes.POINTER(_size)]
+_SIGS["culoss_linear_distill"] = [_P, _P, _P, _i64, _i64, _i64, _i64, _int, _P, _P, _P, _P, _P,
+                                  _P, _int, _P, _P, _P, _P, _P, _P, _P, _size]
 for _f, _a in _SIGS.items():
     getattr(lib, _f).argtypes = _a
     getattr(lib, _f).restype = _int

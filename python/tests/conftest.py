@@ -10,7 +10,7 @@ if not os.environ.get("CULOSS_TEST_INSTALLED"):
     sys.path.insert(0, os.path.join(here, ".."))  # the source tree's culoss package
 
 TORCH_SUITES = ["test_torch_opinfo.py", "test_torch_ops.py", "test_torch_semantics.py",
-                "test_torch_distributed.py"]
+                "test_torch_distributed.py", "test_torch_more_losses.py", "test_torch_distill.py"]
 HAVE_TORCH = importlib.util.find_spec("torch") is not None
 collect_ignore = []
 if not HAVE_TORCH:

@@ -814,3 +814,120 @@ def _lce_backward(ctx, grad_loss, _g1, _g2, _g3):
 
 
 linear_cross_entropy.register_autograd(_lce_backward, setup_context=_lce_setup)
+
+# --------------------------------------------------------------------------- distillation
+
+
+def _distill_options(tvd, beta, temperature, ignore_index, reduction, weight_soft, weight_hard):
+    return _lib.options("distill", divergence=int(tvd), beta=beta, temperature=temperature,
+                        reduction=reduction, ignore_index=ignore_index, weight_soft=weight_soft,
+                        weight_hard=weight_hard)
+
+
+@torch.library.custom_op("culoss::distill", mutates_args=())
+def distill(student: Tensor, teacher: Tensor, labels: Optional[Tensor], tvd: bool, beta: float,
+            temperature: float, ignore_index: int, reduction: int, weight_soft: float,
+            weight_hard: float, compute_grad: bool) -> Tuple[Tensor, Tensor]:
+    """Distillation over rows of student and teacher logits [n, v] (each with
+    its own row stride, unit column stride): generalized JSD(beta) or TVD at
+    `temperature`, plus weight_hard times the hard cross-entropy at labels.
+    Returns (loss, the student's gradient for an upstream gradient of 1)."""
+    n, v = student.shape
+    o = _distill_options(tvd, beta, temperature, ignore_index, reduction, weight_soft,
+                         weight_hard)
+    loss = _loss_out(student, n, reduction)
+    grad = _grad_out(student, compute_grad)
+    ctx = rt.context(student)
+    _lib.call("distill", ctx.h, o, n, v, rt.dtype_code(student), rt.ptr(student),
+              rt.row_stride(student), rt.ptr(teacher), rt.row_stride(teacher),
+              rt.index_code(labels) if labels is not None else _lib.I64, rt.ptr(labels),
+              rt.ptr(loss), rt.ptr(grad), None)
+    return loss, grad
+
+
+@distill.register_fake
+def _(student, teacher, labels, tvd, beta, temperature, ignore_index, reduction, weight_soft,
+      weight_hard, compute_grad):
+    return _loss_out(student, student.shape[0], reduction), _grad_out(student, compute_grad)
+
+
+distill.register_autograd(_input_grad_backward, setup_context=_input_grad_setup(7))
+
+
+@torch.library.custom_op("culoss::linear_distill", mutates_args=())
+def linear_distill(student_input: Tensor, student_weight: Tensor, teacher_input: Tensor,
+                   teacher_weight: Tensor, labels: Optional[Tensor], student_bias: Optional[Tensor],
+                   teacher_bias: Optional[Tensor], grad_loss: Optional[Tensor], tvd: bool,
+                   beta: float, temperature: float, ignore_index: int, reduction: int,
+                   weight_soft: float, weight_hard: float, grad_input: bool, grad_weight: bool,
+                   grad_bias: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Fused linear + distillation: the student's and teacher's logits
+    (input @ weight^T + bias) exist one block of rows at a time. Returns
+    (loss, grad_input, grad_weight, grad_bias) of the student for an upstream
+    gradient `grad_loss` (None: 1); unrequested ones are empty."""
+    n, ds = student_input.shape
+    dt_ = teacher_input.shape[1]
+    v = student_weight.shape[0]
+    o = _distill_options(tvd, beta, temperature, ignore_index, reduction, weight_soft,
+                         weight_hard)
+    loss = _loss_out(student_input, n, reduction)
+    gi = torch.empty_like(student_input) if grad_input else student_input.new_empty((0,))
+    gw = torch.empty_like(student_weight) if grad_weight else student_input.new_empty((0,))
+    gb = (torch.empty_like(student_bias) if grad_bias and student_bias is not None
+          else student_input.new_empty((0,)))
+    ctx = rt.context(student_input)
+    dt = rt.dtype_code(student_input)
+    size = ctypes.c_size_t()
+    _lib.call("linear_distill_workspace_size", ctx.h, None, n, ds, dt_, v, dt, ctypes.byref(size))
+    ws = None
+    if student_input.device.type == "cuda" and size.value:
+        ws = torch.empty(size.value, dtype=torch.uint8, device=student_input.device)
+    _lib.call("linear_distill", ctx.h, o, None, n, ds, dt_, v, dt, rt.ptr(student_input),
+              rt.ptr(student_weight), rt.ptr(student_bias), rt.ptr(teacher_input),
+              rt.ptr(teacher_weight), rt.ptr(teacher_bias),
+              rt.index_code(labels) if labels is not None else _lib.I64, rt.ptr(labels),
+              rt.ptr(loss), rt.ptr(gi), rt.ptr(gw), rt.ptr(gb), _opt_f32(grad_loss), rt.ptr(ws),
+              size.value if ws is not None else 0)
+    return loss, gi, gw, gb
+
+
+@linear_distill.register_fake
+def _(student_input, student_weight, teacher_input, teacher_weight, labels, student_bias,
+      teacher_bias, grad_loss, tvd, beta, temperature, ignore_index, reduction, weight_soft,
+      weight_hard, grad_input, grad_weight, grad_bias):
+    gi = torch.empty_like(student_input) if grad_input else student_input.new_empty((0,))
+    gw = torch.empty_like(student_weight) if grad_weight else student_input.new_empty((0,))
+    gb = (torch.empty_like(student_bias) if grad_bias and student_bias is not None
+          else student_input.new_empty((0,)))
+    return _loss_out(student_input, student_input.shape[0], reduction), gi, gw, gb
+
+
+def _ld_setup(ctx, inputs, output):
+    (si, sw, ti, tw, labels, sb, tb, _gl) = inputs[:8]
+    ctx.options = inputs[8:15]
+    ctx.reduction = inputs[12]
+    ctx.has_bias = sb is not None
+    if ctx.reduction == NONE:  # the weight gradient sums rows: recompute with the upstream gradient
+        ctx.save_for_backward(si, sw, ti, tw, labels, sb, tb)
+    else:
+        ctx.save_for_backward(output[1], output[2], output[3])
+
+
+def _ld_backward(ctx, grad_loss, _g1, _g2, _g3):
+    need = ctx.needs_input_grad
+    if ctx.reduction == NONE:
+        si, sw, ti, tw, labels, sb, tb = ctx.saved_tensors
+        _, gi, gw, gb = linear_distill(si, sw, ti, tw, labels, sb, tb,
+                                       grad_loss.float().contiguous(), *ctx.options, need[0],
+                                       need[1], bool(need[5]) and ctx.has_bias)
+        out = [gi if need[0] else None, gw if need[1] else None,
+               gb if need[5] and ctx.has_bias else None]
+    else:
+        gi, gw, gb = ctx.saved_tensors
+        out = [_scaled(gi, grad_loss, ctx.reduction) if need[0] else None,
+               _scaled(gw, grad_loss, ctx.reduction) if need[1] else None,
+               _scaled(gb, grad_loss, ctx.reduction) if need[5] and ctx.has_bias else None]
+    return (out[0], out[1], None, None, None, out[2]) + (None,) * 12
+
+
+linear_distill.register_autograd(_ld_backward, setup_context=_ld_setup)

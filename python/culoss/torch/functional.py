@@ -39,7 +39,8 @@ __all__ = [
     "hinge_loss", "linear_cross_entropy", "hinge_embedding_loss", "soft_margin_loss",
     "poisson_nll_loss", "sigmoid_focal_loss", "margin_ranking_loss", "gaussian_nll_loss",
     "cosine_embedding_loss", "triplet_margin_loss", "multilabel_soft_margin_loss",
-    "multilabel_margin_loss", "info_nce_loss",
+    "multilabel_margin_loss", "info_nce_loss", "generalized_jsd_loss", "tvd_loss",
+    "linear_generalized_jsd_loss",
 ]
 
 # --------------------------------------------------------------------------- shared checks
@@ -1103,3 +1104,239 @@ def linear_cross_entropy(input, linear_weight, target, *, linear_bias=None, weig
     if red == NONE:
         loss = loss.reshape(()) if input.dim() == 1 else loss
     return _out_dtype(loss, input)
+
+
+# --------------------------------------------------------------------------- distillation
+
+_DISTILL_RED = {"none": NONE, "sum": SUM, "mean": MEAN, "batchmean": BATCHMEAN}
+
+
+def _distill_explicit(s, t, labels, tvd, beta, temperature, ignore_index, reduction):
+    """TRL's generalized_jsd_loss (and TVD) in torch ops: the float64
+    fallback. Terms where a probability is 0 are 0 (TRL's kl_div gives NaN
+    for a -inf teacher logit)."""
+    F = torch.nn.functional
+    slp = F.log_softmax(s / temperature, dim=-1)
+    tlp = F.log_softmax(t / temperature, dim=-1)
+    P, Q = tlp.exp(), slp.exp()
+
+    def kl(a_lp, a, b_lp):  # sum_a a (log a - log b), 0 where a = 0
+        # the logs masked before the product: a where() over a * (-inf - x)
+        # would still send 0 * inf = NaN back through the unused branch
+        keep = a > 0
+        zero = torch.zeros_like(a)
+        return a * (torch.where(keep, a_lp, zero) - torch.where(keep, b_lp, zero))
+
+    if tvd:
+        per = 0.5 * (P - Q).abs()
+    elif beta == 0:
+        per = kl(tlp, P, slp)
+    elif beta == 1:
+        per = kl(slp, Q, tlp)
+    else:
+        # where both are 0 the mixture is unused; its logsumexp of two -inf would
+        # send NaN back, so those columns take a finite stand-in
+        none = (P == 0) & (Q == 0)
+        zero = torch.zeros_like(tlp)
+        mix = torch.logsumexp(torch.stack([torch.where(none, zero, tlp) + math.log(beta),
+                                           torch.where(none, zero, slp) + math.log1p(-beta)]), 0)
+        per = beta * kl(tlp, P, mix) + (1 - beta) * kl(slp, Q, mix)
+    per = per.sum(-1)
+    if labels is not None:
+        keep = labels != ignore_index
+        per = torch.where(keep, per, torch.zeros_like(per))
+        kept = keep.sum()
+    else:
+        kept = per.numel()
+    if reduction == "batchmean":
+        return per.sum() / kept
+    if reduction == "sum":
+        return per.sum()
+    if reduction == "mean":
+        return per.sum() / (per.numel() * s.shape[-1])
+    return per
+
+
+def _distill_checks(fname, student, teacher, labels, beta, temperature, reduction, tvd):
+    if reduction not in _DISTILL_RED:
+        raise ValueError(f"{fname}: {reduction} is not a valid value for reduction (batchmean, "
+                         "sum, mean, none)")
+    _tensor("student", student)
+    _tensor("teacher", teacher)
+    for name, x in (("student", student), ("teacher", teacher)):
+        if not x.is_floating_point():
+            raise TypeError(f"{fname}: {name} must be a floating-point tensor, got {x.dtype}")
+    if not tvd and not (0.0 <= float(beta) <= 1.0):
+        raise ValueError(f"{fname}: beta = {beta} must be in [0, 1]")
+    if not (float(temperature) > 0.0 and math.isfinite(float(temperature))):
+        raise ValueError(f"{fname}: temperature = {temperature} must be finite and > 0")
+    if labels is not None:
+        _tensor("labels", labels)
+        if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
+            raise TypeError(f"{fname}: labels must be an integer tensor, got {labels.dtype}")
+
+
+def _labels_rows(fname, labels, rows, lead):
+    if labels is None:
+        return None
+    if labels.numel() != rows or (labels.dim() > 0 and tuple(labels.shape) != tuple(lead)
+                                  and labels.dim() != 1):
+        raise ValueError(f"{fname}: labels of shape {tuple(labels.shape)} do not match the "
+                         f"{rows} rows of shape {tuple(lead)}")
+    y = labels.reshape(-1)
+    if y.dtype not in (torch.int32, torch.int64):
+        y = y.long()
+    return y.contiguous()
+
+
+def _rows_view(x, v):
+    """[..., V] as [rows, V] without a copy where the last dimension has unit
+    stride (rows may be strided: the C call takes a row stride)."""
+    r = x.reshape(-1, v)
+    return r if r.stride(-1) == 1 or r.shape[0] == 0 else r.contiguous()
+
+
+def _distill(fname, student_logits, teacher_logits, labels, tvd, beta, temperature,
+             ignore_index, reduction):
+    _distill_checks(fname, student_logits, teacher_logits, labels, beta, temperature, reduction,
+                    tvd)
+    s, t = student_logits, teacher_logits
+    if s.dim() < 1 or s.shape != t.shape:
+        raise ValueError(f"{fname}: student {tuple(s.shape)} and teacher {tuple(t.shape)} must "
+                         "have one shape [..., V] (the same rows and vocabulary)")
+    _device(fname, s, teacher_logits=t, labels=labels)
+    v = s.shape[-1]
+    lead = s.shape[:-1]
+    rows = math.prod(lead)
+    y = _labels_rows(fname, labels, rows, lead)
+    dt = torch.promote_types(s.dtype, t.dtype)
+    if dt not in _C_DTYPES or not _native(fname, s) or v == 0:
+        return _distill_explicit(s.to(dt), t.to(dt).detach(),
+                                 y.reshape(lead) if y is not None else None,
+                                 tvd, float(beta), float(temperature), ignore_index, reduction)
+    red = _DISTILL_RED[reduction]
+    x = _rows_view(s.to(dt), v)
+    tt = _rows_view(t.to(dt), v).detach()
+    loss = torch.ops.culoss.distill(x, tt, y, bool(tvd), float(beta), float(temperature),
+                                    int(ignore_index), red, 1.0, 0.0, _wants_grad(x))[0]
+    if red == NONE:
+        loss = loss.reshape(lead)
+    return loss if torch.is_autocast_enabled(s.device.type) else loss.to(dt)
+
+
+def generalized_jsd_loss(student_logits, teacher_logits, labels=None, *, beta=0.5,
+                         temperature=1.0, ignore_index=-100, reduction="batchmean"):
+    """Generalized Jensen-Shannon divergence between the teacher's and the
+    student's softmax over the vocabulary (TRL's ``generalized_jsd_loss``):
+    with P = softmax(teacher / T), Q = softmax(student / T), beta = 0 is
+    KL(P || Q), beta = 1 KL(Q || P), otherwise beta KL(P || M) + (1 - beta)
+    KL(Q || M) with M = beta P + (1 - beta) Q. Logits ``[..., V]`` (viewed as
+    rows without a copy), labels (optional, the rows' shape) mark ignored
+    rows (``ignore_index``): loss 0, no gradient, not counted by
+    ``batchmean`` (the sum over kept rows / their number). ``sum``, ``mean``
+    (over every element, as TRL), ``none`` (per row). The gradient goes to
+    the student only; no T^2 factor. -inf teacher logits contribute 0 (TRL
+    gives NaN). One fused pass per row pair."""
+    return _distill("generalized_jsd_loss", student_logits, teacher_logits, labels, False, beta,
+                    temperature, ignore_index, reduction)
+
+
+def tvd_loss(student_logits, teacher_logits, labels=None, *, temperature=1.0, ignore_index=-100,
+             reduction="batchmean"):
+    """Total variation distance 1/2 sum |P - Q| between the teacher's and the
+    student's softmax (see :func:`generalized_jsd_loss` for the rest)."""
+    return _distill("tvd_loss", student_logits, teacher_logits, labels, True, 0.0, temperature,
+                    ignore_index, reduction)
+
+
+def linear_generalized_jsd_loss(student_input, student_weight, teacher_input, teacher_weight,
+                                labels=None, *, student_bias=None, teacher_bias=None, beta=0.5,
+                                temperature=1.0, ignore_index=-100, reduction="batchmean",
+                                weight_hard_loss=0.0, weight_soft_loss=1.0):
+    """Fused linear + generalized JSD (Liger's ``LigerFusedLinearJSDLoss``
+    shape): the student's logits ``student_input @ student_weight.T (+
+    student_bias)`` and the teacher's likewise are computed a block of rows
+    at a time and never materialised whole; the loss is ``weight_soft_loss *
+    generalized_jsd_loss(...) + weight_hard_loss * cross_entropy(student
+    logits, labels)`` (the hard term untempered, with ignore_index and the
+    same reduction; it needs labels). Inputs ``[..., d_s]`` and ``[..., d_t]``
+    with the same rows, weights ``[V, d]``. Gradients to the student input,
+    weight and bias; none to the teacher."""
+    fname = "linear_generalized_jsd_loss"
+    for name, t in (("student_input", student_input), ("student_weight", student_weight),
+                    ("teacher_input", teacher_input), ("teacher_weight", teacher_weight)):
+        _tensor(name, t)
+    _distill_checks(fname, student_input, teacher_input, labels, beta, temperature, reduction,
+                    False)
+    si, ti, sw, tw = student_input, teacher_input, student_weight, teacher_weight
+    if si.dim() < 1 or ti.dim() < 1 or si.shape[:-1] != ti.shape[:-1]:
+        raise ValueError(f"{fname}: student_input {tuple(si.shape)} and teacher_input "
+                         f"{tuple(ti.shape)} must have the same rows [..., d]")
+    if sw.dim() != 2 or tw.dim() != 2 or sw.shape[0] != tw.shape[0]:
+        raise ValueError(f"{fname}: student_weight {tuple(sw.shape)} and teacher_weight "
+                         f"{tuple(tw.shape)} must be [V, d] with the same vocabulary V")
+    if sw.shape[1] != si.shape[-1] or tw.shape[1] != ti.shape[-1]:
+        raise ValueError(f"{fname}: weights' in_features ({sw.shape[1]}, {tw.shape[1]}) must "
+                         f"match the inputs' ({si.shape[-1]}, {ti.shape[-1]})")
+    v = sw.shape[0]
+    for name, b in (("student_bias", student_bias), ("teacher_bias", teacher_bias)):
+        if b is not None and tuple(b.shape) != (v,):
+            raise ValueError(f"{fname}: {name} must be [{v}], got {tuple(b.shape)}")
+    if float(weight_hard_loss) != 0.0 and labels is None:
+        raise ValueError(f"{fname}: weight_hard_loss = {weight_hard_loss} needs labels")
+    if not (math.isfinite(float(weight_hard_loss)) and math.isfinite(float(weight_soft_loss))):
+        raise ValueError(f"{fname}: weight_hard_loss and weight_soft_loss must be finite")
+    _device(fname, si, student_weight=sw, teacher_input=ti, teacher_weight=tw, labels=labels,
+            student_bias=student_bias, teacher_bias=teacher_bias)
+    lead = si.shape[:-1]
+    rows = math.prod(lead)
+    y = _labels_rows(fname, labels, rows, lead)
+    if torch.is_autocast_enabled(si.device.type):
+        adt = torch.get_autocast_dtype(si.device.type)
+        si, sw, ti, tw = si.to(adt), sw.to(adt), ti.to(adt), tw.to(adt)
+        student_bias = student_bias.to(adt) if student_bias is not None else None
+        teacher_bias = teacher_bias.to(adt) if teacher_bias is not None else None
+    dt = si.dtype
+    if not _native(fname, si):
+        F = torch.nn.functional
+        s = F.linear(si, sw, student_bias)
+        with torch.no_grad():
+            t = F.linear(ti.to(dt), tw.to(dt), teacher_bias)
+        loss = float(weight_soft_loss) * _distill_explicit(
+            s, t, y.reshape(lead) if y is not None else None, False, float(beta),
+            float(temperature), ignore_index, reduction)
+        if float(weight_hard_loss) != 0.0:  # the same divisor as the soft term's
+            ce = F.cross_entropy(s.reshape(-1, v), y.long(), ignore_index=ignore_index,
+                                 reduction="none")
+            if reduction == "batchmean":
+                ce = ce.sum() / (y != ignore_index).sum()
+            elif reduction == "mean":
+                ce = ce.sum() / (rows * v)
+            elif reduction == "sum":
+                ce = ce.sum()
+            else:
+                ce = ce.reshape(lead)
+            loss = loss + float(weight_hard_loss) * ce
+        return loss
+    for name, t in (("student_weight", sw), ("student_bias", student_bias),
+                    ("teacher_input", ti), ("teacher_weight", tw),
+                    ("teacher_bias", teacher_bias)):
+        if t is not None and t.dtype != dt:
+            raise TypeError(f"{fname}: {name} is {t.dtype}, student_input is {dt}: one dtype "
+                            "for every input, weight and bias")
+    red = _DISTILL_RED[reduction]
+    x = si.reshape(-1, si.shape[-1]).contiguous()
+    xt = ti.reshape(-1, ti.shape[-1]).contiguous().detach()
+    need = (_wants_grad(x), _wants_grad(sw),
+            _wants_grad(student_bias) if student_bias is not None else False)
+    if red == NONE:
+        need = (False, False, False)  # the backward computes them with the upstream gradient
+    loss = torch.ops.culoss.linear_distill(
+        x, sw.contiguous(), xt, tw.contiguous().detach(), y,
+        student_bias.contiguous() if student_bias is not None else None,
+        teacher_bias.detach().contiguous() if teacher_bias is not None else None, None, False,
+        float(beta), float(temperature), int(ignore_index), red, float(weight_soft_loss),
+        float(weight_hard_loss), *need)[0]
+    if red == NONE:
+        loss = loss.reshape(lead)
+    return _out_dtype(loss, si)

@@ -10,7 +10,8 @@ __all__ = [
     "L1Loss", "HuberLoss", "SmoothL1Loss", "KLDivLoss", "HingeLoss", "LinearCrossEntropyLoss",
     "HingeEmbeddingLoss", "SoftMarginLoss", "PoissonNLLLoss", "SigmoidFocalLoss",
     "MarginRankingLoss", "GaussianNLLLoss", "CosineEmbeddingLoss", "TripletMarginLoss",
-    "MultiLabelSoftMarginLoss", "MultiLabelMarginLoss", "InfoNCELoss",
+    "MultiLabelSoftMarginLoss", "MultiLabelMarginLoss", "InfoNCELoss", "GeneralizedJSDLoss",
+    "TVDLoss", "LinearGeneralizedJSDLoss",
 ]
 
 
@@ -321,3 +322,55 @@ class LinearCrossEntropyLoss(nn.Module):
                                       label_smoothing=self.label_smoothing,
                                       z_loss=self.z_loss, logit_softcap=self.logit_softcap,
                                       normalizer=normalizer)
+
+
+class GeneralizedJSDLoss(nn.Module):
+    """Generalized JSD between teacher and student logits as a module (see
+    :func:`culoss.torch.generalized_jsd_loss`): the options in the
+    constructor, ``forward(student_logits, teacher_logits, labels=None)``."""
+
+    def __init__(self, *, beta=0.5, temperature=1.0, ignore_index=-100, reduction="batchmean"):
+        super().__init__()
+        self.beta, self.temperature = beta, temperature
+        self.ignore_index, self.reduction = ignore_index, reduction
+
+    def forward(self, student_logits, teacher_logits, labels=None):
+        return F.generalized_jsd_loss(student_logits, teacher_logits, labels, beta=self.beta,
+                                      temperature=self.temperature,
+                                      ignore_index=self.ignore_index, reduction=self.reduction)
+
+
+class TVDLoss(nn.Module):
+    """Total variation distance between teacher and student logits as a
+    module (see :func:`culoss.torch.tvd_loss`)."""
+
+    def __init__(self, *, temperature=1.0, ignore_index=-100, reduction="batchmean"):
+        super().__init__()
+        self.temperature, self.ignore_index, self.reduction = temperature, ignore_index, reduction
+
+    def forward(self, student_logits, teacher_logits, labels=None):
+        return F.tvd_loss(student_logits, teacher_logits, labels, temperature=self.temperature,
+                          ignore_index=self.ignore_index, reduction=self.reduction)
+
+
+class LinearGeneralizedJSDLoss(nn.Module):
+    """Fused linear + generalized JSD as a module (see
+    :func:`culoss.torch.linear_generalized_jsd_loss`): ``forward(student_input,
+    student_weight, teacher_input, teacher_weight, labels=None,
+    student_bias=None, teacher_bias=None)``."""
+
+    def __init__(self, *, beta=0.5, temperature=1.0, ignore_index=-100, reduction="batchmean",
+                 weight_hard_loss=0.0, weight_soft_loss=1.0):
+        super().__init__()
+        self.beta, self.temperature = beta, temperature
+        self.ignore_index, self.reduction = ignore_index, reduction
+        self.weight_hard_loss, self.weight_soft_loss = weight_hard_loss, weight_soft_loss
+
+    def forward(self, student_input, student_weight, teacher_input, teacher_weight, labels=None,
+                student_bias=None, teacher_bias=None):
+        return F.linear_generalized_jsd_loss(
+            student_input, student_weight, teacher_input, teacher_weight, labels,
+            student_bias=student_bias, teacher_bias=teacher_bias, beta=self.beta,
+            temperature=self.temperature, ignore_index=self.ignore_index,
+            reduction=self.reduction, weight_hard_loss=self.weight_hard_loss,
+            weight_soft_loss=self.weight_soft_loss)
