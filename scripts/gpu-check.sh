@@ -13,7 +13,7 @@
 #                                 # ./gpu-check-out)
 #   scripts/gpu-check.sh run tests     # only some steps (tests, sanitize, bench, torch),
 #                                      # to fit the device tool's 10-minute calls
-#   BENCH_ARGS="--only ce" scripts/gpu-check.sh run bench   # one family (ce, ew, lce)
+#   BENCH_ARGS="--only ce" scripts/gpu-check.sh run bench   # one family (ce, ew, more, lce, distill)
 #                                 # (bench also reruns the CE cases with
 #                                 # CULOSS_CE_CLUSTER=0: the cluster path against
 #                                 # one block per row)
@@ -73,8 +73,8 @@ run() {
   local t rc
   if [[ $steps == *tests* ]]; then
   for t in test_math test_api test_cpu_ce test_cpu_elementwise test_cpu_more_losses test_cpu_linear_ce \
-           test_cpu_vocab_parallel test_gpu_ce test_gpu_elementwise test_gpu_more_losses test_gpu_linear_ce \
-           test_gpu_graph test_gpu_vocab_parallel; do
+           test_cpu_vocab_parallel test_cpu_distill test_gpu_ce test_gpu_elementwise test_gpu_more_losses \
+           test_gpu_linear_ce test_gpu_graph test_gpu_vocab_parallel test_gpu_distill; do
     "$bun/bin/$t" --jobs 1 >"$out/$t.log" 2>&1
     rc=$?
     if [ "$rc" -eq 0 ] && grep -q "skipped: no CUDA device" "$out/$t.log"; then rc=77; fi
@@ -85,7 +85,7 @@ run() {
   if [[ $steps == *sanitize* ]]; then
   for tool in memcheck racecheck initcheck synccheck; do
     for t in test_gpu_ce test_gpu_elementwise test_gpu_more_losses test_gpu_linear_ce test_gpu_graph \
-             test_gpu_vocab_parallel; do
+             test_gpu_vocab_parallel test_gpu_distill; do
       CULOSS_TEST_QUICK=1 timeout 600 compute-sanitizer --tool "$tool" --target-processes all \
         --error-exitcode 99 "$bun/bin/$t" --jobs 1 >"$out/sanitizer-$tool-$t.log" 2>&1
       rc=$?
