@@ -1275,7 +1275,8 @@ static int run_gpu(culoss_context *ctx, const bench_opts *bo) {
   total_cases = (wanted(bo, "ce") ? (nn * nv + (ROW_KINDS - 1) * nrv) * nd : 0) +
                 (wanted(bo, "ew") ? nm * T_NUM_OPS * nd : 0) +
                 (wanted(bo, "more") ? (2 * nm + 3 * nr + 1) * nd : 0) +
-                (wanted(bo, "lce") ? 2 * nl : 0) + (wanted(bo, "distill") ? 3 * nl * 2 + 1 : 0);
+                (wanted(bo, "lce") ? 2 * nl : 0) +
+                (wanted(bo, "distill") ? (bo->tiny ? 2 : nl) * 6 + 1 : 0);
   if (bo->csv)
     printf("# device,%s,copy_GBps,%.1f\ncase,n,v,dtype,median_ms,min_ms,max_ms,baseline_ms,GBps,"
            "pct_copy,max_rel_err,check\n",
