@@ -987,7 +987,8 @@ CULOSS_API culoss_status culoss_linear_cross_entropy_vocab_parallel(
  *
  * Accuracy: probabilities come from the row maxima and the sums kept apart
  * from the top's 1 (the log1p form of culoss_cross_entropy), the max kept in
- * the logits' own units so (t_j - t_max) / T rounds once, near-1
+ * the logits' own units so (t_j - t_max) / T is formed from the exact
+ * difference (in fp64 for log p), near-1
  * probabilities' differences formed as (P - 1) - (Q - 1), and the mixture's
  * log ratios log(Q / M) from log Q - log P through log1p / expm1: confident
  * rows and near-equal distributions keep fp32 accuracy. Log-probabilities
