@@ -296,16 +296,8 @@ culoss_status culoss__cpu_linear_distill(const culoss__distill_args *a) {
     if (gb)
       for (j = 0; j < v; j++) gb[j] += g[j];
   }
-  if (gw)
-    for (j = 0; j < v * ds; j++) {
-      const double old = a->accumulate ? culoss__load_f32(a->grad_weight, a->gw_dtype, j) : 0.0;
-      culoss__store_f32(a->grad_weight, a->gw_dtype, j, (float)(old + gw[j]));
-    }
-  if (gb)
-    for (j = 0; j < v; j++) {
-      const double old = a->accumulate ? culoss__load_f32(a->grad_bias, a->gw_dtype, j) : 0.0;
-      culoss__store_f32(a->grad_bias, a->gw_dtype, j, (float)(old + gb[j]));
-    }
+  if (gw) culoss__cpu_store_sum(a->grad_weight, a->gw_dtype, gw, v * ds, a->accumulate);
+  if (gb) culoss__cpu_store_sum(a->grad_bias, a->gw_dtype, gb, v, a->accumulate);
   put_loss(a, total, D);
   free(s), free(t), free(g), free(hs), free(ht), free(gw), free(gb), free(w_s), free(w_t);
   return CULOSS_OK;

@@ -105,6 +105,10 @@ double culoss__cpu_ce_denominator(const culoss_cross_entropy_options *o, int sof
 /* Gradient scale of row `row` for the options' reduction. */
 double culoss__cpu_ce_scale(const culoss_cross_entropy_options *o, const float *grad_loss,
                             int64_t row, double denom);
+/* dst[j] = (accumulate ? dst[j] : 0) + src[j], j < count, rounded once to
+   dtype: a gradient summed in double, stored (linear CE, distillation). */
+void culoss__cpu_store_sum(void *dst, culoss_dtype dtype, const double *src, int64_t count,
+                           int accumulate);
 /* W = sum of class weights (c without weights). */
 double culoss__cpu_ce_wsum(const culoss_cross_entropy_options *o, int64_t c);
 

@@ -7,6 +7,15 @@
 
 #include "internal.h"
 
+void culoss__cpu_store_sum(void *dst, culoss_dtype dtype, const double *src, int64_t count,
+                           int accumulate) {
+  int64_t j;
+  for (j = 0; j < count; j++) {
+    const double old = accumulate ? culoss__load_f32(dst, dtype, j) : 0.0;
+    culoss__store_f32(dst, dtype, j, (float)(old + src[j]));
+  }
+}
+
 culoss_status culoss__cpu_linear_cross_entropy(const culoss__lce_args *a) {
   const culoss_cross_entropy_options *o = &a->o;
   const int64_t n = a->n, d = a->d, v = a->v;
@@ -56,16 +65,8 @@ culoss_status culoss__cpu_linear_cross_entropy(const culoss__lce_args *a) {
       for (j = 0; j < v; j++) gb[j] += g[j];
   }
   /* in grad_weight_dtype; accumulate: the old value plus the sum, rounded once */
-  if (gw)
-    for (j = 0; j < v * d; j++) {
-      const double old = a->accumulate ? culoss__load_f32(a->grad_weight, a->gw_dtype, j) : 0.0;
-      culoss__store_f32(a->grad_weight, a->gw_dtype, j, (float)(old + gw[j]));
-    }
-  if (gb)
-    for (j = 0; j < v; j++) {
-      const double old = a->accumulate ? culoss__load_f32(a->grad_bias, a->gw_dtype, j) : 0.0;
-      culoss__store_f32(a->grad_bias, a->gw_dtype, j, (float)(old + gb[j]));
-    }
+  if (gw) culoss__cpu_store_sum(a->grad_weight, a->gw_dtype, gw, v * d, a->accumulate);
+  if (gb) culoss__cpu_store_sum(a->grad_bias, a->gw_dtype, gb, v, a->accumulate);
   if (o->reduction == CULOSS_REDUCTION_SUM)
     a->loss[0] = (float)total;
   else if (o->reduction == CULOSS_REDUCTION_MEAN)

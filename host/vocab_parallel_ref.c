@@ -247,10 +247,7 @@ culoss_status culoss__cpu_linear_vocab_parallel(const culoss__lce_args *a) {
         for (k = 0; k < d; k++)
           acc[j * d + k] +=
               (double)g[i * v + j] * (double)culoss__load_f32(a->hidden, a->dtype, i * d + k);
-    for (j = 0; j < v * d; j++) {
-      const double old = a->accumulate ? culoss__load_f32(a->grad_weight, a->gw_dtype, j) : 0.0;
-      culoss__store_f32(a->grad_weight, a->gw_dtype, j, (float)(old + acc[j]));
-    }
+    culoss__cpu_store_sum(a->grad_weight, a->gw_dtype, acc, v * d, a->accumulate);
   }
   if (a->grad_bias)
     for (j = 0; j < v; j++) {
