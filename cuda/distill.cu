@@ -15,8 +15,11 @@
  * Pass 3 writes the gradient (forward KL's, Q - P, needs no row constant
  * and is written in pass 2). Traffic: one read of s and t and one write of
  * the gradient when 2 v sizeof(T) fits the block's shared memory (bf16
- * V = 56K on an H100); otherwise the rest of the row is read twice more,
- * from L2 if it stays there (bench/NOTES.md, "Distillation").
+ * V = 56K on an H100); a longer pair, on sm_90, is split over a cluster of
+ * 2..8 blocks that each keep their slice (distill_cluster_kernel: bf16
+ * V = 450K, fp32 225K read once); past that, or without clusters, the rest
+ * of each row or slice is read twice more, from L2 if it stays there
+ * (bench/NOTES.md, "Distillation").
  *
  * Every probability is formed from the row maximum in the logits' own
  * units, (x - m) / T rounded once, and the sum kept apart from the top's 1
@@ -34,6 +37,7 @@
 #include <cuda_runtime.h>
 #include <string.h>
 
+#include <cooperative_groups.h>
 #include <cub/block/block_reduce.cuh>
 
 #include "backend.h"
@@ -66,6 +70,10 @@ struct dparams {
   divisor_src div;
   int64_t cache_vecs; /* packs of each row kept in shared memory */
   culoss__scratch *scratch;
+  /* the hard term's cross-entropy options (culoss_distill_options.hard_options) */
+  const float *cw; /* class weights [v] or NULL */
+  float eps, z;    /* label smoothing, z-loss */
+  int wsum_blocks; /* > 0: W = the sum of cw from the prep kernel's partials */
 };
 
 /* The three online states of a row: a = t / T, b = s / T, h = s (hard). */
@@ -180,17 +188,26 @@ struct drow {
 /* Pass 2's sums of a row (host/distill_ref.c's): a[0] the loss sum (TVD:
    sum |Q - P|; JSD: sum P (log P - log M)); JSD a[1] = sum Q (log Q - log M);
    TVD a[1..3] = the sums of Q where sign(Q - P) is +1, -1, 0 (each of
-   non-negative terms: the gradient's row constant without cancellation). */
+   non-negative terms: the gradient's row constant without cancellation);
+   a[4] the hard term's smoothing sum, sum_c w_c (m - s_c) (non-negative
+   terms, m the row maximum of s: culoss__sx_term's form). */
+constexpr int DSUMS = 5;
 struct dsum {
-  double a[4];
+  double a[DSUMS];
 };
 struct dsum_add {
   __device__ __forceinline__ dsum operator()(const dsum &x, const dsum &y) const {
     dsum r;
 #pragma unroll
-    for (int k = 0; k < 4; k++) r.a[k] = x.a[k] + y.a[k];
+    for (int k = 0; k < DSUMS; k++) r.a[k] = x.a[k] + y.a[k];
     return r;
   }
+};
+
+/* The hard term's per-row constants: (1 - eps) w_y, the coefficient of p_j
+   beyond it ((eps / v) W + 2 z lse), and eps / v. */
+struct dhard {
+  float cy, a, ev;
 };
 
 __device__ __forceinline__ void terms(const dparams &p, const drow &r, float s, float t,
@@ -201,8 +218,12 @@ __device__ __forceinline__ void terms(const dparams &p, const drow &r, float s, 
   prob(r.Q, s, p.inv_t, Q, lq, qm1);
   if (r.kind == 0) {
     const float d = pdiff(Q, qm1, P, pm1);
+    /* constant indices (a computed one would put acc in local memory) */
+    const double qd = d == d ? (double)Q : (double)d;
     acc.a[0] += (double)fabsf(d);
-    acc.a[d > 0.0f ? 1 : (d < 0.0f ? 2 : 3)] += d == d ? (double)Q : (double)d;
+    acc.a[1] += d > 0.0f ? qd : 0.0;
+    acc.a[2] += d < 0.0f ? qd : 0.0;
+    acc.a[3] += d > 0.0f || d < 0.0f ? 0.0 : qd; /* 0, or NaN */
   } else if (r.kind == 1) {
     if (P != 0.0f) acc.a[0] += (double)P * (lp - lq);
   } else if (r.kind == 2) {
@@ -222,9 +243,13 @@ struct dconst {
   double k[3];
 };
 
-/* The gradient of one element: scale (w_soft g_div / T + w_hard g_hard). */
+/* The gradient of one element: scale (w_soft g_div / T + w_hard g_hard),
+   g_hard = (1 - eps) w_y (p_j - [j = y]) + ((eps / v) W + 2 z lse) p_j
+   - (eps / v) w_j (culoss_cross_entropy's, p - 1 at y from the log1p
+   form). */
 __device__ __forceinline__ float grad_at(const dparams &p, const drow &r, float s, float t,
-                                         int64_t j, int64_t y, const dconst &k, float scale) {
+                                         int64_t j, int64_t y, const dconst &k, const dhard &hd,
+                                         float scale) {
   float g = 0.0f;
   if (p.w_soft != 0.0f && (r.P.lam != r.P.lam || r.Q.lam != r.Q.lam)) {
     g = culoss__nan(); /* no distribution (a NaN or +inf logit, or all -inf): a NaN row */
@@ -235,7 +260,7 @@ __device__ __forceinline__ float grad_at(const dparams &p, const drow &r, float 
     prob(r.Q, s, p.inv_t, Q, lq, qm1);
     if (r.kind == 0) { /* (1/2) Q_j sum_k Q_k (sign_j - sign_k) */
       const float d = pdiff(Q, qm1, P, pm1);
-      gd = d == d ? 0.5f * Q * (float)k.k[d > 0.0f ? 0 : (d < 0.0f ? 1 : 2)] : d;
+      gd = d == d ? 0.5f * Q * (float)(d > 0.0f ? k.k[0] : (d < 0.0f ? k.k[1] : k.k[2])) : d;
     } else if (r.kind == 1)
       gd = pdiff(Q, qm1, P, pm1);
     else if (r.kind == 2)
@@ -251,22 +276,89 @@ __device__ __forceinline__ float grad_at(const dparams &p, const drow &r, float 
     float H, hm1;
     double lh;
     prob(r.H, s, 1.0, H, lh, hm1);
-    g += p.w_hard * (j == y ? hm1 : H);
+    float gh = hd.cy * (j == y ? hm1 : H);
+    if (hd.a != 0.0f) gh += hd.a * H;
+    if (hd.ev != 0.0f) gh -= hd.ev * (p.cw ? p.cw[j] : 1.0f);
+    g += p.w_hard * gh;
   }
   return scale * g;
 }
 
-/* Kept-row count of BATCHMEAN with labels: one partial per block. */
-__global__ void __launch_bounds__(DPREP_THREADS) distill_prep_kernel(dparams p) {
+/* Kept-row count of BATCHMEAN with labels (count_rows) and the hard term's
+   W = sum of class weights (p.cw with smoothing): one partial of each per
+   block, in a fixed order. */
+__global__ void __launch_bounds__(DPREP_THREADS) distill_prep_kernel(dparams p, int count_rows) {
   const int64_t stride = (int64_t)gridDim.x * DPREP_THREADS;
-  double d = 0.0;
-  for (int64_t i = (int64_t)blockIdx.x * DPREP_THREADS + threadIdx.x; i < p.n; i += stride)
-    d += culoss__target_at(p.labels, p.ttype, i) != p.ignore_index ? 1.0 : 0.0;
+  double d = 0.0, w = 0.0;
+  if (count_rows)
+    for (int64_t i = (int64_t)blockIdx.x * DPREP_THREADS + threadIdx.x; i < p.n; i += stride)
+      d += culoss__target_at(p.labels, p.ttype, i) != p.ignore_index ? 1.0 : 0.0;
+  if (p.wsum_blocks)
+    for (int64_t j = (int64_t)blockIdx.x * DPREP_THREADS + threadIdx.x; j < p.v; j += stride)
+      w += (double)p.cw[j];
   store_block_sum<DPREP_THREADS>(d, &p.scratch->prep_denom[blockIdx.x]);
+  store_block_sum<DPREP_THREADS>(w, &p.scratch->prep_wsum[blockIdx.x]);
 }
 
-template <typename T, int BLOCK, int VEC>
-__global__ void __launch_bounds__(BLOCK) distill_kernel(dparams p) {
+/* The cluster form's cross-block pieces. dcl<false>: one block per row (no
+   cluster). dcl<true> (sm_90): the cluster's rank and size, its barrier,
+   and another block's copy of a shared-memory slot. */
+template <bool CL> struct dcl {
+  __device__ __forceinline__ unsigned rank() const { return 0; }
+  __device__ __forceinline__ unsigned size() const { return 1; }
+  __device__ __forceinline__ void sync() const {}
+  template <typename X> __device__ __forceinline__ X *at(X *slot, unsigned) const { return slot; }
+};
+template <> struct dcl<true> {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 900
+  /* never launched below sm_90: the launch checks the context's cluster_launch */
+  __device__ __forceinline__ unsigned rank() const {
+    __trap();
+    return 0;
+  }
+  __device__ __forceinline__ unsigned size() const {
+    __trap();
+    return 1;
+  }
+  __device__ __forceinline__ void sync() const { __trap(); }
+  template <typename X> __device__ __forceinline__ X *at(X *slot, unsigned) const {
+    __trap();
+    return slot;
+  }
+#else
+  __device__ __forceinline__ unsigned rank() const {
+    return cooperative_groups::this_cluster().block_rank();
+  }
+  __device__ __forceinline__ unsigned size() const {
+    return cooperative_groups::this_cluster().num_blocks();
+  }
+  __device__ __forceinline__ void sync() const { cooperative_groups::this_cluster().sync(); }
+  template <typename X> __device__ __forceinline__ X *at(X *slot, unsigned q) const {
+    return cooperative_groups::this_cluster().map_shared_rank(slot, q);
+  }
+#endif
+};
+
+/* The cluster form's slots, at the start of dynamic shared memory: a row's
+   three states and its five sums, each for two row parities (a block can
+   run one row ahead of the others, never two: the next barrier waits). */
+constexpr size_t DSLOT = 64;
+constexpr size_t DCL_SLOTS = 4 * DSLOT;
+constexpr int DCL_MAX = 8;
+static_assert(sizeof(dstate) <= DSLOT && sizeof(dsum) <= DSLOT, "a slot holds a row's results");
+
+/* One row pair per block (CL false), or per cluster of K blocks (CL true),
+   rows grid-strided. Under CL, block rank r owns packs [r P, (r + 1) P) of
+   the row (P = ceil(packs / K)) and keeps them in its shared memory, so a
+   row of up to K times one block's cache is read from DRAM once. After
+   each of the two block reductions, each block parks its result in its
+   slot and, after a cluster barrier, every block merges the K results
+   through distributed shared memory in rank order: bitwise the same row
+   constants in every block. Rank 0 writes the row's loss; every block
+   writes its slice's gradient. Static shared memory is only used between
+   two cluster barriers (the emulator's blocks of a cluster share it). */
+template <typename T, int BLOCK, int VEC, bool CL>
+__device__ __forceinline__ void distill_rows(const dparams &p, unsigned char *smem) {
   typedef cub::BlockReduce<dstate, BLOCK> reduce3_t;
   typedef cub::BlockReduce<dsum, BLOCK> reduce4_t;
   __shared__ union {
@@ -275,12 +367,16 @@ __global__ void __launch_bounds__(BLOCK) distill_kernel(dparams p) {
   } tmp;
   __shared__ dstate bc_state;
   __shared__ dsum bc_sum;
-  __shared__ float bc_sy;
-  CULOSS_DYNAMIC_SMEM(smem);
+  __shared__ float bc_wsum;
   typedef pack<T, VEC> pk;
-  pk *cache_s = reinterpret_cast<pk *>(smem);
+  pk *cache_s = reinterpret_cast<pk *>(smem + (CL ? DCL_SLOTS : 0));
   pk *cache_t = cache_s + p.cache_vecs;
-  const int64_t npk = p.v / VEC;
+  const dcl<CL> cl;
+  const unsigned rank = cl.rank(), K = cl.size();
+  const bool lead = rank == 0; /* writes the row's loss */
+  const int64_t npk = p.v / VEC, per = (npk + K - 1) / K;
+  const int64_t k0 = (int64_t)rank * per < npk ? (int64_t)rank * per : npk;
+  const int64_t k1 = k0 + per < npk ? k0 + per : npk;
   const bool reduced = p.reduction != CULOSS_REDUCTION_NONE;
   const bool partials = reduced && !p.rows_out;
   const float rscale = reduced ? reduced_grad_scale(p.reduction, p.grad_loss, p.div) : 0.0f;
@@ -289,8 +385,15 @@ __global__ void __launch_bounds__(BLOCK) distill_kernel(dparams p) {
   drow r;
   r.kind = p.tvd ? 0 : (p.beta == 0.0f ? 1 : (p.beta == 1.0f ? 2 : 3));
   double block_loss = 0.0;
+  /* the hard term's smoothing: W once per block (every block the same value) */
+  const bool smooth = p.w_hard != 0.0f && p.eps > 0.0f;
+  if (threadIdx.x == 0)
+    bc_wsum = p.wsum_blocks ? (float)sum_in_order(p.scratch->prep_wsum, p.wsum_blocks) : (float)p.v;
+  __syncthreads();
+  const float wsum = bc_wsum;
+  int parity = 0;
 
-  for (int64_t row = blockIdx.x; row < p.n; row += gridDim.x) {
+  for (int64_t row = blockIdx.x / K; row < p.n; row += gridDim.x / K, parity ^= 1) {
     const T *S = static_cast<const T *>(p.s) + row * p.ld_s;
     const T *Tt = static_cast<const T *>(p.t) + row * p.ld_t;
     T *G = p.grad ? static_cast<T *>(p.grad) + row * p.ld_s : nullptr;
@@ -298,17 +401,17 @@ __global__ void __launch_bounds__(BLOCK) distill_kernel(dparams p) {
     const bool ignored = p.labels && y == p.ignore_index;
     const bool bad = !ignored && p.w_hard != 0.0f && (y < 0 || y >= p.v);
     const float scale = reduced ? rscale : (p.grad_loss ? p.grad_loss[row] : 1.0f);
-    if (ignored || bad) {
+    if (ignored || bad) { /* the same for every block of a cluster: no barrier */
       if (G)
-        for (int64_t k = threadIdx.x; k < npk; k += BLOCK) {
+        for (int64_t k = k0 + threadIdx.x; k < k1; k += BLOCK) {
           pk z;
 #pragma unroll
           for (int e = 0; e < VEC; e++) z.v[e] = from_f32<T>(0.0f);
           store_pack<T, VEC>(G + k * VEC, z);
         }
-      if (bad && threadIdx.x == 0) atomicOr(&p.scratch->error_flag, CULOSS__FLAG_TARGET);
-      const float l = bad ? culoss__nan() : 0.0f;
-      if (threadIdx.x == 0) {
+      if (threadIdx.x == 0 && lead) {
+        if (bad) atomicOr(&p.scratch->error_flag, CULOSS__FLAG_TARGET);
+        const float l = bad ? culoss__nan() : 0.0f;
         if (!partials)
           p.loss[row] = l;
         else
@@ -316,15 +419,16 @@ __global__ void __launch_bounds__(BLOCK) distill_kernel(dparams p) {
       }
       continue;
     }
-    /* the hard term's target logit, read before any gradient is written */
-    if (threadIdx.x == 0) bc_sy = p.w_hard != 0.0f ? to_f32(ld_elem(S + y)) : 0.0f;
+    /* the hard term's target logit (the loss's thread only), read before any
+       block's gradient is written: the reductions' barriers come first */
+    const float sy = threadIdx.x == 0 && lead && p.w_hard != 0.0f ? to_f32(ld_elem(S + y)) : 0.0f;
 
     /* ---- pass 1: the three distributions ---- */
     dstate st;
     st.a = st.b = st.h = culoss__lse_empty();
-    for (int64_t k = threadIdx.x; k < npk; k += BLOCK) {
+    for (int64_t k = k0 + threadIdx.x; k < k1; k += BLOCK) {
       const pk vs = load_pack<T, VEC>(S + k * VEC), vt = load_pack<T, VEC>(Tt + k * VEC);
-      if (k < p.cache_vecs) cache_s[k] = vs, cache_t[k] = vt;
+      if (k - k0 < p.cache_vecs) cache_s[k - k0] = vs, cache_t[k - k0] = vt;
 #pragma unroll
       for (int e = 0; e < VEC; e++) {
         const float xs = to_f32(vs.v[e]), xt = to_f32(vt.v[e]);
@@ -339,35 +443,63 @@ __global__ void __launch_bounds__(BLOCK) distill_kernel(dparams p) {
       __syncthreads();
       st = bc_state;
     }
+    if (CL) { /* the K slices' states, merged in rank order */
+      dstate *slot = reinterpret_cast<dstate *>(smem + DSLOT * (size_t)parity);
+      if (threadIdx.x == 0) *slot = st;
+      cl.sync();
+      st = *cl.at(slot, 0);
+      for (unsigned q = 1; q < K; q++) st = op(st, *cl.at(slot, q));
+    }
     r.P = finish(st.a);
     r.Q = finish(st.b);
     r.H = hard_same ? r.Q : finish(st.h);
-    const float sy = bc_sy;
+    /* the hard term's constants (culoss_cross_entropy's row, host/cross_entropy_ref.c) */
+    const double lse_h = (double)r.H.m + r.H.lam;
+    dhard hd{0.0f, 0.0f, 0.0f};
+    if (p.w_hard != 0.0f) {
+      hd.cy = (1.0f - p.eps) * (p.cw ? p.cw[y] : 1.0f);
+      hd.ev = smooth ? p.eps / (float)p.v : 0.0f;
+      hd.a = (smooth ? hd.ev * wsum : 0.0f) + (p.z != 0.0f ? 2.0f * p.z * (float)lse_h : 0.0f);
+    }
 
     /* ---- pass 2: the row's sums (forward KL: the gradient too) ---- */
     const bool grad_in_2 = G && (r.kind == 1 || p.w_soft == 0.0f);
-    const dconst k0 = {{0.0, 0.0, 0.0}};
-    dsum acc = {{0.0, 0.0, 0.0, 0.0}};
-    for (int64_t k = threadIdx.x; k < npk; k += BLOCK) {
-      const pk vs = k < p.cache_vecs ? cache_s[k] : load_pack<T, VEC>(S + k * VEC);
-      const pk vt = k < p.cache_vecs ? cache_t[k] : load_pack<T, VEC>(Tt + k * VEC);
+    const bool sums = p.w_soft != 0.0f || smooth;
+    const dconst k0c = {{0.0, 0.0, 0.0}};
+    dsum acc = {{0.0, 0.0, 0.0, 0.0, 0.0}};
+    for (int64_t k = k0 + threadIdx.x; k < k1; k += BLOCK) {
+      const bool c = k - k0 < p.cache_vecs;
+      const pk vs = c ? cache_s[k - k0] : load_pack<T, VEC>(S + k * VEC);
+      const pk vt = c ? cache_t[k - k0] : load_pack<T, VEC>(Tt + k * VEC);
       pk out;
 #pragma unroll
       for (int e = 0; e < VEC; e++) {
         const float xs = to_f32(vs.v[e]), xt = to_f32(vt.v[e]);
         if (p.w_soft != 0.0f) terms(p, r, xs, xt, acc);
-        if (grad_in_2) out.v[e] = from_f32<T>(grad_at(p, r, xs, xt, k * VEC + e, y, k0, scale));
+        if (smooth) { /* w_c (m - s_c): +inf for a -inf logit (NaN at w_c = 0, as torch) */
+          const double wc = p.cw ? (double)p.cw[k * VEC + e] : 1.0;
+          acc.a[4] += xs == -INFINITY ? wc * INFINITY : wc * ((double)r.H.m - (double)xs);
+        }
+        if (grad_in_2)
+          out.v[e] = from_f32<T>(grad_at(p, r, xs, xt, k * VEC + e, y, k0c, hd, scale));
       }
       if (grad_in_2) store_pack<T, VEC>(G + k * VEC, out);
     }
-    if (p.w_soft != 0.0f) { /* one fixed-order reduction of the four sums */
+    if (sums) { /* one fixed-order reduction of the five sums */
       const dsum red = reduce4_t(tmp.r4).Reduce(acc, dsum_add());
       if (threadIdx.x == 0) bc_sum = red;
       __syncthreads();
       acc = bc_sum;
+      if (CL) { /* the K slices' sums, added in rank order */
+        dsum *slot = reinterpret_cast<dsum *>(smem + DSLOT * (size_t)(2 + parity));
+        if (threadIdx.x == 0) *slot = acc;
+        cl.sync();
+        acc = *cl.at(slot, 0);
+        for (unsigned q = 1; q < K; q++) acc = dsum_add()(acc, *cl.at(slot, q));
+      }
     }
     double div = 0.0;
-    dconst kc = k0;
+    dconst kc = k0c;
     if (p.w_soft != 0.0f) {
       if (r.kind == 0) {
         div = 0.5 * acc.a[0];
@@ -385,30 +517,49 @@ __global__ void __launch_bounds__(BLOCK) distill_kernel(dparams p) {
 
     /* ---- pass 3: the gradient ---- */
     if (G && !grad_in_2)
-      for (int64_t k = threadIdx.x; k < npk; k += BLOCK) {
-        const pk vs = k < p.cache_vecs ? cache_s[k] : load_pack<T, VEC>(S + k * VEC);
-        const pk vt = k < p.cache_vecs ? cache_t[k] : load_pack<T, VEC>(Tt + k * VEC);
+      for (int64_t k = k0 + threadIdx.x; k < k1; k += BLOCK) {
+        const bool c = k - k0 < p.cache_vecs;
+        const pk vs = c ? cache_s[k - k0] : load_pack<T, VEC>(S + k * VEC);
+        const pk vt = c ? cache_t[k - k0] : load_pack<T, VEC>(Tt + k * VEC);
         pk out;
 #pragma unroll
         for (int e = 0; e < VEC; e++)
           out.v[e] = from_f32<T>(
-              grad_at(p, r, to_f32(vs.v[e]), to_f32(vt.v[e]), k * VEC + e, y, kc, scale));
+              grad_at(p, r, to_f32(vs.v[e]), to_f32(vt.v[e]), k * VEC + e, y, kc, hd, scale));
         store_pack<T, VEC>(G + k * VEC, out);
       }
 
-    if (threadIdx.x == 0) {
+    if (threadIdx.x == 0 && lead) {
       double l = (double)p.w_soft * div;
-      if (p.w_hard != 0.0f) /* lse(s) - s_y = (m - s_y) + log1p(rest) */
-        l += (double)p.w_hard * ((double)culoss__scaled_diff(1.0f, r.H.m, sy) + r.H.lam);
+      if (p.w_hard != 0.0f) { /* lse(s) - s_y = (m - s_y) + log1p(rest) */
+        double h = (double)hd.cy * ((double)culoss__scaled_diff(1.0f, r.H.m, sy) + r.H.lam);
+        if (smooth) h += (double)p.eps / (double)p.v * (acc.a[4] + (double)wsum * r.H.lam);
+        if (p.z != 0.0f) h += (double)p.z * lse_h * lse_h;
+        l += (double)p.w_hard * h;
+      }
       if (!partials)
         p.loss[row] = (float)l;
       else
         block_loss += l;
     }
-    /* the next row's cache and bc_sy writes wait for every thread's reads */
+    /* the next row's cache writes wait for every thread's reads */
     __syncthreads();
   }
+  cl.sync(); /* no block's shared memory goes while another may read it */
   if (partials && threadIdx.x == 0) p.scratch->partial_loss[blockIdx.x] = block_loss;
+}
+
+template <typename T, int BLOCK, int VEC>
+__global__ void __launch_bounds__(BLOCK) distill_kernel(dparams p) {
+  CULOSS_DYNAMIC_SMEM(smem);
+  distill_rows<T, BLOCK, VEC, false>(p, smem);
+}
+
+/* Rows too long for one block's shared memory, split over a cluster. */
+template <typename T, int BLOCK, int VEC>
+__global__ void __launch_bounds__(BLOCK) distill_cluster_kernel(dparams p) {
+  CULOSS_DYNAMIC_SMEM(smem);
+  distill_rows<T, BLOCK, VEC, true>(p, smem);
 }
 
 /* The threads of a row's block, by v (not yet tuned on a GPU). Not 1024:
@@ -420,10 +571,45 @@ template <typename T, int BLOCK, int VEC>
 culoss_status launch_main_as(culoss_context *ctx, dparams p, cudaStream_t s, int64_t *grid) {
   const size_t per = 2 * sizeof(pack<T, VEC>);
   const size_t avail = ctx->smem_optin > DSTATIC_RESERVE ? ctx->smem_optin - DSTATIC_RESERVE : 0;
+  const int64_t npk = p.v / VEC;
   int64_t cv = (int64_t)(avail / per);
-  if (cv > p.v / VEC) cv = p.v / VEC;
+  if (cv > npk) cv = npk;
   if (ctx->ce_cache_cap != SIZE_MAX && (size_t)cv * per > ctx->ce_cache_cap)
     cv = (int64_t)(ctx->ce_cache_cap / per);
+  /* A row pair too long for one block's cache, on a GPU with clusters
+     (sm_90; culoss_cross_entropy's CULOSS_CE_CLUSTER knob): K blocks, each
+     caching its 1/K, K as small as holds the pair (2..8; longer pairs
+     re-read the rest of each slice). Not when the grid limit is below K. */
+  if constexpr (BLOCK == 512) {
+    size_t budget = avail > DCL_SLOTS ? avail - DCL_SLOTS : 0;
+    if (ctx->ce_cache_cap < budget) budget = ctx->ce_cache_cap;
+    const int64_t fit = (int64_t)(budget / per);
+    int64_t K = fit > 0 ? (npk + fit - 1) / fit : 0;
+    if (K < 2) K = 2;
+    if (K > DCL_MAX) K = DCL_MAX;
+    if (cv < npk && fit > 0 && ctx->ce_cluster && ctx->cluster_launch &&
+        (ctx->grid_limit == 0 || ctx->grid_limit >= K)) {
+      const int64_t slice = (npk + K - 1) / K;
+      dparams q = p;
+      q.cache_vecs = slice < fit ? slice : fit;
+      const size_t smem = DCL_SLOTS + (size_t)q.cache_vecs * per;
+      void (*k)(dparams) = distill_cluster_kernel<T, BLOCK, VEC>;
+      CU_TRY(cudaFuncSetAttribute(reinterpret_cast<const void *>(k),
+                                  cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem),
+             "cudaFuncSetAttribute(distill_cluster_kernel)");
+      const int64_t cap = ctx->grid_limit > 0 ? ctx->grid_limit : CULOSS_MAX_PARTIALS;
+      const int64_t clusters = cap / K < p.n ? cap / K : p.n;
+      *grid = clusters * K;
+      const cudaError_t e =
+          launch_cluster(k, dim3((unsigned)*grid), dim3(BLOCK), smem, s, (unsigned)K, q);
+      if (e == cudaSuccess) return CULOSS_OK;
+      if (e != cudaErrorLaunchOutOfResources)
+        return culoss__cuda_status(e, "launch of distill_cluster_kernel");
+      /* K blocks of this much shared memory cannot be resident together
+         here (a partitioned GPU): one block per row. Not sticky; cleared. */
+      (void)cudaGetLastError();
+    }
+  }
   p.cache_vecs = cv;
   const size_t smem = (size_t)cv * per;
   void (*k)(dparams) = distill_kernel<T, BLOCK, VEC>;
@@ -469,19 +655,31 @@ dparams fill(culoss_context *ctx, const culoss__distill_args *a) {
   p.scratch = ctx->scratch;
   p.div = count_divisor(a->o.reduction == CULOSS_REDUCTION_MEAN ? (double)a->n * (double)a->v
                                                                 : (double)a->n);
+  if (a->o.weight_hard != 0.0f && a->o.hard_options != nullptr) {
+    const culoss_cross_entropy_options *h = a->o.hard_options;
+    p.cw = h->class_weight, p.eps = h->label_smoothing, p.z = h->z_loss;
+  }
   return p;
 }
 
-/* BATCHMEAN with labels: the kept-row count over all n rows, first. */
+/* First, over all n rows: BATCHMEAN with labels, the kept-row count; the
+   hard term's smoothing with class weights, their sum W. */
 culoss_status launch_prep(dparams &p, cudaStream_t s) {
-  if (p.reduction != CULOSS_REDUCTION_BATCHMEAN || p.labels == nullptr || p.n == 0)
-    return CULOSS_OK;
-  int64_t blocks = (p.n + DPREP_THREADS - 1) / DPREP_THREADS;
+  const bool count_rows =
+      p.reduction == CULOSS_REDUCTION_BATCHMEAN && p.labels != nullptr && p.n > 0;
+  const bool wsum = p.w_hard != 0.0f && p.eps > 0.0f && p.cw != nullptr && p.n > 0;
+  if (!count_rows && !wsum) return CULOSS_OK;
+  const int64_t work = count_rows && p.n > p.v ? p.n : (wsum ? p.v : p.n);
+  int64_t blocks = (work + DPREP_THREADS - 1) / DPREP_THREADS;
   if (blocks > CULOSS_MAX_PREP_BLOCKS) blocks = CULOSS_MAX_PREP_BLOCKS;
-  CU_TRY(launch(distill_prep_kernel, dim3((unsigned)blocks), dim3(DPREP_THREADS), 0, s, p),
+  p.wsum_blocks = wsum ? (int)blocks : 0;
+  CU_TRY(launch(distill_prep_kernel, dim3((unsigned)blocks), dim3(DPREP_THREADS), 0, s, p,
+                (int)count_rows),
          "launch of distill_prep_kernel");
-  p.div.prep = p.scratch->prep_denom;
-  p.div.prep_count = (int)blocks;
+  if (count_rows) {
+    p.div.prep = p.scratch->prep_denom;
+    p.div.prep_count = (int)blocks;
+  }
   return CULOSS_OK;
 }
 

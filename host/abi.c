@@ -123,7 +123,7 @@ FIELD(culoss_ce_row_outputs, lse, 0);
 FIELD(culoss_ce_row_outputs, entropy, 8);
 
 PIN(CULOSS_DISTILL_JSD == 0 && CULOSS_DISTILL_TVD == 1);
-PIN(sizeof(culoss_distill_options) == 32);
+PIN(sizeof(culoss_distill_options) == 40);
 FIELD(culoss_distill_options, divergence, 0);
 FIELD(culoss_distill_options, beta, 4);
 FIELD(culoss_distill_options, temperature, 8);
@@ -131,4 +131,5 @@ FIELD(culoss_distill_options, reduction, 12);
 FIELD(culoss_distill_options, ignore_index, 16);
 FIELD(culoss_distill_options, weight_soft, 24);
 FIELD(culoss_distill_options, weight_hard, 28);
+FIELD(culoss_distill_options, hard_options, 32);
 #endif

@@ -18,6 +18,7 @@ void culoss_distill_options_init(culoss_distill_options *o) {
   o->ignore_index = -100;
   o->weight_soft = 1.0f;
   o->weight_hard = 0.0f;
+  o->hard_options = NULL;
 }
 
 static size_t round256(size_t b) { return (b + 255u) & ~(size_t)255u; }
@@ -52,6 +53,22 @@ static culoss_status check_options(const char *fn, const culoss_distill_options 
   if (!isfinite(o->weight_soft) || !isfinite(o->weight_hard))
     return CULOSS__BAD("%s: weight_soft = %g and weight_hard = %g must be finite", fn,
                        (double)o->weight_soft, (double)o->weight_hard);
+  if (o->hard_options != NULL) {
+    const culoss_cross_entropy_options *h = o->hard_options;
+    culoss_cross_entropy_options c = *h;
+    c.reduction = CULOSS_REDUCTION_MEAN; /* not read here */
+    CULOSS__TRY(culoss__check_ce_options(fn, &c));
+    if (h->logit_softcap != 0.0f)
+      return culoss__error(CULOSS_ERROR_NOT_SUPPORTED,
+                           "%s: hard_options->logit_softcap = %g: a soft cap on the hard term "
+                           "alone is not offered (it would change the student's distribution for "
+                           "one term only); it must be 0",
+                           fn, (double)h->logit_softcap);
+    if (h->normalizer != NULL)
+      return CULOSS__BAD("%s: hard_options->normalizer is not used here and must be NULL (the "
+                         "divergence's reduction applies; SUM with grad_loss gives any divisor)",
+                         fn);
+  }
   return CULOSS_OK;
 }
 

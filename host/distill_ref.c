@@ -153,21 +153,33 @@ static double row_divergence(const culoss_distill_options *o, int64_t v, const d
   return loss;
 }
 
-/* The hard cross-entropy lse(s) - s_y of one row and scale * weight_hard *
-   its gradient (added to g). */
-static double row_hard(const culoss_distill_options *o, int64_t v, const double *s, int64_t y,
-                       double scale, double *g) {
-  const dist H = make_dist(v, s, 1.0);
-  double p, lp, pm1;
+/* The hard term's cross-entropy options (plain CE when the call has none),
+   their W = sum of class weights, and a row of scratch for its gradient. */
+typedef struct {
+  culoss_cross_entropy_options o;
+  double wsum;
+  double *g;
+} hard_ctx;
+
+static void hard_init(hard_ctx *h, const culoss_distill_options *o, int64_t v, double *scratch) {
+  if (o->hard_options != NULL)
+    h->o = *o->hard_options;
+  else
+    culoss_cross_entropy_options_init(&h->o);
+  h->wsum = culoss__cpu_ce_wsum(&h->o, v);
+  h->g = scratch;
+}
+
+/* The hard cross-entropy of one row (culoss_cross_entropy's row: smoothing,
+   class weights, z-loss) and scale * weight_hard * its gradient (added to
+   g). */
+static double row_hard(const culoss_distill_options *o, const hard_ctx *h, int64_t v,
+                       const double *s, int64_t y, double scale, double *g) {
+  const double l = culoss__cpu_ce_row(&h->o, v, s, y, NULL, h->wsum, scale * o->weight_hard, h->g);
   int64_t j;
-  prob(&H, s, y, &p, &lp, &pm1);
   if (g != NULL)
-    for (j = 0; j < v; j++) {
-      double pj, lpj, pm1j;
-      prob(&H, s, j, &pj, &lpj, &pm1j);
-      g[j] += scale * o->weight_hard * (j == y ? pm1j : pj);
-    }
-  return -lp;
+    for (j = 0; j < v; j++) g[j] += h->g[j];
+  return l;
 }
 
 /* The reduction's divisor: kept rows (BATCHMEAN), n v (MEAN), 1 (SUM). */
@@ -182,8 +194,8 @@ static double divisor(const culoss__distill_args *a) {
 
 /* One row of logits (already in double) through both terms: returns the
    row's loss; g (if not NULL) gets the row's scaled gradient. */
-static double row_loss(const culoss__distill_args *a, int64_t i, const double *s, const double *t,
-                       double scale, double *g) {
+static double row_loss(const culoss__distill_args *a, const hard_ctx *h, int64_t i, const double *s,
+                       const double *t, double scale, double *g) {
   const culoss_distill_options *o = &a->o;
   int64_t j, y = 0;
   double l = 0.0;
@@ -194,7 +206,7 @@ static double row_loss(const culoss__distill_args *a, int64_t i, const double *s
     if (y == o->ignore_index) return 0.0;
   }
   if (o->weight_soft != 0.0f) l += o->weight_soft * row_divergence(o, a->v, s, t, scale, g);
-  if (o->weight_hard != 0.0f) l += o->weight_hard * row_hard(o, a->v, s, y, scale, g);
+  if (o->weight_hard != 0.0f) l += o->weight_hard * row_hard(o, h, a->v, s, y, scale, g);
   return l;
 }
 
@@ -219,19 +231,22 @@ culoss_status culoss__cpu_distill(const culoss__distill_args *a) {
   const double D = divisor(a);
   double *s = malloc((size_t)v * sizeof *s), *t = malloc((size_t)v * sizeof *t);
   double *g = a->grad ? malloc((size_t)v * sizeof *g) : NULL;
+  double *hg = malloc((size_t)v * sizeof *hg);
   double total = 0.0;
+  hard_ctx h;
   int64_t i, j;
-  if (!s || !t || (a->grad && !g)) {
-    free(s), free(t), free(g);
+  if (!s || !t || !hg || (a->grad && !g)) {
+    free(s), free(t), free(g), free(hg);
     return culoss__error(CULOSS_ERROR_OUT_OF_MEMORY, "cpu distillation: out of memory");
   }
+  hard_init(&h, &a->o, v, hg);
   for (i = 0; i < a->n; i++) {
     double l;
     for (j = 0; j < v; j++) {
       s[j] = culoss__load_f32(a->s, a->dtype, i * a->ld_s + j);
       t[j] = culoss__load_f32(a->t, a->dtype, i * a->ld_t + j);
     }
-    l = row_loss(a, i, s, t, row_scale(a, i, D), g);
+    l = row_loss(a, &h, i, s, t, row_scale(a, i, D), g);
     if (a->o.reduction == CULOSS_REDUCTION_NONE)
       a->loss[i] = (float)l;
     else
@@ -240,7 +255,7 @@ culoss_status culoss__cpu_distill(const culoss__distill_args *a) {
       for (j = 0; j < v; j++) culoss__store_f32(a->grad, a->dtype, i * a->ld_s + j, (float)g[j]);
   }
   put_loss(a, total, D);
-  free(s), free(t), free(g);
+  free(s), free(t), free(g), free(hg);
   return CULOSS_OK;
 }
 
@@ -251,7 +266,7 @@ culoss_status culoss__cpu_linear_distill(const culoss__distill_args *a) {
   const double D = divisor(a);
   const int want_g = a->grad_hidden || a->grad_weight || a->grad_bias;
   double *s = malloc((size_t)v * sizeof *s), *t = malloc((size_t)v * sizeof *t);
-  double *g = malloc((size_t)v * sizeof *g);
+  double *g = malloc((size_t)v * sizeof *g), *hg = malloc((size_t)v * sizeof *hg);
   double *hs = malloc((size_t)ds * sizeof *hs), *ht = malloc((size_t)dt * sizeof *ht);
   double *gw = a->grad_weight ? calloc((size_t)v * (size_t)ds, sizeof *gw) : NULL;
   double *gb = a->grad_bias ? calloc((size_t)v, sizeof *gb) : NULL;
@@ -259,12 +274,15 @@ culoss_status culoss__cpu_linear_distill(const culoss__distill_args *a) {
   double *w_s = malloc((size_t)v * (size_t)ds * sizeof *w_s);
   double *w_t = malloc((size_t)v * (size_t)dt * sizeof *w_t);
   double total = 0.0;
+  hard_ctx h;
   int64_t i, j, k;
-  if (!s || !t || !g || !hs || !ht || !w_s || !w_t || (a->grad_weight && !gw) ||
+  if (!s || !t || !g || !hg || !hs || !ht || !w_s || !w_t || (a->grad_weight && !gw) ||
       (a->grad_bias && !gb)) {
-    free(s), free(t), free(g), free(hs), free(ht), free(gw), free(gb), free(w_s), free(w_t);
+    free(s), free(t), free(g), free(hg), free(hs), free(ht), free(gw), free(gb), free(w_s),
+        free(w_t);
     return culoss__error(CULOSS_ERROR_OUT_OF_MEMORY, "cpu linear distillation: out of memory");
   }
+  hard_init(&h, &a->o, v, hg);
   for (j = 0; j < v * ds; j++) w_s[j] = culoss__load_f32(a->ws, a->dtype, j);
   for (j = 0; j < v * dt; j++) w_t[j] = culoss__load_f32(a->wt, a->dtype, j);
   for (i = 0; i < n; i++) {
@@ -278,7 +296,7 @@ culoss_status culoss__cpu_linear_distill(const culoss__distill_args *a) {
       for (k = 0; k < dt; k++) zt += ht[k] * w_t[j * dt + k];
       s[j] = zs, t[j] = zt;
     }
-    l = row_loss(a, i, s, t, row_scale(a, i, D), want_g ? g : NULL);
+    l = row_loss(a, &h, i, s, t, row_scale(a, i, D), want_g ? g : NULL);
     if (a->o.reduction == CULOSS_REDUCTION_NONE)
       a->loss[i] = (float)l;
     else
@@ -299,6 +317,6 @@ culoss_status culoss__cpu_linear_distill(const culoss__distill_args *a) {
   if (gw) culoss__cpu_store_sum(a->grad_weight, a->gw_dtype, gw, v * ds, a->accumulate);
   if (gb) culoss__cpu_store_sum(a->grad_bias, a->gw_dtype, gb, v, a->accumulate);
   put_loss(a, total, D);
-  free(s), free(t), free(g), free(hs), free(ht), free(gw), free(gb), free(w_s), free(w_t);
+  free(s), free(t), free(g), free(hg), free(hs), free(ht), free(gw), free(gb), free(w_s), free(w_t);
   return CULOSS_OK;
 }

@@ -973,11 +973,19 @@ CULOSS_API culoss_status culoss_linear_cross_entropy_vocab_parallel(
  * or NaN where P = 0; 0 where Q = 0), as torch's autograd of the formula.
  *
  * Hard loss: with weight_hard != 0 each kept row adds weight_hard times the
- * plain cross-entropy of the untempered student logits at its label
- * (lse(s) - s_y; labels are then required and must be in [0, v) unless
- * ignored; out of range behaves as in culoss_cross_entropy); the divergence
- * is scaled by weight_soft. Label smoothing, class weights and z-loss are
- * not offered for the hard term.
+ * cross-entropy of the untempered student logits at its label (labels are
+ * then required and must be in [0, v) unless ignored; out of range behaves
+ * as in culoss_cross_entropy); the divergence is scaled by weight_soft.
+ * hard_options NULL: the plain lse(s) - s_y. Otherwise its label_smoothing
+ * (eps), class_weight (w, [v] in context memory; W = sum w) and z_loss (z)
+ * give culoss_cross_entropy's row loss,
+ *   (1 - eps) w_y (lse - s_y) + (eps / v) sum_c w_c (lse - s_c) + z lse^2,
+ * with its gradient; its reduction and ignore_index are not read (this
+ * call's own apply), and the row terms are reduced with the divergence's:
+ * BATCHMEAN divides by the kept rows, not by sum w_y as culoss_cross_entropy's
+ * MEAN does. logit_softcap must be 0 (it would change the student's
+ * distribution for one term only: CULOSS_ERROR_NOT_SUPPORTED) and normalizer
+ * NULL (CULOSS_ERROR_INVALID_VALUE; SUM with grad_loss gives any divisor).
  *
  * Labels (optional, [n] of ttype): a row whose label is ignore_index has
  * loss 0 and gradient 0 and does not count in BATCHMEAN. Reductions:
@@ -1009,6 +1017,8 @@ typedef struct {
   int64_t ignore_index;         /* default -100 */
   float weight_soft;            /* default 1; finite: the divergence's weight */
   float weight_hard;            /* default 0; finite: the hard cross-entropy's weight */
+  const culoss_cross_entropy_options *hard_options; /* default NULL (host memory): the hard
+                                                       term's smoothing, class weights, z-loss */
 } culoss_distill_options;
 /* Sets the defaults above. `o` is host memory. */
 CULOSS_API void culoss_distill_options_init(culoss_distill_options *o);
@@ -1018,9 +1028,15 @@ CULOSS_API void culoss_distill_options_init(culoss_distill_options *o);
  * ttype. loss: [n] (NONE) or [1]. grad_student: NULL, or [n, v] with row
  * stride ld_s (may alias the student logits; must not alias the teacher's).
  * CUDA backend: a block per row, the row pair kept in shared memory while
- * it fits (2 v sizeof(dtype) bytes up to the per-block limit; the rest is
- * read again, from L2 if it is still there), so the logits are read once
- * and the gradient written once when the row pair fits. */
+ * it fits (2 v sizeof(dtype) bytes up to the per-block limit, about 227 KB
+ * on Hopper); a longer pair, on sm_90, is split over a thread-block cluster
+ * of 2 to 8 blocks that each keep their slice (up to 8 x 227 KB: bf16
+ * V = 450K); past that, or without clusters (CULOSS_CE_CLUSTER=0, older
+ * GPUs), the rest is read again, from L2 if it is still there. So the
+ * logits are read once and the gradient written once when the pair fits.
+ * Split rows' fp32 row sums are merged in a fixed order (the same run to
+ * run on one GPU; whether a row is split depends on the device's shared
+ * memory, as for culoss_cross_entropy). */
 CULOSS_API culoss_status culoss_distill(culoss_context *ctx, const culoss_distill_options *o,
                                         int64_t n, int64_t v, culoss_dtype dtype,
                                         const void *student, int64_t ld_s, const void *teacher,

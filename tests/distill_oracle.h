@@ -69,4 +69,31 @@ static inline long double oracle_row(int tvd, long double beta, long double T, i
   return loss;
 }
 
+/* The hard term's cross-entropy with label smoothing eps, class weights w
+   (NULL: ones) and z-loss z, plainly: lse by max and log of the sum,
+     (1 - eps) w_y (lse - s_y) + (eps / v) sum_c w_c (lse - s_c) + z lse^2,
+   and its gradient w_y (1 - eps) (p - e_y) + (eps / v) (W p - w) + 2 z lse p
+   into g (if not NULL). Finite logits only. */
+static inline long double oracle_hard(long double eps, const float *w, long double z, int64_t v,
+                                      const float *s, int64_t y, long double *g) {
+  long double m = -INFINITY, sum = 0.0L, W = 0.0L, sm = 0.0L;
+  for (int64_t j = 0; j < v; j++)
+    if ((long double)s[j] > m) m = (long double)s[j];
+  for (int64_t j = 0; j < v; j++) sum += expl((long double)s[j] - m);
+  const long double lse = m + logl(sum);
+  for (int64_t j = 0; j < v; j++) {
+    const long double wj = w ? (long double)w[j] : 1.0L;
+    W += wj;
+    sm += wj * (lse - (long double)s[j]);
+  }
+  const long double wy = w ? (long double)w[y] : 1.0L;
+  if (g)
+    for (int64_t j = 0; j < v; j++) {
+      const long double p = expl((long double)s[j] - lse), wj = w ? (long double)w[j] : 1.0L;
+      g[j] = wy * (1.0L - eps) * (p - (j == y ? 1.0L : 0.0L)) +
+             eps / (long double)v * (W * p - wj) + 2.0L * z * lse * p;
+    }
+  return (1.0L - eps) * wy * (lse - (long double)s[y]) + eps / (long double)v * sm + z * lse * lse;
+}
+
 #endif

@@ -324,6 +324,92 @@ Test(cpu_distill, hard_term_is_cross_entropy) {
                CULOSS_OK);
 }
 
+/* The hard term with culoss_cross_entropy's options (smoothing, class
+   weights, z-loss), alone and beside the divergence, against the oracle:
+   every reduction, BATCHMEAN over the kept rows (not sum w_y), the
+   gradient included. */
+Test(cpu_distill, hard_options_match_the_oracle) {
+  const int64_t n = 8, v = 23;
+  rng_t r = rng_seeded(2107);
+  float s[8 * 23], t[8 * 23], g[8 * 23], cw[23], l[8];
+  int64_t y[8];
+  fill_logits(&r, s, n, v, v, 3.0, 0, NULL);
+  fill_logits(&r, t, n, v, v, 3.0, 0, NULL);
+  for (int64_t j = 0; j < v; j++) cw[j] = (float)(0.25 + 2.0 * rng_uniform(&r));
+  for (int64_t i = 0; i < n; i++) y[i] = i % 3 == 1 ? -100 : rng_int(&r, 0, v);
+  const struct {
+    float eps, z;
+    int weights;
+  } cfg[5] = {{0.1f, 0.0f, 0}, {0.0f, 0.0f, 1}, {0.2f, 0.01f, 1}, {1.0f, 0.0f, 1}, {0.0f, 0.5f, 0}};
+  long double lp[23], lq[23], gd[23], gh[23];
+  for (int k = 0; k < 5; k++)
+    for (int red = 0; red < 4; red++)
+      for (int both = 0; both < 2; both++) {
+        culoss_cross_entropy_options ho;
+        culoss_cross_entropy_options_init(&ho);
+        ho.label_smoothing = cfg[k].eps, ho.z_loss = cfg[k].z;
+        ho.class_weight = cfg[k].weights ? cw : NULL;
+        ho.reduction = CULOSS_REDUCTION_NONE, ho.ignore_index = 5; /* neither is read */
+        culoss_distill_options o = opts(0, 0.25f, 2.0f, (culoss_reduction)red);
+        o.weight_soft = both ? 0.5f : 0.0f, o.weight_hard = 1.5f, o.hard_options = &ho;
+        poison(g, sizeof g), poison(l, sizeof l);
+        cr_assert_eq(
+            culoss_distill(ctx, &o, n, v, CULOSS_F32, s, v, t, v, CULOSS_I64, y, l, g, NULL),
+            CULOSS_OK, "%s", culoss_last_error());
+        int64_t kept = 0;
+        for (int64_t i = 0; i < n; i++) kept += y[i] != -100;
+        const long double D = red == CULOSS_REDUCTION_BATCHMEAN ? (long double)kept
+                              : red == CULOSS_REDUCTION_MEAN    ? (long double)(n * v)
+                                                                : 1.0L;
+        long double total = 0.0L;
+        for (int64_t i = 0; i < n; i++) {
+          long double row = 0.0L;
+          for (int64_t j = 0; j < v; j++) gd[j] = gh[j] = 0.0L;
+          if (y[i] != -100) {
+            row = 1.5L * oracle_hard(cfg[k].eps, ho.class_weight, cfg[k].z, v, s + i * v, y[i], gh);
+            if (both) row += 0.5L * oracle_row(0, 0.25L, 2.0L, v, s + i * v, t + i * v, lp, lq, gd);
+          }
+          total += row;
+          if (red == CULOSS_REDUCTION_NONE)
+            cr_assert(fabsl(l[i] - row) <= 2e-6L * (1e-3L + fabsl(row)),
+                      "cfg %d row %lld: %.9g vs the oracle's %.9Lg", k, (long long)i, (double)l[i],
+                      row);
+          const long double sc = red == CULOSS_REDUCTION_NONE ? 1.0L : 1.0L / D;
+          for (int64_t j = 0; j < v; j++) {
+            const long double want = sc * (1.5L * gh[j] + (both ? 0.5L * gd[j] : 0.0L));
+            cr_assert(fabsl(g[i * v + j] - want) <= 1e-6L * sc + 1e-5L * fabsl(want),
+                      "cfg %d red %d both %d: grad[%lld][%lld] %.9g vs the oracle's %.9Lg", k, red,
+                      both, (long long)i, (long long)j, (double)g[i * v + j], want);
+          }
+        }
+        if (red != CULOSS_REDUCTION_NONE)
+          cr_assert(fabsl(l[0] - total / D) <= 2e-6L * fabsl(total / D),
+                    "cfg %d red %d both %d: %.9g vs the oracle's %.9Lg", k, red, both, (double)l[0],
+                    total / D);
+      }
+  /* the options' own errors, and the two that do not apply here */
+  culoss_cross_entropy_options ho;
+  culoss_distill_options o = opts(0, 0.5f, 1.0f, CULOSS_REDUCTION_SUM);
+  o.weight_hard = 1.0f, o.hard_options = &ho;
+  float lb = -3.0f, one = 1.0f;
+  for (int k = 0; k < 4; k++) {
+    culoss_cross_entropy_options_init(&ho);
+    if (k == 0) ho.label_smoothing = -0.1f;
+    if (k == 1) ho.z_loss = NAN;
+    if (k == 2) ho.normalizer = &one;
+    if (k == 3) ho.logit_softcap = 30.0f;
+    cr_assert_eq(
+        culoss_distill(ctx, &o, n, v, CULOSS_F32, s, v, t, v, CULOSS_I64, y, &lb, NULL, NULL),
+        k == 3 ? CULOSS_ERROR_NOT_SUPPORTED : CULOSS_ERROR_INVALID_VALUE);
+    cr_assert(strstr(culoss_last_error(), k == 0   ? "label_smoothing"
+                                          : k == 1 ? "z_loss"
+                                          : k == 2 ? "normalizer"
+                                                   : "logit_softcap") != NULL,
+              "%s", culoss_last_error());
+    cr_assert_eq(lb, -3.0f);
+  }
+}
+
 /* Every row ignored: BATCHMEAN is NaN with a zero gradient, SUM 0; n = 0. */
 Test(cpu_distill, all_ignored_and_empty) {
   const float s[6] = {1, 2, 3, 4, 5, 6}, t[6] = {6, 5, 4, 3, 2, 1};
@@ -456,6 +542,12 @@ Test(cpu_distill, linear_matches_explicit_logits) {
     for (int b = 0; b < 4; b++) {
       culoss_distill_options o = opts(0, BETAS[b], 1.5f, (culoss_reduction)red);
       o.weight_soft = 0.6f, o.weight_hard = 0.4f;
+      /* beta >= 0.5: the hard term with smoothing, class weights and z-loss */
+      static const float cw[10] = {1.0f, 0.5f, 2.0f, 1.5f, 0.25f, 1.0f, 3.0f, 0.75f, 1.25f, 2.5f};
+      culoss_cross_entropy_options ho;
+      culoss_cross_entropy_options_init(&ho);
+      ho.label_smoothing = 0.1f, ho.class_weight = cw, ho.z_loss = 0.01f;
+      if (b >= 2) o.hard_options = &ho;
       float lrows[6], lxrows[6];
       cr_assert_eq(culoss_linear_distill(ctx, &o, NULL, n, ds, dt, v, CULOSS_F32, hs, wsw, bs, ht,
                                          wt, bt, CULOSS_I64, y, red == 0 ? lrows : &l, gh, gw, gb,
@@ -468,15 +560,13 @@ Test(cpu_distill, linear_matches_explicit_logits) {
         long double lp[10], lq[10];
         for (int64_t i = 0; i < n; i++) {
           cr_assert(fabsf(lrows[i] - lxrows[i]) <= 1e-5f * (1e-3f + fabsf(lxrows[i])));
-          /* and against the oracle: 0.6 TRL + 0.4 (lse(s) - s_y), independently */
+          /* and against the oracle: 0.6 TRL + 0.4 CE (lse(s) - s_y, or with the
+             hard options), independently */
           long double want = 0.0L;
-          if (y[i] != -100) {
-            long double m = -INFINITY, z = 0.0L;
-            for (int64_t j = 0; j < v; j++) m = fmaxl(m, S[i * v + j]);
-            for (int64_t j = 0; j < v; j++) z += expl(S[i * v + j] - m);
+          if (y[i] != -100)
             want = 0.6L * oracle_row(0, BETAS[b], 1.5L, v, S + i * v, T + i * v, lp, lq, NULL) +
-                   0.4L * (m + logl(z) - S[i * v + y[i]]);
-          }
+                   0.4L * (b >= 2 ? oracle_hard(0.1L, cw, 0.01L, v, S + i * v, y[i], NULL)
+                                  : oracle_hard(0.0L, NULL, 0.0L, v, S + i * v, y[i], NULL));
           cr_assert(fabsl(lrows[i] - want) <= 1e-5L * (1e-3L + fabsl(want)),
                     "beta %g row %lld: %.9g vs the oracle's %.9Lg", (double)BETAS[b], (long long)i,
                     (double)lrows[i], want);

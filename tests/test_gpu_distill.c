@@ -31,7 +31,8 @@ typedef struct {
   int labels; /* 0 none, 1 i32, 2 i64 */
   float ws, wh;
   int inplace, grad, grad_loss, offset, confident;
-  int nan_rows; /* row 0: a NaN student logit, row 1: a NaN teacher logit */
+  int nan_rows;  /* row 0: a NaN student logit, row 1: a NaN teacher logit */
+  int hard_opts; /* the hard term's CE options: smoothing 0.1 (and, 2, class weights, z-loss) */
   uint64_t seed;
 } dcase;
 
@@ -53,6 +54,8 @@ static void fill_pair(rng_t *r, const dcase *c, float *s, float *t) {
       }
       if (*tj == -INFINITY && !c->tvd && c->beta == 1.0f) *tj = -25.0f; /* reverse KL finite */
       if (*tj == -INFINITY && rng_uniform(r) < 0.5) *sj = -INFINITY;    /* both -inf: no term */
+      /* smoothing over a -inf student logit is +inf: keep the loss finite, comparable */
+      if (c->hard_opts && *sj == -INFINITY) *sj = -30.0f;
       if (c->dt == CULOSS_F16 && isfinite(*sj)) *sj = fmaxf(fminf(*sj, 60000.0f), -60000.0f);
     }
   if (c->nan_rows && c->n >= 2 && c->v >= 6) s[3] = NAN, t[c->ld_t + 5] = NAN;
@@ -85,6 +88,19 @@ static void run_case(const dcase *c) {
   o.divergence = c->tvd ? CULOSS_DISTILL_TVD : CULOSS_DISTILL_JSD;
   o.beta = c->beta, o.temperature = c->T, o.reduction = c->red;
   o.weight_soft = c->ws, o.weight_hard = c->wh;
+  /* the hard term's options: class weights in [0.25, 2] (device memory on the GPU) */
+  culoss_cross_entropy_options ho, ho_cpu;
+  culoss_cross_entropy_options_init(&ho);
+  float *cw = malloc((size_t)v * 4), *dcw = NULL;
+  for (int64_t j = 0; j < v; j++) cw[j] = (float)(0.25 + 1.75 * rng_uniform(&r));
+  if (c->hard_opts) {
+    ho.label_smoothing = 0.1f;
+    if (c->hard_opts == 2) ho.z_loss = 0.01f, dcw = dev_from(cw, (size_t)v * 4);
+    ho.class_weight = dcw;
+    o.hard_options = &ho;
+  }
+  ho_cpu = ho;
+  ho_cpu.class_weight = dcw ? cw : NULL;
 
   /* device copies (at a one-element offset: rows not 16-byte aligned) */
   char *ds_ = dev_alloc((size_t)ns * es + 16), *dt_ = dev_alloc((size_t)nt * es + 16);
@@ -104,6 +120,7 @@ static void run_case(const dcase *c) {
   cr_assert_eq(culoss_synchronize(gpu), CULOSS_OK, "%s", culoss_last_error());
 
   /* the CPU reference on the same (rounded) inputs */
+  if (c->hard_opts) o.hard_options = &ho_cpu;
   float *rl = malloc((size_t)nl * 4), *gl_cpu = c->grad_loss ? gl : NULL;
   void *rg = malloc((size_t)ns * es + 16);
   poison(rg, (size_t)ns * es);
@@ -138,7 +155,7 @@ static void run_case(const dcase *c) {
     for (int64_t i = 0; i < n; i++) {
       const double g = c->grad_loss ? gl[c->red == CULOSS_REDUCTION_NONE ? i : 0] : 1.0;
       const double sc = fabs(g) / (c->red == CULOSS_REDUCTION_NONE ? 1.0 : D) *
-                        (fabs(c->ws) / c->T + fabs(c->wh));
+                        (fabs(c->ws) / c->T + fabs(c->wh) * (c->hard_opts == 2 ? 2.0 : 1.0));
       double rowmax = 0.0, m = -INFINITY, z = 0.0;
       for (int64_t j = 0; j < v; j++) rowmax = fmax(rowmax, fabs(b[i * c->ld_s + j]));
       for (int64_t j = 0; j < v; j++) m = fmax(m, s[i * c->ld_s + j] / c->T);
@@ -180,8 +197,9 @@ static void run_case(const dcase *c) {
     free(hg), free(a), free(b), free(row_l);
   }
   culoss_free(gpu, ds_), culoss_free(gpu, dt_), culoss_free(gpu, dy), culoss_free(gpu, dgl);
-  culoss_free(gpu, dl), culoss_free(gpu, dg_);
+  culoss_free(gpu, dl), culoss_free(gpu, dg_), culoss_free(gpu, dcw);
   free(s), free(t), free(hs), free(ht), free(y64), free(y32), free(gl), free(rl), free(rg), free(l);
+  free(cw);
 }
 
 static const float BETAS[] = {0.0f, 0.25f, 0.5f, 1.0f};
@@ -232,6 +250,31 @@ Test(gpu_distill, packs_hard_term_and_confident_rows) {
       }
 }
 
+/* The hard term with culoss_cross_entropy's options (smoothing; class
+   weights and z-loss), alone and beside the divergence: every dtype and
+   reduction, a temperature (the hard term's own distribution), the
+   one-element path, a strided grid (W read by every block). */
+Test(gpu_distill, hard_term_options) {
+  REQUIRE_GPU();
+  uint64_t seed = 2350;
+  for (int dt = 0; dt < 3; dt++)
+    for (int red = 0; red < 4; red++)
+      for (int variant = 0; variant < 3; variant++) {
+        dcase c = {0};
+        c.n = 7, c.v = variant == 2 ? 1003 : 256, c.ld_s = c.v, c.ld_t = c.v;
+        c.dt = (culoss_dtype)dt, c.beta = variant == 1 ? 0.0f : 0.5f, c.tvd = variant == 2;
+        c.T = variant == 0 ? 1.0f : 2.5f;
+        c.red = (culoss_reduction)red, c.labels = 1 + (red & 1), c.grad = 1;
+        c.grad_loss = red == 0;
+        c.ws = variant == 0 ? 0.0f : 0.7f, c.wh = 1.3f, c.hard_opts = 1 + (variant != 1);
+        c.inplace = variant == 1 && red == 2;
+        c.seed = seed++;
+        if (variant == 2) cr_assert_eq(culoss_set_grid_limit(gpu, 2), CULOSS_OK);
+        run_case(&c);
+        cr_assert_eq(culoss_set_grid_limit(gpu, 0), CULOSS_OK);
+      }
+}
+
 /* Long rows: fully cached, partly cached and streamed (the cache capped by
    CULOSS_CE_CACHE_BYTES, read at culoss_create), a 512-thread block. */
 Test(gpu_distill, long_rows_cached_and_streamed) {
@@ -254,6 +297,49 @@ Test(gpu_distill, long_rows_cached_and_streamed) {
         run_case(&c);
       }
   }
+  unsetenv("CULOSS_CE_CACHE_BYTES");
+  gpu_reopen(&gpu);
+}
+
+/* Row pairs too long for one block's shared memory, split over a
+   thread-block cluster (the emulator has them): 2 and 3 blocks holding the
+   whole pair (bf16 70K and 128K), 8 with the rest of each slice re-read
+   (fp32 262147, the one-element path; fp32 100000 with a capped cache),
+   a padded pitch, every divergence, the hard term with its options (and
+   alone: no second reduction, one barrier per row), in place, every reduction, more rows than clusters (a grid of 8 blocks: each
+   cluster walks several rows, its slots alternating by parity); and
+   CULOSS_CE_CLUSTER=0 (one block per row) once. */
+Test(gpu_distill, rows_split_over_a_cluster) {
+  REQUIRE_GPU();
+  static const struct {
+    int64_t v, ld;
+    culoss_dtype dt;
+    const char *cache;
+  } cs[] = {{70000, 70000, CULOSS_BF16, ""},
+            {128256, 128264, CULOSS_BF16, ""},
+            {262147, 262147, CULOSS_F32, ""},
+            {100000, 100000, CULOSS_F32, "65536"},
+            {65536, 65536, CULOSS_F16, ""}};
+  uint64_t seed = 2450;
+  for (int cl = 1; cl >= 0; cl--)
+    for (size_t ci = 0; ci < sizeof cs / sizeof cs[0]; ci++) {
+      setenv("CULOSS_CE_CLUSTER", cl ? "1" : "0", 1);
+      setenv("CULOSS_CE_CACHE_BYTES", cs[ci].cache, 1);
+      gpu_reopen(&gpu);
+      if (ci != 3) cr_assert_eq(culoss_set_grid_limit(gpu, 8), CULOSS_OK);
+      dcase c = {0};
+      c.n = test_quick() ? 3 : 6, c.v = cs[ci].v, c.ld_s = cs[ci].ld, c.ld_t = cs[ci].v;
+      c.dt = cs[ci].dt, c.tvd = ci == 2, c.beta = BETAS[ci % 4], c.T = ci % 2 ? 1.0f : 1.7f;
+      c.red = (culoss_reduction)(ci % 4), c.labels = 1 + (int)(ci % 2), c.grad = 1;
+      c.grad_loss = c.red == CULOSS_REDUCTION_NONE;
+      c.ws = 1.0f, c.wh = ci == 3 ? 0.0f : 0.5f, c.hard_opts = ci == 0 ? 0 : 1 + (int)(ci % 2);
+      if (ci == 4) /* the plain hard term alone: one cluster barrier per row */
+        c.ws = 0.0f, c.wh = 1.0f, c.hard_opts = 0;
+      c.inplace = ci % 2 == 0, c.seed = seed++;
+      run_case(&c);
+      if (!cl) break; /* one case without clusters is enough to compare paths */
+    }
+  unsetenv("CULOSS_CE_CLUSTER");
   unsetenv("CULOSS_CE_CACHE_BYTES");
   gpu_reopen(&gpu);
 }
@@ -314,8 +400,9 @@ static float exact_val(rng_t *r) {
   return vals[rng_int(r, 0, 5)];
 }
 
+/* hopt: the hard term with smoothing 0.1, class weights and z-loss 0.01 */
 static void linear_case(culoss_dtype dt, int gw_f32, int accumulate, int red, int bias, float wh,
-                        uint64_t seed) {
+                        int hopt, uint64_t seed) {
   const int64_t n = 11, ds = 6, dtd = 8, v = 300;
   rng_t r = rng_seeded(seed);
   const size_t es = dtype_bytes(dt);
@@ -342,6 +429,14 @@ static void linear_case(culoss_dtype dt, int gw_f32, int accumulate, int red, in
   culoss_distill_options_init(&o);
   o.reduction = (culoss_reduction)red, o.beta = 0.25f, o.temperature = 2.0f;
   o.weight_soft = 0.8f, o.weight_hard = wh;
+  float *cw = malloc((size_t)v * 4);
+  for (int64_t j = 0; j < v; j++) cw[j] = 0.5f + 0.25f * (float)(j % 5);
+  float *dcw = dev_from(cw, (size_t)v * 4);
+  culoss_cross_entropy_options ho, ho_cpu;
+  culoss_cross_entropy_options_init(&ho);
+  ho.label_smoothing = 0.1f, ho.z_loss = 0.01f, ho.class_weight = dcw;
+  ho_cpu = ho, ho_cpu.class_weight = cw;
+  if (hopt) o.hard_options = &ho;
   culoss_linear_ce_options lo;
   culoss_linear_ce_options_init(&lo);
   lo.grad_weight_dtype = gw_f32 ? CULOSS_F32 : CULOSS_DTYPE_INPUT;
@@ -378,6 +473,7 @@ static void linear_case(culoss_dtype dt, int gw_f32, int accumulate, int red, in
                CULOSS_OK, "%s", culoss_last_error());
   cr_assert_eq(culoss_synchronize(gpu), CULOSS_OK, "%s", culoss_last_error());
   /* CPU */
+  if (hopt) o.hard_options = &ho_cpu;
   float *rl = malloc((size_t)nl * 4), *l = malloc((size_t)nl * 4);
   void *rgh = malloc((size_t)(n * ds) * es), *rgw = malloc((size_t)(v * ds) * gs);
   void *rgb = malloc((size_t)v * gs);
@@ -465,8 +561,9 @@ static void linear_case(culoss_dtype dt, int gw_f32, int accumulate, int red, in
   free(S), free(Tl), free(G), free(lg), free(gmax);
   for (int q = 0; q < 6; q++) free(p[q]), culoss_free(gpu, dp[q]);
   culoss_free(gpu, dy), culoss_free(gpu, dws), culoss_free(gpu, dl), culoss_free(gpu, dgh);
-  culoss_free(gpu, dglv);
+  culoss_free(gpu, dglv), culoss_free(gpu, dcw);
   culoss_free(gpu, dgw), culoss_free(gpu, dgb);
+  free(cw);
   free(hs), free(w_s), free(bs), free(ht), free(w_t), free(bt), free(g0), free(hg0), free(hb0);
   free(rl), free(l), free(rgh), free(rgw), free(rgb);
 }
@@ -481,10 +578,10 @@ Test(gpu_distill, linear_matches_the_cpu_reference) {
     for (int red = 0; red < 4; red++)
       for (int variant = 0; variant < 3; variant++)
         linear_case((culoss_dtype)dt, variant == 1 || dt == 0, variant == 2, red, red != 1,
-                    red == 3 ? 0.5f : 0.0f, seed++);
+                    red >= 2 ? 0.5f : 0.0f, red == 2 || (red == 3 && variant > 0), seed++);
   unsetenv("CULOSS_LINEAR_CE_BLOCK_BYTES");
   gpu_reopen(&gpu);
-  linear_case(CULOSS_BF16, 0, 0, CULOSS_REDUCTION_BATCHMEAN, 1, 1.0f, seed++); /* one block */
+  linear_case(CULOSS_BF16, 0, 0, CULOSS_REDUCTION_BATCHMEAN, 1, 1.0f, 1, seed++); /* one block */
 }
 
 /* Rows past 2^31 elements: n * v = 32769 * 65536 bf16 (4.3 GiB each of s
