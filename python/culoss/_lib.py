@@ -158,7 +158,7 @@ class MultilabelSoftMarginOptions(ctypes.Structure):
 class DistillOptions(ctypes.Structure):
     _fields_ = [("divergence", _int), ("beta", ctypes.c_float), ("temperature", ctypes.c_float),
                 ("reduction", _int), ("ignore_index", _i64), ("weight_soft", ctypes.c_float),
-                ("weight_hard", ctypes.c_float)]
+                ("weight_hard", ctypes.c_float), ("hard_options", ctypes.POINTER(CEOptions))]
 
 
 class LinearCEOptions(ctypes.Structure):

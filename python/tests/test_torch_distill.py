@@ -184,7 +184,7 @@ def test_all_ignored_batchmean_is_nan_with_zero_grad():
     s, t = _pair((3, 8), torch.float32, 10)
     y = torch.full((3,), -100)
     loss = cl.generalized_jsd_loss(s, t, y)
-    assert math.isnan(float(loss))
+    assert math.isnan(float(loss.detach()))
     (g,) = torch.autograd.grad(loss, s)
     assert (g == 0).all()
 
@@ -266,16 +266,23 @@ def _exact(shape, gen, dtype):
     return vals[torch.randint(0, 5, shape, generator=gen)].to(dtype)
 
 
-def _linear_ref(si, sw, ti, tw, y, sb, tb, beta, temperature, reduction, wh, ws):
+def _linear_ref(si, sw, ti, tw, y, sb, tb, beta, temperature, reduction, wh, ws, hard=None):
     return _linear_ref_from_logits(F.linear(si, sw, sb), ti, tw, y, tb, beta, temperature,
-                                   reduction, wh, ws)
+                                   reduction, wh, ws, hard)
 
 
-def _linear_ref_from_logits(s, ti, tw, y, tb, beta, temperature, reduction, wh, ws):
+def _linear_ref_from_logits(s, ti, tw, y, tb, beta, temperature, reduction, wh, ws, hard=None):
+    """hard: None, or (label_smoothing, class weights, z-loss) of the hard
+    term: F.cross_entropy's per-row loss plus z lse^2, reduced with the
+    divergence's divisor (kept rows for batchmean)."""
     t = F.linear(ti, tw, tb)
     loss = ws * trl_jsd(s, t, y, beta=beta, temperature=temperature, reduction=reduction)
     if wh:
-        ce = F.cross_entropy(s.reshape(-1, s.shape[-1]), y.reshape(-1), reduction="none")
+        eps, cw, z = hard if hard is not None else (0.0, None, 0.0)
+        s2 = s.reshape(-1, s.shape[-1])
+        ce = F.cross_entropy(s2, y.reshape(-1), reduction="none", label_smoothing=eps,
+                             weight=cw.to(s2.dtype) if cw is not None else None)
+        ce = ce + torch.where(y.reshape(-1) != -100, z * torch.logsumexp(s2, -1) ** 2, 0.0)
         ce = ce.reshape(y.shape)
         keep = y != -100
         if reduction == "batchmean":
@@ -292,8 +299,11 @@ def _linear_ref_from_logits(s, ti, tw, y, tb, beta, temperature, reduction, wh, 
 @pytest.mark.parametrize("reduction", REDS)
 # weights exact in fp32 (the C options are floats: 0.3f's rounding, magnified by
 # cancelling sums, would show in float64 comparisons)
-@pytest.mark.parametrize("beta,wh", [(0.5, 0.0), (0.0, 0.75), (1.0, 0.25), (0.25, 1.0)])
-def test_linear_against_explicit_logits(dtype, reduction, beta, wh):
+# hopt: the hard term with smoothing 1/8, class weights in {1/2, 1, 3/2, 2} and z-loss 1/16
+@pytest.mark.parametrize("beta,wh,hopt", [(0.5, 0.0, False), (0.0, 0.75, False),
+                                          (1.0, 0.25, True), (0.25, 1.0, False),
+                                          (0.25, 1.0, True), (0.5, 0.5, True)])
+def test_linear_against_explicit_logits(dtype, reduction, beta, wh, hopt):
     gen = torch.Generator().manual_seed(21 + int(8 * beta))
     v, ds, dt = 37, 6, 8
     si = _exact((2, 5, ds), gen, dtype).requires_grad_()
@@ -303,13 +313,18 @@ def test_linear_against_explicit_logits(dtype, reduction, beta, wh):
     y = _labels((2, 5), v, 22)
     kw = dict(student_bias=sb, teacher_bias=tb, beta=beta, temperature=2.0, reduction=reduction,
               weight_hard_loss=wh, weight_soft_loss=0.75)
+    hard = None
+    if hopt:
+        cw = 0.5 + 0.5 * torch.randint(0, 4, (v,), generator=gen).float()
+        hard = (0.125, cw, 0.0625)
+        kw.update(hard_label_smoothing=0.125, hard_class_weight=cw, hard_z_loss=0.0625)
     rec = RecordCulossOps()
     with rec:
         got = cl.linear_generalized_jsd_loss(si, sw, ti, tw, y, **kw)
     assert any("linear_distill" in str(func) for func, _, _ in rec.calls), "no culoss op ran"
     d64 = [x.detach().double().requires_grad_(x.requires_grad) for x in (si, sw, sb)]
     want = _linear_ref(d64[0], d64[1], ti.double(), tw.double(), y, d64[2], tb.double(), beta,
-                       2.0, reduction, wh, 0.75)
+                       2.0, reduction, wh, 0.75, hard)
     loss_ulps, grad_ulps = tolerances(dtype)
     assert got.dtype == dtype and got.shape == want.shape
     assert_close_ulps(got, want, dtype, loss_ulps, "loss")
@@ -327,7 +342,7 @@ def test_linear_against_explicit_logits(dtype, reduction, beta, wh):
     u, f = {torch.bfloat16: (2.0 ** -9, 2.0 ** -134), torch.float16: (2.0 ** -11, 2.0 ** -25)}[dtype]
     logits = F.linear(d64[0].detach(), d64[1].detach(), d64[2].detach()).requires_grad_()
     ref = _linear_ref_from_logits(logits, ti.double(), tw.double(), y, tb.double(), beta, 2.0,
-                                  reduction, wh, 0.75)
+                                  reduction, wh, 0.75, hard)
     (G,) = torch.autograd.grad(ref, logits, g.double())
     err = (u * G.abs() + f).reshape(-1, v)
     h, w = d64[0].detach().reshape(-1, ds).abs(), d64[1].detach().abs()
@@ -352,6 +367,46 @@ def test_linear_teacher_gets_no_gradient_and_the_module():
     want = _linear_ref(si.detach().double(), sw.detach().double(), ti.detach().double(),
                        tw.detach().double(), y, None, None, 0.25, 1.0, "batchmean", 0.5, 1.0)
     assert torch.allclose(loss.double(), want, rtol=1e-5)
+
+
+def test_linear_hard_options_module_float64_and_bad_values():
+    gen = torch.Generator().manual_seed(31)
+    v = 11
+    si = torch.randn(6, 4, generator=gen, requires_grad=True)
+    sw = torch.randn(v, 4, generator=gen, requires_grad=True)
+    ti, tw = torch.randn(6, 5, generator=gen), torch.randn(v, 5, generator=gen)
+    y = torch.tensor([3, -100, 0, 10, 5, 1])
+    cw = torch.rand(v, generator=gen) + 0.5
+    m = cl.LinearGeneralizedJSDLoss(beta=0.25, weight_hard_loss=0.5, hard_label_smoothing=0.2,
+                                    hard_class_weight=cw, hard_z_loss=0.01)
+    assert "hard_class_weight" in dict(m.named_buffers())  # follows .to(device)
+    loss = m(si, sw, ti, tw, y)
+    want = _linear_ref(si.detach().double(), sw.detach().double(), ti.double(), tw.double(), y,
+                       None, None, 0.25, 1.0, "batchmean", 0.5, 1.0, (0.2, cw.double(), 0.01))
+    assert torch.allclose(loss.double(), want, rtol=1e-5), (loss.item(), want.item())
+    # without the options the loss differs: they reach the op
+    plain = cl.linear_generalized_jsd_loss(si, sw, ti, tw, y, beta=0.25, weight_hard_loss=0.5)
+    assert not torch.allclose(plain, loss, rtol=1e-3)
+    # float64 takes the explicit form, with the same options
+    d = [x.detach().double().requires_grad_() for x in (si, sw)]
+    with pytest.warns(UserWarning, match="not a culoss dtype"):
+        l64 = cl.linear_generalized_jsd_loss(d[0], d[1], ti.double(), tw.double(), y, beta=0.25,
+                                             weight_hard_loss=0.5, hard_label_smoothing=0.2,
+                                             hard_class_weight=cw, hard_z_loss=0.01)
+    assert l64.dtype == torch.float64
+    assert torch.allclose(l64, want, rtol=1e-12)
+    g64 = torch.autograd.grad(l64, d)
+    gg = torch.autograd.grad(loss, (si, sw))
+    for a, b in zip(gg, g64):
+        assert torch.allclose(a.double(), b, rtol=1e-4, atol=1e-6)
+    for kw, msg in [(dict(hard_label_smoothing=1.5), "hard_label_smoothing"),
+                    (dict(hard_label_smoothing=-0.1), "hard_label_smoothing"),
+                    (dict(hard_z_loss=-1.0), "hard_z_loss"),
+                    (dict(hard_z_loss=math.inf), "hard_z_loss"),
+                    (dict(hard_class_weight=torch.ones(v + 1)), "weight"),
+                    (dict(hard_class_weight=torch.ones(v, dtype=torch.int64)), "weight")]:
+        with pytest.raises((ValueError, TypeError), match=msg):
+            cl.linear_generalized_jsd_loss(si, sw, ti, tw, y, weight_hard_loss=0.5, **kw)
 
 
 def test_compile_fullgraph():

@@ -818,10 +818,17 @@ linear_cross_entropy.register_autograd(_lce_backward, setup_context=_lce_setup)
 # --------------------------------------------------------------------------- distillation
 
 
-def _distill_options(tvd, beta, temperature, ignore_index, reduction, weight_soft, weight_hard):
-    return _lib.options("distill", divergence=int(tvd), beta=beta, temperature=temperature,
-                        reduction=reduction, ignore_index=ignore_index, weight_soft=weight_soft,
-                        weight_hard=weight_hard)
+def _distill_options(tvd, beta, temperature, ignore_index, reduction, weight_soft, weight_hard,
+                     hard_class_weight=None, hard_label_smoothing=0.0, hard_z_loss=0.0):
+    o = _lib.options("distill", divergence=int(tvd), beta=beta, temperature=temperature,
+                     reduction=reduction, ignore_index=ignore_index, weight_soft=weight_soft,
+                     weight_hard=weight_hard)
+    if hard_class_weight is not None or hard_label_smoothing != 0.0 or hard_z_loss != 0.0:
+        # the pointer keeps the CE options alive as long as o
+        o.hard_options = ctypes.pointer(_lib.options(
+            "cross_entropy", label_smoothing=hard_label_smoothing, z_loss=hard_z_loss,
+            class_weight=_opt_f32(hard_class_weight)))
+    return o
 
 
 @torch.library.custom_op("culoss::distill", mutates_args=())
@@ -857,19 +864,23 @@ distill.register_autograd(_input_grad_backward, setup_context=_input_grad_setup(
 @torch.library.custom_op("culoss::linear_distill", mutates_args=())
 def linear_distill(student_input: Tensor, student_weight: Tensor, teacher_input: Tensor,
                    teacher_weight: Tensor, labels: Optional[Tensor], student_bias: Optional[Tensor],
-                   teacher_bias: Optional[Tensor], grad_loss: Optional[Tensor], tvd: bool,
-                   beta: float, temperature: float, ignore_index: int, reduction: int,
-                   weight_soft: float, weight_hard: float, grad_input: bool, grad_weight: bool,
+                   teacher_bias: Optional[Tensor], grad_loss: Optional[Tensor],
+                   hard_class_weight: Optional[Tensor], tvd: bool, beta: float,
+                   temperature: float, ignore_index: int, reduction: int, weight_soft: float,
+                   weight_hard: float, hard_label_smoothing: float, hard_z_loss: float,
+                   grad_input: bool, grad_weight: bool,
                    grad_bias: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     """Fused linear + distillation: the student's and teacher's logits
-    (input @ weight^T + bias) exist one block of rows at a time. Returns
-    (loss, grad_input, grad_weight, grad_bias) of the student for an upstream
-    gradient `grad_loss` (None: 1); unrequested ones are empty."""
+    (input @ weight^T + bias) exist one block of rows at a time. The hard
+    term takes culoss_cross_entropy's class weights (float32 [v]), label
+    smoothing and z-loss. Returns (loss, grad_input, grad_weight, grad_bias)
+    of the student for an upstream gradient `grad_loss` (None: 1);
+    unrequested ones are empty."""
     n, ds = student_input.shape
     dt_ = teacher_input.shape[1]
     v = student_weight.shape[0]
     o = _distill_options(tvd, beta, temperature, ignore_index, reduction, weight_soft,
-                         weight_hard)
+                         weight_hard, hard_class_weight, hard_label_smoothing, hard_z_loss)
     loss = _loss_out(student_input, n, reduction)
     gi = torch.empty_like(student_input) if grad_input else student_input.new_empty((0,))
     gw = torch.empty_like(student_weight) if grad_weight else student_input.new_empty((0,))
@@ -893,8 +904,9 @@ def linear_distill(student_input: Tensor, student_weight: Tensor, teacher_input:
 
 @linear_distill.register_fake
 def _(student_input, student_weight, teacher_input, teacher_weight, labels, student_bias,
-      teacher_bias, grad_loss, tvd, beta, temperature, ignore_index, reduction, weight_soft,
-      weight_hard, grad_input, grad_weight, grad_bias):
+      teacher_bias, grad_loss, hard_class_weight, tvd, beta, temperature, ignore_index, reduction,
+      weight_soft, weight_hard, hard_label_smoothing, hard_z_loss, grad_input, grad_weight,
+      grad_bias):
     gi = torch.empty_like(student_input) if grad_input else student_input.new_empty((0,))
     gw = torch.empty_like(student_weight) if grad_weight else student_input.new_empty((0,))
     gb = (torch.empty_like(student_bias) if grad_bias and student_bias is not None
@@ -903,12 +915,12 @@ def _(student_input, student_weight, teacher_input, teacher_weight, labels, stud
 
 
 def _ld_setup(ctx, inputs, output):
-    (si, sw, ti, tw, labels, sb, tb, _gl) = inputs[:8]
-    ctx.options = inputs[8:15]
-    ctx.reduction = inputs[12]
+    (si, sw, ti, tw, labels, sb, tb, _gl, hcw) = inputs[:9]
+    ctx.options = inputs[9:18]
+    ctx.reduction = inputs[13]
     ctx.has_bias = sb is not None
     if ctx.reduction == NONE:  # the weight gradient sums rows: recompute with the upstream gradient
-        ctx.save_for_backward(si, sw, ti, tw, labels, sb, tb)
+        ctx.save_for_backward(si, sw, ti, tw, labels, sb, tb, hcw)
     else:
         ctx.save_for_backward(output[1], output[2], output[3])
 
@@ -916,10 +928,10 @@ def _ld_setup(ctx, inputs, output):
 def _ld_backward(ctx, grad_loss, _g1, _g2, _g3):
     need = ctx.needs_input_grad
     if ctx.reduction == NONE:
-        si, sw, ti, tw, labels, sb, tb = ctx.saved_tensors
+        si, sw, ti, tw, labels, sb, tb, hcw = ctx.saved_tensors
         _, gi, gw, gb = linear_distill(si, sw, ti, tw, labels, sb, tb,
-                                       grad_loss.float().contiguous(), *ctx.options, need[0],
-                                       need[1], bool(need[5]) and ctx.has_bias)
+                                       grad_loss.float().contiguous(), hcw, *ctx.options,
+                                       need[0], need[1], bool(need[5]) and ctx.has_bias)
         out = [gi if need[0] else None, gw if need[1] else None,
                gb if need[5] and ctx.has_bias else None]
     else:
@@ -927,7 +939,7 @@ def _ld_backward(ctx, grad_loss, _g1, _g2, _g3):
         out = [_scaled(gi, grad_loss, ctx.reduction) if need[0] else None,
                _scaled(gw, grad_loss, ctx.reduction) if need[1] else None,
                _scaled(gb, grad_loss, ctx.reduction) if need[5] and ctx.has_bias else None]
-    return (out[0], out[1], None, None, None, out[2]) + (None,) * 12
+    return (out[0], out[1], None, None, None, out[2]) + (None,) * 15
 
 
 linear_distill.register_autograd(_ld_backward, setup_context=_ld_setup)

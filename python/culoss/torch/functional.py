@@ -1252,16 +1252,23 @@ def tvd_loss(student_logits, teacher_logits, labels=None, *, temperature=1.0, ig
 def linear_generalized_jsd_loss(student_input, student_weight, teacher_input, teacher_weight,
                                 labels=None, *, student_bias=None, teacher_bias=None, beta=0.5,
                                 temperature=1.0, ignore_index=-100, reduction="batchmean",
-                                weight_hard_loss=0.0, weight_soft_loss=1.0):
+                                weight_hard_loss=0.0, weight_soft_loss=1.0,
+                                hard_label_smoothing=0.0, hard_class_weight=None,
+                                hard_z_loss=0.0):
     """Fused linear + generalized JSD (Liger's ``LigerFusedLinearJSDLoss``
     shape): the student's logits ``student_input @ student_weight.T (+
     student_bias)`` and the teacher's likewise are computed a block of rows
     at a time and never materialised whole; the loss is ``weight_soft_loss *
     generalized_jsd_loss(...) + weight_hard_loss * cross_entropy(student
     logits, labels)`` (the hard term untempered, with ignore_index and the
-    same reduction; it needs labels). Inputs ``[..., d_s]`` and ``[..., d_t]``
-    with the same rows, weights ``[V, d]``. Gradients to the student input,
-    weight and bias; none to the teacher."""
+    same reduction; it needs labels). The hard term takes
+    ``F.cross_entropy``'s ``label_smoothing`` and ``weight`` (class weights
+    ``[V]``) as ``hard_label_smoothing`` and ``hard_class_weight``, and a
+    z-loss ``hard_z_loss * lse^2`` per kept row; its rows are reduced with
+    the divergence's (``batchmean`` divides by the kept rows, not by the sum
+    of the targets' weights as ``F.cross_entropy``'s mean does). Inputs
+    ``[..., d_s]`` and ``[..., d_t]`` with the same rows, weights ``[V, d]``.
+    Gradients to the student input, weight and bias; none to the teacher."""
     fname = "linear_generalized_jsd_loss"
     for name, t in (("student_input", student_input), ("student_weight", student_weight),
                     ("teacher_input", teacher_input), ("teacher_weight", teacher_weight)):
@@ -1286,6 +1293,13 @@ def linear_generalized_jsd_loss(student_input, student_weight, teacher_input, te
         raise ValueError(f"{fname}: weight_hard_loss = {weight_hard_loss} needs labels")
     if not (math.isfinite(float(weight_hard_loss)) and math.isfinite(float(weight_soft_loss))):
         raise ValueError(f"{fname}: weight_hard_loss and weight_soft_loss must be finite")
+    eps_h, z_h = float(hard_label_smoothing), float(hard_z_loss)
+    if not 0.0 <= eps_h <= 1.0:
+        raise ValueError(f"{fname}: hard_label_smoothing must be between 0.0 and 1.0. Got: "
+                         f"{hard_label_smoothing}")
+    if not (z_h >= 0.0 and math.isfinite(z_h)):
+        raise ValueError(f"{fname}: hard_z_loss must be finite and >= 0. Got: {hard_z_loss}")
+    hcw = _class_weight(fname, hard_class_weight, sw.shape[0], si)
     _device(fname, si, student_weight=sw, teacher_input=ti, teacher_weight=tw, labels=labels,
             student_bias=student_bias, teacher_bias=teacher_bias)
     lead = si.shape[:-1]
@@ -1306,8 +1320,12 @@ def linear_generalized_jsd_loss(student_input, student_weight, teacher_input, te
             s, t, y.reshape(lead) if y is not None else None, False, float(beta),
             float(temperature), ignore_index, reduction)
         if float(weight_hard_loss) != 0.0:  # the same divisor as the soft term's
-            ce = F.cross_entropy(s.reshape(-1, v), y.long(), ignore_index=ignore_index,
-                                 reduction="none")
+            s2 = s.reshape(-1, v)
+            ce = F.cross_entropy(s2, y.long(), ignore_index=ignore_index, reduction="none",
+                                 weight=hcw.to(s2.dtype) if hcw is not None else None,
+                                 label_smoothing=eps_h)
+            if z_h != 0.0:
+                ce = ce + torch.where(y != ignore_index, z_h * torch.logsumexp(s2, -1) ** 2, 0.0)
             if reduction == "batchmean":
                 ce = ce.sum() / (y != ignore_index).sum()
             elif reduction == "mean":
@@ -1334,9 +1352,9 @@ def linear_generalized_jsd_loss(student_input, student_weight, teacher_input, te
     loss = torch.ops.culoss.linear_distill(
         x, sw.contiguous(), xt, tw.contiguous().detach(), y,
         student_bias.contiguous() if student_bias is not None else None,
-        teacher_bias.detach().contiguous() if teacher_bias is not None else None, None, False,
-        float(beta), float(temperature), int(ignore_index), red, float(weight_soft_loss),
-        float(weight_hard_loss), *need)[0]
+        teacher_bias.detach().contiguous() if teacher_bias is not None else None, None, hcw,
+        False, float(beta), float(temperature), int(ignore_index), red, float(weight_soft_loss),
+        float(weight_hard_loss), eps_h, z_h, *need)[0]
     if red == NONE:
         loss = loss.reshape(lead)
     return _out_dtype(loss, si)

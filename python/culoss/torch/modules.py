@@ -360,11 +360,15 @@ class LinearGeneralizedJSDLoss(nn.Module):
     student_bias=None, teacher_bias=None)``."""
 
     def __init__(self, *, beta=0.5, temperature=1.0, ignore_index=-100, reduction="batchmean",
-                 weight_hard_loss=0.0, weight_soft_loss=1.0):
+                 weight_hard_loss=0.0, weight_soft_loss=1.0, hard_label_smoothing=0.0,
+                 hard_class_weight=None, hard_z_loss=0.0):
         super().__init__()
         self.beta, self.temperature = beta, temperature
         self.ignore_index, self.reduction = ignore_index, reduction
         self.weight_hard_loss, self.weight_soft_loss = weight_hard_loss, weight_soft_loss
+        self.hard_label_smoothing, self.hard_z_loss = hard_label_smoothing, hard_z_loss
+        # a buffer, as nn.CrossEntropyLoss's weight: it follows .to(device)
+        self.register_buffer("hard_class_weight", hard_class_weight)
 
     def forward(self, student_input, student_weight, teacher_input, teacher_weight, labels=None,
                 student_bias=None, teacher_bias=None):
@@ -373,4 +377,5 @@ class LinearGeneralizedJSDLoss(nn.Module):
             student_bias=student_bias, teacher_bias=teacher_bias, beta=self.beta,
             temperature=self.temperature, ignore_index=self.ignore_index,
             reduction=self.reduction, weight_hard_loss=self.weight_hard_loss,
-            weight_soft_loss=self.weight_soft_loss)
+            weight_soft_loss=self.weight_soft_loss, hard_label_smoothing=self.hard_label_smoothing,
+            hard_class_weight=self.hard_class_weight, hard_z_loss=self.hard_z_loss)
