@@ -799,16 +799,12 @@ culoss_status ce_launch_main(culoss_context *ctx, ce_params &p, int mode, int dt
   size_t cl_budget = ctx->smem_optin - CE_STATIC_SMEM_RESERVE - CL_SLOTS;
   if (ctx->ce_cache_cap < cl_budget) cl_budget = ctx->ce_cache_cap;
   const int64_t fit = (int64_t)(cl_budget / (pack_bytes * cached));
-  int64_t K = fit > 0 ? (nvec + fit - 1) / fit : 0;
-  if (K < 2) K = 2;
-  if (K > CL_MAX) K = CL_MAX;
-  if (p.grad && p.cache_vecs < nvec && fit > 0 && s == CE_NSHAPES - 1 && ctx->ce_tpr == 0 &&
-      ctx->ce_cluster && ctx->cluster_launch && (ctx->grid_limit == 0 || ctx->grid_limit >= K)) {
+  const int64_t K = cluster_blocks(nvec, fit, CL_MAX);
+  if (p.grad && p.cache_vecs < nvec && s == CE_NSHAPES - 1 && ctx->ce_tpr == 0 &&
+      cluster_ok(ctx, K)) {
     const int64_t one_block_cache = p.cache_vecs, per = (nvec + K - 1) / K;
     p.cache_vecs = per < fit ? per : fit;
-    const int64_t cap = ctx->grid_limit > 0 ? ctx->grid_limit : CULOSS_MAX_PARTIALS;
-    const int64_t clusters = cap / K < p.n ? cap / K : p.n;
-    *grid_out = clusters * K;
+    *grid_out = cluster_grid(ctx, K, p.n);
     e = launch_cluster(select_ce_cluster_kernel(dtype, mode, vec), dim3((unsigned)*grid_out),
                        dim3(CL_BLOCK), CL_SLOTS + (size_t)p.cache_vecs * pack_bytes * cached,
                        stream, (unsigned)K, p);

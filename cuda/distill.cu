@@ -423,6 +423,13 @@ __device__ __forceinline__ void distill_rows(const dparams &p, unsigned char *sm
        block's gradient is written: the reductions' barriers come first */
     const float sy = threadIdx.x == 0 && lead && p.w_hard != 0.0f ? to_f32(ld_elem(S + y)) : 0.0f;
 
+    /* passes 2 and 3: pack k of both rows, from the cache where it is */
+    const auto pair_at = [&](int64_t k, pk &vs, pk &vt) {
+      const bool c = k - k0 < p.cache_vecs;
+      vs = c ? cache_s[k - k0] : load_pack<T, VEC>(S + k * VEC);
+      vt = c ? cache_t[k - k0] : load_pack<T, VEC>(Tt + k * VEC);
+    };
+
     /* ---- pass 1: the three distributions ---- */
     dstate st;
     st.a = st.b = st.h = culoss__lse_empty();
@@ -468,9 +475,8 @@ __device__ __forceinline__ void distill_rows(const dparams &p, unsigned char *sm
     const dconst k0c = {{0.0, 0.0, 0.0}};
     dsum acc = {{0.0, 0.0, 0.0, 0.0, 0.0}};
     for (int64_t k = k0 + threadIdx.x; k < k1; k += BLOCK) {
-      const bool c = k - k0 < p.cache_vecs;
-      const pk vs = c ? cache_s[k - k0] : load_pack<T, VEC>(S + k * VEC);
-      const pk vt = c ? cache_t[k - k0] : load_pack<T, VEC>(Tt + k * VEC);
+      pk vs, vt;
+      pair_at(k, vs, vt);
       pk out;
 #pragma unroll
       for (int e = 0; e < VEC; e++) {
@@ -518,9 +524,8 @@ __device__ __forceinline__ void distill_rows(const dparams &p, unsigned char *sm
     /* ---- pass 3: the gradient ---- */
     if (G && !grad_in_2)
       for (int64_t k = k0 + threadIdx.x; k < k1; k += BLOCK) {
-        const bool c = k - k0 < p.cache_vecs;
-        const pk vs = c ? cache_s[k - k0] : load_pack<T, VEC>(S + k * VEC);
-        const pk vt = c ? cache_t[k - k0] : load_pack<T, VEC>(Tt + k * VEC);
+        pk vs, vt;
+        pair_at(k, vs, vt);
         pk out;
 #pragma unroll
         for (int e = 0; e < VEC; e++)
@@ -584,11 +589,8 @@ culoss_status launch_main_as(culoss_context *ctx, dparams p, cudaStream_t s, int
     size_t budget = avail > DCL_SLOTS ? avail - DCL_SLOTS : 0;
     if (ctx->ce_cache_cap < budget) budget = ctx->ce_cache_cap;
     const int64_t fit = (int64_t)(budget / per);
-    int64_t K = fit > 0 ? (npk + fit - 1) / fit : 0;
-    if (K < 2) K = 2;
-    if (K > DCL_MAX) K = DCL_MAX;
-    if (cv < npk && fit > 0 && ctx->ce_cluster && ctx->cluster_launch &&
-        (ctx->grid_limit == 0 || ctx->grid_limit >= K)) {
+    const int64_t K = cluster_blocks(npk, fit, DCL_MAX);
+    if (cv < npk && cluster_ok(ctx, K)) {
       const int64_t slice = (npk + K - 1) / K;
       dparams q = p;
       q.cache_vecs = slice < fit ? slice : fit;
@@ -597,9 +599,7 @@ culoss_status launch_main_as(culoss_context *ctx, dparams p, cudaStream_t s, int
       CU_TRY(cudaFuncSetAttribute(reinterpret_cast<const void *>(k),
                                   cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem),
              "cudaFuncSetAttribute(distill_cluster_kernel)");
-      const int64_t cap = ctx->grid_limit > 0 ? ctx->grid_limit : CULOSS_MAX_PARTIALS;
-      const int64_t clusters = cap / K < p.n ? cap / K : p.n;
-      *grid = clusters * K;
+      *grid = cluster_grid(ctx, K, p.n);
       const cudaError_t e =
           launch_cluster(k, dim3((unsigned)*grid), dim3(BLOCK), smem, s, (unsigned)K, q);
       if (e == cudaSuccess) return CULOSS_OK;
@@ -669,7 +669,8 @@ culoss_status launch_prep(dparams &p, cudaStream_t s) {
       p.reduction == CULOSS_REDUCTION_BATCHMEAN && p.labels != nullptr && p.n > 0;
   const bool wsum = p.w_hard != 0.0f && p.eps > 0.0f && p.cw != nullptr && p.n > 0;
   if (!count_rows && !wsum) return CULOSS_OK;
-  const int64_t work = count_rows && p.n > p.v ? p.n : (wsum ? p.v : p.n);
+  const int64_t rows = count_rows ? p.n : 0, cols = wsum ? p.v : 0;
+  const int64_t work = rows > cols ? rows : cols; /* the longer of the two loops */
   int64_t blocks = (work + DPREP_THREADS - 1) / DPREP_THREADS;
   if (blocks > CULOSS_MAX_PREP_BLOCKS) blocks = CULOSS_MAX_PREP_BLOCKS;
   p.wsum_blocks = wsum ? (int)blocks : 0;

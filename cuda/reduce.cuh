@@ -86,6 +86,29 @@ inline int64_t capped_grid(const culoss_context *ctx, int64_t blocks) {
   return blocks > cap ? cap : blocks;
 }
 
+/* A row too long for one block's cache, split over a thread-block cluster
+   (sm_90): the fewest blocks whose `fit` packs each hold the row's `packs`,
+   at least 2 and at most `kmax` (longer rows re-read the rest of each
+   slice); 0 when no pack fits. */
+inline int64_t cluster_blocks(int64_t packs, int64_t fit, int64_t kmax) {
+  if (fit <= 0) return 0;
+  const int64_t k = (packs + fit - 1) / fit;
+  return k < 2 ? 2 : (k > kmax ? kmax : k);
+}
+/* Whether this context launches clusters of k blocks: the device has them,
+   CULOSS_CE_CLUSTER is not 0, and the grid limit (culoss_set_grid_limit)
+   leaves room for one cluster. */
+inline bool cluster_ok(const culoss_context *ctx, int64_t k) {
+  return k > 0 && ctx->ce_cluster && ctx->cluster_launch &&
+         (ctx->grid_limit == 0 || ctx->grid_limit >= k);
+}
+/* The grid of a cluster launch over `rows` rows: a cluster of k blocks per
+   row, at most the context's limit of blocks (one partial each). */
+inline int64_t cluster_grid(const culoss_context *ctx, int64_t k, int64_t rows) {
+  const int64_t cap = ctx->grid_limit > 0 ? ctx->grid_limit : CULOSS_MAX_PARTIALS;
+  return (cap / k < rows ? cap / k : rows) * k;
+}
+
 } // namespace culoss_dev
 
 /* The last step of every reduced loss (cuda/reduce.cu): for SUM, MEAN or
